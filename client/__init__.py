@@ -1,0 +1,1 @@
+"""restwise.client: the device. Encrypted store, keys, importers, ClientApp, device CLI, coach."""

@@ -1,0 +1,871 @@
+"""The encrypted device store: one folder holding a SQLCipher 4 database and its key slots.
+
+Layout of a store folder::
+
+    <store>/restwise.db      SQLCipher 4 database (AES-256, HMAC-SHA512 per page, WAL mode)
+    <store>/keyslots.json    the data key, wrapped under the passphrase and/or a keystore
+
+The database is opened with the raw 256-bit data key (no PBKDF2 on every open). See
+:mod:`restwise.client.keys` for how that key is wrapped.
+
+Crash safety:
+
+* every write is a transaction (WAL), so ``kill -9`` mid-import leaves the pre-import state;
+* ``keyslots.json`` is only ever replaced atomically;
+* ``rekey`` copies the database under the new key into a temporary file
+  (``sqlcipher_export``), records the new key as *pending* in the key slots, swaps the files
+  atomically, then promotes the pending key. Opening a store finishes or rolls back an
+  interrupted rekey, so the store is always readable with exactly one of the two keys. (This
+  replaces ``PRAGMA rekey``, which rewrites pages in place and cannot be made atomic together
+  with the key-slot file.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlcipher3 import dbapi2 as sqlcipher
+
+from restwise.client.errors import (
+    StoreExistsError,
+    StoreFormatError,
+    StoreLockedError,
+    StoreNotFoundError,
+    WrongPassphraseError,
+)
+from restwise.client.fsutil import atomic_write_bytes, fsync_dir
+from restwise.client.keys import (
+    Argon2Params,
+    KeySlots,
+    KeystoreProvider,
+    _overwrite_and_unlink,
+    new_data_key,
+)
+from restwise.models.metrics import CHECKIN_FIELDS, METRICS
+
+DB_NAME = "restwise.db"
+KEYSLOTS_NAME = "keyslots.json"
+REKEY_TMP_NAME = "restwise.db.rekey-tmp"
+
+SCHEMA_VERSION = 1
+
+# Migrations: index i upgrades user_version i -> i+1. Append only; never edit a released one.
+MIGRATIONS: list[str] = [
+    # 0 -> 1: initial schema
+    """
+    CREATE TABLE observations (
+        id            INTEGER PRIMARY KEY,
+        metric        TEXT    NOT NULL,
+        ts            INTEGER NOT NULL,          -- UTC epoch seconds
+        end_ts        INTEGER,                   -- UTC epoch seconds, interval records only
+        tz_offset_min INTEGER NOT NULL DEFAULT 0, -- the person's UTC offset at ts
+        local_day     TEXT    NOT NULL,          -- YYYY-MM-DD in the person's local time
+        value         REAL    NOT NULL,
+        unit          TEXT    NOT NULL,
+        source        TEXT    NOT NULL,          -- importer name, e.g. 'apple_health'
+        device        TEXT,                      -- device or app that measured it
+        record_key    BLOB    NOT NULL UNIQUE    -- identity of the source record (idempotency)
+    );
+    CREATE INDEX observations_metric_ts ON observations(metric, ts);
+    CREATE INDEX observations_day ON observations(local_day);
+
+    CREATE TABLE checkins (
+        day           TEXT PRIMARY KEY,          -- local day the answers are about
+        readiness     REAL, fatigue REAL, soreness REAL, stress REAL, mood REAL,
+        sleep_quality REAL, sleep_hours REAL,
+        source        TEXT    NOT NULL,
+        is_override   INTEGER NOT NULL DEFAULT 0, -- 1: the person corrected the coach
+        updated_at    INTEGER NOT NULL
+    );
+
+    CREATE TABLE sessions (
+        id          INTEGER PRIMARY KEY,
+        day         TEXT    NOT NULL,
+        start_ts    INTEGER,
+        minutes     REAL    NOT NULL,
+        rpe         REAL,
+        load        REAL    NOT NULL,            -- sRPE x minutes, or device load
+        kind        TEXT,
+        source      TEXT    NOT NULL,
+        record_key  BLOB    NOT NULL UNIQUE
+    );
+    CREATE INDEX sessions_day ON sessions(day);
+
+    CREATE TABLE model_state (
+        name        TEXT PRIMARY KEY,
+        version     INTEGER NOT NULL,
+        blob        BLOB    NOT NULL,
+        meta        TEXT    NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+
+    CREATE TABLE egress_log (                    -- what this device sent, and where
+        id           INTEGER PRIMARY KEY,
+        ts           INTEGER NOT NULL,
+        run_id       TEXT    NOT NULL,
+        round        INTEGER,
+        message_type TEXT    NOT NULL,
+        records      TEXT    NOT NULL,           -- JSON list of record names and sizes
+        n_bytes      INTEGER NOT NULL,
+        sha256       TEXT    NOT NULL
+    );
+
+    CREATE TABLE consent (
+        scope       TEXT PRIMARY KEY,            -- '*' (all training) or a run id
+        allowed     INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+
+    CREATE TABLE imports (
+        id            INTEGER PRIMARY KEY,
+        started_at    INTEGER NOT NULL,
+        finished_at   INTEGER NOT NULL,
+        format        TEXT    NOT NULL,
+        source_name   TEXT    NOT NULL,
+        inserted      INTEGER NOT NULL,
+        duplicates    INTEGER NOT NULL,
+        skipped       INTEGER NOT NULL,
+        summary       TEXT    NOT NULL
+    );
+
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One measurement. ``ts``/``end_ts`` are UTC epoch seconds; ``tz_offset_min`` is the
+    person's UTC offset then, so ``local_day`` is their local calendar day."""
+
+    metric: str
+    ts: int
+    value: float
+    unit: str
+    source: str
+    record_key: bytes
+    end_ts: int | None = None
+    tz_offset_min: int = 0
+    device: str | None = None
+
+    @property
+    def local_day(self) -> str:
+        return local_day(self.ts, self.tz_offset_min)
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """One training session: minutes x RPE (CR-10) = load (Foster's session-RPE)."""
+
+    day: str
+    minutes: float
+    load: float
+    source: str
+    record_key: bytes
+    rpe: float | None = None
+    start_ts: int | None = None
+    kind: str | None = None
+
+
+def local_day(ts: int, tz_offset_min: int = 0) -> str:
+    return dt.datetime.fromtimestamp(ts + tz_offset_min * 60, dt.UTC).strftime("%Y-%m-%d")
+
+
+def record_key(*parts: object) -> bytes:
+    """Stable 16-byte identity of a source record, for idempotent re-imports."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(repr(p).encode("utf-8"))
+        h.update(b"\x1f")
+    return h.digest()
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    inserted: int
+    duplicates: int
+
+
+def _connect_raw(path: Path, key: bytes) -> sqlcipher.Connection:
+    conn = sqlcipher.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
+    # Silence SQLCipher's own stderr logging (it would print on a wrong key).
+    conn.execute("PRAGMA cipher_log_level = NONE")
+    conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+    return conn
+
+
+_DAMAGE_MARKERS = ("malformed", "not a database", "hmac", "corrupt")
+
+
+@contextlib.contextmanager
+def _damage_is_format_error() -> Iterator[None]:
+    """A page that fails its HMAC or decrypts to garbage surfaces as SQLite's 'malformed' or
+    'not a database'. Name it as what it is for the person: a damaged or tampered store."""
+    try:
+        yield
+    except sqlcipher.DatabaseError as exc:
+        text = str(exc).lower()
+        if isinstance(exc, (sqlcipher.IntegrityError, sqlcipher.ProgrammingError)) or not any(
+            m in text for m in _DAMAGE_MARKERS
+        ):
+            raise
+        raise StoreFormatError(
+            "the store database is damaged, truncated or was tampered with "
+            "(a page failed its integrity check)"
+        ) from None
+
+
+def _guarded(fn):
+    """Method decorator: database damage found while running ``fn`` -> StoreFormatError."""
+
+    def wrapper(*args, **kwargs):
+        with _damage_is_format_error():
+            return fn(*args, **kwargs)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _probe(conn: sqlcipher.Connection) -> None:
+    """First read: fails with 'file is not a database' under a wrong key or on tampering."""
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+
+class DeviceStore:
+    """An open, unlocked device store. Use :meth:`create` / :meth:`open`; close when done."""
+
+    def __init__(self, folder: Path, conn: sqlcipher.Connection, slots: KeySlots, key: bytes):
+        self.folder = folder
+        self._conn = conn
+        self._slots = slots
+        self._key = key
+
+    # ------------------------------------------------------------------ lifecycle
+    @staticmethod
+    def exists(folder: Path | str) -> bool:
+        folder = Path(folder)
+        return (folder / KEYSLOTS_NAME).is_file() and (folder / DB_NAME).is_file()
+
+    @classmethod
+    def create(
+        cls,
+        folder: Path | str,
+        passphrase: str | None = None,
+        *,
+        keystore: KeystoreProvider | None = None,
+        argon2: Argon2Params | None = None,
+    ) -> "DeviceStore":
+        """Create a new store. At least one of ``passphrase`` / ``keystore`` is required."""
+        folder = Path(folder)
+        if passphrase is None and keystore is None:
+            raise ValueError("a new store needs a passphrase or a keystore")
+        if (folder / KEYSLOTS_NAME).exists() or (folder / DB_NAME).exists():
+            raise StoreExistsError(f"a Restwise store already exists in {folder}")
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = new_data_key()
+        slots = KeySlots(store_id=str(uuid.uuid4()), generation=1)
+        if passphrase is not None:
+            slots.slots.append(
+                slots.make_passphrase_slot(key, passphrase, argon2 or Argon2Params(), 1)
+            )
+        if keystore is not None:
+            slots.slots.append(slots.make_keystore_slot(key, keystore, 1))
+        # Database first, key slots last: a crash in between leaves no keyslots.json, so the
+        # folder is not a store and `init` can simply run again.
+        conn = _connect_raw(folder / DB_NAME, key)
+        conn.execute("PRAGMA journal_mode = WAL")
+        store = cls(folder, conn, slots, key)
+        store._migrate()
+        with store.transaction() as c:
+            c.execute("INSERT INTO meta(key, value) VALUES ('store_id', ?)", (slots.store_id,))
+            c.execute(
+                "INSERT INTO meta(key, value) VALUES ('created_at', ?)", (str(int(time.time())),)
+            )
+        atomic_write_bytes(folder / KEYSLOTS_NAME, slots.to_bytes())
+        return store
+
+    @classmethod
+    def open(
+        cls,
+        folder: Path | str,
+        passphrase: str | None = None,
+        *,
+        keystore: KeystoreProvider | None = None,
+    ) -> "DeviceStore":
+        folder = Path(folder)
+        if not cls.exists(folder):
+            raise StoreNotFoundError(f"no Restwise store in {folder}")
+        slots = KeySlots.from_bytes((folder / KEYSLOTS_NAME).read_bytes())
+        key = slots.unwrap(passphrase, keystore)  # WrongPassphraseError on a wrong passphrase
+        conn = cls._open_db(folder, slots, key, passphrase, keystore)
+        if conn is None:
+            # The current key does not open the database: either an interrupted rekey that
+            # already swapped the files, or damage.
+            if slots.pending:
+                next_key = slots.unwrap(passphrase, keystore, pending=True)
+                conn = cls._open_db(folder, slots, next_key, passphrase, keystore)
+                if conn is not None:
+                    slots = cls._promote_pending(folder, slots)
+                    key = next_key
+            if conn is None:
+                raise StoreFormatError(
+                    f"{folder / DB_NAME} cannot be read with this store's key: "
+                    "the file is damaged, truncated or was tampered with"
+                )
+        elif slots.pending:
+            # Interrupted before the swap: the old database is intact; drop the pending key.
+            slots.pending = None
+            atomic_write_bytes(folder / KEYSLOTS_NAME, slots.to_bytes())
+        (folder / REKEY_TMP_NAME).unlink(missing_ok=True)
+        store = cls(folder, conn, slots, key)
+        store._migrate()
+        return store
+
+    @staticmethod
+    def _open_db(folder, slots, key, passphrase, keystore) -> sqlcipher.Connection | None:
+        conn = _connect_raw(folder / DB_NAME, key)
+        try:
+            _probe(conn)
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreFormatError("the store database could not be put in WAL mode")
+            return conn
+        except sqlcipher.OperationalError as exc:
+            conn.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreLockedError() from None
+            return None
+        except sqlcipher.DatabaseError:
+            conn.close()
+            return None
+
+    @staticmethod
+    def _promote_pending(folder: Path, slots: KeySlots) -> KeySlots:
+        promoted = KeySlots(
+            store_id=slots.store_id,
+            generation=slots.generation + 1,
+            slots=list(slots.pending or []),
+            pending=None,
+        )
+        atomic_write_bytes(folder / KEYSLOTS_NAME, promoted.to_bytes())
+        return promoted
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlcipher.Error:
+                pass
+            self._conn.close()
+            self._conn = None  # type: ignore[assignment]
+        self._key = b""
+
+    def __enter__(self) -> "DeviceStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def store_id(self) -> str:
+        return self._slots.store_id
+
+    @property
+    def conn(self) -> sqlcipher.Connection:
+        if self._conn is None:
+            raise StoreFormatError("the store is closed")
+        return self._conn
+
+    # ------------------------------------------------------------------ schema
+    @_guarded
+    def _migrate(self) -> None:
+        current = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > SCHEMA_VERSION:
+            raise StoreFormatError(
+                f"the store was written by a newer Restwise (schema {current}, "
+                f"this version reads up to {SCHEMA_VERSION})"
+            )
+        for version in range(current, SCHEMA_VERSION):
+            with self.transaction() as c:
+                for stmt in _split_sql(MIGRATIONS[version]):
+                    c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {version + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    # ------------------------------------------------------------------ transactions
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlcipher.Connection]:
+        """One atomic unit of work: everything inside commits together or not at all."""
+        c = self.conn
+        with _damage_is_format_error():
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+            else:
+                c.execute("COMMIT")
+
+    @_guarded
+    def verify(self) -> None:
+        """Check every page's HMAC and SQLite's own structure; raise StoreFormatError if bad."""
+        problems = self.conn.execute("PRAGMA cipher_integrity_check").fetchall()
+        if problems:
+            raise StoreFormatError(f"{len(problems)} page(s) of the store failed their integrity check")
+        if self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise StoreFormatError("the store database structure is damaged")
+
+    # ------------------------------------------------------------------ observations
+    @_guarded
+    def add_observations(
+        self, observations: Iterable[Observation], *, conn: sqlcipher.Connection | None = None
+    ) -> InsertResult:
+        """Insert observations, skipping ones already stored (same ``record_key``).
+
+        Pass ``conn`` from an enclosing :meth:`transaction` to batch several calls into one
+        atomic import; otherwise the call is its own transaction.
+        """
+        if conn is None:
+            with self.transaction() as c:
+                return self.add_observations(observations, conn=c)
+        before = conn.total_changes
+        rows = (
+            (
+                o.metric, o.ts, o.end_ts, o.tz_offset_min, o.local_day, float(o.value), o.unit,
+                o.source, o.device, o.record_key,
+            )
+            for o in observations
+        )
+        n = 0
+
+        def counted():
+            nonlocal n
+            for r in rows:
+                n += 1
+                yield r
+
+        conn.executemany(
+            "INSERT OR IGNORE INTO observations(metric, ts, end_ts, tz_offset_min, local_day, "
+            "value, unit, source, device, record_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            counted(),
+        )
+        inserted = conn.total_changes - before
+        return InsertResult(inserted=inserted, duplicates=n - inserted)
+
+    @_guarded
+    def observations(
+        self,
+        metric: str,
+        start_ts: int | None = None,
+        end_ts: int | None = None,
+    ) -> list[tuple[int, float, int | None, int]]:
+        """(ts, value, end_ts, tz_offset_min) of one metric in [start_ts, end_ts), by time."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}")
+        q = "SELECT ts, value, end_ts, tz_offset_min FROM observations WHERE metric = ?"
+        args: list[object] = [metric]
+        if start_ts is not None:
+            q += " AND ts >= ?"
+            args.append(start_ts)
+        if end_ts is not None:
+            q += " AND ts < ?"
+            args.append(end_ts)
+        return self.conn.execute(q + " ORDER BY ts", args).fetchall()
+
+    @_guarded
+    def daily_observations(self, metric: str) -> list[tuple[str, float, int, int | None]]:
+        """(local_day, value, ts, end_ts) of one metric ordered by time."""
+        return self.conn.execute(
+            "SELECT local_day, value, ts, end_ts FROM observations WHERE metric = ? ORDER BY ts",
+            (metric,),
+        ).fetchall()
+
+    # ------------------------------------------------------------------ check-ins, sessions
+    @_guarded
+    def upsert_checkin(
+        self,
+        day: str,
+        values: dict[str, float | None],
+        *,
+        source: str,
+        is_override: bool = False,
+        conn: sqlcipher.Connection | None = None,
+    ) -> None:
+        """Store one day's check-in answers (canonical scales, see ``models.metrics``).
+
+        Fields not given keep their stored value; an override by the person is flagged so
+        it can serve as a training label.
+        """
+        _validate_day(day)
+        for name, value in values.items():
+            if name not in CHECKIN_FIELDS:
+                raise ValueError(f"unknown check-in field {name!r}")
+            if value is not None:
+                lo, hi = CHECKIN_FIELDS[name]
+                if not (lo <= float(value) <= hi):
+                    raise ValueError(f"check-in field {name!r} outside its scale {lo}-{hi}")
+        if conn is None:
+            with self.transaction() as c:
+                return self.upsert_checkin(
+                    day, values, source=source, is_override=is_override, conn=c
+                )
+        cols = sorted(values)
+        conn.execute(
+            "INSERT INTO checkins(day, source, is_override, updated_at) VALUES (?,?,?,?) "
+            "ON CONFLICT(day) DO UPDATE SET source=excluded.source, "
+            "is_override=max(checkins.is_override, excluded.is_override), "
+            "updated_at=excluded.updated_at",
+            (day, source, int(is_override), int(time.time())),
+        )
+        if cols:
+            assignments = ", ".join(f"{c} = ?" for c in cols)
+            conn.execute(
+                f"UPDATE checkins SET {assignments} WHERE day = ?",
+                [values[c] for c in cols] + [day],
+            )
+
+    @_guarded
+    def checkins(self) -> list[dict]:
+        cur = self.conn.execute(
+            "SELECT day, readiness, fatigue, soreness, stress, mood, sleep_quality, sleep_hours, "
+            "source, is_override FROM checkins ORDER BY day"
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    @_guarded
+    def add_sessions(
+        self, sessions: Iterable[Session], *, conn: sqlcipher.Connection | None = None
+    ) -> InsertResult:
+        if conn is None:
+            with self.transaction() as c:
+                return self.add_sessions(sessions, conn=c)
+        before = conn.total_changes
+        n = 0
+        for s in sessions:
+            _validate_day(s.day)
+            n += 1
+            conn.execute(
+                "INSERT OR IGNORE INTO sessions(day, start_ts, minutes, rpe, load, kind, source, "
+                "record_key) VALUES (?,?,?,?,?,?,?,?)",
+                (s.day, s.start_ts, s.minutes, s.rpe, s.load, s.kind, s.source, s.record_key),
+            )
+        inserted = conn.total_changes - before
+        return InsertResult(inserted=inserted, duplicates=n - inserted)
+
+    @_guarded
+    def sessions(self) -> list[dict]:
+        cur = self.conn.execute(
+            "SELECT day, start_ts, minutes, rpe, load, kind, source FROM sessions ORDER BY day, start_ts"
+        )
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    # ------------------------------------------------------------------ model state
+    @_guarded
+    def save_model_state(self, name: str, blob: bytes, meta: dict, version: int = 1) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO model_state(name, version, blob, meta, updated_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(name) DO UPDATE SET version=excluded.version, blob=excluded.blob, "
+                "meta=excluded.meta, updated_at=excluded.updated_at",
+                (name, version, blob, json.dumps(meta, sort_keys=True), int(time.time())),
+            )
+
+    @_guarded
+    def load_model_state(self, name: str) -> tuple[bytes, dict] | None:
+        row = self.conn.execute(
+            "SELECT blob, meta FROM model_state WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), json.loads(row[1]))
+
+    # ------------------------------------------------------------------ egress log, consent
+    @_guarded
+    def log_egress(
+        self,
+        run_id: str,
+        round_: int | None,
+        message_type: str,
+        records: list[dict],
+        n_bytes: int,
+        sha256: str,
+    ) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO egress_log(ts, run_id, round, message_type, records, n_bytes, sha256) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (int(time.time()), run_id, round_, message_type, json.dumps(records), n_bytes, sha256),
+            )
+
+    @_guarded
+    def egress_history(self) -> list[dict]:
+        cur = self.conn.execute(
+            "SELECT ts, run_id, round, message_type, records, n_bytes, sha256 FROM egress_log ORDER BY id"
+        )
+        names = [d[0] for d in cur.description]
+        out = []
+        for row in cur.fetchall():
+            d = dict(zip(names, row))
+            d["records"] = json.loads(d["records"])
+            out.append(d)
+        return out
+
+    @_guarded
+    def set_consent(self, scope: str, allowed: bool) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO consent(scope, allowed, updated_at) VALUES (?,?,?) "
+                "ON CONFLICT(scope) DO UPDATE SET allowed=excluded.allowed, updated_at=excluded.updated_at",
+                (scope, int(allowed), int(time.time())),
+            )
+
+    @_guarded
+    def consents(self, run_id: str) -> bool:
+        """May this device train in ``run_id``? A run-specific answer beats the global one;
+        with no answer at all, training is allowed (the person opted in by joining)."""
+        rows = dict(
+            self.conn.execute(
+                "SELECT scope, allowed FROM consent WHERE scope IN ('*', ?)", (run_id,)
+            ).fetchall()
+        )
+        if "*" in rows and not rows["*"]:
+            return False
+        if run_id in rows:
+            return bool(rows[run_id])
+        return bool(rows.get("*", 1))
+
+    # ------------------------------------------------------------------ imports log
+    def log_import(
+        self, fmt: str, source_name: str, started_at: int, inserted: int, duplicates: int,
+        skipped: int, summary: dict, *, conn: sqlcipher.Connection,
+    ) -> None:
+        conn.execute(
+            "INSERT INTO imports(started_at, finished_at, format, source_name, inserted, "
+            "duplicates, skipped, summary) VALUES (?,?,?,?,?,?,?,?)",
+            (started_at, int(time.time()), fmt, source_name, inserted, duplicates, skipped,
+             json.dumps(summary, sort_keys=True)),
+        )
+
+    # ------------------------------------------------------------------ summary
+    @_guarded
+    def summary(self) -> dict:
+        c = self.conn
+        per_metric = {
+            m: {"count": n, "first_day": d0, "last_day": d1, "unit": u}
+            for m, n, d0, d1, u in c.execute(
+                "SELECT metric, count(*), min(local_day), max(local_day), min(unit) "
+                "FROM observations GROUP BY metric ORDER BY metric"
+            ).fetchall()
+        }
+        n_checkins, c0, c1 = c.execute(
+            "SELECT count(*), min(day), max(day) FROM checkins"
+        ).fetchone()
+        n_sessions = c.execute("SELECT count(*) FROM sessions").fetchone()[0]
+        return {
+            "store_id": self.store_id,
+            "schema_version": self.schema_version,
+            "key_slots": sorted({s["kind"] for s in self._slots.slots}),
+            "key_generation": self._slots.generation,
+            "observations": per_metric,
+            "checkins": {"count": n_checkins, "first_day": c0, "last_day": c1},
+            "sessions": n_sessions,
+            "imports": c.execute("SELECT count(*) FROM imports").fetchone()[0],
+            "sent_messages": c.execute("SELECT count(*) FROM egress_log").fetchone()[0],
+        }
+
+    def export_rows(self) -> Iterator[dict]:
+        """Every stored row as plain dicts, for the person's own `export`."""
+        for table in ("observations", "checkins", "sessions", "egress_log", "consent", "imports"):
+            cur = self.conn.execute(f"SELECT * FROM {table}")
+            names = [d[0] for d in cur.description]
+            for row in cur:
+                d = {"table": table}
+                for k, v in zip(names, row):
+                    if k == "record_key":
+                        continue
+                    d[k] = v.hex() if isinstance(v, bytes) else v
+                yield d
+
+    # ------------------------------------------------------------------ key operations
+    def change_passphrase(
+        self, new_passphrase: str, *, argon2: Argon2Params | None = None
+    ) -> None:
+        """Re-wrap the data key under a new passphrase. The database is not touched."""
+        gen = self._slots.generation
+        slots = [s for s in self._slots.slots if s.get("kind") != "passphrase"]
+        slots.append(
+            self._slots.make_passphrase_slot(self._key, new_passphrase, argon2 or Argon2Params(), gen)
+        )
+        new = KeySlots(store_id=self.store_id, generation=gen, slots=slots)
+        atomic_write_bytes(self.folder / KEYSLOTS_NAME, new.to_bytes())
+        self._slots = new
+
+    def add_keystore_slot(self, keystore: KeystoreProvider) -> None:
+        gen = self._slots.generation
+        slots = [s for s in self._slots.slots if s.get("kind") != "keystore"]
+        slots.append(self._slots.make_keystore_slot(self._key, keystore, gen))
+        new = KeySlots(store_id=self.store_id, generation=gen, slots=slots)
+        atomic_write_bytes(self.folder / KEYSLOTS_NAME, new.to_bytes())
+        self._slots = new
+
+    def rekey(
+        self,
+        passphrase: str | None,
+        *,
+        keystore: KeystoreProvider | None = None,
+        argon2: Argon2Params | None = None,
+        _crash_after: str | None = None,
+    ) -> None:
+        """Rotate the data key: the database is re-encrypted under a fresh random key.
+
+        ``passphrase`` (and ``keystore``) wrap the new key; every slot kind the store had must
+        be given again, so no slot is silently dropped. ``_crash_after`` is a test hook that
+        simulates a crash after the named step.
+        """
+        kinds = {s["kind"] for s in self._slots.slots}
+        if "passphrase" in kinds and passphrase is None:
+            raise ValueError("rekey needs the passphrase to wrap the new key")
+        if "keystore" in kinds and keystore is None:
+            raise ValueError("rekey needs the keystore to wrap the new key")
+        next_gen = self._slots.generation + 1
+        next_key = new_data_key()
+        pending: list[dict] = []
+        if "passphrase" in kinds:
+            prev = next(s for s in self._slots.slots if s["kind"] == "passphrase")
+            params = argon2 or Argon2Params(
+                memory_kib=prev["kdf"]["memory_kib"],
+                iterations=prev["kdf"]["iterations"],
+                lanes=prev["kdf"]["lanes"],
+            )
+            pending.append(self._slots.make_passphrase_slot(next_key, passphrase, params, next_gen))
+        if "keystore" in kinds:
+            pending.append(self._slots.make_keystore_slot(next_key, keystore, next_gen))
+        # Step 1: record the pending key (atomic). Until step 3 the old database stays live.
+        staged = KeySlots(
+            store_id=self.store_id, generation=self._slots.generation,
+            slots=self._slots.slots, pending=pending,
+        )
+        atomic_write_bytes(self.folder / KEYSLOTS_NAME, staged.to_bytes())
+        if _crash_after == "pending":
+            os._exit(137)
+        # Step 2: copy everything into a new file under the new key.
+        tmp = self.folder / REKEY_TMP_NAME
+        tmp.unlink(missing_ok=True)
+        c = self.conn
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        c.execute(f"ATTACH DATABASE ? AS rekeyed KEY \"x'{next_key.hex()}'\"", (str(tmp),))
+        try:
+            c.execute("SELECT sqlcipher_export('rekeyed')")
+            version = c.execute("PRAGMA main.user_version").fetchone()[0]
+            c.execute(f"PRAGMA rekeyed.user_version = {int(version)}")
+        finally:
+            c.execute("DETACH DATABASE rekeyed")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        if _crash_after == "export":
+            os._exit(137)
+        # Step 3: swap the files atomically.
+        c.close()
+        self._conn = None  # type: ignore[assignment]
+        for suffix in ("-wal", "-shm"):
+            Path(str(self.folder / DB_NAME) + suffix).unlink(missing_ok=True)
+        os.replace(tmp, self.folder / DB_NAME)
+        fsync_dir(self.folder)
+        if _crash_after == "swap":
+            os._exit(137)
+        # Step 4: promote the pending key.
+        self._slots = self._promote_pending(self.folder, staged)
+        self._key = next_key
+        conn = _connect_raw(self.folder / DB_NAME, next_key)
+        _probe(conn)
+        conn.execute("PRAGMA journal_mode = WAL")
+        self._conn = conn
+
+    def erase(self, keystore: KeystoreProvider | None = None) -> None:
+        """Destroy the key material and the database files; the folder is removed."""
+        erase_store(self.folder, keystore=keystore, _open=self)
+
+
+def erase_store(
+    folder: Path | str,
+    *,
+    keystore: KeystoreProvider | None = None,
+    _open: DeviceStore | None = None,
+) -> None:
+    """Erase a store without needing its passphrase (the person may have forgotten it).
+
+    Key slots go first: once no wrapped copy of the data key exists, the database is
+    unreadable even if a block of it survives on flash.
+    """
+    folder = Path(folder)
+    if not (folder / KEYSLOTS_NAME).exists() and not (folder / DB_NAME).exists():
+        raise StoreNotFoundError(f"no Restwise store in {folder}")
+    store_id = None
+    try:
+        store_id = KeySlots.from_bytes((folder / KEYSLOTS_NAME).read_bytes()).store_id
+    except Exception:
+        pass
+    if _open is not None:
+        _open._conn.close() if _open._conn is not None else None
+        _open._conn = None  # type: ignore[assignment]
+        _open._key = b""
+    _overwrite_and_unlink(folder / KEYSLOTS_NAME)
+    if keystore is not None and store_id is not None and hasattr(keystore, "destroy"):
+        keystore.destroy(store_id)
+    for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", REKEY_TMP_NAME):
+        p = folder / name
+        if p.exists():
+            _overwrite_file(p)
+            p.unlink(missing_ok=True)
+    fsync_dir(folder)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
+def _overwrite_file(path: Path, chunk: int = 1 << 20) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b", buffering=0) as fh:
+        remaining = size
+        while remaining > 0:
+            n = min(chunk, remaining)
+            fh.write(secrets.token_bytes(n))
+            remaining -= n
+        os.fsync(fh.fileno())
+
+
+def _validate_day(day: str) -> None:
+    try:
+        dt.date.fromisoformat(day)
+    except (TypeError, ValueError):
+        raise ValueError("a day must be written YYYY-MM-DD") from None
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+# Plain sqlite3 with the same schema, for benchmarks that compare against an unencrypted DB.
+def create_plain_sqlite(path: Path | str) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in _split_sql(MIGRATIONS[0]):
+        conn.execute(stmt)
+    return conn

@@ -1,0 +1,2 @@
+"""restwise.models: metric vocabulary, features against personal baselines, networks, training,
+evaluation. Imports nothing else from Restwise."""

@@ -1,0 +1,1 @@
+"""restwise.server: ServerApp composition, run management, FastAPI service, dashboard, server CLI."""
