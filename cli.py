@@ -39,15 +39,17 @@ for _module, _attr, _name in (
     try:
         _mod = __import__(_module, fromlist=[_attr])
         app.add_typer(getattr(_mod, _attr), name=_name)
-    except (ImportError, AttributeError):  # group not built yet in this checkout
-        pass
+    except ImportError as _exc:  # group not built yet in this checkout
+        if getattr(_exc, "name", None) != _module:
+            raise
 
 try:  # `restwise evaluate` (models issue)
     from restwise.client.evaluate_cli import evaluate as _evaluate
 
     app.command("evaluate")(_evaluate)
-except ImportError:
-    pass
+except ImportError as _exc:
+    if getattr(_exc, "name", None) != "restwise.client.evaluate_cli":
+        raise
 
 
 @app.command()

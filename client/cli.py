@@ -299,4 +299,16 @@ def rekey(store: Optional[Path] = StoreOpt, passphrase_file: Optional[Path] = Pa
         console.print("The store is now encrypted under a new key.")
 
 
+# Command groups owned by other modules add themselves to `app` (keeps this file small and
+# lets each area evolve alone): the coach (`today`, `checkin`) and federated training
+# (`history`, `consent`, `join`).
+for _module in ("restwise.client.coach_cli", "restwise.client.federation_cli"):
+    try:
+        _mod = __import__(_module, fromlist=["register"])
+    except ImportError as _exc:  # module not built yet in this checkout
+        if getattr(_exc, "name", None) != _module:
+            raise
+        continue
+    _mod.register(app)
+
 __all__ = ["app", "WrongPassphraseError"]

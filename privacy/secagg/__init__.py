@@ -1,0 +1,1 @@
+"""restwise.privacy.secagg: Restwise secure aggregation (SecAgg+) on Flower's Message API."""
