@@ -101,6 +101,7 @@ def cold_read_plain(path: Path, n: int) -> tuple[float, int]:
 def cold_read_cipher(path: Path, key: bytes, n: int) -> tuple[float, int]:
     t = time.perf_counter()
     conn = _connect_raw(path, key)
+    _tune(conn)
     out = conn.execute(RANGE_Q, range_args(n)).fetchall()
     dt = time.perf_counter() - t
     conn.close()

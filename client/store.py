@@ -204,7 +204,6 @@ def _connect_raw(path: Path, key: bytes) -> sqlcipher.Connection:
     # Silence SQLCipher's own stderr logging (it would print on a wrong key).
     conn.execute("PRAGMA cipher_log_level = NONE")
     conn.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
-    _tune(conn)
     return conn
 
 
@@ -297,6 +296,7 @@ class DeviceStore:
         # Database first, key slots last: a crash in between leaves no keyslots.json, so the
         # folder is not a store and `init` can simply run again.
         conn = _connect_raw(folder / DB_NAME, key)
+        _tune(conn)
         conn.execute("PRAGMA journal_mode = WAL")
         store = cls(folder, conn, slots, key)
         store._migrate()
@@ -350,6 +350,7 @@ class DeviceStore:
         conn = _connect_raw(folder / DB_NAME, key)
         try:
             _probe(conn)
+            _tune(conn)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreFormatError("the store database could not be put in WAL mode")
@@ -807,6 +808,7 @@ class DeviceStore:
         self._key = next_key
         conn = _connect_raw(self.folder / DB_NAME, next_key)
         _probe(conn)
+        _tune(conn)
         conn.execute("PRAGMA journal_mode = WAL")
         self._conn = conn
 
