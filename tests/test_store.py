@@ -287,10 +287,15 @@ def test_kill_9_during_large_import_leaves_consistent_store(tmp_path, fast_argon
     proc = subprocess.Popen([sys.executable, "-c", IMPORT_WORKER, str(folder)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "started"
-    time.sleep(1.0)  # let it write a good part of the batch into the WAL
+    # Kill only once uncommitted pages have spilled into the WAL: a real mid-write crash.
+    wal = folder / (DB_NAME + "-wal")
+    deadline = time.monotonic() + 60
+    while wal.stat().st_size < 4 * 1024**2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the import finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert (folder / (DB_NAME + "-wal")).stat().st_size > 0
+    assert wal.stat().st_size >= 4 * 1024**2
     with DeviceStore.open(folder, "pw") as s:
         assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert s.conn.execute("SELECT count(*) FROM observations").fetchone()[0] == 10
