@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -180,8 +181,18 @@ class Session:
     kind: str | None = None
 
 
+_EPOCH_DAY = dt.date(1970, 1, 1)
+
+
+@functools.lru_cache(maxsize=8192)
+def _iso_day(day_index: int) -> str:
+    return (_EPOCH_DAY + dt.timedelta(days=day_index)).isoformat()
+
+
 def local_day(ts: int, tz_offset_min: int = 0) -> str:
-    return dt.datetime.fromtimestamp(ts + tz_offset_min * 60, dt.UTC).strftime("%Y-%m-%d")
+    """The person's local calendar day (YYYY-MM-DD) of a UTC timestamp. Hot path of every
+    import, hence integer arithmetic and a cache instead of datetime formatting."""
+    return _iso_day((int(ts) + tz_offset_min * 60) // 86400)
 
 
 def record_key(*parts: object) -> bytes:
