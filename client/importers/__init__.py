@@ -58,11 +58,11 @@ def get_importer(name: str):
 def detect_format(source: InputSource):
     """Ask each importer whether it recognises the content; the first yes wins."""
     for name in available_formats():
-        imp = get_importer(name)
         try:
+            imp = get_importer(name)
             if imp.sniff(source):
                 return imp
-        except Exception:  # a sniffer must never crash detection
+        except Exception:  # one broken importer or sniffer must never break detection
             continue
     raise UnknownFormatError(
         f"{source.path.name}: not a format Restwise can import "
