@@ -1,0 +1,187 @@
+"""Local training and prediction of the recovery network (privacy-unaware core code).
+
+``train_local`` is what a device runs in a federated round (shared part, personal part or
+both) and what the evaluation harness runs for local-only and centralised baselines.
+
+Targets are normalised per person: the personal part holds the person's mean and scale of
+readiness, fitted on the examples it is trained on (the training split only), and the
+low-readiness threshold (person's training median - 1, as in the evaluation protocol).
+Loss = Huber(readiness z) + ``low_weight`` x BCE(low flag).
+
+Deterministic: the same seed, data and starting weights give bit-identical weights (a local
+``torch.Generator`` for shuffling, ``torch.manual_seed`` inside ``fork_rng`` for dropout, so
+the caller's global RNG state is left alone).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from restwise.models.features import Examples
+from restwise.models.network import ModelConfig, ModelError, RecoveryNet, build_model
+
+DEFAULT_EPOCHS = 40
+DEFAULT_LR = 3e-3
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_WEIGHT_DECAY = 1e-2
+LOW_WEIGHT = 0.3
+MIN_TARGET_SCALE = 0.5  # readiness points; a person who always answers 7 is not divided by 0
+
+
+def low_threshold_for(y: np.ndarray) -> float:
+    """The person's low-readiness threshold: median of their training targets minus 1."""
+    y = np.asarray(y, dtype=np.float64)
+    y = y[np.isfinite(y)]
+    if y.size == 0:
+        raise ModelError("no readiness targets to fit a low-readiness threshold on")
+    return float(np.median(y) - 1.0)
+
+
+def low_labels(y: np.ndarray, threshold: float) -> np.ndarray:
+    """1.0 where readiness is at or below the person's threshold."""
+    return (np.asarray(y, dtype=np.float64) <= threshold).astype(np.float32)
+
+
+def _check_inputs(model: RecoveryNet, X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    if X.ndim == 3:
+        X = X.reshape(X.shape[0], -1)
+    if X.ndim != 2 or X.shape[1] != model.config.input_size:
+        raise ModelError(
+            f"inputs have shape {tuple(X.shape)}, the model expects [n, {model.config.input_size}] "
+            f"(window {model.config.window} x {model.config.n_features} features)"
+        )
+    if not np.all(np.isfinite(X)):
+        raise ModelError("inputs contain NaN or inf (use features.compute_features)")
+    return X
+
+
+def fit_target_scaler(model: RecoveryNet, y: np.ndarray, low_threshold: float | None = None) -> None:
+    """Store the person's target mean/scale and low threshold in the personal part."""
+    y = np.asarray(y, dtype=np.float64)
+    y = y[np.isfinite(y)]
+    if y.size == 0:
+        raise ModelError("no readiness targets to fit the person's scale on")
+    thr = low_threshold_for(y) if low_threshold is None else float(low_threshold)
+    p = model.personal
+    with torch.no_grad():
+        p.target_mean.fill_(float(y.mean()))
+        p.target_scale.fill_(max(float(y.std()), MIN_TARGET_SCALE))
+        p.low_threshold.fill_(thr)
+        p.fitted.fill_(1.0)
+
+
+def train_local(
+    model: RecoveryNet,
+    examples: Examples,
+    *,
+    epochs: int = DEFAULT_EPOCHS,
+    lr: float = DEFAULT_LR,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    train_shared: bool = True,
+    train_personal: bool = True,
+    low_threshold: float | None = None,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    fit_scaler: bool | None = None,
+) -> dict:
+    """Train in place on ``examples``; returns ``{"loss", "n_examples", "epochs"}``.
+
+    ``fit_scaler`` (default: when training the personal part or when it was never fitted)
+    refits the person's target mean/scale and low threshold on these examples.
+    """
+    if not isinstance(model, RecoveryNet):
+        raise ModelError("train_local needs a RecoveryNet (see build_model)")
+    if epochs < 0 or batch_size < 1 or not (lr > 0):
+        raise ModelError("epochs must be >= 0, batch_size >= 1 and lr > 0")
+    if not (train_shared or train_personal):
+        raise ModelError("nothing to train: train_shared and train_personal are both False")
+    X = _check_inputs(model, examples.X)
+    y = np.asarray(examples.y, dtype=np.float32).reshape(-1)
+    if y.shape[0] != X.shape[0]:
+        raise ModelError(f"{X.shape[0]} inputs but {y.shape[0]} targets")
+    if not np.all(np.isfinite(y)):
+        raise ModelError("targets contain NaN or inf")
+    n = int(X.shape[0])
+    if n == 0:
+        return {"loss": float("nan"), "n_examples": 0, "epochs": 0}
+
+    if fit_scaler is None:
+        fit_scaler = train_personal or not bool(model.personal.fitted.item())
+    if fit_scaler:
+        fit_target_scaler(model, y, low_threshold)
+    elif low_threshold is not None:
+        with torch.no_grad():
+            model.personal.low_threshold.fill_(float(low_threshold))
+    thr = float(model.personal.low_threshold.item())
+    if not math.isfinite(thr):
+        thr = low_threshold_for(y)
+
+    mean = float(model.personal.target_mean.item())
+    scale = float(model.personal.target_scale.item())
+    Xt = torch.from_numpy(X)
+    yz = torch.from_numpy(((y - mean) / scale).astype(np.float32))
+    low = torch.from_numpy(low_labels(y, thr))
+
+    for p in model.shared.parameters():
+        p.requires_grad_(train_shared)
+    for p in model.personal.parameters():
+        p.requires_grad_(train_personal)
+    params = [p for p in model.parameters() if p.requires_grad]
+    huber = nn.HuberLoss(delta=1.0)
+    bce = nn.BCEWithLogitsLoss()
+    total = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                out = model.forward_normalized(Xt[idx])
+                loss = huber(out[:, 0], yz[idx]) + LOW_WEIGHT * bce(out[:, 1], low[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+        model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return {"loss": total / n if epochs else float("nan"), "n_examples": n, "epochs": int(epochs)}
+
+
+def predict(model: RecoveryNet, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(readiness on the person's 0-10 scale, probability of low readiness), both [n]."""
+    X = _check_inputs(model, X)
+    model.eval()
+    with torch.no_grad():
+        readiness, logit = model(torch.from_numpy(X))
+    return readiness.numpy().astype(np.float64), torch.sigmoid(logit).numpy().astype(np.float64)
+
+
+def train_person_model(
+    examples: Examples,
+    *,
+    config: ModelConfig | None = None,
+    seed: int = 0,
+    epochs: int = DEFAULT_EPOCHS,
+    **kwargs,
+) -> RecoveryNet:
+    """Build a model for ``examples``' shape and train it locally (local-only baseline)."""
+    cfg = config or ModelConfig(n_features=examples.n_features, window=examples.window, seed=seed)
+    model = build_model(cfg)
+    train_local(model, examples, epochs=epochs, seed=seed, **kwargs)
+    return model
+
+
+__all__ = [
+    "DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "train_local", "predict",
+    "fit_target_scaler", "low_threshold_for", "low_labels", "train_person_model",
+]
