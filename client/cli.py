@@ -189,10 +189,15 @@ def status(
     store: Optional[Path] = StoreOpt,
     passphrase_file: Optional[Path] = PassFileOpt,
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Also check every page of the store for damage or tampering."
+    ),
 ) -> None:
     """Show what your store holds: counts per measurement, days covered, what was sent."""
     with device_errors():
         with open_store(store, passphrase_file) as s:
+            if verify:
+                s.verify()
             summary = s.summary()
     print_summary(summary, as_json)
 

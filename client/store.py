@@ -221,6 +221,8 @@ def _connect_raw(path: Path, key: bytes) -> sqlcipher.Connection:
 def _tune(conn) -> None:
     """Connection settings shared by the store and the plain-sqlite3 benchmark baseline."""
     conn.execute(f"PRAGMA cache_size = {CACHE_KIB}")
+    # Sorts and temporary indices stay in memory: no temporary file can hold plaintext.
+    conn.execute("PRAGMA temp_store = MEMORY")
     # WAL + NORMAL: a killed process loses nothing committed; a power cut may lose the last
     # transactions but never corrupts the file.
     conn.execute("PRAGMA synchronous = NORMAL")

@@ -343,3 +343,25 @@ def test_kill_9_at_random_points_of_rekey(tmp_path, fast_argon2):
         proc.wait(timeout=30)
         with DeviceStore.open(folder, "pw") as s:
             assert len(s.observations("hrv_rmssd")) == 20_000
+
+
+def test_store_from_a_newer_version_is_refused(tmp_path, fast_argon2):
+    folder = tmp_path / "s"
+    with DeviceStore.create(folder, "pw", argon2=fast_argon2) as s:
+        s.conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreFormatError, match="newer Restwise"):
+        DeviceStore.open(folder, "pw")
+
+
+def test_verify_detects_a_flipped_bit_in_any_page(tmp_path, fast_argon2):
+    folder = tmp_path / "s"
+    with DeviceStore.create(folder, "pw", argon2=fast_argon2) as s:
+        s.add_observations([_obs(i) for i in range(3000)])
+        s.verify()  # intact
+    db = folder / DB_NAME
+    data = bytearray(db.read_bytes())
+    data[len(data) - 2000] ^= 0x80  # a page near the end, not read by a plain open
+    db.write_bytes(bytes(data))
+    with DeviceStore.open(folder, "pw") as s:
+        with pytest.raises(StoreFormatError):
+            s.verify()
