@@ -1,0 +1,721 @@
+"""The operator and auditor service: a FastAPI app (``create_app(settings)``) with its OpenAPI
+schema, token auth with roles, problem-details errors, and the web dashboard.
+
+Rules every route follows (tests walk every route of the app to check them):
+
+* Every route needs a token (``Authorization: Bearer rw_...``) except ``GET /api/v1/health``
+  and the dashboard's sign-in page (``GET``/``POST /login``) and its stylesheet
+  (``/static/*``). Missing or bad token: 401. Wrong role: 403.
+* The dashboard's session cookie authenticates only ``GET``/``HEAD`` requests, so a forged
+  cross-site request can never change state (the cookie is also ``SameSite=Strict``).
+* Errors are RFC 9457 problem details (``application/problem+json``) without stack traces;
+  validation errors list every offending field by name.
+* Request bodies are bounded (``Settings.max_body_bytes``, 413). CORS is off unless origins
+  are configured.
+* Every state change (create/start/stop run, sign-in) goes to the audit trail with the
+  actor's token id and role.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import zipfile
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+
+from restwise.server import auth as authm
+from restwise.server import db as dbm
+from restwise.server import runs as runsm
+
+API = "/api/v1"
+SESSION_COOKIE = "restwise_session"
+RUN_ID_PATTERN = r"^run-[0-9a-f]{12}$"
+PROBLEM_JSON = "application/problem+json"
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+def default_data_dir() -> Path:
+    env = os.environ.get("RESTWISE_SERVER_DIR")
+    return Path(env).expanduser() if env else Path("~/.restwise/server").expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service needs, passed in explicitly.
+
+    data_dir         holds the SQLite database (default), run folders and the audit key
+    database_url     SQLAlchemy URL; default ``sqlite:///<data_dir>/restwise-server.db``
+    max_body_bytes   larger request bodies are refused with 413
+    cors_origins     origins allowed by CORS; empty (the default) = no CORS headers at all
+    secure_cookies   mark the session cookie ``Secure`` (set when served over HTTPS)
+    epsilon_cap      optional service-wide ceiling on any run's projected ε
+    poll_interval_s  how often the run watcher reads run folders
+    """
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str | None = None
+    max_body_bytes: int = 64 * 1024
+    cors_origins: tuple[str, ...] = ()
+    secure_cookies: bool = False
+    epsilon_cap: float | None = None
+    poll_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+        if self.epsilon_cap is not None and not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
+            raise ValueError("epsilon_cap must be a positive number")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or dbm.default_database_url(self.data_dir)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.data_dir / "audit"
+
+
+# ---------------------------------------------------------------------------------------
+# API models
+class RunConfigIn(BaseModel):
+    """A run's configuration. Field-level checks here; the cross-field rules are checked in
+    ``validate_run_config`` so every error names the field it is about."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    model: str = Field(default="recovery-mlp", min_length=1, max_length=60)
+    rounds: int = Field(ge=1, le=10_000)
+    population: int = Field(ge=1, le=1_000_000, description="Number of persons who may be sampled.")
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    sampling_rate: Optional[float] = Field(default=None, gt=0, le=1)
+    cohort_size: Optional[int] = Field(default=None, ge=1, le=1_000_000)
+    target_epsilon: Optional[float] = Field(default=None, gt=0, le=1000, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
+    noise_multiplier: Optional[float] = Field(default=None, ge=0.5, le=100, allow_inf_nan=False)
+    clip_norm: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
+    secagg_num_neighbours: int = Field(default=4, ge=2, le=1000)
+    secagg_threshold: int = Field(default=3, ge=1, le=1000)
+    max_dropout_fraction: float = Field(default=0.3, ge=0, lt=1, allow_inf_nan=False)
+    local_epochs: int = Field(default=1, ge=1, le=100)
+    learning_rate: float = Field(default=0.01, gt=0, le=10, allow_inf_nan=False)
+    round_timeout_s: float = Field(default=600, gt=0, le=86_400, allow_inf_nan=False)
+    dataset: str = Field(default="synthetic", min_length=1, max_length=60)
+    persons: Optional[int] = Field(default=None, ge=1, le=100_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    noise: Literal["distributed", "central"] = "distributed"
+
+
+class FieldProblem(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem detail."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    errors: list[FieldProblem] | None = None
+
+
+class RunOut(BaseModel):
+    id: str
+    name: str
+    status: str
+    reason: str | None
+    current_round: int
+    planned_rounds: int
+    created_at: str
+    created_by: str
+    started_at: str | None
+    finished_at: str | None
+    projected_epsilon: float | None
+    config: dict[str, Any]
+
+
+class RoundOut(BaseModel):
+    round: int
+    status: str | None
+    sampled: int | None
+    survived: int | None
+    dropped: int | None
+    train_loss: float | None
+    epsilon: float | None
+    delta: float | None
+    noise_multiplier_effective: float | None
+
+
+class RunDetailOut(RunOut):
+    rounds: list[RoundOut]
+
+
+class WhoAmI(BaseModel):
+    token_id: str
+    name: str
+    role: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    schema_version: int
+
+
+class AuditEntryOut(BaseModel):
+    seq: int
+    at: str
+    actor_token_id: str
+    actor_role: str
+    action: str
+    target: str | None
+    outcome: str
+    detail: dict[str, Any]
+
+
+class ProblemError(Exception):
+    """Raised inside handlers to answer with a problem detail."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        type_: str = "about:blank",
+        errors: list[dict[str, str]] | None = None,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(detail or title)
+        self.status, self.title, self.detail = status, title, detail
+        self.type_, self.errors, self.extra, self.headers = type_, errors, extra or {}, headers
+
+
+def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    out = []
+    for e in errors:
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("body",)]
+        name = ".".join(loc) or "body"
+        msg = str(e.get("msg", "invalid value"))
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        out.append({"field": name, "message": msg})
+    return out
+
+
+def validate_run_config(cfg: RunConfigIn, known_models: frozenset[str] | None) -> dict[str, Any]:
+    """Cross-field rules, then the federated area's own ``RunConfig`` validation. Returns the
+    canonical config dict the runner reads. Raises ProblemError(422) naming the field."""
+    errs: list[dict[str, str]] = []
+
+    def bad(name: str, message: str) -> None:
+        errs.append({"field": name, "message": message})
+
+    if known_models is not None and cfg.model not in known_models:
+        bad("model", f"unknown model; known models: {', '.join(sorted(known_models))}")
+    if cfg.secagg_threshold > cfg.secagg_num_neighbours:
+        bad(
+            "secagg_threshold",
+            f"threshold ({cfg.secagg_threshold}) is above the number of shares "
+            f"(secagg_num_neighbours = {cfg.secagg_num_neighbours})",
+        )
+    if cfg.sampling == "poisson":
+        if cfg.sampling_rate is None:
+            bad("sampling_rate", "required with poisson sampling")
+        if cfg.cohort_size is not None:
+            bad("cohort_size", "not used with poisson sampling (give sampling_rate)")
+    else:
+        if cfg.cohort_size is None:
+            bad("cohort_size", "required with fixed-size sampling")
+        elif cfg.cohort_size > cfg.population:
+            bad("cohort_size", f"cohort ({cfg.cohort_size}) is larger than the population ({cfg.population})")
+        if cfg.sampling_rate is not None:
+            bad("sampling_rate", "not used with fixed-size sampling (give cohort_size)")
+    if (cfg.target_epsilon is None) == (cfg.noise_multiplier is None):
+        bad("target_epsilon", "give exactly one of target_epsilon and noise_multiplier")
+    if cfg.persons is not None and cfg.persons < cfg.population:
+        bad("population", f"population ({cfg.population}) exceeds the persons in the dataset ({cfg.persons})")
+    if errs:
+        raise ProblemError(422, "Invalid run configuration", "; ".join(f"{e['field']}: {e['message']}" for e in errs), errors=errs)
+    data = cfg.model_dump()
+    try:
+        from restwise.server.runconfig import RunConfig  # federated area
+    except ImportError:
+        return data
+    try:
+        return RunConfig.from_dict(data).to_dict()
+    except (ValueError, TypeError) as exc:
+        name = getattr(exc, "field", None) or "body"
+        raise ProblemError(422, "Invalid run configuration", f"{name}: {exc}", errors=[{"field": name, "message": str(exc)}]) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Middleware
+class BodyLimitMiddleware:
+    """Refuses request bodies above a size, by Content-Length or while streaming (413)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = None
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                declared = value
+        if declared is not None:
+            if not declared.isdigit():
+                return await _send_problem(send, 400, "Bad Request", "invalid Content-Length header")
+            if int(declared) > self.max_bytes:
+                return await _send_problem(send, 413, "Content Too Large", f"request bodies are limited to {self.max_bytes} bytes")
+        seen = 0
+        limit = self.max_bytes
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, f"request bodies are limited to {limit} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+async def _send_problem(send, status: int, title: str, detail: str) -> None:
+    body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode()), (b"connection", b"close")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    # No script at all on the dashboard: charts are server-rendered SVG.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+# ---------------------------------------------------------------------------------------
+@dataclass
+class ServiceContext:
+    settings: Settings
+    db: dbm.Database
+    tokens: authm.TokenStore
+    audit: authm.AuditTrail
+    runs: runsm.RunManager
+    known_models: frozenset[str] | None
+    public_key_pem: bytes | None = None
+
+
+def _known_models() -> frozenset[str] | None:
+    try:
+        from restwise.server import runconfig
+    except ImportError:
+        return frozenset({"recovery-mlp"})
+    for attr in ("KNOWN_MODELS", "MODELS", "MODEL_NAMES"):
+        value = getattr(runconfig, attr, None)
+        if value:
+            return frozenset(value)
+    return None
+
+
+def build_context(settings: Settings) -> ServiceContext:
+    authm.ensure_private_dir(settings.data_dir)
+    database = dbm.Database.open(settings.resolved_database_url)
+    audit_ledger, public_key = authm.open_audit_ledger(settings.audit_dir)
+    ctx = ServiceContext(
+        settings=settings,
+        db=database,
+        tokens=authm.TokenStore(database),
+        audit=authm.AuditTrail(database, audit_ledger),
+        runs=runsm.RunManager(
+            database,
+            settings.runs_dir,
+            budget_check=runsm.make_budget_check(settings.epsilon_cap),
+            poll_interval_s=settings.poll_interval_s,
+        ),
+        known_models=_known_models(),
+        public_key_pem=public_key,
+    )
+    return ctx
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    ctx = build_context(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        ctx.runs.start_watching()
+        try:
+            yield
+        finally:
+            ctx.runs.shutdown()
+            ctx.db.dispose()
+
+    app = FastAPI(
+        title="Restwise operator and auditor service",
+        version="1",
+        description=(
+            "Launch and watch federated training runs (operators); read runs, privacy ledgers and "
+            "reports and download verification bundles (auditors). Every route needs a bearer "
+            "token except the health check."
+        ),
+        openapi_url=None,  # served below, behind auth
+        docs_url=None,  # Swagger/ReDoc pages load scripts from a CDN: not offered
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    bearer = HTTPBearer(auto_error=False, description="An API token: `restwise server token create`.")
+
+    # -- errors -------------------------------------------------------------------------
+    def problem_response(request: Request, exc: ProblemError) -> Response:
+        body: dict[str, Any] = {
+            "type": exc.type_,
+            "title": exc.title,
+            "status": exc.status,
+            "instance": request.url.path,
+        }
+        if exc.detail:
+            body["detail"] = exc.detail
+        if exc.errors:
+            body["errors"] = exc.errors
+        body.update(exc.extra)
+        if not request.url.path.startswith(API) and request.method in ("GET", "HEAD", "POST"):
+            from restwise.server import dashboard
+
+            html = dashboard.error_page(request, ctx, exc.status, exc.title, exc.detail)
+            if html is not None:
+                return html
+        return JSONResponse(body, status_code=exc.status, media_type=PROBLEM_JSON, headers=exc.headers)
+
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError):
+        return problem_response(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        from http import HTTPStatus
+
+        try:
+            title = HTTPStatus(exc.status_code).phrase
+        except ValueError:
+            title = "Error"
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+        return problem_response(request, ProblemError(exc.status_code, title, detail, headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return problem_response(request, ProblemError(400, "Bad Request", "the request body is not valid JSON"))
+        fields = _field_errors(errors)
+        detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
+        return problem_response(request, ProblemError(422, "Invalid request", detail, errors=fields))
+
+    @app.exception_handler(runsm.RunNotFoundError)
+    async def _not_found(request: Request, exc: runsm.RunNotFoundError):
+        return problem_response(request, ProblemError(404, "Not Found", str(exc)))
+
+    @app.exception_handler(runsm.RunStateError)
+    async def _state(request: Request, exc: runsm.RunStateError):
+        return problem_response(request, ProblemError(409, "Conflict", str(exc), extra={"run_status": exc.status}))
+
+    @app.exception_handler(runsm.BudgetRefusedError)
+    async def _budget(request: Request, exc: runsm.BudgetRefusedError):
+        return problem_response(
+            request,
+            ProblemError(
+                409,
+                "Privacy budget would be exceeded",
+                str(exc),
+                type_="urn:restwise:problem:budget-exceeded",
+                extra=exc.decision.to_dict(),
+            ),
+        )
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):  # never a stack trace to the client
+        return JSONResponse(
+            {"type": "about:blank", "title": "Internal Server Error", "status": 500, "instance": request.url.path},
+            status_code=500,
+            media_type=PROBLEM_JSON,
+        )
+
+    # -- middleware (last added = outermost) --------------------------------------------
+    @app.middleware("http")
+    async def _security_headers(request: Request, call_next):
+        response = await call_next(request)
+        for key, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(key, value)
+        return response
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            allow_credentials=False,
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+    # -- auth ---------------------------------------------------------------------------
+    def principal(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
+    ) -> authm.Principal:
+        who = None
+        if request.headers.get("authorization"):
+            if credentials is not None and credentials.scheme.lower() == "bearer":
+                who = ctx.tokens.authenticate(credentials.credentials.strip())
+        elif request.method in ("GET", "HEAD"):
+            cookie = request.cookies.get(SESSION_COOKIE)
+            if cookie:
+                who = ctx.tokens.session_principal(cookie)
+        if who is None:
+            raise ProblemError(
+                401,
+                "Unauthorized",
+                "a valid API token is required (Authorization: Bearer <token>)",
+                headers={"WWW-Authenticate": 'Bearer realm="restwise"'},
+            )
+        request.state.principal = who
+        return who
+
+    def operator(who: authm.Principal = Depends(principal)) -> authm.Principal:
+        if who.role is not authm.Role.operator:
+            raise ProblemError(403, "Forbidden", f"this action needs the operator role; your token has the {who.role.value} role")
+        return who
+
+    app.state.principal_dependency = principal
+    app.state.operator_dependency = operator
+
+    problems = {
+        s: {"model": Problem, "content": {PROBLEM_JSON: {}}}
+        for s in (400, 401, 403, 404, 409, 413, 422)
+    }
+    read_problems = {s: problems[s] for s in (401, 404, 422)}
+    write_problems = {s: problems[s] for s in (400, 401, 403, 404, 409, 413, 422)}
+    RunId = PathParam(pattern=RUN_ID_PATTERN, max_length=16, description="A run id, e.g. run-0123456789ab")
+
+    # -- routes -------------------------------------------------------------------------
+    @app.get(f"{API}/health", response_model=Health, tags=["service"])
+    def health() -> Health:
+        """Liveness check; the only route that answers without a token."""
+        return Health(status="ok", schema_version=dbm.SCHEMA_VERSION)
+
+    @app.get(f"{API}/openapi.json", tags=["service"], responses=read_problems)
+    def openapi_schema(who: authm.Principal = Depends(principal)) -> JSONResponse:
+        """This API's OpenAPI schema."""
+        return JSONResponse(app.openapi())
+
+    @app.get(f"{API}/whoami", response_model=WhoAmI, tags=["service"], responses=read_problems)
+    def whoami(who: authm.Principal = Depends(principal)) -> WhoAmI:
+        """The token's id, name and role."""
+        return WhoAmI(token_id=who.token_id, name=who.name, role=who.role.value)
+
+    @app.get(f"{API}/runs", response_model=list[RunOut], tags=["runs"], responses=read_problems)
+    def list_runs(
+        who: authm.Principal = Depends(principal),
+        limit: int = Query(100, ge=1, le=500),
+        offset: int = Query(0, ge=0, le=1_000_000),
+        status: Optional[Literal["created", "pending", "running", "completed", "failed", "stopped", "refused"]] = None,
+    ) -> list[dict]:
+        """Runs, newest first."""
+        return ctx.runs.list(limit=limit, offset=offset, status=status)
+
+    @app.post(f"{API}/runs", response_model=RunOut, status_code=201, tags=["runs"], responses=write_problems)
+    def create_run(config: RunConfigIn, who: authm.Principal = Depends(operator)) -> dict:
+        """Create a run from a validated configuration (operators). It does not start."""
+        try:
+            canonical = validate_run_config(config, ctx.known_models)
+        except ProblemError as exc:
+            ctx.audit.record(who, "run.create", None, "invalid", {"errors": exc.errors or []})
+            raise
+        run = ctx.runs.create(config.name, canonical, who.token_id)
+        ctx.audit.record(who, "run.create", run["id"], "ok", {"name": config.name})
+        return run
+
+    @app.get(f"{API}/runs/{{run_id}}", response_model=RunDetailOut, tags=["runs"], responses=read_problems)
+    def get_run(run_id: str = RunId, who: authm.Principal = Depends(principal)) -> dict:
+        """A run's status, configuration and per-round metrics."""
+        run = ctx.runs.get(run_id)
+        run["rounds"] = ctx.runs.rounds(run_id)
+        return run
+
+    @app.post(f"{API}/runs/{{run_id}}/start", response_model=RunOut, tags=["runs"], responses=write_problems)
+    def start_run(run_id: str = RunId, who: authm.Principal = Depends(operator)) -> dict:
+        """Check the run's privacy budget for all planned rounds, then launch it (operators).
+        Refused with 409 and the numbers if the projected ε exceeds the budget."""
+        try:
+            run = ctx.runs.start(run_id)
+        except runsm.BudgetRefusedError as exc:
+            ctx.audit.record(who, "run.start", run_id, "refused", exc.decision.to_dict())
+            raise
+        except runsm.RunError as exc:
+            ctx.audit.record(who, "run.start", run_id, "rejected", {"reason": type(exc).__name__})
+            raise
+        ctx.audit.record(who, "run.start", run_id, "ok", {"projected_epsilon": run.get("projected_epsilon")})
+        return run
+
+    @app.post(f"{API}/runs/{{run_id}}/stop", response_model=RunOut, tags=["runs"], responses=write_problems)
+    def stop_run(run_id: str = RunId, who: authm.Principal = Depends(operator)) -> dict:
+        """Ask a run to stop after its current round (operators)."""
+        try:
+            run = ctx.runs.stop(run_id)
+        except runsm.RunError as exc:
+            ctx.audit.record(who, "run.stop", run_id, "rejected", {"reason": type(exc).__name__})
+            raise
+        ctx.audit.record(who, "run.stop", run_id, "ok", {})
+        return run
+
+    @app.get(f"{API}/runs/{{run_id}}/rounds", response_model=list[RoundOut], tags=["runs"], responses=read_problems)
+    def get_rounds(run_id: str = RunId, who: authm.Principal = Depends(principal)) -> list[dict]:
+        """Per-round metrics: sampled, survived, dropped, training loss, ε spent so far."""
+        return ctx.runs.rounds(run_id)
+
+    @app.get(f"{API}/runs/{{run_id}}/ledger", response_model=list[dict[str, Any]], tags=["audit"], responses=read_problems)
+    def get_ledger(run_id: str = RunId, who: authm.Principal = Depends(principal)) -> list[dict]:
+        """The run's signed privacy ledger entries, in order."""
+        return ctx.runs.ledger(run_id)
+
+    @app.get(
+        f"{API}/runs/{{run_id}}/files/{{name}}",
+        tags=["audit"],
+        responses={**read_problems, 200: {"content": {m: {} for m in set(runsm.REPORT_FILES.values())}}},
+        response_class=Response,
+    )
+    def get_run_file(
+        run_id: str = RunId,
+        name: str = PathParam(max_length=40, description="One of: " + ", ".join(runsm.REPORT_FILES)),
+        who: authm.Principal = Depends(principal),
+    ) -> Response:
+        """One of the run's report files (report.json, report.html, ledger.jsonl, public_key.pem)."""
+        found = ctx.runs.report_file(run_id, name)
+        if found is None:
+            raise ProblemError(404, "Not Found", f"run {run_id} has no file of that name (available: {', '.join(runsm.REPORT_FILES)})")
+        path, media = found
+        headers = {}
+        if name.endswith(".html"):
+            # The report page is shown as a document of its own, without scripts or forms.
+            headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; sandbox"
+        return FileResponse(path, media_type=media, headers=headers)
+
+    @app.get(
+        f"{API}/runs/{{run_id}}/bundle",
+        tags=["audit"],
+        responses={**read_problems, 409: problems[409], 200: {"content": {"application/zip": {}}}},
+        response_class=Response,
+    )
+    def get_bundle(run_id: str = RunId, who: authm.Principal = Depends(principal)) -> Response:
+        """The verification bundle (zip): report.json, report.html, ledger.jsonl, the public key
+        and a README on running `restwise audit verify`."""
+        data = build_bundle(ctx, run_id)
+        return Response(
+            data,
+            media_type="application/zip",
+            headers={"Content-Disposition": f'attachment; filename="{run_id}-verification.zip"'},
+        )
+
+    @app.get(f"{API}/audit-log", response_model=list[AuditEntryOut], tags=["audit"], responses=read_problems)
+    def audit_log(
+        who: authm.Principal = Depends(principal),
+        limit: int = Query(100, ge=1, le=500),
+        offset: int = Query(0, ge=0, le=1_000_000),
+    ) -> list[dict]:
+        """The service's own audit trail (who changed what), newest first."""
+        return ctx.audit.entries(limit=limit, offset=offset)
+
+    from restwise.server import dashboard
+
+    dashboard.install(app, ctx, principal)
+
+    def custom_openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = custom_openapi
+    return app
+
+
+BUNDLE_README = """Restwise verification bundle for run {run_id}
+
+Files
+  report.json     the privacy report (machine-readable)
+  report.html     the same report as a page you can open in a browser
+  ledger.jsonl    the run's privacy ledger: one signed, hash-chained entry per release
+  public_key.pem  the server's audit public key (Ed25519) that signed the ledger
+
+Verify it yourself (no access to the server needed):
+
+  pip install restwise            # or use an existing installation
+  restwise audit verify report.json --ledger ledger.jsonl --public-key public_key.pem
+
+`verify` checks every signature and the hash chain of the ledger, recomputes ε from the
+ledger's events alone and compares it with the report. Exit code 0 means everything
+matches; 8 means a mismatch or tampering (the message says where).
+
+Compare the public key's fingerprint with the one the operator published out of band:
+a bundle can only prove that the holder of that key signed it.
+"""
+
+
+def build_bundle(ctx: ServiceContext, run_id: str) -> bytes:
+    run = ctx.runs.get(run_id)
+    run_dir = ctx.runs.run_dir(run_id)
+    missing = [n for n in ("report.json", "ledger.jsonl") if not (run_dir / n).is_file()]
+    if missing:
+        raise ProblemError(
+            409,
+            "No report yet",
+            f"run {run_id} (status {run['status']}) has no {' or '.join(missing)} yet; the bundle exists once the run has ended",
+        )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in ("report.json", "report.html", "ledger.jsonl", "public_key.pem"):
+            path = run_dir / name
+            if path.is_file():
+                zf.write(path, f"{run_id}/{name}")
+        if not (run_dir / "public_key.pem").is_file() and ctx.public_key_pem:
+            zf.writestr(f"{run_id}/public_key.pem", ctx.public_key_pem)
+        zf.writestr(f"{run_id}/README.txt", BUNDLE_README.format(run_id=run_id))
+    return buf.getvalue()

@@ -1,0 +1,146 @@
+"""`restwise server api` and `restwise server token ...`: run the operator/auditor service and
+manage its API tokens. Heavy imports stay inside the commands so `restwise --help` is fast."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+DATA_DIR_HELP = "The service's data folder (database, run folders, audit key). Also RESTWISE_SERVER_DIR. Default: ~/.restwise/server"
+DB_URL_HELP = (
+    "SQLAlchemy database URL (e.g. postgresql+psycopg://user@host/restwise). Also "
+    "RESTWISE_DATABASE_URL. Default: an SQLite file in the data folder."
+)
+
+
+def _settings(data_dir: Optional[Path], database_url: Optional[str], **extra):
+    from restwise.server.service import Settings, default_data_dir
+
+    return Settings(data_dir=data_dir or default_data_dir(), database_url=database_url or None, **extra)
+
+
+def _token_store(data_dir: Optional[Path], database_url: Optional[str]):
+    from restwise.server import auth, db
+
+    settings = _settings(data_dir, database_url)
+    auth.ensure_private_dir(settings.data_dir)
+    database = db.Database.open(settings.resolved_database_url)
+    ledger, _ = auth.open_audit_ledger(settings.audit_dir)
+    return auth.TokenStore(database), auth.AuditTrail(database, ledger)
+
+
+def register(app: typer.Typer) -> None:
+    token_app = typer.Typer(help="API tokens for operators and auditors (shown once, stored only as hashes).", no_args_is_help=True)
+    app.add_typer(token_app, name="token")
+
+    DataDir = typer.Option(None, "--data-dir", envvar="RESTWISE_SERVER_DIR", help=DATA_DIR_HELP, show_default=False)
+    DbUrl = typer.Option(None, "--database-url", envvar="RESTWISE_DATABASE_URL", help=DB_URL_HELP, show_default=False)
+
+    @app.command("api")
+    def api(
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+        data_dir: Optional[Path] = DataDir,
+        database_url: Optional[str] = DbUrl,
+        cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (repeatable). Default: CORS closed."),
+        max_body_kib: int = typer.Option(64, "--max-body-kib", min=1, max=10_240, help="Largest accepted request body."),
+        epsilon_cap: Optional[float] = typer.Option(None, "--epsilon-cap", help="Refuse any run whose projected ε exceeds this."),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key for --tls-cert."),
+    ) -> None:
+        """Run the operator/auditor API and dashboard (uvicorn)."""
+        import uvicorn
+
+        from restwise.server.db import DatabaseError
+        from restwise.server.service import create_app
+
+        if (tls_cert is None) != (tls_key is None):
+            raise typer.BadParameter("give both --tls-cert and --tls-key, or neither")
+        try:
+            settings = _settings(
+                data_dir,
+                database_url,
+                cors_origins=tuple(cors_origin),
+                max_body_bytes=max_body_kib * 1024,
+                epsilon_cap=epsilon_cap,
+                secure_cookies=tls_cert is not None,
+            )
+            application = create_app(settings)
+        except (DatabaseError, ValueError) as exc:
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(1)
+        if host not in ("127.0.0.1", "localhost", "::1") and tls_cert is None:
+            typer.echo("Warning: serving plain HTTP beyond this machine; tokens would travel in clear text. Use --tls-cert/--tls-key.", err=True)
+        uvicorn.run(
+            application,
+            host=host,
+            port=port,
+            log_level="info",
+            server_header=False,
+            ssl_certfile=str(tls_cert) if tls_cert else None,
+            ssl_keyfile=str(tls_key) if tls_key else None,
+        )
+
+    @token_app.command("create")
+    def token_create(
+        role: str = typer.Option(..., "--role", help="operator or auditor"),
+        name: str = typer.Option(..., "--name", help="Who holds this token (shown in the audit log)."),
+        data_dir: Optional[Path] = DataDir,
+        database_url: Optional[str] = DbUrl,
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+    ) -> None:
+        """Create a token and print it once. Only its hash is kept."""
+        from restwise.server.auth import SYSTEM_PRINCIPAL, Role, TokenError
+
+        if role not in {r.value for r in Role}:
+            raise typer.BadParameter("role must be operator or auditor", param_hint="--role")
+        store, audit = _token_store(data_dir, database_url)
+        try:
+            info, token = store.create(role, name)
+        except TokenError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--name") from None
+        audit.record(SYSTEM_PRINCIPAL, "token.create", info.id, "ok", {"role": info.role.value})
+        if as_json:
+            typer.echo(json.dumps({"id": info.id, "name": info.name, "role": info.role.value, "token": token}))
+        else:
+            typer.echo(f"Token {info.id} ({info.role.value}, {info.name}). Store it now; it is not shown again:")
+            typer.echo(token)
+
+    @token_app.command("list")
+    def token_list(
+        data_dir: Optional[Path] = DataDir,
+        database_url: Optional[str] = DbUrl,
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """List tokens (ids, names, roles, status; never the tokens)."""
+        store, _ = _token_store(data_dir, database_url)
+        items = store.list()
+        if as_json:
+            typer.echo(json.dumps([{"id": t.id, "name": t.name, "role": t.role.value, "created_at": t.created_at, "revoked_at": t.revoked_at, "last_used_at": t.last_used_at} for t in items]))
+            return
+        if not items:
+            typer.echo("No tokens.")
+        for t in items:
+            state = f"revoked {t.revoked_at}" if t.revoked_at else "active"
+            typer.echo(f"{t.id}  {t.role.value:8}  {state:34}  {t.name}")
+
+    @token_app.command("revoke")
+    def token_revoke(
+        token_id: str = typer.Argument(..., help="The token's id (from `token list`)."),
+        data_dir: Optional[Path] = DataDir,
+        database_url: Optional[str] = DbUrl,
+    ) -> None:
+        """Revoke a token; it and its dashboard sessions stop working at once."""
+        from restwise.server.auth import SYSTEM_PRINCIPAL, TokenError
+
+        store, audit = _token_store(data_dir, database_url)
+        try:
+            info = store.revoke(token_id)
+        except TokenError as exc:
+            typer.echo(f"Error: {exc}", err=True)
+            raise typer.Exit(1)
+        audit.record(SYSTEM_PRINCIPAL, "token.revoke", info.id, "ok", {"role": info.role.value})
+        typer.echo(f"Revoked {info.id} ({info.role.value}, {info.name}).")

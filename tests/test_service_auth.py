@@ -1,0 +1,258 @@
+"""Service unit tests (in-process): tokens, sessions, migrations, roles, problem details,
+validation messages, limits, CORS. The real-server tests are in test_service_live.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from restwise.server import auth, db
+from restwise.server.service import Settings, create_app
+
+VALID_RUN = {
+    "name": "pilot",
+    "model": "recovery-mlp",
+    "rounds": 2,
+    "population": 4,
+    "sampling": "poisson",
+    "sampling_rate": 0.5,
+    "noise_multiplier": 1.0,
+    "delta": 1e-5,
+    "secagg_num_neighbours": 3,
+    "secagg_threshold": 2,
+    "persons": 4,
+}
+
+
+@pytest.fixture
+def service(tmp_path):
+    settings = Settings(data_dir=tmp_path / "srv")
+    app = create_app(settings)
+    ctx = app.state.ctx
+    _, op = ctx.tokens.create("operator", "olga")
+    _, au = ctx.tokens.create("auditor", "arne")
+    with TestClient(app) as client:
+        yield client, ctx, {"Authorization": f"Bearer {op}"}, {"Authorization": f"Bearer {au}"}
+
+
+# -- database and migrations --------------------------------------------------------------
+def test_migrations_apply_in_order_and_are_recorded(tmp_path):
+    url = db.default_database_url(tmp_path)
+    database = db.Database.open(url)
+    assert database.current_version() == db.SCHEMA_VERSION
+    with database.engine.connect() as conn:
+        versions = conn.execute(sa.select(db.schema_migrations.c.version)).scalars().all()
+        cols = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    assert versions == [m.version for m in db.MIGRATIONS]
+    assert "projected_epsilon" in cols
+    # Reopening applies nothing more.
+    assert db.Database.open(url, migrate=False).migrate() == []
+
+
+def test_old_database_is_upgraded_step_by_step(tmp_path):
+    url = db.default_database_url(tmp_path)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # a database left at version 1 by an older Restwise
+        db._schema_migrations_table(sa.MetaData()).create(conn)
+        db.MIGRATIONS[0].apply(conn)
+        conn.execute(db.schema_migrations.insert().values(version=1, description="x", applied_at="t"))
+        conn.execute(sa.text("INSERT INTO tokens (id, name, role, token_hash, created_at) VALUES ('abcd', 'n', 'auditor', 'h', 't')"))
+    engine.dispose()
+    database = db.Database.open(url, migrate=False)
+    assert database.migrate() == [2, 3]
+    with database.engine.connect() as conn:
+        assert conn.execute(sa.select(db.tokens.c.name)).scalar() == "n"  # data kept
+
+
+def test_newer_database_is_refused(tmp_path):
+    url = db.default_database_url(tmp_path)
+    database = db.Database.open(url)
+    with database.engine.begin() as conn:
+        conn.execute(db.schema_migrations.insert().values(version=99, description="future", applied_at="t"))
+    with pytest.raises(db.DatabaseError, match="newer"):
+        db.Database.open(url)
+
+
+def test_schema_compiles_for_postgresql():
+    """The same Core tables and migration DDL are valid PostgreSQL (no SQLite-only types)."""
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.schema import CreateTable
+
+    dialect = postgresql.dialect()
+    for table in db.metadata.sorted_tables:
+        ddl = str(CreateTable(table).compile(dialect=dialect))
+        assert ddl.startswith("\nCREATE TABLE")
+    assert "SERIAL" in str(CreateTable(db.audit_log).compile(dialect=dialect))
+
+
+# -- tokens ---------------------------------------------------------------------------------
+def test_token_is_stored_only_as_hash_and_authenticates(tmp_path):
+    database = db.Database.open(db.default_database_url(tmp_path))
+    store = auth.TokenStore(database)
+    info, token = store.create("auditor", "arne")
+    assert auth.TOKEN_RE.match(token)
+    secret = token.split("_", 2)[2]
+    with database.engine.connect() as conn:
+        row = conn.execute(sa.select(db.tokens)).mappings().one()
+    assert secret not in json.dumps(dict(row))
+    assert row["token_hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    who = store.authenticate(token)
+    assert who == auth.Principal(info.id, "arne", auth.Role.auditor)
+    # One changed character, another token's id, junk: all refused.
+    flipped = token[:-1] + ("A" if token[-1] != "A" else "B")
+    assert store.authenticate(flipped) is None
+    assert store.authenticate(f"rw_{'0' * 16}_{secret}") is None
+    assert store.authenticate("") is None and store.authenticate("Bearer x") is None
+
+
+def test_revoked_token_and_its_sessions_stop_working(tmp_path):
+    database = db.Database.open(db.default_database_url(tmp_path))
+    store = auth.TokenStore(database)
+    info, token = store.create("operator", "olga")
+    who = store.authenticate(token)
+    session = store.open_session(who)
+    assert store.session_principal(session) == who
+    store.revoke(info.id)
+    assert store.authenticate(token) is None
+    assert store.session_principal(session) is None
+    assert store.get(info.id).revoked_at is not None
+    with pytest.raises(auth.TokenError):
+        store.revoke("nope")
+
+
+def test_bad_token_names_refused(tmp_path):
+    store = auth.TokenStore(db.Database.open(db.default_database_url(tmp_path)))
+    for bad in ("", " ", "x" * 101, "a\nb"):
+        with pytest.raises(auth.TokenError):
+            store.create("operator", bad)
+    with pytest.raises(ValueError):
+        store.create("admin", "x")
+
+
+# -- roles and errors through the app -------------------------------------------------------
+def test_roles_and_audit_trail(service):
+    client, ctx, op, au = service
+    r = client.post("/api/v1/runs", json=VALID_RUN, headers=au)
+    assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json"
+    assert "operator role" in r.json()["detail"]
+    r = client.post("/api/v1/runs", json=VALID_RUN, headers=op)
+    assert r.status_code == 201, r.text
+    run_id = r.json()["id"]
+    assert r.json()["status"] == "created" and r.json()["planned_rounds"] == 2
+    for path in (f"/api/v1/runs/{run_id}/start", f"/api/v1/runs/{run_id}/stop"):
+        assert client.post(path, headers=au).status_code == 403
+    listed = client.get("/api/v1/runs", headers=au).json()
+    assert [x["id"] for x in listed] == [run_id]
+    r = client.post(f"/api/v1/runs/{run_id}/stop", headers=op)
+    assert r.status_code == 200 and r.json()["status"] == "stopped"
+    assert client.post(f"/api/v1/runs/{run_id}/stop", headers=op).status_code == 409
+    log = client.get("/api/v1/audit-log", headers=au).json()
+    actions = [(e["action"], e["outcome"], e["actor_role"]) for e in log]
+    assert ("run.create", "ok", "operator") in actions and ("run.stop", "ok", "operator") in actions
+    assert ("run.stop", "rejected", "operator") in actions
+    op_token = op["Authorization"].split()[1]
+    assert op_token not in json.dumps(log)  # who, never the token
+
+
+def test_no_token_bad_token_and_unknown_run(service):
+    client, _, op, _ = service
+    assert client.get("/api/v1/health").status_code == 200
+    r = client.get("/api/v1/runs")
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    assert r.json()["status"] == 401 and "traceback" not in r.text.lower()
+    assert client.get("/api/v1/runs", headers={"Authorization": "Bearer rw_0000000000000000_" + "a" * 43}).status_code == 401
+    assert client.get("/api/v1/runs", headers={"Authorization": "Basic b3A6b3A="}).status_code == 401
+    r = client.get("/api/v1/runs/run-0123456789ab", headers=op)
+    assert r.status_code == 404 and r.json()["title"] == "Not Found"
+    assert client.get("/api/v1/runs/..%2F..%2Fetc", headers=op).status_code in (404, 422)
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"target_epsilon": -1.0, "noise_multiplier": None}, "target_epsilon"),
+        ({"secagg_threshold": 5, "secagg_num_neighbours": 3}, "secagg_threshold"),
+        ({"sampling": "fixed", "sampling_rate": None, "cohort_size": 10}, "cohort_size"),
+        ({"model": "gpt-7"}, "model"),
+        ({"rounds": 0}, "rounds"),
+        ({"surprise": 1}, "surprise"),
+        ({"noise_multiplier": 0.1}, "noise_multiplier"),
+    ],
+)
+def test_invalid_run_config_names_the_field(service, change, field):
+    client, _, op, _ = service
+    body = {**VALID_RUN, **change}
+    r = client.post("/api/v1/runs", json=body, headers=op)
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert r.headers["content-type"] == "application/problem+json"
+    assert field in [e["field"] for e in problem["errors"]], problem
+    assert field in problem["detail"]
+
+
+def test_malformed_huge_and_tricky_requests_are_4xx(service):
+    client, ctx, op, au = service
+    r = client.post("/api/v1/runs", content=b"{not json", headers={**op, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["detail"] == "the request body is not valid JSON"
+    big = b'{"name": "' + b"x" * (ctx.settings.max_body_bytes + 10) + b'"}'
+    r = client.post("/api/v1/runs", content=big, headers={**op, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["status"] == 413
+    r = client.post("/api/v1/runs", content=b"[1,2", headers={**op, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert client.post("/api/v1/runs", json=[1, 2], headers=op).status_code == 422
+    run_id = client.post("/api/v1/runs", json=VALID_RUN, headers=op).json()["id"]
+    (ctx.runs.runs_dir / run_id / "report.json").write_text('{"x": 1}')
+    for name in ("..%2Fconfig.json", "config.json", "..%2F..%2Frestwise-server.db", "%2e%2e", "runner.log", "report.json%00"):
+        r = client.get(f"/api/v1/runs/{run_id}/files/{name}", headers=au)
+        assert 400 <= r.status_code < 500, (name, r.status_code)
+    assert client.get(f"/api/v1/runs/{run_id}/files/report.json", headers=au).json() == {"x": 1}
+    # The bundle needs the ledger too: until the run has ended, 409 with the reason.
+    r = client.get(f"/api/v1/runs/{run_id}/bundle", headers=au)
+    assert r.status_code == 409 and "ledger.jsonl" in r.json()["detail"]
+
+
+def test_cors_closed_by_default_and_security_headers(service):
+    client, _, op, _ = service
+    r = client.options(
+        "/api/v1/runs",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert "access-control-allow-origin" not in r.headers
+    r = client.get("/api/v1/runs", headers={**op, "Origin": "https://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+def test_cors_opened_only_for_configured_origin(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, cors_origins=("https://ops.example",)))
+    with TestClient(app) as client:
+        ok = client.options("/api/v1/runs", headers={"Origin": "https://ops.example", "Access-Control-Request-Method": "GET"})
+        bad = client.options("/api/v1/runs", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+    assert ok.headers.get("access-control-allow-origin") == "https://ops.example"
+    assert "access-control-allow-origin" not in bad.headers
+
+
+def test_cookie_session_reads_but_cannot_change_state(service):
+    client, ctx, op, _ = service
+    token = op["Authorization"].split()[1]
+    r = client.post("/login", data={"token": token, "next": "//evil.example/x"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and token not in cookie
+    assert client.get("/api/v1/runs").status_code == 200  # cookie works for reads
+    r = client.post("/api/v1/runs", json=VALID_RUN)  # but never for writes
+    assert r.status_code == 401
+    assert client.post("/login", data={"token": "rw_nope"}).status_code == 401
+
+
+def test_dashboard_pages_need_a_session(service):
+    client, _, _, _ = service
+    r = client.get("/")
+    assert r.status_code == 401 and "Sign in" in r.text and "<form" in r.text
+    assert client.get("/login").status_code == 200
+    assert client.get("/static/style.css").status_code == 200
