@@ -1,0 +1,249 @@
+"""``RunConfig``: the validated configuration of one federated training run.
+
+This is the contract between whoever *creates* a run (the API service, the CLI, the demo)
+and the runner that executes it (``restwise.server.runner``): the service writes
+``RunConfig.to_dict()`` as ``config.json`` into the run directory, the runner reads it back
+with ``RunConfig.from_dict``. Every check raises ``RunConfigError`` (a ``ValueError``) whose
+``field`` attribute names the offending field, so an API can answer 422 naming it.
+
+Privacy-relevant fields, in the words of the analysis (docs/federated.md):
+
+    population       N, the number of persons (simulated or real devices) who may be sampled;
+                     the privacy unit is one person = one device.
+    sampling         "poisson": each device joins a round independently with probability
+                     ``sampling_rate`` (q) - accounted as Poisson subsampling;
+                     "fixed": exactly ``cohort_size`` devices drawn uniformly without
+                     replacement - accounted as fixed-size sampling.
+    target_epsilon   with ``delta``: the run's (epsilon, delta) budget; the noise multiplier
+                     is calibrated from it for ``rounds`` rounds by the accountant. Give
+                     exactly one of ``target_epsilon`` and ``noise_multiplier``.
+    noise_multiplier z, given directly (the budget is then what z and ``rounds`` spend).
+    clip_norm        C, the L2 bound of one device's update, enforced on the device.
+    noise            "distributed": every device adds its share of the Gaussian noise before
+                     masking, so nobody - not even the server - sees a less-noised sum;
+                     "central": devices send clipped, masked, un-noised updates and the
+                     server adds N(0, (zC)^2) to the aggregate (trusts the server).
+    secagg_*         the secure-aggregation neighbourhood k and reconstruction threshold t
+                     (a count, or a fraction of k when < 1).
+    max_dropout_fraction  the largest fraction of a round's sampled devices that may be lost;
+                     more and the round fails and releases nothing. It also fixes the minimum
+                     surviving cohort the distributed noise is sized for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+KNOWN_MODELS = ("recovery-mlp",)
+KNOWN_DATASETS = ("demo", "synthetic", "soccermon", "lifesnaps")
+SAMPLING_METHODS = ("poisson", "fixed")
+NOISE_PLACEMENTS = ("distributed", "central")
+MIN_NOISE_MULTIPLIER = 0.5  # the accountant refuses anything lower: it cannot account it tightly
+
+
+class RunConfigError(ValueError):
+    """A run configuration is invalid; ``field`` names the field the problem is about."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    rounds: int
+    population: int
+    model: str = "recovery-mlp"
+    sampling: str = "poisson"
+    sampling_rate: float | None = None
+    cohort_size: int | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    clip_norm: float = 1.0
+    secagg_num_neighbours: int = 4
+    secagg_threshold: int | float = 3  # a count (>= 1) or a fraction of k (< 1)
+    max_dropout_fraction: float = 0.3
+    local_epochs: int = 1
+    learning_rate: float = 0.01
+    batch_size: int = 32
+    round_timeout_s: float = 600.0
+    dataset: str = "demo"
+    persons: int | None = None
+    seed: int = 0
+    noise: str = "distributed"
+    secure_aggregation: bool = True
+    audit_key_path: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_str(self, "name", max_len=100)
+        if self.model not in KNOWN_MODELS:
+            raise RunConfigError("model", f"unknown model; known models: {', '.join(KNOWN_MODELS)}")
+        _check_int(self, "rounds", lo=1, hi=100_000)
+        _check_int(self, "population", lo=1, hi=10_000_000)
+        if self.sampling not in SAMPLING_METHODS:
+            raise RunConfigError("sampling", f"must be one of {', '.join(SAMPLING_METHODS)}")
+        if self.sampling == "poisson":
+            if self.sampling_rate is None:
+                raise RunConfigError("sampling_rate", "required with poisson sampling")
+            if self.cohort_size is not None:
+                raise RunConfigError("cohort_size", "not used with poisson sampling (give sampling_rate)")
+            _check_float(self, "sampling_rate", lo=0.0, hi=1.0, lo_open=True)
+        else:
+            if self.cohort_size is None:
+                raise RunConfigError("cohort_size", "required with fixed-size sampling")
+            if self.sampling_rate is not None:
+                raise RunConfigError("sampling_rate", "not used with fixed-size sampling (give cohort_size)")
+            _check_int(self, "cohort_size", lo=1, hi=10_000_000)
+            if self.cohort_size > self.population:
+                raise RunConfigError(
+                    "cohort_size", f"cohort ({self.cohort_size}) is larger than the population ({self.population})"
+                )
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise RunConfigError("target_epsilon", "give exactly one of target_epsilon and noise_multiplier")
+        if self.target_epsilon is not None:
+            _check_float(self, "target_epsilon", lo=0.0, hi=1000.0, lo_open=True)
+        if self.noise_multiplier is not None:
+            _check_float(self, "noise_multiplier", lo=MIN_NOISE_MULTIPLIER, hi=1000.0)
+        _check_float(self, "delta", lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        _check_float(self, "clip_norm", lo=0.0, hi=1e6, lo_open=True)
+        _check_int(self, "secagg_num_neighbours", lo=2, hi=100_000)
+        _check_float(self, "secagg_threshold", lo=0.0, hi=100_000.0, lo_open=True)
+        if self.secagg_threshold >= 1:
+            if self.secagg_threshold != int(self.secagg_threshold):
+                raise RunConfigError("secagg_threshold", "a count must be a whole number (a fraction of k must be < 1)")
+            object.__setattr__(self, "secagg_threshold", int(self.secagg_threshold))  # a count
+        else:
+            object.__setattr__(self, "secagg_threshold", float(self.secagg_threshold))  # a fraction of k
+        if self.secagg_threshold > self.secagg_num_neighbours:
+            raise RunConfigError(
+                "secagg_threshold",
+                f"threshold ({self.secagg_threshold:g}) is above the number of shares "
+                f"(secagg_num_neighbours = {self.secagg_num_neighbours})",
+            )
+        _check_float(self, "max_dropout_fraction", lo=0.0, hi=0.5, hi_open=True)
+        _check_int(self, "local_epochs", lo=1, hi=1000)
+        _check_float(self, "learning_rate", lo=0.0, hi=10.0, lo_open=True)
+        _check_int(self, "batch_size", lo=1, hi=1_000_000)
+        _check_float(self, "round_timeout_s", lo=0.0, hi=86_400.0, lo_open=True)
+        _check_str(self, "dataset", max_len=4096)
+        if self.dataset not in KNOWN_DATASETS and not (os.sep in self.dataset or "/" in self.dataset):
+            raise RunConfigError(
+                "dataset", f"unknown dataset; give one of {', '.join(KNOWN_DATASETS)} or a path to a cohort folder"
+            )
+        if self.persons is not None:
+            _check_int(self, "persons", lo=1, hi=10_000_000)
+            if self.persons < self.population:
+                raise RunConfigError(
+                    "population", f"population ({self.population}) exceeds the persons in the dataset ({self.persons})"
+                )
+        _check_int(self, "seed", lo=0, hi=2**63 - 1)
+        if self.noise not in NOISE_PLACEMENTS:
+            raise RunConfigError("noise", f"must be one of {', '.join(NOISE_PLACEMENTS)}")
+        if not isinstance(self.secure_aggregation, bool):
+            raise RunConfigError("secure_aggregation", "must be true or false")
+        if not self.secure_aggregation and self.noise == "distributed":
+            # Without masking the server would see each device's (weakly) noised update.
+            raise RunConfigError("secure_aggregation", "distributed noise needs secure aggregation; use noise=central")
+        if self.audit_key_path is not None:
+            _check_str(self, "audit_key_path", max_len=4096)
+        if self.expected_cohort < 1:
+            raise RunConfigError("sampling_rate", "the expected cohort (rate x population) is below one device")
+
+    # -- derived values ------------------------------------------------------------------
+    @property
+    def expected_cohort(self) -> float:
+        """The expected number of devices sampled per round."""
+        if self.sampling == "fixed":
+            return float(self.cohort_size)
+        return float(self.sampling_rate) * self.population
+
+    @property
+    def sampling_probability(self) -> float:
+        """q: the probability that one given person is in a round's cohort."""
+        if self.sampling == "fixed":
+            return self.cohort_size / self.population
+        return float(self.sampling_rate)
+
+    @property
+    def device_count(self) -> int:
+        """How many devices the federation has (one per person of the population)."""
+        return self.population
+
+    def min_survivors(self, sampled: int) -> int:
+        """t_min: the fewest devices that must survive a round of ``sampled`` devices for it
+        to be released. The distributed noise shares are sized for this many."""
+        lost = math.floor(self.max_dropout_fraction * sampled + 1e-9)
+        return max(1, sampled - lost)
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        if not isinstance(data, Mapping):
+            raise RunConfigError("config", "must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise RunConfigError(str(key), "unknown field")
+        for key in ("name", "rounds", "population"):
+            if data.get(key) is None:
+                raise RunConfigError(key, "required")
+        values = dict(data)
+        # JSON has one number type: accept 3.0 for an integer field and 3 for a float field.
+        for f in fields(cls):
+            v = values.get(f.name)
+            if f.name in _INT_FIELDS and isinstance(v, float) and v.is_integer():
+                values[f.name] = int(v)
+            elif f.name in _FLOAT_FIELDS and isinstance(v, int) and not isinstance(v, bool):
+                values[f.name] = float(v)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return RunConfig.from_dict({**self.to_dict(), **changes})
+
+
+_INT_FIELDS = {
+    "rounds", "population", "cohort_size", "secagg_num_neighbours", "local_epochs", "batch_size", "persons", "seed",
+}
+_FLOAT_FIELDS = {
+    "sampling_rate", "target_epsilon", "delta", "noise_multiplier", "clip_norm",
+    "max_dropout_fraction", "learning_rate", "round_timeout_s",
+}
+
+
+def _check_str(cfg: RunConfig, name: str, *, max_len: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, str) or not value.strip():
+        raise RunConfigError(name, "must be a non-empty string")
+    if len(value) > max_len:
+        raise RunConfigError(name, f"must be at most {max_len} characters")
+
+
+def _check_int(cfg: RunConfig, name: str, *, lo: int, hi: int) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RunConfigError(name, "must be an integer")
+    if not lo <= value <= hi:
+        raise RunConfigError(name, f"must be between {lo} and {hi}")
+
+
+def _check_float(
+    cfg: RunConfig, name: str, *, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RunConfigError(name, "must be a number")
+    if not math.isfinite(value):
+        raise RunConfigError(name, "must be a finite number")
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above:
+        raise RunConfigError(name, f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
