@@ -1,0 +1,124 @@
+"""An in-process Grid for fast tests and benchmarks: the real workflow, the real mod and
+real Flower ``Message``/``RecordDict`` objects, with no SuperLink, Ray or threads.
+
+``InProcessGrid(app, node_ids)`` delivers each pushed message to ``app(message, context)``
+(a ``flwr.clientapp.ClientApp`` or any callable with that signature) with a per-node
+``Context`` that persists across messages, exactly as a SuperNode keeps it. Hooks:
+
+- ``drop_at``: node id -> stage name; from that stage on the node never answers.
+- ``tamper``: ``fn(node_id, stage, reply_content) -> RecordDict | list[RecordDict] | None``
+  rewrites a reply (a list sends duplicates, None suppresses it).
+- ``transcript``: every (direction, node id, stage, serialized RecordDict bytes) that
+  crossed, for leak checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from . import records as R
+
+
+class InProcessGrid(Grid):
+    def __init__(
+        self,
+        app: Callable[[Message, Context], Message],
+        node_ids: Iterable[int],
+        *,
+        drop_at: dict[int, str] | None = None,
+        tamper: Callable[[int, str, RecordDict], object] | None = None,
+        record_transcript: bool = False,
+    ):
+        self.app = app
+        self.node_ids = [int(n) for n in node_ids]
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+            for n in self.node_ids
+        }
+        self.drop_at = dict(drop_at or {})
+        self.tamper = tamper
+        self.record_transcript = record_transcript
+        self.transcript: list[tuple[str, int, str, bytes]] = []
+        self._replies: dict[str, list[Message]] = {}
+        self._run = None
+        _ensure_task_identity()
+
+    # -- Grid API
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used in-process
+        self._run = run_id
+
+    @property
+    def run(self):  # pragma: no cover
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg_id = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = msg_id
+            ids.append(msg_id)
+            node = msg.metadata.dst_node_id
+            stage = _stage(msg.content)
+            if self.record_transcript:
+                self.transcript.append(("to-device", node, stage, msg.content.deflate()))
+            if node not in self.contexts or _stage_index(self.drop_at.get(node)) <= _stage_index(stage):
+                continue
+            reply = self.app(msg, self.contexts[node])
+            contents: list[RecordDict | None] = [reply.content if not reply.has_error() else None]
+            if self.tamper is not None and not reply.has_error():
+                changed = self.tamper(node, stage, reply.content)
+                contents = changed if isinstance(changed, list) else [changed]
+            out = []
+            for content in contents:
+                if content is None:
+                    if reply.has_error():
+                        out.append(reply)
+                    continue
+                if self.record_transcript:
+                    self.transcript.append(("from-device", node, stage, content.deflate()))
+                out.append(Message(content, reply_to=msg))
+            self._replies[msg_id] = out
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = []
+        for msg_id in list(message_ids):
+            out.extend(self._replies.pop(msg_id, []))
+        return out
+
+    def send_and_receive(self, messages, *, timeout=None):
+        ids = list(self.push_messages(messages))
+        return list(self.pull_messages(ids))
+
+
+def _ensure_task_identity() -> None:
+    """Outside a ServerApp process nothing sets Flower's task identity, which the
+    ``Message`` constructor reads; give it the in-process run's values."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("run_id", 1), ("node_id", 0), ("task_id", 0)):
+        try:
+            getattr(TaskIdentity, name)
+        except RuntimeError:
+            setattr(TaskIdentity, name, value)
+
+
+def _stage(content: RecordDict) -> str:
+    record = content.config_records.get(R.SERVER_RECORD)
+    return str(record.get("stage", "")) if record is not None else ""
+
+
+def _stage_index(stage: str | None) -> int:
+    if stage is None:
+        return len(R.STAGES) + 1
+    return R.STAGES.index(stage) if stage in R.STAGES else len(R.STAGES)
