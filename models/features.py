@@ -483,6 +483,7 @@ def model_feature_names() -> list[str]:
     names = [f"z_{k}" for k in _ZSCORED] + [f"s_{k}" for k in _SCALED]
     names += [f"flag_{k}" for k in _FLAGS] + [f"frac_{k}" for k in _COUNTS]
     names += [f"has_{k}" for k in _ZSCORED]
+    names += [f"weekday_{i}" for i in range(7)]
     return names
 
 
@@ -507,6 +508,11 @@ def model_features_from_raw(raw: FeatureFrame, config: FeatureConfig = DEFAULT_F
     for name, div in _COUNTS.items():
         cols.append(raw.column(name) / div)
     cols.extend(present)
+    # Calendar: training weeks are periodised (match day, recovery day), so the weekday of the
+    # input's last day (and hence of the target day) is informative and known in advance.
+    weekday = np.array([dt.date.fromisoformat(d).weekday() for d in raw.days], dtype=int)
+    for i in range(7):
+        cols.append((weekday == i).astype(float))
     n = len(raw.days)
     X = np.stack(cols, axis=1) if n else np.zeros((0, len(cols)))
     X = np.clip(np.nan_to_num(X, nan=0.0, posinf=0.0, neginf=0.0), -config.z_clip, config.z_clip)

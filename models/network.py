@@ -109,6 +109,9 @@ class PersonalPart(nn.Module):
         self.register_buffer("target_scale", torch.tensor(2.0, dtype=torch.float32))
         self.register_buffer("low_threshold", torch.tensor(float("nan"), dtype=torch.float32))
         self.register_buffer("fitted", torch.tensor(0.0, dtype=torch.float32))
+        # 1.0 when the person answers in whole numbers (then predictions are snapped to them:
+        # the median of an integer-valued answer is an integer, and MAE rewards the median).
+        self.register_buffer("target_step", torch.tensor(0.0, dtype=torch.float32))
 
     def forward(self, shared_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         out = shared_out * self.gain + self.bias

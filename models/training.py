@@ -22,13 +22,21 @@ import torch
 from torch import nn
 
 from restwise.models.features import Examples
+from restwise.models.metrics import CHECKIN_FIELDS
 from restwise.models.network import ModelConfig, ModelError, RecoveryNet, build_model
 
 DEFAULT_EPOCHS = 40
 DEFAULT_LR = 3e-3
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_WEIGHT_DECAY = 1e-2
+# The federated recipe measured on SoccerMon (FedAvg of the shared part, one local epoch per
+# round; more rounds start to overfit): see docs/coach.md "The model".
+FEDERATED_ROUNDS = 10
+FEDERATED_LOCAL_EPOCHS = 1
 LOW_WEIGHT = 0.3
+# Small delta: close to L1, i.e. the conditional median, which is what MAE rewards.
+DEFAULT_HUBER_DELTA = 0.3
+READINESS_RANGE = CHECKIN_FIELDS["readiness"]
 MIN_TARGET_SCALE = 0.5  # readiness points; a person who always answers 7 is not divided by 0
 
 
@@ -73,6 +81,7 @@ def fit_target_scaler(model: RecoveryNet, y: np.ndarray, low_threshold: float | 
         p.target_scale.fill_(max(float(y.std()), MIN_TARGET_SCALE))
         p.low_threshold.fill_(thr)
         p.fitted.fill_(1.0)
+        p.target_step.fill_(1.0 if np.all(y == np.round(y)) else 0.0)
 
 
 def train_local(
@@ -88,6 +97,7 @@ def train_local(
     low_threshold: float | None = None,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     fit_scaler: bool | None = None,
+    huber_delta: float = DEFAULT_HUBER_DELTA,
 ) -> dict:
     """Train in place on ``examples``; returns ``{"loss", "n_examples", "epochs"}``.
 
@@ -132,7 +142,7 @@ def train_local(
     for p in model.personal.parameters():
         p.requires_grad_(train_personal)
     params = [p for p in model.parameters() if p.requires_grad]
-    huber = nn.HuberLoss(delta=1.0)
+    huber = nn.HuberLoss(delta=huber_delta)
     bce = nn.BCEWithLogitsLoss()
     total = 0.0
     with torch.random.fork_rng(devices=[]):
@@ -157,13 +167,28 @@ def train_local(
     return {"loss": total / n if epochs else float("nan"), "n_examples": n, "epochs": int(epochs)}
 
 
-def predict(model: RecoveryNet, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(readiness on the person's 0-10 scale, probability of low readiness), both [n]."""
+def predict(
+    model: RecoveryNet, X: np.ndarray, *, snap: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(readiness on the person's 0-10 scale, probability of low readiness), both [n].
+
+    Readiness is clipped to the 0-10 scale. ``snap`` (default: when the person's training
+    answers were all whole numbers) rounds it to the nearest whole number: for answers given
+    in whole numbers that is the better point forecast under absolute error (the median of an
+    integer-valued quantity is an integer). ``snap=False`` gives the continuous value (the
+    coach uses it).
+    """
     X = _check_inputs(model, X)
     model.eval()
     with torch.no_grad():
         readiness, logit = model(torch.from_numpy(X))
-    return readiness.numpy().astype(np.float64), torch.sigmoid(logit).numpy().astype(np.float64)
+    r = readiness.numpy().astype(np.float64)
+    if snap is None:
+        snap = float(model.personal.target_step.item()) > 0
+    if snap:
+        r = np.round(r)
+    lo, hi = READINESS_RANGE
+    return np.clip(r, lo, hi), torch.sigmoid(logit).numpy().astype(np.float64)
 
 
 def train_person_model(
@@ -182,6 +207,6 @@ def train_person_model(
 
 
 __all__ = [
-    "DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "train_local", "predict",
+    "FEDERATED_ROUNDS", "FEDERATED_LOCAL_EPOCHS", "DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "train_local", "predict",
     "fit_target_scaler", "low_threshold_for", "low_labels", "train_person_model",
 ]

@@ -91,6 +91,7 @@ def test_target_scaler_and_low_threshold_fitted_on_training_examples(examples):
     assert float(m.personal.target_mean) == pytest.approx(y.mean(), rel=1e-5)
     assert float(m.personal.target_scale) == pytest.approx(y.std(), rel=1e-5)
     assert float(m.personal.low_threshold) == pytest.approx(np.median(y) - 1)
+    assert float(m.personal.target_step) == 1.0  # synthetic answers are whole numbers
     assert low_threshold_for([5, 6, 7]) == 5.0
     assert list(low_labels([4, 5, 6], 5.0)) == [1, 1, 0]
     train_local(m, examples, epochs=1, low_threshold=2.5)
@@ -142,3 +143,21 @@ def test_arrays_and_bytes_round_trip(examples):
     np.testing.assert_array_equal(predict(m, examples.X)[1], predict(m3, examples.X)[1])
     with pytest.raises(ModelError, match="cannot be read"):
         model_from_bytes(b"garbage")
+
+
+def test_predictions_snap_to_whole_answers_and_stay_on_scale(examples):
+    m = build_model(ModelConfig(n_features=examples.n_features, window=examples.window))
+    train_local(m, examples, epochs=3)
+    cont, _ = predict(m, examples.X, snap=False)
+    snapped, _ = predict(m, examples.X)  # whole-number answers -> snapped by default
+    np.testing.assert_array_equal(snapped, np.clip(np.round(cont), 0, 10))
+    assert np.any(cont != np.round(cont))
+    frac = examples.subset(range(len(examples)))
+    frac.y = frac.y + 0.25
+    train_local(m, frac, epochs=1)
+    assert float(m.personal.target_step) == 0.0
+    r, _ = predict(m, examples.X)
+    assert np.any(r != np.round(r))
+    with torch.no_grad():
+        m.personal.target_mean.fill_(50.0)
+    assert predict(m, examples.X)[0].max() == 10.0
