@@ -66,7 +66,8 @@ class RunError(Exception):
         RunError
         ├── RunNotFoundError       no run with that id                      -> 404
         ├── RunStateError          not allowed in the run's current status  -> 409
-        └── BudgetRefusedError     the planned rounds would exceed the budget -> 409
+        ├── BudgetRefusedError     the planned rounds would exceed the budget -> 409
+        └── AccountingRefusedError the configuration cannot be accounted tightly -> 409
     """
 
 
@@ -92,10 +93,16 @@ class BudgetRefusedError(RunError):
         self.run_id, self.decision = run_id, decision
 
 
+class AccountingRefusedError(RunError):
+    def __init__(self, run_id: str, reason: str):
+        super().__init__(f"run {run_id!r} cannot be accounted: {reason}")
+        self.run_id, self.reason = run_id, reason
+
+
 @dataclass(frozen=True)
 class BudgetDecision:
     projected_epsilon: float
-    budget_epsilon: float
+    budget_epsilon: float | None  # None: no target and no service cap
     delta: float
     rounds: int
     accountant: str = ""
@@ -103,7 +110,7 @@ class BudgetDecision:
 
     @property
     def allowed(self) -> bool:
-        return self.projected_epsilon <= self.budget_epsilon
+        return self.budget_epsilon is None or self.projected_epsilon <= self.budget_epsilon
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -285,7 +292,16 @@ class RunManager:
             run = self.get(run_id)
             if run["status"] != "created":
                 raise RunStateError(run_id, run["status"], "start")
-            decision = self.check_budget(run_id)
+            try:
+                decision = self.check_budget(run_id)
+            except RunError:
+                raise
+            except Exception as exc:  # the accountant refuses what it cannot account tightly
+                if not type(exc).__module__.startswith("restwise.privacy"):
+                    raise
+                err = AccountingRefusedError(run_id, str(exc))
+                self._update(run_id, status="refused", reason=str(err)[:2000], finished_at=dbm.utcnow())
+                raise err from None
             if decision is not None:
                 self._update(run_id, projected_epsilon=decision.projected_epsilon)
                 if not decision.allowed:
@@ -505,15 +521,21 @@ def _pid_alive(pid: int | None) -> bool:
 
 def make_budget_check(epsilon_cap: float | None = None) -> BudgetCheck | None:
     """The start-time budget check: ε after all planned rounds, from the accounting area's
-    accountant, against the run's target ε and the service-wide cap (the smaller wins).
+    accountant, against the run's budget (its ``target_epsilon``) and the service-wide cap —
+    the smaller wins. A run given a ``noise_multiplier`` instead of a target is bounded by the
+    cap only.
 
-    The projection assumes the worst dropout the run tolerates: with distributed noise, each
-    of n planned clients adds a 1/sqrt(n) share of the noise, so if a fraction f drops the
-    released sum carries only sqrt(1 - f) of the planned noise. Returns None in a checkout
-    without the accountant.
+    The distributed noise is sized for the fewest survivors a round can release with, so the
+    planned multiplier is the worst case a round can produce (privacy.budget). Fixed-size
+    sampling has no tight amplified analysis in the accountant: it is accounted without
+    amplification (replace-one adjacency), which is valid and never low. Returns None in a
+    checkout without the accountant.
     """
     try:
         from restwise.privacy.accountant import PrivacyAccountant
+        from restwise.privacy.budget import PrivacyBudget
+        from restwise.privacy.calibration import calibrate_noise_multiplier
+        from restwise.privacy.errors import BudgetExceededError
         from restwise.privacy.events import ReleaseSpec
     except ImportError:
         return None
@@ -521,45 +543,47 @@ def make_budget_check(epsilon_cap: float | None = None) -> BudgetCheck | None:
     def check(config: dict[str, Any]) -> BudgetDecision:
         rounds = int(config["rounds"])
         delta = float(config.get("delta") or 1e-5)
-        target = config.get("target_epsilon")
-        z = config.get("noise_multiplier")
         sampling = config.get("sampling", "poisson")
-        adjacency = config.get("adjacency", "add_remove")
-        if z is None:
-            z = _calibrated_noise(config)
-        dropout = float(config.get("max_dropout_fraction") or 0.0)
-        z_worst = float(z) * (1.0 - dropout) ** 0.5 if config.get("noise", "distributed") == "distributed" else float(z)
-        spec = ReleaseSpec.plan(
-            noise_multiplier=z_worst,
+        adjacency = config.get("adjacency") or ("replace_one" if sampling == "fixed" else "add_remove")
+        plan = dict(
             sampling=sampling,
             adjacency=adjacency,
             sampling_rate=config.get("sampling_rate"),
             cohort_size=config.get("cohort_size"),
             population=config.get("population"),
         )
-        result = PrivacyAccountant().epsilon_for_rounds(spec, rounds, delta)
+        probe = ReleaseSpec.plan(noise_multiplier=1.0, **plan)
+        accountant = PrivacyAccountant()
+        if not accountant.supports(probe):
+            accountant = PrivacyAccountant(claim_amplification=False)
+        target = config.get("target_epsilon")
+        z = config.get("noise_multiplier")
+        if z is None:
+            z = calibrate_noise_multiplier(float(target), delta, rounds, accountant=accountant, **plan).noise_multiplier
+        spec = probe.with_noise_multiplier(float(z))
         limits = [float(v) for v in (target, epsilon_cap) if v is not None]
-        budget = min(limits) if limits else float("inf")
+        budget = min(limits) if limits else None
+        result = accountant.epsilon_for_rounds(spec, rounds, delta)
+        projected = float(result.epsilon)
+        if budget is not None:
+            try:
+                projected = PrivacyBudget(epsilon=budget, delta=delta).check_plan(
+                    [], spec, rounds, run_id="planned", round=1, accountant=accountant
+                )
+            except BudgetExceededError as exc:
+                projected = float(exc.projected)
         return BudgetDecision(
-            projected_epsilon=float(result.epsilon),
+            projected_epsilon=projected,
             budget_epsilon=budget,
             delta=delta,
             rounds=rounds,
             accountant=f"{result.accountant} ({result.accountant_version})",
             detail={
                 "noise_multiplier": float(z),
-                "noise_multiplier_worst_case": z_worst,
-                "max_dropout_fraction": dropout,
                 "epsilon_no_amplification": float(result.epsilon_no_amplification),
+                "amplification_claimed": bool(result.amplification_claimed),
                 "adjacency": result.adjacency,
             },
         )
 
     return check
-
-
-def _calibrated_noise(config: dict[str, Any]) -> float:
-    """The noise multiplier the runner will use for a target ε (accounting area)."""
-    from restwise.privacy import calibration  # noqa: F401 - refined once the API is known
-
-    raise NotImplementedError

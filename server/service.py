@@ -114,15 +114,20 @@ class RunConfigIn(BaseModel):
     noise_multiplier: Optional[float] = Field(default=None, ge=0.5, le=100, allow_inf_nan=False)
     clip_norm: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
     secagg_num_neighbours: int = Field(default=4, ge=2, le=1000)
-    secagg_threshold: int = Field(default=3, ge=1, le=1000)
-    max_dropout_fraction: float = Field(default=0.3, ge=0, lt=1, allow_inf_nan=False)
+    secagg_threshold: float = Field(
+        default=3, gt=0, le=1000, allow_inf_nan=False, description="A count of shares, or a fraction of the neighbours when < 1."
+    )
+    max_dropout_fraction: float = Field(default=0.3, ge=0, lt=0.5, allow_inf_nan=False)
     local_epochs: int = Field(default=1, ge=1, le=100)
     learning_rate: float = Field(default=0.01, gt=0, le=10, allow_inf_nan=False)
+    batch_size: int = Field(default=32, ge=1, le=100_000)
     round_timeout_s: float = Field(default=600, gt=0, le=86_400, allow_inf_nan=False)
-    dataset: str = Field(default="synthetic", min_length=1, max_length=60)
+    # Named datasets only: the API never takes a server-side path from a client.
+    dataset: str = Field(default="demo", min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     persons: Optional[int] = Field(default=None, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     noise: Literal["distributed", "central"] = "distributed"
+    secure_aggregation: bool = True
 
 
 class FieldProblem(BaseModel):
@@ -225,7 +230,9 @@ def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-def validate_run_config(cfg: RunConfigIn, known_models: frozenset[str] | None) -> dict[str, Any]:
+def validate_run_config(
+    cfg: RunConfigIn, known_models: frozenset[str] | None, audit_key_path: str | None = None
+) -> dict[str, Any]:
     """Cross-field rules, then the federated area's own ``RunConfig`` validation. Returns the
     canonical config dict the runner reads. Raises ProblemError(422) naming the field."""
     errs: list[dict[str, str]] = []
@@ -238,7 +245,7 @@ def validate_run_config(cfg: RunConfigIn, known_models: frozenset[str] | None) -
     if cfg.secagg_threshold > cfg.secagg_num_neighbours:
         bad(
             "secagg_threshold",
-            f"threshold ({cfg.secagg_threshold}) is above the number of shares "
+            f"threshold ({cfg.secagg_threshold:g}) is above the number of shares "
             f"(secagg_num_neighbours = {cfg.secagg_num_neighbours})",
         )
     if cfg.sampling == "poisson":
@@ -261,14 +268,20 @@ def validate_run_config(cfg: RunConfigIn, known_models: frozenset[str] | None) -
         raise ProblemError(422, "Invalid run configuration", "; ".join(f"{e['field']}: {e['message']}" for e in errs), errors=errs)
     data = cfg.model_dump()
     try:
-        from restwise.server.runconfig import RunConfig  # federated area
+        from restwise.server.runconfig import KNOWN_DATASETS, RunConfig  # federated area
     except ImportError:
         return data
+    if cfg.dataset not in KNOWN_DATASETS:
+        msg = f"unknown dataset; known datasets: {', '.join(KNOWN_DATASETS)}"
+        raise ProblemError(422, "Invalid run configuration", f"dataset: {msg}", errors=[{"field": "dataset", "message": msg}])
+    if audit_key_path is not None:
+        data["audit_key_path"] = audit_key_path  # the service's key, never chosen by a client
     try:
         return RunConfig.from_dict(data).to_dict()
     except (ValueError, TypeError) as exc:
         name = getattr(exc, "field", None) or "body"
-        raise ProblemError(422, "Invalid run configuration", f"{name}: {exc}", errors=[{"field": name, "message": str(exc)}]) from None
+        message = getattr(exc, "message", None) or str(exc)
+        raise ProblemError(422, "Invalid run configuration", f"{name}: {message}", errors=[{"field": name, "message": message}]) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -338,6 +351,7 @@ class ServiceContext:
     runs: runsm.RunManager
     known_models: frozenset[str] | None
     public_key_pem: bytes | None = None
+    audit_key_path: str | None = None
 
 
 def _known_models() -> frozenset[str] | None:
@@ -468,6 +482,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         )
 
+    @app.exception_handler(runsm.AccountingRefusedError)
+    async def _accounting(request: Request, exc: runsm.AccountingRefusedError):
+        return problem_response(
+            request, ProblemError(409, "Configuration cannot be accounted", str(exc), type_="urn:restwise:problem:unaccountable")
+        )
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # never a stack trace to the client
         return JSONResponse(
@@ -562,7 +582,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def create_run(config: RunConfigIn, who: authm.Principal = Depends(operator)) -> dict:
         """Create a run from a validated configuration (operators). It does not start."""
         try:
-            canonical = validate_run_config(config, ctx.known_models)
+            canonical = validate_run_config(config, ctx.known_models, ctx.audit_key_path)
         except ProblemError as exc:
             ctx.audit.record(who, "run.create", None, "invalid", {"errors": exc.errors or []})
             raise

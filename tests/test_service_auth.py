@@ -256,3 +256,32 @@ def test_dashboard_pages_need_a_session(service):
     assert r.status_code == 401 and "Sign in" in r.text and "<form" in r.text
     assert client.get("/login").status_code == 200
     assert client.get("/static/style.css").status_code == 200
+
+
+def test_start_refused_over_budget_with_the_numbers(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path, epsilon_cap=2.0))
+    ctx = app.state.ctx
+    _, op = ctx.tokens.create("operator", "olga")
+    headers = {"Authorization": f"Bearer {op}"}
+    body = {**VALID_RUN, "rounds": 50, "sampling_rate": 1.0, "noise_multiplier": 1.0}
+    with TestClient(app) as client:
+        run_id = client.post("/api/v1/runs", json=body, headers=headers).json()["id"]
+        r = client.post(f"/api/v1/runs/{run_id}/start", headers=headers)
+        assert r.status_code == 409, r.text
+        problem = r.json()
+        assert problem["type"] == "urn:restwise:problem:budget-exceeded"
+        assert problem["budget_epsilon"] == 2.0 and problem["rounds"] == 50
+        # 50 full-participation Gaussian releases at z=1 compose to one Gaussian of z=1/sqrt(50):
+        # epsilon is far above 2 (exact value from the accountant's closed form).
+        assert problem["projected_epsilon"] > 20
+        assert f"{problem['projected_epsilon']:.4g}" in problem["detail"]
+        run = client.get(f"/api/v1/runs/{run_id}", headers=headers).json()
+        assert run["status"] == "refused" and "budget" in run["reason"]
+        log = client.get("/api/v1/audit-log", headers=headers).json()
+        assert log[0]["action"] == "run.start" and log[0]["outcome"] == "refused"
+        assert log[0]["detail"]["projected_epsilon"] == problem["projected_epsilon"]
+        # A target epsilon calibrates the noise: its projection is within the target.
+        ok = client.post("/api/v1/runs", json={**body, "noise_multiplier": None, "target_epsilon": 1.5}, headers=headers).json()
+        decision = ctx.runs.check_budget(ok["id"])
+        assert decision.allowed and 1.4 < decision.projected_epsilon <= 1.5
+        assert decision.budget_epsilon == 1.5
