@@ -205,8 +205,16 @@ def _header_fields(header: list[str]) -> set[str]:
 
 
 class CheckinCsvImporter:
+    """``column_map`` (see :func:`load_column_map`) makes the importer recognise and read
+    another app's headers; ``ImportOptions.column_map``, when given, takes precedence for
+    reading. Without a map only our canonical header names are recognised."""
+
     name = "checkin_csv"
     description = "Daily check-in CSV (readiness, wellness answers, sleep, session RPE x minutes)"
+
+    def __init__(self, column_map: dict | None = None):
+        self.column_map = column_map
+        self._specs = parse_column_map(column_map) if column_map else None
 
     def _csv_members(self, source: InputSource) -> list[str]:
         return [m for m in source.members() if m.lower().endswith((".csv", ".txt", ".tsv"))] or (
@@ -231,8 +239,8 @@ class CheckinCsvImporter:
             return None
 
     def sniff(self, source: InputSource) -> bool:
-        """A CSV whose header has a date column and at least one check-in or session column
-        under our canonical names."""
+        """A CSV whose header has a date column and at least one check-in or session column,
+        under our canonical names or, with a column map, under the mapped names."""
         members = self._csv_members(source)
         if not members or len(members) > 16:
             return False
@@ -240,13 +248,19 @@ class CheckinCsvImporter:
             header = self._head_header(source, member)
             if header is None:
                 return False
+            if self._specs is not None:
+                names = {h.strip().lower() for h in header}
+                mapped = {spec.column.strip().lower() for spec in self._specs.values()}
+                if self._specs["date"].column.strip().lower() not in names or len(names & mapped) < 2:
+                    return False
+                continue
             fields = _header_fields(header)
             if "date" not in fields or not (fields & set(FIELDS) - {"date"}):
                 return False
         return True
 
     def records(self, source: InputSource, options: ImportOptions) -> Iterator[Record]:
-        specs = parse_column_map(options.column_map) if options.column_map else None
+        specs = parse_column_map(options.column_map) if options.column_map else self._specs
         for member in self._csv_members(source):
             yield from self._member_records(source, member, specs)
 
