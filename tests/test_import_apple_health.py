@@ -150,6 +150,18 @@ def test_time_zones_give_the_local_day(new_store):
     assert new_store.observations("sleep_in_bed")[0][2] == ts("2023-01-05 06:30:00 +0100")
 
 
+def test_workout_uses_its_recorded_time_zone(new_store):
+    run_import(new_store, FIXTURE)
+    rows = new_store.conn.execute(
+        "SELECT ts, tz_offset_min, local_day FROM observations WHERE metric = 'workout_duration' "
+        "ORDER BY ts").fetchall()
+    # Written as 17:00 +0100 (the phone's zone at export), run in Auckland (+1300 in
+    # January): 05:00 on the 6th there.
+    assert rows[0] == (ts("2023-01-05 17:00:00 +0100"), 13 * 60, "2023-01-06")
+    # An unknown zone name falls back to the offset written in the date.
+    assert rows[1] == (ts("2023-01-07 10:00:00 +0100"), 60, "2023-01-07")
+
+
 def test_device_is_stored_but_never_in_the_report(new_store):
     report = run_import(new_store, FIXTURE)
     devices = {d for (d,) in new_store.conn.execute("SELECT DISTINCT device FROM observations")}
@@ -332,7 +344,7 @@ def property_store(tmp_path_factory):
     store.close()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=_OPS, as_zip=st.booleans())
 def test_mutated_exports_import_or_fail_cleanly(property_store, tmp_path, ops, as_zip):
     store = property_store

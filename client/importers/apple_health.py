@@ -63,6 +63,7 @@ import zipfile
 from collections.abc import Iterator
 from hashlib import blake2b
 from pathlib import PurePosixPath
+from zoneinfo import ZoneInfo
 
 from lxml import etree
 
@@ -214,6 +215,16 @@ class AppleTimeParser:
         return value
 
 
+def zone_offset_minutes(zone: str, ts: int, default: int) -> int:
+    """UTC offset (minutes) of the IANA zone ``zone`` at ``ts``; ``default`` if the name is
+    not a zone this system knows (the name came from a file: never trusted, never shown)."""
+    try:
+        off = dt.datetime.fromtimestamp(ts, ZoneInfo(zone)).utcoffset()
+    except (KeyError, ValueError, OSError, UnicodeError, OverflowError):
+        return default
+    return default if off is None else int(off.total_seconds() // 60)
+
+
 def apple_record_key(type_: str, source_name, start: str, end: str, value) -> bytes:
     """``store.record_key("apple_health", type_, source_name, start, end, value)``, computed
     in one hash call (same bytes: record_key hashes ``repr(part)`` + ``\\x1f`` per part)."""
@@ -308,6 +319,7 @@ class _HealthDataTarget:
         self.in_correlation = 0
         self.workout: dict | None = None
         self.workout_stats: list[dict] = []
+        self.workout_zone: str | None = None
         self.saw_root = False
 
     # lxml calls start(tag, attrib) for every element, in document order.
@@ -323,12 +335,16 @@ class _HealthDataTarget:
                 self._sleep(a)
             else:
                 self.out.append(SKIP_TYPE)
+        elif tag == "MetadataEntry":  # the most frequent element: decided in one compare
+            if self.workout is not None and a.get("key") == "HKTimeZone":
+                self.workout_zone = a.get("value")
         elif tag == "WorkoutStatistics":
             if self.workout is not None:
                 self.workout_stats.append(dict(a))
         elif tag == "Workout":
             self.workout = dict(a)
             self.workout_stats = []
+            self.workout_zone = None
         elif tag == "Correlation":
             if not self.in_correlation:
                 self.out.append(SKIP_TYPE)
@@ -341,7 +357,7 @@ class _HealthDataTarget:
     def end(self, tag: str) -> None:
         if tag == "Workout":
             if self.workout is not None:
-                self._workout(self.workout, self.workout_stats)
+                self._workout(self.workout, self.workout_stats, self.workout_zone)
             self.workout = None
             self.workout_stats = []
         elif tag == "Correlation":
@@ -402,7 +418,7 @@ class _HealthDataTarget:
             apple_record_key(SLEEP_TYPE, src, sd, ed, raw), end[0], start[1], src,
         ))
 
-    def _workout(self, w: dict, stats: list[dict]) -> None:
+    def _workout(self, w: dict, stats: list[dict], zone: str | None) -> None:
         sd = w.get("startDate")
         ed = w.get("endDate")
         start = self.parse_time(sd)
@@ -414,6 +430,11 @@ class _HealthDataTarget:
         src = w.get("sourceName")
         ts, off = start
         end_ts = end[0]
+        # The offsets in an export are those of the phone's time zone *at export time*;
+        # Apple Watch workouts also record where they happened (HKTimeZone). Prefer it,
+        # so a run done while travelling lands on the traveller's local day.
+        if zone:
+            off = zone_offset_minutes(zone, ts, off)
 
         def emit(what: str, metric: str, unit: str, raw, raw_unit, table, unit_kind) -> None:
             factor = table.get(raw_unit)
