@@ -40,6 +40,7 @@ from pathlib import Path
 
 from restwise.client.errors import MalformedInputError
 from restwise.client.importers.base import CheckinRecord, ImportOptions, InputSource, Record, Skip
+from restwise.client.importers.fitbit import ARCHIVE_ERRORS, read_head
 from restwise.client.store import Session, record_key
 from restwise.models.metrics import CHECKIN_FIELDS, SESSION_MINUTES_RANGE, SESSION_RPE_RANGE
 
@@ -223,7 +224,7 @@ class CheckinCsvImporter:
 
     @staticmethod
     def _head_header(source: InputSource, member: str) -> list[str] | None:
-        head = source.head(member, MAX_HEADER_BYTES)
+        head = read_head(source, member, MAX_HEADER_BYTES)
         if b"\x00" in head:
             return None
         try:
@@ -294,6 +295,8 @@ class CheckinCsvImporter:
                     yield from self._row_records(row, index, sessions_per_day)
             except csv.Error:
                 raise MalformedInputError(f"{member}: line {line} is not valid CSV") from None
+            except ARCHIVE_ERRORS:
+                raise MalformedInputError(f"{member}: damaged inside the archive") from None
 
     @staticmethod
     def _column_index(
@@ -375,5 +378,5 @@ def _sniff_delimiter(first_line: str) -> str:
 
 
 def _delimiter_of(source: InputSource, member: str) -> str:
-    head = source.head(member, MAX_HEADER_BYTES).decode("utf-8-sig", errors="replace")
+    head = read_head(source, member, MAX_HEADER_BYTES).decode("utf-8-sig", errors="replace")
     return _sniff_delimiter(head.splitlines()[0] if head.strip() else "")

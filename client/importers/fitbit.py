@@ -50,7 +50,8 @@ import csv
 import datetime as dt
 import io
 import json
-import re
+import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
@@ -75,6 +76,26 @@ ZONE_NAMES = {
 }
 EXERCISE_ZONE_WEIGHTS = {"out of range": 0, "fat burn": 2, "cardio": 3, "peak": 5}
 DISTANCE_METRES = {"kilometer": 1000.0, "mile": 1609.344, "meter": 1.0}
+
+
+ARCHIVE_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
+
+
+def read_head(source: InputSource, member: str, n: int) -> bytes:
+    """The first bytes of a member; a damaged archive member is a clear refusal (it may
+    be asked during sniffing, before the import's own error handling is in place)."""
+    try:
+        return source.head(member, n)
+    except ARCHIVE_ERRORS:
+        raise MalformedInputError(f"{member}: damaged inside the archive") from None
+
+
+def read_member(source: InputSource, member: str) -> bytes:
+    try:
+        with source.open(member) as raw:
+            return raw.read()
+    except ARCHIVE_ERRORS:
+        raise MalformedInputError(f"{member}: damaged inside the archive") from None
 
 
 def zone_of(options: ImportOptions) -> ZoneInfo | None:
@@ -174,7 +195,7 @@ class FitbitImporter:
     description = "Fitbit account export (zip or folder; JSON and CSV files)"
 
     def _looks_right(self, source: InputSource, member: str, kind: str) -> bool:
-        head = source.head(member, 2048).lstrip(b"\xef\xbb\xbf \t\r\n")
+        head = read_head(source, member, 2048).lstrip(b"\xef\xbb\xbf \t\r\n")
         if kind in CSV_HEADERS:
             return head.lower().startswith(CSV_HEADERS[kind])
         return head.startswith(b"[") and any(m in head for m in JSON_MARKERS) or head == b"[]"
@@ -247,8 +268,7 @@ class FitbitImporter:
     def _json_list(source: InputSource, member: str) -> list:
         if source.member_size(member) > MAX_DOCUMENT_BYTES:
             raise MalformedInputError(f"{member}: larger than any Fitbit export file; refused")
-        with source.open(member) as raw:
-            data = raw.read()
+        data = read_member(source, member)
         try:
             doc = json.loads(data.decode("utf-8-sig"))
         except (json.JSONDecodeError, RecursionError):
@@ -280,6 +300,8 @@ class FitbitImporter:
                 raise MalformedInputError(f"{member}: the file is empty") from None
             except csv.Error:
                 raise MalformedInputError(f"{member}: not valid CSV") from None
+            except ARCHIVE_ERRORS:
+                raise MalformedInputError(f"{member}: damaged inside the archive") from None
 
     # ------------------------------------------------------------------ mappers
     @staticmethod

@@ -49,7 +49,7 @@ import fitdecode
 
 from restwise.client.errors import ImportFailedError, MalformedInputError
 from restwise.client.importers.base import ImportOptions, InputSource, Record, Skip
-from restwise.client.importers.fitbit import zone_of
+from restwise.client.importers.fitbit import ARCHIVE_ERRORS, read_head, zone_of
 from restwise.client.store import Observation, Session, local_day, record_key
 
 SOURCE = "garmin_fit"
@@ -63,8 +63,12 @@ BANISTER = {"male": (0.64, 1.92), "female": (0.86, 1.67)}
 SLEEP_LEVELS = {"awake": "sleep_awake", "light": "sleep_light", "deep": "sleep_deep",
                 "rem": "sleep_rem"}
 
+# What fitdecode raises on damaged content that still passes the CRC (found by the mutation
+# tests): besides its own FitError, plain struct/lookup errors, and AssertionError from its
+# internal consistency checks (e.g. a record running past the declared data size).
 PARSE_ERRORS = (fitdecode.FitError, struct.error, ValueError, TypeError, KeyError, IndexError,
-                AttributeError, OverflowError, UnicodeDecodeError, EOFError)
+                AttributeError, OverflowError, UnicodeDecodeError, EOFError, AssertionError,
+                *ARCHIVE_ERRORS)
 
 
 def is_fit_header(head: bytes) -> bool:
@@ -131,7 +135,7 @@ class GarminFitImporter:
 
     def _fit_members(self, source: InputSource) -> Iterator[tuple[str, bool]]:
         for member in source.members():
-            yield member, is_fit_header(source.head(member, 14))
+            yield member, is_fit_header(read_head(source, member, 14))
 
     def sniff(self, source: InputSource) -> bool:
         for n, (_, is_fit) in enumerate(self._fit_members(source)):

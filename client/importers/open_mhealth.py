@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 
 from restwise.client.errors import MalformedInputError
 from restwise.client.importers.base import ImportOptions, InputSource, Record, Skip
-from restwise.client.importers.fitbit import zone_of
+from restwise.client.importers.fitbit import read_head, read_member, zone_of
 from restwise.client.store import Observation, record_key
 
 SOURCE = "open_mhealth"
@@ -141,7 +141,7 @@ class OpenMHealthImporter:
         if not members:
             return False
         for member in members[:32]:
-            head = source.head(member, 4096).lstrip()
+            head = read_head(source, member, 4096).lstrip()
             if head[:1] not in (b"{", b"[") or head.startswith(b'{"table"'):
                 return False
             if not any(marker in head for marker in SNIFF_MARKERS):
@@ -162,9 +162,7 @@ class OpenMHealthImporter:
                 f"{member}: larger than {MAX_DOCUMENT_BYTES // 1024**2} MB; "
                 "split it or write it as JSON lines"
             )
-        with source.open(member) as raw:
-            data = raw.read()
-        text = data.decode("utf-8-sig")
+        text = read_member(source, member).decode("utf-8-sig")
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
