@@ -306,6 +306,36 @@ def test_damaged_files_leave_the_store_unchanged(tmp_path, new_store):
         assert snapshot(new_store) == before, name
 
 
+def _patch_zip_headers(data: bytes, *, flag_bits: int = 0, method: int | None = None) -> bytes:
+    """Set general-purpose flag bits / the compression method in every local and central
+    header (zipfile cannot write encrypted or Deflate64 members)."""
+    buf = bytearray(data)
+    for sig, flag_at, method_at in ((b"PK\x03\x04", 6, 8), (b"PK\x01\x02", 8, 10)):
+        i = buf.find(sig)
+        while i >= 0:
+            buf[i + flag_at] |= flag_bits
+            if method is not None:
+                buf[i + method_at: i + method_at + 2] = method.to_bytes(2, "little")
+            i = buf.find(sig, i + 4)
+    return bytes(buf)
+
+
+def test_unreadable_zip_members_are_refused(tmp_path, new_store):
+    good = tmp_path / "good.zip"
+    with zipfile.ZipFile(good, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("apple_health_export/export.xml", FIXTURE_BYTES)
+    before = snapshot(new_store)
+    for name, content in (("encrypted.zip", _patch_zip_headers(good.read_bytes(), flag_bits=1)),
+                          ("deflate64.zip", _patch_zip_headers(good.read_bytes(), method=9))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(UnknownFormatError):
+            run_import(new_store, path)
+        with pytest.raises(MalformedInputError):
+            run_import(new_store, path, AppleHealthImporter())
+        assert snapshot(new_store) == before
+
+
 def _mutate(data: bytes, ops: list[tuple[str, int, int]]) -> bytes:
     buf = bytearray(data)
     for kind, a, b in ops:
@@ -345,8 +375,8 @@ def property_store(tmp_path_factory):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ops=_OPS, as_zip=st.booleans())
-def test_mutated_exports_import_or_fail_cleanly(property_store, tmp_path, ops, as_zip):
+@given(ops=_OPS, as_zip=st.booleans(), explicit=st.booleans())
+def test_mutated_exports_import_or_fail_cleanly(property_store, tmp_path, ops, as_zip, explicit):
     store = property_store
     data = _mutate(FIXTURE_BYTES, ops)
     with tempfile.TemporaryDirectory(dir=tmp_path) as d:
@@ -360,7 +390,8 @@ def test_mutated_exports_import_or_fail_cleanly(property_store, tmp_path, ops, a
             path.write_bytes(data)
         before = snapshot(store)
         try:
-            run_import(store, path)
+            # Auto-detection, or the format named on the command line (sniff, then parse).
+            run_import(store, path, AppleHealthImporter() if explicit else None)
         except ImportFailedError as exc:
             assert snapshot(store) == before
             assert not any(s in str(exc) for s in PRIVATE_STRINGS)

@@ -520,12 +520,24 @@ def find_export_member(source: InputSource) -> str | None:
     return None
 
 
+# What reading a member can raise besides our own errors: a damaged deflate stream
+# (zlib.error, EOFError), a bad CRC or header (BadZipFile), an encrypted member
+# (RuntimeError), a compression method zipfile lacks, e.g. Deflate64 (NotImplementedError).
+_READ_ERRORS = (zlib.error, EOFError, zipfile.BadZipFile, OSError, RuntimeError,
+                NotImplementedError)
+
+
 class AppleHealthImporter:
     name = "apple_health"
     description = "Apple Health export (export.zip, export.xml or the unzipped folder)"
 
     def sniff(self, source: InputSource) -> bool:
-        return find_export_member(source) is not None
+        try:
+            return find_export_member(source) is not None
+        except _READ_ERRORS:
+            # An unreadable member (encrypted, unsupported compression, damaged) is not
+            # recognisably an Apple export; the caller reports the file as unrecognised.
+            return False
 
     def records(self, source: InputSource, options: ImportOptions) -> Iterator[Record]:
         member = find_export_member(source)
@@ -555,10 +567,10 @@ class AppleHealthImporter:
                 f"{label}: not well-formed XML{where} (truncated or damaged?); "
                 "nothing was imported"
             ) from None
-        except (zlib.error, EOFError, zipfile.BadZipFile, OSError) as exc:
+        except _READ_ERRORS as exc:
             raise MalformedInputError(
-                f"{label}: the file cannot be read to its end ({type(exc).__name__}; "
-                "damaged or truncated archive?); nothing was imported"
+                f"{label}: the file cannot be read to its end ({type(exc).__name__}: damaged, "
+                "truncated, encrypted or unsupported archive); nothing was imported"
             ) from None
         if not target.saw_root:
             raise MalformedInputError(f"{label}: no HealthData element; nothing was imported")
