@@ -1,0 +1,190 @@
+"""The service as a real uvicorn process on 127.0.0.1: role and token checks for every route
+(table-driven over the OpenAPI schema, so a route added without an entry here fails), and
+schemathesis against the schema with valid tokens (no server errors)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_service_support import LiveServer, create_token  # noqa: E402
+
+from restwise.server.service import Settings, create_app  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+VALID_RUN = {
+    "name": "matrix",
+    "rounds": 2,
+    "population": 4,
+    "sampling": "poisson",
+    "sampling_rate": 0.5,
+    "noise_multiplier": 1.0,
+    "secagg_num_neighbours": 3,
+    "secagg_threshold": 2,
+}
+
+# Who may call what. Every route of the app must be listed; "read" = operator and auditor.
+ACCESS = {
+    ("GET", "/api/v1/health"): "public",
+    ("GET", "/login"): "public",
+    ("POST", "/login"): "public",  # it takes a token in the form; a bad one gets 401
+    ("POST", "/logout"): "session",
+    ("GET", "/api/v1/openapi.json"): "read",
+    ("GET", "/api/v1/whoami"): "read",
+    ("GET", "/api/v1/runs"): "read",
+    ("POST", "/api/v1/runs"): "operator",
+    ("GET", "/api/v1/runs/{run_id}"): "read",
+    ("POST", "/api/v1/runs/{run_id}/start"): "operator",
+    ("POST", "/api/v1/runs/{run_id}/stop"): "operator",
+    ("GET", "/api/v1/runs/{run_id}/rounds"): "read",
+    ("GET", "/api/v1/runs/{run_id}/ledger"): "read",
+    ("GET", "/api/v1/runs/{run_id}/files/{name}"): "read",
+    ("GET", "/api/v1/runs/{run_id}/bundle"): "read",
+    ("GET", "/api/v1/audit-log"): "read",
+    ("GET", "/"): "read",
+    ("GET", "/runs/{run_id}"): "read",
+    ("GET", "/runs/{run_id}/report"): "read",
+}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("service-live")
+    operator = create_token(data_dir, "operator", "olga")
+    auditor = create_token(data_dir, "auditor", "arne")
+    revoked = create_token(data_dir, "operator", "gone")
+    server = LiveServer(data_dir)
+    try:
+        yield server, operator, auditor, revoked
+    finally:
+        server.stop()
+
+
+def test_every_route_is_in_the_schema_and_in_the_access_table(tmp_path, live):
+    server, operator, _, _ = live
+    with server.client(operator) as c:
+        schema = c.get("/api/v1/openapi.json").json()
+    in_schema = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
+    assert in_schema == set(ACCESS), "a route was added or removed: give it an entry in ACCESS"
+    # No route hides from the schema (and so from this test), except the static files mount.
+    app = create_app(Settings(data_dir=tmp_path))
+    in_app = {(m, r.path) for r in app.routes if hasattr(r, "methods") for m in r.methods if m != "HEAD"}
+    assert in_app == set(ACCESS)
+    assert {r.path for r in app.routes if not hasattr(r, "methods")} == {"/static"}
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def _fill(path: str, run_id: str) -> str:
+    return path.replace("{run_id}", run_id).replace("{name}", "report.json")
+
+
+def _call(client, method: str, path: str, body: dict | None = None):
+    if method == "GET":
+        return client.get(path)
+    if path == "/login":
+        return client.post(path, data={"token": "rw_bad"})
+    return client.post(path, json=body) if body is not None else client.post(path)
+
+
+def test_tokens_and_roles_on_every_route(live):
+    server, operator, auditor, revoked = live
+    with server.client(operator) as op:
+        run_id = op.post("/api/v1/runs", json=VALID_RUN).json()["id"]
+        # Stopped before it starts, so calling /start below never launches anything.
+        assert op.post(f"/api/v1/runs/{run_id}/stop").json()["status"] == "stopped"
+        revoked_id = revoked.split("_")[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "restwise.cli", "server", "token", "revoke", revoked_id, "--data-dir", str(server.data_dir)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    clients = {
+        "none": server.client(),
+        "garbage": server.client("not-a-token"),
+        "forged": server.client("rw_" + revoked_id + "_" + "A" * 43),
+        "revoked": server.client(revoked),
+        "auditor": server.client(auditor),
+        "operator": server.client(operator),
+    }
+    failures = []
+    for (method, path), access in sorted(ACCESS.items()):
+        url = _fill(path, run_id)
+        body = VALID_RUN if (method, path) == ("POST", "/api/v1/runs") else None
+        for who, client in clients.items():
+            status = _call(client, method, url, body).status_code
+            if access == "public":
+                ok = status != 403 and status < 500 and (path != "/login" or method == "GET" or status == 401)
+            elif access == "session" or who in ("none", "garbage", "forged", "revoked"):
+                ok = status == 401
+            elif access == "operator" and who == "auditor":
+                ok = status == 403
+            else:
+                ok = status not in (401, 403) and status < 500
+            if not ok:
+                failures.append(f"{who:8} {method} {path} -> {status} (expected {access})")
+    for c in clients.values():
+        c.close()
+    assert not failures, "\n".join(failures)
+
+
+def test_unknown_run_path_tricks_and_body_limit_on_the_wire(live):
+    server, operator, auditor, _ = live
+    with server.client(auditor) as c:
+        assert c.get("/api/v1/runs/run-000000000000").status_code == 404
+        for path in (
+            "/api/v1/runs/run-000000000000/files/report.json",
+            "/api/v1/runs/..%2F..%2Fetc/files/passwd",
+            "/api/v1/runs/run-000000000000/files/..%2F..%2Frestwise-server.db",
+            "/runs/run-000000000000",
+        ):
+            r = c.get(path)
+            assert 400 <= r.status_code < 500, (path, r.status_code)
+    with server.client(operator) as c:
+        r = c.post("/api/v1/runs", content=b"x" * (2 * 1024 * 1024), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
+
+        def chunks():  # no Content-Length: the limit is enforced while reading
+            for _ in range(200):
+                yield b"x" * 1024
+
+        r = c.post("/api/v1/runs", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = c.post("/api/v1/runs", content=b'{"name": ', headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "Traceback" not in r.text
+
+
+def test_schemathesis_finds_no_server_errors(live, tmp_path):
+    server, operator, _, _ = live
+    with server.client(operator) as c:
+        schema = c.get("/api/v1/openapi.json").json()
+    schema_file = tmp_path / "openapi.json"
+    schema_file.write_text(json.dumps(schema))
+    st = Path(sys.executable).with_name("st")
+    out = subprocess.run(
+        [
+            str(st), "run", str(schema_file),
+            "--url", server.base,
+            "-H", f"Authorization: Bearer {operator}",
+            "--checks", "not_a_server_error",
+            "--max-examples", "15",
+            "--seed", "20261125",
+            "--workers", "1",
+            "--max-time", "45",
+            "--phases", "examples,coverage,fuzzing",
+            "--request-timeout", "30",
+            "--suppress-health-check", "all",
+            "--report-dir", str(tmp_path / "st-report"),
+        ],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    tail = out.stdout[-4000:] + out.stderr[-2000:]
+    assert out.returncode == 0, tail
+    assert " passed" in out.stdout, tail
+    server_log = server.log.read_text()
+    assert "Traceback" not in server_log, server_log[-3000:]
