@@ -207,19 +207,18 @@ class AuditTrail:
         detail: dict[str, Any] | None = None,
     ) -> None:
         at = dbm.utcnow()
-        entry = {
-            "kind": "service_audit",
-            "at": at,
-            "actor_token_id": actor.token_id,
-            "actor_role": actor.role.value,
-            "action": action,
-            "target": target,
-            "outcome": outcome,
-            "detail": detail or {},
-        }
         with self._lock:
             if self.ledger is not None:
-                self.ledger.append(entry)
+                from restwise.privacy.events import AuditEvent
+
+                self.ledger.append(
+                    AuditEvent(
+                        actor=f"{actor.role.value}:{actor.token_id}",
+                        action=action,
+                        target=target,
+                        details={"outcome": outcome, **(detail or {})},
+                    )
+                )
             with self.db.engine.begin() as conn:
                 conn.execute(
                     dbm.audit_log.insert().values(
@@ -272,5 +271,15 @@ def open_audit_ledger(audit_dir: Path) -> tuple[Any | None, bytes | None]:
     return _open_with(ledgerm, ensure_private_dir(audit_dir))
 
 
+AUDIT_KEY_FILE = "audit-key.pem"
+AUDIT_PUBLIC_KEY_FILE = "audit-public-key.pem"
+AUDIT_LEDGER_FILE = "service-ledger.jsonl"
+
+
 def _open_with(ledgerm: Any, audit_dir: Path) -> tuple[Any | None, bytes | None]:
-    return None, None  # filled in once privacy/ledger.py lands
+    key = ledgerm.load_or_create_audit_key(audit_dir / AUDIT_KEY_FILE)
+    pem = ledgerm.public_key_pem(key)
+    public_path = audit_dir / AUDIT_PUBLIC_KEY_FILE
+    if not public_path.exists() or public_path.read_bytes() != pem:
+        public_path.write_bytes(pem)
+    return ledgerm.PrivacyLedger(audit_dir / AUDIT_LEDGER_FILE, signing_key=key), pem

@@ -407,6 +407,7 @@ def build_context(settings: Settings) -> ServiceContext:
         ),
         known_models=_known_models(),
         public_key_pem=public_key,
+        audit_key_path=str(settings.audit_dir / authm.AUDIT_KEY_FILE) if public_key else None,
     )
     return ctx
 
@@ -697,6 +698,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> list[dict]:
         """The service's own audit trail (who changed what), newest first."""
         return ctx.audit.entries(limit=limit, offset=offset)
+
+    @app.get(
+        f"{API}/audit-log/ledger",
+        tags=["audit"],
+        responses={**read_problems, 200: {"content": {"application/x-ndjson": {}}}},
+        response_class=Response,
+    )
+    def audit_ledger_file(who: authm.Principal = Depends(principal)) -> Response:
+        """The service's signed, hash-chained audit ledger (verify it with the public key)."""
+        path = ctx.settings.audit_dir / authm.AUDIT_LEDGER_FILE
+        if ctx.audit.ledger is None or not path.is_file():
+            raise ProblemError(404, "Not Found", "this service keeps no signed audit ledger yet")
+        return FileResponse(path, media_type="application/x-ndjson")
+
+    @app.get(
+        f"{API}/public-key",
+        tags=["audit"],
+        responses={**read_problems, 200: {"content": {"application/x-pem-file": {}}}},
+        response_class=Response,
+    )
+    def public_key(who: authm.Principal = Depends(principal)) -> Response:
+        """The service's Ed25519 audit public key (PEM), which signs run and audit ledgers.
+        Compare its fingerprint with the one the operator publishes out of band."""
+        if ctx.public_key_pem is None:
+            raise ProblemError(404, "Not Found", "this service has no audit key")
+        return Response(ctx.public_key_pem, media_type="application/x-pem-file")
 
     from restwise.server import dashboard
 

@@ -285,3 +285,25 @@ def test_start_refused_over_budget_with_the_numbers(tmp_path):
         decision = ctx.runs.check_budget(ok["id"])
         assert decision.allowed and 1.4 < decision.projected_epsilon <= 1.5
         assert decision.budget_epsilon == 1.5
+
+
+def test_state_changes_are_in_the_signed_audit_ledger(service, tmp_path):
+    from restwise.privacy.ledger import load_public_key, verify_ledger_file
+
+    client, ctx, op, au = service
+    run_id = client.post("/api/v1/runs", json=VALID_RUN, headers=op).json()["id"]
+    client.post(f"/api/v1/runs/{run_id}/stop", headers=op)
+    client.post("/api/v1/runs", json=VALID_RUN, headers=au)  # refused: not in the ledger (no change)
+    pem = client.get("/api/v1/public-key", headers=au).content
+    raw = client.get("/api/v1/audit-log/ledger", headers=au).content
+    ledger_file = tmp_path / "audit.jsonl"
+    ledger_file.write_bytes(raw)
+    entries, _ = verify_ledger_file(ledger_file, load_public_key(pem))
+    actions = [(e.payload["action"], e.payload["target"], e.payload["details"]["outcome"]) for e in entries]
+    assert actions == [("run.create", run_id, "ok"), ("run.stop", run_id, "ok")]
+    actor = entries[0].payload["actor"]
+    assert actor.startswith("operator:") and op["Authorization"].split("_")[2] not in raw.decode()
+    tampered = raw.replace(b"run.stop", b"run.stap")
+    ledger_file.write_bytes(tampered)
+    with pytest.raises(Exception):
+        verify_ledger_file(ledger_file, load_public_key(pem))

@@ -47,6 +47,8 @@ ACCESS = {
     ("GET", "/api/v1/runs/{run_id}/files/{name}"): "read",
     ("GET", "/api/v1/runs/{run_id}/bundle"): "read",
     ("GET", "/api/v1/audit-log"): "read",
+    ("GET", "/api/v1/audit-log/ledger"): "read",
+    ("GET", "/api/v1/public-key"): "read",
     ("GET", "/"): "read",
     ("GET", "/runs/{run_id}"): "read",
     ("GET", "/runs/{run_id}/report"): "read",
