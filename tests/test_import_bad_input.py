@@ -269,7 +269,10 @@ def _valid_inputs() -> dict[str, list[tuple[str, bytes]]]:
             ("sleep_score.csv", (FITBIT / "Sleep" / "sleep_score.csv").read_bytes()),
         ],
         "garmin_fit": [("a.fit", fit_activity())],
-        "open_mhealth": [("points.json", (FIXTURES / "open_mhealth" / "datapoints.json").read_bytes())],
+        "open_mhealth": [
+            ("points.json", (FIXTURES / "open_mhealth" / "datapoints.json").read_bytes()),
+            ("heart-rate.jsonl", (FIXTURES / "open_mhealth" / "heart-rate.jsonl").read_bytes()),
+        ],
         "checkin_csv": [("checkins.csv", (FIXTURES / "checkin_csv" / "checkins.csv").read_bytes())],
     }
 

@@ -46,8 +46,7 @@ def test_reimport_adds_no_session_twice(new_store):
 
 def test_other_app_through_a_column_map(new_store):
     mapping = load_column_map(FIXTURES / "other_app_map.json")
-    report = run_import(new_store, FIXTURES / "other_app.csv", get_importer("checkin_csv"),
-                        options=ImportOptions(column_map=mapping))
+    report = run_import(new_store, FIXTURES / "other_app.csv", CheckinCsvImporter(column_map=mapping))
     assert dict(report.inserted) == {"checkin": 3, "session": 2}
     days = by_day(new_store)
     first = days["2024-05-01"]
@@ -162,3 +161,29 @@ def test_column_map_file_round_trips(tmp_path):
     path.write_text(json.dumps({"date": "Tag", "mood": {"column": "Laune", "scale": "0-10"}}))
     specs = parse_column_map(load_column_map(path))
     assert specs["mood"] == ColumnSpec("mood", "Laune", (0.0, 10.0), False, None)
+
+
+@pytest.mark.parametrize("header", [
+    # a wide daily table with a date and one of our names among many others
+    ",id,date,rmssd,stress_score,resting_hr,sleep_duration,steps,mood,bpm,calories\n",
+    # SoccerMon-style wide file: a date column and one column per player
+    "date,TeamA-1,TeamA-2,TeamA-3\n",
+])
+def test_other_csv_tables_are_not_taken_for_check_ins(tmp_path, header):
+    from restwise.client.importers import InputSource
+
+    path = tmp_path / "table.csv"
+    path.write_text(header)
+    assert not CheckinCsvImporter().sniff(InputSource(path))
+
+
+def test_dataset_tables_are_not_taken_for_check_ins(shared_data):
+    from restwise.client.importers import InputSource
+
+    tables = [shared_data / "lifesnaps" / "daily_fitbit_sema_df_unprocessed.csv",
+              *sorted((shared_data / "soccermon" / "subjective").glob("*/*.csv"))]
+    tables = [t for t in tables if t.is_file()]
+    if not tables:
+        pytest.skip("no dataset tables")
+    for table in tables:
+        assert not CheckinCsvImporter().sniff(InputSource(table)), table.name

@@ -67,6 +67,16 @@ def test_json_lines_and_times_without_offset(new_store):
         "2024-04-03", "2024-04-03", "2024-04-04"]
 
 
+def test_bad_json_line_is_refused_with_its_line_number(new_store, tmp_path):
+    lines = (FIXTURES / "heart-rate.jsonl").read_text().splitlines()
+    lines[1] = lines[1][:-3]
+    path = tmp_path / "hr.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(MalformedInputError, match="line 2 is not valid JSON"):
+        run_import(new_store, path)
+    assert new_store.summary()["observations"] == {}
+
+
 def test_folder_of_data_points(new_store):
     report = run_import(new_store, FIXTURES)
     assert report.format == "open_mhealth"

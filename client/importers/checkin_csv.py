@@ -62,7 +62,6 @@ ALIASES = {
     "day": "date",
     "sleep": "sleep_quality",
     "sleepquality": "sleep_quality",
-    "sleep_duration": "sleep_hours",
     "sleephours": "sleep_hours",
     "session_rpe": "rpe",
     "srpe": "rpe",
@@ -201,10 +200,6 @@ def _number(text: str) -> float:
     return value
 
 
-def _header_fields(header: list[str]) -> set[str]:
-    return {normalise_header(h) for h in header}
-
-
 class CheckinCsvImporter:
     """``column_map`` (see :func:`load_column_map`) makes the importer recognise and read
     another app's headers; ``ImportOptions.column_map``, when given, takes precedence for
@@ -255,8 +250,12 @@ class CheckinCsvImporter:
                 if self._specs["date"].column.strip().lower() not in names or len(names & mapped) < 2:
                     return False
                 continue
-            fields = _header_fields(header)
-            if "date" not in fields or not (fields & set(FIELDS) - {"date"}):
+            names = [normalise_header(h) for h in header if h.strip()]
+            ours = [n for n in names if n in FIELDS]
+            # At least half the columns must be ours: a wide table that happens to have a
+            # 'date' and a 'mood' column (a research dataset, a Fitbit daily table) is not
+            # a check-in file.
+            if "date" not in ours or len(set(ours)) < 2 or 2 * len(ours) < len(names):
                 return False
         return True
 

@@ -1,6 +1,8 @@
 """Open mHealth JSON data points (https://www.openmhealth.org/documentation/#/schema-docs).
 
-A file holds one data point, a JSON list of them, or JSON lines (one per line). A data point
+A file holds one data point, a JSON list of them, or JSON lines (one per line; streamed, so
+a JSON-lines file may be of any size, while one JSON document is parsed whole and limited to
+``MAX_DOCUMENT_BYTES``). A data point
 is either the full form ``{"header": {"id", "schema_id": {"name", ...}, ...}, "body": {...}}``
 or a bare body. The schema is taken from ``header.schema_id.name`` when present, otherwise
 recognised from the body's keys.
@@ -28,13 +30,14 @@ A time frame given only as a date and part of day is too vague for a measurement
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 from collections.abc import Iterator
 from zoneinfo import ZoneInfo
 
 from restwise.client.errors import MalformedInputError
 from restwise.client.importers.base import ImportOptions, InputSource, Record, Skip
-from restwise.client.importers.fitbit import read_head, read_member, zone_of
+from restwise.client.importers.fitbit import ARCHIVE_ERRORS, read_head, read_member, zone_of
 from restwise.client.store import Observation, record_key
 
 SOURCE = "open_mhealth"
@@ -157,6 +160,9 @@ class OpenMHealthImporter:
                 yield from self._point_records(point, clock)
 
     def _data_points(self, source: InputSource, member: str) -> Iterator[object]:
+        if self._is_json_lines(source, member):
+            yield from self._json_lines(source, member)
+            return
         if source.member_size(member) > MAX_DOCUMENT_BYTES:
             raise MalformedInputError(
                 f"{member}: larger than {MAX_DOCUMENT_BYTES // 1024**2} MB; "
@@ -165,13 +171,8 @@ class OpenMHealthImporter:
         text = read_member(source, member).decode("utf-8-sig")
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            if exc.msg != "Extra data":
-                raise MalformedInputError(f"{member}: not valid JSON") from None
-            yield from self._json_lines(member, text)
-            return
-        except RecursionError:
-            raise MalformedInputError(f"{member}: JSON nested too deeply") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise MalformedInputError(f"{member}: not valid JSON") from None
         if isinstance(doc, list):
             yield from doc
         elif isinstance(doc, dict):
@@ -180,14 +181,32 @@ class OpenMHealthImporter:
             raise MalformedInputError(f"{member}: not an Open mHealth data point or list")
 
     @staticmethod
-    def _json_lines(member: str, text: str) -> Iterator[object]:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+    def _is_json_lines(source: InputSource, member: str) -> bool:
+        """JSON lines when the first line is a whole JSON object and more follows."""
+        head = read_head(source, member, 1 << 16).decode("utf-8-sig", errors="replace")
+        first, sep, rest = head.lstrip().partition("\n")
+        if not sep or not rest.strip():
+            return False
+        try:
+            return isinstance(json.loads(first), dict)
+        except (json.JSONDecodeError, RecursionError):
+            return False
+
+    @staticmethod
+    def _json_lines(source: InputSource, member: str) -> Iterator[object]:
+        """Streamed line by line: memory stays bounded whatever the file's size."""
+        with source.open(member) as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig")
             try:
-                yield json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                raise MalformedInputError(f"{member}: line {lineno} is not valid JSON") from None
+                for lineno, line in enumerate(text, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield json.loads(line)
+                    except (json.JSONDecodeError, RecursionError):
+                        raise MalformedInputError(f"{member}: line {lineno} is not valid JSON") from None
+            except ARCHIVE_ERRORS:
+                raise MalformedInputError(f"{member}: damaged inside the archive") from None
 
     def _point_records(self, point: object, clock: _Clock) -> Iterator[Record]:
         if not isinstance(point, dict):
