@@ -305,6 +305,8 @@ RAW_FEATURES: tuple[str, ...] = (
     # data quality
     "worn_7d", "missing_night", "missing_nights_7d", "baseline_nights", "load_known",
     "checkin_today", "history_days",
+    # personal baselines the coach states reasons against (60 days before t)
+    "rhr_baseline_sd", "sleep_baseline_sd", "readiness_baseline", "readiness_baseline_sd",
 )
 
 
@@ -349,6 +351,7 @@ def compute_raw_features(
         f["resting_hr"] = rhr.copy()
         f["rhr_baseline"] = _nanmean(_window_matrix(rhr, c.baseline_days, lag=1), c.rhr_baseline_min)
         f["rhr_dev"] = rhr - f["rhr_baseline"]
+        f["rhr_baseline_sd"] = _nanstd(_window_matrix(rhr, c.baseline_days, lag=1), c.rhr_baseline_min)
 
         sleep = s["sleep_minutes"].copy()
         from_checkin = s["sleep_hours"] * 60.0
@@ -360,7 +363,9 @@ def compute_raw_features(
             _count(ws) > 0, np.nansum(np.maximum(0.0, c.sleep_need_min - ws), axis=1), np.nan
         )
         f["sleep_sd_7d"] = _nanstd(ws, c.short_min)
-        f["sleep_baseline"] = _nanmean(_window_matrix(sleep, c.baseline_days, lag=1), c.short_min)
+        wsb = _window_matrix(sleep, c.baseline_days, lag=1)
+        f["sleep_baseline"] = _nanmean(wsb, c.short_min)
+        f["sleep_baseline_sd"] = _nanstd(wsb, c.short_min)
 
         load = s["load"].copy()
         load[load < 0] = np.nan
@@ -385,6 +390,9 @@ def compute_raw_features(
         last, age = _ffill_with_age(ready, c.checkin_carry_cap)
         f["readiness_last"] = last
         f["readiness_7d"] = _nanmean(_window_matrix(ready, c.short_days), 1)
+        wrb = _window_matrix(ready, c.baseline_days, lag=1)
+        f["readiness_baseline"] = _nanmean(wrb, c.short_min)
+        f["readiness_baseline_sd"] = _nanstd(wrb, c.short_min)
         for key in ("fatigue", "soreness", "stress", "mood", "sleep_quality"):
             f[key] = s[key].copy()
         f["days_since_checkin"] = age

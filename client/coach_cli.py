@@ -1,0 +1,177 @@
+"""`restwise device today` and `restwise device checkin`: the daily coach on the device.
+
+Registered into the device CLI by ``client/cli.py`` (``register(app)``). The CLI helpers
+(store options, opening the store, error -> exit code) are imported from ``client/cli.py``
+inside :func:`register`, because ``client/cli.py`` imports this module while it is itself
+being imported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+BAND_STYLE = {"green": "bold green", "yellow": "bold yellow", "red": "bold red"}
+CHECKIN_SOURCE = "restwise_coach"
+
+
+def _parse_day(value: Optional[str], option: str) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise typer.BadParameter(f"{option} must be a day written YYYY-MM-DD") from None
+
+
+def advise(store, day: Optional[str] = None, *, train_local: bool = False):
+    """(advice, note, model_status) for ``day`` (default: the calendar day if the store has
+    data up to it, else the last day with data)."""
+    from restwise.client.dataset import daily_data, load_model, train_local_model
+    from restwise.models.coach import coach_today
+    from restwise.models.network import ModelError
+
+    data = daily_data(store)
+    note = None
+    calendar_today = dt.date.today().isoformat()
+    if day is None:
+        if data.days[-1] >= calendar_today or (
+            dt.date.fromisoformat(calendar_today) - dt.date.fromisoformat(data.days[-1])
+        ).days <= 2:
+            day = calendar_today
+        else:
+            day = data.days[-1]
+            note = f"Your latest data is from {day}; showing the advice for that day."
+    model_status = "none"
+    if train_local:
+        model, n = train_local_model(store)
+        model_status = f"trained on this device ({n} days)"
+    else:
+        try:
+            model, meta = load_model(store)
+            if model is not None:
+                model_status = "stored ({})".format((meta or {}).get("trained", "unknown origin"))
+        except ModelError:
+            model, model_status = None, "stored model unreadable: using rules only"
+    from restwise.models.coach import CoachError
+
+    override = any(r["day"] == day and r["is_override"] for r in store.checkins())
+    try:
+        advice = coach_today(data, model, today=day, override=override)
+    except CoachError as exc:
+        if model is None:
+            raise
+        advice = coach_today(data, None, today=day, override=override)
+        model_status = f"not used ({exc})"
+    return advice, note, model_status
+
+
+def print_advice(console, advice, note: Optional[str], model_status: str) -> None:
+    from rich.panel import Panel
+    from rich.text import Text
+
+    body = Text()
+    body.append(f"{advice.readiness}", style=BAND_STYLE[advice.band])
+    body.append(" / 100   ")
+    body.append(advice.band.upper(), style=BAND_STYLE[advice.band])
+    body.append("\nToday's training: ")
+    body.append(advice.recommendation, style="bold")
+    body.append("\n")
+    for reason in advice.reasons:
+        body.append(f"\n  • {reason}")
+    body.append(
+        f"\n\nConfidence: {advice.confidence_label} ({advice.confidence:.2f}); "
+        f"baseline days: {advice.baseline_days}; "
+        + ("rules only" if advice.rules_only else "rules + your model")
+    )
+    body.append(f"\nModel: {model_status}", style="dim")
+    console.print(Panel(body, title=f"Readiness for {advice.day}", expand=False))
+    if note:
+        console.print(note)
+    console.print(
+        "Disagree? Record how you feel: restwise device checkin --readiness N --override",
+        style="dim",
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add `today` and `checkin` to the device CLI."""
+    from restwise.client.cli import PassFileOpt, StoreOpt, console, device_errors, open_store
+
+    @app.command()
+    def today(
+        store: Optional[Path] = StoreOpt,
+        passphrase_file: Optional[Path] = PassFileOpt,
+        day: Optional[str] = typer.Option(
+            None, "--day", help="Advice for this day (YYYY-MM-DD). Default: today, or the last "
+            "day with data when your data ends earlier."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+        train_local: bool = typer.Option(
+            False, "--train-local", help="First train your personal model on this device "
+            "(no federation) and keep it in the store."
+        ),
+    ) -> None:
+        """Today's readiness (0-100), what to change in today's training, and why, stated
+        against your own baseline."""
+        wanted = _parse_day(day, "--day")
+        with device_errors():
+            with open_store(store, passphrase_file) as s:
+                advice, note, model_status = advise(s, wanted, train_local=train_local)
+        if as_json:
+            out = advice.to_dict()
+            out["note"] = note
+            out["model"] = model_status
+            console.print_json(json.dumps(out))
+        else:
+            print_advice(console, advice, note, model_status)
+
+    @app.command()
+    def checkin(
+        readiness: Optional[float] = typer.Option(None, "--readiness", help="Readiness to train, 0-10."),
+        fatigue: Optional[float] = typer.Option(None, "--fatigue", help="1-5, 5 = very fresh."),
+        soreness: Optional[float] = typer.Option(None, "--soreness", help="1-5, 5 = not sore."),
+        stress: Optional[float] = typer.Option(None, "--stress", help="1-5, 5 = very relaxed."),
+        mood: Optional[float] = typer.Option(None, "--mood", help="1-5, 5 = very good."),
+        sleep_quality: Optional[float] = typer.Option(None, "--sleep-quality", help="1-5, 5 = very good."),
+        sleep_hours: Optional[float] = typer.Option(None, "--sleep-hours", help="Hours slept last night."),
+        day: Optional[str] = typer.Option(None, "--day", help="Day the answers are about (default: today)."),
+        override: bool = typer.Option(
+            False, "--override", help="You disagree with the coach: your readiness answer is kept "
+            "as a correction and used as a training label."
+        ),
+        store: Optional[Path] = StoreOpt,
+        passphrase_file: Optional[Path] = PassFileOpt,
+    ) -> None:
+        """Record how you feel today. With --override your answer corrects the coach."""
+        from restwise.models.metrics import CHECKIN_FIELDS
+
+        the_day = _parse_day(day, "--day") or dt.date.today().isoformat()
+        values = {
+            "readiness": readiness, "fatigue": fatigue, "soreness": soreness, "stress": stress,
+            "mood": mood, "sleep_quality": sleep_quality, "sleep_hours": sleep_hours,
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            raise typer.BadParameter("give at least one answer, e.g. --readiness 6")
+        if override and "readiness" not in values:
+            raise typer.BadParameter("--override needs your own --readiness (it becomes the label)")
+        for name, value in values.items():
+            lo, hi = CHECKIN_FIELDS[name]
+            if not lo <= value <= hi:
+                option = "--" + name.replace("_", "-")
+                raise typer.BadParameter(f"{option} must be between {lo:g} and {hi:g}")
+        with device_errors():
+            with open_store(store, passphrase_file) as s:
+                s.upsert_checkin(the_day, values, source=CHECKIN_SOURCE, is_override=override)
+        console.print(
+            f"Recorded your check-in for {the_day} ({len(values)} answer(s))"
+            + ("; kept as your correction of the coach." if override else ".")
+        )
+
+
+__all__ = ["register", "advise", "print_advice"]
