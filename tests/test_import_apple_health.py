@@ -398,6 +398,7 @@ def test_mutated_exports_import_or_fail_cleanly(property_store, tmp_path, ops, a
 
 
 # ---------------------------------------------------------------------------- real samples
+@pytest.mark.realdata
 def test_real_samples_import(shared_data, new_store):
     folder = shared_data / "formats" / "apple_health"
     if not folder.is_dir():
