@@ -205,6 +205,21 @@ def test_sleep_levels_become_stage_intervals(new_store, tmp_path):
                        "sleep_awake": [5.0], "sleep_score": [82.0]}
 
 
+def test_zip_of_fit_files(new_store, tmp_path):
+    import zipfile
+
+    archive = tmp_path / "garmin.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("Activity/run.fit", activity_fit())
+        zf.writestr("Monitor/mon.fit", monitoring_fit()[0])
+        zf.writestr("readme.txt", "not a FIT file")
+    report = run_import(new_store, archive)
+    assert report.format == "garmin_fit"
+    assert report.inserted["session"] == 1 and report.inserted["steps"] == 1
+    assert report.inserted["heart_rate"] == 3
+    assert report.skipped["a file in the folder is not a FIT file"] == 1
+
+
 # ---------------------------------------------------------------------------- malformed
 @pytest.mark.parametrize("damage", ["flip", "truncate", "header_only", "bad_header_crc"])
 def test_malformed_fit_is_refused_and_store_unchanged(new_store, tmp_path, damage):
