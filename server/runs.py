@@ -130,6 +130,13 @@ def runner_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "restwise.server.runner", "run", "--run-dir", str(run_dir)]
 
 
+def command_factory(prefix: Sequence[str] = ()) -> Callable[[Path], list[str]]:
+    """``prefix --run-dir DIR`` (a deployment's own runner), or the default runner."""
+    if not prefix:
+        return runner_command
+    return lambda run_dir: [*prefix, "--run-dir", str(run_dir)]
+
+
 def _read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

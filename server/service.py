@@ -64,6 +64,8 @@ class Settings:
     secure_cookies   mark the session cookie ``Secure`` (set when served over HTTPS)
     epsilon_cap      optional service-wide ceiling on any run's projected ε
     poll_interval_s  how often the run watcher reads run folders
+    runner_command   the command that executes a run, before ``--run-dir DIR``; default
+                     ``python -m restwise.server.runner run`` (the local simulation engine)
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -73,6 +75,7 @@ class Settings:
     secure_cookies: bool = False
     epsilon_cap: float | None = None
     poll_interval_s: float = 0.5
+    runner_command: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -404,6 +407,7 @@ def build_context(settings: Settings) -> ServiceContext:
             settings.runs_dir,
             budget_check=runsm.make_budget_check(settings.epsilon_cap),
             poll_interval_s=settings.poll_interval_s,
+            command=runsm.command_factory(settings.runner_command),
         ),
         known_models=_known_models(),
         public_key_pem=public_key,

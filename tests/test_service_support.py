@@ -41,15 +41,26 @@ def create_token(data_dir: Path, role: str, name: str) -> str:
 class LiveServer:
     """`restwise server api` on 127.0.0.1 and a free port, as its own process."""
 
-    def __init__(self, data_dir: Path, *extra: str):
+    def __init__(self, data_dir: Path, *extra: str, runner_command: tuple[str, ...] = ()):
         self.data_dir = Path(data_dir)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = self.data_dir / "server.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if runner_command:
+            # Same app and uvicorn, with a different run executor (Settings.runner_command).
+            script = (
+                "import sys, uvicorn\n"
+                "from restwise.server.service import Settings, create_app\n"
+                f"app = create_app(Settings(data_dir={str(self.data_dir)!r}, runner_command={tuple(runner_command)!r}, poll_interval_s=0.2))\n"
+                f"uvicorn.run(app, host='127.0.0.1', port={self.port}, log_level='info')\n"
+            )
+            argv = [sys.executable, "-c", script]
+        else:
+            argv = [sys.executable, "-m", "restwise.cli", "server", "api", "--port", str(self.port), "--data-dir", str(self.data_dir), *extra]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "restwise.cli", "server", "api", "--port", str(self.port), "--data-dir", str(self.data_dir), *extra],
+                argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
