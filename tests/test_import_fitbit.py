@@ -126,6 +126,16 @@ def test_zip_gives_the_same_result_and_reimport_adds_nothing(new_store, tmp_path
     assert again.duplicates == sum(EXPECTED.values())
 
 
+def test_other_export_files_are_ignored_not_misread(new_store, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(EXPORT, folder)
+    (folder / "Alex" / "Physical Activity" / "steps_goal.json").write_text('{"goal": 10000}')
+    (folder / "Alex" / "Personal & Account").mkdir()
+    (folder / "Alex" / "Personal & Account" / "badge.json").write_text('{"badge": "x"}')
+    report = run_import(new_store, folder)
+    assert dict(report.inserted) == EXPECTED
+
+
 def test_single_file_is_recognised(new_store):
     path = EXPORT / "Alex" / "Physical Activity" / "resting_heart_rate-2024-03-01.json"
     report = run_import(new_store, path)

@@ -35,7 +35,7 @@ def rr_with_artefacts() -> list[int]:
 
 
 def activity_fit(*, local_offset_s: int | None = 3600, load_peak: float | None = None,
-                 rr: list[int] | None = None, serial: int = 4242) -> bytes:
+                 rr: list[int] | None = None, serial: int = 4242, with_start: bool = True) -> bytes:
     fit = fe.FitFile()
     fit.message(fe.FILE_ID, [(0, fe.ENUM, 4), (1, fe.UINT16, 1), (2, fe.UINT16, 2697),
                              (3, fe.UINT32Z, serial), (4, fe.UINT32, fe.fit_time(T0))])
@@ -45,7 +45,8 @@ def activity_fit(*, local_offset_s: int | None = 3600, load_peak: float | None =
     for i in range(0, len(beats), 5):
         chunk = beats[i:i + 5]
         fit.message(fe.HRV, [(0, fe.UINT16, chunk + [INVALID_U16] * (5 - len(chunk)))])
-    session = [(253, fe.UINT32, fe.fit_time(T0 + 3600)), (2, fe.UINT32, fe.fit_time(T0)),
+    session = [(253, fe.UINT32, fe.fit_time(T0 + 3600)),
+               *([(2, fe.UINT32, fe.fit_time(T0))] if with_start else []),
                (7, fe.UINT32, 3_600_000), (8, fe.UINT32, 3_000_000), (9, fe.UINT32, 1_000_000),
                (11, fe.UINT16, 600), (16, fe.UINT8, 150), (5, fe.ENUM, 1)]
     if load_peak is not None:
@@ -152,6 +153,12 @@ def test_activity_session_hrv_and_banister_load(new_store, tmp_path):
     assert session["minutes"] == 50.0 and session["kind"] == "running"
     assert session["day"] == "2024-06-01" and session["start_ts"] == T0
     assert rows(new_store, "training_load")[0][1] == pytest.approx(expected, abs=1e-3)
+
+
+def test_session_without_start_time_starts_at_end_minus_elapsed(new_store, tmp_path):
+    run_import(new_store, write(tmp_path, "run.fit", activity_fit(with_start=False)))
+    assert new_store.sessions()[0]["start_ts"] == T0
+    assert rows(new_store, "workout_duration")[0][:3] == (T0, 50.0, T0 + 3600)
 
 
 def test_device_training_load_wins_over_trimp(new_store, tmp_path):

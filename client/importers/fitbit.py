@@ -50,6 +50,7 @@ import csv
 import datetime as dt
 import io
 import json
+import re
 import zipfile
 import zlib
 from collections import defaultdict
@@ -154,29 +155,33 @@ def _base(member: str) -> str:
     return PurePosixPath(member).name.lower()
 
 
+# Export file name (without the "-<date or number>" suffix) -> what it holds. Names must
+# match exactly: an export holds many other files (goals, badges, profiles) that are not
+# ours to read, and a near-miss name such as steps_goal.json must not be taken for data.
+JSON_KINDS = {
+    "resting_heart_rate": "resting_heart_rate",
+    "sleep": "sleep",
+    "sedentary_minutes": "sedentary_minutes",
+    "moderately_active_minutes": "active_minutes",
+    "very_active_minutes": "active_minutes",
+    "time_in_heart_rate_zones": "hr_zones",
+    "heart_rate_zones": "hr_zones",
+    "exercise": "exercise",
+    "heart_rate": "heart_rate",
+    "steps": "steps",
+    "hrv": "hrv_json",
+    "daily_heart_rate_variability": "hrv_json",
+}
+FILE_NAME = re.compile(r"^(?P<stem>[a-z_]+)(?:-[^/]*)?\.json$")
+
+
 def _kind(member: str) -> str | None:
     name = _base(member)
-    if name.endswith(".json"):
-        for prefix, kind in (
-            ("resting_heart_rate", "resting_heart_rate"),
-            ("sleep_score", None),
-            ("sleep", "sleep"),
-            ("sedentary_minutes", "sedentary_minutes"),
-            ("moderately_active_minutes", "active_minutes"),
-            ("very_active_minutes", "active_minutes"),
-            ("time_in_heart_rate_zones", "hr_zones"),
-            ("heart_rate_zones", "hr_zones"),
-            ("exercise", "exercise"),
-            ("heart_rate", "heart_rate"),
-            ("steps", "steps"),
-            ("hrv", "hrv_json"),
-            ("daily_heart_rate_variability", "hrv_json"),
-        ):
-            if name.startswith(prefix):
-                return kind
-        return None
+    match = FILE_NAME.match(name)
+    if match:
+        return JSON_KINDS.get(match.group("stem"))
     if name.endswith(".csv"):
-        if name.startswith("sleep_score"):
+        if name == "sleep_score.csv" or name.startswith("sleep_score-"):
             return "sleep_score"
         if name.startswith("daily heart rate variability summary"):
             return "hrv_csv"

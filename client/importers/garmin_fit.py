@@ -261,14 +261,16 @@ class GarminFitImporter:
 
         first_start = None
         for session in state.sessions:
-            start = _unix(session.get("start_time")) or _unix(session.get("timestamp"))
             timer = session.get("total_timer_time")
+            elapsed = session.get("total_elapsed_time")
+            elapsed = elapsed if isinstance(elapsed, (int, float)) else timer
+            start = _unix(session.get("start_time"))
+            if start is None and isinstance(elapsed, (int, float)) and _unix(session.get("timestamp")):
+                start = _unix(session["timestamp"]) - int(elapsed)  # a session is stamped at its end
             if start is None or not isinstance(timer, (int, float)):
                 yield Skip("session: no start time or duration")
                 continue
             first_start = start if first_start is None else min(first_start, start)
-            elapsed = session.get("total_elapsed_time")
-            elapsed = elapsed if isinstance(elapsed, (int, float)) else timer
             end = start + int(elapsed)
             minutes = timer / 60
             yield obs("workout_duration", "min", minutes, start, end)
