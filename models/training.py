@@ -42,6 +42,43 @@ READINESS_RANGE = CHECKIN_FIELDS["readiness"]
 MIN_TARGET_SCALE = 0.5  # readiness points; a person who always answers 7 is not divided by 0
 
 
+class _AdamW:
+    """AdamW (Loshchilov & Hutter 2019, decoupled weight decay), same update as
+    ``torch.optim.AdamW`` with its defaults (betas 0.9/0.999, eps 1e-8).
+
+    Why not ``torch.optim``: constructing any torch optimizer imports ``torch._dynamo`` (and
+    sympy), +70 MB resident memory, which alone breaks the device's 300 MB budget.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.wd, self.eps = lr, weight_decay, eps
+        self.b1, self.b2 = betas
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        c1 = 1 - self.b1 ** self.t
+        c2 = 1 - self.b2 ** self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            if p.grad is None:
+                continue
+            g = p.grad
+            p.mul_(1 - self.lr * self.wd)
+            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            denom = (v / c2).sqrt_().add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / c1)
+
+
 def low_threshold_for(y: np.ndarray) -> float:
     """The person's low-readiness threshold: median of their training targets minus 1."""
     y = np.asarray(y, dtype=np.float64)
@@ -150,7 +187,7 @@ def train_local(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        opt = _AdamW(params, lr=lr, weight_decay=weight_decay)
         model.train()
         for _ in range(epochs):
             perm = torch.randperm(n, generator=gen)
@@ -159,7 +196,7 @@ def train_local(
                 idx = perm[start : start + batch_size]
                 out = model.forward_normalized(Xt[idx])
                 loss = huber(out[:, 0], yz[idx]) + LOW_WEIGHT * bce(out[:, 1], low[idx])
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)

@@ -102,3 +102,67 @@ def test_today_on_an_empty_store_says_so(tmp_path, fast_argon2):
     r = run("device", "today", "--store", str(folder), "--passphrase-file", str(passfile))
     assert r.exit_code == 1
     assert "no days with data" in r.output
+
+
+# ------------------------------------------------------------------ store -> DailyData bridge
+def test_daily_data_picks_the_nights_values_sleep_stages_and_rest_days(new_store):
+    import datetime as dt
+
+    import numpy as np
+
+    from restwise.client.dataset import NoDataError, daily_data
+    from restwise.client.store import Observation, Session, record_key
+
+    tz = 120  # UTC+2
+
+    def ts(day, hour, minute=0):
+        d = dt.date.fromisoformat(day)
+        local = dt.datetime(d.year, d.month, d.day, hour, minute, tzinfo=dt.timezone(dt.timedelta(minutes=tz)))
+        return int(local.timestamp())
+
+    def obs(metric, t, value, end=None):
+        return Observation(metric=metric, ts=t, value=value, unit="x", source="test",
+                           record_key=record_key(metric, t, end), end_ts=end, tz_offset_min=tz)
+
+    with pytest.raises(NoDataError):
+        daily_data(new_store)
+    new_store.add_observations([
+        # day 1: a night reading at 04:00 and a daytime one at 15:00 -> the night's counts
+        obs("hrv_rmssd", ts("2024-05-01", 4), 61.0),
+        obs("hrv_rmssd", ts("2024-05-01", 15), 30.0),
+        # day 2: only a daytime reading -> the day's last
+        obs("hrv_rmssd", ts("2024-05-02", 13), 44.0),
+        obs("hrv_rmssd", ts("2024-05-02", 18), 45.0),
+        obs("resting_heart_rate", ts("2024-05-01", 8), 50.0),
+        obs("resting_heart_rate", ts("2024-05-01", 20), 51.0),
+        # night into day 2 (00:30 local UTC+2 is still the previous UTC day): stages summed
+        # on the local day they end
+        obs("sleep_light", ts("2024-05-01", 23), 200.0, end=ts("2024-05-02", 2)),
+        obs("sleep_deep", ts("2024-05-02", 2), 90.0, end=ts("2024-05-02", 4)),
+        obs("sleep_rem", ts("2024-05-02", 4), 110.0, end=ts("2024-05-02", 6)),
+        obs("sleep_awake", ts("2024-05-02", 6), 20.0, end=ts("2024-05-02", 6, 20)),
+        # day 4: the device's own total and efficiency win
+        obs("sleep_duration", ts("2024-05-04", 7), 430.0),
+        obs("sleep_efficiency", ts("2024-05-04", 7), 91.0),
+    ])
+    new_store.add_sessions([
+        Session(day="2024-05-01", minutes=60, load=300.0, source="t", record_key=b"a"),
+        Session(day="2024-05-01", minutes=30, load=120.0, source="t", record_key=b"b"),
+        Session(day="2024-05-03", minutes=45, load=270.0, source="t", record_key=b"c"),
+    ])
+    new_store.upsert_checkin("2024-05-05", {"readiness": 7, "mood": 4}, source="t")
+    d = daily_data(new_store)
+    assert d.days == ["2024-05-01", "2024-05-02", "2024-05-03", "2024-05-04", "2024-05-05"]
+    assert d["rmssd_ms"][:2].tolist() == [61.0, 45.0]
+    assert d["resting_hr"][0] == 51.0
+    assert d["sleep_minutes"][1] == 400.0
+    assert d["sleep_efficiency"][1] == pytest.approx(100 * 400 / 420)
+    assert d["sleep_minutes"][3] == 430.0 and d["sleep_efficiency"][3] == 91.0
+    # 2 is a rest day inside the known span; 4 and 5 lie after the last session: unknown
+    assert d["load"][:3].tolist() == [420.0, 0.0, 270.0]
+    assert np.isnan(d["load"][3]) and np.isnan(d["load"][4])
+    assert d["readiness"][4] == 7 and d["mood"][4] == 4 and np.isnan(d["readiness"][0])
+    part = daily_data(new_store, start="2024-05-02", end="2024-05-07")
+    assert part.days[0] == "2024-05-02" and len(part) == 6
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        daily_data(new_store, start="May 2")

@@ -161,3 +161,22 @@ def test_predictions_snap_to_whole_answers_and_stay_on_scale(examples):
     with torch.no_grad():
         m.personal.target_mean.fill_(50.0)
     assert predict(m, examples.X)[0].max() == 10.0
+
+
+def test_our_adamw_matches_torch_optim_adamw():
+    from restwise.models.training import _AdamW
+
+    torch.manual_seed(0)
+    a = torch.nn.Linear(6, 3)
+    b = torch.nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    ours = _AdamW(list(a.parameters()), lr=0.01, weight_decay=0.05)
+    ref = torch.optim.AdamW(b.parameters(), lr=0.01, weight_decay=0.05)
+    x = torch.randn(16, 6)
+    for _ in range(5):
+        for model, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            (model(x) ** 2).mean().backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
