@@ -32,9 +32,138 @@ def _token_store(data_dir: Optional[Path], database_url: Optional[str]):
     return auth.TokenStore(database), auth.AuditTrail(database, ledger)
 
 
+class _ApiClient:
+    """A thin client of the service's API for the `runs` commands."""
+
+    def __init__(self, url: str, token_file: Optional[Path]):
+        import os
+
+        token = None
+        if token_file is not None:
+            try:
+                token = token_file.expanduser().read_text(encoding="utf-8").strip().splitlines()[0]
+            except (OSError, IndexError):
+                raise typer.BadParameter(f"cannot read a token from {token_file}", param_hint="--token-file") from None
+        else:
+            token = os.environ.get("RESTWISE_API_TOKEN")
+        if not token:
+            raise typer.BadParameter("give --token-file or set RESTWISE_API_TOKEN", param_hint="--token-file")
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    def call(self, method: str, path: str, **kwargs):
+        import httpx
+
+        try:
+            r = httpx.request(method, f"{self.url}/api/v1{path}", headers=self.headers, timeout=120, **kwargs)
+        except httpx.HTTPError as exc:
+            typer.echo(f"Error: cannot reach the service at {self.url}: {exc}", err=True)
+            raise typer.Exit(1)
+        if r.status_code >= 400:
+            try:
+                problem = r.json()
+                message = problem.get("detail") or problem.get("title")
+            except ValueError:
+                problem, message = {}, r.reason_phrase
+            typer.echo(f"Error ({r.status_code}): {message}", err=True)
+            if problem.get("type") == "urn:restwise:problem:budget-exceeded":
+                raise typer.Exit(7)
+            raise typer.Exit(1)
+        return r
+
+
+def _print_run(run: dict) -> None:
+    typer.echo(f"{run['id']}  {run['name']}  status={run['status']}  round {run['current_round']}/{run['planned_rounds']}")
+    if run.get("projected_epsilon") is not None:
+        typer.echo(f"  projected ε for all rounds: {run['projected_epsilon']:.4g}")
+    if run.get("reason"):
+        typer.echo(f"  reason: {run['reason']}")
+    for rnd in run.get("rounds", []):
+        eps = rnd.get("epsilon")
+        loss = rnd.get("train_loss")
+        typer.echo(
+            f"  round {rnd['round']:>3}: sampled {rnd.get('sampled')}, survived {rnd.get('survived')}, "
+            f"loss {'—' if loss is None else f'{loss:.4f}'}, ε {'—' if eps is None else f'{eps:.4g}'}"
+        )
+
+
 def register(app: typer.Typer) -> None:
     token_app = typer.Typer(help="API tokens for operators and auditors (shown once, stored only as hashes).", no_args_is_help=True)
     app.add_typer(token_app, name="token")
+    runs_app = typer.Typer(
+        help="Create, start, watch and stop runs through a running service (`restwise server api`).",
+        no_args_is_help=True,
+    )
+    app.add_typer(runs_app, name="runs")
+    Url = typer.Option("http://127.0.0.1:8000", "--url", envvar="RESTWISE_API_URL", help="The service's address.")
+    TokenFile = typer.Option(
+        None, "--token-file", help="File whose first line is your API token. Or set RESTWISE_API_TOKEN.", show_default=False
+    )
+
+    @runs_app.command("create")
+    def runs_create(
+        config: Path = typer.Argument(..., help="A JSON file with the run configuration (see docs/service.md)."),
+        start: bool = typer.Option(False, "--start", help="Start the run right after creating it."),
+        url: str = Url,
+        token_file: Optional[Path] = TokenFile,
+    ) -> None:
+        """Create a run from a JSON configuration (operators)."""
+        try:
+            body = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"cannot read a JSON configuration from {config}: {exc}") from None
+        client = _ApiClient(url, token_file)
+        run = client.call("POST", "/runs", json=body).json()
+        if start:
+            run = client.call("POST", f"/runs/{run['id']}/start").json()
+        _print_run(run)
+
+    @runs_app.command("start")
+    def runs_start(run_id: str, url: str = Url, token_file: Optional[Path] = TokenFile) -> None:
+        """Check the budget and start a run (operators). Exit code 7 if the budget would be exceeded."""
+        _print_run(_ApiClient(url, token_file).call("POST", f"/runs/{run_id}/start").json())
+
+    @runs_app.command("stop")
+    def runs_stop(run_id: str, url: str = Url, token_file: Optional[Path] = TokenFile) -> None:
+        """Ask a run to stop (operators)."""
+        _print_run(_ApiClient(url, token_file).call("POST", f"/runs/{run_id}/stop").json())
+
+    @runs_app.command("list")
+    def runs_list(url: str = Url, token_file: Optional[Path] = TokenFile) -> None:
+        """List runs, newest first."""
+        for run in _ApiClient(url, token_file).call("GET", "/runs").json():
+            _print_run(run)
+
+    @runs_app.command("show")
+    def runs_show(
+        run_id: str,
+        watch: bool = typer.Option(False, "--watch", help="Keep printing until the run ends."),
+        url: str = Url,
+        token_file: Optional[Path] = TokenFile,
+    ) -> None:
+        """A run's status and per-round metrics."""
+        import time
+
+        client = _ApiClient(url, token_file)
+        while True:
+            run = client.call("GET", f"/runs/{run_id}").json()
+            _print_run(run)
+            if not watch or run["status"] in ("completed", "failed", "stopped", "refused"):
+                return
+            time.sleep(2)
+
+    @runs_app.command("bundle")
+    def runs_bundle(
+        run_id: str,
+        out: Path = typer.Option(None, "--out", help="Where to write the zip. Default: <run id>-verification.zip"),
+        url: str = Url,
+        token_file: Optional[Path] = TokenFile,
+    ) -> None:
+        """Download a finished run's verification bundle (zip)."""
+        data = _ApiClient(url, token_file).call("GET", f"/runs/{run_id}/bundle").content
+        target = out or Path(f"{run_id}-verification.zip")
+        target.write_bytes(data)
+        typer.echo(f"Wrote {target} ({len(data)} bytes). Unzip it and run `restwise audit verify` (see README.txt inside).")
 
     DataDir = typer.Option(None, "--data-dir", envvar="RESTWISE_SERVER_DIR", help=DATA_DIR_HELP, show_default=False)
     DbUrl = typer.Option(None, "--database-url", envvar="RESTWISE_DATABASE_URL", help=DB_URL_HELP, show_default=False)

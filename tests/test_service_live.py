@@ -190,3 +190,21 @@ def test_schemathesis_finds_no_server_errors(live, tmp_path):
     assert " passed" in out.stdout, tail
     server_log = server.log.read_text()
     assert "Traceback" not in server_log, server_log[-3000:]
+
+
+def test_runs_cli_talks_to_the_service(live, tmp_path):
+    from test_service_support import cli
+
+    server, operator, auditor, _ = live
+    (tmp_path / "op.token").write_text(operator + "\n")
+    (tmp_path / "au.token").write_text(auditor + "\n")
+    (tmp_path / "run.json").write_text(json.dumps({**VALID_RUN, "name": "from-cli"}))
+    out = cli("server", "runs", "create", str(tmp_path / "run.json"), "--url", server.base, "--token-file", str(tmp_path / "op.token"))
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.split()[0]
+    assert "from-cli" in out.stdout and "status=created" in out.stdout
+    out = cli("server", "runs", "stop", run_id, "--url", server.base, "--token-file", str(tmp_path / "au.token"))
+    assert out.returncode == 1 and "403" in out.stderr and "operator role" in out.stderr
+    (tmp_path / "bad.json").write_text(json.dumps({**VALID_RUN, "secagg_threshold": 9}))
+    out = cli("server", "runs", "create", str(tmp_path / "bad.json"), "--url", server.base, "--token-file", str(tmp_path / "op.token"))
+    assert out.returncode == 1 and "422" in out.stderr and "secagg_threshold" in out.stderr
