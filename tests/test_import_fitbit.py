@@ -12,7 +12,7 @@ import pytest
 
 from restwise.client.errors import ImportFailedError, MalformedInputError
 from restwise.client.importers import ImportOptions, get_importer, run_import
-from restwise.client.importers.fitbit import edwards_trimp
+from restwise.client.importers.fitbit import edwards_trimp, parse_time
 
 EXPORT = Path(__file__).parent / "fixtures" / "fitbit" / "MyFitbitData"
 
@@ -87,6 +87,24 @@ def test_exercise_sessions_and_edwards_trimp(new_store):
     ]
     assert values(new_store, "workout_distance") == [8500.0]
     assert values(new_store, "training_load") == [float(expected_load)]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("01/02/18 00:00:00", dt.datetime(2018, 1, 2)),
+    ("12/31/99", dt.datetime(1999, 12, 31)),
+    ("3/7/68 7:05:09", dt.datetime(2068, 3, 7, 7, 5, 9)),
+    ("2018-02-01T22:36:00.000", dt.datetime(2018, 2, 1, 22, 36)),
+])
+def test_fitbit_time_formats(text, expected):
+    assert parse_time(text) == expected
+    if "/" in text and " " in text:
+        assert parse_time(text) == dt.datetime.strptime(text, "%m/%d/%y %H:%M:%S")
+
+
+@pytest.mark.parametrize("text", ["13/01/18 00:00:00", "01/02/18 25:00:00", "01/02/2018", "x", 5])
+def test_fitbit_time_refuses_nonsense(text):
+    with pytest.raises(ValueError):
+        parse_time(text)
 
 
 def test_edwards_trimp_without_bpm_bounds_uses_default_zone_weights():
