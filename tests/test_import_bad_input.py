@@ -10,6 +10,7 @@ import json
 import random
 import struct
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from restwise.client.store import DeviceStore
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FITBIT = FIXTURES / "fitbit" / "MyFitbitData" / "Alex"
-RESTWISE = Path("/work/venv/bin/restwise")
+# The console script of the environment running the tests (/work/venv/bin/restwise here).
+RESTWISE = Path(sys.executable).parent / "restwise"
 
 _spec = importlib.util.spec_from_file_location("fit_encoder", FIXTURES / "garmin_fit" / "fit_encoder.py")
 fe = importlib.util.module_from_spec(_spec)
@@ -390,7 +392,7 @@ def _cli_import(path: Path, store: Path, passfile: Path) -> subprocess.Completed
 
 def test_cli_exit_codes_and_no_file_values_in_messages(cli_store, tmp_path):
     if not RESTWISE.exists():
-        pytest.skip("the restwise command is not installed in /work/venv")
+        pytest.skip("the restwise command is not installed next to this Python")
     store, passfile = cli_store
     ok = _cli_import(FIXTURES / "checkin_csv" / "checkins.csv", store, passfile)
     assert ok.returncode == 0, ok.stderr
