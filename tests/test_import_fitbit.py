@@ -154,6 +154,22 @@ def test_other_export_files_are_ignored_not_misread(new_store, tmp_path):
     assert dict(report.inserted) == EXPECTED
 
 
+def test_web_api_hrv_json_and_unknown_zone_names(new_store, tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "hrv-2024-03-01.json").write_text(
+        '[{"dateTime": "2024-03-01", "value": {"dailyRmssd": 41.5, "deepRmssd": 44.0}}]')
+    (folder / "time_in_heart_rate_zones-2024-03-01.json").write_text(
+        '[{"dateTime": "03/01/24 00:00:00", "value": {"valuesInZones": '
+        '{"IN_CUSTOM_ZONE": 30.0, "IN_SOME_NEW_ZONE": 3.0}}}]')
+    (folder / "Heart Rate Variability Details - 2024-03-(01).csv").write_text(
+        "timestamp,rmssd,coverage,low_frequency,high_frequency\n2024-03-01T03:00:00,40,0.9,1,1\n")
+    report = run_import(new_store, folder, options=ImportOptions(tz="Europe/Oslo"))
+    assert dict(report.inserted) == {"hrv_rmssd": 1, "hr_zone_minutes": 1}
+    assert report.skipped == {"hr zones: unknown zone": 1}
+    assert new_store.daily_observations("hrv_rmssd")[0][:2] == ("2024-03-01", 41.5)
+
+
 def test_single_file_is_recognised(new_store):
     path = EXPORT / "Alex" / "Physical Activity" / "resting_heart_rate-2024-03-01.json"
     report = run_import(new_store, path)
