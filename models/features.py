@@ -40,6 +40,10 @@ on day ``t`` inclusive unless stated):
 * data quality: ``worn_7d`` (days of the last 7 with any wearable value), ``missing_night``
   (no HRV today), ``missing_nights_7d``, ``baseline_nights`` (HRV nights in the baseline
   window), ``history_days`` (days since the first day of data, capped at 365).
+* baselines the coach states reasons against: ``rhr_baseline_sd``, ``sleep_baseline_sd``,
+  ``readiness_baseline`` / ``_sd`` (mean/SD over the 60 days before t, >= 7 resp. 3 values).
+
+The model features add the weekday of each day (one-hot): training weeks are periodised.
 """
 
 from __future__ import annotations

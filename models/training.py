@@ -230,6 +230,17 @@ def predict(
     return np.clip(r, lo, hi), torch.sigmoid(logit).numpy().astype(np.float64)
 
 
+def snap_to_answers(model: RecoveryNet, readiness: np.ndarray) -> np.ndarray:
+    """Apply ``predict``'s default post-processing to continuous forecasts (e.g. the mean of
+    an ensemble of ``predict(..., snap=False)`` outputs): clip to 0-10 and, when the person
+    answers in whole numbers, round."""
+    r = np.asarray(readiness, dtype=np.float64)
+    if float(model.personal.target_step.item()) > 0:
+        r = np.round(r)
+    lo, hi = READINESS_RANGE
+    return np.clip(r, lo, hi)
+
+
 def train_person_model(
     examples: Examples,
     *,
@@ -248,4 +259,5 @@ def train_person_model(
 __all__ = [
     "FEDERATED_ROUNDS", "FEDERATED_LOCAL_EPOCHS", "DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "train_local", "predict",
     "fit_target_scaler", "low_threshold_for", "low_labels", "train_person_model",
+    "snap_to_answers",
 ]

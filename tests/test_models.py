@@ -19,7 +19,13 @@ from restwise.models.network import (
     shared_arrays,
 )
 from restwise.models.synthetic import synthetic_person
-from restwise.models.training import low_labels, low_threshold_for, predict, train_local
+from restwise.models.training import (
+    low_labels,
+    low_threshold_for,
+    predict,
+    snap_to_answers,
+    train_local,
+)
 
 
 def person_examples(seed=1, n_days=120, window=7):
@@ -151,6 +157,7 @@ def test_predictions_snap_to_whole_answers_and_stay_on_scale(examples):
     cont, _ = predict(m, examples.X, snap=False)
     snapped, _ = predict(m, examples.X)  # whole-number answers -> snapped by default
     np.testing.assert_array_equal(snapped, np.clip(np.round(cont), 0, 10))
+    np.testing.assert_array_equal(snap_to_answers(m, cont), snapped)
     assert np.any(cont != np.round(cont))
     frac = examples.subset(range(len(examples)))
     frac.y = frac.y + 0.25
