@@ -37,6 +37,15 @@ def test_canonical_columns(new_store):
                         ("2024-05-03", 7.0, 30.0, 210.0)]
 
 
+def test_folder_with_a_readme(new_store, tmp_path):
+    folder = tmp_path / "diary"
+    folder.mkdir()
+    (folder / "checkins.csv").write_bytes((FIXTURES / "checkins.csv").read_bytes())
+    (folder / "README.txt").write_text("my diary, exported from a spreadsheet\n")
+    report = run_import(new_store, folder)
+    assert report.format == "checkin_csv" and report.inserted["checkin"] == 3
+
+
 def test_reimport_adds_no_session_twice(new_store):
     run_import(new_store, FIXTURES / "checkins.csv")
     again = run_import(new_store, FIXTURES / "checkins.csv")

@@ -213,7 +213,7 @@ class CheckinCsvImporter:
         self._specs = parse_column_map(column_map) if column_map else None
 
     def _csv_members(self, source: InputSource) -> list[str]:
-        return [m for m in source.members() if m.lower().endswith((".csv", ".txt", ".tsv"))] or (
+        return [m for m in source.members() if m.lower().endswith((".csv", ".tsv"))] or (
             source.members() if not source.is_zip and source.path.is_file() else []
         )
 
