@@ -407,11 +407,16 @@ class RunManager:
                 current = _num(state.get("current_round"), int)
                 if current is not None and current != row["current_round"]:
                     values["current_round"] = current
-            status = values.get("status", row["status"])
             proc = self._procs.get(run_id)
             exited = proc is not None and proc.poll() is not None
-            if proc is None and status in ACTIVE and not _pid_alive(row["pid"]):
+            if proc is None and row["status"] in ACTIVE and not _pid_alive(row["pid"]):
                 exited = True  # the service restarted and the runner is gone
+            alive = not exited and (proc is not None or _pid_alive(row["pid"]))
+            if values.get("status") in TERMINAL and alive:
+                # The runner still writes its report after declaring the end: the run counts
+                # as ended (and its bundle as ready) only once the process has exited.
+                values.pop("status")
+            status = values.get("status", row["status"])
             if exited:
                 self._procs.pop(run_id, None)
                 if status not in TERMINAL:
