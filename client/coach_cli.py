@@ -100,7 +100,10 @@ def print_advice(console, advice, note: Optional[str], model_status: str) -> Non
 
 def register(app: typer.Typer) -> None:
     """Add `today` and `checkin` to the device CLI."""
-    from restwise.client.cli import PassFileOpt, StoreOpt, console, device_errors, open_store
+    from restwise.client.cli import (
+        PassFileOpt, StoreOpt, console, device_errors, err_console, open_store,
+    )
+    from restwise.models.coach import CoachError
 
     @app.command()
     def today(
@@ -121,7 +124,11 @@ def register(app: typer.Typer) -> None:
         wanted = _parse_day(day, "--day")
         with device_errors():
             with open_store(store, passphrase_file) as s:
-                advice, note, model_status = advise(s, wanted, train_local=train_local)
+                try:
+                    advice, note, model_status = advise(s, wanted, train_local=train_local)
+                except CoachError as exc:
+                    err_console.print(f"[bold red]Error:[/] {exc}")
+                    raise typer.Exit(code=1) from None
         if as_json:
             out = advice.to_dict()
             out["note"] = note

@@ -88,6 +88,9 @@ def test_checkin_bad_input_exit_codes(demo_store):
     assert run(*base, "--override", "--mood", "3").exit_code == 2
     assert run(*base).exit_code == 2
     assert run(*base, "--readiness", "5", "--day", "29.03.2024").exit_code == 2
+    early = run("device", "today", "--store", str(folder), "--passphrase-file", str(passfile),
+                "--day", "2020-01-01")
+    assert early.exit_code == 1 and "before the first day" in early.output
     wrong = folder.parent / "wrong.txt"
     wrong.write_text("not the passphrase\n")
     r = run("device", "today", "--store", str(folder), "--passphrase-file", str(wrong))
