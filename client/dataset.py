@@ -13,7 +13,10 @@ Which stored value becomes a day's value:
   asleep / (asleep + awake) x 100 from the stages, or asleep / in-bed x 100.
 * load: the sum of that day's training sessions' load (sRPE x minutes or device load); days
   between the first and the last known session without one are rest days (0), days outside
-  that span are unknown (NaN). Without sessions, ``training_load`` observations are summed.
+  that span are unknown (NaN). Without sessions, ``training_load`` observations are summed;
+  without those, a daily Edwards TRIMP from the day's minutes in heart-rate zones
+  (``hr_zone_minutes``; fat burn x2, cardio x3, peak x5, the weights the Fitbit importer uses
+  for exercises).
 * check-ins: the day's answers as stored (canonical scales of ``models.metrics``).
 """
 
@@ -29,6 +32,8 @@ from restwise.models.features import CHECKIN_KEYS, DailyData
 
 NIGHT_END_HOUR = 12  # readings before local noon count as the night's
 ASLEEP_STAGES = ("sleep_asleep", "sleep_light", "sleep_deep", "sleep_rem")
+# Edwards' TRIMP weights per heart-rate zone (the zone is the suffix of the record's source).
+HR_ZONE_WEIGHTS = {"out_of_range": 0.0, "fat_burn": 2.0, "cardio": 3.0, "peak": 5.0}
 
 
 class NoDataError(RestwiseDeviceError):
@@ -117,6 +122,14 @@ def daily_data(store, *, start: str | None = None, end: str | None = None) -> Da
             [(ts, v, None, tz) for ts, v, _e, tz in store.observations("training_load")]
         ).items():
             load[day] += v
+    if not load:
+        rows = store.conn.execute(
+            "SELECT local_day, value, source FROM observations WHERE metric = 'hr_zone_minutes'"
+        ).fetchall()
+        for day, minutes, source in rows:
+            weight = HR_ZONE_WEIGHTS.get(str(source).rsplit(":", 1)[-1])
+            if weight is not None:
+                load[day] += weight * float(minutes)
     load_span = (min(load), max(load)) if load else None
     put("load", dict(load))
 

@@ -169,3 +169,19 @@ def test_daily_data_picks_the_nights_values_sleep_stages_and_rest_days(new_store
     assert part.days[0] == "2024-05-02" and len(part) == 6
     with pytest.raises(ValueError, match="YYYY-MM-DD"):
         daily_data(new_store, start="May 2")
+
+
+def test_daily_load_falls_back_to_trimp_from_heart_rate_zones(new_store):
+    from restwise.client.dataset import daily_data
+    from restwise.client.store import Observation, record_key
+
+    t0 = 1714550400  # 2024-05-01 08:00 UTC
+    zones = [("fat_burn", 30.0), ("cardio", 20.0), ("peak", 5.0), ("out_of_range", 600.0)]
+    new_store.add_observations([
+        Observation(metric="hr_zone_minutes", ts=t0, value=m, unit="min",
+                    source=f"fitbit:{zone}", record_key=record_key(zone))
+        for zone, m in zones
+    ])
+    d = daily_data(new_store)
+    assert d.days == ["2024-05-01"]
+    assert d["load"][0] == 30 * 2 + 20 * 3 + 5 * 5
