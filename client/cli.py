@@ -117,6 +117,10 @@ def import_(
     tz: Optional[str] = typer.Option(
         None, "--tz", help="Your time zone (e.g. Europe/Oslo) for files that give local times without one."
     ),
+    column_map: Optional[Path] = typer.Option(
+        None, "--column-map",
+        help="JSON file mapping check-in fields to your CSV's columns (see docs/importers.md).",
+    ),
     store: Optional[Path] = StoreOpt,
     passphrase_file: Optional[Path] = PassFileOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -127,9 +131,17 @@ def import_(
 
     with device_errors():
         importer = None if format == "auto" else get_importer(format)
+        mapping = None
+        if column_map is not None:
+            from restwise.client.importers.checkin_csv import CheckinCsvImporter, load_column_map
+
+            mapping = load_column_map(column_map)
+            importer = CheckinCsvImporter(column_map=mapping)
         with open_store(store, passphrase_file) as s:
             progress = None if quiet else RichProgress()
-            report = run_import(s, path, importer, options=ImportOptions(tz=tz), progress=progress)
+            report = run_import(
+                s, path, importer, options=ImportOptions(tz=tz, column_map=mapping), progress=progress
+            )
         print_import_report(report)
 
 

@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlcipher3 import dbapi2 as sqlcipher
 
@@ -77,11 +78,14 @@ MIGRATIONS: list[str] = [
         unit          TEXT    NOT NULL,
         source        TEXT    NOT NULL,          -- importer name, e.g. 'apple_health'
         device        TEXT,                      -- device or app that measured it
-        record_key    BLOB    NOT NULL UNIQUE    -- identity of the source record (idempotency)
+        record_key    BLOB    NOT NULL           -- identity of the source record (idempotency)
     );
+    -- Idempotency index led by time: imports arrive roughly in time order, so inserts append
+    -- near the right edge of the b-tree instead of touching random pages (random keys would
+    -- re-encrypt a scattered page per insert once the store outgrows the page cache).
+    CREATE UNIQUE INDEX observations_identity ON observations(ts, record_key);
     -- covering (value included): a range read of one metric touches index pages only
     CREATE INDEX observations_metric_ts ON observations(metric, ts, value);
-    CREATE INDEX observations_day ON observations(local_day);
 
     CREATE TABLE checkins (
         day           TEXT PRIMARY KEY,          -- local day the answers are about
@@ -147,10 +151,13 @@ MIGRATIONS: list[str] = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(NamedTuple):
     """One measurement. ``ts``/``end_ts`` are UTC epoch seconds; ``tz_offset_min`` is the
-    person's UTC offset then, so ``local_day`` is their local calendar day."""
+    person's UTC offset then, so ``local_day`` is their local calendar day.
+
+    A NamedTuple rather than a frozen dataclass: imports build millions of these, and a
+    tuple is immutable too but about 5x cheaper to construct.
+    """
 
     metric: str
     ts: int
@@ -472,25 +479,17 @@ class DeviceStore:
             with self.transaction() as c:
                 return self.add_observations(observations, conn=c)
         before = conn.total_changes
-        rows = (
-            (
-                o.metric, o.ts, o.end_ts, o.tz_offset_min, o.local_day, float(o.value), o.unit,
-                o.source, o.device, o.record_key,
-            )
-            for o in observations
-        )
-        n = 0
-
-        def counted():
-            nonlocal n
-            for r in rows:
-                n += 1
-                yield r
-
+        batch = observations if isinstance(observations, list) else list(observations)
+        n = len(batch)
         conn.executemany(
             "INSERT OR IGNORE INTO observations(metric, ts, end_ts, tz_offset_min, local_day, "
             "value, unit, source, device, record_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            counted(),
+            [
+                (o.metric, o.ts, o.end_ts, o.tz_offset_min,
+                 _iso_day((o.ts + o.tz_offset_min * 60) // 86400), o.value, o.unit, o.source,
+                 o.device, o.record_key)
+                for o in batch
+            ],
         )
         inserted = conn.total_changes - before
         return InsertResult(inserted=inserted, duplicates=n - inserted)

@@ -21,6 +21,7 @@ import io
 import os
 import time
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 from restwise.client.errors import ImportFailedError, MalformedInputError
-from restwise.client.store import DeviceStore, Observation, Session
+from restwise.client.store import DeviceStore, Observation, Session, local_day
 from restwise.models.metrics import CHECKIN_FIELDS, METRICS
 
 # Dates outside this window are refused as implausible (a device clock reset gives 1970,
@@ -320,15 +321,25 @@ def run_import(
     try:
         if importer is None:
             importer = detect_format(source)
-        elif not importer.sniff(source):
-            raise MalformedInputError(
-                f"{Path(path).name} does not look like a {importer.name} export"
-            )
+        else:
+            try:
+                recognised = importer.sniff(source)
+            except ImportFailedError:
+                raise
+            except Exception:  # a damaged file can trip a sniffer; it is still the file's fault
+                recognised = False
+            if not recognised:
+                raise MalformedInputError(
+                    f"{Path(path).name} does not look like a {importer.name} export"
+                )
         report = ImportReport(format=importer.name, source_name=Path(path).name)
         started = int(time.time())
         now = int(time.time())
         progress.start(source.total_bytes)
         obs_batch: list[Observation] = []
+        # Local-time extremes of stored observations (seconds), turned into days at the end:
+        # cheaper than formatting a day per record on the hot path.
+        lo_local, hi_local = 2**62, -(2**62)
         with store.transaction() as conn:
 
             def flush() -> None:
@@ -351,7 +362,11 @@ def run_import(
                         if why:
                             report.skipped[why] += 1
                             continue
-                        report.note_day(rec.local_day)
+                        local = rec.ts + rec.tz_offset_min * 60
+                        if local < lo_local:
+                            lo_local = local
+                        if local > hi_local:
+                            hi_local = local
                         obs_batch.append(rec)
                         if len(obs_batch) >= BATCH:
                             flush()
@@ -387,10 +402,13 @@ def run_import(
                     else:  # pragma: no cover - programming error in an importer
                         raise TypeError(f"importer yielded {type(rec).__name__}")
                 flush()
+                if hi_local >= lo_local:
+                    report.note_day(local_day(lo_local, 0))
+                    report.note_day(local_day(hi_local, 0))
             except ImportFailedError:
                 raise
             except (ValueError, KeyError, IndexError, UnicodeDecodeError, OSError, EOFError,
-                    zipfile.BadZipFile) as exc:
+                    zipfile.BadZipFile, zlib.error) as exc:
                 # A parser tripped over the content: refuse the whole file, name the problem
                 # by type only (the exception text may quote personal values).
                 raise MalformedInputError(
