@@ -401,9 +401,10 @@ class RunManager:
                 status = state.get("status")
                 if status in TERMINAL | ACTIVE and status != row["status"]:
                     values["status"] = status
-                reason = state.get("reason")
-                if isinstance(reason, str) and reason != row["reason"]:
-                    values["reason"] = reason[:2000]
+                if "reason" in state:  # null clears a progress note such as "preparing devices"
+                    reason = state["reason"][:2000] if isinstance(state["reason"], str) else None
+                    if reason != row["reason"]:
+                        values["reason"] = reason
                 current = _num(state.get("current_round"), int)
                 if current is not None and current != row["current_round"]:
                     values["current_round"] = current

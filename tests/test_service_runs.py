@@ -129,3 +129,25 @@ def test_half_written_lines_wait_for_the_next_poll(tmp_path):
     path.write_text('{"round": 1}\n{"round": 2}\n')
     assert _read_jsonl(path) == [{"round": 1}, {"round": 2}]
     assert _read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_progress_note_is_cleared_when_the_runner_clears_it(manager):
+    run_id = _create(manager)
+    run_dir = manager.run_dir(run_id)
+    manager._update(run_id, status="running", pid=None)
+    (run_dir / "state.json").write_text(json.dumps({"status": "running", "reason": "preparing the simulated devices", "current_round": 0}))
+    manager._procs[run_id] = _FakeAlive()
+    assert manager.get(run_id)["reason"] == "preparing the simulated devices"
+    (run_dir / "state.json").write_text(json.dumps({"status": "running", "reason": None, "current_round": 1}))
+    run = manager.get(run_id)
+    assert run["reason"] is None and run["current_round"] == 1
+    manager._procs.pop(run_id)
+
+
+class _FakeAlive:
+    """Stands in for a Popen whose process is still running (only poll() is read)."""
+
+    returncode = None
+
+    def poll(self):
+        return None
