@@ -1,0 +1,186 @@
+"""`restwise evaluate`: the honest evaluation on real data, as a command and a Python API.
+
+Each person of the cohort is first imported into their own encrypted store (a simulated
+device, keys in a file keystore under the work folder), then read back through
+``client.dataset.daily_data`` exactly as the device's coach reads it, and only then handed to
+the pure protocol in :mod:`restwise.models.evaluation`.
+
+    restwise evaluate --dataset soccermon --data ../shared/data/soccermon --out results/
+    restwise evaluate --dataset lifesnaps --data ../shared/data/lifesnaps --out results/
+    restwise evaluate --cohort my-cohort/ --out results/
+
+Writes ``results.json`` (every number, per person too), ``results.md`` (the table and the
+command) and ``results.png`` (MAE with bootstrap intervals) into ``--out``.
+
+More rows (the federated runs with and without DP) plug in with ``--methods
+module:function``: ``function(protocol_config) -> {row name: Method}`` (see
+``models.evaluation.Method``); their rows are appended after the built-in ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+DEFAULT_TARGET = {"soccermon": "readiness", "lifesnaps": "fatigue", "folder": "readiness"}
+
+
+def load_cohort_days(people, keystore) -> dict:
+    """person -> DailyData, read from each person's encrypted store."""
+    from restwise.client.dataset import NoDataError, daily_data
+
+    cohort = {}
+    for p in people:
+        with p.open(keystore) as store:
+            try:
+                cohort[p.person] = daily_data(store)
+            except NoDataError:
+                continue
+    return cohort
+
+
+def _extra_methods(spec: str, config) -> dict:
+    module, _, func = spec.partition(":")
+    if not module or not func:
+        raise typer.BadParameter("--methods must be written module:function")
+    try:
+        factory = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError):
+        raise typer.BadParameter(f"cannot load {spec}") from None
+    methods = factory(config)
+    if not isinstance(methods, Mapping):
+        raise typer.BadParameter(f"{spec} must return a mapping of row name -> method")
+    return dict(methods)
+
+
+def run_evaluation(
+    kind: str,
+    data_path: Path | str,
+    out_dir: Path | str | None = None,
+    *,
+    workdir: Path | str | None = None,
+    persons: int | None = None,
+    seed: int = 0,
+    target: str | None = None,
+    methods: Mapping | None = None,
+    extra_methods: Mapping | None = None,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+):
+    """Import ``data_path`` (``kind``: soccermon, lifesnaps or folder) one store per person,
+    evaluate, and write results into ``out_dir`` (when given). Returns the EvaluationResult.
+
+    ``methods`` replaces the default rows; ``extra_methods`` are appended after them."""
+    from restwise.client.cohort import import_cohort
+    from restwise.client.keys import FileKeystore
+    from restwise.models.evaluation import ProtocolConfig, default_methods, evaluate, plot_results
+
+    log = log or (lambda _msg: None)
+    config = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed)
+    rows = dict(methods) if methods is not None else default_methods(config)
+    rows.update(extra_methods or {})
+    with tempfile.TemporaryDirectory(prefix="restwise-eval-") as tmp:
+        work = Path(workdir) if workdir is not None else Path(tmp)
+        keystore = FileKeystore(work / "keys")
+        t0 = time.perf_counter()
+        people = import_cohort(
+            kind, data_path, work / "stores", keystore=keystore, persons=persons,
+            on_person=lambda i, n, _p: log(f"importing person {i + 1}/{n}") if (i + 1) % 10 == 0 or i + 1 == n else None,
+        )
+        for p in people:
+            for failure in p.failures:
+                log(f"{p.person}: {failure}")
+        cohort = load_cohort_days(people, keystore)
+        t_import = time.perf_counter() - t0
+        log(f"{len(people)} stores imported and read back in {t_import:.1f} s")
+        t1 = time.perf_counter()
+        result = evaluate(
+            cohort, rows, config=config, dataset=kind if kind != "folder" else Path(data_path).name,
+            on_method=lambda name: log(f"evaluating: {name}"),
+        )
+        result.protocol["import_seconds"] = round(t_import, 2)
+        result.protocol["evaluate_seconds"] = round(time.perf_counter() - t1, 2)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(result.to_json() + "\n", encoding="utf-8")
+        md = result.to_markdown()
+        if command:
+            md += f"\nCommand: `{command}`\n"
+        (out / "results.md").write_text(md, encoding="utf-8")
+        plot_results(result, out / "results.png")
+    return result
+
+
+def evaluate(
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="Public dataset layout: soccermon or lifesnaps (with --data)."
+    ),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder of the dataset."),
+    cohort: Optional[Path] = typer.Option(
+        None, "--cohort", help="Cohort folder: one sub-folder per person with their exports."
+    ),
+    out: Path = typer.Option(Path("restwise-evaluation"), "--out", help="Folder for results.json/.md/.png."),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="Folder for the simulated devices' stores and keys (default: a "
+        "temporary folder, erased afterwards)."
+    ),
+    persons: Optional[int] = typer.Option(None, "--persons", min=2, help="Use the first N persons only."),
+    seed: int = typer.Option(0, "--seed", help="Seed for training and the bootstrap."),
+    target: Optional[str] = typer.Option(
+        None, "--target", help="Series to predict for day t+1 (default: readiness; LifeSnaps: "
+        "fatigue, from its mood answers)."
+    ),
+    threads: int = typer.Option(1, "--threads", min=1, max=64, help="Torch threads."),
+    methods: Optional[str] = typer.Option(
+        None, "--methods", help="Extra rows: module:function returning {name: Method}."
+    ),
+) -> None:
+    """Honest evaluation of next-day readiness models on real data: every person imported into
+    their own encrypted store, chronological 75/25 split with a 7-day gap, baselines and our
+    models in one table (MAE with bootstrap interval over persons, AUROC of the low flag)."""
+    from restwise.client.errors import RestwiseDeviceError
+    from restwise.models.evaluation import EvaluationError, ProtocolConfig
+    from restwise.models.features import FeatureError
+
+    if (dataset is None) == (cohort is None):
+        raise typer.BadParameter("give either --dataset NAME --data PATH or --cohort FOLDER")
+    if dataset is not None:
+        if dataset not in ("soccermon", "lifesnaps"):
+            raise typer.BadParameter("--dataset must be soccermon or lifesnaps")
+        if data is None:
+            raise typer.BadParameter("--dataset needs --data PATH")
+        kind, path = dataset, data
+    else:
+        kind, path = "folder", cohort
+    import torch
+
+    torch.set_num_threads(threads)
+    extra = None
+    if methods:
+        extra = _extra_methods(methods, ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed))
+    command = "restwise evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "evaluate" else None
+
+    def log(msg: str) -> None:
+        typer.echo(msg, err=True)
+
+    try:
+        result = run_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
+                                target=target, extra_methods=extra, command=command, log=log)
+    except RestwiseDeviceError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(code=exc.exit_code) from None
+    except (EvaluationError, FeatureError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(result.to_markdown())
+    typer.echo(f"Results written to {out}/results.json, results.md, results.png")

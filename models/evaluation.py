@@ -1,0 +1,872 @@
+"""Honest evaluation of next-day readiness models: protocol, baselines, metrics, reports.
+
+Pure: persons' :class:`~restwise.models.features.DailyData` in, numbers out. Nothing here
+reads a store (``restwise.client.evaluate_cli`` imports each person into their own encrypted
+store first and hands the decoded days in).
+
+Protocol (issue 4), per person:
+
+* **task**: predict the target (readiness, 0-10) of day t+1 from the feature rows of days
+  t-6..t (features are causal: row t uses days <= t only);
+* **split**: the person's examples (days t+1 with a target) in time order; the first 75% are
+  training examples. Let T be the last training target day. Test examples are the later ones
+  whose *input window starts at least* ``gap_days`` (7) days after T: T+1..T+7 are neither
+  training targets nor test inputs. So no test input day is a training target day, and no test
+  target is a training input (asserted on day indices by :func:`check_no_leakage`). Days are
+  never shuffled across the split;
+* **normalisation**: per person, fitted on that person's training examples only (target mean
+  and scale, feature mean and SD for the linear models, the low-readiness threshold);
+* **metrics**: MAE per person, then the mean over persons (each person weighs the same), with a
+  95% bootstrap interval over persons (fixed seed); AUROC of the low-readiness flag (target <=
+  person's training median - 1) per person with both classes in the test period, averaged over
+  those persons (and pooled over all test examples, reported alongside);
+* **tuning**: hyper-parameters (ridge penalty, fine-tuning) are chosen on a validation slice:
+  the same split applied *inside* each person's training examples (last 20%, same gap). The
+  test period is used once, for the reported numbers.
+
+A method is anything with ``fit_predict(splits, seed) -> {person: Prediction}`` (see
+:class:`Method`); it sees training examples only and returns test-period predictions. New rows
+(federated with and without DP) plug in through ``evaluate(cohort, methods)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from restwise.models.features import DailyData, Examples, FeatureFrame, compute_features
+
+
+class EvaluationError(ValueError):
+    """The evaluation cannot run as asked (too few persons, a bad config, ...)."""
+
+
+# ------------------------------------------------------------------------------ protocol
+@dataclass(frozen=True)
+class ProtocolConfig:
+    window: int = 7
+    train_fraction: float = 0.75
+    gap_days: int = 7
+    target: str = "readiness"
+    low_margin: float = 1.0  # low flag: target <= training median - low_margin
+    min_train: int = 28  # persons with fewer training examples are left out (and listed)
+    min_test: int = 7
+    validation_fraction: float = 0.2
+    bootstrap: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.gap_days < 0:
+            raise EvaluationError("window must be >= 1 and gap_days >= 0")
+        if not 0.0 < self.train_fraction < 1.0 or not 0.0 < self.validation_fraction < 1.0:
+            raise EvaluationError("train_fraction and validation_fraction must be in (0, 1)")
+        if self.min_train < 2 or self.min_test < 1 or self.bootstrap < 0:
+            raise EvaluationError("min_train >= 2, min_test >= 1, bootstrap >= 0")
+
+
+@dataclass
+class ExampleSet:
+    """Windowed examples of one person. Day indices refer to the person's DailyData."""
+
+    X: np.ndarray  # [n, window * n_features] float32
+    y: np.ndarray  # [n] float64
+    end_idx: np.ndarray  # [n] int: day t (last input day)
+    window: int
+    n_features: int
+    last_value: np.ndarray  # [n]: most recent target within the input window, NaN if none
+
+    @property
+    def target_idx(self) -> np.ndarray:
+        return self.end_idx + 1
+
+    @property
+    def start_idx(self) -> np.ndarray:
+        return self.end_idx - self.window + 1
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def take(self, idx) -> "ExampleSet":
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        return ExampleSet(self.X[idx], self.y[idx], self.end_idx[idx], self.window,
+                          self.n_features, self.last_value[idx])
+
+    def to_examples(self, days: Sequence[str]) -> Examples:
+        """As ``features.Examples`` (what ``training.train_local`` consumes)."""
+        return Examples(
+            X=np.ascontiguousarray(self.X, dtype=np.float32),
+            y=self.y.astype(np.float32),
+            target_days=[days[i] for i in self.target_idx],
+            input_end_days=[days[i] for i in self.end_idx],
+            last_readiness=self.last_value.astype(np.float32),
+            window=self.window,
+            n_features=self.n_features,
+        )
+
+
+@dataclass
+class PersonSplit:
+    person: str
+    days: list[str]
+    train: ExampleSet
+    test: ExampleSet
+    low_threshold: float
+    gap_days: int
+
+    @property
+    def train_mean(self) -> float:
+        return float(np.mean(self.train.y))
+
+    @property
+    def train_scale(self) -> float:
+        return max(float(np.std(self.train.y)), 0.5)
+
+
+def windowed_examples(frame: FeatureFrame, target: np.ndarray, window: int) -> ExampleSet:
+    """Every example with a target on day t+1 and a full input window t-window+1..t."""
+    X = np.asarray(frame.X, dtype=np.float32)
+    n, n_feat = X.shape
+    target = np.asarray(target, dtype=np.float64)
+    ends = np.asarray([t for t in range(window - 1, n - 1) if np.isfinite(target[t + 1])], dtype=int)
+    if ends.size:
+        stacked = np.stack([X[ends - window + 1 + k] for k in range(window)], axis=1)
+        Xo = stacked.reshape(len(ends), window * n_feat)
+        # "Last value": the most recent target answered within the input window.
+        win_targets = np.stack([target[ends - window + 1 + k] for k in range(window)], axis=1)
+        last = np.full(len(ends), np.nan)
+        for k in range(window):
+            col = win_targets[:, k]
+            last = np.where(np.isfinite(col), col, last)
+    else:
+        Xo = np.zeros((0, window * n_feat), dtype=np.float32)
+        last = np.zeros(0)
+    return ExampleSet(np.ascontiguousarray(Xo), target[ends + 1] if ends.size else np.zeros(0),
+                      ends, window, n_feat, last)
+
+
+def chronological_split(
+    ex: ExampleSet, fraction: float, gap_days: int
+) -> tuple[ExampleSet, ExampleSet]:
+    """First ``fraction`` of the examples (time order) vs the later ones whose input window
+    starts more than ``gap_days`` days after the last earlier target."""
+    order = np.argsort(ex.end_idx, kind="stable")
+    ex = ex.take(order)
+    n_first = int(math.floor(fraction * len(ex)))
+    first = ex.take(np.arange(n_first))
+    if n_first == 0:
+        return first, ex.take(np.zeros(0, dtype=int))
+    last_target = int(first.target_idx.max())
+    later = ex.take(np.flatnonzero(
+        (np.arange(len(ex)) >= n_first) & (ex.start_idx > last_target + gap_days)
+    ))
+    return first, later
+
+
+def check_no_leakage(first: ExampleSet, later: ExampleSet, gap_days: int) -> None:
+    """Raise AssertionError unless every later input day lies after every earlier target day
+    plus the gap (so no test input is a training target and vice versa)."""
+    if len(first) == 0 or len(later) == 0:
+        return
+    last_target = int(first.target_idx.max())
+    assert int(later.start_idx.min()) > last_target + gap_days, "test inputs overlap training targets"
+    assert int(first.end_idx.max()) < int(later.target_idx.min()), "training inputs reach test targets"
+    assert not set(first.target_idx.tolist()) & set(later.start_idx.tolist()), "shared day"
+
+
+def split_person(
+    person: str, data: DailyData, config: ProtocolConfig,
+    feature_fn: Callable[[DailyData], FeatureFrame] = compute_features,
+) -> tuple[PersonSplit | None, str | None]:
+    """The person's train/test split, or (None, reason) when they have too little data."""
+    if config.target not in data.series:
+        raise EvaluationError(f"no series named {config.target!r} in the data")
+    target = data.series[config.target]
+    if int(np.isfinite(target).sum()) < config.min_train + config.min_test:
+        return None, "too few target days"
+    frame = feature_fn(data)
+    ex = windowed_examples(frame, target, config.window)
+    train, test = chronological_split(ex, config.train_fraction, config.gap_days)
+    if len(train) < config.min_train:
+        return None, "too few training examples"
+    if len(test) < config.min_test:
+        return None, "too few test examples"
+    check_no_leakage(train, test, config.gap_days)
+    thr = float(np.median(train.y) - config.low_margin)
+    return PersonSplit(person, list(data.days), train, test, thr, config.gap_days), None
+
+
+def validation_splits(splits: Sequence[PersonSplit], config: ProtocolConfig) -> list[PersonSplit]:
+    """The same protocol inside each person's *training* examples: fit on the first 80%,
+    validate on the rest after the gap. Persons whose slice is too small are dropped."""
+    out = []
+    for s in splits:
+        fit, val = chronological_split(s.train, 1.0 - config.validation_fraction, config.gap_days)
+        if len(fit) < max(8, config.min_train // 2) or len(val) < 3:
+            continue
+        check_no_leakage(fit, val, config.gap_days)
+        thr = float(np.median(fit.y) - config.low_margin)
+        out.append(PersonSplit(s.person, s.days, fit, val, thr, s.gap_days))
+    if not out:
+        raise EvaluationError("no person has enough training data for a validation slice")
+    return out
+
+
+# ------------------------------------------------------------------------------ metrics
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half); NaN without both classes."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    n_pos = int(labels.sum())
+    n_neg = int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean, resampling persons with replacement."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    if n_boot == 0 or values.size == 1:
+        m = float(values.mean())
+        return (m, m)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))
+    means = values[idx].mean(axis=1)
+    a = (1.0 - level) / 2.0
+    return (float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a)))
+
+
+# ------------------------------------------------------------------------------ methods
+@dataclass
+class Prediction:
+    """Test-period predictions for one person: the target value and a low-flag score (higher
+    = more likely low; None: derived as threshold - predicted value)."""
+
+    value: np.ndarray
+    low_score: np.ndarray | None = None
+
+
+class Method(Protocol):
+    """A row of the results table. ``fit_predict`` may use ``split.train`` of every person
+    (and nothing of ``split.test`` but its inputs ``X``/``last_value``)."""
+
+    def fit_predict(self, splits: Sequence[PersonSplit], seed: int) -> dict[str, Prediction]: ...
+
+
+@dataclass
+class GlobalMean:
+    description: str = "mean of all persons' training targets"
+
+    def fit_predict(self, splits, seed):
+        m = float(np.mean(np.concatenate([s.train.y for s in splits])))
+        return {s.person: Prediction(np.full(len(s.test), m)) for s in splits}
+
+
+@dataclass
+class PersonMean:
+    description: str = "the person's mean training target"
+
+    def fit_predict(self, splits, seed):
+        return {s.person: Prediction(np.full(len(s.test), s.train_mean)) for s in splits}
+
+
+@dataclass
+class LastValue:
+    description: str = "tomorrow = the most recent answer in the input window (else person mean)"
+
+    def fit_predict(self, splits, seed):
+        out = {}
+        for s in splits:
+            v = np.where(np.isfinite(s.test.last_value), s.test.last_value, s.train_mean)
+            out[s.person] = Prediction(v)
+        return out
+
+
+def _standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = X.mean(axis=0)
+    sd = X.std(axis=0)
+    sd = np.where(sd > 1e-6, sd, 1.0)
+    return mu, sd
+
+
+@contextlib.contextmanager
+def limited_threads(n: int = 1):
+    """Run torch (and the linear algebra below, done in torch) on ``n`` threads, restoring the
+    caller's setting. On a shared machine, multi-threaded BLAS on small matrices spends its
+    time waiting for cores (10x slower under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ridge(X: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """Weights of ridge regression on centred data (no intercept: caller centres)."""
+    import torch
+
+    with limited_threads(1):
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
+        yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float64))
+        A = Xt.T @ Xt + alpha * torch.eye(Xt.shape[1], dtype=torch.float64)
+        return torch.linalg.solve(A, Xt.T @ yt).numpy()
+
+
+def _apply(X: np.ndarray, w: np.ndarray) -> np.ndarray:
+    import torch
+
+    with limited_threads(1):
+        return (torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
+                @ torch.from_numpy(w)).numpy()
+
+
+RIDGE_ALPHAS = (10.0, 100.0, 1000.0, 10000.0)
+
+
+def _person_design(s: PersonSplit, X: np.ndarray) -> np.ndarray:
+    mu, sd = _standardizer(s.train.X.astype(np.float64))
+    return (X.astype(np.float64) - mu) / sd
+
+
+@dataclass
+class LocalRidge:
+    """Ridge on the person's own training examples only (features standardised on them)."""
+
+    alphas: tuple[float, ...] = RIDGE_ALPHAS
+    alpha: float | None = None  # None: chosen on the validation slices
+    config: ProtocolConfig = field(default_factory=ProtocolConfig)
+    description: str = "ridge per person, own data only"
+
+    def _fit_predict(self, splits, alpha):
+        out = {}
+        for s in splits:
+            Xtr = _person_design(s, s.train.X)
+            w = _ridge(Xtr, (s.train.y - s.train_mean) / s.train_scale, alpha)
+            z = _apply(_person_design(s, s.test.X), w)
+            out[s.person] = Prediction(s.train_mean + s.train_scale * z)
+        return out
+
+    def fit_predict(self, splits, seed):
+        alpha = self.alpha
+        if alpha is None:
+            alpha = _choose(self.alphas, lambda a: self._fit_predict(validation_splits(splits, self.config), a),
+                            validation_splits(splits, self.config))
+        self.chosen = {"alpha": alpha}
+        return self._fit_predict(splits, alpha)
+
+
+@dataclass
+class CentralRidge:
+    """One ridge on everyone's training examples pooled (non-private), each person's features
+    and target normalised on their own training data; predictions back on their scale."""
+
+    alphas: tuple[float, ...] = RIDGE_ALPHAS
+    alpha: float | None = None
+    config: ProtocolConfig = field(default_factory=ProtocolConfig)
+    description: str = "one ridge on all persons' data pooled (non-private)"
+
+    def _fit_predict(self, splits, alpha):
+        Xs = [_person_design(s, s.train.X) for s in splits]
+        ys = [(s.train.y - s.train_mean) / s.train_scale for s in splits]
+        w = _ridge(np.concatenate(Xs), np.concatenate(ys), alpha)
+        return {s.person: Prediction(s.train_mean + s.train_scale * _apply(_person_design(s, s.test.X), w))
+                for s in splits}
+
+    def fit_predict(self, splits, seed):
+        alpha = self.alpha
+        if alpha is None:
+            val = validation_splits(splits, self.config)
+            alpha = _choose(self.alphas, lambda a: self._fit_predict(val, a), val)
+        self.chosen = {"alpha": alpha}
+        return self._fit_predict(splits, alpha)
+
+
+def _mean_mae(preds: Mapping[str, Prediction], splits: Sequence[PersonSplit]) -> float:
+    return float(np.mean([np.mean(np.abs(preds[s.person].value - s.test.y)) for s in splits]))
+
+
+def _choose(candidates, run, val_splits):
+    scores = [(_mean_mae(run(c), val_splits), i) for i, c in enumerate(candidates)]
+    return candidates[min(scores)[1]]
+
+
+# ------------------------------------------------------------------------------ neural rows
+@dataclass(frozen=True)
+class NeuralConfig:
+    """Training settings for the neural rows (models.training / models.network). Tuples are
+    candidates chosen on the validation slices; the defaults were picked the same way on
+    SoccerMon's validation slices (never on a test period)."""
+
+    hidden: tuple[int, ...] = (32, 16)
+    dropout: float = 0.1
+    local_epochs: tuple[int, ...] = (5, 15)
+    central_epochs: int = 4
+    finetune_epochs: tuple[int, ...] = (0, 3, 10)  # 0 = the central model on the person's scale
+    lr: float = 3e-3
+    finetune_lr: float = 3e-4
+    batch_size: int = 32
+    weight_decay: float = 1e-2
+    n_seeds: int = 3  # ensemble of independently initialised models (variance, not bias)
+    threads: int = 1  # torch threads while these rows train (restored afterwards)
+
+    def __post_init__(self) -> None:
+        if self.n_seeds < 1 or self.central_epochs < 1 or not self.local_epochs \
+                or not self.finetune_epochs:
+            raise EvaluationError("NeuralConfig: n_seeds, central_epochs >= 1; candidate lists non-empty")
+
+
+def _model_config(splits, cfg: NeuralConfig, seed: int):
+    from restwise.models.network import ModelConfig
+
+    s0 = splits[0]
+    return ModelConfig(n_features=s0.train.n_features, window=s0.train.window,
+                       hidden=cfg.hidden, dropout=cfg.dropout, seed=seed)
+
+
+def _seeds(seed: int, n: int) -> list[int]:
+    return [seed * 1000 + k for k in range(n)]
+
+
+def _ensemble(preds: list[Prediction]) -> Prediction:
+    value = np.mean([p.value for p in preds], axis=0)
+    scores = [p.low_score for p in preds]
+    low = None if any(x is None for x in scores) else np.mean(scores, axis=0)
+    return Prediction(value, low)
+
+
+def _neural_prediction(model, s: PersonSplit) -> Prediction:
+    from restwise.models.training import predict
+
+    value, p_low = predict(model, s.test.X)
+    return Prediction(value, p_low)
+
+
+@dataclass
+class LocalNeural:
+    """The recovery network trained on the person's own training examples only (epochs chosen
+    on the validation slices, ensemble of ``n_seeds``)."""
+
+    cfg: NeuralConfig = field(default_factory=NeuralConfig)
+    config: ProtocolConfig = field(default_factory=ProtocolConfig)
+    description: str = "recovery network per person, own data only"
+
+    def _fit_predict(self, splits, epochs, seed):
+        from restwise.models.network import build_model
+        from restwise.models.training import train_local
+
+        out = {}
+        for s in splits:
+            preds = []
+            for sd in _seeds(seed, self.cfg.n_seeds):
+                model = build_model(_model_config(splits, self.cfg, sd))
+                train_local(model, s.train.to_examples(s.days), epochs=epochs, lr=self.cfg.lr,
+                            batch_size=self.cfg.batch_size, seed=sd, low_threshold=s.low_threshold,
+                            weight_decay=self.cfg.weight_decay)
+                preds.append(_neural_prediction(model, s))
+            out[s.person] = _ensemble(preds)
+        return out
+
+    def fit_predict(self, splits, seed):
+        with limited_threads(self.cfg.threads):
+            return self._fit_predict_all(splits, seed)
+
+    def _fit_predict_all(self, splits, seed):
+        candidates = tuple(self.cfg.local_epochs)
+        epochs = candidates[0]
+        if len(candidates) > 1:
+            val = validation_splits(splits, self.config)
+            epochs = _choose(candidates, lambda e: self._fit_predict(val, e, seed), val)
+        self.chosen = {"epochs": epochs}
+        return self._fit_predict(splits, epochs, seed)
+
+
+def train_pooled(model, splits: Sequence[PersonSplit], *, epochs: int, lr: float, batch_size: int,
+                 seed: int, weight_decay: float, huber_delta: float = 1.0) -> float:
+    """Train the *shared* part on all persons' training examples pooled, each person's target
+    z-scored on their own training targets and low-flagged at their own threshold (the
+    personal part stays the identity). Same loss as ``training.train_local``. Returns the
+    last epoch's mean loss."""
+    import torch
+    from torch import nn
+
+    from restwise.models.training import LOW_WEIGHT
+
+    X = torch.from_numpy(np.concatenate([s.train.X for s in splits]).astype(np.float32))
+    yz = torch.from_numpy(np.concatenate(
+        [(s.train.y - s.train_mean) / s.train_scale for s in splits]).astype(np.float32))
+    low = torch.from_numpy(np.concatenate(
+        [(s.train.y <= s.low_threshold).astype(np.float32) for s in splits]))
+    for p in model.personal.parameters():
+        p.requires_grad_(False)
+    params = list(model.shared.parameters())
+    huber, bce = nn.HuberLoss(delta=huber_delta), nn.BCEWithLogitsLoss()
+    n = X.shape[0]
+    total = float("nan")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                out = model.forward_normalized(X[idx])
+                loss = huber(out[:, 0], yz[idx]) + LOW_WEIGHT * bce(out[:, 1], low[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            total /= n
+        model.eval()
+    for p in model.personal.parameters():
+        p.requires_grad_(True)
+    return total
+
+
+def _with_person_scale(model, s: PersonSplit):
+    from restwise.models.training import fit_target_scaler
+
+    m = copy.deepcopy(model)
+    fit_target_scaler(m, s.train.y, s.low_threshold)
+    return m
+
+
+def central_models(splits: Sequence[PersonSplit], cfg: NeuralConfig, seed: int) -> list:
+    """``cfg.n_seeds`` recovery networks whose shared part is trained on the pooled data."""
+    from restwise.models.network import build_model
+
+    models = []
+    for sd in _seeds(seed, cfg.n_seeds):
+        model = build_model(_model_config(splits, cfg, sd))
+        train_pooled(model, splits, epochs=cfg.central_epochs, lr=cfg.lr,
+                     batch_size=cfg.batch_size, seed=sd, weight_decay=cfg.weight_decay)
+        models.append(model)
+    return models
+
+
+@dataclass
+class CentralNeural:
+    """The recovery network's shared part trained on everyone's data pooled (non-private);
+    each person's scale (mean, SD, threshold from their training days) maps its output back."""
+
+    cfg: NeuralConfig = field(default_factory=NeuralConfig)
+    description: str = "recovery network on all persons' data pooled (non-private)"
+
+    def fit_predict(self, splits, seed):
+        with limited_threads(self.cfg.threads):
+            return self._fit_predict_all(splits, seed)
+
+    def _fit_predict_all(self, splits, seed):
+        models = central_models(splits, self.cfg, seed)
+        return {s.person: _ensemble([_neural_prediction(_with_person_scale(m, s), s) for m in models])
+                for s in splits}
+
+
+def personal_finetune(base, s: PersonSplit, cfg: NeuralConfig, epochs: int, seed: int):
+    """A copy of ``base`` on the person's scale, its personal part fine-tuned on their own
+    training days (what a device does after receiving the shared part)."""
+    from restwise.models.training import train_local
+
+    m = _with_person_scale(base, s)
+    if epochs > 0:
+        train_local(m, s.train.to_examples(s.days), epochs=epochs, lr=cfg.finetune_lr,
+                    batch_size=cfg.batch_size, seed=seed, train_shared=False, train_personal=True,
+                    low_threshold=s.low_threshold, weight_decay=cfg.weight_decay, fit_scaler=False)
+    return m
+
+
+@dataclass
+class Personalised:
+    """Shared part trained centrally, then each person fine-tunes the personal part (gain,
+    bias, personal head) on their own training days. The number of fine-tuning epochs (0 =
+    none) is chosen on the validation slices."""
+
+    cfg: NeuralConfig = field(default_factory=NeuralConfig)
+    config: ProtocolConfig = field(default_factory=ProtocolConfig)
+    description: str = "shared part trained centrally + personal fine-tune on the device"
+
+    def _finetune_predict(self, bases, splits, epochs, seed):
+        return {s.person: _ensemble([_neural_prediction(personal_finetune(b, s, self.cfg, epochs, seed), s)
+                                     for b in bases]) for s in splits}
+
+    def fit_predict(self, splits, seed):
+        with limited_threads(self.cfg.threads):
+            return self._fit_predict_all(splits, seed)
+
+    def _fit_predict_all(self, splits, seed):
+        candidates = tuple(self.cfg.finetune_epochs)
+        epochs = candidates[0]
+        if len(candidates) > 1:
+            val = validation_splits(splits, self.config)
+            bases_val = central_models(val, self.cfg, seed)
+            epochs = _choose(candidates, lambda e: self._finetune_predict(bases_val, val, e, seed), val)
+        self.chosen = {"finetune_epochs": epochs}
+        return self._finetune_predict(central_models(splits, self.cfg, seed), splits, epochs, seed)
+
+
+BASELINE_ROWS = ("global mean", "person mean", "last value", "local ridge", "central ridge",
+                 "local neural", "central neural")
+
+
+def default_methods(config: ProtocolConfig | None = None,
+                    neural: NeuralConfig | None = None) -> dict[str, Method]:
+    """The table's rows, in order: baselines, then our personalised model."""
+    config = config or ProtocolConfig()
+    neural = neural or NeuralConfig()
+    return {
+        "global mean": GlobalMean(),
+        "person mean": PersonMean(),
+        "last value": LastValue(),
+        "local ridge": LocalRidge(config=config),
+        "central ridge": CentralRidge(config=config),
+        "local neural": LocalNeural(neural, config),
+        "central neural": CentralNeural(neural),
+        "personalised": Personalised(neural, config),
+    }
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class MethodResult:
+    name: str
+    description: str
+    mae: float
+    mae_ci: tuple[float, float]
+    auroc: float  # mean over persons with both classes in their test period
+    auroc_pooled: float
+    n_persons_auroc: int
+    seconds: float
+    chosen: dict = field(default_factory=dict)
+    per_person_mae: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationResult:
+    protocol: dict
+    dataset: str
+    persons: list[dict]  # person, n_train, n_test
+    excluded: dict[str, str]  # person -> reason
+    methods: list[MethodResult]
+
+    def method(self, name: str) -> MethodResult:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def best_baseline(self) -> MethodResult | None:
+        rows = [m for m in self.methods if m.name in BASELINE_ROWS]
+        return min(rows, key=lambda m: m.mae) if rows else None
+
+    def to_dict(self) -> dict:
+        best = self.best_baseline()
+        return {
+            "dataset": self.dataset,
+            "protocol": self.protocol,
+            "n_persons": len(self.persons),
+            "persons": self.persons,
+            "excluded": self.excluded,
+            "best_baseline": None if best is None else best.name,
+            "methods": [
+                {**asdict(m), "mae_ci": list(m.mae_ci),
+                 "vs_best_baseline": None if best is None else (best.mae - m.mae) / best.mae}
+                for m in self.methods
+            ],
+        }
+
+    def to_json(self) -> str:
+        def clean(o):
+            if isinstance(o, float) and not math.isfinite(o):
+                return None
+            if isinstance(o, dict):
+                return {k: clean(v) for k, v in o.items()}
+            if isinstance(o, (list, tuple)):
+                return [clean(v) for v in o]
+            return o
+
+        return json.dumps(clean(self.to_dict()), indent=2, sort_keys=False)
+
+    def to_markdown(self) -> str:
+        best = self.best_baseline()
+        n_test = sum(p["n_test"] for p in self.persons)
+        lines = [
+            f"**{self.dataset}**: {len(self.persons)} persons, {n_test} test days "
+            f"(target `{self.protocol['target']}` of day t+1 from days t-{self.protocol['window'] - 1}..t).",
+            "",
+            "| method | MAE | 95% CI (persons) | vs best baseline | AUROC low flag | AUROC pooled |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m in self.methods:
+            rel = "" if best is None else f"{100 * (best.mae - m.mae) / best.mae:+.1f}%"
+            lines.append(
+                f"| {m.name} | {m.mae:.3f} | {m.mae_ci[0]:.3f}–{m.mae_ci[1]:.3f} | {rel} | "
+                f"{_fmt(m.auroc)} | {_fmt(m.auroc_pooled)} |"
+            )
+        if best is not None:
+            lines += ["", f"Best baseline: {best.name}. \"vs best baseline\": MAE reduction "
+                          "(positive = better)."]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float) -> str:
+    return "–" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def blinded(splits: Sequence[PersonSplit]) -> list[PersonSplit]:
+    """Copies of the splits whose test targets are NaN: what a method is given, so no row can
+    peek at the answers it is scored on."""
+    out = []
+    for s in splits:
+        t = s.test
+        hidden = ExampleSet(t.X, np.full_like(t.y, np.nan), t.end_idx, t.window, t.n_features,
+                            t.last_value)
+        out.append(PersonSplit(s.person, s.days, s.train, hidden, s.low_threshold, s.gap_days))
+    return out
+
+
+def score_method(name: str, description: str, preds: Mapping[str, Prediction],
+                 splits: Sequence[PersonSplit], config: ProtocolConfig, seconds: float,
+                 chosen: dict | None = None) -> MethodResult:
+    maes, aucs, all_lab, all_score = {}, [], [], []
+    for s in splits:
+        p = preds.get(s.person)
+        if p is None:
+            raise EvaluationError(f"method {name!r} gave no prediction for a person")
+        value = np.asarray(p.value, dtype=np.float64)
+        if value.shape != s.test.y.shape or not np.all(np.isfinite(value)):
+            raise EvaluationError(f"method {name!r}: predictions have the wrong shape or NaN")
+        maes[s.person] = float(np.mean(np.abs(value - s.test.y)))
+        score = s.low_threshold - value if p.low_score is None else np.asarray(p.low_score, float)
+        labels = s.test.y <= s.low_threshold
+        a = auroc(labels, score)
+        if math.isfinite(a):
+            aucs.append(a)
+        all_lab.append(labels)
+        # Pooled AUROC compares scores across persons: use each person's rank within the
+        # person (a probability for our models, the margin below threshold for regressors).
+        all_score.append(score if p.low_score is not None else score / s.train_scale)
+    per = np.array(list(maes.values()))
+    return MethodResult(
+        name=name, description=description, mae=float(per.mean()),
+        mae_ci=bootstrap_ci(per, config.bootstrap, config.seed),
+        auroc=float(np.mean(aucs)) if aucs else float("nan"),
+        auroc_pooled=auroc(np.concatenate(all_lab), np.concatenate(all_score)),
+        n_persons_auroc=len(aucs), seconds=seconds, chosen=dict(chosen or {}),
+        per_person_mae=maes,
+    )
+
+
+def evaluate(
+    cohort: Mapping[str, DailyData] | Sequence[PersonSplit],
+    methods: Mapping[str, Method] | None = None,
+    *,
+    config: ProtocolConfig | None = None,
+    dataset: str = "cohort",
+    seed: int | None = None,
+    feature_fn: Callable[[DailyData], FeatureFrame] = compute_features,
+    on_method: Callable[[str], None] | None = None,
+) -> EvaluationResult:
+    """Run every method on the cohort under the protocol and score it.
+
+    ``cohort``: person -> their days (or ready-made splits). ``methods``: row name -> method
+    (default: :func:`default_methods`). ``seed`` overrides ``config.seed``.
+    """
+    config = config or ProtocolConfig()
+    if seed is not None:
+        config = ProtocolConfig(**{**asdict(config), "seed": int(seed)})
+    methods = dict(methods) if methods is not None else default_methods(config)
+    excluded: dict[str, str] = {}
+    if isinstance(cohort, Mapping):
+        splits = []
+        for person, data in cohort.items():
+            split, why = split_person(person, data, config, feature_fn)
+            if split is None:
+                excluded[person] = why or "excluded"
+            else:
+                splits.append(split)
+    else:
+        splits = list(cohort)
+    if len(splits) < 2:
+        raise EvaluationError(
+            f"only {len(splits)} person(s) have enough data for the protocol (need >= 2)"
+        )
+    results = []
+    blind = blinded(splits)
+    for name, method in methods.items():
+        if on_method is not None:
+            on_method(name)
+        t0 = time.perf_counter()
+        preds = method.fit_predict(blind, config.seed)
+        seconds = time.perf_counter() - t0
+        results.append(score_method(
+            name, getattr(method, "description", name), preds, splits, config, seconds,
+            getattr(method, "chosen", None),
+        ))
+    return EvaluationResult(
+        protocol=asdict(config), dataset=dataset,
+        persons=[{"person": s.person, "n_train": len(s.train), "n_test": len(s.test)} for s in splits],
+        excluded=excluded, methods=results,
+    )
+
+
+def plot_results(result: EvaluationResult, path) -> None:
+    """MAE per method with its bootstrap interval (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m.name for m in result.methods]
+    mae = np.array([m.mae for m in result.methods])
+    lo = np.array([m.mae_ci[0] for m in result.methods])
+    hi = np.array([m.mae_ci[1] for m in result.methods])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2), dpi=110)
+    y = np.arange(len(names))[::-1]
+    colors = ["#888888" if n in BASELINE_ROWS else "#2b7bba" for n in names]
+    ax.barh(y, mae, color=colors, alpha=0.85)
+    ax.errorbar(mae, y, xerr=[mae - lo, hi - mae], fmt="none", ecolor="black", capsize=3, lw=1)
+    ax.set_yticks(y, names)
+    ax.set_xlabel(f"MAE of next-day {result.protocol['target']} (mean over persons, 95% CI)")
+    ax.set_title(f"{result.dataset}: {len(result.persons)} persons")
+    ax.set_xlim(0, max(hi.max() if np.isfinite(hi).all() else mae.max(), mae.max()) * 1.1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = [
+    "ProtocolConfig", "NeuralConfig", "ExampleSet", "PersonSplit", "Prediction", "Method",
+    "EvaluationResult", "MethodResult", "EvaluationError", "evaluate", "default_methods",
+    "split_person", "chronological_split", "check_no_leakage", "validation_splits",
+    "windowed_examples", "blinded", "auroc", "bootstrap_ci", "score_method", "plot_results",
+    "train_pooled", "central_models", "personal_finetune", "GlobalMean", "PersonMean", "LastValue", "LocalRidge", "CentralRidge",
+    "LocalNeural", "CentralNeural", "Personalised", "BASELINE_ROWS",
+]
