@@ -1,0 +1,225 @@
+"""`restwise device join` / `restwise device join-key`: this device joins a federation.
+
+``join`` wraps ``flower-supernode`` with the flags that matter (see
+``restwise.server.deploy`` for what Flower 1.42 does with each):
+
+* ``--root-cert CA``: TLS, and the SuperLink's certificate must be signed by this CA (a
+  device never talks to an impostor SuperLink, and nobody on the path reads the traffic).
+  Plaintext only with an explicit ``--insecure``.
+* ``--auth-key KEY``: the device's own EC private key (made on the device by ``join-key``;
+  only the ``.pub`` half goes to the operator, who registers it). The SuperLink refuses
+  nodes whose key it does not know.
+* ``--store`` / ``--keystore``: passed to the ClientApp as node configuration
+  (``store=... keystore=...``). They stay on the device: the server never learns the paths'
+  contents nor the key. The store is test-opened before joining so a wrong keystore fails
+  here, with a clear message, not in the middle of a round.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _err(msg: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=code)
+
+
+# The device side never imports the server package (ARCHITECTURE.md), so the few lines that
+# build Flower's command and key format are here too; tests/test_deployment.py checks they
+# agree with restwise.server.deploy.
+
+
+class JoinConfigError(ValueError):
+    """Bad or unsafe `restwise device join` options."""
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def make_join_key(private_path: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """EC P-384 key pair in the OpenSSH formats Flower reads: PATH (private, 0600), PATH.pub."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public_path = private_path.with_name(private_path.name + ".pub")
+    if not overwrite:
+        for path in (private_path, public_path):
+            if path.exists():
+                raise JoinConfigError(f"{path} already exists (pass --force to replace it)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_secret(private_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    _write_secret(public_path, key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return private_path, public_path
+
+
+def check_join_key(path: Path) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise JoinConfigError(f"{path}: cannot read the key ({exc.strerror})") from None
+    try:
+        key = serialization.load_ssh_private_key(data, None)
+    except (ValueError, UnsupportedAlgorithm, TypeError):
+        raise JoinConfigError(f"{path}: not an unencrypted OpenSSH private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise JoinConfigError(f"{path}: not an EC private key (make one with `restwise device join-key`)")
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _venv_path(path: str) -> str:
+    here = str(Path(sys.executable).parent)
+    return os.pathsep.join([here, *[p for p in path.split(os.pathsep) if p and p != here]])
+
+
+def _quoted(value: str) -> str:
+    if any(c in value for c in "'\"\n"):
+        raise JoinConfigError("store and keystore paths must not contain quotes or newlines")
+    return f'"{value}"'
+
+
+def supernode_join_command(
+    superlink: str,
+    *,
+    root_cert: Path | None,
+    auth_key: Path,
+    insecure: bool,
+    store: Path,
+    keystore: Path,
+    runtime_port: int = 9094,
+    max_wait_s: float | None = None,
+) -> list[str]:
+    """The ``flower-supernode`` command for this device (same as deploy.supernode_command)."""
+    host, sep, port = superlink.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise JoinConfigError(f"--superlink: expected HOST:PORT, got {superlink!r}")
+    if insecure and root_cert is not None:
+        raise JoinConfigError("--insecure and --root-cert are contradictory: choose one")
+    if not insecure and root_cert is None:
+        raise JoinConfigError(
+            "refusing to connect without TLS: give the CA certificate that signed the "
+            "SuperLink's certificate (--root-cert), or pass --insecure explicitly"
+        )
+    cmd = [_bin("flower-supernode"), "--superlink", superlink]
+    cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_cert)]
+    cmd += ["--auth-supernode-private-key", str(auth_key)]
+    cmd += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
+    cmd += ["--node-config", f"store={_quoted(str(store))} keystore={_quoted(str(keystore))}"]
+    if max_wait_s is not None:
+        cmd += ["--max-wait-time", str(float(max_wait_s))]
+    return cmd
+
+
+def check_device_store(store: Path, keystore: Path) -> None:
+    """Open and close the store with the keystore (raises the device's own errors)."""
+    from restwise.client.errors import StoreNotFoundError
+    from restwise.client.keys import FileKeystore
+    from restwise.client.store import DeviceStore
+
+    if not DeviceStore.exists(store):
+        raise StoreNotFoundError()
+    DeviceStore.open(store, keystore=FileKeystore(keystore)).close()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("join-key")
+    def join_key(
+        out: Path = typer.Option(
+            Path("~/.restwise/node-key"), "--out",
+            help="Where to write the private key; the public key goes to OUT.pub (send that one to the operator).",
+        ),
+        force: bool = typer.Option(False, "--force", help="Replace an existing key pair."),
+    ) -> None:
+        """Make this device's SuperNode authentication key pair (EC P-384, files 0600)."""
+        try:
+            private, public = make_join_key(Path(out).expanduser(), overwrite=force)
+        except JoinConfigError as exc:
+            raise _err(str(exc)) from None
+        typer.echo(f"private key {private} (stays on this device)")
+        typer.echo(f"public key  {public} (send to the operator: `restwise server register-node`)")
+
+    @app.command("join")
+    def join(
+        superlink: str = typer.Option(..., "--superlink", help="The SuperLink's address HOST:PORT."),
+        root_cert: Optional[Path] = typer.Option(
+            None, "--root-cert", help="The CA certificate that signed the SuperLink's certificate (from the operator)."
+        ),
+        auth_key: Optional[Path] = typer.Option(
+            None, "--auth-key", help="This device's private key (made with `restwise device join-key`)."
+        ),
+        store: Optional[Path] = typer.Option(None, "--store", "-s", help="Your encrypted store (default: RESTWISE_STORE or ~/.restwise/store)."),
+        keystore: Optional[Path] = typer.Option(
+            None, "--keystore", help="Folder of the device keystore that opens the store (default: STORE/../keystore)."
+        ),
+        insecure: bool = typer.Option(
+            False, "--insecure", help="Connect WITHOUT TLS: anyone on the path reads and alters the traffic. Loopback trials only."
+        ),
+        runtime_port: int = typer.Option(
+            9094, "--runtime-port", min=1, max=65535,
+            help="Local port for the SuperNode's own runtime API (one per SuperNode on a machine).",
+        ),
+        max_wait: Optional[float] = typer.Option(
+            None, "--max-wait", min=1.0, help="Give up after this many seconds without reaching the SuperLink."
+        ),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the flower-supernode command instead of running it."),
+    ) -> None:
+        """Join a federation: run a SuperNode that trains on your store when a run asks."""
+        from restwise.client.cli import resolve_store
+        from restwise.client.errors import RestwiseDeviceError
+
+        store_path = resolve_store(store).resolve()
+        keystore_path = (Path(keystore).expanduser() if keystore else store_path.parent / "keystore").resolve()
+        try:
+            if auth_key is None:
+                raise JoinConfigError(
+                    "give this device's key (--auth-key; make one with `restwise device join-key`): "
+                    "the SuperLink only accepts registered nodes"
+                )
+            root = Path(root_cert).expanduser().resolve() if root_cert else None
+            key = Path(auth_key).expanduser().resolve()
+            cmd = supernode_join_command(
+                superlink, root_cert=root, auth_key=key, insecure=insecure, store=store_path,
+                keystore=keystore_path, runtime_port=runtime_port, max_wait_s=max_wait,
+            )
+        except JoinConfigError as exc:
+            raise _err(str(exc), 2) from None
+        if dry_run:
+            typer.echo(" ".join(cmd))
+            return
+        try:
+            if root is not None and not root.is_file():
+                raise JoinConfigError(f"{root}: no such file (the CA certificate from the operator)")
+            check_join_key(key)
+            check_device_store(store_path, keystore_path)
+        except JoinConfigError as exc:
+            raise _err(str(exc)) from None
+        except RestwiseDeviceError as exc:
+            raise _err(str(exc), exc.exit_code) from None
+        env = dict(os.environ)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["PATH"] = _venv_path(env.get("PATH", ""))
+        os.execvpe(cmd[0], cmd, env)  # the SuperNode replaces this process

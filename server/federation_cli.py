@@ -1,0 +1,238 @@
+"""`restwise server certs | superlink | register-node | nodes | run`: a real deployment.
+
+Thin commands over :mod:`restwise.server.deploy` (which documents what Flower 1.42 does and
+why each flag is there). Plaintext is refused unless ``--insecure`` is given explicitly;
+``run`` waits for the run and checks how it ended, because ``flwr run`` exits 0 as soon as a
+run is *submitted*. Every ``flwr`` call uses a private, throw-away ``FLWR_HOME`` (the
+operator's own ``~/.flwr`` is never read or rewritten).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def _err(msg: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=code)
+
+
+def _connection(home: Path, superlink: str, root_cert: Optional[Path], insecure: bool):
+    from restwise.server import deploy as D
+
+    if root_cert is not None and not Path(root_cert).is_file():
+        raise D.CertificateError(root_cert, "no such file")
+    return D.FlwrConnection(home, superlink, root_cert=root_cert, insecure=insecure)
+
+
+SUPERLINK_HELP = "The SuperLink's address HOST:PORT (one port serves nodes, operators and the ServerApp)."
+ROOT_CERT_HELP = "The CA certificate that signed the SuperLink's TLS certificate (ca.crt from `restwise server certs`)."
+INSECURE_HELP = "Allow plaintext (no TLS). Anyone on the path can read and alter the traffic: trials on loopback only."
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("certs")
+    def certs(
+        out: Path = typer.Option(..., "--out", help="Folder for the trial CA, server certificate and node keys."),
+        san: List[str] = typer.Option(
+            ["127.0.0.1", "localhost"], "--san",
+            help="A name or IP address SuperNodes dial (repeat). Default: 127.0.0.1 and localhost.",
+        ),
+        node: List[str] = typer.Option(
+            [], "--node", help="Also make an authentication key pair for a SuperNode of this name (repeat)."
+        ),
+        days: int = typer.Option(30, "--days", min=1, max=825, help="Certificate lifetime."),
+        force: bool = typer.Option(False, "--force", help="Replace existing files."),
+    ) -> None:
+        """Make a local CA, a SuperLink TLS certificate and SuperNode key pairs for a TRIAL.
+
+        All files are created mode 0600. The CA key is kept next to the certificates: fine for
+        a trial, not for production (use your organisation's CA)."""
+        from restwise.server import deploy as D
+
+        try:
+            files = D.make_trial_pki(out, sans=san, days=days, overwrite=force)
+            keys = [D.make_node_keys(Path(out) / "nodes", n, overwrite=force) for n in node]
+        except D.DeploymentError as exc:
+            raise _err(str(exc), 2 if isinstance(exc, D.DeploymentConfigError) else 1) from None
+        typer.echo(f"CA certificate       {files.ca_cert}   (give to every SuperNode: --root-cert)")
+        typer.echo(f"CA key               {files.ca_key}   (keep private; trials only)")
+        typer.echo(f"SuperLink cert/key   {files.server_cert}, {files.server_key}  (SANs: {', '.join(san)})")
+        for k in keys:
+            typer.echo(f"SuperNode key pair   {k.private_key} (device keeps), {k.public_key} (operator registers)")
+
+    @app.command("superlink")
+    def superlink(
+        certs_dir: Optional[Path] = typer.Option(
+            None, "--certs", help="Folder made by `restwise server certs` (ca.crt, server.crt, server.key)."
+        ),
+        ssl_ca_certfile: Optional[Path] = typer.Option(None, "--ssl-ca-certfile", help="CA certificate (instead of --certs)."),
+        ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="Server certificate (instead of --certs)."),
+        ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="Server private key (instead of --certs)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for all interfaces)."),
+        port: int = typer.Option(9093, "--port", min=1, max=65535, help="The one port for nodes, operators and the ServerApp."),
+        database: Optional[Path] = typer.Option(
+            None, "--database", help="SQLite file for the SuperLink's state (registered nodes survive a restart)."
+        ),
+        no_node_auth: bool = typer.Option(
+            False, "--no-node-auth", help="Accept ANY SuperNode (no registered keys). Only with --insecure trials."
+        ),
+        insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+        log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the SuperLink's log here."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the flower-superlink command instead of running it."),
+    ) -> None:
+        """Start a SuperLink with TLS and SuperNode authentication (runs in the foreground)."""
+        from restwise.server import deploy as D
+
+        try:
+            tls = None
+            if certs_dir is not None:
+                if any((ssl_ca_certfile, ssl_certfile, ssl_keyfile)):
+                    raise D.DeploymentConfigError("give either --certs or the three --ssl-* files, not both")
+                tls = D.TlsFiles.in_dir(certs_dir)
+            elif any((ssl_ca_certfile, ssl_certfile, ssl_keyfile)):
+                if not all((ssl_ca_certfile, ssl_certfile, ssl_keyfile)):
+                    raise D.DeploymentConfigError("give all three of --ssl-ca-certfile, --ssl-certfile, --ssl-keyfile")
+                tls = D.TlsFiles(Path(ssl_ca_certfile), Path(ssl_certfile), Path(ssl_keyfile))
+            cfg = D.SuperLinkConfig(
+                host=host, port=port, tls=tls, insecure=insecure, node_auth=not no_node_auth,
+                database=database, log_file=log_file,
+            )
+            if tls is not None:
+                tls.check()
+        except D.DeploymentConfigError as exc:
+            raise _err(str(exc), 2) from None
+        except D.DeploymentError as exc:
+            raise _err(str(exc)) from None
+        cmd = D.superlink_command(cfg)
+        if dry_run:
+            typer.echo(" ".join(cmd))
+            return
+        env = dict(os.environ)
+        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        env["PATH"] = D.venv_path(env.get("PATH", ""))
+        os.execvpe(cmd[0], cmd, env)  # the SuperLink replaces this process: signals reach it directly
+
+    @app.command("register-node")
+    def register_node(
+        public_key: Path = typer.Argument(..., help="The SuperNode's public key (OpenSSH EC, the NAME.pub file)."),
+        superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help=SUPERLINK_HELP),
+        root_cert: Optional[Path] = typer.Option(None, "--root-cert", help=ROOT_CERT_HELP),
+        insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+        name: Optional[str] = typer.Option(None, "--name", help="A label for the node."),
+    ) -> None:
+        """Register a SuperNode's public key: only registered nodes may join the federation."""
+        from restwise.server import deploy as D
+
+        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home:
+            try:
+                conn = _connection(Path(home), superlink, root_cert, insecure)
+                node_id = D.register_node(conn, public_key, name=name)
+            except D.DeploymentConfigError as exc:
+                raise _err(str(exc), 2) from None
+            except D.DeploymentError as exc:
+                raise _err(str(exc)) from None
+        typer.echo(f"registered SuperNode {node_id}")
+
+    @app.command("nodes")
+    def nodes(
+        superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help=SUPERLINK_HELP),
+        root_cert: Optional[Path] = typer.Option(None, "--root-cert", help=ROOT_CERT_HELP),
+        insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+    ) -> None:
+        """List the registered SuperNodes and whether they are online (JSON)."""
+        from restwise.server import deploy as D
+
+        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home:
+            try:
+                found = D.list_nodes(_connection(Path(home), superlink, root_cert, insecure))
+            except D.DeploymentConfigError as exc:
+                raise _err(str(exc), 2) from None
+            except D.DeploymentError as exc:
+                raise _err(str(exc)) from None
+        typer.echo(json.dumps(found, indent=2))
+
+    @app.command("run")
+    def run(
+        run_dir: Path = typer.Option(..., "--run-dir", help="The run's folder (config.json; ledger, checkpoints and state are written here)."),
+        config: Optional[Path] = typer.Option(
+            None, "--config", help="A run configuration (JSON, RunConfig fields) to write into the run folder first."
+        ),
+        superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help=SUPERLINK_HELP),
+        root_cert: Optional[Path] = typer.Option(None, "--root-cert", help=ROOT_CERT_HELP),
+        insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+        timeout: float = typer.Option(3600.0, "--timeout", min=1.0, help="Seconds to wait for the run to finish."),
+    ) -> None:
+        """Submit a Restwise run to a SuperLink, wait for it, and report how it ended.
+
+        Exit 0 only if Flower reports the run finished:completed AND the run folder's state is
+        completed; otherwise 1 (the reason is printed). The ServerApp runs on the SuperLink's
+        machine, so --run-dir is a path on that machine."""
+        from restwise.server import deploy as D
+
+        run_dir = Path(run_dir).resolve()
+        try:
+            _prepare_run_dir(run_dir, config)
+        except ValueError as exc:
+            raise _err(str(exc), 2) from None
+        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home:
+            try:
+                conn = _connection(Path(home), superlink, root_cert, insecure)
+                app_dir = D.write_app_dir(Path(home) / "app")
+                run_id = D.submit_run(conn, app_dir, {"run-dir": str(run_dir)})
+                typer.echo(f"submitted Flower run {run_id}; waiting (up to {timeout:.0f} s)")
+                status = D.wait_for_run(conn, run_id, timeout_s=timeout, poll_s=2.0)
+            except D.DeploymentConfigError as exc:
+                raise _err(str(exc), 2) from None
+            except D.DeploymentError as exc:
+                raise _err(str(exc)) from None
+        outcome = check_run_outcome(status, run_dir)
+        typer.echo(json.dumps(outcome, indent=2))
+        if not outcome["ok"]:
+            raise _err(f"run {run_id} did not complete: {outcome['reason']}")
+
+
+def _prepare_run_dir(run_dir: Path, config: Optional[Path]) -> None:
+    from restwise.server.runconfig import RunConfig
+
+    target = run_dir / "config.json"
+    if config is not None:
+        try:
+            data = json.loads(Path(config).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"cannot read {config}: {exc.strerror}") from None
+        except json.JSONDecodeError:
+            raise ValueError(f"{config} is not JSON") from None
+        cfg = RunConfig.from_dict(data)  # RunConfigError (a ValueError) names the bad field
+        run_dir.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(cfg.to_dict(), sort_keys=True, indent=2) + "\n", encoding="utf-8")
+    elif not target.is_file():
+        raise ValueError(f"{target} does not exist: give --config or create the run with the service")
+
+
+def check_run_outcome(status, run_dir: Path) -> dict:
+    """Combine Flower's verdict with the ServerApp's own (``state.json``): a ServerApp that
+    returns normally after every round failed is still 'finished:completed' for Flower."""
+    state: dict = {}
+    try:
+        state = json.loads((Path(run_dir) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    restwise_status = state.get("status")
+    ok = status.succeeded and restwise_status == "completed"
+    if not status.succeeded:
+        reason = f"Flower status {status.status}"
+    elif restwise_status != "completed":
+        reason = f"run state {restwise_status or 'missing'}" + (f" ({state.get('reason')})" if state.get("reason") else "")
+    else:
+        reason = None
+    return {
+        "ok": ok, "reason": reason, "flower_run_id": status.run_id, "flower_status": status.status,
+        "status": restwise_status, "completed_rounds": state.get("completed_rounds"), "run_dir": str(run_dir),
+    }
