@@ -238,7 +238,7 @@ def _window_matrix(x: np.ndarray, window: int, lag: int = 0) -> np.ndarray:
     n = len(x)
     padded = np.concatenate([np.full(window + lag, np.nan), x])
     view = np.lib.stride_tricks.sliding_window_view(padded, window)
-    # view[i] = padded[i : i+window] = x[i-window-lag .. i-lag-1]; row t needs i = t+lag+1.
+    # view[i] = padded[i : i+window] = x[i-window-lag .. i-lag-1]; row t needs i = t+1.
     return view[1 : n + 1]
 
 
