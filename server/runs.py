@@ -85,11 +85,19 @@ class RunStateError(RunError):
 
 class BudgetRefusedError(RunError):
     def __init__(self, run_id: str, decision: "BudgetDecision"):
-        super().__init__(
-            f"run {run_id!r} would spend ε = {decision.projected_epsilon:.4g} over "
-            f"{decision.rounds} rounds at δ = {decision.delta:g}, above its budget "
-            f"ε = {decision.budget_epsilon:.4g}"
-        )
+        if not decision.run_allowed:
+            message = (
+                f"run {run_id!r} would spend ε = {decision.projected_epsilon:.4g} over "
+                f"{decision.rounds} rounds at δ = {decision.delta:g}, above its budget "
+                f"ε = {decision.budget_epsilon:.4g}"
+            )
+        else:
+            message = (
+                f"run {run_id!r} would bring each person's ε across runs on this dataset from "
+                f"{decision.person_spent_epsilon:.4g} to {decision.person_projected_epsilon:.4g} "
+                f"at δ = {decision.delta:g}, above the person budget ε = {decision.person_budget_epsilon:.4g}"
+            )
+        super().__init__(message)
         self.run_id, self.decision = run_id, decision
 
 
@@ -107,13 +115,25 @@ class BudgetDecision:
     rounds: int
     accountant: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
+    # Person level (across runs over the same dataset), when a person budget is configured.
+    person_spent_epsilon: float | None = None
+    person_projected_epsilon: float | None = None
+    person_budget_epsilon: float | None = None
+
+    @property
+    def run_allowed(self) -> bool:
+        return self.budget_epsilon is None or self.projected_epsilon <= self.budget_epsilon
+
+    @property
+    def person_allowed(self) -> bool:
+        return self.person_budget_epsilon is None or (self.person_projected_epsilon or 0.0) <= self.person_budget_epsilon
 
     @property
     def allowed(self) -> bool:
-        return self.budget_epsilon is None or self.projected_epsilon <= self.budget_epsilon
+        return self.run_allowed and self.person_allowed
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "projected_epsilon": self.projected_epsilon,
             "budget_epsilon": self.budget_epsilon,
             "delta": self.delta,
@@ -121,9 +141,17 @@ class BudgetDecision:
             "accountant": self.accountant,
             **self.detail,
         }
+        if self.person_budget_epsilon is not None:
+            out.update(
+                person_spent_epsilon=self.person_spent_epsilon,
+                person_projected_epsilon=self.person_projected_epsilon,
+                person_budget_epsilon=self.person_budget_epsilon,
+            )
+        return out
 
 
-BudgetCheck = Callable[[dict[str, Any]], BudgetDecision]
+# (run config, release payloads of earlier runs over the same persons) -> decision
+BudgetCheck = Callable[[dict[str, Any], list[dict[str, Any]]], BudgetDecision]
 
 
 def runner_command(run_dir: Path) -> list[str]:
@@ -292,7 +320,29 @@ class RunManager:
         run = self.get(run_id, refresh=False)
         if self.budget_check is None:
             return None
-        return self.budget_check(run["config"])
+        return self.budget_check(run["config"], self.past_release_payloads(run_id))
+
+    def past_release_payloads(self, run_id: str) -> list[dict[str, Any]]:
+        """The release events (ledger payloads) of every *other* run over the same dataset:
+        the same persons, so their privacy loss composes with this run's (person budget)."""
+        run = self.get(run_id, refresh=False)
+        dataset = run["config"].get("dataset")
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(dbm.runs.c.id, dbm.runs.c.config_json, dbm.ledger_entries.c.entry_json)
+                .select_from(dbm.ledger_entries.join(dbm.runs, dbm.ledger_entries.c.run_id == dbm.runs.c.id))
+                .where(dbm.runs.c.id != run_id)
+                .order_by(dbm.ledger_entries.c.run_id, dbm.ledger_entries.c.seq)
+            ).all()
+        out = []
+        for other_id, config_json, entry_json in rows:
+            if json.loads(config_json).get("dataset") != dataset:
+                continue
+            entry = json.loads(entry_json)
+            payload = entry.get("payload") if isinstance(entry, dict) else None
+            if isinstance(payload, dict) and payload.get("kind") == "gaussian_round":
+                out.append(payload)
+        return out
 
     def start(self, run_id: str) -> dict[str, Any]:
         with self._lock:
@@ -532,7 +582,9 @@ def _pid_alive(pid: int | None) -> bool:
     return True
 
 
-def make_budget_check(epsilon_cap: float | None = None) -> BudgetCheck | None:
+def make_budget_check(
+    epsilon_cap: float | None = None, person_epsilon_cap: float | None = None
+) -> BudgetCheck | None:
     """The start-time budget check: ε after all planned rounds, from the accounting area's
     accountant, against the run's budget (its ``target_epsilon``) and the service-wide cap —
     the smaller wins. A run given a ``noise_multiplier`` instead of a target is bounded by the
@@ -541,19 +593,22 @@ def make_budget_check(epsilon_cap: float | None = None) -> BudgetCheck | None:
     The distributed noise is sized for the fewest survivors a round can release with, so the
     planned multiplier is the worst case a round can produce (privacy.budget). Fixed-size
     sampling has no tight amplified analysis in the accountant: it is accounted without
-    amplification (replace-one adjacency), which is valid and never low. Returns None in a
-    checkout without the accountant.
+    amplification (replace-one adjacency), which is valid and never low.
+
+    With ``person_epsilon_cap``, the run's releases are also composed with every earlier
+    release over the same dataset (privacy.budget, scope "person"). Returns None in a checkout
+    without the accountant.
     """
     try:
         from restwise.privacy.accountant import PrivacyAccountant
         from restwise.privacy.budget import PrivacyBudget
         from restwise.privacy.calibration import calibrate_noise_multiplier
         from restwise.privacy.errors import BudgetExceededError
-        from restwise.privacy.events import ReleaseSpec
+        from restwise.privacy.events import ReleaseSpec, event_from_dict
     except ImportError:
         return None
 
-    def check(config: dict[str, Any]) -> BudgetDecision:
+    def check(config: dict[str, Any], past_payloads: list[dict[str, Any]] = ()) -> BudgetDecision:
         rounds = int(config["rounds"])
         delta = float(config.get("delta") or 1e-5)
         sampling = config.get("sampling", "poisson")
@@ -585,6 +640,23 @@ def make_budget_check(epsilon_cap: float | None = None) -> BudgetCheck | None:
                 )
             except BudgetExceededError as exc:
                 projected = float(exc.projected)
+        person: dict[str, Any] = {}
+        if person_epsilon_cap is not None:
+            past = [event_from_dict(p) for p in past_payloads]
+            person_accountant = accountant
+            if not all(person_accountant.supports(e) for e in past):
+                person_accountant = PrivacyAccountant(claim_amplification=False)
+            person_budget = PrivacyBudget(epsilon=float(person_epsilon_cap), delta=delta, scope="person")
+            try:
+                person_projected = person_budget.check_plan(past, spec, rounds, run_id="planned", round=1, accountant=person_accountant)
+                spent = person_budget.spent(past, accountant=person_accountant)
+            except BudgetExceededError as exc:
+                person_projected, spent = float(exc.projected), float(exc.spent)
+            person = dict(
+                person_spent_epsilon=float(spent),
+                person_projected_epsilon=float(person_projected),
+                person_budget_epsilon=float(person_epsilon_cap),
+            )
         return BudgetDecision(
             projected_epsilon=projected,
             budget_epsilon=budget,
@@ -597,6 +669,7 @@ def make_budget_check(epsilon_cap: float | None = None) -> BudgetCheck | None:
                 "amplification_claimed": bool(result.amplification_claimed),
                 "adjacency": result.adjacency,
             },
+            **person,
         )
 
     return check

@@ -63,6 +63,8 @@ class Settings:
     cors_origins     origins allowed by CORS; empty (the default) = no CORS headers at all
     secure_cookies   mark the session cookie ``Secure`` (set when served over HTTPS)
     epsilon_cap      optional service-wide ceiling on any run's projected ε
+    person_epsilon_cap  optional ceiling on each person's ε across all runs over the same
+                     dataset (earlier runs' ledgers compose with the planned run)
     poll_interval_s  how often the run watcher reads run folders
     runner_command   the command that executes a run, before ``--run-dir DIR``; default
                      ``python -m restwise.server.runner run`` (the local simulation engine)
@@ -74,6 +76,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     secure_cookies: bool = False
     epsilon_cap: float | None = None
+    person_epsilon_cap: float | None = None
     poll_interval_s: float = 0.5
     runner_command: tuple[str, ...] = ()
 
@@ -81,8 +84,10 @@ class Settings:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
-        if self.epsilon_cap is not None and not (self.epsilon_cap > 0 and math.isfinite(self.epsilon_cap)):
-            raise ValueError("epsilon_cap must be a positive number")
+        for name in ("epsilon_cap", "person_epsilon_cap"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number")
 
     @property
     def resolved_database_url(self) -> str:
@@ -405,7 +410,7 @@ def build_context(settings: Settings) -> ServiceContext:
         runs=runsm.RunManager(
             database,
             settings.runs_dir,
-            budget_check=runsm.make_budget_check(settings.epsilon_cap),
+            budget_check=runsm.make_budget_check(settings.epsilon_cap, settings.person_epsilon_cap),
             poll_interval_s=settings.poll_interval_s,
             command=runsm.command_factory(settings.runner_command),
         ),

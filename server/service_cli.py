@@ -177,6 +177,9 @@ def register(app: typer.Typer) -> None:
         cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow this browser origin (repeatable). Default: CORS closed."),
         max_body_kib: int = typer.Option(64, "--max-body-kib", min=1, max=10_240, help="Largest accepted request body."),
         epsilon_cap: Optional[float] = typer.Option(None, "--epsilon-cap", help="Refuse any run whose projected ε exceeds this."),
+        person_epsilon_cap: Optional[float] = typer.Option(
+            None, "--person-epsilon-cap", help="Refuse a run that would bring any person's ε across runs on the same dataset above this."
+        ),
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key for --tls-cert."),
     ) -> None:
@@ -195,6 +198,7 @@ def register(app: typer.Typer) -> None:
                 cors_origins=tuple(cors_origin),
                 max_body_bytes=max_body_kib * 1024,
                 epsilon_cap=epsilon_cap,
+                person_epsilon_cap=person_epsilon_cap,
                 secure_cookies=tls_cert is not None,
             )
             application = create_app(settings)

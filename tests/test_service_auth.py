@@ -307,3 +307,46 @@ def test_state_changes_are_in_the_signed_audit_ledger(service, tmp_path):
     ledger_file.write_bytes(tampered)
     with pytest.raises(Exception):
         verify_ledger_file(ledger_file, load_public_key(pem))
+
+
+def _release_payload(run_id: str, rnd: int, z: float) -> dict:
+    from restwise.privacy.events import GaussianRoundEvent
+
+    return GaussianRoundEvent(
+        run_id=run_id, round=rnd, noise_multiplier=z, clip_norm=1.0, sampling="poisson", sampling_rate=1.0,
+        cohort_size=4, population=4, adjacency="add_remove", planned_clients=4, survivors=4,
+        noise_std_total=z, model_hash="ab" * 16,
+    ).to_dict()
+
+
+def test_person_budget_composes_earlier_runs_on_the_same_dataset(tmp_path):
+    from restwise.privacy.accountant import PrivacyAccountant
+    from restwise.privacy.events import ReleaseSpec
+
+    app = create_app(Settings(data_dir=tmp_path, person_epsilon_cap=6.0))
+    ctx = app.state.ctx
+    _, op = ctx.tokens.create("operator", "olga")
+    headers = {"Authorization": f"Bearer {op}"}
+    body = {**VALID_RUN, "rounds": 4, "sampling_rate": 1.0, "noise_multiplier": 2.0, "dataset": "demo"}
+    with TestClient(app) as client:
+        earlier = client.post("/api/v1/runs", json=body, headers=headers).json()["id"]
+        with ctx.db.engine.begin() as conn:  # the earlier run's ledger, as mirrored from its folder
+            for seq in range(4):
+                entry = {"seq": seq + 1, "kind": "gaussian_round", "payload": _release_payload(earlier, seq + 1, 2.0)}
+                conn.execute(db.ledger_entries.insert().values(run_id=earlier, seq=seq, entry_json=json.dumps(entry)))
+        spec = ReleaseSpec.plan(noise_multiplier=2.0, sampling="full", adjacency="add_remove")
+        alone = PrivacyAccountant().epsilon_for_rounds(spec, 4, 1e-5).epsilon
+        both = PrivacyAccountant().epsilon_for_rounds(spec, 8, 1e-5).epsilon
+        assert alone < 6.0 < both  # the setting that makes the person budget decide
+
+        same = client.post("/api/v1/runs", json=body, headers=headers).json()["id"]
+        r = client.post(f"/api/v1/runs/{same}/start", headers=headers)
+        assert r.status_code == 409, r.text
+        problem = r.json()
+        assert problem["person_budget_epsilon"] == 6.0
+        assert problem["person_spent_epsilon"] == pytest.approx(alone, rel=1e-6)
+        assert problem["person_projected_epsilon"] == pytest.approx(both, rel=1e-6)
+        assert "person budget" in problem["detail"]
+        other = client.post("/api/v1/runs", json={**body, "dataset": "soccermon"}, headers=headers).json()["id"]
+        decision = ctx.runs.check_budget(other)
+        assert decision.allowed and decision.person_spent_epsilon == 0.0
