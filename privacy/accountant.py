@@ -34,6 +34,7 @@ about as much as one. Composition is commutative, so grouping ignores order.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -44,7 +45,7 @@ from restwise.privacy.errors import AccountingError, NoiseTooSmallError, Unsuppo
 from restwise.privacy.events import GaussianRoundEvent, ReleaseSpec
 
 MIN_NOISE_MULTIPLIER = 0.5
-ACCOUNTANT_NAME = "dp_accounting.pld.PLDAccountant"
+ACCOUNTANT_NAME = "dp_accounting.pld (privacy loss distribution, pessimistic)"
 RDP_ACCOUNTANT_NAME = "dp_accounting.rdp.RdpAccountant"
 # Added to root-finder results so they are upper bounds (the finder's tolerance is 1e-12).
 _ROOT_TOLERANCE = 1e-9
@@ -59,20 +60,50 @@ def dp_accounting_version() -> str:
 
 @dataclass(frozen=True)
 class PLDParameters:
-    """Discretisation of the PLD accountant. ``pessimistic_estimate``, ``use_connect_dots`` and
-    ``log_mass_truncation_bound`` are the values dp_accounting's PLDAccountant uses (recorded
-    so the report states them); only the interval is configurable."""
+    """Discretisation of the PLD. ``value_discretization_interval=None`` (default) picks it from
+    the number of composed releases n: ``clip(1e-3 * sqrt(100 / n), 1e-4, 1e-3)`` - fine where
+    many compositions accumulate discretisation error, coarse (and 10x faster) where few do.
+    Either way the estimate is pessimistic: discretisation only ever raises epsilon.
+    ``pessimistic_estimate``, ``use_connect_dots`` and ``log_mass_truncation_bound`` are
+    dp_accounting's defaults, recorded so the report states them."""
 
-    value_discretization_interval: float = 1e-4
+    value_discretization_interval: float | None = None
     pessimistic_estimate: bool = True
     use_connect_dots: bool = True
     log_mass_truncation_bound: float = -50.0
 
     def __post_init__(self) -> None:
-        if not (0 < self.value_discretization_interval <= 0.1):
-            raise AccountingError("value_discretization_interval must be in (0, 0.1]")
-        if not self.pessimistic_estimate:
+        vdi = self.value_discretization_interval
+        if vdi is not None and not (isinstance(vdi, (int, float)) and 1e-6 <= vdi <= 0.1):
+            raise AccountingError("value_discretization_interval must be in [1e-6, 0.1] or None (adaptive)")
+        if self.pessimistic_estimate is not True:
             raise AccountingError("only pessimistic PLD discretisation is allowed (epsilon must never be low)")
+        if not isinstance(self.use_connect_dots, bool) or not isinstance(self.log_mass_truncation_bound, (int, float)):
+            raise AccountingError("invalid PLD parameters")
+        if self.log_mass_truncation_bound > -20:
+            raise AccountingError("log_mass_truncation_bound must be <= -20")
+
+    def interval_for(self, releases: int) -> float:
+        if self.value_discretization_interval is not None:
+            return float(self.value_discretization_interval)
+        return float(min(1e-3, max(1e-4, 1e-3 * math.sqrt(100.0 / max(1, releases)))))
+
+
+@lru_cache(maxsize=128)
+def _base_pld(noise_multiplier: float, sampling_rate: float, adjacency: str, interval: float, params: PLDParameters):
+    """One release's PLD (built once, reused across compositions and curve points)."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier,
+        sensitivity=1.0,
+        pessimistic_estimate=params.pessimistic_estimate,
+        value_discretization_interval=interval,
+        log_mass_truncation_bound=params.log_mass_truncation_bound,
+        sampling_prob=sampling_rate,
+        use_connect_dots=params.use_connect_dots,
+        neighboring_relation=_neighbor_relation(adjacency),
+    )
 
 
 @dataclass(frozen=True)
@@ -118,6 +149,53 @@ def _specs(items: Iterable[GaussianRoundEvent | ReleaseSpec]) -> list[ReleaseSpe
                 f"the accountant reads GaussianRoundEvent releases only, got {type(item).__name__}", event=item
             )
     return out
+
+
+@lru_cache(maxsize=1)
+def _rdp_orders():
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
+
+
+@lru_cache(maxsize=256)
+def _rdp_vector(spec: ReleaseSpec, amplified: bool):
+    """RDP of one release at dp_accounting's default orders (numpy array), or None."""
+    import dp_accounting
+    import numpy as np
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    relation = dp_accounting.NeighboringRelation
+    if spec.adjacency == "add_remove":
+        z = spec.noise_multiplier
+        if amplified and spec.sampling == "poisson":
+            event = dp_event.PoissonSampledDpEvent(spec.sampling_rate, dp_event.GaussianDpEvent(z))
+        else:
+            event = dp_event.GaussianDpEvent(z)
+        rel = relation.ADD_OR_REMOVE_ONE
+    else:
+        # dp_accounting's RDP Gaussian assumes sensitivity 1 whatever the relation; replace-one
+        # moves the clipped sum by up to 2C, so the multiplier halves.
+        half = dp_event.GaussianDpEvent(spec.noise_multiplier / 2.0)
+        if not amplified or spec.sampling == "full":
+            event = half
+        elif spec.sampling == "fixed":
+            event = dp_event.SampledWithoutReplacementDpEvent(spec.population, spec.cohort_size, half)
+        else:
+            return None  # Poisson + replace-one: no RDP analysis in dp_accounting 0.6
+        rel = relation.REPLACE_ONE
+    accountant = rdp_privacy_accountant.RdpAccountant(orders=list(_rdp_orders()), neighboring_relation=rel)
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # it logs each order it skips at small noise; the bound stays valid
+    try:
+        accountant.compose(event)
+    finally:
+        absl.setLevel(level)
+    vector = np.array(accountant._rdp, dtype=float)  # the per-order RDP it accumulated
+    vector.setflags(write=False)
+    return vector
 
 
 class PrivacyAccountant:
@@ -194,34 +272,21 @@ class PrivacyAccountant:
         return adjacencies.pop()
 
     # -- dp_accounting events --------------------------------------------------------------
-    @staticmethod
-    def _pld_event(spec: ReleaseSpec, amplified: bool):
-        from dp_accounting import dp_event
-
-        gaussian = dp_event.GaussianDpEvent(spec.noise_multiplier)
-        if not amplified or spec.sampling == "full":
-            return gaussian
-        if spec.sampling == "poisson":
-            return dp_event.PoissonSampledDpEvent(spec.sampling_rate, gaussian)
-        raise AssertionError("unsupported specs are refused before this point")
-
     def _pld_epsilon(self, groups: Counter, delta: float, adjacency: str, amplified: bool) -> float:
-        from dp_accounting import dp_event
-        from dp_accounting.pld import pld_privacy_accountant
-
-        accountant = pld_privacy_accountant.PLDAccountant(
-            _neighbor_relation(adjacency),
-            value_discretization_interval=self.pld.value_discretization_interval,
-        )
+        """PLD epsilon: each distinct release's PLD self-composed ``count`` times (FFT, one
+        call per group), then the groups composed. Same construction as dp_accounting's
+        PLDAccountant for PoissonSampledDpEvent/GaussianDpEvent, with base PLDs cached."""
         if not amplified:
             return self._gaussian_epsilon(groups, delta, adjacency)
-        else:
-            events = [
-                dp_event.SelfComposedDpEvent(self._pld_event(spec, True), count)
-                for spec, count in sorted(groups.items(), key=lambda kv: repr(kv[0]))
-            ]
-            accountant.compose(events[0] if len(events) == 1 else dp_event.ComposedDpEvent(events))
-        return float(accountant.get_epsilon(delta))
+        interval = self.pld.interval_for(sum(groups.values()))
+        composed = None
+        for spec, count in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+            if spec.sampling not in ("full", "poisson"):
+                raise AssertionError("unsupported specs are refused before this point")
+            base = _base_pld(spec.noise_multiplier, spec.sampling_rate, adjacency, interval, self.pld)
+            part = base.self_compose(count) if count > 1 else base
+            composed = part if composed is None else composed.compose(part)
+        return float(composed.get_epsilon_for_delta(delta))
 
     @staticmethod
     def _gaussian_epsilon(groups: Counter, delta: float, adjacency: str) -> float:
@@ -243,36 +308,18 @@ class PrivacyAccountant:
 
     @staticmethod
     def _rdp_epsilon(groups: Counter, delta: float, amplified: bool) -> float | None:
-        """RDP upper bound, or None where dp_accounting has no sound RDP analysis."""
-        import dp_accounting
-        from dp_accounting import dp_event
+        """RDP upper bound, or None where dp_accounting has no sound RDP analysis. RDP composes
+        by adding per-order vectors, so each distinct release's vector is computed once."""
         from dp_accounting.rdp import rdp_privacy_accountant
 
-        relation = dp_accounting.NeighboringRelation
-        adjacency = next(iter(groups)).adjacency
-        events = []
-        for spec, count in sorted(groups.items(), key=lambda kv: repr(kv[0])):
-            if adjacency == "add_remove":
-                z = spec.noise_multiplier
-                if amplified and spec.sampling == "poisson":
-                    ev = dp_event.PoissonSampledDpEvent(spec.sampling_rate, dp_event.GaussianDpEvent(z))
-                else:
-                    ev = dp_event.GaussianDpEvent(z)
-            else:
-                # dp_accounting's RDP Gaussian assumes sensitivity 1 whatever the relation;
-                # replace-one moves the clipped sum by up to 2C, so the multiplier halves.
-                half = dp_event.GaussianDpEvent(spec.noise_multiplier / 2.0)
-                if not amplified or spec.sampling == "full":
-                    ev = half
-                elif spec.sampling == "fixed":
-                    ev = dp_event.SampledWithoutReplacementDpEvent(spec.population, spec.cohort_size, half)
-                else:
-                    return None  # Poisson + replace-one: no RDP analysis in dp_accounting 0.6
-            events.append(dp_event.SelfComposedDpEvent(ev, count))
-        rel = relation.REPLACE_ONE if adjacency == "replace_one" else relation.ADD_OR_REMOVE_ONE
-        accountant = rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)
-        accountant.compose(dp_event.ComposedDpEvent(events))
-        return float(accountant.get_epsilon(delta))
+        total = None
+        for spec, count in groups.items():
+            vector = _rdp_vector(spec, amplified)
+            if vector is None:
+                return None
+            total = count * vector if total is None else total + count * vector
+        eps, _ = rdp_privacy_accountant.compute_epsilon(_rdp_orders(), total, delta)
+        return float(eps)
 
     # -- public API ------------------------------------------------------------------------
     def epsilon(self, releases: Sequence[GaussianRoundEvent | ReleaseSpec], delta: float) -> AccountingResult:
@@ -343,7 +390,7 @@ class PrivacyAccountant:
             amplification_claimed=self.claim_amplification,
             accountant=ACCOUNTANT_NAME,
             accountant_version=f"dp-accounting {dp_accounting_version()}",
-            pld_parameters=asdict(self.pld),
+            pld_parameters=asdict(self.pld) | {"interval_used": self.pld.interval_for(sum(groups.values()))},
             groups=tuple(
                 (asdict(spec), count) for spec, count in sorted(groups.items(), key=lambda kv: repr(kv[0]))
             ),

@@ -1,0 +1,487 @@
+"""The auditor's privacy report for one run: report.json (schema below) and a self-contained
+report.html, written next to a copy of the signed ledger and the server's public key, so
+``restwise audit verify`` can check everything from those files alone.
+
+Files written by :func:`write_report` into ``out_dir``::
+
+    report.json      the report (schema version REPORT_SCHEMA_VERSION), UTF-8, indented
+    report.html      the same for people: numbers, threat model, leakage, plot of epsilon
+    ledger.jsonl     the signed ledger up to and including the entry that attests the report
+    public_key.pem   the server's Ed25519 audit public key (pin it: compare its fingerprint)
+
+Anchoring: after writing report.json and report.html, :func:`write_report` appends a
+``report_issued`` event to the ledger holding their SHA-256 digests. Any change to either
+file, or to the ledger, is then detected by verification.
+
+report.json (schema 1), top-level keys:
+
+=============================  =================================================================
+report_schema_version          1
+generated_at                   ISO-8601 UTC
+run_id                         the run
+privacy_unit                   "person", and what that means
+adjacency                      "add_remove" | "replace_one"; adjacency_description in words
+delta                          the delta epsilon is stated at
+epsilon                        the reported epsilon (PLD, pessimistic), or null if unaccountable
+epsilon_rdp_bound              independent RDP upper bound (null where none exists)
+epsilon_no_amplification       epsilon against a server that knows each round's cohort
+amplification_claimed          whether ``epsilon`` uses amplification by sampling
+accounting                     the accountant's full result: name, version, PLD parameters,
+                               composed groups, notes (or {"error": ...})
+mechanism                      name, clip norms, noise multipliers (planned vs effective), noise std
+sampling                       methods, rates, cohort sizes, population
+releases                       one row per release (from the ledger): round, attempt, sampling,
+                               cohort, planned_clients, survivors, noise_multiplier,
+                               noise_std_total, clip_norm, model_hash, ledger_seq
+epsilon_curve                  [{releases, round, epsilon, epsilon_rdp_bound,
+                               epsilon_no_amplification}], at most 25 points
+budget                         {epsilon, delta, scope} or null
+refusals                       budget refusals recorded for the run
+secure_aggregation             SecAgg+ parameters given by the caller (shares, threshold,
+                               dropouts, ...) or null
+threat_model                   list of sentences
+information_leakage            {leaves_device: allow-list (given) or default text,
+                                server_learns: list of sentences}
+ledger                         {file, entries, head_seq, head_hash, head_signature,
+                                public_key_file, public_key_fingerprint, signed}
+=============================  =================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from restwise.privacy.accountant import PLDParameters, PrivacyAccountant
+from restwise.privacy.errors import AccountingError, ReportError
+from restwise.privacy.events import BudgetRefusalEvent, GaussianRoundEvent, ReportIssuedEvent, utc_now
+from restwise.privacy.ledger import PrivacyLedger, key_fingerprint, public_key_pem
+
+REPORT_SCHEMA_VERSION = 1
+REPORT_FILE = "report.json"
+HTML_FILE = "report.html"
+LEDGER_FILE = "ledger.jsonl"
+PUBLIC_KEY_FILE = "public_key.pem"
+CURVE_POINTS = 25
+
+ADJACENCY_WORDS = {
+    "add_remove": (
+        "add/remove one person: the guarantee compares the run with and without all of one "
+        "person's data; a clipped update moves the released sum by at most the clip norm C"
+    ),
+    "replace_one": (
+        "replace one person: the guarantee compares the run with one person's data replaced by "
+        "anyone else's; the released sum can move by up to 2C, so the effective noise "
+        "multiplier is half the recorded one"
+    ),
+}
+PRIVACY_UNIT = (
+    "person: each device holds exactly one person's data and contributes at most one clipped "
+    "update per round, so the guarantee covers everything a person contributes"
+)
+DEFAULT_LEAVES_DEVICE = (
+    "Per round, only the person's model update for the shared part of the model, clipped on the "
+    "device to L2 norm C, with the device's share of the Gaussian noise added, and masked by "
+    "secure aggregation; plus the protocol's own key and share records and a bounded set of "
+    "coarse metrics. Raw observations, check-in answers, the personal part of the model and "
+    "example counts are never sent. (No explicit allow-list was given to this report.)"
+)
+
+
+def _accountant_from(accounting: dict | None, claim_amplification: bool = True) -> PrivacyAccountant:
+    pld = PLDParameters()
+    if accounting and isinstance(accounting.get("pld_parameters"), dict):
+        params = {k: v for k, v in accounting["pld_parameters"].items() if k != "interval_used"}
+        pld = PLDParameters(**params)
+    return PrivacyAccountant(pld=pld, claim_amplification=claim_amplification)
+
+
+def run_accounting(
+    releases: list[GaussianRoundEvent], delta: float, accountant: PrivacyAccountant
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(accounting dict, epsilon curve) for a run's releases: exactly what build_report puts in
+    the report and what verification recomputes."""
+    if not releases:
+        return (
+            {
+                "epsilon": 0.0,
+                "epsilon_rdp_bound": 0.0,
+                "epsilon_no_amplification": 0.0,
+                "amplification_claimed": accountant.claim_amplification,
+                "pld_parameters": asdict(accountant.pld),
+                "notes": ["no release was made: nothing about any person was revealed"],
+            },
+            [],
+        )
+    try:
+        result = accountant.epsilon(releases, delta)
+        curve = accountant.epsilon_curve(releases, delta, max_points=CURVE_POINTS)
+    except AccountingError as exc:
+        return (
+            {
+                "epsilon": None,
+                "epsilon_rdp_bound": None,
+                "epsilon_no_amplification": None,
+                "amplification_claimed": accountant.claim_amplification,
+                "pld_parameters": asdict(accountant.pld),
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+            [],
+        )
+    return result.to_dict(), curve
+
+
+def _release_row(seq: int, ev: GaussianRoundEvent) -> dict[str, Any]:
+    return {
+        "ledger_seq": seq,
+        "round": ev.round,
+        "attempt": ev.attempt,
+        "timestamp": ev.timestamp,
+        "sampling": ev.sampling,
+        "sampling_rate": ev.sampling_rate,
+        "cohort_size": ev.cohort_size,
+        "population": ev.population,
+        "planned_clients": ev.planned_clients,
+        "survivors": ev.survivors,
+        "noise_multiplier": ev.noise_multiplier,
+        "noise_std_total": ev.noise_std_total,
+        "clip_norm": ev.clip_norm,
+        "model_hash": ev.model_hash,
+    }
+
+
+def _threat_model(secagg: dict | None, amplified: bool) -> list[str]:
+    out = [
+        "Adversary: anyone who sees the released models, including the server operator; they may "
+        "know every other person's data. The guarantee is (epsilon, delta)-differential privacy "
+        "for each person over the whole run.",
+        "Noise is added on the devices in shares (distributed DP): each device adds its share of "
+        "the Gaussian noise before masking, so the server only ever sees a noised sum. If fewer "
+        "devices survive a round than the noise was sized for, the sum carries less noise; the "
+        "ledger records the actual noise of every release and that is what is accounted.",
+    ]
+    if secagg:
+        shares = secagg.get("num_shares", secagg.get("shares"))
+        threshold = secagg.get("reconstruction_threshold", secagg.get("threshold"))
+        out.append(
+            "Secure aggregation (SecAgg+): each device's update is masked; the server can only "
+            f"unmask the sum of at least the threshold ({threshold}) of {shares} shares. An honest-"
+            "but-curious server learns an individual update only if it colludes with at least "
+            "the threshold number of that device's share holders."
+        )
+    else:
+        out.append(
+            "No secure-aggregation parameters were given to this report: if the server saw "
+            "individual updates, the epsilon above holds against those who see only the released "
+            "model, not against the server."
+        )
+    if amplified:
+        out.append(
+            "The reported epsilon uses privacy amplification by sampling: it holds against "
+            "anyone who does not know which devices took part in each round. The server chooses "
+            "the cohort, so against the server itself the applicable value is "
+            "epsilon_no_amplification."
+        )
+    else:
+        out.append("No amplification by sampling is claimed: epsilon holds even against a party that knows each cohort.")
+    out.append(
+        "Not covered: a server that deviates from the protocol to add less noise than recorded, "
+        "side channels (timing, message sizes), and what the released model reveals about the "
+        "population as a whole (which is its purpose)."
+    )
+    return out
+
+
+def build_report(
+    ledger: PrivacyLedger,
+    run_id: str,
+    *,
+    secagg: dict | None = None,
+    delta: float,
+    egress_allow_list: Any = None,
+    budget: dict | None = None,
+    claim_amplification: bool = True,
+    pld: PLDParameters | None = None,
+    public_key=None,
+) -> dict[str, Any]:
+    """The report for ``run_id`` from the ledger's events alone (plus the given context)."""
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ReportError("delta must be in (0, 1)")
+    entries = ledger.entries()
+    if not entries:
+        raise ReportError(f"the ledger {ledger.path} is empty")
+    releases: list[tuple[int, GaussianRoundEvent]] = []
+    refusals = []
+    mentioned = False
+    for entry in entries:
+        ev = entry.event
+        if isinstance(ev, GaussianRoundEvent) and ev.run_id == run_id:
+            releases.append((entry.seq, ev))
+        elif isinstance(ev, BudgetRefusalEvent) and ev.run_id == run_id:
+            refusals.append({"ledger_seq": entry.seq, **ev.to_dict()})
+        elif getattr(ev, "run_id", None) == run_id or getattr(ev, "target", None) == run_id:
+            mentioned = True
+    if not releases and not refusals and not mentioned:
+        raise ReportError(f"the ledger has no entry for run {run_id!r}")
+    accountant = PrivacyAccountant(pld=pld, claim_amplification=claim_amplification)
+    events = [ev for _, ev in releases]
+    accounting, curve = run_accounting(events, delta, accountant)
+    adjacencies = sorted({ev.adjacency for ev in events}) or ["add_remove"]
+    head = entries[-1]
+    if public_key is None and ledger.signing_key is not None:
+        public_key = ledger.signing_key.public_key()
+    planned = sorted({round(ev.noise_std_total / ev.clip_norm * math.sqrt(ev.planned_clients / ev.survivors), 9) for ev in events})
+    return {
+        "report_schema_version": REPORT_SCHEMA_VERSION,
+        "generated_at": utc_now(),
+        "run_id": run_id,
+        "privacy_unit": PRIVACY_UNIT,
+        "adjacency": adjacencies[0] if len(adjacencies) == 1 else adjacencies,
+        "adjacency_description": ADJACENCY_WORDS.get(adjacencies[0], ""),
+        "delta": float(delta),
+        "epsilon": accounting.get("epsilon"),
+        "epsilon_rdp_bound": accounting.get("epsilon_rdp_bound"),
+        "epsilon_no_amplification": accounting.get("epsilon_no_amplification"),
+        "amplification_claimed": claim_amplification,
+        "accounting": accounting,
+        "mechanism": {
+            "name": "gaussian",
+            "clip_norms": sorted({ev.clip_norm for ev in events}),
+            "planned_noise_multipliers": planned,
+            "effective_noise_multipliers": {
+                "min": min((ev.noise_multiplier for ev in events), default=None),
+                "max": max((ev.noise_multiplier for ev in events), default=None),
+            },
+            "noise_std_total": {
+                "min": min((ev.noise_std_total for ev in events), default=None),
+                "max": max((ev.noise_std_total for ev in events), default=None),
+            },
+        },
+        "sampling": {
+            "methods": sorted({ev.sampling for ev in events}),
+            "rates": sorted({ev.sampling_rate for ev in events}),
+            "population": sorted({ev.population for ev in events}),
+            "cohort_size": {
+                "min": min((ev.cohort_size for ev in events), default=None),
+                "max": max((ev.cohort_size for ev in events), default=None),
+            },
+        },
+        "releases": [_release_row(seq, ev) for seq, ev in releases],
+        "epsilon_curve": curve,
+        "budget": budget,
+        "refusals": refusals,
+        "secure_aggregation": secagg,
+        "threat_model": _threat_model(secagg, claim_amplification and any(ev.sampling != "full" for ev in events)),
+        "information_leakage": {
+            "leaves_device": egress_allow_list if egress_allow_list is not None else DEFAULT_LEAVES_DEVICE,
+            "server_learns": [
+                "each round's noised sum of clipped updates (the released model change), covered by epsilon",
+                "which devices took part in each round and which dropped out, when, and the sizes of their messages",
+                "the secure-aggregation protocol's public keys and encrypted shares (no plaintext update)",
+                "the allow-listed coarse metrics (bounded and rounded)",
+            ],
+        },
+        "ledger": {
+            "file": LEDGER_FILE,
+            "entries": len(entries),
+            "head_seq": head.seq,
+            "head_hash": head.hash,
+            "head_signature": head.signature,
+            "signed": head.signature is not None,
+            "public_key_file": PUBLIC_KEY_FILE if public_key is not None else None,
+            "public_key_fingerprint": key_fingerprint(public_key) if public_key is not None else None,
+        },
+    }
+
+
+# --- files -----------------------------------------------------------------------------------
+def report_bytes(report: dict) -> bytes:
+    return (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out_dir: str | os.PathLike, *, ledger: PrivacyLedger | None = None) -> dict[str, Path]:
+    """Write report.json and report.html; with ``ledger``, anchor both in it (a
+    ``report_issued`` entry with their SHA-256) and copy the ledger and public key beside them,
+    so the folder verifies on its own. Returns the written paths by name."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = report_bytes(report)
+    page = render_html(report).encode("utf-8")
+    paths = {"report": out / REPORT_FILE, "html": out / HTML_FILE}
+    _atomic_write(paths["report"], data)
+    _atomic_write(paths["html"], page)
+    if ledger is not None:
+        entry = ledger.append(
+            ReportIssuedEvent(
+                run_id=report["run_id"],
+                report_sha256=hashlib.sha256(data).hexdigest(),
+                html_sha256=hashlib.sha256(page).hexdigest(),
+                report_schema_version=REPORT_SCHEMA_VERSION,
+            )
+        )
+        paths["ledger"] = ledger.copy_to(out / LEDGER_FILE, upto_seq=entry.seq)
+        if ledger.signing_key is not None:
+            paths["public_key"] = out / PUBLIC_KEY_FILE
+            paths["public_key"].write_bytes(public_key_pem(ledger.signing_key))
+    return paths
+
+
+# --- HTML ------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _svg_curve(curve: list[dict], budget_eps: float | None) -> str:
+    """Inline SVG: epsilon (PLD) and its RDP bound over rounds, with the budget line."""
+    if not curve:
+        return "<p>No release: no curve.</p>"
+    w, h, pad = 640, 300, 48
+    xs = [p["round"] for p in curve]
+    series = {
+        "epsilon (PLD)": [p["epsilon"] for p in curve],
+        "RDP bound": [p["epsilon_rdp_bound"] for p in curve],
+    }
+    ys = [v for vals in series.values() for v in vals if v is not None]
+    if budget_eps:
+        ys.append(budget_eps)
+    x0, x1 = min(xs + [0]), max(xs) or 1
+    y1 = max(ys) * 1.08 or 1.0
+
+    def px(x: float) -> float:
+        return pad + (x - x0) / ((x1 - x0) or 1) * (w - 2 * pad)
+
+    def py(y: float) -> float:
+        return h - pad - y / y1 * (h - 2 * pad)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" '
+        'aria-label="epsilon spent over rounds">',
+        f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#333"/>',
+        f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle" font-size="12">round</text>',
+        f'<text x="14" y="{h / 2}" text-anchor="middle" font-size="12" transform="rotate(-90 14 {h / 2})">epsilon</text>',
+    ]
+    for k in range(5):
+        yv = y1 * k / 4
+        parts.append(f'<text x="{pad - 6}" y="{py(yv) + 4:.1f}" text-anchor="end" font-size="10">{yv:.3g}</text>')
+    parts.append(f'<text x="{px(x1):.1f}" y="{h - pad + 14}" text-anchor="end" font-size="10">{x1}</text>')
+    colours = {"epsilon (PLD)": "#1f5fbf", "RDP bound": "#b36b00"}
+    for i, (name, vals) in enumerate(series.items()):
+        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, vals) if y is not None)
+        if pts:
+            dash = ' stroke-dasharray="5,4"' if name != "epsilon (PLD)" else ""
+            parts.append(f'<polyline fill="none" stroke="{colours[name]}" stroke-width="2"{dash} points="{pts}"/>')
+            parts.append(f'<text x="{pad + 8}" y="{pad + 14 + 14 * i}" font-size="11" fill="{colours[name]}">{name}</text>')
+    if budget_eps:
+        parts.append(
+            f'<line x1="{pad}" y1="{py(budget_eps):.1f}" x2="{w - pad}" y2="{py(budget_eps):.1f}" stroke="#b00" stroke-dasharray="2,3"/>'
+            f'<text x="{w - pad}" y="{py(budget_eps) - 4:.1f}" text-anchor="end" font-size="11" fill="#b00">budget {budget_eps:.3g}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def render_html(report: dict) -> str:
+    e = html.escape
+    acc = report.get("accounting") or {}
+    led = report.get("ledger") or {}
+    budget = report.get("budget") or {}
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{e(_fmt(r.get(k)))}</td>" for k in (
+            "round", "attempt", "sampling", "sampling_rate", "cohort_size", "planned_clients", "survivors",
+            "noise_multiplier", "noise_std_total", "clip_norm", "ledger_seq")) + "</tr>"
+        for r in report.get("releases", [])
+    )
+    leaves = report["information_leakage"]["leaves_device"]
+    leaves_html = (
+        f"<p>{e(leaves)}</p>" if isinstance(leaves, str)
+        else f"<pre>{e(json.dumps(leaves, indent=2, sort_keys=True))}</pre>"
+    )
+    secagg = report.get("secure_aggregation")
+    secagg_html = (
+        "<table>" + "".join(f"<tr><th>{e(str(k))}</th><td>{e(_fmt(v))}</td></tr>" for k, v in sorted(secagg.items())) + "</table>"
+        if secagg else "<p>No secure-aggregation parameters were recorded for this report.</p>"
+    )
+    notes = "".join(f"<li>{e(n)}</li>" for n in acc.get("notes", []))
+    error = f"<p class=warn>Accounting refused: {e(acc['error'])}</p>" if acc.get("error") else ""
+    refusals = "".join(
+        f"<li>round {e(str(r['round']))}: {e(r['scope'])} budget {e(_fmt(r['budget_epsilon']))}, "
+        f"projected {e(_fmt(r['projected_epsilon']))} (spent {e(_fmt(r['spent_epsilon']))})</li>"
+        for r in report.get("refusals", [])
+    )
+    summary = [
+        ("epsilon (PLD, reported)", _fmt(report.get("epsilon"))),
+        ("epsilon, RDP upper bound", _fmt(report.get("epsilon_rdp_bound"))),
+        ("epsilon against a server that knows the cohort", _fmt(report.get("epsilon_no_amplification"))),
+        ("delta", _fmt(report.get("delta"))),
+        ("amplification by sampling claimed", "yes" if report.get("amplification_claimed") else "no"),
+        ("privacy unit", report.get("privacy_unit")),
+        ("adjacency", f"{report.get('adjacency')}: {report.get('adjacency_description')}"),
+        ("mechanism", "Gaussian noise on the sum of clipped updates"),
+        ("clip norm(s)", ", ".join(_fmt(c) for c in report["mechanism"]["clip_norms"]) or "n/a"),
+        ("planned noise multiplier(s)", ", ".join(_fmt(c) for c in report["mechanism"]["planned_noise_multipliers"]) or "n/a"),
+        ("effective noise multiplier (min..max)", f"{_fmt(report['mechanism']['effective_noise_multipliers']['min'])} .. {_fmt(report['mechanism']['effective_noise_multipliers']['max'])}"),
+        ("sampling", ", ".join(report["sampling"]["methods"]) + " at rate(s) " + ", ".join(_fmt(r) for r in report["sampling"]["rates"])),
+        ("releases", str(len(report.get("releases", [])))),
+        ("budget", f"epsilon {_fmt(budget.get('epsilon'))}, delta {_fmt(budget.get('delta'))}" if budget else "none given"),
+        ("accountant", f"{acc.get('accountant', 'dp_accounting')} ({acc.get('accountant_version', 'n/a')})"),
+        ("PLD parameters", json.dumps(acc.get("pld_parameters", {}), sort_keys=True)),
+    ]
+    summary_html = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in summary)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Privacy report: {e(report['run_id'])}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#111;line-height:1.45}}
+table{{border-collapse:collapse;margin:1rem 0}}th,td{{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}}
+th{{background:#f3f3f3}}code,pre{{background:#f6f6f6;padding:.2rem;overflow-x:auto}}.warn{{color:#a00;font-weight:bold}}
+.big{{font-size:1.6rem}}
+</style></head><body>
+<h1>Privacy report for run <code>{e(report['run_id'])}</code></h1>
+<p class="big">&epsilon; = <strong id="epsilon">{e(_fmt(report.get('epsilon')))}</strong> at &delta; = {e(_fmt(report.get('delta')))}</p>
+{error}
+<p>Generated {e(report['generated_at'])}. Report schema {e(str(report['report_schema_version']))}.</p>
+<h2>Summary</h2><table>{summary_html}</table>
+<ul>{notes}</ul>
+<h2>&epsilon; over rounds</h2>{_svg_curve(report.get('epsilon_curve', []), budget.get('epsilon'))}
+<h2>Secure aggregation (SecAgg+)</h2>{secagg_html}
+<h2>Threat model</h2><ul>{''.join(f'<li>{e(t)}</li>' for t in report['threat_model'])}</ul>
+<h2>Information leakage</h2>
+<h3>What leaves a device</h3>{leaves_html}
+<h3>What the server can learn</h3><ul>{''.join(f'<li>{e(t)}</li>' for t in report['information_leakage']['server_learns'])}</ul>
+<h2>Budget refusals</h2>{f'<ul>{refusals}</ul>' if refusals else '<p>None.</p>'}
+<h2>Releases (from the ledger)</h2>
+<table><tr><th>round</th><th>attempt</th><th>sampling</th><th>rate</th><th>cohort</th><th>planned</th><th>survivors</th>
+<th>noise multiplier (effective)</th><th>noise std</th><th>clip</th><th>ledger seq</th></tr>{rows}</table>
+<h2>Ledger</h2>
+<table>
+<tr><th>file</th><td>{e(str(led.get('file')))}</td></tr>
+<tr><th>entries at report time</th><td>{e(str(led.get('entries')))}</td></tr>
+<tr><th>head seq</th><td>{e(str(led.get('head_seq')))}</td></tr>
+<tr><th>head hash</th><td><code>{e(str(led.get('head_hash')))}</code></td></tr>
+<tr><th>head signature (Ed25519)</th><td><code>{e(str(led.get('head_signature')))}</code></td></tr>
+<tr><th>public key fingerprint</th><td><code>{e(str(led.get('public_key_fingerprint')))}</code></td></tr>
+</table>
+<p>Verify independently: <code>restwise audit verify report.json --public-key SERVER_KEY.pem</code>
+(checks every signature and the hash chain, recomputes &epsilon; from the ledger alone, and checks
+that this report and page are the ones recorded in the ledger).</p>
+</body></html>
+"""

@@ -1,0 +1,255 @@
+"""Independent verification of a privacy report, from its files alone.
+
+:func:`verify_report` checks, and lists every problem it finds:
+
+1. the ledger: canonical format, hash chain, and every Ed25519 signature against the public
+   key (the one given — pin the server's key — or else the ``public_key.pem`` shipped beside
+   the report, which only proves self-consistency and is flagged as such);
+2. that the ledger holds a ``report_issued`` entry with the SHA-256 of this exact
+   report.json (and of report.html when present): any changed byte is detected;
+3. that the report's recorded ledger head (seq, hash, signature) is in the ledger;
+4. that every number of the report is what the accountant computes again from the ledger's
+   release events alone: epsilon, its RDP bound, the no-amplification epsilon, each release
+   row, the epsilon curve (relative tolerance 1e-9).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from restwise.privacy.errors import KeyFileError, LedgerCorruptError, LedgerError, PrivacyError, VerificationError
+from restwise.privacy.events import GaussianRoundEvent, ReportIssuedEvent
+from restwise.privacy.ledger import key_fingerprint, load_public_key, verify_ledger_file
+from restwise.privacy.report import (
+    HTML_FILE,
+    LEDGER_FILE,
+    PUBLIC_KEY_FILE,
+    REPORT_FILE,
+    REPORT_SCHEMA_VERSION,
+    _accountant_from,
+    _release_row,
+    run_accounting,
+)
+
+REL_TOLERANCE = 1e-9
+
+
+@dataclass
+class VerificationResult:
+    ok: bool
+    run_id: str | None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    epsilon_reported: float | None = None
+    epsilon_recomputed: float | None = None
+    delta: float | None = None
+    ledger_entries: int = 0
+    releases: int = 0
+    key_pinned: bool = False
+    key_fingerprint: str | None = None
+
+    def raise_for_problems(self) -> "VerificationResult":
+        if not self.ok:
+            raise VerificationError(self.problems)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_MEMO: dict[str, tuple[dict, list]] = {}
+
+
+def _recompute(releases, delta: float, accountant) -> tuple[dict, list]:
+    """run_accounting, memoised on its exact inputs (verifying many copies of one report,
+    e.g. in tests or for a batch of auditors, recomputes once)."""
+    key = hashlib.sha256(
+        json.dumps(
+            [[ev.to_dict() for ev in releases], delta, accountant.claim_amplification, accountant.pld.__dict__],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
+    if key not in _MEMO:
+        if len(_MEMO) > 32:
+            _MEMO.clear()
+        _MEMO[key] = run_accounting(releases, delta, accountant)
+    accounting, curve = _MEMO[key]
+    return json.loads(json.dumps(accounting)), json.loads(json.dumps(curve))
+
+
+def _close(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        if math.isinf(a) or math.isinf(b):
+            return a == b
+        return abs(a - b) <= REL_TOLERANCE * max(1.0, abs(a), abs(b))
+    return a == b
+
+
+def verify_report(
+    report_path: str | os.PathLike,
+    ledger_path: str | os.PathLike | None = None,
+    public_key: Any = None,
+) -> VerificationResult:
+    """Verify a report (path to report.json or its folder). ``public_key``: an Ed25519 public
+    key object, PEM bytes, or a PEM file path. Never raises for a failed check: read
+    ``result.ok`` / ``result.problems``, or call ``result.raise_for_problems()``."""
+    path = Path(report_path)
+    if path.is_dir():
+        path = path / REPORT_FILE
+    folder = path.parent
+    res = VerificationResult(ok=False, run_id=None)
+
+    # -- the report file ------------------------------------------------------------------
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        res.problems.append(f"cannot read the report {path}: {exc.strerror}")
+        return res
+    try:
+        report = json.loads(data.decode("utf-8"))
+        if not isinstance(report, dict):
+            raise ValueError
+    except (UnicodeDecodeError, ValueError):
+        report = None
+        res.problems.append(f"{path.name} is not a JSON object (damaged or altered)")
+    if report is not None:
+        res.run_id = report.get("run_id") if isinstance(report.get("run_id"), str) else None
+        if report.get("report_schema_version") != REPORT_SCHEMA_VERSION:
+            res.problems.append(
+                f"report_schema_version is {report.get('report_schema_version')!r}; this verifier reads {REPORT_SCHEMA_VERSION}"
+            )
+
+    # -- the key ------------------------------------------------------------------------------
+    key = None
+    try:
+        if public_key is None:
+            shipped = folder / PUBLIC_KEY_FILE
+            if shipped.exists():
+                key = load_public_key(shipped)
+                res.warnings.append(
+                    "signatures were checked against the public key shipped with the report; pass "
+                    "--public-key with the server's published key to pin it (fingerprint "
+                    f"{key_fingerprint(key)})"
+                )
+            else:
+                res.problems.append("no public key given and none shipped with the report: signatures cannot be checked")
+        elif isinstance(public_key, (str, os.PathLike, bytes)):
+            key = load_public_key(public_key)
+            res.key_pinned = True
+        else:
+            key = public_key
+            res.key_pinned = True
+    except KeyFileError as exc:
+        res.problems.append(str(exc))
+    if key is not None:
+        res.key_fingerprint = key_fingerprint(key)
+
+    # -- the ledger ---------------------------------------------------------------------------
+    ledger_file = Path(ledger_path) if ledger_path is not None else folder / LEDGER_FILE
+    entries = []
+    try:
+        entries, lv = verify_ledger_file(ledger_file, key)
+        res.ledger_entries = lv.entries
+    except LedgerCorruptError as exc:
+        res.problems.append(f"ledger {ledger_file.name}: {exc}")
+    except LedgerError as exc:
+        res.problems.append(str(exc))
+    if report is None or not entries:
+        if not entries and not res.problems:
+            res.problems.append("the ledger is empty")
+        return res
+
+    # -- the report is the one recorded in the ledger --------------------------------------
+    digest = hashlib.sha256(data).hexdigest()
+    issued = [
+        e for e in entries
+        if e.kind == ReportIssuedEvent.kind and e.payload.get("report_sha256") == digest
+    ]
+    if not issued:
+        res.problems.append(
+            f"{path.name} (sha256 {digest[:16]}...) is not recorded in the ledger: it was altered, or never issued"
+        )
+    else:
+        attest = issued[-1]
+        if attest.payload.get("run_id") != res.run_id:
+            res.problems.append("the ledger records this report for a different run")
+        html_path = folder / HTML_FILE
+        if html_path.exists() and attest.payload.get("html_sha256"):
+            if hashlib.sha256(html_path.read_bytes()).hexdigest() != attest.payload["html_sha256"]:
+                res.problems.append(f"{HTML_FILE} differs from the page recorded in the ledger (altered)")
+
+    head = report.get("ledger") if isinstance(report.get("ledger"), dict) else {}
+    head_seq = head.get("head_seq")
+    by_seq = {e.seq: e for e in entries}
+    at_head = by_seq.get(head_seq) if isinstance(head_seq, int) else None
+    if at_head is None:
+        res.problems.append(f"the report's ledger head (seq {head_seq!r}) is not in the ledger")
+    else:
+        if at_head.hash != head.get("head_hash"):
+            res.problems.append(f"ledger head hash mismatch at seq {head_seq}: report {head.get('head_hash')!r}, ledger {at_head.hash!r}")
+        if at_head.signature != head.get("head_signature"):
+            res.problems.append(f"ledger head signature mismatch at seq {head_seq}")
+    if key is not None and head.get("public_key_fingerprint") not in (None, res.key_fingerprint):
+        res.problems.append(
+            f"the report names public key {head.get('public_key_fingerprint')}, but the ledger was checked with {res.key_fingerprint}"
+        )
+
+    # -- recompute every number from the ledger's events alone ------------------------------
+    limit = head_seq if isinstance(head_seq, int) else max(by_seq)
+    releases = [
+        (e.seq, e.event) for e in entries
+        if e.kind == GaussianRoundEvent.kind and e.seq <= limit and e.payload.get("run_id") == res.run_id
+    ]
+    res.releases = len(releases)
+    delta = report.get("delta")
+    res.delta = delta
+    res.epsilon_reported = report.get("epsilon")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        res.problems.append(f"the report's delta {delta!r} is not in (0, 1)")
+    else:
+        try:
+            accountant = _accountant_from(report.get("accounting"), bool(report.get("amplification_claimed", True)))
+        except (PrivacyError, TypeError) as exc:
+            res.problems.append(f"the report's accounting parameters are not acceptable: {exc}")
+        else:
+            accounting, curve = _recompute([ev for _, ev in releases], float(delta), accountant)
+            res.epsilon_recomputed = accounting.get("epsilon")
+            for name in ("epsilon", "epsilon_rdp_bound", "epsilon_no_amplification"):
+                if not _close(report.get(name), accounting.get(name)):
+                    res.problems.append(
+                        f"{name}: the report says {report.get(name)!r}, the ledger's events give {accounting.get(name)!r}"
+                    )
+            reported_acc = report.get("accounting") or {}
+            for name in ("accountant_version", "releases", "adjacency", "error"):
+                if name in accounting or name in reported_acc:
+                    if reported_acc.get(name) != accounting.get(name):
+                        if name == "accountant_version":
+                            res.warnings.append(
+                                f"the report was computed with {reported_acc.get(name)}, this verifier uses {accounting.get(name)}"
+                            )
+                        else:
+                            res.problems.append(f"accounting.{name}: report {reported_acc.get(name)!r}, recomputed {accounting.get(name)!r}")
+            if len(curve) != len(report.get("epsilon_curve") or []) or not all(
+                all(_close(a.get(k), b.get(k)) for k in set(a) | set(b))
+                for a, b in zip(curve, report.get("epsilon_curve") or [])
+            ):
+                res.problems.append("epsilon_curve does not match the curve recomputed from the ledger")
+    rows = [_release_row(seq, ev) for seq, ev in releases]
+    reported_rows = report.get("releases") or []
+    if len(rows) != len(reported_rows):
+        res.problems.append(f"the report lists {len(reported_rows)} releases, the ledger holds {len(rows)} for this run")
+    else:
+        for mine, theirs in zip(rows, reported_rows):
+            diff = sorted(k for k in set(mine) | set(theirs) if not _close(mine.get(k), theirs.get(k)))
+            if diff:
+                res.problems.append(f"release at ledger seq {mine['ledger_seq']}: {', '.join(diff)} differ from the ledger")
+    res.ok = not res.problems
+    return res
