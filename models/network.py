@@ -10,7 +10,7 @@ leaves the device.
             └── shared.head: Linear(h2, 2)                     "deep" path
       shared output  s = linear(x) + head(body(x))            [readiness_z, low_logit]
       │
-      personal: out = s * personal.gain + personal.bias + personal.head(body(x))
+      personal: out = s * (1 + personal.gain_delta) + personal.bias + personal.head(body(x))
       readiness = target_mean + target_scale * out[0]      (person's own scale, fitted on train)
       p_low     = sigmoid(out[1])
 
@@ -98,7 +98,9 @@ class SharedPart(nn.Module):
 class PersonalPart(nn.Module):
     def __init__(self, cfg: ModelConfig, body_features: int):
         super().__init__()
-        self.gain = nn.Parameter(torch.ones(2))
+        # Gain as 1 + delta: weight decay then pulls the calibration towards the identity
+        # (the shared model as is), not towards switching the shared part off.
+        self.gain_delta = nn.Parameter(torch.zeros(2))
         self.bias = nn.Parameter(torch.zeros(2))
         self.head = nn.Linear(body_features, 2) if cfg.personal_head else None
         if self.head is not None:
@@ -114,7 +116,7 @@ class PersonalPart(nn.Module):
         self.register_buffer("target_step", torch.tensor(0.0, dtype=torch.float32))
 
     def forward(self, shared_out: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        out = shared_out * self.gain + self.bias
+        out = shared_out * (1.0 + self.gain_delta) + self.bias
         if self.head is not None:
             out = out + self.head(h)
         return out
