@@ -157,36 +157,63 @@ def error_page(request: Request, ctx: Any, status: int, title: str, detail: str 
     return render("error.html", status=status, status_code=status, title=title, detail=detail, who=getattr(request.state, "principal", None))
 
 
-def _report_sections(report: Any, depth: int = 0) -> list[dict[str, Any]]:
-    """Flatten a report into (label, value) rows grouped by section for a readable page."""
-    rows: list[dict[str, Any]] = []
+HEADLINE_KEYS = (
+    "run_id", "privacy_unit", "epsilon", "epsilon_rdp_bound", "epsilon_no_amplification", "delta",
+    "adjacency", "adjacency_description", "amplification_claimed", "generated_at", "report_schema_version",
+)
+
+
+def _label(key: Any) -> str:
+    text = str(key).replace("_", " ")
+    return text[:1].upper() + text[1:]
+
+
+def _is_scalar(v: Any) -> bool:
+    return not isinstance(v, (dict, list))
+
+
+def _row(key: Any, value: Any) -> dict[str, Any]:
+    if isinstance(value, list) and all(isinstance(v, str) for v in value) and any(len(v) > 40 for v in value):
+        return {"label": _label(key), "bullets": [_fmt_value(v) for v in value[:50]]}
+    if isinstance(value, list):
+        if all(_is_scalar(v) for v in value):
+            return {"label": _label(key), "value": ", ".join(_fmt_value(v) for v in value[:50]) or "—"}
+        return {"label": _label(key), "value": f"{len(value)} entries (see report.json)"}
+    if isinstance(value, dict):
+        parts = [f"{k}: {_fmt_value(v) if _is_scalar(v) else '…'}" for k, v in list(value.items())[:20]]
+        return {"label": _label(key), "value": "; ".join(parts) or "—"}
+    return {"label": _label(key), "value": _fmt_value(value)}
+
+
+def _report_sections(report: Any) -> list[dict[str, Any]]:
+    """A report (any JSON object) as titled sections of rows for a readable page: the headline
+    numbers first, then one section per nested object or list of sentences."""
     if not isinstance(report, dict):
-        return rows
+        return []
+    headline = [_row(k, report[k]) for k in HEADLINE_KEYS if k in report]
+    sections = [{"title": "Summary", "rows": headline}] if headline else []
+    other_scalars = []
     for key, value in report.items():
-        label = str(key).replace("_", " ")
-        if isinstance(value, dict) and depth < 2:
-            rows.append({"section": label, "rows": _scalar_rows(value, depth + 1)})
-        elif isinstance(value, list):
-            if all(not isinstance(v, (dict, list)) for v in value):
-                rows.append({"label": label, "value": ", ".join(str(v) for v in value[:50])})
-            else:
-                rows.append({"label": label, "value": f"{len(value)} entries"})
+        if key in HEADLINE_KEYS:
+            continue
+        if isinstance(value, dict):
+            sections.append({"title": _label(key), "rows": [_row(k, v) for k, v in value.items()]})
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            sections.append({"title": _label(key), "rows": [{"label": "", "bullets": [_fmt_value(v) for v in value[:50]]}]})
         else:
-            rows.append({"label": label, "value": _fmt_value(value)})
-    return rows
+            other_scalars.append(_row(key, value))
+    if other_scalars:
+        sections.append({"title": "Other fields", "rows": other_scalars})
+    return sections
 
 
-def _scalar_rows(d: dict, depth: int) -> list[dict[str, Any]]:
-    out = []
-    for k, v in d.items():
-        label = str(k).replace("_", " ")
-        if isinstance(v, dict):
-            out.append({"label": label, "value": "; ".join(f"{kk}: {_fmt_value(vv)}" for kk, vv in list(v.items())[:20])})
-        elif isinstance(v, list):
-            out.append({"label": label, "value": ", ".join(_fmt_value(x) for x in v[:20]) if all(not isinstance(x, (dict, list)) for x in v) else f"{len(v)} entries"})
-        else:
-            out.append({"label": label, "value": _fmt_value(v)})
-    return out
+def _report_curve(report: Any) -> list[tuple[int, float]]:
+    curve = report.get("epsilon_curve") if isinstance(report, dict) else None
+    points = []
+    for p in curve or []:
+        if isinstance(p, dict) and isinstance(p.get("round"), int) and isinstance(p.get("epsilon"), (int, float)):
+            points.append((p["round"], float(p["epsilon"])))
+    return points
 
 
 def _fmt_value(v: Any) -> str:
@@ -322,11 +349,14 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
                 report = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 report = None
+        points = _report_curve(report)
+        budget = run_budget(run, ctx.settings.epsilon_cap)
         return render(
             "report.html",
             run=run,
             report=report,
             sections=_report_sections(report) if report is not None else [],
+            chart=epsilon_chart_svg(points, budget, max([run["planned_rounds"]] + [r for r, _ in points])) if points else None,
             bundle_url=f"/api/v1/runs/{quote(run_id)}/bundle",
             html_url=f"/api/v1/runs/{quote(run_id)}/files/report.html",
             **common(request, who),

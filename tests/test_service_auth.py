@@ -302,7 +302,7 @@ def test_state_changes_are_in_the_signed_audit_ledger(service, tmp_path):
     actions = [(e.payload["action"], e.payload["target"], e.payload["details"]["outcome"]) for e in entries]
     assert actions == [("run.create", run_id, "ok"), ("run.stop", run_id, "ok")]
     actor = entries[0].payload["actor"]
-    assert actor.startswith("operator:") and op["Authorization"].split("_")[2] not in raw.decode()
+    assert actor.startswith("operator:") and op["Authorization"].split("_", 2)[2] not in raw.decode()
     tampered = raw.replace(b"run.stop", b"run.stap")
     ledger_file.write_bytes(tampered)
     with pytest.raises(Exception):
@@ -350,3 +350,24 @@ def test_person_budget_composes_earlier_runs_on_the_same_dataset(tmp_path):
         other = client.post("/api/v1/runs", json={**body, "dataset": "soccermon"}, headers=headers).json()["id"]
         decision = ctx.runs.check_budget(other)
         assert decision.allowed and decision.person_spent_epsilon == 0.0
+
+
+def test_report_page_renders_a_report_and_escapes_it(service):
+    client, ctx, op, au = service
+    run_id = client.post("/api/v1/runs", json=VALID_RUN, headers=op).json()["id"]
+    report = {
+        "run_id": run_id, "epsilon": 1.25, "delta": 1e-5, "privacy_unit": "person",
+        "threat_model": ["The server is honest but curious and sees only the noised sum of clipped updates.", "<script>alert(1)</script> is shown as text"],
+        "ledger": {"head_seq": 4, "public_key_fingerprint": "sha256:abcd"},
+        "epsilon_curve": [{"round": 1, "epsilon": 0.7}, {"round": 2, "epsilon": 1.25}],
+    }
+    (ctx.runs.runs_dir / run_id / "report.json").write_text(json.dumps(report))
+    token = au["Authorization"].split()[1]
+    client.post("/login", data={"token": token}, follow_redirects=False)
+    page = client.get(f"/runs/{run_id}/report")
+    assert page.status_code == 200
+    html = page.text
+    assert "Threat model" in html and "honest but curious" in html
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
+    assert 'data-epsilon="1.25"' in html and "sha256:abcd" in html
+    assert f"/api/v1/runs/{run_id}/bundle" in html
