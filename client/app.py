@@ -1,0 +1,255 @@
+"""The Restwise ClientApp: what runs on a person's device in a federated training run.
+
+Composition (outermost first)::
+
+    ClientApp(mods=[egress_guard, secagg_mod, dp_mod])
+        query "restwise_hello"  -> consent (and enough data?) -> participate: bool
+        train                   -> open the store, features, train locally, reply the update
+
+* The store is opened with a key that never comes from the server: from the device's keystore
+  (``FileKeystore`` for simulated devices and trials; a platform keystore on a phone). Where the
+  store and keystore are is *device* configuration (:class:`DeviceLocator`): the SuperNode's
+  ``--node-config "store='/path' keystore='/path'"`` in deployment, or a simulated fleet
+  folder (one store per partition id) in simulation.
+* The train function is privacy-unaware: it trains the shared part (and the personal part,
+  which never leaves) on the person's examples, stores the model in the encrypted store, and
+  replies with the *raw* change of the shared parameters. The mods make it private: ``dp_mod``
+  clips and adds this device's noise share, ``secagg_mod`` masks it, the egress guard checks
+  every record against the allow-list and logs what left (``restwise device history``).
+* Consent: ``store.consents(run_id)`` is checked when the device is greeted for a round and
+  again before training; a person who opted out (``restwise device consent``) sends only
+  ``participate = false``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from restwise.privacy import egress as E
+from restwise.privacy.dp_mods import make_dp_mod
+from restwise.privacy.secagg import records as SR
+from restwise.privacy.secagg.mod import secagg_mod
+
+_log = logging.getLogger(__name__)
+
+# Server -> device records of a train message (besides egress.RUN_RECORD and dp_mods.DP_RECORD).
+GLOBAL_RECORD = "restwise.global"  # ArrayRecord: the shared parameters, keys s000, s001, ...
+TRAIN_RECORD = "restwise.train"  # ConfigRecord: model_config (json), local_epochs, learning_rate, batch_size, seed
+
+SIM_KEYSTORE_DIR = "keystore"
+ERROR_CODE_NOT_ENOUGH_DATA = 4321
+ERROR_CODE_BAD_REQUEST = 4322
+
+
+def device_folder_name(partition_id: int) -> str:
+    """The store folder of simulated device ``partition_id`` inside a fleet folder."""
+    return f"device-{int(partition_id):05d}"
+
+
+@dataclass(frozen=True)
+class DeviceLocation:
+    store: Path
+    keystore: Path
+
+
+@dataclass(frozen=True)
+class DeviceLocator:
+    """Where this device's store and keystore are.
+
+    Node config ``store`` and ``keystore`` win (a real device, or a SuperNode per person);
+    otherwise a simulated fleet: ``fleet_dir`` (or node config / run config
+    ``restwise-fleet-dir``) holding ``keystore/`` and one ``device-NNNNN/`` store per Flower
+    partition id."""
+
+    fleet_dir: Path | None = None
+
+    def locate(self, context: Context) -> DeviceLocation:
+        node = context.node_config
+        if "store" in node:
+            store = Path(str(node["store"])).expanduser()
+            keystore = Path(str(node.get("keystore", store.parent / SIM_KEYSTORE_DIR))).expanduser()
+            return DeviceLocation(store, keystore)
+        fleet = self.fleet_dir
+        if fleet is None:
+            configured = node.get("restwise-fleet-dir", context.run_config.get("restwise-fleet-dir"))
+            if not configured:
+                raise LookupError(
+                    "this node has no store configured: start the SuperNode with "
+                    "--node-config \"store='/path/to/store' keystore='/path/to/keystore'\""
+                )
+            fleet = Path(str(configured))
+        if "partition-id" not in node:
+            raise LookupError("a simulated fleet needs the node's partition-id")
+        return DeviceLocation(fleet / device_folder_name(int(node["partition-id"])), fleet / SIM_KEYSTORE_DIR)
+
+
+@contextlib.contextmanager
+def open_device_store(location: DeviceLocation) -> Iterator[object]:
+    from restwise.client.keys import FileKeystore
+    from restwise.client.store import DeviceStore
+
+    store = DeviceStore.open(location.store, keystore=FileKeystore(location.keystore))
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# -- the privacy-unaware core -----------------------------------------------------------
+def flatten(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+
+
+def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({f"s{i:03d}": Array(np.asarray(a, dtype=np.float32)) for i, a in enumerate(arrays)})
+
+
+def arrays_from_record(record: ArrayRecord) -> list[np.ndarray]:
+    return [record[k].numpy() for k in sorted(record.keys())]
+
+
+def person_examples(store, window: int):
+    """The person's supervised examples, computed on the device from the store."""
+    from restwise.client.dataset import daily_data
+    from restwise.models.features import compute_features, make_examples
+
+    data = daily_data(store)
+    return make_examples(compute_features(data), data, window=window)
+
+
+def has_enough_data(store, window: int) -> bool:
+    from restwise.client.dataset import MIN_TRAINING_EXAMPLES, NoDataError
+
+    try:
+        return len(person_examples(store, window)) >= MIN_TRAINING_EXAMPLES
+    except (NoDataError, ValueError):
+        return False
+
+
+def local_update(store, global_arrays: list[np.ndarray], params: ConfigRecord, *, run_id: str, round_: int) -> tuple[np.ndarray, float]:
+    """Train on this person's data from the global shared part; store the model (personal part
+    included) in the encrypted store; return (raw shared update vector, mean training loss)."""
+    from restwise.client.dataset import MIN_TRAINING_EXAMPLES, NoDataError, load_model, save_model
+    from restwise.models.network import ModelConfig, ModelError, build_model, set_shared_arrays, shared_arrays
+    from restwise.models.training import train_local
+
+    cfg = ModelConfig.from_json(str(params["model_config"]))
+    examples = person_examples(store, cfg.window)
+    if len(examples) < MIN_TRAINING_EXAMPLES:
+        raise NoDataError("not enough check-ins to train on")
+    model = None
+    try:
+        stored, _ = load_model(store)
+        if stored is not None and stored.config == cfg:
+            model = stored  # keeps the person's personal part from earlier rounds
+    except ModelError:
+        model = None
+    if model is None:
+        model = build_model(cfg)
+    set_shared_arrays(model, global_arrays)
+    before = flatten(shared_arrays(model))
+    stats = train_local(
+        model,
+        examples,
+        epochs=int(params["local_epochs"]),
+        lr=float(params["learning_rate"]),
+        batch_size=int(params["batch_size"]),
+        seed=int(params["seed"]) + 7919 * round_,
+        train_shared=True,
+        train_personal=True,
+    )
+    after = flatten(shared_arrays(model))
+    save_model(store, model, {"trained": "federated", "run_id": run_id, "round": round_})
+    return after - before, float(stats.get("loss", float("nan")))
+
+
+# -- the app ----------------------------------------------------------------------------
+def _run_record(msg: Message) -> tuple[str, int]:
+    record = msg.content.config_records.get(E.RUN_RECORD)
+    if record is None or not str(record.get("run_id", "")):
+        raise ValueError("the message names no run")
+    return str(record["run_id"]), int(record.get("round", 0))
+
+
+def make_client_app(
+    locator: DeviceLocator | None = None,
+    *,
+    policy: E.EgressPolicy | None = None,
+    private: bool = True,
+    dp_rng_factory=None,
+    extra_mods: tuple = (),
+) -> ClientApp:
+    """The Restwise ClientApp. ``policy`` defaults to the strict allow-list (masked updates
+    only; a node may opt into the server-trusted plain mode with node config
+    ``allow-unmasked-update = true``). ``private=False`` builds the bare app without any
+    mod (benchmarks of plain FedAvg only: it sends raw updates). ``dp_rng_factory`` replaces
+    the noise generator (tests only; devices draw from OS entropy). ``extra_mods`` go innermost,
+    around the train function (fault injection in tests)."""
+    locator = locator or DeviceLocator()
+
+    def policy_for(context: Context) -> E.EgressPolicy:
+        if policy is not None:
+            return policy
+        return E.EgressPolicy(allow_unmasked_update=bool(context.node_config.get("allow-unmasked-update", False)))
+
+    @contextlib.contextmanager
+    def open_log(context: Context):
+        with open_device_store(locator.locate(context)) as store:
+            yield store
+
+    def egress_guard(msg: Message, context: Context, call_next) -> Message:
+        return E.make_egress_guard(policy_for(context), open_log)(msg, context, call_next)
+
+    dp = make_dp_mod(dp_rng_factory) if dp_rng_factory is not None else make_dp_mod()
+    mods = ([egress_guard, secagg_mod, dp] if private else []) + list(extra_mods)
+    app = ClientApp(mods=mods)
+
+    @app.query("restwise_hello")
+    def hello(msg: Message, context: Context) -> Message:
+        run_id, _ = _run_record(msg)
+        window = int(msg.content.config_records[E.RUN_RECORD].get("window", 7))
+        with open_device_store(locator.locate(context)) as store:
+            participate = bool(store.consents(run_id)) and has_enough_data(store, window)
+        return Message(RecordDict({E.CONSENT_RECORD: ConfigRecord({"participate": participate})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        try:
+            run_id, round_ = _run_record(msg)
+            params = msg.content.config_records[TRAIN_RECORD]
+            global_arrays = arrays_from_record(msg.content.array_records[GLOBAL_RECORD])
+        except (KeyError, ValueError, TypeError):
+            return Message(Error(code=ERROR_CODE_BAD_REQUEST, reason="malformed train message"), reply_to=msg)
+        from restwise.client.dataset import NoDataError
+
+        with open_device_store(locator.locate(context)) as store:
+            if not store.consents(run_id):
+                return Message(Error(code=E.ERROR_CODE_NO_CONSENT, reason="the person has not consented to this run"), reply_to=msg)
+            try:
+                update, loss = local_update(store, global_arrays, params, run_id=run_id, round_=round_)
+            except NoDataError:
+                return Message(Error(code=ERROR_CODE_NOT_ENOUGH_DATA, reason="not enough data to train"), reply_to=msg)
+        content = RecordDict({SR.INNER_UPDATE: ArrayRecord({SR.INNER_VECTOR: Array(update)})})
+        if math.isfinite(loss):
+            content[SR.INNER_METRICS] = MetricRecord({"train_loss": E.TRAIN_LOSS.coarsen(loss)})
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+# The app Flower loads (pyproject [tool.flwr.app.components] clientapp = "restwise.client.app:app").
+app = make_client_app()
+
+__all__ = [
+    "app", "make_client_app", "DeviceLocator", "DeviceLocation", "open_device_store", "device_folder_name",
+    "GLOBAL_RECORD", "TRAIN_RECORD", "local_update", "flatten", "arrays_record", "arrays_from_record",
+]

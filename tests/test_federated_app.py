@@ -1,0 +1,314 @@
+"""The federation end to end on an in-process Grid: the real ServerApp loop, the real ClientApp
+with all its mods (egress guard, secure aggregation, DP), real encrypted stores, the real
+signed ledger and accountant. Only Flower's transport is replaced (privacy/secagg/harness.py);
+tests/test_federated_sim.py runs the same apps on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+import restwise.client.app as client_app_module
+from restwise.client.app import DeviceLocation, DeviceLocator, SIM_KEYSTORE_DIR, device_folder_name, make_client_app, open_device_store
+from restwise.privacy.accountant import PrivacyAccountant
+from restwise.privacy.dp_mods import clip_update
+from restwise.privacy.events import AuditEvent, BudgetRefusalEvent, GaussianRoundEvent
+from restwise.privacy.ledger import load_public_key, verify_ledger_file
+from restwise.privacy.secagg.harness import InProcessGrid
+from restwise.server import app as server_app_module
+from restwise.server.app import Checkpoint, FederatedServer, RunFiles, initial_checkpoint, open_ledger
+from restwise.server.runconfig import RunConfig
+from restwise.server.runner import prepare_fleet
+
+FLEET_SIZE = 10
+NODE_BASE = 1000
+
+
+@pytest.fixture(scope="module")
+def template_fleet(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fleet-template")
+    cfg = _config(population=FLEET_SIZE)
+    prepare_fleet(root / "fleet", cfg, demo_days=90)
+    return root / "fleet"
+
+
+def _config(**changes) -> RunConfig:
+    base = dict(
+        name="test", rounds=2, population=8, sampling="poisson", sampling_rate=1.0, noise_multiplier=1.0,
+        delta=1e-3, clip_norm=1.0, secagg_num_neighbours=4, secagg_threshold=3, max_dropout_fraction=0.3,
+        local_epochs=1, learning_rate=0.003, batch_size=32, round_timeout_s=30.0, dataset="demo", seed=3,
+    )
+    base.update(changes)
+    return RunConfig(**base)
+
+
+class Federation:
+    """A run directory, a copied fleet and an in-process grid of real ClientApps."""
+
+    def __init__(self, tmp_path: Path, template: Path, config: RunConfig, *, drop_at=None, dp_rng_factory=None):
+        self.config = config
+        self.run_dir = tmp_path / "run-test0001"
+        self.run_dir.mkdir()
+        self.fleet = self.run_dir / "fleet"
+        shutil.copytree(template, self.fleet, symlinks=True)
+        self.app = make_client_app(DeviceLocator(self.fleet), dp_rng_factory=dp_rng_factory)
+        self.node_ids = [NODE_BASE + i for i in range(config.population)]
+        self.grid = InProcessGrid(self.app, self.node_ids, drop_at=drop_at or {})
+        for i, nid in enumerate(self.node_ids):
+            self.grid.contexts[nid] = Context(run_id=1, node_id=nid, node_config={"partition-id": i}, state=RecordDict(), run_config={})
+        self.files = RunFiles(self.run_dir)
+
+    def server(self, **kwargs) -> FederatedServer:
+        return FederatedServer(
+            self.config, self.run_dir, run_id=self.run_dir.name, ledger=open_ledger(self.run_dir, self.config),
+            node_wait_s=0.5, **kwargs,
+        )
+
+    def run(self, **kwargs):
+        return self.server(**kwargs).run(self.grid)
+
+    def store(self, i: int):
+        return open_device_store(DeviceLocation(self.fleet / device_folder_name(i), self.fleet / SIM_KEYSTORE_DIR))
+
+    def ledger_events(self):
+        return open_ledger(self.run_dir, self.config).events()
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint.from_bytes(self.files.checkpoint.read_bytes())
+
+
+def _flat(ckpt: Checkpoint) -> np.ndarray:
+    return np.concatenate([a.astype(np.float64).reshape(-1) for a in ckpt.arrays])
+
+
+def test_record_names_agree_between_client_and_server():
+    assert client_app_module.GLOBAL_RECORD == server_app_module.GLOBAL_RECORD
+    assert client_app_module.TRAIN_RECORD == server_app_module.TRAIN_RECORD
+
+
+def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger(tmp_path, template_fleet):
+    fed = Federation(tmp_path, template_fleet, _config())
+    summary = fed.run()
+    assert summary.status == "completed" and summary.rounds_completed == 2
+    # The global model moved away from its initialisation.
+    start, end = _flat(initial_checkpoint(fed.config)), _flat(fed.checkpoint())
+    assert np.linalg.norm(end - start) > 1e-3
+    releases = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert [e.round for e in releases] == [1, 2]
+    t_min = 8 - math.floor(0.3 * 8)  # the secure round releases with >= 6 of 8
+    for e in releases:
+        assert e.survivors == 8 and e.planned_clients == 8 and e.clip_norm == 1.0
+        # Distributed noise: 8 shares sized for 6 -> std z C sqrt(8/6), accounted as such.
+        assert e.noise_std_total == pytest.approx(1.0 * math.sqrt(8 / t_min))
+        assert e.noise_multiplier == pytest.approx(e.noise_std_total)
+        assert e.model_hash
+    assert releases[1].model_hash == fed.checkpoint().model_hash()
+    lines = fed.files.round_lines()
+    assert [l["round"] for l in lines] == [1, 2] and all(l["status"] == "completed" for l in lines)
+    acc = PrivacyAccountant()
+    assert lines[0]["epsilon"] == pytest.approx(acc.epsilon(releases[:1], 1e-3).epsilon)
+    assert lines[1]["epsilon"] == pytest.approx(acc.epsilon(releases, 1e-3).epsilon)
+    assert lines[1]["epsilon"] > lines[0]["epsilon"] > 0
+    assert summary.epsilon == pytest.approx(lines[1]["epsilon"])
+    assert all(l["train_loss"] is not None and 0 <= l["train_loss"] <= 100 for l in lines)
+    # The ledger is hash-chained and signed by the server's audit key.
+    _, verification = verify_ledger_file(fed.run_dir / "ledger.jsonl", load_public_key(fed.run_dir / "public_key.pem"))
+    assert verification.signed and verification.entries == 2
+    state = json.loads((fed.run_dir / "state.json").read_text())
+    assert state["status"] == "completed" and state["current_round"] == 2
+    # Each device logged what it sent, under the run's id, and kept its personal model.
+    with fed.store(0) as store:
+        history = store.egress_history()
+        model_row = store.load_model_state("recovery_model")
+    kinds = [h["message_type"] for h in history]
+    assert kinds.count("train:collect-masked-input") == 2 and kinds.count("query.restwise_hello") == 2
+    assert {h["run_id"] for h in history} == {fed.run_dir.name}
+    sent = {r["name"] for h in history for r in h["records"]}
+    assert "update" not in sent and "secagg.masked-input" in sent
+    assert model_row is not None and model_row[1]["run_id"] == fed.run_dir.name
+
+
+def test_thirty_percent_failing_clients_do_not_stop_training(tmp_path, template_fleet, monkeypatch):
+    # A complete graph (k = n - 1): any 3 of 10 may fail; sparse graphs tolerate k - t per neighbourhood.
+    cfg = _config(population=10, max_dropout_fraction=0.4, secagg_num_neighbours=9, secagg_threshold=5)
+    fed = Federation(tmp_path, template_fleet, cfg)
+    failing = {str(fed.fleet / device_folder_name(i)) for i in (1, 4, 7)}
+    real_update = client_app_module.local_update
+
+    def flaky_update(store, *args, **kwargs):
+        if str(store.folder) in failing:
+            raise RuntimeError("simulated device crash during training")
+        return real_update(store, *args, **kwargs)
+
+    monkeypatch.setattr(client_app_module, "local_update", flaky_update)
+    summary = fed.run()
+    assert summary.status == "completed"
+    releases = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert [e.round for e in releases] == [1, 2]
+    assert all(e.survivors == 7 and e.planned_clients == 10 for e in releases)
+    lines = fed.files.round_lines()
+    assert [(l["sampled"], l["survived"], l["dropped"]) for l in lines] == [(10, 7, 3)] * 2
+    assert all(l["epsilon"] > 0 for l in lines)
+    assert np.linalg.norm(_flat(fed.checkpoint()) - _flat(initial_checkpoint(cfg))) > 1e-3
+
+
+def test_nan_and_huge_updates_cannot_move_the_aggregate_beyond_the_clip_bound(tmp_path, template_fleet, monkeypatch):
+    # Noise-free devices (zero-noise generator) so the released sum can be checked exactly.
+    class ZeroNoise:
+        def normal(self, loc, scale, size):
+            return np.zeros(size)
+
+    cfg = _config(rounds=1, population=8)
+    fed = Federation(tmp_path, template_fleet, cfg, dp_rng_factory=ZeroNoise)
+    honest: dict[str, np.ndarray] = {}
+    real_update = client_app_module.local_update
+    nan_dev, huge_dev = str(fed.fleet / device_folder_name(0)), str(fed.fleet / device_folder_name(1))
+
+    def adversarial_update(store, *args, **kwargs):
+        update, loss = real_update(store, *args, **kwargs)
+        key = str(store.folder)
+        if key == nan_dev:
+            update = update.copy()
+            update[3] = np.nan
+        elif key == huge_dev:
+            update = np.full_like(update, 1e6)
+        else:
+            honest[key] = update
+        return update, loss
+
+    monkeypatch.setattr(client_app_module, "local_update", adversarial_update)
+    before = _flat(initial_checkpoint(cfg))
+    summary = fed.run()
+    assert summary.status == "completed"
+    (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert release.survivors == 7  # the NaN device refused on the device and was excluded
+    total = (_flat(fed.checkpoint()) - before) * cfg.expected_cohort
+    honest_sum = sum(clip_update(v, cfg.clip_norm)[0] for v in honest.values())
+    intruder = total - honest_sum
+    # The huge device moved the sum by exactly its clipped contribution: norm <= C.
+    assert np.linalg.norm(intruder) <= cfg.clip_norm * (1 + 1e-3) + 1e-4
+    assert np.linalg.norm(intruder) > 0.9 * cfg.clip_norm
+
+
+def test_a_round_losing_more_than_the_threshold_fails_cleanly(tmp_path, template_fleet, monkeypatch):
+    import restwise.privacy.secagg.harness as harness
+
+    # The harness drops a node at every message without a secure-aggregation stage; our hello
+    # comes before the protocol, so a node dropping at the collect stage still answers it.
+    real_index = harness._stage_index
+    monkeypatch.setattr(harness, "_stage_index", lambda stage: -1 if stage == "" else real_index(stage))
+    drop = {NODE_BASE + i: "collect-masked-input" for i in range(4)}  # 4 of 8 > 30%
+    fed = Federation(tmp_path, template_fleet, _config(rounds=1, round_timeout_s=1.0), drop_at=drop)
+    summary = fed.run()
+    assert summary.status == "failed"
+    events = fed.ledger_events()
+    assert not any(isinstance(e, GaussianRoundEvent) for e in events)
+    (failed,) = [e for e in events if isinstance(e, AuditEvent)]
+    assert failed.action == "round.failed" and failed.details["round"] == 1 and failed.details["released"] is False
+    assert not fed.files.checkpoint.exists()  # nothing released, no model
+    (line,) = fed.files.round_lines()
+    assert line["status"] == "failed" and line["epsilon"] == 0.0 and "aborted" in line["reason"]
+
+
+def _stop_after_first_round(server: FederatedServer) -> FederatedServer:
+    rounds_done = []
+    original = server.run_round
+
+    def counting(grid, rnd, ckpt):
+        out = original(grid, rnd, ckpt)
+        rounds_done.append(rnd)
+        return out
+
+    server.run_round = counting
+    server._should_stop = lambda: len(rounds_done) >= 1
+    return server
+
+
+def test_a_stopped_run_resumes_from_the_last_completed_round(tmp_path, template_fleet):
+    fed = Federation(tmp_path, template_fleet, _config(rounds=2))
+    summary = _stop_after_first_round(fed.server()).run(fed.grid)
+    assert summary.status == "stopped" and fed.checkpoint().round == 1
+    assert json.loads((fed.run_dir / "state.json").read_text())["status"] == "stopped"
+    summary = fed.run()
+    assert summary.status == "completed" and fed.checkpoint().round == 2
+    releases = [(e.round, e.attempt) for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert releases == [(1, 0), (2, 0)]  # round 1 was not repeated
+    assert [l["round"] for l in fed.files.round_lines()] == [1, 2]
+
+
+def test_a_crash_after_a_release_reruns_the_round_as_a_new_accounted_attempt(tmp_path, template_fleet, monkeypatch):
+    fed = Federation(tmp_path, template_fleet, _config(rounds=3))
+    _stop_after_first_round(fed.server()).run(fed.grid)
+    after_one = fed.checkpoint()
+    # The next attempt crashes after round 2 was released (ledger) but before its checkpoint.
+    real_write = server_app_module.atomic_write
+
+    def crash_on_checkpoint(path, data):
+        if path.name == "checkpoint":
+            raise OSError("power loss")
+        return real_write(path, data)
+
+    monkeypatch.setattr(server_app_module, "atomic_write", crash_on_checkpoint)
+    with pytest.raises(OSError):
+        fed.run()
+    monkeypatch.setattr(server_app_module, "atomic_write", real_write)
+    assert fed.checkpoint().round == 1 and np.array_equal(_flat(fed.checkpoint()), _flat(after_one))
+
+    summary = fed.run()
+    releases = [(e.round, e.attempt) for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    # Round 2's first release was computed, so it stays accounted; its re-run is attempt 1.
+    assert releases == [(1, 0), (2, 0), (2, 1)]
+    assert fed.checkpoint().round == 2
+    # The crash cost a release: the planned budget of 3 releases leaves no room for round 3.
+    assert summary.status == "refused"
+    refusals = [e for e in fed.ledger_events() if isinstance(e, BudgetRefusalEvent)]
+    assert [r.round for r in refusals] == [3]
+
+
+def test_a_round_that_would_exceed_the_budget_is_refused_before_anything_is_sent(tmp_path, template_fleet):
+    cfg = _config(rounds=1, noise_multiplier=None, target_epsilon=3.0)
+    fed = Federation(tmp_path, template_fleet, cfg)
+    assert fed.run().status == "completed"
+    sent_before = [len(_history(fed, i)) for i in range(cfg.population)]
+    # Lose the checkpoint: re-running the (only) round would be a second release: over budget.
+    (fed.run_dir / "rounds.jsonl").unlink()
+    (fed.run_dir / "checkpoint").unlink()
+    summary = fed.run()
+    assert summary.status == "refused" and "budget" in summary.reason
+    refusals = [e for e in fed.ledger_events() if isinstance(e, BudgetRefusalEvent)]
+    assert len(refusals) == 1 and refusals[0].budget_epsilon >= 3.0 and refusals[0].projected_epsilon > 3.0
+    assert [len(_history(fed, i)) for i in range(cfg.population)] == sent_before
+    assert json.loads((fed.run_dir / "state.json").read_text())["status"] == "refused"
+
+
+def _history(fed: Federation, i: int) -> list[dict]:
+    with fed.store(i) as store:
+        return store.egress_history()
+
+
+def test_a_person_who_opted_out_sends_only_a_no(tmp_path, template_fleet):
+    fed = Federation(tmp_path, template_fleet, _config(rounds=1))
+    with fed.store(2) as store:
+        store.set_consent(fed.run_dir.name, False)
+    summary = fed.run()
+    assert summary.status == "completed"
+    (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert release.survivors == 7
+    history = _history(fed, 2)
+    assert [h["message_type"] for h in history] == ["query.restwise_hello"]
+    assert [r["name"] for r in history[0]["records"]] == ["restwise.consent"]
+    with fed.store(2) as store:
+        assert store.load_model_state("recovery_model") is None  # never trained
+
+
+def test_central_noise_is_added_by_the_server_and_accounted_at_z(tmp_path, template_fleet):
+    fed = Federation(tmp_path, template_fleet, _config(rounds=1, noise="central", noise_multiplier=1.3))
+    assert fed.run().status == "completed"
+    (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert release.noise_std_total == pytest.approx(1.3) and release.noise_multiplier == pytest.approx(1.3)
