@@ -132,10 +132,14 @@ class TokenStore:
         ok = hmac.compare_digest(stored, _digest(secret))
         if not ok or row is None or row["revoked_at"] is not None:
             return None
-        self._touch(token_id)
+        self._touch(token_id, row["last_used_at"])
         return Principal(token_id, row["name"], Role(row["role"]))
 
-    def _touch(self, token_id: str) -> None:
+    def _touch(self, token_id: str, last: str | None) -> None:
+        now = _dt.datetime.now(_dt.timezone.utc)
+        # At most one write a minute per token: reads must not turn into a write each.
+        if last is not None and last > (now - _dt.timedelta(minutes=1)).isoformat(timespec="milliseconds"):
+            return
         try:
             with self.db.engine.begin() as conn:
                 conn.execute(dbm.tokens.update().where(dbm.tokens.c.id == token_id).values(last_used_at=dbm.utcnow()))

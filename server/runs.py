@@ -23,6 +23,7 @@ re-checks before every round.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -360,7 +361,8 @@ class RunManager:
                 self._update(run_id, status="refused", reason=str(err)[:2000], finished_at=dbm.utcnow())
                 raise err from None
             if decision is not None:
-                self._update(run_id, projected_epsilon=decision.projected_epsilon)
+                finite = math.isfinite(decision.projected_epsilon)
+                self._update(run_id, projected_epsilon=decision.projected_epsilon if finite else None)
                 if not decision.allowed:
                     err = BudgetRefusedError(run_id, decision)
                     self._update(run_id, status="refused", reason=str(err), finished_at=dbm.utcnow())

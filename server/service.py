@@ -226,6 +226,17 @@ class ProblemError(Exception):
         self.type_, self.errors, self.extra, self.headers = type_, errors, extra or {}, headers
 
 
+def _json_safe(value: Any) -> Any:
+    """JSON has no infinity: an unbounded ε is reported as the string "inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     out = []
     for e in errors:
@@ -462,7 +473,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body["detail"] = exc.detail
         if exc.errors:
             body["errors"] = exc.errors
-        body.update(exc.extra)
+        body.update(_json_safe(exc.extra))
         if not request.url.path.startswith(API) and request.method in ("GET", "HEAD", "POST"):
             from restwise.server import dashboard
 
