@@ -334,11 +334,84 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, ledger: PrivacyLed
                 report_schema_version=REPORT_SCHEMA_VERSION,
             )
         )
-        paths["ledger"] = ledger.copy_to(out / LEDGER_FILE, upto_seq=entry.seq)
+        dest = out / LEDGER_FILE
+        if dest.resolve() == ledger.path.resolve():
+            paths["ledger"] = ledger.path  # writing beside the live ledger: it is the copy
+        else:
+            paths["ledger"] = ledger.copy_to(dest, upto_seq=entry.seq)
         if ledger.signing_key is not None:
             paths["public_key"] = out / PUBLIC_KEY_FILE
-            paths["public_key"].write_bytes(public_key_pem(ledger.signing_key))
+            pem = public_key_pem(ledger.signing_key)
+            if not paths["public_key"].exists() or paths["public_key"].read_bytes() != pem:
+                _atomic_write(paths["public_key"], pem)
     return paths
+
+
+def default_allow_list() -> Any:
+    """The device egress allow-list from restwise.privacy.egress, or None when unavailable."""
+    try:
+        from restwise.privacy.egress import allow_list_summary
+    except ImportError:
+        return None
+    try:
+        return allow_list_summary()
+    except Exception:  # noqa: BLE001 - the report falls back to its default text
+        return None
+
+
+def write_run_report(
+    run_dir: str | os.PathLike,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    egress_allow_list: Any = None,
+    signing_key=None,
+) -> dict[str, Path]:
+    """Report for a server run folder (``<data_dir>/runs/<run_id>/``: config.json,
+    ledger.jsonl signed with the key at config ``audit_key_path`` or ``../audit_key.pem``).
+    Writes into ``out_dir`` (default: the run folder) and anchors the report in the run's ledger."""
+    from restwise.privacy.ledger import load_audit_key
+
+    run_dir = Path(run_dir)
+    config: dict[str, Any] = {}
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, ValueError):
+            raise ReportError(f"{config_path} is not readable JSON") from None
+    ledger_path = run_dir / LEDGER_FILE
+    if not ledger_path.exists():
+        raise ReportError(f"no ledger at {ledger_path}")
+    if signing_key is None:
+        key_path = Path(config["audit_key_path"]) if config.get("audit_key_path") else run_dir.resolve().parent / "audit_key.pem"
+        signing_key = load_audit_key(key_path)
+    ledger = PrivacyLedger(ledger_path, signing_key)
+    run_ids = sorted({e.payload.get("run_id") for e in ledger.entries() if e.payload.get("run_id")})
+    run_id = run_dir.name if run_dir.name in run_ids else (run_ids[0] if len(run_ids) == 1 else None)
+    if run_id is None:
+        raise ReportError(f"cannot tell which run of {ledger_path} to report on ({len(run_ids)} runs found)")
+    releases = ledger.releases(run_id)
+    secagg = None
+    if "secagg_num_neighbours" in config:
+        secagg = {
+            "num_shares": config.get("secagg_num_neighbours"),
+            "reconstruction_threshold": config.get("secagg_threshold"),
+            "max_dropout_fraction": config.get("max_dropout_fraction"),
+            "noise": config.get("noise"),
+            "dropped_devices_total": sum(ev.cohort_size - ev.survivors for ev in releases),
+        }
+    budget = None
+    if config.get("target_epsilon") is not None:
+        budget = {"epsilon": config["target_epsilon"], "delta": config.get("delta", 1e-5), "scope": "run"}
+    report = build_report(
+        ledger,
+        run_id,
+        secagg=secagg,
+        delta=float(config.get("delta") or 1e-5),
+        egress_allow_list=egress_allow_list if egress_allow_list is not None else default_allow_list(),
+        budget=budget,
+    )
+    return write_report(report, out_dir if out_dir is not None else run_dir, ledger=ledger)
 
 
 # --- HTML ------------------------------------------------------------------------------------
