@@ -70,6 +70,9 @@ def run_evaluation(
     persons: int | None = None,
     seed: int = 0,
     target: str | None = None,
+    min_train: int = 28,
+    min_test: int = 7,
+    threads: int = 1,
     methods: Mapping | None = None,
     extra_methods: Mapping | None = None,
     command: str | None = None,
@@ -81,11 +84,18 @@ def run_evaluation(
     ``methods`` replaces the default rows; ``extra_methods`` are appended after them."""
     from restwise.client.cohort import import_cohort
     from restwise.client.keys import FileKeystore
-    from restwise.models.evaluation import ProtocolConfig, default_methods, evaluate, plot_results
+    from restwise.models.evaluation import (
+        NeuralConfig,
+        ProtocolConfig,
+        default_methods,
+        evaluate,
+        plot_results,
+    )
 
     log = log or (lambda _msg: None)
-    config = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed)
-    rows = dict(methods) if methods is not None else default_methods(config)
+    config = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed,
+                            min_train=min_train, min_test=min_test)
+    rows = dict(methods) if methods is not None else default_methods(config, NeuralConfig(threads=threads))
     rows.update(extra_methods or {})
     with tempfile.TemporaryDirectory(prefix="restwise-eval-") as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
@@ -139,6 +149,8 @@ def evaluate(
         None, "--target", help="Series to predict for day t+1 (default: readiness; LifeSnaps: "
         "fatigue, from its mood answers)."
     ),
+    min_train: int = typer.Option(28, "--min-train", min=2, help="Persons with fewer training examples are left out."),
+    min_test: int = typer.Option(7, "--min-test", min=1, help="Persons with fewer test examples are left out."),
     threads: int = typer.Option(1, "--threads", min=1, max=64, help="Torch threads."),
     methods: Optional[str] = typer.Option(
         None, "--methods", help="Extra rows: module:function returning {name: Method}."
@@ -161,12 +173,10 @@ def evaluate(
         kind, path = dataset, data
     else:
         kind, path = "folder", cohort
-    import torch
-
-    torch.set_num_threads(threads)
     extra = None
     if methods:
-        extra = _extra_methods(methods, ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed))
+        extra = _extra_methods(methods, ProtocolConfig(
+            target=target or DEFAULT_TARGET[kind], seed=seed, min_train=min_train, min_test=min_test))
     command = "restwise evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "evaluate" else None
 
@@ -175,7 +185,8 @@ def evaluate(
 
     try:
         result = run_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
-                                target=target, extra_methods=extra, command=command, log=log)
+                                target=target, min_train=min_train, min_test=min_test, threads=threads,
+                                extra_methods=extra, command=command, log=log)
     except RestwiseDeviceError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=exc.exit_code) from None

@@ -375,8 +375,8 @@ class LocalRidge:
     def fit_predict(self, splits, seed):
         alpha = self.alpha
         if alpha is None:
-            alpha = _choose(self.alphas, lambda a: self._fit_predict(validation_splits(splits, self.config), a),
-                            validation_splits(splits, self.config))
+            val = _validation_or_none(splits, self.config)
+            alpha = _choose(self.alphas, lambda a: self._fit_predict(val, a), val)
         self.chosen = {"alpha": alpha}
         return self._fit_predict(splits, alpha)
 
@@ -401,7 +401,7 @@ class CentralRidge:
     def fit_predict(self, splits, seed):
         alpha = self.alpha
         if alpha is None:
-            val = validation_splits(splits, self.config)
+            val = _validation_or_none(splits, self.config)
             alpha = _choose(self.alphas, lambda a: self._fit_predict(val, a), val)
         self.chosen = {"alpha": alpha}
         return self._fit_predict(splits, alpha)
@@ -411,7 +411,18 @@ def _mean_mae(preds: Mapping[str, Prediction], splits: Sequence[PersonSplit]) ->
     return float(np.mean([np.mean(np.abs(preds[s.person].value - s.test.y)) for s in splits]))
 
 
+def _validation_or_none(splits, config):
+    try:
+        return validation_splits(splits, config)
+    except EvaluationError:
+        return None
+
+
 def _choose(candidates, run, val_splits):
+    """The candidate with the lowest validation MAE; the first (the documented default) when
+    no person has a validation slice."""
+    if not val_splits:
+        return candidates[0]
     scores = [(_mean_mae(run(c), val_splits), i) for i, c in enumerate(candidates)]
     return candidates[min(scores)[1]]
 
@@ -425,9 +436,9 @@ class NeuralConfig:
 
     hidden: tuple[int, ...] = (32, 16)
     dropout: float = 0.1
-    local_epochs: tuple[int, ...] = (5, 15)
+    local_epochs: tuple[int, ...] = (5, 10)
     central_epochs: int = 4
-    finetune_epochs: tuple[int, ...] = (0, 3, 10)  # 0 = the central model on the person's scale
+    finetune_epochs: tuple[int, ...] = (0, 3)  # 0 = the central model on the person's scale
     lr: float = 3e-3
     finetune_lr: float = 3e-4
     batch_size: int = 32
@@ -500,7 +511,7 @@ class LocalNeural:
         candidates = tuple(self.cfg.local_epochs)
         epochs = candidates[0]
         if len(candidates) > 1:
-            val = validation_splits(splits, self.config)
+            val = _validation_or_none(splits, self.config)
             epochs = _choose(candidates, lambda e: self._fit_predict(val, e, seed), val)
         self.chosen = {"epochs": epochs}
         return self._fit_predict(splits, epochs, seed)
@@ -572,6 +583,20 @@ def central_models(splits: Sequence[PersonSplit], cfg: NeuralConfig, seed: int) 
     return models
 
 
+class CentralModelCache:
+    """Central models by (persons' training data, config, seed): the centralised row and the
+    personalised row start from the very same shared part, trained once."""
+
+    def __init__(self) -> None:
+        self._models: dict = {}
+
+    def get(self, splits: Sequence[PersonSplit], cfg: NeuralConfig, seed: int) -> list:
+        key = (tuple((s.person, len(s.train), int(s.train.end_idx[-1])) for s in splits), cfg, seed)
+        if key not in self._models:
+            self._models[key] = central_models(splits, cfg, seed)
+        return self._models[key]
+
+
 @dataclass
 class CentralNeural:
     """The recovery network's shared part trained on everyone's data pooled (non-private);
@@ -579,13 +604,14 @@ class CentralNeural:
 
     cfg: NeuralConfig = field(default_factory=NeuralConfig)
     description: str = "recovery network on all persons' data pooled (non-private)"
+    cache: CentralModelCache = field(default_factory=CentralModelCache, repr=False)
 
     def fit_predict(self, splits, seed):
         with limited_threads(self.cfg.threads):
             return self._fit_predict_all(splits, seed)
 
     def _fit_predict_all(self, splits, seed):
-        models = central_models(splits, self.cfg, seed)
+        models = self.cache.get(splits, self.cfg, seed)
         return {s.person: _ensemble([_neural_prediction(_with_person_scale(m, s), s) for m in models])
                 for s in splits}
 
@@ -612,6 +638,7 @@ class Personalised:
     cfg: NeuralConfig = field(default_factory=NeuralConfig)
     config: ProtocolConfig = field(default_factory=ProtocolConfig)
     description: str = "shared part trained centrally + personal fine-tune on the device"
+    cache: CentralModelCache = field(default_factory=CentralModelCache, repr=False)
 
     def _finetune_predict(self, bases, splits, epochs, seed):
         return {s.person: _ensemble([_neural_prediction(personal_finetune(b, s, self.cfg, epochs, seed), s)
@@ -625,11 +652,11 @@ class Personalised:
         candidates = tuple(self.cfg.finetune_epochs)
         epochs = candidates[0]
         if len(candidates) > 1:
-            val = validation_splits(splits, self.config)
-            bases_val = central_models(val, self.cfg, seed)
+            val = _validation_or_none(splits, self.config)
+            bases_val = self.cache.get(val, self.cfg, seed) if val else None
             epochs = _choose(candidates, lambda e: self._finetune_predict(bases_val, val, e, seed), val)
         self.chosen = {"finetune_epochs": epochs}
-        return self._finetune_predict(central_models(splits, self.cfg, seed), splits, epochs, seed)
+        return self._finetune_predict(self.cache.get(splits, self.cfg, seed), splits, epochs, seed)
 
 
 BASELINE_ROWS = ("global mean", "person mean", "last value", "local ridge", "central ridge",
@@ -641,6 +668,7 @@ def default_methods(config: ProtocolConfig | None = None,
     """The table's rows, in order: baselines, then our personalised model."""
     config = config or ProtocolConfig()
     neural = neural or NeuralConfig()
+    cache = CentralModelCache()
     return {
         "global mean": GlobalMean(),
         "person mean": PersonMean(),
@@ -648,8 +676,8 @@ def default_methods(config: ProtocolConfig | None = None,
         "local ridge": LocalRidge(config=config),
         "central ridge": CentralRidge(config=config),
         "local neural": LocalNeural(neural, config),
-        "central neural": CentralNeural(neural),
-        "personalised": Personalised(neural, config),
+        "central neural": CentralNeural(neural, cache=cache),
+        "personalised": Personalised(neural, config, cache=cache),
     }
 
 
@@ -867,6 +895,6 @@ __all__ = [
     "EvaluationResult", "MethodResult", "EvaluationError", "evaluate", "default_methods",
     "split_person", "chronological_split", "check_no_leakage", "validation_splits",
     "windowed_examples", "blinded", "auroc", "bootstrap_ci", "score_method", "plot_results",
-    "train_pooled", "central_models", "personal_finetune", "GlobalMean", "PersonMean", "LastValue", "LocalRidge", "CentralRidge",
+    "train_pooled", "central_models", "CentralModelCache", "personal_finetune", "GlobalMean", "PersonMean", "LastValue", "LocalRidge", "CentralRidge",
     "LocalNeural", "CentralNeural", "Personalised", "BASELINE_ROWS",
 ]

@@ -283,7 +283,7 @@ def test_cli_cohort_folder_writes_json_markdown_and_plot(tmp_path, monkeypatch):
 
     # Small neural settings keep this test fast; the real-data test runs the defaults.
     small = NeuralConfig(n_seeds=1, local_epochs=(2,), central_epochs=2, finetune_epochs=(0,))
-    monkeypatch.setattr(ev, "NeuralConfig", lambda: small)
+    monkeypatch.setattr(ev, "NeuralConfig", lambda **_kw: small)
     _write_cohort_folder(tmp_path / "cohort")
     result = CliRunner().invoke(_cli(), [
         "evaluate", "--cohort", str(tmp_path / "cohort"), "--out", str(tmp_path / "out"),
@@ -336,3 +336,12 @@ def test_restwise_evaluate_on_real_soccermon(shared_data, tmp_path):
     # our model must not lose to "tomorrow = today"
     assert rows["personalised"]["mae"] < rows["last value"]["mae"]
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_tuning_falls_back_to_the_default_without_validation_data():
+    cohort, _ = _two_person_splits()
+    cfg = ProtocolConfig(min_train=10, min_test=3, bootstrap=50, validation_fraction=0.05)
+    ridge = LocalRidge(alphas=(123.0, 1.0), config=cfg)
+    evaluate(cohort, {"pm": PersonMean(), "local ridge": ridge}, config=cfg,
+             feature_fn=index_features)
+    assert ridge.chosen == {"alpha": 123.0}
