@@ -132,7 +132,7 @@ def calibrate_noise_multiplier(
 def _rdp_start(accountant: PrivacyAccountant, spec: ReleaseSpec, rounds: int, delta: float, target: float) -> float:
     """The multiplier at which the RDP bound reaches the target (RDP >= PLD, so PLD is feasible
     there), found by a cheap bisection; 1.0 when there is no RDP bound for this configuration."""
-    if accountant.rdp_epsilon_for_rounds(spec, 1, delta) is None:
+    if accountant.rdp_epsilon_for_rounds(spec, 1, delta, fast=True) is None:
         return 1.0
     lo, hi = MIN_NOISE_MULTIPLIER, 1.0
     import logging
@@ -141,17 +141,17 @@ def _rdp_start(accountant: PrivacyAccountant, spec: ReleaseSpec, rounds: int, de
     level = absl.level
     absl.setLevel(logging.ERROR)  # dp_accounting warns about RDP orders it skips at tiny noise
     try:
-        while (accountant.rdp_epsilon_for_rounds(spec.with_noise_multiplier(hi), rounds, delta) or math.inf) > target:
+        while (accountant.rdp_epsilon_for_rounds(spec.with_noise_multiplier(hi), rounds, delta, fast=True) or math.inf) > target:
             lo, hi = hi, hi * 2
             if hi > MAX_NOISE_MULTIPLIER:
                 return MAX_NOISE_MULTIPLIER
         for _ in range(30):
             mid = 0.5 * (lo + hi)
-            if (accountant.rdp_epsilon_for_rounds(spec.with_noise_multiplier(mid), rounds, delta) or math.inf) > target:
+            if (accountant.rdp_epsilon_for_rounds(spec.with_noise_multiplier(mid), rounds, delta, fast=True) or math.inf) > target:
                 lo = mid
             else:
                 hi = mid
-            if hi - lo < 1e-3 * hi:
+            if hi - lo < 2e-2 * hi:  # a starting point only: coarse is enough
                 break
     finally:
         absl.setLevel(level)
