@@ -28,7 +28,7 @@ epsilon_no_amplification       epsilon against a server that knows each round's 
 amplification_claimed          whether ``epsilon`` uses amplification by sampling
 accounting                     the accountant's full result: name, version, PLD parameters,
                                composed groups, notes (or {"error": ...})
-mechanism                      name, clip norms, noise multipliers (planned vs effective), noise std
+mechanism                      name, clip norms, effective noise multipliers, noise std
 sampling                       methods, rates, cohort sizes, population
 releases                       one row per release (from the ledger): round, attempt, sampling,
                                cohort, planned_clients, survivors, noise_multiplier,
@@ -236,7 +236,6 @@ def build_report(
     head = entries[-1]
     if public_key is None and ledger.signing_key is not None:
         public_key = ledger.signing_key.public_key()
-    planned = sorted({round(ev.noise_std_total / ev.clip_norm * math.sqrt(ev.planned_clients / ev.survivors), 9) for ev in events})
     return {
         "report_schema_version": REPORT_SCHEMA_VERSION,
         "generated_at": utc_now(),
@@ -253,7 +252,7 @@ def build_report(
         "mechanism": {
             "name": "gaussian",
             "clip_norms": sorted({ev.clip_norm for ev in events}),
-            "planned_noise_multipliers": planned,
+            "noise_multipliers": sorted({ev.noise_multiplier for ev in events}),
             "effective_noise_multipliers": {
                 "min": min((ev.noise_multiplier for ev in events), default=None),
                 "max": max((ev.noise_multiplier for ev in events), default=None),
@@ -511,7 +510,7 @@ def render_html(report: dict) -> str:
         ("adjacency", f"{report.get('adjacency')}: {report.get('adjacency_description')}"),
         ("mechanism", "Gaussian noise on the sum of clipped updates"),
         ("clip norm(s)", ", ".join(_fmt(c) for c in report["mechanism"]["clip_norms"]) or "n/a"),
-        ("planned noise multiplier(s)", ", ".join(_fmt(c) for c in report["mechanism"]["planned_noise_multipliers"]) or "n/a"),
+        ("noise multipliers released (effective)", ", ".join(_fmt(c) for c in report["mechanism"]["noise_multipliers"][:12]) or "n/a"),
         ("effective noise multiplier (min..max)", f"{_fmt(report['mechanism']['effective_noise_multipliers']['min'])} .. {_fmt(report['mechanism']['effective_noise_multipliers']['max'])}"),
         ("sampling", ", ".join(report["sampling"]["methods"]) + " at rate(s) " + ", ".join(_fmt(r) for r in report["sampling"]["rates"])),
         ("releases", str(len(report.get("releases", [])))),
