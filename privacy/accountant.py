@@ -16,7 +16,8 @@ What is accounted, and how (C = clip norm, z = noise std / C):
 sampling                   add/remove one person         replace one person (sensitivity 2C)
 =========================  ============================  ==========================================
 full (q = 1)               Gaussian(z)                   Gaussian, shift 2C (PLD REPLACE_ONE; RDP z/2)
-poisson (rate q < 1)       PoissonSampled(q, Gaussian)   PLD: PoissonSampled, REPLACE_ONE pair;
+poisson (rate q < 1)       PoissonSampled(q, Gaussian)   PLD: the larger of the REPLACE_ONE pair
+                                                         (u = -v) and the add/remove pair (v = 0);
                                                          RDP: no bound in dp_accounting (None)
 fixed (m of n, m < n)      refused (not defined)         refused: dp_accounting has no PLD for
                                                          sampling without replacement; its RDP
@@ -283,12 +284,23 @@ class PrivacyAccountant:
         PLDAccountant for PoissonSampledDpEvent/GaussianDpEvent, with base PLDs cached."""
         if not amplified:
             return self._gaussian_epsilon(groups, delta, adjacency)
+        eps = self._composed_pld_epsilon(groups, delta, adjacency)
+        if adjacency == "replace_one" and any(spec.sampling == "poisson" for spec in groups):
+            # Under Poisson sampling, replacing a person's update u by v gives the pair
+            # ((1-q)N(0)+qN(u), (1-q)N(0)+qN(v)). dp_accounting's replace-one PLD takes
+            # u = -v (|u| = C); v = 0 (a zero update) gives the add/remove pair instead. The
+            # pair that is worst for one round need not stay worst under composition
+            # (Lebeda et al. 2024), so both are composed and the larger epsilon is reported.
+            eps = max(eps, self._composed_pld_epsilon(groups, delta, "add_remove"))
+        return eps
+
+    def _composed_pld_epsilon(self, groups: Counter, delta: float, relation: str) -> float:
         interval = self.pld.interval_for(sum(groups.values()))
         composed = None
         for spec, count in sorted(groups.items(), key=lambda kv: repr(kv[0])):
             if spec.sampling not in ("full", "poisson"):
                 raise AssertionError("unsupported specs are refused before this point")
-            base = _base_pld(spec.noise_multiplier, spec.sampling_rate, adjacency, interval, self.pld)
+            base = _base_pld(spec.noise_multiplier, spec.sampling_rate, relation, interval, self.pld)
             part = base.self_compose(count) if count > 1 else base
             composed = part if composed is None else composed.compose(part)
         return float(composed.get_epsilon_for_delta(delta))

@@ -133,6 +133,18 @@ def test_poisson_replace_one_has_pld_but_no_rdp_bound():
     assert any("no RDP bound" in n for n in r.notes)
 
 
+def test_poisson_replace_one_is_max_over_candidate_pairs():
+    from dp_accounting import NeighboringRelation as NR, dp_event
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    for q in (0.05, 0.5):
+        ours = acc.epsilon_for_rounds(spec(1.5, "poisson", "replace_one", sampling_rate=q), 20, DELTA).epsilon
+        for rel in (NR.REPLACE_ONE, NR.ADD_OR_REMOVE_ONE):
+            pld = PLDAccountant(rel, value_discretization_interval=1e-3)
+            pld.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(1.5)), 20))
+            assert ours >= pld.get_epsilon(DELTA) - 1e-9
+
+
 def test_mixed_adjacency_refused():
     with pytest.raises(UnsupportedEventError, match="adjacency"):
         acc.epsilon([release(1), release(2, adjacency="replace_one")], DELTA)
