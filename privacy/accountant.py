@@ -356,13 +356,15 @@ class PrivacyAccountant:
         the RDP bound and the second value."""
         if not (isinstance(delta, (int, float)) and 0 < delta < 1):
             raise AccountingError("delta must be in (0, 1)")
-        releases = list(releases)
-        specs = _specs(releases)
-        adjacency = self._check(specs, releases)
-        groups = Counter(specs)
-        amplified = against == "amplified" and self.claim_amplification and any(s.sampling != "full" for s in groups)
         if against not in ("amplified", "no_amplification"):
             raise AccountingError("against must be 'amplified' or 'no_amplification'")
+        releases = list(releases)
+        specs = _specs(releases)
+        # Without amplification any sampling scheme is accountable (fixed-size included).
+        checker = self if against == "amplified" else PrivacyAccountant(pld=self.pld, claim_amplification=False)
+        adjacency = checker._check(specs, releases)
+        groups = Counter(specs)
+        amplified = against == "amplified" and self.claim_amplification and any(s.sampling != "full" for s in groups)
         return self._pld_epsilon(groups, delta, adjacency, amplified=amplified)
 
     def rdp_epsilon_for_rounds(

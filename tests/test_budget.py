@@ -88,3 +88,10 @@ def test_no_amplification_budget_charges_more():
 def test_invalid_budget(eps, delta):
     with pytest.raises(PrivacyError):
         PrivacyBudget(eps, delta)
+
+
+def test_no_amplification_budget_accepts_fixed_size_sampling():
+    spec = ReleaseSpec.plan(noise_multiplier=2.0, sampling="fixed", cohort_size=5, population=50, adjacency="replace_one")
+    eps = PrivacyBudget(100, DELTA, against="no_amplification").check_plan([], spec, 3, run_id="r")
+    full = PrivacyAccountant().epsilon_for_rounds(ReleaseSpec.plan(noise_multiplier=2.0, sampling="full", adjacency="replace_one"), 3, DELTA)
+    assert eps == full.epsilon
