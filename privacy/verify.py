@@ -98,6 +98,21 @@ def verify_report(
     ledger_path: str | os.PathLike | None = None,
     public_key: Any = None,
 ) -> VerificationResult:
+    """Verify a report; see :func:`_verify`. A report whose structure is not what this
+    verifier reads fails verification (never an exception)."""
+    try:
+        return _verify(report_path, ledger_path, public_key)
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:
+        res = VerificationResult(ok=False, run_id=None)
+        res.problems.append(f"the report's structure is not valid ({type(exc).__name__}); it was altered or is not a Restwise report")
+        return res
+
+
+def _verify(
+    report_path: str | os.PathLike,
+    ledger_path: str | os.PathLike | None = None,
+    public_key: Any = None,
+) -> VerificationResult:
     """Verify a report (path to report.json or its folder). ``public_key``: an Ed25519 public
     key object, PEM bytes, or a PEM file path. Never raises for a failed check: read
     ``result.ok`` / ``result.problems``, or call ``result.raise_for_problems()``."""

@@ -181,3 +181,13 @@ def test_unknown_run_and_unaccountable_run(issued, tmp_path):
     write_report(rep, tmp_path / "out", ledger=ledger)
     assert verify_report(tmp_path / "out", public_key=issued["key"].public_key()).ok
     json.loads((tmp_path / "out" / "report.json").read_text())
+
+
+@pytest.mark.parametrize("field, value", [("releases", 5), ("ledger", []), ("epsilon_curve", "x"), ("accounting", {"pld_parameters": {"bogus": 1}})])
+def test_malformed_report_structure_fails_cleanly(issued, tmp_path, field, value):
+    dest = _copy(issued, tmp_path)
+    report = json.loads((dest / "report.json").read_text())
+    report[field] = value
+    (dest / "report.json").write_text(json.dumps(report))
+    res = verify_report(dest, public_key=issued["key"].public_key())
+    assert not res.ok and res.problems
