@@ -468,31 +468,26 @@ class DeviceStore:
     # ------------------------------------------------------------------ observations
     @_guarded
     def add_observations(
-        self, observations: Iterable[Observation], *, conn: sqlcipher.Connection | None = None
+        self,
+        observations: Iterable[Observation],
+        *,
+        conn: sqlcipher.Connection | None = None,
+        inserted_by_metric: "Counter[str] | None" = None,
     ) -> InsertResult:
-        """Insert observations, skipping ones already stored (same ``record_key``).
+        """Insert observations, skipping ones already stored (same ``ts`` and ``record_key``).
 
         Pass ``conn`` from an enclosing :meth:`transaction` to batch several calls into one
-        atomic import; otherwise the call is its own transaction.
+        atomic import; otherwise the call is its own transaction. ``observations`` is
+        consumed in chunks, so a generator of any length inserts in bounded memory. Pass a
+        Counter as ``inserted_by_metric`` to have the rows actually inserted (duplicates
+        excluded) added to it per metric.
         """
         if conn is None:
             with self.transaction() as c:
-                return self.add_observations(observations, conn=c)
-        before = conn.total_changes
-        batch = observations if isinstance(observations, list) else list(observations)
-        n = len(batch)
-        conn.executemany(
-            "INSERT OR IGNORE INTO observations(metric, ts, end_ts, tz_offset_min, local_day, "
-            "value, unit, source, device, record_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            [
-                (o.metric, o.ts, o.end_ts, o.tz_offset_min,
-                 _iso_day((o.ts + o.tz_offset_min * 60) // 86400), o.value, o.unit, o.source,
-                 o.device, o.record_key)
-                for o in batch
-            ],
-        )
-        inserted = conn.total_changes - before
-        return InsertResult(inserted=inserted, duplicates=n - inserted)
+                return self.add_observations(
+                    observations, conn=c, inserted_by_metric=inserted_by_metric
+                )
+        return _insert_observations(conn, observations, inserted_by_metric)
 
     @_guarded
     def observations(
@@ -827,6 +822,113 @@ class DeviceStore:
     def erase(self, keystore: KeystoreProvider | None = None) -> None:
         """Destroy the key material and the database files; the folder is removed."""
         erase_store(self.folder, keystore=keystore, _open=self)
+
+
+# ---------------------------------------------------------------------- observation inserts
+# Rows per INSERT statement. Many rows per statement, not executemany: one sqlite3_step
+# then inserts thousands of rows with the GIL released (executemany takes the GIL back for
+# every row), so an importer parsing in another thread is not stalled. 9 bound values per
+# row: 2,500 rows = 22,500 values, under SQLite's limit of 32,766; divides run_import's
+# batch of 20,000 so full batches need no odd-sized statement.
+ROWS_PER_STATEMENT = 2500
+_MAX_ROWID = 2**63 - 1
+
+
+@functools.lru_cache(maxsize=16)
+def _observation_insert_sql(rows: int) -> str:
+    """INSERT of ``rows`` observations, bound straight from the Observation tuples.
+
+    The parameters are the flat concatenation of the tuples, in the NamedTuple's field
+    order (metric, ts, value, unit, source, record_key, end_ts, tz_offset_min, device), so
+    no per-row Python tuple is built; a VALUES subquery names them column1..column9 and
+    SQLite computes ``local_day`` with the arithmetic of :func:`local_day`. (Anonymous
+    ``?`` only: numbered ``?NNN`` parameters make preparing a long statement quadratic.)
+    ``ON CONFLICT ... DO NOTHING`` skips only a repeated identity (idempotency); any other
+    violation (a NULL where a value is required) is an error, never a silent skip.
+    """
+    return (
+        "INSERT INTO observations(metric, ts, value, unit, source, record_key, end_ts, "
+        "tz_offset_min, device, local_day) "
+        "SELECT column1, column2, column3, column4, column5, column6, column7, column8, "
+        "column9, date(column2 + column8 * 60, 'unixepoch') FROM (VALUES "
+        + ",".join(["(?,?,?,?,?,?,?,?,?)"] * rows)
+        # "WHERE true": without it SQLite would read ON CONFLICT as part of the join.
+        + ") WHERE true ON CONFLICT(ts, record_key) DO NOTHING"
+    )
+
+
+def _insert_chunk(conn, chunk: list) -> None:
+    from itertools import chain
+
+    n = len(chunk)
+    if n == ROWS_PER_STATEMENT:
+        conn.execute(_observation_insert_sql(n), list(chain.from_iterable(chunk)))
+        return
+    # A short chunk (the tail of an import, a small call): split it into power-of-two
+    # statements so only a dozen distinct statements are ever prepared and cached.
+    start = 0
+    size = 1 << (ROWS_PER_STATEMENT.bit_length() - 1)
+    while start < n:
+        while size > n - start:
+            size >>= 1
+        conn.execute(
+            _observation_insert_sql(size), list(chain.from_iterable(chunk[start:start + size]))
+        )
+        start += size
+
+
+def _insert_observations(conn, observations: Iterable[Observation],
+                         inserted_by_metric: "Counter[str] | None") -> InsertResult:
+    from collections import Counter
+    from itertools import islice
+    from operator import itemgetter
+
+    before = conn.total_changes
+    last_id = 0
+    if inserted_by_metric is not None:
+        last_id = conn.execute("SELECT max(id) FROM observations").fetchone()[0] or 0
+        if last_id >= _MAX_ROWID // 2:
+            # New rows might not get ids above last_id (SQLite picks random free ids once
+            # the largest is used): count per metric by inserting each metric on its own.
+            return _insert_grouped(conn, observations, inserted_by_metric)
+    offered: Counter[str] = Counter()
+    metric_of = itemgetter(0)
+    rows = iter(observations)
+    n = 0
+    while True:
+        chunk = list(islice(rows, ROWS_PER_STATEMENT))
+        if not chunk:
+            break
+        n += len(chunk)
+        if inserted_by_metric is not None:
+            offered.update(map(metric_of, chunk))
+        _insert_chunk(conn, chunk)
+    inserted = conn.total_changes - before
+    if inserted_by_metric is not None:
+        if inserted == n:
+            inserted_by_metric.update(offered)
+        else:
+            # Some were already stored: the rows this call added are exactly those with an
+            # id above the largest id before it (ids grow by one per inserted row).
+            inserted_by_metric.update(dict(conn.execute(
+                "SELECT metric, count(*) FROM observations WHERE id > ? GROUP BY metric",
+                (last_id,),
+            ).fetchall()))
+    return InsertResult(inserted=inserted, duplicates=n - inserted)
+
+
+def _insert_grouped(conn, observations: Iterable[Observation],
+                    inserted_by_metric: "Counter[str]") -> InsertResult:
+    groups: dict[str, list[Observation]] = {}
+    for o in observations:
+        groups.setdefault(o.metric, []).append(o)
+    inserted = duplicates = 0
+    for metric, group in groups.items():
+        res = _insert_observations(conn, group, None)
+        inserted_by_metric[metric] += res.inserted
+        inserted += res.inserted
+        duplicates += res.duplicates
+    return InsertResult(inserted=inserted, duplicates=duplicates)
 
 
 def erase_store(

@@ -19,6 +19,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import os
+import queue
+import sys
+import threading
 import time
 import zipfile
 import zlib
@@ -40,7 +43,11 @@ EARLIEST_TS = int(dt.datetime(2000, 1, 1, tzinfo=dt.UTC).timestamp())
 # decompress more than MAX_RATIO times its compressed size.
 MAX_MEMBER_BYTES = 16 * 1024**3
 MAX_RATIO = 200
-BATCH = 20_000
+# Observations per hand-over to the store's writer thread (a multiple of the store's
+# ROWS_PER_STATEMENT), and how many such batches may wait: together they bound the memory
+# an import holds beyond the parser's own (at most 4 batches in flight: ~7 MB).
+BATCH = 5_000
+PIPELINE_DEPTH = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +311,96 @@ def _validate_day_str(day: str, now: int) -> str | None:
     return None
 
 
+class _StoreWriter:
+    """The store's side of an import, run in a second thread: parsing (Python, holds the
+    GIL) and inserting (SQLCipher: b-tree work and page encryption, GIL released) overlap.
+
+    The parser hands over whole batches through a bounded queue, so at most
+    ``PIPELINE_DEPTH`` batches wait in memory however far the parser runs ahead. The writer
+    only ever touches the connection between :meth:`start` and :meth:`finish`/:meth:`abort`;
+    the caller's transaction is begun before and committed or rolled back after, in the
+    calling thread, so atomicity is exactly that of a single-threaded import. An error in
+    the writer is re-raised in the calling thread at its next hand-over (or at ``finish``);
+    an error in the parser aborts the writer before the rollback.
+    """
+
+    _DONE = object()
+
+    def __init__(self, store: DeviceStore, conn, report: "ImportReport"):
+        self._store = store
+        self._conn = conn
+        self._report = report
+        self._queue: queue.Queue = queue.Queue(maxsize=PIPELINE_DEPTH)
+        self._error: BaseException | None = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="restwise-import-writer",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        report, store, conn = self._report, self._store, self._conn
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if self._error is not None or self._cancelled:
+                continue  # keep draining so the parser never blocks on a full queue
+            kind, payload = item
+            try:
+                if kind == "obs":
+                    res = store.add_observations(payload, conn=conn,
+                                                 inserted_by_metric=report.inserted)
+                elif kind == "session":
+                    res = store.add_sessions([payload], conn=conn)
+                    report.inserted["session"] += res.inserted
+                else:  # "checkin"
+                    store.upsert_checkin(payload.day, payload.values, source=payload.source,
+                                         conn=conn)
+                    report.inserted["checkin"] += 1
+                    continue
+                report.duplicates += res.duplicates
+            except BaseException as exc:  # handed to the parser's thread, never lost
+                self._error = exc
+
+    def put(self, kind: str, payload) -> None:
+        """Hand work over; raises the writer's error if it has failed."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put((kind, payload), timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Wait until everything handed over is in the transaction; raise a writer error."""
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        """Stop without writing what is still queued; returns once the writer is idle."""
+        if self._thread.is_alive():
+            self._cancelled = True
+            self._queue.put(self._DONE)
+            self._thread.join()
+
+
+def _accept_table() -> dict[str, tuple[str, float, float]]:
+    """metric -> (unit, lo, hi) for the fast acceptance test in :func:`run_import`. Bounds
+    are clamped to finite floats so ``lo <= v <= hi`` also refuses NaN and infinities,
+    exactly like :func:`_validate`."""
+    return {
+        name: (spec.unit, max(float(spec.lo), -sys.float_info.max),
+               min(float(spec.hi), sys.float_info.max))
+        for name, spec in METRICS.items()
+    }
+
+
 def run_import(
     store: DeviceStore,
     path: Path | str,
@@ -312,7 +409,11 @@ def run_import(
     options: ImportOptions | None = None,
     progress: Progress | None = None,
 ) -> ImportReport:
-    """Import ``path`` into ``store`` in one transaction and return what happened."""
+    """Import ``path`` into ``store`` in one transaction and return what happened.
+
+    The importer parses in the calling thread while a second thread inserts (see
+    :class:`_StoreWriter`); either failing rolls the whole import back.
+    """
     from restwise.client.importers import detect_format  # late: the registry imports us
 
     options = options or ImportOptions()
@@ -335,52 +436,65 @@ def run_import(
         report = ImportReport(format=importer.name, source_name=Path(path).name)
         started = int(time.time())
         now = int(time.time())
+        latest_ts = now + 2 * 86400
+        accept = _accept_table()
         progress.start(source.total_bytes)
         obs_batch: list[Observation] = []
         # Local-time extremes of stored observations (seconds), turned into days at the end:
         # cheaper than formatting a day per record on the hot path.
         lo_local, hi_local = 2**62, -(2**62)
+        seen = 0
         with store.transaction() as conn:
-
-            def flush() -> None:
-                if obs_batch:
-                    # One executemany per metric so inserted counts are exact per metric.
-                    by_metric: dict[str, list[Observation]] = {}
-                    for o in obs_batch:
-                        by_metric.setdefault(o.metric, []).append(o)
-                    for metric, group in by_metric.items():
-                        res = store.add_observations(group, conn=conn)
-                        report.inserted[metric] += res.inserted
-                        report.duplicates += res.duplicates
-                    obs_batch.clear()
-
+            writer = _StoreWriter(store, conn, report)
+            writer.start()
             try:
-                for rec in importer.records(source, options):
-                    report.records_seen += 1
-                    if isinstance(rec, Observation):
-                        why = _validate(rec, now)
-                        if why:
-                            report.skipped[why] += 1
-                            continue
-                        local = rec.ts + rec.tz_offset_min * 60
+                skipped = report.skipped
+                for seen, rec in enumerate(importer.records(source, options), 1):  # noqa: B007
+                    if type(rec) is Observation:
+                        # The common case inline: every check of _validate, which is only
+                        # called to name the reason when one fails.
+                        metric, ts, value, unit, _, _, end_ts, tz_min, _ = rec
+                        spec = accept.get(metric)
+                        if (spec is None or unit != spec[0] or not spec[1] <= value <= spec[2]
+                                or not EARLIEST_TS <= ts <= latest_ts
+                                or (end_ts is not None and end_ts < ts)
+                                or not -840 <= tz_min <= 840):
+                            why = _validate(rec, now)
+                            if why:
+                                skipped[why] += 1
+                                continue
+                        local = ts + tz_min * 60
                         if local < lo_local:
                             lo_local = local
                         if local > hi_local:
                             hi_local = local
                         obs_batch.append(rec)
                         if len(obs_batch) >= BATCH:
-                            flush()
-                            progress.records(report.records_seen)
+                            writer.put("obs", obs_batch)
+                            obs_batch = []
+                            progress.records(seen)
+                    elif isinstance(rec, Skip):
+                        skipped[rec.reason] += 1
+                    elif isinstance(rec, Observation):  # a subclass: the general path
+                        why = _validate(rec, now)
+                        if why:
+                            skipped[why] += 1
+                            continue
+                        local = rec.ts + rec.tz_offset_min * 60
+                        lo_local = min(lo_local, local)
+                        hi_local = max(hi_local, local)
+                        obs_batch.append(rec)
+                        if len(obs_batch) >= BATCH:
+                            writer.put("obs", obs_batch)
+                            obs_batch = []
                     elif isinstance(rec, Session):
                         why = _validate_day_str(rec.day, now)
                         if why is None and not (0 <= rec.minutes <= 1440 and rec.load >= 0):
                             why = "session: implausible duration or load"
                         if why:
-                            report.skipped[why] += 1
+                            skipped[why] += 1
                             continue
-                        res = store.add_sessions([rec], conn=conn)
-                        report.inserted["session"] += res.inserted
-                        report.duplicates += res.duplicates
+                        writer.put("session", rec)
                         report.note_day(rec.day)
                     elif isinstance(rec, CheckinRecord):
                         why = _validate_day_str(rec.day, now)
@@ -392,16 +506,17 @@ def run_import(
                                 elif v is not None and not (lo <= v <= hi):
                                     why = f"check-in {k}: outside its scale"
                         if why:
-                            report.skipped[why] += 1
+                            skipped[why] += 1
                             continue
-                        store.upsert_checkin(rec.day, rec.values, source=rec.source, conn=conn)
-                        report.inserted["checkin"] += 1
+                        writer.put("checkin", rec)
                         report.note_day(rec.day)
-                    elif isinstance(rec, Skip):
-                        report.skipped[rec.reason] += 1
                     else:  # pragma: no cover - programming error in an importer
                         raise TypeError(f"importer yielded {type(rec).__name__}")
-                flush()
+                report.records_seen = seen
+                if obs_batch:
+                    writer.put("obs", obs_batch)
+                    obs_batch = []
+                writer.finish()
                 if hi_local >= lo_local:
                     report.note_day(local_day(lo_local, 0))
                     report.note_day(local_day(hi_local, 0))
@@ -411,11 +526,15 @@ def run_import(
                     zipfile.BadZipFile, zlib.error) as exc:
                 # A parser tripped over the content: refuse the whole file, name the problem
                 # by type only (the exception text may quote personal values).
+                report.records_seen = seen
                 raise MalformedInputError(
                     f"{Path(path).name}: the {importer.name} file is malformed "
                     f"({type(exc).__name__} after {report.records_seen} records); "
                     "nothing was imported"
                 ) from None
+            finally:
+                # On any failure the writer must be idle before the transaction rolls back.
+                writer.abort()
             progress.records(report.records_seen)
             store.log_import(
                 importer.name, report.source_name, started, report.total_inserted,
