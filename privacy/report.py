@@ -462,7 +462,7 @@ def _svg_curve(curve: list[dict], budget_eps: float | None) -> str:
         if pts:
             dash = ' stroke-dasharray="5,4"' if name != "epsilon (PLD)" else ""
             parts.append(f'<polyline fill="none" stroke="{colours[name]}" stroke-width="2"{dash} points="{pts}"/>')
-            parts.append(f'<text x="{pad + 8}" y="{pad + 14 + 14 * i}" font-size="11" fill="{colours[name]}">{name}</text>')
+            parts.append(f'<text x="{w - pad - 8}" y="{h - pad - 34 + 14 * i}" text-anchor="end" font-size="11" fill="{colours[name]}">{name}</text>')
     if budget_eps:
         parts.append(
             f'<line x1="{pad}" y1="{py(budget_eps):.1f}" x2="{w - pad}" y2="{py(budget_eps):.1f}" stroke="#b00" stroke-dasharray="2,3"/>'
