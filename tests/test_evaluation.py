@@ -345,3 +345,18 @@ def test_tuning_falls_back_to_the_default_without_validation_data():
     evaluate(cohort, {"pm": PersonMean(), "local ridge": ridge}, config=cfg,
              feature_fn=index_features)
     assert ridge.chosen == {"alpha": 123.0}
+
+
+def test_personal_mixing_with_last_answer():
+    from restwise.models.evaluation import Personalised
+
+    cohort, cfg = _two_person_splits()
+    splits = [split_person(p, d, cfg, index_features)[0] for p, d in cohort.items()]
+    s = splits[0]
+    s.test.last_value[0] = NAN  # no answer in the window: the model alone
+    model = {s.person: Prediction(np.full(len(s.test), 7.0), np.zeros(len(s.test)))}
+    mixed = Personalised._mix(model, [s], 0.25)[s.person].value
+    assert mixed[0] == 7.0
+    np.testing.assert_allclose(mixed[1:], 0.25 * 7.0 + 0.75 * s.test.last_value[1:])
+    with pytest.raises(EvaluationError):
+        NeuralConfig(mix_alphas=(1.5,))
