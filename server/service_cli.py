@@ -4,6 +4,7 @@ manage its API tokens. Heavy imports stay inside the commands so `restwise --hel
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -180,6 +181,13 @@ def register(app: typer.Typer) -> None:
         person_epsilon_cap: Optional[float] = typer.Option(
             None, "--person-epsilon-cap", help="Refuse a run that would bring any person's ε across runs on the same dataset above this."
         ),
+        runner_command: Optional[str] = typer.Option(
+            None,
+            "--runner-command",
+            help="Command that executes a run (it gets `--run-dir DIR` appended and must follow the runner's file "
+            "contract). Default: `python -m restwise.server.runner run`, the local simulation engine.",
+            show_default=False,
+        ),
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key for --tls-cert."),
     ) -> None:
@@ -199,6 +207,7 @@ def register(app: typer.Typer) -> None:
                 max_body_bytes=max_body_kib * 1024,
                 epsilon_cap=epsilon_cap,
                 person_epsilon_cap=person_epsilon_cap,
+                runner_command=tuple(shlex.split(runner_command)) if runner_command else (),
                 secure_cookies=tls_cert is not None,
             )
             application = create_app(settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,51 @@ def test_runs_cli_talks_to_the_service(live, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({**VALID_RUN, "secagg_threshold": 9}))
     out = cli("server", "runs", "create", str(tmp_path / "bad.json"), "--url", server.base, "--token-file", str(tmp_path / "op.token"))
     assert out.returncode == 1 and "422" in out.stderr and "secagg_threshold" in out.stderr
+
+
+SLOW_CONTRACT_RUNNER = """
+import json, os, signal, sys, time
+from pathlib import Path
+run_dir = Path(sys.argv[sys.argv.index("--run-dir") + 1])
+stop = {"now": False}
+signal.signal(signal.SIGTERM, lambda *a: stop.update(now=True))
+def state(status, rnd):
+    (run_dir / "state.tmp").write_text(json.dumps({"status": status, "current_round": rnd, "reason": None}))
+    os.replace(run_dir / "state.tmp", run_dir / "state.json")
+for rnd in range(1, 1000):
+    if stop["now"] or (run_dir / "STOP").exists():
+        state("stopped", rnd - 1); sys.exit(0)
+    with open(run_dir / "rounds.jsonl", "a") as f:
+        f.write(json.dumps({"round": rnd, "sampled": 2, "survived": 2, "epsilon": 0.1 * rnd, "status": "completed"}) + "\\n")
+    state("running", rnd)
+    time.sleep(0.3)
+"""
+
+
+def test_operator_stops_a_running_run_on_the_wire(tmp_path):
+    """`--runner-command` swaps the executor; the service's stop reaches the running process."""
+    from test_service_support import LiveServer as _Live
+
+    script = tmp_path / "slow_runner.py"
+    script.write_text(SLOW_CONTRACT_RUNNER)
+    data_dir = tmp_path / "srv"
+    operator = create_token(data_dir, "operator", "olga")
+    server = _Live(data_dir, runner_command=(sys.executable, str(script)))
+    try:
+        with server.client(operator) as op:
+            run_id = op.post("/api/v1/runs", json=VALID_RUN).json()["id"]
+            assert op.post(f"/api/v1/runs/{run_id}/start").status_code == 200
+            deadline = time.monotonic() + 30
+            while op.get(f"/api/v1/runs/{run_id}").json()["current_round"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert op.post(f"/api/v1/runs/{run_id}/stop").status_code == 200
+            while (run := op.get(f"/api/v1/runs/{run_id}").json())["status"] not in ("stopped", "failed", "completed"):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert run["status"] == "stopped"
+            assert 2 <= run["current_round"] == len(run["rounds"]) < 999
+            actions = [e["action"] for e in op.get("/api/v1/audit-log").json()]
+            assert actions[:3] == ["run.stop", "run.start", "run.create"]
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -48,16 +49,8 @@ class LiveServer:
         self.log = self.data_dir / "server.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if runner_command:
-            # Same app and uvicorn, with a different run executor (Settings.runner_command).
-            script = (
-                "import sys, uvicorn\n"
-                "from restwise.server.service import Settings, create_app\n"
-                f"app = create_app(Settings(data_dir={str(self.data_dir)!r}, runner_command={tuple(runner_command)!r}, poll_interval_s=0.2))\n"
-                f"uvicorn.run(app, host='127.0.0.1', port={self.port}, log_level='info')\n"
-            )
-            argv = [sys.executable, "-c", script]
-        else:
-            argv = [sys.executable, "-m", "restwise.cli", "server", "api", "--port", str(self.port), "--data-dir", str(self.data_dir), *extra]
+            extra = (*extra, "--runner-command", shlex.join(runner_command))
+        argv = [sys.executable, "-m", "restwise.cli", "server", "api", "--port", str(self.port), "--data-dir", str(self.data_dir), *extra]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 argv,
