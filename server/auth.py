@@ -41,6 +41,12 @@ SESSION_LIFETIME = _dt.timedelta(hours=12)
 class Role(str, enum.Enum):
     operator = "operator"
     auditor = "auditor"
+    # The server's own command line (token management). Never a token's role: it only names
+    # the actor of `restwise server token ...` in the audit trail.
+    admin = "admin"
+
+
+TOKEN_ROLES = (Role.operator, Role.auditor)
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class TokenStore:
     def create(self, role: Role | str, name: str) -> tuple[TokenInfo, str]:
         """Create a token; return its info and the plaintext (show it once, never store it)."""
         role = Role(role)
+        if role not in TOKEN_ROLES:
+            raise ValueError("a token's role is operator or auditor")
         name = name.strip()
         if not (1 <= len(name) <= 100) or not name.isprintable():
             raise TokenError("a token name must be 1-100 printable characters")
@@ -186,7 +194,7 @@ class TokenStore:
             conn.execute(dbm.sessions.delete().where(dbm.sessions.c.session_hash == _digest(session_id)))
 
 
-SYSTEM_PRINCIPAL = Principal("cli", "server command line", Role.operator)
+SYSTEM_PRINCIPAL = Principal("cli", "server command line", Role.admin)
 
 
 class AuditTrail:

@@ -235,9 +235,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
     ) -> None:
         """Create a token and print it once. Only its hash is kept."""
-        from restwise.server.auth import SYSTEM_PRINCIPAL, Role, TokenError
+        from restwise.server.auth import SYSTEM_PRINCIPAL, TOKEN_ROLES, TokenError
 
-        if role not in {r.value for r in Role}:
+        if role not in {r.value for r in TOKEN_ROLES}:
             raise typer.BadParameter("role must be operator or auditor", param_hint="--role")
         store, audit = _token_store(data_dir, database_url)
         try:

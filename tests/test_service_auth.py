@@ -129,8 +129,9 @@ def test_bad_token_names_refused(tmp_path):
     for bad in ("", " ", "x" * 101, "a\nb"):
         with pytest.raises(auth.TokenError):
             store.create("operator", bad)
-    with pytest.raises(ValueError):
-        store.create("admin", "x")
+    for role in ("admin", "root"):
+        with pytest.raises(ValueError):
+            store.create(role, "x")
 
 
 # -- roles and errors through the app -------------------------------------------------------
@@ -371,3 +372,29 @@ def test_report_page_renders_a_report_and_escapes_it(service):
     assert "<script>alert(1)</script>" not in html and "&lt;script&gt;" in html
     assert 'data-epsilon="1.25"' in html and "sha256:abcd" in html
     assert f"/api/v1/runs/{run_id}/bundle" in html
+
+
+def test_token_cli_creates_lists_revokes_and_audits(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+    from test_service_support import cli
+
+    from restwise.privacy.ledger import verify_ledger_file
+
+    out = cli("server", "token", "create", "--role", "auditor", "--name", "Arne", "--json", "--data-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    created = json.loads(out.stdout)
+    listed = cli("server", "token", "list", "--json", "--data-dir", str(tmp_path))
+    assert created["token"] not in listed.stdout and created["token"].split("_", 2)[2] not in listed.stdout
+    assert json.loads(listed.stdout)[0]["id"] == created["id"]
+    assert cli("server", "token", "create", "--role", "admin", "--name", "x", "--data-dir", str(tmp_path)).returncode == 2
+    assert cli("server", "token", "revoke", created["id"], "--data-dir", str(tmp_path)).returncode == 0
+    assert cli("server", "token", "revoke", "nope", "--data-dir", str(tmp_path)).returncode == 1
+    store = auth.TokenStore(db.Database.open(db.default_database_url(tmp_path)))
+    assert store.authenticate(created["token"]) is None
+    entries, _ = verify_ledger_file(tmp_path / "audit" / auth.AUDIT_LEDGER_FILE)
+    assert [(e.payload["actor"], e.payload["action"]) for e in entries] == [
+        ("admin:cli", "token.create"),
+        ("admin:cli", "token.revoke"),
+    ]
