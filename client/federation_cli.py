@@ -1,0 +1,114 @@
+"""`restwise device history` and `restwise device consent ...`: what this device sent to
+training runs, and whether it may take part in them.
+
+Registered into the device CLI by ``client/cli.py`` (``register(app)``). The CLI helpers are
+imported from ``client/cli.py`` inside :func:`register` (that module imports this one while it
+is itself being imported).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ALL_RUNS = "*"
+
+
+def _when(ts: int) -> str:
+    return dt.datetime.fromtimestamp(int(ts), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _consent_rows(store) -> list[dict]:
+    cur = store.conn.execute("SELECT scope, allowed, updated_at FROM consent ORDER BY scope")
+    return [{"scope": s, "allowed": bool(a), "updated_at": int(t)} for s, a, t in cur.fetchall()]
+
+
+def register(app: typer.Typer) -> None:
+    from restwise.client import cli as device_cli
+
+    StoreOpt, PassFileOpt = device_cli.StoreOpt, device_cli.PassFileOpt
+
+    @app.command()
+    def history(
+        store: Optional[Path] = StoreOpt,
+        passphrase_file: Optional[Path] = PassFileOpt,
+        run: Optional[str] = typer.Option(None, "--run", help="Only messages sent to this run."),
+        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON lines."),
+    ) -> None:
+        """Everything this device sent to training runs: when, to which run and round, which
+        records (names and sizes - never their values), and the SHA-256 of what was sent."""
+        with device_cli.device_errors():
+            with device_cli.open_store(store, passphrase_file) as s:
+                rows = s.egress_history()
+        if run is not None:
+            rows = [r for r in rows if r["run_id"] == run]
+        if as_json:
+            for r in rows:
+                typer.echo(json.dumps(r, sort_keys=True))
+            return
+        if not rows:
+            device_cli.console.print("This device has not sent anything to a training run.")
+            return
+        from rich.table import Table
+
+        t = Table(title="Messages this device sent to training runs")
+        for col in ("when", "run", "round", "message", "records", "bytes", "sha256"):
+            t.add_column(col, justify="right" if col in ("round", "bytes") else "left")
+        for r in rows:
+            records = ", ".join(f"{x['name']} ({x.get('bytes', 0)} B)" if x.get("kind") != "error" else "error (refused)" for x in r["records"])
+            t.add_row(
+                _when(r["ts"]), r["run_id"], "" if r["round"] is None else str(r["round"]), r["message_type"],
+                records, str(r["n_bytes"]), r["sha256"][:16] + "...",
+            )
+        device_cli.console.print(t)
+        device_cli.console.print(
+            f"{len(rows)} messages, {sum(r['n_bytes'] for r in rows)} bytes in total. Updates leave only "
+            "clipped, noised and masked: the server can read the sum over many devices, never yours."
+        )
+
+    @app.command()
+    def consent(
+        run: Optional[str] = typer.Option(None, "--run", help="The training run (its id, as the operator announced it)."),
+        all_runs: bool = typer.Option(False, "--all", help="All training, now and in future runs."),
+        allow: bool = typer.Option(False, "--allow", help="Allow taking part."),
+        deny: bool = typer.Option(False, "--deny", help="Refuse taking part."),
+        store: Optional[Path] = StoreOpt,
+        passphrase_file: Optional[Path] = PassFileOpt,
+        as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    ) -> None:
+        """Opt out of (or back into) one training run or all training. Without --allow/--deny,
+        show the current choices. A refusal of all training wins over a run's permission."""
+        if allow and deny:
+            raise typer.BadParameter("give either --allow or --deny, not both")
+        if run is not None and all_runs:
+            raise typer.BadParameter("give either --run RUN or --all, not both")
+        if run is not None and not RUN_ID_RE.match(run):
+            raise typer.BadParameter("--run must be a run id (letters, digits, '.', '_', ':' or '-')")
+        changing = allow or deny
+        if changing and run is None and not all_runs:
+            raise typer.BadParameter("say which: --run RUN or --all")
+        with device_cli.device_errors():
+            with device_cli.open_store(store, passphrase_file) as s:
+                if changing:
+                    s.set_consent(ALL_RUNS if all_runs else run, allow)
+                rows = _consent_rows(s)
+                effective = s.consents(run) if run is not None else None
+        if as_json:
+            typer.echo(json.dumps({"choices": rows, "run": run, "may_train": effective}, sort_keys=True))
+            return
+        if changing:
+            what = "all training" if all_runs else f"run {run}"
+            device_cli.console.print(f"{'Allowed' if allow else 'Refused'}: {what}.")
+        if not rows:
+            device_cli.console.print("No choices recorded: this device takes part in the runs it joins.")
+        for r in rows:
+            scope = "all training" if r["scope"] == ALL_RUNS else f"run {r['scope']}"
+            device_cli.console.print(f"  {scope}: {'allowed' if r['allowed'] else 'refused'} (since {_when(r['updated_at'])})")
+        if run is not None:
+            device_cli.console.print(f"This device {'may' if effective else 'will not'} train in run {run}.")
