@@ -295,6 +295,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
         if who is None:
             raise ProblemError(401, "Unauthorized", "not signed in")
         ctx.tokens.close_session(cookie)
+        ctx.audit.record(who, "dashboard.logout", None, "ok", {})
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response

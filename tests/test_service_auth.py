@@ -249,6 +249,12 @@ def test_cookie_session_reads_but_cannot_change_state(service):
     r = client.post("/api/v1/runs", json=VALID_RUN)  # but never for writes
     assert r.status_code == 401
     assert client.post("/login", data={"token": "rw_nope"}).status_code == 401
+    r = client.post("/logout", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    client.cookies.clear()
+    assert client.post("/logout").status_code == 401
+    actions = [e["action"] for e in ctx.audit.entries()]
+    assert actions[:2] == ["dashboard.logout", "dashboard.login"]
 
 
 def test_dashboard_pages_need_a_session(service):
