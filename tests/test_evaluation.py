@@ -360,3 +360,20 @@ def test_personal_mixing_with_last_answer():
     np.testing.assert_allclose(mixed[1:], 0.25 * 7.0 + 0.75 * s.test.last_value[1:])
     with pytest.raises(EvaluationError):
         NeuralConfig(mix_alphas=(1.5,))
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_restwise_evaluate_on_real_lifesnaps(shared_data, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_cli(), [
+        "evaluate", "--dataset", "lifesnaps", "--data", str(shared_data / "lifesnaps"),
+        "--min-train", "15", "--min-test", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["protocol"]["target"] == "fatigue"
+    assert data["n_persons"] >= 5 and len(data["excluded"]) + data["n_persons"] == 71
+    rows = {m["name"]: m for m in data["methods"]}
+    assert list(rows) == [*BASELINE_ROWS, "personalised"]
+    for m in rows.values():  # fatigue proxy lives on 2..4: MAE can't exceed 2
+        assert math.isfinite(m["mae"]) and 0.0 < m["mae"] < 2.0
