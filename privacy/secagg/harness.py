@@ -8,8 +8,8 @@ real Flower ``Message``/``RecordDict`` objects, with no SuperLink, Ray or thread
 - ``drop_at``: node id -> stage name; from that stage on the node never answers.
 - ``tamper``: ``fn(node_id, stage, reply_content) -> RecordDict | list[RecordDict] | None``
   rewrites a reply (a list sends duplicates, None suppresses it).
-- ``transcript``: every (direction, node id, stage, serialized RecordDict bytes) that
-  crossed, for leak checks.
+- ``transcript``: every (direction, node id, stage, serialized RecordDict bytes, record
+  names) that crossed, for leak and allow-list checks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class InProcessGrid(Grid):
         self.drop_at = dict(drop_at or {})
         self.tamper = tamper
         self.record_transcript = record_transcript
-        self.transcript: list[tuple[str, int, str, bytes]] = []
+        self.transcript: list[tuple[str, int, str, bytes, tuple[str, ...]]] = []
         self._replies: dict[str, list[Message]] = {}
         self._run = None
         _ensure_task_identity()
@@ -70,7 +70,7 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             stage = _stage(msg.content)
             if self.record_transcript:
-                self.transcript.append(("to-device", node, stage, msg.content.deflate()))
+                self.transcript.append(("to-device", node, stage, wire_bytes(msg.content), tuple(msg.content)))
             if node not in self.contexts or _stage_index(self.drop_at.get(node)) <= _stage_index(stage):
                 continue
             reply = self.app(msg, self.contexts[node])
@@ -85,7 +85,7 @@ class InProcessGrid(Grid):
                         out.append(reply)
                     continue
                 if self.record_transcript:
-                    self.transcript.append(("from-device", node, stage, content.deflate()))
+                    self.transcript.append(("from-device", node, stage, wire_bytes(content), tuple(content)))
                 out.append(Message(content, reply_to=msg))
             self._replies[msg_id] = out
         return ids
@@ -99,6 +99,14 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         ids = list(self.push_messages(messages))
         return list(self.pull_messages(ids))
+
+
+def wire_bytes(content: RecordDict) -> bytes:
+    """Every serialized object Flower would transfer for ``content`` (records, arrays and
+    array chunks are separate objects on the wire), concatenated."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return b"".join(obj.deflate() for obj in get_all_nested_objects(content).values())
 
 
 def _ensure_task_identity() -> None:
