@@ -56,7 +56,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 # --------------------------------------------------------------------------------------------
 # Errors
@@ -686,16 +686,50 @@ def run_status(conn: FlwrConnection, run_id: int) -> RunStatus:
     raise FlowerCommandError("list", 0, f"run {run_id} not in the SuperLink's answer")
 
 
-def wait_for_run(conn: FlwrConnection, run_id: int, *, timeout_s: float = 600.0, poll_s: float = 1.0) -> RunStatus:
-    """Poll until the run is finished (any outcome) or ``timeout_s``; returns the final status."""
+def wait_for_run(
+    conn: FlwrConnection,
+    run_id: int,
+    *,
+    timeout_s: float = 600.0,
+    poll_s: float = 10.0,
+    wake: Callable[[], bool] | None = None,
+) -> RunStatus:
+    """Wait until the run is finished (any outcome) or ``timeout_s``; returns the final status.
+
+    Each status check starts a ``flwr`` process (about a CPU-second), so it polls every
+    ``poll_s`` only, and sooner when ``wake()`` says the run has probably ended (e.g. the
+    run folder's state.json turned terminal)."""
     deadline = time.monotonic() + timeout_s
     status = run_status(conn, run_id)
+    next_check = time.monotonic() + poll_s
     while not status.finished:
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise RunFailedError(run_id, status.status, f"still not finished after {timeout_s:.0f} s")
-        time.sleep(poll_s)
-        status = run_status(conn, run_id)
+        if now >= next_check or (wake is not None and wake()):
+            status = run_status(conn, run_id)
+            next_check = time.monotonic() + poll_s
+            if wake is not None and wake() and not status.finished:
+                time.sleep(1.0)  # the ServerApp wrote its last state; Flower marks it finished next
+        else:
+            time.sleep(0.25)
     return status
+
+
+def run_dir_finished(run_dir: Path) -> Callable[[], bool]:
+    """A ``wake`` for :func:`wait_for_run`: the Restwise run folder reached a terminal state."""
+    state = Path(run_dir) / "state.json"
+
+    def finished() -> bool:
+        try:
+            return json.loads(state.read_text(encoding="utf-8")).get("status") in TERMINAL_RUN_STATES
+        except (OSError, ValueError):
+            return False
+
+    return finished
+
+
+TERMINAL_RUN_STATES = ("completed", "failed", "stopped", "refused")
 
 
 def stop_run(conn: FlwrConnection, run_id: int) -> None:
@@ -870,7 +904,7 @@ __all__ = [
     "check_node_private_key", "free_port", "venv_path", "descendant_pids",
     "SuperLinkConfig", "superlink_command", "SuperNodeConfig", "supernode_command", "node_config_arg",
     "FlwrConnection", "flwr_env", "register_node", "list_nodes", "write_app_dir", "submit_run",
-    "RunStatus", "run_status", "wait_for_run", "stop_run",
+    "RunStatus", "run_status", "wait_for_run", "run_dir_finished", "stop_run",
     "ManagedProcess", "start_process", "wait_for_port", "start_superlink", "start_supernode",
     "RESTWISE_SERVERAPP", "RESTWISE_CLIENTAPP",
 ]
