@@ -16,6 +16,7 @@ rest, so each importer stays a pure parser:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import os
@@ -48,6 +49,10 @@ MAX_RATIO = 200
 # an import holds beyond the parser's own (at most 4 batches in flight: ~7 MB).
 BATCH = 5_000
 PIPELINE_DEPTH = 2
+# The store's page cache during an import (KiB, negative as in PRAGMA cache_size; None
+# keeps the store's). An import appends: pages are written once and rarely read back, so a
+# big cache only defers their encryption to COMMIT and costs RSS.
+IMPORT_CACHE_KIB: int | None = -8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,7 +449,11 @@ def run_import(
         # cheaper than formatting a day per record on the hot path.
         lo_local, hi_local = 2**62, -(2**62)
         seen = 0
-        with store.transaction() as conn:
+        cache_before = store.conn.execute("PRAGMA cache_size").fetchone()[0]
+        if IMPORT_CACHE_KIB is not None:
+            store.conn.execute(f"PRAGMA cache_size = {int(IMPORT_CACHE_KIB)}")
+        with contextlib.ExitStack() as restore, store.transaction() as conn:
+            restore.callback(conn.execute, f"PRAGMA cache_size = {int(cache_before)}")
             writer = _StoreWriter(store, conn, report)
             writer.start()
             try:
