@@ -127,12 +127,27 @@ def person_examples(store, window: int):
 
 
 def has_enough_data(store, window: int) -> bool:
+    """Could this device train? Decided from counts first (cheap), features only when close."""
     from restwise.client.dataset import MIN_TRAINING_EXAMPLES, NoDataError
 
+    (answered,) = store.conn.execute("SELECT count(*) FROM checkins WHERE readiness IS NOT NULL").fetchone()
+    if answered < MIN_TRAINING_EXAMPLES:
+        return False  # every example needs a readiness answer as its target
+    if answered - window >= MIN_TRAINING_EXAMPLES:
+        return True  # only answers within the first `window` days lack a full input window
     try:
         return len(person_examples(store, window)) >= MIN_TRAINING_EXAMPLES
     except (NoDataError, ValueError):
         return False
+
+
+def _single_thread_torch() -> None:
+    # A phone trains one small model at a time; intra-op threads only add overhead for a model
+    # this size (and simulated devices share the machine's cores).
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
 
 
 def local_update(store, global_arrays: list[np.ndarray], params: ConfigRecord, *, run_id: str, round_: int) -> tuple[np.ndarray, float]:
@@ -142,6 +157,7 @@ def local_update(store, global_arrays: list[np.ndarray], params: ConfigRecord, *
     from restwise.models.network import ModelConfig, ModelError, build_model, set_shared_arrays, shared_arrays
     from restwise.models.training import train_local
 
+    _single_thread_torch()
     cfg = ModelConfig.from_json(str(params["model_config"]))
     examples = person_examples(store, cfg.window)
     if len(examples) < MIN_TRAINING_EXAMPLES:
