@@ -73,7 +73,11 @@ def secagg_mod(msg: Message, context: Context, call_next) -> Message:
             msg.content = RecordDict(
                 {name: record for name, record in msg.content.items() if name != R.SERVER_RECORD}
             )
-            vector, metrics = _inner_update(call_next(msg, context))
+            try:
+                inner_reply = call_next(msg, context)
+            except Exception as exc:  # the wrapped app failed: refuse, name no details
+                raise InputRefusedError("the wrapped app failed", code="train-failed") from exc
+            vector, metrics = _inner_update(inner_reply)
             content = session.collect(server_record, vector, metrics)
         elif stage == R.STAGE_UNMASK:
             content = session.unmask(server_record)
