@@ -209,3 +209,13 @@ def test_truncated_apple_export_after_many_batches_leaves_store_unchanged(new_st
         run_import(new_store, cut, AppleHealthImporter())
     assert _snapshot(new_store) == before
     assert not _writer_threads()
+
+
+def test_import_page_cache_is_restored_after_success_and_failure(new_store, any_file):
+    before = new_store.conn.execute("PRAGMA cache_size").fetchone()[0]
+    assert before != base.IMPORT_CACHE_KIB
+    run_import(new_store, any_file, ListImporter([_obs(i) for i in range(10)]))
+    assert new_store.conn.execute("PRAGMA cache_size").fetchone()[0] == before
+    with pytest.raises(MalformedInputError):
+        run_import(new_store, any_file, ListImporter([_obs(99)], fail_with=KeyError("x")))
+    assert new_store.conn.execute("PRAGMA cache_size").fetchone()[0] == before
