@@ -152,14 +152,17 @@ class ClientSession:
         b_shares = shamir.split(b_seed, neighbours, t)
         sk_shares = shamir.split(bytes(self.state["s_sk"]), neighbours, t)
         c_sk = bytes(self.state["c_sk"])
-        cts = []
+        cts, share_keys = [], []
         for j, c_pk, b_share, sk_share in zip(neighbours, c_pks, b_shares, sk_shares):
             key = agree(c_sk, c_pk, _SHARE_KEY, round_, me, j)
+            share_keys.append(key)  # the same key decrypts j's share to us (symmetric)
             plaintext = me.to_bytes(4, "big") + j.to_bytes(4, "big") + b_share + sk_share
             cts.append(encrypt(key, plaintext, share_aad(round_, me, j)))
         self.state.update(
-            {"stage": R.STAGE_SHARE_KEYS, "neighbours": neighbours, "nb_c_pk": c_pks, "nb_s_pk": s_pks, "b_seed": b_seed}
+            {"stage": R.STAGE_SHARE_KEYS, "neighbours": neighbours, "nb_s_pk": s_pks,
+             "nb_share_key": share_keys, "b_seed": b_seed}
         )
+        del self.state["c_sk"]  # no longer needed: the pairwise share keys are derived
         return RecordDict(
             {R.SHARES: ConfigRecord({"dst": neighbours, "ct": cts, "b_commit": commitment(round_, me, b_seed)})}
         )
@@ -190,14 +193,13 @@ class ClientSession:
             ring_bits=ring_bits, clip=bool(self.state["clip"]),
         )
         neighbours = list(self.state["neighbours"])
-        c_pk = dict(zip(neighbours, self.state["nb_c_pk"]))
+        share_key = dict(zip(neighbours, self.state["nb_share_key"]))
         s_pk = dict(zip(neighbours, self.state["nb_s_pk"]))
-        c_sk, s_sk = bytes(self.state["c_sk"]), bytes(self.state["s_sk"])
+        s_sk = bytes(self.state["s_sk"])
         held_owner, held_b, held_sk, bad = [], [], [], []
         for j, ct in zip(src, cts):
             try:
-                key = agree(c_sk, c_pk[j], _SHARE_KEY, round_, me, j)
-                plaintext = decrypt(key, ct, share_aad(round_, j, me))
+                plaintext = decrypt(share_key[j], ct, share_aad(round_, j, me))
                 if len(plaintext) != _HEADER + 2 * shamir.SHARE_BYTES or plaintext[:4] != j.to_bytes(4, "big") or plaintext[4:8] != me.to_bytes(4, "big"):
                     raise ShareError("a decrypted share has the wrong layout")
                 b_share = plaintext[_HEADER : _HEADER + shamir.SHARE_BYTES]
@@ -220,7 +222,7 @@ class ClientSession:
                 masked -= expand_mask(seed, vector_length, 64)
         masked &= ring_mask(ring_bits)
         # The round's secrets are no longer needed here: the server recovers them from shares.
-        for name in ("c_sk", "s_sk", "b_seed", "nb_c_pk"):
+        for name in ("s_sk", "b_seed", "nb_share_key"):
             del self.state[name]
         self.state.update(
             {"stage": R.STAGE_COLLECT, "held_owner": held_owner, "held_b": held_b, "held_sk": held_sk}
