@@ -304,8 +304,10 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
     def runs_page(request: Request, who: authm.Principal = Depends(principal)) -> HTMLResponse:
         """Dashboard: the list of runs."""
         runs = ctx.runs.list(limit=200)
+        spent = ctx.runs.latest_epsilons([r["id"] for r in runs])
         for r in runs:
             r["budget"] = run_budget(r, ctx.settings.epsilon_cap)
+            r["epsilon_spent"] = spent.get(r["id"])
         refresh = any(r["status"] in ("pending", "running") for r in runs)
         return render("runs.html", runs=runs, refresh=refresh, **common(request, who))
 

@@ -260,6 +260,18 @@ class RunManager:
             )
         return [{k: v for k, v in r.items() if k != "run_id"} for r in rows]
 
+    def latest_epsilons(self, run_ids: Sequence[str]) -> dict[str, float]:
+        """ε spent so far (the last round that reported one) for each of ``run_ids``."""
+        if not run_ids:
+            return {}
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(dbm.rounds.c.run_id, dbm.rounds.c.epsilon)
+                .where(dbm.rounds.c.run_id.in_(list(run_ids)), dbm.rounds.c.epsilon.is_not(None))
+                .order_by(dbm.rounds.c.run_id, dbm.rounds.c.round)
+            ).all()
+        return {run_id: eps for run_id, eps in rows}  # ordered by round: the last one wins
+
     def ledger(self, run_id: str) -> list[dict[str, Any]]:
         self.get(run_id)
         with self.db.engine.connect() as conn:

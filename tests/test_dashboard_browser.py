@@ -74,6 +74,10 @@ def test_sign_in_open_finished_run_and_read_the_epsilon_curve(browser, finished_
         page.get_by_role("button", name="Sign in").click()
         page.wait_for_url(server.base + "/")
         assert "arne" in page.inner_text("header")
+        row = page.locator("table.runs tbody tr").first
+        assert "completed" in row.inner_text() and f"{run['rounds'][-1]['epsilon']:.4g}" in row.inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-runs.png"), full_page=True)
         page.get_by_role("link", name="browser-pilot").click()
         page.wait_for_url(re.compile(r".*/runs/run-[0-9a-f]{12}$"))
 

@@ -151,3 +151,12 @@ class _FakeAlive:
 
     def poll(self):
         return None
+
+
+def test_latest_epsilon_per_run(manager):
+    run_id = _create(manager, rounds=3)
+    manager.start(run_id)
+    manager.wait(run_id, 30)
+    other = _create(manager)
+    assert manager.latest_epsilons([run_id, other]) == {run_id: 1.5}
+    assert manager.latest_epsilons([]) == {}
