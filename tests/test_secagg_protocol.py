@@ -84,7 +84,7 @@ def assert_exact(result, updates, survivors, config):
 def test_sum_is_exact_for_dropouts_up_to_the_threshold(stage, fraction):
     """20 clients, k=16 of 19 (sparse), t=10, max 30% dropout: any 6 drops leave every
     neighbourhood >= t shares, so the outcome does not depend on the random graph."""
-    config = SecAggConfig()
+    config = SecAggConfig(num_neighbours=16)
     updates = make_updates(20, seed=int(fraction * 10) + R.STAGES.index(stage))
     drop = list(updates)[: int(round(fraction * 20))]
     result, _ = run(updates, config, drop_at={n: stage for n in drop})

@@ -41,8 +41,8 @@ from restwise.privacy.secagg.workflow import config_from_run_config, secure_sum
         ({"num_neighbours": 1}, "num_neighbours"),
         ({"threshold": 0.0}, "fractional threshold"),
         ({"threshold": 1}, "threshold count"),
-        ({"threshold": 0.4}, "strict majority"),  # t = 7 of k = 16 is not a majority
-        ({"threshold": 0.9}, "reachable after"),  # t = 15 > 16 - floor(0.3 * 16)
+        ({"threshold": 0.4}, "strict majority"),  # t = 13 of k = 32 is not a majority
+        ({"threshold": 0.9}, "reachable after"),  # t = 29 > 32 - floor(0.3 * 32)
         ({"max_dropout_fraction": 0.5}, "max_dropout_fraction"),
         ({"ring_bits": 70}, "ring_bits"),
         ({"frac_bits": 63}, "frac_bits"),
@@ -77,7 +77,7 @@ def test_overflow_bound_is_tight():
 def test_round_parameters():
     config = SecAggConfig()
     assert config.round_parameters(10) == (9, 6, 7)  # complete graph
-    assert config.round_parameters(1000) == (16, 10, 700)
+    assert config.round_parameters(1000) == (32, 20, 700)
     assert SecAggConfig(num_neighbours=7).round_parameters(100)[0] == 8  # Harary: even degree
     with pytest.raises(SecAggConfigError, match="at least 3"):
         config.round_parameters(2)

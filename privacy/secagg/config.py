@@ -35,7 +35,7 @@ class SecAggConfig:
                           none, because per-device metrics are not protected by masking.
     """
 
-    num_neighbours: int = 16
+    num_neighbours: int = 32
     threshold: float | int = 0.6
     max_dropout_fraction: float = 0.3
     clip_range: float = 1.0
