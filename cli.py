@@ -26,6 +26,7 @@ app = typer.Typer(
     help="Restwise: learn recovery models across many people without collecting their data.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring line breaks are not kept in help
 )
 app.add_typer(device_app, name="device")
 

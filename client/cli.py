@@ -319,7 +319,7 @@ def rekey(store: Optional[Path] = StoreOpt, passphrase_file: Optional[Path] = Pa
 # Command groups owned by other modules add themselves to `app` (keeps this file small and
 # lets each area evolve alone): the coach (`today`, `checkin`) and federated training
 # (`history`, `consent`, `join`).
-for _module in ("restwise.client.coach_cli", "restwise.client.federation_cli"):
+for _module in ("restwise.client.coach_cli", "restwise.client.federation_cli", "restwise.client.join_cli"):
     try:
         _mod = __import__(_module, fromlist=["register"])
     except ImportError as _exc:  # module not built yet in this checkout
