@@ -341,3 +341,28 @@ def test_plain_train_messages_pass_the_mod_untouched():
     (msg_id,) = grid.push_messages([msg])
     (reply,) = grid.pull_messages([msg_id])
     assert R.INNER_UPDATE in reply.content.array_records  # the inner app answered directly
+
+
+def test_demo_apps_release_the_exact_sum_of_survivors(tmp_path):
+    """The ServerApp/ClientApp pair the deployment test runs, here in-process."""
+    import json
+
+    from flwr.app import Context
+
+    from restwise.privacy.secagg import demo_apps
+
+    nodes = [FIRST_NODE + i for i in range(8)]
+    grid = InProcessGrid(demo_apps.client_app, nodes, drop_at={nodes[2]: R.STAGE_COLLECT})
+    out = tmp_path / "rounds.jsonl"
+    run_config = {"secagg-rounds": 2, "secagg-vector-length": 50, "secagg-result-path": str(out), "secagg-timeout-s": 0.05}
+    demo_apps._main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1, 2]
+    config = _SecAggConfig()
+    for line in lines:
+        survivors = [n for n in nodes if n != nodes[2]]
+        assert line["survivors"] == survivors and line["dropped"] == {str(nodes[2]): R.STAGE_COLLECT}
+        ring = np.zeros(50, dtype=np.uint64)
+        for n in survivors:
+            ring += encode(demo_apps.demo_update(n, line["round"], 50), clip_range=1.0, frac_bits=config.frac_bits, ring_bits=64)
+        assert line["total"] == decode_sum(ring, frac_bits=config.frac_bits, ring_bits=64).tolist()
