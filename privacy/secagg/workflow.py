@@ -45,7 +45,8 @@ def exchange(
         Message(content, dst_node_id=node, message_type=R.MESSAGE_TYPE, group_id=group_id, ttl=timeout_s + 30.0)
         for node, content in contents.items()
     ]
-    pending = set(grid.push_messages(messages))
+    # a grid returns None for a message it could not push (e.g. too large): never answered
+    pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
     del messages
     replies: dict[int, list[Reply]] = {}
     deadline = time.monotonic() + timeout_s
