@@ -77,6 +77,7 @@ def test_overflow_bound_is_tight():
 def test_round_parameters():
     config = SecAggConfig()
     assert config.round_parameters(10) == (9, 6, 7)  # complete graph
+    assert config.min_survivors(100) == 70
     assert config.round_parameters(1000) == (32, 20, 700)
     assert SecAggConfig(num_neighbours=7).round_parameters(100)[0] == 8  # Harary: even degree
     with pytest.raises(SecAggConfigError, match="at least 3"):

@@ -123,3 +123,8 @@ class SecAggConfig:
             )
         min_survivors = n - math.floor(self.max_dropout_fraction * n)
         return k, t, min_survivors
+
+    def min_survivors(self, n: int) -> int:
+        """The smallest number of inputs a round over n clients can release: size each
+        device's distributed-noise share for this many (fewer and the round aborts)."""
+        return self.round_parameters(n)[2]
