@@ -44,6 +44,14 @@ from restwise.client.fsutil import atomic_write_bytes
 KEYSLOTS_VERSION = 1
 DATA_KEY_BYTES = 32
 
+# Upper bounds on Argon2id costs. keyslots.json is not authenticated before the KDF runs, so
+# whoever can write it chooses the cost of every open: without bounds, a tampered file asks
+# for terabytes of memory (OOM) or years of passes (a hang), or overflows the KDF's C types.
+# 1 GiB, 64 passes and 64 lanes are far above any sensible phone or laptop setting.
+ARGON2_MAX_MEMORY_KIB = 1 << 20
+ARGON2_MAX_ITERATIONS = 64
+ARGON2_MAX_LANES = 64
+
 
 @dataclass(frozen=True)
 class Argon2Params:
@@ -55,10 +63,18 @@ class Argon2Params:
     lanes: int = 4
 
     def __post_init__(self) -> None:
+        for name in ("memory_kib", "iterations", "lanes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"Argon2id {name} must be an integer")
+        if not (1 <= self.lanes <= ARGON2_MAX_LANES):
+            raise ValueError(f"Argon2id lanes must be in 1..{ARGON2_MAX_LANES}")
+        if not (1 <= self.iterations <= ARGON2_MAX_ITERATIONS):
+            raise ValueError(f"Argon2id iterations must be in 1..{ARGON2_MAX_ITERATIONS}")
+        if self.memory_kib > ARGON2_MAX_MEMORY_KIB:
+            raise ValueError(f"Argon2id memory_kib must be at most {ARGON2_MAX_MEMORY_KIB}")
         if self.memory_kib < 8 * self.lanes:
             raise ValueError("Argon2id memory_kib must be at least 8 * lanes")
-        if self.iterations < 1 or self.lanes < 1:
-            raise ValueError("Argon2id iterations and lanes must be >= 1")
 
     def derive(self, passphrase: str, salt: bytes) -> bytes:
         kdf = Argon2id(
@@ -171,6 +187,8 @@ class KeySlots:
                 f"keyslots.json has unsupported version {raw.get('version') if isinstance(raw, dict) else '?'}"
             )
         try:
+            if not isinstance(raw["slots"], list):
+                raise TypeError("slots must be a list")
             ks = cls(
                 store_id=str(raw["store_id"]),
                 generation=int(raw["generation"]),
@@ -181,6 +199,11 @@ class KeySlots:
             raise StoreFormatError("keyslots.json is missing required fields") from exc
         if not ks.slots:
             raise StoreFormatError("keyslots.json holds no key slots")
+        pending_ok = ks.pending is None or (
+            isinstance(ks.pending, list) and all(isinstance(s, dict) for s in ks.pending)
+        )
+        if not all(isinstance(s, dict) for s in ks.slots) or not pending_ok:
+            raise StoreFormatError("keyslots.json has a damaged key slot")
         return ks
 
     # -- slot operations --------------------------------------------------------------
@@ -212,15 +235,28 @@ class KeySlots:
         return {"kind": "keystore", "generation": generation, "aead": "AES-256-GCM", **blob}
 
     def _unwrap_slot(
-        self, slot: dict, passphrase: str | None, keystore: KeystoreProvider | None
+        self,
+        slot: dict,
+        passphrase: str | None,
+        keystore: KeystoreProvider | None,
+        generation: int,
     ) -> bytes | None:
+        """Unwrap one slot. ``generation`` is the one keyslots.json says the slot must belong
+        to (the AAD is bound to it, not to the slot's own, unauthenticated claim)."""
         kind = slot.get("kind")
-        gen = int(slot.get("generation", 0))
         try:
+            slot_gen = slot.get("generation", generation)
+            if isinstance(slot_gen, bool) or not isinstance(slot_gen, int):
+                raise TypeError("generation must be an integer")
+            if slot_gen != generation:
+                return None  # a slot of another key generation (replayed or stale)
+            gen = generation
             if kind == "passphrase" and passphrase is not None:
                 kdf = slot["kdf"]
+                if not isinstance(kdf, dict):
+                    raise TypeError("kdf must be an object")
                 if kdf.get("name") != "argon2id":
-                    raise StoreFormatError(f"unsupported key derivation {kdf.get('name')!r}")
+                    raise StoreFormatError("a key slot names an unsupported key derivation")
                 params = Argon2Params(
                     memory_kib=int(kdf["memory_kib"]),
                     iterations=int(kdf["iterations"]),
@@ -236,7 +272,11 @@ class KeySlots:
             return None
         except KeySlotError:
             return None
-        except (KeyError, TypeError, ValueError) as exc:
+        except MemoryError:
+            raise StoreFormatError(
+                "a key slot in keyslots.json asks for more memory than this device has"
+            ) from None
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
             raise StoreFormatError("a key slot in keyslots.json is damaged") from exc
         return None
 
@@ -249,8 +289,9 @@ class KeySlots:
     ) -> bytes:
         """Return the data key (or the pending next key) or raise WrongPassphraseError."""
         slots = (self.pending or []) if pending else self.slots
+        generation = self.generation + 1 if pending else self.generation
         for slot in slots:
-            key = self._unwrap_slot(slot, passphrase, keystore)
+            key = self._unwrap_slot(slot, passphrase, keystore, generation)
             if key is not None:
                 if len(key) != DATA_KEY_BYTES:
                     raise StoreFormatError("unwrapped data key has the wrong length")

@@ -225,6 +225,14 @@ def _connect_raw(path: Path, key: bytes) -> sqlcipher.Connection:
     return conn
 
 
+def _create_private_file(path: Path) -> None:
+    """Create an empty 0600 file for SQLite to fill. SQLite creates a missing database with
+    0644 & ~umask and gives its -wal/-shm files the database's mode, so creating the file
+    first keeps the whole store private to its owner, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+
+
 def _tune(conn) -> None:
     """Connection settings shared by the store and the plain-sqlite3 benchmark baseline."""
     conn.execute(f"PRAGMA cache_size = {CACHE_KIB}")
@@ -305,6 +313,9 @@ class DeviceStore:
         if (folder / KEYSLOTS_NAME).exists() or (folder / DB_NAME).exists():
             raise StoreExistsError(f"a Restwise store already exists in {folder}")
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not any(folder.iterdir()):
+            # An existing empty folder keeps its (maybe group/world-readable) mode otherwise.
+            os.chmod(folder, 0o700)
         key = new_data_key()
         slots = KeySlots(store_id=str(uuid.uuid4()), generation=1)
         if passphrase is not None:
@@ -315,6 +326,7 @@ class DeviceStore:
             slots.slots.append(slots.make_keystore_slot(key, keystore, 1))
         # Database first, key slots last: a crash in between leaves no keyslots.json, so the
         # folder is not a store and `init` can simply run again.
+        _create_private_file(folder / DB_NAME)
         conn = _connect_raw(folder / DB_NAME, key)
         _tune(conn)
         conn.execute("PRAGMA journal_mode = WAL")
@@ -362,14 +374,38 @@ class DeviceStore:
             atomic_write_bytes(folder / KEYSLOTS_NAME, slots.to_bytes())
         (folder / REKEY_TMP_NAME).unlink(missing_ok=True)
         store = cls(folder, conn, slots, key)
-        store._migrate()
+        try:
+            store._check_identity()
+            store._migrate()
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    @_guarded
+    def _check_identity(self) -> None:
+        """The database must be this store's: written by `create` (schema >= 1) and holding
+        the store id of keyslots.json. An empty file opens under any key as a new, empty
+        database; without this check it would be silently re-initialised (all data gone)."""
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+            raise StoreFormatError(
+                "the store database is empty or truncated (no schema): it was damaged"
+            )
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if row is None or row[0] != self._slots.store_id:
+            raise StoreFormatError("the store database does not belong to this store's key slots")
 
     @staticmethod
     def _open_db(folder, slots, key, passphrase, keystore) -> sqlcipher.Connection | None:
         conn = _connect_raw(folder / DB_NAME, key)
         try:
             _probe(conn)
+            if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+                # An empty (0-byte) file: refuse before PRAGMA journal_mode writes a header.
+                conn.close()
+                raise StoreFormatError(
+                    "the store database is empty or truncated (no schema): it was damaged"
+                )
             _tune(conn)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
@@ -789,7 +825,15 @@ class DeviceStore:
         tmp = self.folder / REKEY_TMP_NAME
         tmp.unlink(missing_ok=True)
         c = self.conn
-        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        busy, wal_frames, checkpointed = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy or wal_frames not in (0, checkpointed):
+            # Another connection pins part of the WAL. Step 3 deletes the WAL: a crash
+            # between that and the swap would lose those committed transactions.
+            self._drop_pending(staged)
+            raise StoreLockedError(
+                "the store is in use by another process or connection; close it and retry the rekey"
+            )
+        _create_private_file(tmp)
         c.execute(f"ATTACH DATABASE ? AS rekeyed KEY \"x'{next_key.hex()}'\"", (str(tmp),))
         try:
             c.execute("SELECT sqlcipher_export('rekeyed')")
@@ -818,6 +862,14 @@ class DeviceStore:
         _tune(conn)
         conn.execute("PRAGMA journal_mode = WAL")
         self._conn = conn
+
+    def _drop_pending(self, staged: KeySlots) -> None:
+        """Undo step 1 of rekey (the old key stays current)."""
+        restored = KeySlots(
+            store_id=staged.store_id, generation=staged.generation, slots=staged.slots, pending=None
+        )
+        atomic_write_bytes(self.folder / KEYSLOTS_NAME, restored.to_bytes())
+        self._slots = restored
 
     def erase(self, keystore: KeystoreProvider | None = None) -> None:
         """Destroy the key material and the database files; the folder is removed."""
@@ -957,11 +1009,14 @@ def erase_store(
     _overwrite_and_unlink(folder / KEYSLOTS_NAME)
     if keystore is not None and store_id is not None and hasattr(keystore, "destroy"):
         keystore.destroy(store_id)
-    for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", REKEY_TMP_NAME):
+    # Temporary files of an interrupted atomic write of keyslots.json hold wrapped keys too.
+    for stale in folder.glob(f".{KEYSLOTS_NAME}.*.tmp"):
+        _overwrite_and_unlink(stale)
+    for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal", REKEY_TMP_NAME):
         p = folder / name
-        if p.exists():
+        if p.is_file() and not p.is_symlink():
             _overwrite_file(p)
-            p.unlink(missing_ok=True)
+        p.unlink(missing_ok=True)
     fsync_dir(folder)
     with contextlib.suppress(OSError):
         folder.rmdir()
