@@ -212,6 +212,23 @@ def _verify(
             res.problems.append(f"ledger head hash mismatch at seq {head_seq}: report {head.get('head_hash')!r}, ledger {at_head.hash!r}")
         if at_head.signature != head.get("head_signature"):
             res.problems.append(f"ledger head signature mismatch at seq {head_seq}")
+    if issued and isinstance(head_seq, int):
+        # The report must cover every release of its run recorded before the report itself
+        # was anchored: a report built from an old head (or a truncated copy) and issued
+        # after more rounds ran would understate epsilon while every signature checks out.
+        attest_seq = issued[-1].seq
+        left_out = [
+            e for e in entries
+            if e.kind == GaussianRoundEvent.kind and head_seq < e.seq < attest_seq
+            and e.payload.get("run_id") == res.run_id
+        ]
+        if left_out:
+            rounds = ", ".join(str(e.payload.get("round")) for e in left_out[:10])
+            res.problems.append(
+                f"{len(left_out)} release(s) of this run recorded before the report was issued are not "
+                f"covered by it (its ledger head is seq {head_seq}; round {rounds}): the report is stale "
+                "or understates epsilon"
+            )
     if key is not None and head.get("public_key_fingerprint") not in (None, res.key_fingerprint):
         res.problems.append(
             f"the report names public key {head.get('public_key_fingerprint')}, but the ledger was checked with {res.key_fingerprint}"
