@@ -464,6 +464,7 @@ class ServerRound:
     def receive_collect(self, replies: dict[int, list[Reply]]) -> None:
         mask = ring_mask(self.config.ring_bits)
         reported: dict[int, int] = {}
+        metrics_of: dict[int, MetricRecord | None] = {}
         good = self._sort_replies(R.STAGE_COLLECT, replies)
         for i, content in good.items():
             try:
@@ -488,26 +489,33 @@ class ServerRound:
             self.held[i] = set(self.active[i]) - set(bad)
             for j in bad:
                 reported.setdefault(j, i)
-            metrics = content.metric_records.get(R.METRICS)
-            if metrics is not None:
-                for key in self.config.metric_keys:
-                    value = metrics.get(key)
-                    if isinstance(value, (int, float)) and np.isfinite(value):
-                        self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(value)
-                        self.metric_counts[key] = self.metric_counts.get(key, 0) + 1
+            metrics_of[i] = content.metric_records.get(R.METRICS)
         for j, reporter in reported.items():
-            self._exclude(j, f"share-keys: its share to client {self.node_of[reporter]} was malformed or failed authentication")
-            self.masked.pop(j, None)
+            if j in self.live:  # a reported client that also dropped is simply dropped
+                self._exclude(j, f"share-keys: its share to client {self.node_of[reporter]} was malformed or failed authentication")
         for j in list(self.masked):
             if j not in self.live:
                 self.masked.pop(j)
         self.u3 = set(self.masked)
+        for i in self.u3:  # only survivors' allow-listed metrics are averaged
+            metrics = metrics_of.get(i)
+            for key in self.config.metric_keys if metrics is not None else ():
+                value = metrics.get(key)
+                if isinstance(value, (int, float)) and np.isfinite(value):
+                    self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(value)
+                    self.metric_counts[key] = self.metric_counts.get(key, 0) + 1
         self._require(len(self.u3), R.STAGE_COLLECT)
 
     # -- stage 4
+    def _needed_sk_owners(self) -> set[int]:
+        """Clients that dropped after sharing and whose pairwise mask is in some
+        survivor's input (only their mask keys are reconstructed)."""
+        dropped_after_sharing = self.u2 - self.u3
+        return {j for i in self.u3 for j in self.active[i] if j in dropped_after_sharing}
+
     def unmask_messages(self) -> dict[int, RecordDict]:
         out = {}
-        dropped_after_sharing = self.u2 - self.u3
+        dropped_after_sharing = self._needed_sk_owners()
         for i in sorted(self.u3):
             held = self.held[i]
             rec = ConfigRecord(
@@ -523,7 +531,7 @@ class ServerRound:
 
     def receive_unmask(self, replies: dict[int, list[Reply]]) -> None:
         """Reconstruct the secrets; raises RoundAborted if any is out of reach."""
-        dropped_after_sharing = self.u2 - self.u3
+        dropped_after_sharing = self._needed_sk_owners()
         b_parts: dict[int, list[tuple[int, bytes]]] = {j: [] for j in self.u3}
         sk_parts: dict[int, list[tuple[int, bytes]]] = {j: [] for j in dropped_after_sharing}
         for i in sorted(self.u3):
