@@ -380,6 +380,7 @@ def test_report_page_renders_a_report_and_escapes_it(service):
     assert f"/api/v1/runs/{run_id}/bundle" in html
 
 
+@pytest.mark.slow  # five real CLI processes
 def test_token_cli_creates_lists_revokes_and_audits(tmp_path):
     import sys
 
