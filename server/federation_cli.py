@@ -224,6 +224,19 @@ def check_run_outcome(status, run_dir: Path) -> dict:
         state = json.loads((Path(run_dir) / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         pass
+    released, failed = [], []
+    try:
+        for line in (Path(run_dir) / "rounds.jsonl").read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a torn last line after a crash
+            if entry.get("status") in ("released", "completed"):
+                released.append(entry.get("round"))
+            elif entry.get("status") == "failed":
+                failed.append(entry.get("round"))
+    except OSError:
+        pass
     restwise_status = state.get("status")
     ok = status.succeeded and restwise_status == "completed"
     if not status.succeeded:
@@ -234,5 +247,6 @@ def check_run_outcome(status, run_dir: Path) -> dict:
         reason = None
     return {
         "ok": ok, "reason": reason, "flower_run_id": status.run_id, "flower_status": status.status,
-        "status": restwise_status, "completed_rounds": state.get("completed_rounds"), "run_dir": str(run_dir),
+        "status": restwise_status, "completed_rounds": state.get("completed_rounds"),
+        "released_rounds": released, "failed_rounds": failed, "run_dir": str(run_dir),
     }

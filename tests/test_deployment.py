@@ -244,9 +244,13 @@ def test_run_outcome_needs_both_flower_and_the_run_state(tmp_path):
     out = check_run_outcome(ok, tmp_path)
     assert not out["ok"] and "no round could be released" in out["reason"]
     (tmp_path / "state.json").write_text(json.dumps({"status": "completed", "completed_rounds": 3}))
+    (tmp_path / "rounds.jsonl").write_text(
+        '{"round": 1, "status": "completed"}\n{"round": 2, "status": "failed"}\n{"round": 3, "status": "released"}\n{"round": 4, "sta'
+    )
     assert check_run_outcome(ok, tmp_path) == {
         "ok": True, "reason": None, "flower_run_id": 7, "flower_status": "finished:completed",
-        "status": "completed", "completed_rounds": 3, "run_dir": str(tmp_path),
+        "status": "completed", "completed_rounds": 3, "released_rounds": [1, 3], "failed_rounds": [2],
+        "run_dir": str(tmp_path),
     }
     out = check_run_outcome(failed, tmp_path)
     assert not out["ok"] and out["reason"] == "Flower status finished:failed"
