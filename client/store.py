@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import functools
 import hashlib
 import json
@@ -233,6 +234,37 @@ def _create_private_file(path: Path) -> None:
     os.close(fd)
 
 
+def _lock_folder(folder: Path, *, exclusive: bool = False) -> int:
+    """An advisory ``flock`` on the store folder, held while a DeviceStore is open.
+
+    Every open store holds it shared; ``rekey`` and ``erase`` need it exclusive, because
+    they replace or delete the database files under any other open connection (whose later
+    writes would go to a deleted file and be silently lost). Never waits: a conflict is
+    StoreLockedError at once."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLockedError(
+            "the store is in use by another process (or another open handle): close it first"
+        ) from None
+    return fd
+
+
+def _make_exclusive(fd: int) -> None:
+    """Upgrade a held shared folder lock to exclusive, or raise StoreLockedError keeping it
+    shared (flock drops the old lock before trying the new one, so take it back)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        raise StoreLockedError(
+            "the store is in use by another process (or another open handle): close it first"
+        ) from None
+
+
 def _tune(conn) -> None:
     """Connection settings shared by the store and the plain-sqlite3 benchmark baseline."""
     conn.execute(f"PRAGMA cache_size = {CACHE_KIB}")
@@ -285,11 +317,19 @@ def _probe(conn: sqlcipher.Connection) -> None:
 class DeviceStore:
     """An open, unlocked device store. Use :meth:`create` / :meth:`open`; close when done."""
 
-    def __init__(self, folder: Path, conn: sqlcipher.Connection, slots: KeySlots, key: bytes):
+    def __init__(
+        self,
+        folder: Path,
+        conn: sqlcipher.Connection,
+        slots: KeySlots,
+        key: bytes,
+        lock_fd: int | None = None,
+    ):
         self.folder = folder
         self._conn = conn
         self._slots = slots
         self._key = key
+        self._lock_fd = lock_fd  # shared flock on the folder (see _lock_folder)
 
     # ------------------------------------------------------------------ lifecycle
     @staticmethod
@@ -316,6 +356,15 @@ class DeviceStore:
         if not any(folder.iterdir()):
             # An existing empty folder keeps its (maybe group/world-readable) mode otherwise.
             os.chmod(folder, 0o700)
+        lock_fd = _lock_folder(folder)
+        try:
+            return cls._create_locked(folder, passphrase, keystore, argon2, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _create_locked(cls, folder, passphrase, keystore, argon2, lock_fd) -> "DeviceStore":
         key = new_data_key()
         slots = KeySlots(store_id=str(uuid.uuid4()), generation=1)
         if passphrase is not None:
@@ -330,7 +379,7 @@ class DeviceStore:
         conn = _connect_raw(folder / DB_NAME, key)
         _tune(conn)
         conn.execute("PRAGMA journal_mode = WAL")
-        store = cls(folder, conn, slots, key)
+        store = cls(folder, conn, slots, key, lock_fd)
         store._migrate()
         with store.transaction() as c:
             c.execute("INSERT INTO meta(key, value) VALUES ('store_id', ?)", (slots.store_id,))
@@ -351,6 +400,19 @@ class DeviceStore:
         folder = Path(folder)
         if not cls.exists(folder):
             raise StoreNotFoundError(f"no Restwise store in {folder}")
+        # Shared lock before anything, including the recovery of an interrupted rekey below:
+        # a rekey in progress elsewhere holds it exclusive, so its pending key and temporary
+        # file are not mistaken for leftovers of a crash.
+        lock_fd = _lock_folder(folder)
+        try:
+            store = cls._open_locked(folder, passphrase, keystore, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return store
+
+    @classmethod
+    def _open_locked(cls, folder, passphrase, keystore, lock_fd) -> "DeviceStore":
         slots = KeySlots.from_bytes((folder / KEYSLOTS_NAME).read_bytes())
         key = slots.unwrap(passphrase, keystore)  # WrongPassphraseError on a wrong passphrase
         conn = cls._open_db(folder, slots, key, passphrase, keystore)
@@ -380,6 +442,7 @@ class DeviceStore:
         except BaseException:
             store.close()
             raise
+        store._lock_fd = lock_fd
         return store
 
     @_guarded
@@ -440,6 +503,9 @@ class DeviceStore:
             self._conn.close()
             self._conn = None  # type: ignore[assignment]
         self._key = b""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> "DeviceStore":
         return self
@@ -800,6 +866,15 @@ class DeviceStore:
             raise ValueError("rekey needs the passphrase to wrap the new key")
         if "keystore" in kinds and keystore is None:
             raise ValueError("rekey needs the keystore to wrap the new key")
+        if self._lock_fd is not None:
+            _make_exclusive(self._lock_fd)
+        try:
+            self._rekey_exclusive(passphrase, keystore, argon2, _crash_after, kinds)
+        finally:
+            if self._lock_fd is not None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+
+    def _rekey_exclusive(self, passphrase, keystore, argon2, _crash_after, kinds) -> None:
         next_gen = self._slots.generation + 1
         next_key = new_data_key()
         pending: list[dict] = []
@@ -997,6 +1072,18 @@ def erase_store(
     folder = Path(folder)
     if not (folder / KEYSLOTS_NAME).exists() and not (folder / DB_NAME).exists():
         raise StoreNotFoundError(f"no Restwise store in {folder}")
+    if _open is not None and _open._lock_fd is not None:
+        _make_exclusive(_open._lock_fd)
+        lock_fd, _open._lock_fd = _open._lock_fd, None
+    else:
+        lock_fd = _lock_folder(folder, exclusive=True)
+    try:
+        _erase_locked(folder, keystore, _open)
+    finally:
+        os.close(lock_fd)
+
+
+def _erase_locked(folder: Path, keystore: KeystoreProvider | None, _open: DeviceStore | None) -> None:
     store_id = None
     try:
         store_id = KeySlots.from_bytes((folder / KEYSLOTS_NAME).read_bytes()).store_id

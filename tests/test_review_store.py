@@ -166,3 +166,33 @@ def test_rekey_refuses_while_another_connection_pins_the_wal(store_folder):
             reader.close()
     with DeviceStore.open(store_folder, "pw") as s:
         assert s.summary()["observations"]["hrv_rmssd"]["count"] == 25
+
+
+# -- two handles / two processes ---------------------------------------------------------------
+def test_rekey_and_erase_refuse_while_the_store_is_open_elsewhere(store_folder):
+    """Rekey replaces and erase deletes the database files: another open handle's later
+    writes would go to a deleted file and be lost. Both must refuse until it is closed."""
+    first = DeviceStore.open(store_folder, "pw")
+    other = DeviceStore.open(store_folder, "pw")
+    try:
+        with pytest.raises(StoreLockedError):
+            first.rekey("pw")
+        with pytest.raises(StoreLockedError):
+            erase_store(store_folder)
+        other.add_observations([_obs(i) for i in range(300, 303)])  # still fully usable
+    finally:
+        other.close()
+    first.rekey("pw")  # alone now: allowed
+    first.add_observations([_obs(400)])
+    first.close()
+    with DeviceStore.open(store_folder, "pw") as s:
+        assert s.summary()["observations"]["hrv_rmssd"]["count"] == 9
+        assert s.summary()["key_generation"] == 2
+    erase_store(store_folder)
+    assert not store_folder.exists()
+
+
+def test_open_store_can_erase_itself_and_a_closed_one_reopens(store_folder):
+    s = DeviceStore.open(store_folder, "pw")
+    s.erase()
+    assert not store_folder.exists()
