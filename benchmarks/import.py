@@ -14,7 +14,8 @@ Targets (issue 3): >= 100,000 records/s end to end, peak RSS <= 100 MB.
 
 The import parses in the calling thread and inserts in a second one (run_import's store
 writer), so it also prints the parsing thread's own CPU time: with a free core for the
-writer, that is the wall-clock an otherwise idle device needs. On a machine shared with
+writer, that is about the wall-clock an otherwise idle device needs (a little less: the
+writer holds the GIL while it binds values, ~0.5 us per row, and that time is serial too). On a machine shared with
 other work, wall-clock rates fall with the load; CPU-seconds do not (much).
 
 The generated file has the iOS 16 DOCTYPE defect, realistic records (device strings,
@@ -322,7 +323,8 @@ def main() -> None:
                 mt = i["main_thread_cpu_seconds"]
                 print(f"records per parsing-thread CPU-s {i['records'] / mt:>9,.0f}   (parsing thread "
                       f"{mt:.2f} s + store writer thread {i['cpu_seconds'] - mt:.2f} s of CPU: "
-                      "the end-to-end rate with a free core for the writer)")
+                      "about the end-to-end rate with a free core for the writer; an upper "
+                      "bound, as the writer also holds the GIL while binding values)")
             print(f"MB/s of XML, end to end    {size / 1e6 / i['seconds']:>12.1f}")
             print(f"peak RSS, import           {i['peak_rss_mb']:>12.1f} MB   target <= 100 MB: "
                   f"{'met' if i['peak_rss_mb'] <= 100 else 'NOT met'}")
