@@ -63,14 +63,20 @@ def _info(purpose: bytes, round_: int, a: int, b: int) -> bytes:
     return b"|".join([PROTOCOL_TAG, purpose, str(round_).encode(), str(lo).encode(), str(hi).encode()])
 
 
-def agree(private: bytes, peer_public: bytes, purpose: bytes, round_: int, a: int, b: int) -> bytes:
+def private_key(private: bytes) -> X25519PrivateKey:
+    """Parse once, agree many times (parsing costs as much as an agreement)."""
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def agree(
+    private: bytes | X25519PrivateKey, peer_public: bytes, purpose: bytes, round_: int, a: int, b: int
+) -> bytes:
     """A 32-byte key shared by clients ``a`` and ``b`` for ``purpose`` in ``round_``.
 
     Raises ShareError for a malformed or low-order peer key (all-zero shared secret)."""
+    key = private if isinstance(private, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(private)
     try:
-        raw = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        raw = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
         raise ShareError("a peer public key is invalid") from exc
     return HKDF(

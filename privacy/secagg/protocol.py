@@ -42,6 +42,7 @@ from .crypto import (
     encrypt,
     expand_mask,
     generate_keypair,
+    private_key,
     public_from_private,
     share_aad,
     valid_public_key,
@@ -151,7 +152,7 @@ class ClientSession:
         b_seed = os.urandom(32)
         b_shares = shamir.split(b_seed, neighbours, t)
         sk_shares = shamir.split(bytes(self.state["s_sk"]), neighbours, t)
-        c_sk = bytes(self.state["c_sk"])
+        c_sk = private_key(bytes(self.state["c_sk"]))
         cts, share_keys = [], []
         for j, c_pk, b_share, sk_share in zip(neighbours, c_pks, b_shares, sk_shares):
             key = agree(c_sk, c_pk, _SHARE_KEY, round_, me, j)
@@ -195,7 +196,7 @@ class ClientSession:
         neighbours = list(self.state["neighbours"])
         share_key = dict(zip(neighbours, self.state["nb_share_key"]))
         s_pk = dict(zip(neighbours, self.state["nb_s_pk"]))
-        s_sk = bytes(self.state["s_sk"])
+        s_sk = private_key(bytes(self.state["s_sk"]))
         held_owner, held_b, held_sk, bad = [], [], [], []
         for j, ct in zip(src, cts):
             try:
@@ -581,14 +582,21 @@ class ServerRound:
                 f"{len(parts)} of the {t} shares needed; nothing was released"
             )
         rng = random.Random(owner)  # which subsets to try is not secret
-        candidates = [parts[:t]] + [rng.sample(parts, t) for _ in range(24 if len(parts) > t else 0)]
-        for subset in candidates:
+
+        def candidates():
+            yield parts[:t]
+            for _ in range(48 if len(parts) > t else 0):
+                yield rng.sample(parts, t)
+
+        for attempt, subset in enumerate(candidates()):
             try:
                 secret = shamir.reconstruct([x for x, _ in subset], [s for _, s in subset])
             except ShareError:
                 continue
             if verify(secret):
-                bad = _inconsistent_holders(subset, parts)
+                # the first t shares almost always verify; only after a failure is it
+                # worth finding which holders returned wrong shares
+                bad = _inconsistent_holders(subset, parts) if attempt else []
                 for holder in bad:
                     self.faults.setdefault(self.node_of[holder], "unmask: returned a wrong share")
                 return secret

@@ -70,14 +70,24 @@ def parse_share(share: bytes) -> list[int]:
 
 def lagrange_at_zero(xs: Sequence[int]) -> list[int]:
     """Coefficients l_j with f(0) = sum_j l_j f(x_j) (mod p)."""
-    coeffs = []
+    nums, dens = [], []
     for j, xj in enumerate(xs):
         num, den = 1, 1
         for m, xm in enumerate(xs):
             if m != j:
                 num = num * xm % PRIME
                 den = den * (xm - xj) % PRIME
-        coeffs.append(num * pow(den, -1, PRIME) % PRIME)
+        nums.append(num)
+        dens.append(den)
+    # batch inversion: one modular inverse for all denominators
+    prefix = [1] * (len(dens) + 1)
+    for j, den in enumerate(dens):
+        prefix[j + 1] = prefix[j] * den % PRIME
+    inv = pow(prefix[-1], -1, PRIME)
+    coeffs = [0] * len(dens)
+    for j in range(len(dens) - 1, -1, -1):
+        coeffs[j] = nums[j] * (inv * prefix[j] % PRIME) % PRIME
+        inv = inv * dens[j] % PRIME
     return coeffs
 
 
