@@ -183,14 +183,15 @@ def worker(variant: str, n: int, d: int, rounds: int) -> None:
     print("RESULT " + json.dumps({"variant": variant, "n": n, "seconds": times, **info}), flush=True)
 
 
-def measure(variant: str, n: int, d: int, rounds: int) -> dict:
+def measure(variant: str, n: int, d: int, rounds: int, cap_s: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--clients", str(n), "--params", str(d), "--rounds", str(rounds)]
     env = {**os.environ, "RAY_DEDUP_LOGS": "1", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    cap = cap_s or WORKER_CAP_S.get(n, 1800)
     start = time.perf_counter()
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_CAP_S.get(n, 1800), env=env)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=cap, env=env)
     except subprocess.TimeoutExpired:
-        return {"variant": variant, "n": n, "error": f"did not finish within {WORKER_CAP_S.get(n, 1800)} s"}
+        return {"variant": variant, "n": n, "error": f"did not finish within {cap:.0f} s (warm-up + timed rounds)"}
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             result = json.loads(line[len("RESULT "):])
@@ -207,6 +208,7 @@ def main() -> None:
     parser.add_argument("--params", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="*", default=["plain", "flower", "restwise"])
+    parser.add_argument("--cap-s", type=float, default=None, help="wall-clock cap per variant run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -217,7 +219,7 @@ def main() -> None:
           f"Flower simulation (Ray, 2 actors x 1 CPU)")
     print(f"{'clients':>8} {'variant':>9} {'s/round':>9} {'x plain':>8}  note")
     for n in cohorts:
-        rows = {v: measure(v, n, args.params, args.rounds) for v in args.variants}
+        rows = {v: measure(v, n, args.params, args.rounds, args.cap_s) for v in args.variants}
         plain = rows.get("plain", {}).get("seconds")
         base = float(np.median(plain)) if plain else None
         for v, row in rows.items():
