@@ -26,6 +26,7 @@ import base64
 import json
 import os
 import secrets
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -197,6 +198,14 @@ class KeySlots:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StoreFormatError("keyslots.json is missing required fields") from exc
+        try:
+            # Always a UUID (see DeviceStore.create). Checked because keystores build file
+            # paths from it: a tampered id like "../../x" must not pick which file is read,
+            # created or (on erase) overwritten.
+            if str(uuid.UUID(ks.store_id)) != ks.store_id:
+                raise ValueError
+        except ValueError:
+            raise StoreFormatError("keyslots.json has a malformed store id") from None
         if not ks.slots:
             raise StoreFormatError("keyslots.json holds no key slots")
         pending_ok = ks.pending is None or (
@@ -314,10 +323,15 @@ def _overwrite_and_unlink(path: Path) -> None:
     this file, so once every wrapped copy is gone the database is noise.
     """
     try:
-        size = path.stat().st_size
-        with open(path, "r+b", buffering=0) as fh:
-            fh.write(secrets.token_bytes(max(size, 1)))
-            os.fsync(fh.fileno())
+        # O_NOFOLLOW: a symlink planted in place of the file is removed, its target untouched.
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            data = secrets.token_bytes(max(os.fstat(fd).st_size, 1))
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
         pass
     path.unlink(missing_ok=True)

@@ -196,3 +196,28 @@ def test_open_store_can_erase_itself_and_a_closed_one_reopens(store_folder):
     s = DeviceStore.open(store_folder, "pw")
     s.erase()
     assert not store_folder.exists()
+
+
+# -- store id and symlinks ------------------------------------------------------------------------
+def test_tampered_store_id_cannot_steer_keystore_paths(store_folder, tmp_path):
+    victim = tmp_path / "victim.key"
+    victim.write_bytes(b"k" * 32)
+    _rewrite_slots(store_folder, lambda d: d.update(store_id="../victim"))
+    from restwise.client.keys import FileKeystore
+
+    ks = FileKeystore(tmp_path / "keystore")
+    with pytest.raises(StoreFormatError):
+        DeviceStore.open(store_folder, "pw", keystore=ks)
+    erase_store(store_folder, keystore=ks)
+    assert victim.read_bytes() == b"k" * 32  # another file's key was not destroyed
+
+
+def test_erase_does_not_overwrite_the_target_of_a_symlinked_keyslots_file(store_folder, tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_bytes(b"keep me")
+    real = store_folder / KEYSLOTS_NAME
+    real.rename(tmp_path / "moved-keyslots.json")
+    real.symlink_to(precious)
+    erase_store(store_folder)
+    assert precious.read_bytes() == b"keep me"
+    assert not store_folder.exists()
