@@ -29,6 +29,7 @@ from restwise.client.store import (
     DeviceStore,
     Observation,
     _connect_raw,
+    _insert_observations,
     _probe,
     _tune,
     create_plain_sqlite,
@@ -50,21 +51,13 @@ def rows(n: int):
         )
 
 
-INSERT = (
-    "INSERT OR IGNORE INTO observations(metric, ts, end_ts, tz_offset_min, local_day, value, unit, "
-    "source, device, record_key) VALUES (?,?,?,?,?,?,?,?,?,?)"
-)
-
-
 def plain_insert(path: Path, n: int) -> float:
+    """The same insert code path as the encrypted store (multi-row statements), on sqlite3,
+    so the ratio measures encryption and nothing else."""
     conn = create_plain_sqlite(path)
     t = time.perf_counter()
     conn.execute("BEGIN")
-    conn.executemany(
-        INSERT,
-        ((o.metric, o.ts, o.end_ts, o.tz_offset_min, o.local_day, o.value, o.unit, o.source,
-          o.device, o.record_key) for o in rows(n)),
-    )
+    _insert_observations(conn, rows(n), None)
     conn.execute("COMMIT")
     dt = time.perf_counter() - t
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
