@@ -283,5 +283,11 @@ def _verify(
             diff = sorted(k for k in set(mine) | set(theirs) if not _close(mine.get(k), theirs.get(k)))
             if diff:
                 res.problems.append(f"release at ledger seq {mine['ledger_seq']}: {', '.join(diff)} differ from the ledger")
+    if res.releases and report.get("epsilon") is None:
+        # Faithful to the ledger, but it bounds nothing: say so rather than a bare "ok".
+        res.warnings.append(
+            "the report states no epsilon for its releases (the accountant refused them): "
+            "this run's privacy loss is not bounded by this report"
+        )
     res.ok = not res.problems
     return res

@@ -117,3 +117,36 @@ def test_report_with_releases_of_other_runs_after_its_head_still_verifies(tmp_pa
     write_report(report, tmp_path / "out", ledger=ledger)
     res = verify_report(tmp_path / "out", public_key=key.public_key())
     assert res.ok, res.problems
+
+
+def test_verified_report_without_an_epsilon_warns(tmp_path):
+    """Fixed-size sampling with amplification claimed cannot be accounted: the report says so
+    (epsilon null) and verification must not present it as a plain success."""
+    key = Ed25519PrivateKey.generate()
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl", key)
+    ledger.append(GaussianRoundEvent.from_distributed_noise(
+        run_id="run-f", round=1, clip_norm=1.0, planned_noise_multiplier=2.0, planned_clients=4,
+        survivors=4, sampling="fixed", cohort_size=4, population=40, adjacency="replace_one",
+        model_hash="%064x" % 5,
+    ))
+    report = build_report(ledger, "run-f", delta=DELTA)
+    assert report["epsilon"] is None
+    write_report(report, tmp_path / "out", ledger=ledger)
+    res = verify_report(tmp_path / "out", public_key=key.public_key())
+    assert any("no epsilon" in w for w in res.warnings), res.warnings
+
+
+def test_html_escapes_every_operator_supplied_text(tmp_path):
+    from restwise.privacy.report import render_html
+
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl", Ed25519PrivateKey.generate())
+    ledger.append(_release(1))
+    evil = "<script>alert(1)</script>"
+    report = build_report(
+        ledger, "run-a", delta=DELTA, secagg={evil: evil, "threshold": evil},
+        egress_allow_list={evil: [evil]}, budget={"epsilon": 5.0, "delta": DELTA, "scope": evil},
+    )
+    page = render_html(report)
+    assert "<script" not in page and "&lt;script&gt;" in page
+    page = render_html(dict(report, egress_allow_list=None) | {"information_leakage": {"leaves_device": evil, "server_learns": [evil]}})
+    assert "<script" not in page
