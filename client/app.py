@@ -67,8 +67,8 @@ class DeviceLocator:
 
     Node config ``store`` and ``keystore`` win (a real device, or a SuperNode per person);
     otherwise a simulated fleet: ``fleet_dir`` (or node config / run config
-    ``restwise-fleet-dir``) holding ``keystore/`` and one ``device-NNNNN/`` store per Flower
-    partition id."""
+    ``restwise-fleet-dir``, or run config ``run-dir`` + ``/fleet``) holding ``keystore/`` and one
+    ``device-NNNNN/`` store per Flower partition id."""
 
     fleet_dir: Path | None = None
 
@@ -80,13 +80,17 @@ class DeviceLocator:
             return DeviceLocation(store, keystore)
         fleet = self.fleet_dir
         if fleet is None:
-            configured = node.get("restwise-fleet-dir", context.run_config.get("restwise-fleet-dir"))
-            if not configured:
+            configured = node.get("restwise-fleet-dir") or context.run_config.get("restwise-fleet-dir")
+            run_dir = context.run_config.get("run-dir")
+            if configured:
+                fleet = Path(str(configured))
+            elif run_dir:  # `flwr run . --run-config "run-dir='...'"`: the runner's layout
+                fleet = Path(str(run_dir)) / "fleet"
+            else:
                 raise LookupError(
                     "this node has no store configured: start the SuperNode with "
                     "--node-config \"store='/path/to/store' keystore='/path/to/keystore'\""
                 )
-            fleet = Path(str(configured))
         if "partition-id" not in node:
             raise LookupError("a simulated fleet needs the node's partition-id")
         return DeviceLocation(fleet / device_folder_name(int(node["partition-id"])), fleet / SIM_KEYSTORE_DIR)
@@ -217,10 +221,31 @@ def make_client_app(
             return policy
         return E.EgressPolicy(allow_unmasked_update=bool(context.node_config.get("allow-unmasked-update", False)))
 
+    # One open store per device for the life of this process: every message of a round
+    # (hello, four secure-aggregation stages, each logged) would otherwise re-open it. The key
+    # stays in this process's memory only while the device takes part in runs.
+    open_stores: dict[DeviceLocation, object] = {}
+
     @contextlib.contextmanager
-    def open_log(context: Context):
-        with open_device_store(locator.locate(context)) as store:
+    def device_store(context: Context):
+        location = locator.locate(context)
+        store = open_stores.get(location)
+        if store is None:
+            from restwise.client.keys import FileKeystore
+            from restwise.client.store import DeviceStore
+
+            store = DeviceStore.open(location.store, keystore=FileKeystore(location.keystore))
+            open_stores[location] = store
+        try:
             yield store
+        except BaseException:
+            # Anything unexpected: do not keep a connection that may be in a bad state.
+            open_stores.pop(location, None)
+            with contextlib.suppress(Exception):
+                store.close()
+            raise
+
+    open_log = device_store
 
     def egress_guard(msg: Message, context: Context, call_next) -> Message:
         return E.make_egress_guard(policy_for(context), open_log)(msg, context, call_next)
@@ -233,7 +258,7 @@ def make_client_app(
     def hello(msg: Message, context: Context) -> Message:
         run_id, _ = _run_record(msg)
         window = int(msg.content.config_records[E.RUN_RECORD].get("window", 7))
-        with open_device_store(locator.locate(context)) as store:
+        with device_store(context) as store:
             participate = bool(store.consents(run_id)) and has_enough_data(store, window)
         return Message(RecordDict({E.CONSENT_RECORD: ConfigRecord({"participate": participate})}), reply_to=msg)
 
@@ -247,7 +272,7 @@ def make_client_app(
             return Message(Error(code=ERROR_CODE_BAD_REQUEST, reason="malformed train message"), reply_to=msg)
         from restwise.client.dataset import NoDataError
 
-        with open_device_store(locator.locate(context)) as store:
+        with device_store(context) as store:
             if not store.consents(run_id):
                 return Message(Error(code=E.ERROR_CODE_NO_CONSENT, reason="the person has not consented to this run"), reply_to=msg)
             try:

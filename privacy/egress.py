@@ -148,9 +148,15 @@ class EgressPolicy:
 
     # -- the check ----------------------------------------------------------------------
     def check(self, incoming: Message | dict, reply: Message) -> None:
-        """Raise EgressRefused unless every record of ``reply`` is allowed. ``incoming`` is the
-        message being answered, or its :meth:`allowed_records` taken before the inner mods
-        ran (the secure-aggregation mod rewrites the incoming message's content)."""
+        """Raise EgressRefused unless every record of ``reply`` is allowed and the reply is
+        within the size limit. ``incoming`` is the message being answered, or its
+        :meth:`allowed_records` taken before the inner mods ran (the secure-aggregation mod
+        rewrites the incoming message's content)."""
+        self.check_records(incoming, reply)
+        if not reply.has_error():
+            self.check_size(describe(reply)[1])
+
+    def check_records(self, incoming: Message | dict, reply: Message) -> None:
         if reply.has_error():
             return  # an Error carries a code and a reason we wrote ourselves (see guard)
         allowed = incoming if isinstance(incoming, dict) else self.allowed_records(incoming)
@@ -180,9 +186,10 @@ class EgressPolicy:
             else:
                 for key, value in record.items():
                     self._check_config_value(name, key, value)
-        size = message_size(reply)
-        if size > self.max_bytes:
-            raise EgressRefused(f"the reply is {size} bytes, above the {self.max_bytes}-byte limit")
+
+    def check_size(self, n_bytes: int) -> None:
+        if n_bytes > self.max_bytes:
+            raise EgressRefused(f"the reply is {n_bytes} bytes, above the {self.max_bytes}-byte limit")
 
     def _check_array(self, name: str, key: str, array: Array) -> None:
         if len(array.shape) != 1:
@@ -240,22 +247,24 @@ def message_size(message: Message) -> int:
 
 
 def describe(message: Message) -> tuple[list[dict], int, str]:
-    """(records, total bytes, sha256 hex) of a reply: names, kinds, keys, sizes - no values."""
+    """(records, total bytes, sha256 hex) of a reply: names, kinds, keys, sizes - no values.
+    Each record is serialised once (as Flower deflates it for the wire: the record, its arrays
+    and array chunks); the digest covers those bytes, record after record."""
     if message.has_error():
         body = f"error:{message.error.code}".encode()
         return [{"name": "error", "kind": "error", "code": int(message.error.code)}], len(body), hashlib.sha256(body).hexdigest()
-    records = []
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    records, digest, total = [], hashlib.sha256(), 0
     for name, record in message.content.items():
-        records.append(
-            {
-                "name": name,
-                "kind": _kind(record),
-                "keys": sorted(record.keys()),
-                "bytes": len(content_bytes(RecordDict({name: record}))),
-            }
-        )
-    data = content_bytes(message.content)
-    return records, len(data), hashlib.sha256(data).hexdigest()
+        size = 0
+        for obj in get_all_nested_objects(record).values():
+            blob = obj.deflate()
+            digest.update(blob)
+            size += len(blob)
+        total += size
+        records.append({"name": name, "kind": _kind(record), "keys": sorted(record.keys()), "bytes": size})
+    return records, total, digest.hexdigest()
 
 
 # -- the mod ----------------------------------------------------------------------------
@@ -320,11 +329,13 @@ def make_egress_guard(
             _log.warning("device app failed on a %s message (%s)", label, type(exc).__name__)
             reply = error_reply(msg, ERROR_CODE_APP_FAILED, f"the device app failed ({type(exc).__name__})")
         try:
-            policy.check(allowed, reply)
+            policy.check_records(allowed, reply)
+            records, n_bytes, digest = describe(reply)
+            policy.check_size(n_bytes)
         except EgressRefused as exc:
             _log.warning("egress guard refused a %s reply: %s", label, exc)
             reply = error_reply(msg, ERROR_CODE_REFUSED, f"egress guard refused the reply: {exc}")
-        records, n_bytes, digest = describe(reply)
+            records, n_bytes, digest = describe(reply)
         try:
             with open_log(context) as log:
                 log.log_egress(run_id, round_, label, records, n_bytes, digest)

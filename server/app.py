@@ -720,14 +720,22 @@ app = ServerApp()
 
 @app.main()
 def _main(grid: Grid, context: Context) -> None:
+    from restwise.server.runner import FLEET_DIR, prepare_fleet, write_report
+
     run_dir = context.run_config.get("run-dir")
     if not run_dir:
         raise PlanError("give the run directory: flwr run . --run-config \"run-dir='/path/to/run'\"")
     run_dir = Path(str(run_dir))
     files = RunFiles(run_dir)
     config = RunConfig.from_dict(json.loads(files.config.read_text(encoding="utf-8")))
-    ledger = open_ledger(run_dir, config)
-    FederatedServer(config, run_dir, run_id=run_dir.name, ledger=ledger).run(grid)
+    try:
+        prepare_fleet(run_dir / FLEET_DIR, config)  # simulation only; no-op when prepared
+        ledger = open_ledger(run_dir, config)
+        summary = FederatedServer(config, run_dir, run_id=run_dir.name, ledger=ledger, node_wait_s=60.0).run(grid)
+    except Exception as exc:  # noqa: BLE001 - `flwr run` exits 0 on a failed run: state.json says it
+        files.write_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    write_report(run_dir, config, summary)
 
 
 __all__ = [

@@ -226,6 +226,8 @@ def demo_config(persons: int, rounds: int, *, seed: int = 0) -> RunConfig:
 
 def run_demo_federation(workdir: Path, persons: int = 6, rounds: int = 3) -> RunSummary:
     """``restwise demo``: a small federation on generated persons, in ``workdir/run-demo``."""
+    if persons < 3:
+        raise ValueError("the demo needs at least 3 persons (secure aggregation needs 3 devices)")
     workdir = Path(workdir)
     run_dir = workdir / "run-demo"
     if run_dir.exists() and RunFiles(run_dir).read_state().get("status") in TERMINAL:

@@ -68,6 +68,14 @@ def test_simulated_run_with_thirty_percent_failing_devices(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["run_id"] == run_dir.name
     assert (run_dir / "report.html").exists()
+    # What `restwise demo` prints: the privacy spent and one person's coach output.
+    from restwise.server.runner import demo_outcome
+
+    shown = demo_outcome(summary, person=0)
+    assert shown["epsilon"] == pytest.approx(lines[1]["epsilon"]) and shown["delta"] == config.delta
+    assert shown["advice"].band in ("green", "yellow", "red")
+    assert shown["model_status"].startswith("stored (federated)")
+    assert shown["messages_sent"] == 2 * 5  # hello + 4 secure-aggregation stages per round
 
 
 def test_runner_command_line_runs_a_run_directory(tmp_path):
