@@ -67,7 +67,6 @@ def test_overflow_bound_is_tight():
         SecAggConfig(ring_bits=32, frac_bits=16, clip_range=1.0, max_cohort=32_768)
     n = ok.max_cohort  # the extreme: every client at +C or at -C decodes exactly
     for sign in (1.0, -1.0):
-        ring = np.uint64(0)
         one = encode(np.array([sign * ok.clip_range]), clip_range=1.0, frac_bits=16, ring_bits=32)
         ring = (one.astype(object) * n) % 2**32
         total = decode_sum(np.array(ring, dtype=np.uint64), frac_bits=16, ring_bits=32)
