@@ -86,6 +86,12 @@ def device_errors():
         yield
     except RestwiseDeviceError as exc:
         raise fail(exc) from None
+    except OSError as exc:
+        # A file the person named (export target, a store on a full or read-only disk):
+        # one line naming the file and the reason, not a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        err_console.print(f"[bold red]Error:[/] {exc.strerror or type(exc).__name__}{where}", markup=True)
+        raise typer.Exit(code=1) from None
 
 
 def open_store(store: Optional[Path], passphrase_file: Optional[Path]):

@@ -221,3 +221,21 @@ def test_erase_does_not_overwrite_the_target_of_a_symlinked_keyslots_file(store_
     erase_store(store_folder)
     assert precious.read_bytes() == b"keep me"
     assert not store_folder.exists()
+
+
+# -- the command line --------------------------------------------------------------------------------
+def test_cli_file_errors_are_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RESTWISE_")}
+    pw = tmp_path / "pw"
+    pw.write_text("Zq-secret-pass\n")
+    env.update(RESTWISE_PASSPHRASE_FILE=str(pw), RESTWISE_STORE=str(tmp_path / "s"))
+    cli = [sys.executable, "-m", "restwise.cli", "device"]
+    assert subprocess.run(cli + ["init"], env=env, capture_output=True, timeout=120).returncode == 0
+    res = subprocess.run(cli + ["export", str(tmp_path / "missing-dir" / "out.jsonl")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and "missing-dir" in res.stderr
+    assert "Zq-secret-pass" not in res.stderr + res.stdout
