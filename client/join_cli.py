@@ -97,8 +97,8 @@ def _venv_path(path: str) -> str:
 
 
 def _quoted(value: str) -> str:
-    if any(c in value for c in "'\"\n"):
-        raise JoinConfigError("store and keystore paths must not contain quotes or newlines")
+    if any(c in value for c in "'\"\\\n\r"):  # read by Flower as TOML basic strings
+        raise JoinConfigError("store and keystore paths must not contain quotes, backslashes or newlines")
     return f'"{value}"'
 
 

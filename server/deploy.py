@@ -428,8 +428,10 @@ def _node_config_value(value: object) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     text = str(value)
-    if "'" in text or '"' in text or "\n" in text or " " in text and "=" in text:
-        raise DeploymentConfigError("node config values must not contain quotes or newlines")
+    # Flower reads the values as TOML basic strings: quotes, backslashes (escapes) and
+    # newlines would change what the ClientApp sees, so they are refused, not escaped.
+    if any(c in text for c in ("'", '"', "\\", "\n", "\r")):
+        raise DeploymentConfigError("node config values must not contain quotes, backslashes or newlines")
     return f'"{text}"'
 
 

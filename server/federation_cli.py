@@ -187,7 +187,7 @@ def register(app: typer.Typer) -> None:
                 app_dir = D.write_app_dir(Path(home) / "app")
                 run_id = D.submit_run(conn, app_dir, {"run-dir": str(run_dir)})
                 typer.echo(f"submitted Flower run {run_id}; waiting (up to {timeout:.0f} s)")
-                status = D.wait_for_run(conn, run_id, timeout_s=timeout, wake=D.run_dir_finished(run_dir))
+                status = D.wait_for_run(conn, run_id, timeout_s=timeout, poll_s=30.0, wake=D.run_dir_finished(run_dir))
             except D.DeploymentConfigError as exc:
                 raise _err(str(exc), 2) from None
             except D.DeploymentError as exc:

@@ -187,7 +187,14 @@ def test_node_config_refuses_values_that_would_break_quoting():
     with pytest.raises(D.DeploymentConfigError):
         D.node_config_arg({"store": '/tmp/a" b="c'})
     with pytest.raises(D.DeploymentConfigError):
+        D.node_config_arg({"store": "C:\\Users\\x"})  # a TOML escape would change the path
+    with pytest.raises(D.DeploymentConfigError):
         D.node_config_arg({"bad key": "x"})
+    from flwr.common.config import parse_config_args
+
+    assert parse_config_args([D.node_config_arg({"store": "/a b/c d=e", "keystore": "/k"})]) == {
+        "store": "/a b/c d=e", "keystore": "/k",
+    }
     assert D.node_config_arg({"a": 1, "b": True, "c": "x"}) == 'a=1 b=true c="x"'
 
 
