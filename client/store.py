@@ -434,7 +434,8 @@ class DeviceStore:
             # Interrupted before the swap: the old database is intact; drop the pending key.
             slots.pending = None
             atomic_write_bytes(folder / KEYSLOTS_NAME, slots.to_bytes())
-        (folder / REKEY_TMP_NAME).unlink(missing_ok=True)
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            (folder / (REKEY_TMP_NAME + suffix)).unlink(missing_ok=True)
         store = cls(folder, conn, slots, key)
         try:
             store._check_identity()
@@ -1058,6 +1059,13 @@ def _insert_grouped(conn, observations: Iterable[Observation],
     return InsertResult(inserted=inserted, duplicates=duplicates)
 
 
+# Every file SQLite may leave for the database and for rekey's temporary copy (a crash
+# during the export leaves the copy's rollback journal): all hold encrypted pages.
+_DATA_FILE_NAMES = tuple(
+    base + suffix for base in (DB_NAME, REKEY_TMP_NAME) for suffix in ("", "-wal", "-shm", "-journal")
+)
+
+
 def erase_store(
     folder: Path | str,
     *,
@@ -1099,7 +1107,7 @@ def _erase_locked(folder: Path, keystore: KeystoreProvider | None, _open: Device
     # Temporary files of an interrupted atomic write of keyslots.json hold wrapped keys too.
     for stale in folder.glob(f".{KEYSLOTS_NAME}.*.tmp"):
         _overwrite_and_unlink(stale)
-    for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", DB_NAME + "-journal", REKEY_TMP_NAME):
+    for name in _DATA_FILE_NAMES:
         p = folder / name
         if p.is_file() and not p.is_symlink():
             _overwrite_file(p)

@@ -239,3 +239,10 @@ def test_cli_file_errors_are_one_line_not_a_traceback(tmp_path):
     assert res.returncode == 1
     assert "Traceback" not in res.stderr and "missing-dir" in res.stderr
     assert "Zq-secret-pass" not in res.stderr + res.stdout
+
+
+def test_erase_removes_leftovers_of_an_interrupted_rekey(store_folder):
+    for name in ("restwise.db.rekey-tmp", "restwise.db.rekey-tmp-journal", "restwise.db-journal"):
+        (store_folder / name).write_bytes(os.urandom(64))
+    erase_store(store_folder)
+    assert not store_folder.exists()
