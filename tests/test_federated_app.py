@@ -312,3 +312,18 @@ def test_central_noise_is_added_by_the_server_and_accounted_at_z(tmp_path, templ
     assert fed.run().status == "completed"
     (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
     assert release.noise_std_total == pytest.approx(1.3) and release.noise_multiplier == pytest.approx(1.3)
+
+
+def test_fixed_size_sampling_is_accounted_as_such(tmp_path, template_fleet):
+    cfg = _config(rounds=1, sampling="fixed", sampling_rate=None, cohort_size=5, secagg_num_neighbours=4, secagg_threshold=3)
+    fed = Federation(tmp_path, template_fleet, cfg)
+    summary = fed.run()
+    assert summary.status == "completed"
+    (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert release.sampling == "fixed" and release.cohort_size == 5 and release.population == 8
+    assert release.sampling_rate == pytest.approx(5 / 8) and release.planned_clients == 5
+    # Replace-one adjacency, no amplification claimed (no tight amplified analysis exists).
+    assert release.adjacency == "replace_one"
+    expected = PrivacyAccountant(claim_amplification=False).epsilon([release], cfg.delta).epsilon
+    (line,) = fed.files.round_lines()
+    assert line["epsilon"] == pytest.approx(expected) and line["sampled"] == 5
