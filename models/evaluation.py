@@ -349,6 +349,16 @@ def _apply(X: np.ndarray, w: np.ndarray) -> np.ndarray:
 RIDGE_ALPHAS = (10.0, 100.0, 1000.0, 10000.0)
 
 
+def round_like_answers(s: PersonSplit, value: np.ndarray) -> np.ndarray:
+    """Round forecasts to whole numbers when all the person's training answers were whole
+    (under absolute error the best point forecast of a whole-number answer is whole) - the
+    same post-processing the recovery network applies, offered to the linear rows so the
+    comparison is like for like."""
+    if np.all(s.train.y == np.round(s.train.y)):
+        return np.round(value)
+    return value
+
+
 def _person_design(s: PersonSplit, X: np.ndarray) -> np.ndarray:
     mu, sd = _standardizer(s.train.X.astype(np.float64))
     return (X.astype(np.float64) - mu) / sd
@@ -362,14 +372,16 @@ class LocalRidge:
     alpha: float | None = None  # None: chosen on the validation slices
     config: ProtocolConfig = field(default_factory=ProtocolConfig)
     description: str = "ridge per person, own data only"
+    round_answers: bool = False
 
     def _fit_predict(self, splits, alpha):
         out = {}
         for s in splits:
             Xtr = _person_design(s, s.train.X)
             w = _ridge(Xtr, (s.train.y - s.train_mean) / s.train_scale, alpha)
-            z = _apply(_person_design(s, s.test.X), w)
-            out[s.person] = Prediction(s.train_mean + s.train_scale * z)
+            v = s.train_mean + s.train_scale * _apply(_person_design(s, s.test.X), w)
+            out[s.person] = Prediction(round_like_answers(s, v) if self.round_answers else v,
+                                       (s.low_threshold - v) / s.train_scale)
         return out
 
     def fit_predict(self, splits, seed):
@@ -390,13 +402,18 @@ class CentralRidge:
     alpha: float | None = None
     config: ProtocolConfig = field(default_factory=ProtocolConfig)
     description: str = "one ridge on all persons' data pooled (non-private)"
+    round_answers: bool = False
 
     def _fit_predict(self, splits, alpha):
         Xs = [_person_design(s, s.train.X) for s in splits]
         ys = [(s.train.y - s.train_mean) / s.train_scale for s in splits]
         w = _ridge(np.concatenate(Xs), np.concatenate(ys), alpha)
-        return {s.person: Prediction(s.train_mean + s.train_scale * _apply(_person_design(s, s.test.X), w))
-                for s in splits}
+        out = {}
+        for s in splits:
+            v = s.train_mean + s.train_scale * _apply(_person_design(s, s.test.X), w)
+            out[s.person] = Prediction(round_like_answers(s, v) if self.round_answers else v,
+                                       (s.low_threshold - v) / s.train_scale)
+        return out
 
     def fit_predict(self, splits, seed):
         alpha = self.alpha
@@ -448,6 +465,9 @@ class NeuralConfig:
     weight_decay: float = 1e-2
     n_seeds: int = 3  # ensemble of independently initialised models (variance, not bias)
     threads: int = 1  # torch threads while these rows train (restored afterwards)
+    # The model's own post-processing (training.snap_to_answers) of the ensemble mean: clip to
+    # the scale, round when the person answers in whole numbers.
+    snap: bool = True
 
     def __post_init__(self) -> None:
         if not all(0.0 <= a <= 1.0 for a in self.mix_alphas):
@@ -469,18 +489,30 @@ def _seeds(seed: int, n: int) -> list[int]:
     return [seed * 1000 + k for k in range(n)]
 
 
-def _ensemble(preds: list[Prediction]) -> Prediction:
-    value = np.mean([p.value for p in preds], axis=0)
-    scores = [p.low_score for p in preds]
-    low = None if any(x is None for x in scores) else np.mean(scores, axis=0)
-    return Prediction(value, low)
-
-
-def _neural_prediction(model, s: PersonSplit) -> Prediction:
+def _ensemble_continuous(models: list, s: PersonSplit) -> Prediction:
+    """Mean of the models' continuous forecasts and low-flag probabilities."""
     from restwise.models.training import predict
 
-    value, p_low = predict(model, s.test.X)
-    return Prediction(value, p_low)
+    values, lows = [], []
+    for m in models:
+        v, p_low = predict(m, s.test.X, snap=False)
+        values.append(v)
+        lows.append(p_low)
+    return Prediction(np.mean(values, axis=0), np.mean(lows, axis=0))
+
+
+def _snapped(model, pred: Prediction, snap: bool) -> Prediction:
+    """The model's own post-processing of a (mean) forecast: clip to the scale and, when the
+    person answers in whole numbers, round (the median of a whole-number answer is whole)."""
+    if not snap:
+        return pred
+    from restwise.models.training import snap_to_answers
+
+    return Prediction(snap_to_answers(model, pred.value), pred.low_score)
+
+
+def _ensemble_predict(models: list, s: PersonSplit, snap: bool) -> Prediction:
+    return _snapped(models[0], _ensemble_continuous(models, s), snap)
 
 
 @dataclass
@@ -498,14 +530,14 @@ class LocalNeural:
 
         out = {}
         for s in splits:
-            preds = []
+            models = []
             for sd in _seeds(seed, self.cfg.n_seeds):
                 model = build_model(_model_config(splits, self.cfg, sd))
                 train_local(model, s.train.to_examples(s.days), epochs=epochs, lr=self.cfg.lr,
                             batch_size=self.cfg.batch_size, seed=sd, low_threshold=s.low_threshold,
                             weight_decay=self.cfg.weight_decay)
-                preds.append(_neural_prediction(model, s))
-            out[s.person] = _ensemble(preds)
+                models.append(model)
+            out[s.person] = _ensemble_predict(models, s, self.cfg.snap)
         return out
 
     def fit_predict(self, splits, seed):
@@ -617,7 +649,7 @@ class CentralNeural:
 
     def _fit_predict_all(self, splits, seed):
         models = self.cache.get(splits, self.cfg, seed)
-        return {s.person: _ensemble([_neural_prediction(_with_person_scale(m, s), s) for m in models])
+        return {s.person: _ensemble_predict([_with_person_scale(m, s) for m in models], s, self.cfg.snap)
                 for s in splits}
 
 
@@ -648,9 +680,16 @@ class Personalised:
     description: str = "shared part trained centrally + personal fine-tune on the device"
     cache: CentralModelCache = field(default_factory=CentralModelCache, repr=False)
 
-    def _finetune_predict(self, bases, splits, epochs, seed):
-        return {s.person: _ensemble([_neural_prediction(personal_finetune(b, s, self.cfg, epochs, seed), s)
-                                     for b in bases]) for s in splits}
+    def _finetune_predict(self, bases, splits, epochs, seed, alphas):
+        """{alpha: {person: Prediction}}: fine-tune once, mix continuous forecasts, snap."""
+        out: dict = {a: {} for a in alphas}
+        for s in splits:
+            models = [personal_finetune(b, s, self.cfg, epochs, seed) for b in bases]
+            cont = _ensemble_continuous(models, s)
+            for a in alphas:
+                mixed = self._mix({s.person: cont}, [s], a)[s.person]
+                out[a][s.person] = _snapped(models[0], mixed, self.cfg.snap)
+        return out
 
     @staticmethod
     def _mix(preds, splits, alpha):
@@ -674,18 +713,18 @@ class Personalised:
             bases_val = self.cache.get(val, self.cfg, seed)
             scores = []
             for i, e in enumerate(epochs_grid):
-                preds = self._finetune_predict(bases_val, val, e, seed)
+                by_alpha = self._finetune_predict(bases_val, val, e, seed, alpha_grid)
                 for j, a in enumerate(alpha_grid):
-                    scores.append((_mean_mae(self._mix(preds, val, a), val), i, j))
+                    scores.append((_mean_mae(by_alpha[a], val), i, j))
             _, i, j = min(scores)
             epochs, alpha = epochs_grid[i], alpha_grid[j]
         self.chosen = {"finetune_epochs": epochs, "alpha": alpha}
-        preds = self._finetune_predict(self.cache.get(splits, self.cfg, seed), splits, epochs, seed)
-        return self._mix(preds, splits, alpha)
+        bases = self.cache.get(splits, self.cfg, seed)
+        return self._finetune_predict(bases, splits, epochs, seed, (alpha,))[alpha]
 
 
 BASELINE_ROWS = ("global mean", "person mean", "last value", "local ridge", "central ridge",
-                 "local neural", "central neural")
+                 "central ridge, rounded", "local neural", "central neural")
 
 
 def default_methods(config: ProtocolConfig | None = None,
@@ -700,6 +739,9 @@ def default_methods(config: ProtocolConfig | None = None,
         "last value": LastValue(),
         "local ridge": LocalRidge(config=config),
         "central ridge": CentralRidge(config=config),
+        "central ridge, rounded": CentralRidge(
+            config=config, round_answers=True,
+            description="central ridge, forecasts rounded like the network's (whole-number answers)"),
         "local neural": LocalNeural(neural, config),
         "central neural": CentralNeural(neural, cache=cache),
         "personalised": Personalised(neural, config, cache=cache),
@@ -919,7 +961,7 @@ __all__ = [
     "ProtocolConfig", "NeuralConfig", "ExampleSet", "PersonSplit", "Prediction", "Method",
     "EvaluationResult", "MethodResult", "EvaluationError", "evaluate", "default_methods",
     "split_person", "chronological_split", "check_no_leakage", "validation_splits",
-    "windowed_examples", "blinded", "auroc", "bootstrap_ci", "score_method", "plot_results",
+    "windowed_examples", "blinded", "round_like_answers", "auroc", "bootstrap_ci", "score_method", "plot_results",
     "train_pooled", "central_models", "CentralModelCache", "personal_finetune", "GlobalMean", "PersonMean", "LastValue", "LocalRidge", "CentralRidge",
     "LocalNeural", "CentralNeural", "Personalised", "BASELINE_ROWS",
 ]
