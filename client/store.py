@@ -286,6 +286,11 @@ def _damage_is_format_error() -> Iterator[None]:
         yield
     except sqlcipher.DatabaseError as exc:
         text = str(exc).lower()
+        if isinstance(exc, sqlcipher.OperationalError) and ("locked" in text or "busy" in text):
+            # Another process held the write lock for longer than the busy timeout.
+            raise StoreLockedError(
+                "the store is busy: another process is writing to it; try again when it is done"
+            ) from None
         if isinstance(exc, (sqlcipher.IntegrityError, sqlcipher.ProgrammingError)) or not any(
             m in text for m in _DAMAGE_MARKERS
         ):

@@ -246,3 +246,20 @@ def test_erase_removes_leftovers_of_an_interrupted_rekey(store_folder):
         (store_folder / name).write_bytes(os.urandom(64))
     erase_store(store_folder)
     assert not store_folder.exists()
+
+
+def test_a_writer_blocked_by_another_process_gets_store_locked_error(store_folder):
+    holder = DeviceStore.open(store_folder, "pw")
+    waiter = DeviceStore.open(store_folder, "pw")
+    try:
+        waiter.conn.execute("PRAGMA busy_timeout = 50")
+        holder.conn.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreLockedError):
+            waiter.add_observations([_obs(900)])
+        with pytest.raises(StoreLockedError):
+            waiter.set_consent("*", False)
+        holder.conn.execute("ROLLBACK")
+        waiter.set_consent("*", False)  # free again
+    finally:
+        holder.close()
+        waiter.close()
