@@ -123,6 +123,10 @@ def import_(
     tz: Optional[str] = typer.Option(
         None, "--tz", help="Your time zone (e.g. Europe/Oslo) for files that give local times without one."
     ),
+    person: Optional[str] = typer.Option(
+        None, "--person",
+        help="Research datasets only: which person's data to import (SoccerMon player column, LifeSnaps id).",
+    ),
     column_map: Optional[Path] = typer.Option(
         None, "--column-map",
         help="JSON file mapping check-in fields to your CSV's columns (see docs/importers.md).",
@@ -146,7 +150,8 @@ def import_(
         with open_store(store, passphrase_file) as s:
             progress = None if quiet else RichProgress()
             report = run_import(
-                s, path, importer, options=ImportOptions(tz=tz, column_map=mapping), progress=progress
+                s, path, importer, options=ImportOptions(tz=tz, column_map=mapping, person=person),
+                progress=progress,
             )
         print_import_report(report)
 
