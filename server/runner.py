@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from restwise.server.app import FederatedServer, RunFiles, RunSummary, make_server_app, open_ledger
+from restwise.server.app import RunFiles, RunSummary, make_server_app
 from restwise.server.runconfig import RunConfig
 
 _log = logging.getLogger(__name__)
@@ -160,7 +160,9 @@ def _current_round(files: RunFiles) -> int:
 
 
 def _quiet_flower() -> None:
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    # run_simulation's deprecation notice and per-message INFO lines are noise for operators;
+    # our own progress is logged by restwise.server.app.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
 
 
 def write_report(run_dir: Path, config: RunConfig, summary: RunSummary) -> None:
