@@ -150,10 +150,31 @@ class RunConfig:
         if not self.secure_aggregation and self.noise == "distributed":
             # Without masking the server would see each device's (weakly) noised update.
             raise RunConfigError("secure_aggregation", "distributed noise needs secure aggregation; use noise=central")
+        if self.secure_aggregation:
+            self._check_secagg()
         if self.audit_key_path is not None:
             _check_str(self, "audit_key_path", max_len=4096)
         if self.expected_cohort < 1:
             raise RunConfigError("sampling_rate", "the expected cohort (rate x population) is below one device")
+
+    def _check_secagg(self) -> None:
+        """The secure-aggregation parameters must form a valid SecAgg+ configuration (threshold
+        a strict majority of a neighbourhood, reachable after the allowed dropouts)."""
+        from restwise.privacy.secagg.config import SecAggConfig
+        from restwise.privacy.secagg.errors import SecAggConfigError
+
+        try:
+            SecAggConfig(
+                num_neighbours=self.secagg_num_neighbours,
+                threshold=self.secagg_threshold,
+                max_dropout_fraction=self.max_dropout_fraction,
+                clip_range=1.0,
+                frac_bits=16,
+                max_cohort=max(3, min(self.population, 10_000)),
+            )
+        except SecAggConfigError as exc:
+            message = str(exc).removeprefix("invalid SecAggConfig: ")
+            raise RunConfigError("secagg_threshold", message) from None
 
     # -- derived values ------------------------------------------------------------------
     @property
