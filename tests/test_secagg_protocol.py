@@ -366,3 +366,26 @@ def test_demo_apps_release_the_exact_sum_of_survivors(tmp_path):
         for n in survivors:
             ring += encode(demo_apps.demo_update(n, line["round"], 50), clip_range=1.0, frac_bits=config.frac_bits, ring_bits=64)
         assert line["total"] == decode_sum(ring, frac_bits=config.frac_bits, ring_bits=64).tolist()
+
+
+def test_secure_fedavg_round_applies_the_mean_update_of_survivors():
+    from restwise.privacy.secagg.fedavg import flatten_arrays, secure_fedavg_round, unflatten_like
+
+    arrays = ArrayRecord({"w": Array(np.zeros((3, 4), dtype=np.float32)), "b": Array(np.ones(2, dtype=np.float32))})
+    steps = {FIRST_NODE + i: np.full(14, 0.01 * (i + 1)) for i in range(10)}
+    app = ClientApp()
+
+    @app.train(mods=[secagg_mod])
+    def train(msg, context):
+        received = msg.content.array_records["arrays"]
+        trained = unflatten_like(flatten_arrays(received) + steps[context.node_id], received)
+        update = flatten_arrays(trained) - flatten_arrays(received)
+        return Message(RecordDict({R.INNER_UPDATE: ArrayRecord({R.INNER_VECTOR: Array(update)})}), reply_to=msg)
+
+    grid = InProcessGrid(app, steps, drop_at={FIRST_NODE + 9: R.STAGE_COLLECT})
+    new, result = secure_fedavg_round(grid, list(steps), arrays, ConfigRecord({"lr": 0.1}), SecAggConfig(), round=1)
+    assert result.survivors == list(steps)[:9]
+    expected = np.mean([0.01 * (i + 1) for i in range(9)])  # float32 steps as the device saw them
+    np.testing.assert_allclose(new["w"].numpy(), np.full((3, 4), expected), atol=1e-6)
+    np.testing.assert_allclose(new["b"].numpy(), np.full(2, 1 + expected), atol=1e-6)
+    assert new["w"].numpy().dtype == np.float32

@@ -6,6 +6,8 @@ Public API (lazily imported, so ``records`` stays import-light for the egress gu
     secure_sum(grid, node_ids, content, config, *, round, ...) -> SecureSumResult
     config_from_run_config(run_config, prefix="secagg")
     secagg_mod                        mod.py      the device-side Flower mod
+    secure_fedavg_round(grid, node_ids, arrays, train_config, config, *, round)
+    flatten_arrays / unflatten_like   fedavg.py   the update vector's layout
     InProcessGrid                     harness.py  in-process Grid for tests/benchmarks
     records                           every message/record name (egress allow-list)
 
@@ -21,6 +23,9 @@ _EXPORTS = {
     "config_from_run_config": "workflow",
     "secagg_mod": "mod",
     "InProcessGrid": "harness",
+    "secure_fedavg_round": "fedavg",
+    "flatten_arrays": "fedavg",
+    "unflatten_like": "fedavg",
 }
 
 __all__ = [*_EXPORTS, "records"]
