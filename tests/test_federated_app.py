@@ -327,3 +327,14 @@ def test_fixed_size_sampling_is_accounted_as_such(tmp_path, template_fleet):
     expected = PrivacyAccountant(claim_amplification=False).epsilon([release], cfg.delta).epsilon
     (line,) = fed.files.round_lines()
     assert line["epsilon"] == pytest.approx(expected) and line["sampled"] == 5
+
+
+def test_a_stop_file_stops_the_run_before_the_next_round(tmp_path, template_fleet):
+    fed = Federation(tmp_path, template_fleet, _config(rounds=1))
+    (fed.run_dir / "STOP").touch()
+    summary = fed.run()
+    assert summary.status == "stopped" and summary.rounds_completed == 0
+    assert json.loads((fed.run_dir / "state.json").read_text())["status"] == "stopped"
+    assert _history(fed, 0) == []  # nothing was asked of any device
+    (fed.run_dir / "STOP").unlink()
+    assert fed.run().status == "completed"
