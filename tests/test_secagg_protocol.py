@@ -389,3 +389,20 @@ def test_secure_fedavg_round_applies_the_mean_update_of_survivors():
     np.testing.assert_allclose(new["w"].numpy(), np.full((3, 4), expected), atol=1e-6)
     np.testing.assert_allclose(new["b"].numpy(), np.full(2, 1 + expected), atol=1e-6)
     assert new["w"].numpy().dtype == np.float32
+
+
+def test_undecodable_masked_input_is_excluded():
+    updates = make_updates(8)
+    culprit = FIRST_NODE + 1
+
+    def tamper(node, stage, content):
+        if node == culprit and stage == R.STAGE_COLLECT:
+            good = content.array_records[R.MASKED_INPUT][R.MASKED_ARRAY]
+            content.array_records[R.MASKED_INPUT][R.MASKED_ARRAY] = Array(
+                dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"\x93NUMPY garbage"
+            )
+        return content
+
+    result, _ = run(updates, SecAggConfig(), tamper=tamper)
+    assert "cannot be decoded" in result.excluded[culprit]
+    assert_exact(result, updates, [n for n in updates if n != culprit], SecAggConfig())

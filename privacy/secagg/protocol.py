@@ -484,8 +484,11 @@ class ServerRound:
                 bad = _int_list(status.get("bad_share_senders") if status is not None else None, "bad_share_senders")
                 if not set(bad) <= set(self.active[i]):
                     raise ProtocolViolationError("a share report names a non-neighbour")
-            except (ProtocolViolationError, ValueError, TypeError) as exc:
+            except ProtocolViolationError as exc:
                 self._exclude(i, f"collect-masked-input: {exc}")
+                continue
+            except Exception:  # undecodable array bytes etc.: never crash on a device's data
+                self._exclude(i, "collect-masked-input: the masked input cannot be decoded")
                 continue
             self.masked[i] = y
             self.held[i] = set(self.active[i]) - set(bad)
