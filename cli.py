@@ -56,34 +56,37 @@ except ImportError as _exc:
 @app.command()
 def demo(
     workdir: Path = typer.Option(
-        Path("restwise-demo"), "--workdir", help="Folder for the demo's stores and outputs."
+        Path("restwise-demo"), "--workdir", help="Folder for the demo's devices, run and report."
     ),
-    persons: int = typer.Option(3, "--persons", min=1, max=500, help="Simulated devices."),
+    persons: int = typer.Option(
+        6, "--persons", min=3, max=200, help="Simulated devices (one encrypted store each)."
+    ),
+    rounds: int = typer.Option(3, "--rounds", min=1, max=50, help="Federated rounds."),
 ) -> None:
-    """Run the built-in demo on generated data: every simulated person gets their own
-    encrypted store, their export is imported, and a summary is printed."""
-    from restwise.client.cli import print_import_report, print_summary
-    from restwise.client.importers import run_import
-    from restwise.client.keys import FAST_INSECURE_ARGON2
-    from restwise.client.store import DeviceStore, erase_store
-    from restwise.demo import write_demo_export
+    """The built-in demo: generated persons, each with their own encrypted store, train the
+    recovery model together with secure aggregation and distributed differential privacy.
+    Prints the privacy spent and one person's coach output."""
+    from rich.console import Console
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    summary = None
-    for i in range(1, persons + 1):
-        export = write_demo_export(i, workdir / "exports" / f"person-{i:02d}.jsonl")
-        folder = workdir / "stores" / f"person-{i:02d}"
-        if DeviceStore.exists(folder):
-            erase_store(folder)
-        # Demo only: a fixed passphrase and cheap Argon2 so the demo starts in seconds.
-        with DeviceStore.create(folder, f"demo-passphrase-{i}", argon2=FAST_INSECURE_ARGON2) as s:
-            report = run_import(s, export)
-            if i == 1:
-                print_import_report(report)
-                summary = s.summary()
-    if summary is not None:
-        print_summary(summary)
-    typer.echo(f"{persons} encrypted demo stores are in {workdir / 'stores'}.")
+    from restwise.client.coach_cli import print_advice
+    from restwise.server.runner import demo_outcome, run_demo_federation
+
+    console = Console()
+    summary = run_demo_federation(workdir, persons=persons, rounds=rounds)
+    shown = demo_outcome(summary, person=0)
+    eps = "n/a" if shown["epsilon"] is None else f"{shown['epsilon']:.3g}"
+    console.print(
+        f"Federated run {shown['run_id']}: {shown['status']}, {shown['rounds_completed']} of "
+        f"{rounds} rounds, {persons} devices."
+    )
+    console.print(
+        f"Privacy spent: epsilon = {eps} at delta = {shown['delta']:.0e} (noise multiplier "
+        f"{shown['noise_multiplier']:.3g}); signed ledger and report in {summary.run_dir}."
+    )
+    console.print(f"{shown['person']} sent {shown['messages_sent']} messages (restwise device history).")
+    print_advice(console, shown["advice"], shown["note"], shown["model_status"])
+    if shown["status"] != "completed":
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

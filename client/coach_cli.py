@@ -89,6 +89,8 @@ def print_advice(console, advice, note: Optional[str], model_status: str) -> Non
         + ("rules only" if advice.rules_only else "rules + your model")
     )
     body.append(f"\nModel: {model_status}", style="dim")
+    if getattr(advice, "model_note", None):
+        body.append(f"\n{advice.model_note}", style="dim")
     console.print(Panel(body, title=f"Readiness for {advice.day}", expand=False))
     if note:
         console.print(note)

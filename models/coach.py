@@ -89,6 +89,9 @@ class CoachConfig:
     high_load_window: int = 7
     acwr_high: float = 1.5
     monotony_high: float = 2.0
+    # the model is blended in only if it beat "same as the last answer" on recent days
+    trust_window: int = 28
+    trust_min_days: int = 7
 
     def __post_init__(self) -> None:
         if not self.red_below < self.green_from:
@@ -116,6 +119,7 @@ class CoachAdvice:
     overreaching: bool
     model_readiness: float | None = None  # the model's forecast on the 0-10 check-in scale
     components: dict = field(default_factory=dict)  # component -> SD units (for the curious)
+    model_note: str | None = None  # why the model was or was not blended in
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -317,6 +321,7 @@ def coach_today(
     # own readiness answer is in, the forecast counts half as much)
     rules_only = True
     model_readiness = None
+    model_note = None
     z = z_rules
     model_weight = config.model_weight * (0.5 if "checkin" in comps else 1.0)
     if model is not None and baseline_days >= config.min_baseline_days and t >= 1:
@@ -328,6 +333,10 @@ def coach_today(
                 raise CoachError(
                     "the stored model was trained on a different feature set; retrain it"
                 )
+            trusted, model_note = model_earns_trust(model, frame, data.series.get("readiness"), t, config)
+        else:
+            trusted, model_note = False, "the model's personal part is not fitted yet"
+        if trusted:
             x = make_inputs(frame, t - 1, model.config.window)
             pred, _p_low = predict(model, x, snap=False)
             model_readiness = float(pred[0])
@@ -385,7 +394,40 @@ def coach_today(
         overreaching=over,
         model_readiness=None if model_readiness is None else round(model_readiness, 2),
         components={k: round(v, 3) for k, v in comps.items()},
+        model_note=model_note,
     )
+
+
+def model_earns_trust(model, frame, readiness, t: int, config: CoachConfig) -> tuple[bool, str]:
+    """Does the model forecast this person's readiness better than their own last answer?
+
+    A backtest on the person's recent days (up to ``trust_window`` days before today, each
+    forecast from the days before it, exactly as today's is made): the model is blended in only
+    when it has at least ``trust_min_days`` scored days and its mean absolute error is no worse
+    than "tomorrow = the last answer". A federated model early in training, or one wrecked by
+    privacy noise on a tiny cohort, then cannot move anyone's advice.
+    """
+    from restwise.models.training import predict
+
+    if readiness is None:
+        return False, "no readiness answers to check the model against"
+    r = np.asarray(readiness, dtype=float)
+    days = [j for j in range(max(1, t - config.trust_window), t) if np.isfinite(r[j])]
+    last = [r[: j][np.isfinite(r[: j])] for j in days]
+    pairs = [(j, lv[-1]) for j, lv in zip(days, last) if lv.size]
+    if len(pairs) < config.trust_min_days:
+        return False, (f"model not used yet: {len(pairs)} of {config.trust_min_days} recent "
+                       "answered days to check it against")
+    x = np.concatenate([make_inputs(frame, j - 1, model.config.window) for j, _ in pairs])
+    pred, _ = predict(model, x, snap=False)
+    truth = np.array([r[j] for j, _ in pairs])
+    mae_model = float(np.mean(np.abs(pred - truth)))
+    mae_last = float(np.mean(np.abs(np.array([lv for _, lv in pairs]) - truth)))
+    if mae_model <= mae_last:
+        return True, (f"model used: recent error {mae_model:.2f} vs {mae_last:.2f} for "
+                      "'same as your last answer'")
+    return False, (f"model not used: recent error {mae_model:.2f} is worse than "
+                   f"{mae_last:.2f} for 'same as your last answer'")
 
 
 __all__ = [

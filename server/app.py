@@ -464,7 +464,10 @@ class FederatedServer:
             keep = self.rng.random(len(nodes)) < cfg.sampling_rate
             return [n for n, k in zip(nodes, keep) if k]
         m = min(cfg.cohort_size, len(nodes))
-        return sorted(int(n) for n in self.rng.choice(nodes, size=m, replace=False))
+        # Pick indices, not ids: real node ids are unsigned 64-bit integers, and numpy would
+        # turn a list holding ids on both sides of 2**63 into float64, losing their low bits.
+        picked = self.rng.choice(len(nodes), size=m, replace=False)
+        return sorted(int(nodes[int(i)]) for i in picked)
 
     def _release_attempt(self, rnd: int) -> int:
         return sum(1 for e in self.ledger.releases(self.run_id) if e.round == rnd)

@@ -193,3 +193,23 @@ def test_overreaching_needs_both_sustained_hrv_suppression_and_high_load():
     assert both.reasons[0] == "HRV suppressed for days while training load stays high"
     assert not coach_today(_overreaching_case(True, False)).overreaching
     assert not coach_today(_overreaching_case(False, True)).overreaching
+
+
+def test_a_model_worse_than_the_last_answer_is_not_blended_in():
+    """The trust gate: a wrecked model (e.g. a federated model ruined by noise on a tiny cohort)
+    must not move the advice; a model that beats 'same as the last answer' is used."""
+    from restwise.models.network import set_shared_arrays, shared_arrays
+
+    data = _hrv_person(80)
+    good = _trained_model(data)
+    used = coach_today(data, good)
+    assert not used.rules_only and used.model_note.startswith("model used")
+    wrecked = _trained_model(data)
+    rng = np.random.default_rng(1)
+    set_shared_arrays(wrecked, [a + rng.normal(0, 5.0, a.shape).astype(a.dtype)
+                                for a in shared_arrays(wrecked)])
+    advice = coach_today(data, wrecked)
+    assert advice.rules_only and advice.model_readiness is None
+    assert "model" not in advice.components
+    assert advice.model_note.startswith("model not used: recent error")
+    assert advice.readiness == coach_today(data).readiness

@@ -126,8 +126,20 @@ def test_damaged_store_exits_5(tmp_path, passfile):
     assert r.returncode == 5 and "damaged" in r.stderr
 
 
-def test_demo_command(tmp_path):
-    r = run(["demo", "--workdir", str(tmp_path / "demo"), "--persons", "2"])
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "demo" / "stores" / "person-02" / "keyslots.json").exists()
-    assert "hrv_rmssd" in r.stdout
+@pytest.mark.slow
+def test_demo_command_runs_a_private_federation(tmp_path):
+    """README's main command: generated persons -> encrypted stores -> a federated run with
+    secure aggregation and distributed DP -> privacy spent and one person's coach output."""
+    import re
+
+    r = run(["demo", "--workdir", str(tmp_path / "demo"), "--persons", "3", "--rounds", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "completed, 1 of 1 rounds, 3 devices" in r.stdout
+    eps = float(re.search(r"epsilon = ([0-9.]+)", r.stdout).group(1))
+    assert 0 < eps < 100
+    assert "Readiness for" in r.stdout
+    run_dir = tmp_path / "demo" / "run-demo"
+    ledger = (run_dir / "ledger.jsonl").read_text().splitlines()
+    assert any('"gaussian_round"' in line or "gaussian" in line for line in ledger)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["status"] == "completed"
