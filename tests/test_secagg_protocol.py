@@ -406,3 +406,27 @@ def test_undecodable_masked_input_is_excluded():
     result, _ = run(updates, SecAggConfig(), tamper=tamper)
     assert "cannot be decoded" in result.excluded[culprit]
     assert_exact(result, updates, [n for n in updates if n != culprit], SecAggConfig())
+
+
+def test_round_aborts_before_asking_for_shares_when_a_neighbourhood_is_lost():
+    """Sparse graph k=4, t=3 over 30 clients: a client and two of its four neighbours drop
+    after sharing. The overall count is fine (27 >= 21) but that client's mask key is held
+    by only 2 survivors: the server aborts before requesting any share."""
+    config = SecAggConfig(num_neighbours=4, threshold=3)
+    updates = make_updates(30)
+    nodes = list(updates)
+    victim = nodes[0]
+    lost: set[int] = set()
+
+    def tamper(node, stage, content):
+        if stage == R.STAGE_SHARE_KEYS and node == victim:
+            dst = content.config_records[R.SHARES]["dst"]
+            lost.update({victim, nodes[dst[0] - 1], nodes[dst[1] - 1]})
+        if stage == R.STAGE_COLLECT and node in lost:
+            return None  # the reply never arrives
+        return content
+
+    result, grid = run(updates, config, tamper=tamper, record_transcript=True)
+    assert result.aborted and result.total is None
+    assert "before unmask" in result.reason and "held by 2 surviving neighbours" in result.reason
+    assert not [entry for entry in grid.transcript if entry[2] == R.STAGE_UNMASK]

@@ -518,9 +518,28 @@ class ServerRound:
         dropped_after_sharing = self.u2 - self.u3
         return {j for i in self.u3 for j in self.active[i] if j in dropped_after_sharing}
 
+    def _check_reachable(self, dropped_after_sharing: set[int]) -> None:
+        """Abort *before* any share is requested if some needed secret is held by fewer
+        than t survivors: asking for shares of a round that cannot complete would only
+        hand the server self-mask seeds for nothing."""
+        holders: dict[int, int] = {}
+        for l in self.u3:
+            for j in self.held[l]:
+                holders[j] = holders.get(j, 0) + 1
+        for j in sorted(self.u3 | dropped_after_sharing):
+            if holders.get(j, 0) < self.t:
+                what = "self-mask seed" if j in self.u3 else "mask key"
+                raise RoundAborted(
+                    f"round aborted before unmask: the {what} of client {self.node_of[j]} is "
+                    f"held by {holders.get(j, 0)} surviving neighbours, fewer than the {self.t} "
+                    f"needed (too many dropouts in one neighbourhood); no shares were requested "
+                    f"and nothing was released"
+                )
+
     def unmask_messages(self) -> dict[int, RecordDict]:
         out = {}
         dropped_after_sharing = self._needed_sk_owners()
+        self._check_reachable(dropped_after_sharing)
         for i in sorted(self.u3):
             held = self.held[i]
             rec = ConfigRecord(
