@@ -18,11 +18,13 @@ shift the aggregate by more than its clipped contribution plus its noise share.
 
 Noise placement (``DPRoundParams.placement``):
 
-* ``"distributed"`` - each of the round's sampled devices adds N(0, (z C)^2 / t_min) to every
-  coordinate, where t_min is the minimum surviving cohort the server guarantees (a round with
-  fewer survivors aborts: the secure-aggregation threshold). Any released sum of m >= t_min
-  survivors carries noise of std z C sqrt(m / t_min) >= z C, and the round is accounted with
-  that *actual* std. Protects against an honest-but-curious server (and anyone who obtains the
+* ``"distributed"`` - each of the round's sampled devices adds N(0, (z C)^2 / d) to every
+  coordinate, where d (``noise_divisor``) is the number of shares that protect one person at
+  the minimum surviving cohort t_min the server guarantees (a round with fewer survivors
+  aborts: the secure-aggregation threshold): d = t_min - 1 under add/remove adjacency (a
+  person's own share is never counted), t_min under replace-one. A released sum of m >= t_min
+  survivors carries, for any one person, noise of std z C sqrt(m' / d) >= z C (m' = m - 1 or
+  m), and the round is accounted with that *actual* std. Protects against an honest-but-curious server (and anyone who obtains the
   aggregate): even the server only ever sees a noised sum. Relies on at least t_min devices
   being honest (a device that skips its share weakens the noise by that share).
 * ``"central"`` - devices add no noise; the server adds N(0, (z C)^2) to the unmasked
@@ -125,8 +127,9 @@ class DPRoundParams:
 
 
 def total_noise_std(noise_multiplier: float, clip_norm: float, survivors: int, noise_divisor: int) -> float:
-    """Std of the noise in a distributed-noise sum of ``survivors`` shares sized for
-    ``noise_divisor``: z C sqrt(m / t_min)."""
+    """Std of the noise in a distributed-noise sum of ``survivors`` counted shares, each sized
+    for ``noise_divisor``: z C sqrt(m / divisor). (Which shares count for one person is
+    :func:`restwise.privacy.events.counted_noise_shares`.)"""
     return noise_multiplier * clip_norm * math.sqrt(survivors / noise_divisor)
 
 

@@ -120,6 +120,21 @@ def _check_hex(value: Any, name: str, *, optional: bool = False) -> str | None:
     return value
 
 
+def counted_noise_shares(survivors: int, adjacency: str) -> int:
+    """How many devices' noise shares protect one person in a distributed-noise release.
+
+    Under add/remove adjacency the neighbouring dataset lacks the person *and their device's
+    noise share*, so only the other ``survivors - 1`` shares are counted (the conservative
+    convention of distributed DP: a person's own noise is never relied on to protect them).
+    Under replace-one the person's device takes part on both sides, so every share counts.
+    """
+    if adjacency == "add_remove":
+        return survivors - 1
+    if adjacency == "replace_one":
+        return survivors
+    raise ValueError(f"unknown adjacency {adjacency!r}")
+
+
 @dataclass(frozen=True)
 class ReleaseSpec:
     """What the accountant needs to know about one release, normalised so identical
@@ -296,16 +311,25 @@ class GaussianRoundEvent(_Event):
     ) -> "GaussianRoundEvent":
         """The event for a release whose noise was added in shares on the devices.
 
-        Each device adds N(0, (planned_noise_multiplier * clip_norm)^2 / planned_clients), so
-        the released sum of ``survivors`` contributions carries noise of standard deviation
-        ``planned_noise_multiplier * clip_norm * sqrt(survivors / planned_clients)``: fewer
+        Each device adds N(0, (planned_noise_multiplier * clip_norm)^2 / planned_clients)
+        (``planned_clients``: the number of shares the noise was sized for). The noise that
+        protects one person is the sum of the shares counted by :func:`counted_noise_shares`:
+        under add/remove only the *other* survivors' shares (the person's own device is absent
+        from the neighbouring dataset, so its share cannot be relied on), under replace-one all
+        of them. The accounted std is ``z * C * sqrt(counted / planned_clients)``: fewer
         survivors than planned means less noise, and a larger epsilon.
         """
         z = _check_float(planned_noise_multiplier, "planned_noise_multiplier", positive=True)
         c = _check_float(clip_norm, "clip_norm", positive=True)
         p = _check_int(planned_clients, "planned_clients", 1)
         s = _check_int(survivors, "survivors", 1)
-        std = z * c * math.sqrt(s / p)
+        counted = counted_noise_shares(s, adjacency)
+        if counted < 1:
+            raise EventValidationError(
+                "a distributed-noise release needs at least 2 survivors under add/remove "
+                "(the person's own share does not count)"
+            )
+        std = z * c * math.sqrt(counted / p)
         if sampling_rate is None:
             sampling_rate = 1.0 if sampling == "full" else cohort_size / population
         return cls(

@@ -20,9 +20,10 @@ Privacy analysis (see docs/federated.md):
   adjacency *without* amplification (no tight amplified analysis exists in dp_accounting).
   Sampling randomness comes from the OS (``secrets``), never from the run's seed.
 * Noise. The noise multiplier z is given or calibrated from (target epsilon, delta) for the
-  planned rounds. Distributed: devices add shares sized for t_min, the fewest survivors the
+  planned rounds. Distributed: devices add shares sized for t_min (t_min - 1 under add/remove:
+  a person's own share is never counted), the fewest survivors the
   secure-aggregation round may release with; a release with m survivors carries noise std
-  z C sqrt(m / t_min) >= z C and is accounted with exactly that. Central: the server adds
+  z C sqrt(m' / d) >= z C (m' the shares counted for one person, d the divisor) and is accounted with exactly that. Central: the server adds
   N(0, (z C)^2) to the sum.
 * The update uses a fixed denominator (the expected cohort), so one person changes the
   released model by at most C / expected cohort. The survivor count is released (it is in
@@ -51,6 +52,7 @@ from flwr.serverapp import Grid, ServerApp
 from restwise.privacy import egress as E
 from restwise.privacy.accountant import PrivacyAccountant
 from restwise.privacy.dp_mods import DP_RECORD, DPRoundParams, add_central_noise, noise_rng, total_noise_std
+from restwise.privacy.events import counted_noise_shares
 from restwise.privacy.events import AuditEvent, BudgetRefusalEvent, GaussianRoundEvent, ReleaseSpec
 from restwise.server.runconfig import RunConfig
 
@@ -502,9 +504,13 @@ class FederatedServer:
         except SecAggConfigError as exc:
             return self._fail(outcome, ckpt, f"secure aggregation refused the round: {exc}", started)
         placement = cfg.noise
+        # Distributed noise is sized so that the shares that protect one person at the
+        # smallest releasable cohort (t_min survivors) add up to exactly z C: under add/remove
+        # that is the other t_min - 1 devices' shares (a person's own share is not relied on).
+        divisor = counted_noise_shares(t_min, self.plan.adjacency) if placement == "distributed" else 1
         params = DPRoundParams(
             clip_norm=cfg.clip_norm, noise_multiplier=self.plan.noise_multiplier,
-            placement=placement, noise_divisor=t_min if placement == "distributed" else 1,
+            placement=placement, noise_divisor=divisor,
         )
         content = self.train_content(rnd, ckpt, params)
         vector_length = sum(a.size for a in ckpt.arrays)
@@ -519,7 +525,10 @@ class FederatedServer:
             total = add_central_noise(total, self.plan.noise_multiplier, cfg.clip_norm, noise_rng())
             std = self.plan.noise_multiplier * cfg.clip_norm
         else:
-            std = total_noise_std(self.plan.noise_multiplier, cfg.clip_norm, m, t_min)
+            std = total_noise_std(
+                self.plan.noise_multiplier, cfg.clip_norm,
+                counted_noise_shares(m, self.plan.adjacency), divisor,
+            )
         new_flat = _flatten(ckpt.arrays) + total / max(cfg.expected_cohort, 1.0)
         new_ckpt = Checkpoint(rnd, _unflatten(new_flat, ckpt.arrays), ckpt.model_config, {"run_id": self.run_id})
         event = GaussianRoundEvent(
@@ -592,7 +601,9 @@ class FederatedServer:
         from restwise.privacy.secagg.config import SecAggConfig
 
         cfg = self.config
-        share = self.plan.noise_multiplier * cfg.clip_norm / math.sqrt(max(1, n - math.floor(cfg.max_dropout_fraction * n)))
+        # Largest per-device noise std of the round (shares are sized for min_survivors, or
+        # min_survivors - 1 under add/remove): the encoding range must hold 12 of them.
+        share = self.plan.noise_multiplier * cfg.clip_norm / math.sqrt(max(1, n - math.floor(cfg.max_dropout_fraction * n) - 1))
         clip_range = cfg.clip_norm + (12.0 * share if cfg.noise == "distributed" else 0.0)
         return SecAggConfig(
             num_neighbours=cfg.secagg_num_neighbours,

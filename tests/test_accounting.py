@@ -16,6 +16,7 @@ from restwise.privacy.errors import (
 )
 from restwise.privacy.events import (
     AuditEvent,
+    counted_noise_shares,
     BudgetRefusalEvent,
     GaussianRoundEvent,
     ReleaseSpec,
@@ -30,7 +31,8 @@ HASH = "ab" * 32
 def release(round=1, *, z=1.0, clip=1.0, sampling="full", rate=None, cohort=10, population=10,
             adjacency="add_remove", planned=None, survivors=None, run_id="run-1", attempt=0):
     survivors = cohort if survivors is None else survivors
-    planned = survivors if planned is None else planned
+    # noise sized so the shares counted for one person add up to z C (see counted_noise_shares)
+    planned = counted_noise_shares(survivors, adjacency) if planned is None else planned
     return GaussianRoundEvent.from_distributed_noise(
         run_id=run_id, round=round, clip_norm=clip, planned_noise_multiplier=z,
         planned_clients=planned, survivors=survivors, sampling=sampling, sampling_rate=rate,
@@ -152,15 +154,16 @@ def test_mixed_adjacency_refused():
 
 # --- dropouts and noise floor -------------------------------------------------------------
 def test_dropouts_reduce_noise_and_raise_epsilon():
-    planned = release(z=1.2, planned=10, survivors=10)
-    dropped = release(z=1.2, planned=10, survivors=7)
-    assert dropped.noise_multiplier == pytest.approx(1.2 * math.sqrt(0.7))
+    planned = release(z=1.2, planned=9, survivors=10)  # 9 counted shares of 10 (add/remove)
+    dropped = release(z=1.2, planned=9, survivors=7)   # 6 counted shares left
+    assert planned.noise_multiplier == pytest.approx(1.2)
+    assert dropped.noise_multiplier == pytest.approx(1.2 * math.sqrt(6 / 9))
     assert dropped.noise_std_total < planned.noise_std_total
     e_planned = acc.epsilon([planned] * 3, DELTA).epsilon
     e_dropped = acc.epsilon([planned, dropped, planned], DELTA).epsilon
     assert e_dropped > e_planned
     # and equals the exact composition at the effective multipliers
-    expected = acc.epsilon([spec(1.2), spec(1.2 * math.sqrt(0.7)), spec(1.2)], DELTA).epsilon
+    expected = acc.epsilon([spec(1.2), spec(1.2 * math.sqrt(6 / 9)), spec(1.2)], DELTA).epsilon
     assert e_dropped == pytest.approx(expected, rel=1e-12)
 
 
@@ -246,3 +249,17 @@ def test_missing_field_named():
     del d["clip_norm"]
     with pytest.raises(EventValidationError, match="missing field.*clip_norm"):
         event_from_dict(d)
+
+
+def test_add_remove_never_counts_the_persons_own_noise_share():
+    """Distributed noise under add/remove: the neighbouring dataset lacks the person and their
+    device's share, so only the other survivors' shares protect them; replace-one counts all."""
+    ar = release(z=1.0, planned=4, survivors=4, adjacency="add_remove")
+    ro = release(z=1.0, planned=4, survivors=4, adjacency="replace_one")
+    assert ar.noise_multiplier == pytest.approx(math.sqrt(3 / 4))
+    assert ro.noise_multiplier == pytest.approx(1.0)
+    assert counted_noise_shares(4, "add_remove") == 3 and counted_noise_shares(4, "replace_one") == 4
+    # the reviewer's table: 4 survivors with shares sized for 4 -> epsilon 5.175 (not 4.377)
+    assert acc.epsilon([ar], DELTA).epsilon == pytest.approx(5.175, abs=2e-3)
+    with pytest.raises(Exception, match="at least 2 survivors"):
+        release(z=1.0, planned=1, survivors=1, adjacency="add_remove")

@@ -318,9 +318,10 @@ def test_node_killed_mid_round_round_completes_from_survivors(deployment):
     assert killed["participants"] == N_DEVICES
     assert killed["survived"] == N_DEVICES - 1 and killed["dropped"] == 1
     assert killed["status"] in ("released", "completed")
-    # Distributed noise: each device adds a share sized for t_min = 3 survivors, so the released
-    # sum carries z*C*sqrt(m / t_min): never less than the planned z*C = 1, even with a death.
-    assert rounds[1]["noise_std_total"] == pytest.approx(math.sqrt(4 / 3))
+    # Distributed noise under add/remove: each device adds a share sized for t_min - 1 = 2 (a
+    # person's own share never counts), so with m survivors the other m - 1 shares carry
+    # z*C*sqrt((m - 1) / 2): never less than the planned z*C = 1, even with a death.
+    assert rounds[1]["noise_std_total"] == pytest.approx(math.sqrt(3 / 2))
     assert killed["noise_std_total"] == pytest.approx(1.0)
     # The run went on without the dead device.
     after = rounds[KILL_ROUND + 1]

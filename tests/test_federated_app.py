@@ -104,8 +104,9 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
     t_min = 8 - math.floor(0.3 * 8)  # the secure round releases with >= 6 of 8
     for e in releases:
         assert e.survivors == 8 and e.planned_clients == 8 and e.clip_norm == 1.0
-        # Distributed noise: 8 shares sized for 6 -> std z C sqrt(8/6), accounted as such.
-        assert e.noise_std_total == pytest.approx(1.0 * math.sqrt(8 / t_min))
+        # Distributed noise under add/remove: shares sized for t_min - 1 = 5 (a person's own share
+        # never counts); with 8 survivors the 7 others protect them -> std z C sqrt(7/5).
+        assert e.noise_std_total == pytest.approx(1.0 * math.sqrt(7 / (t_min - 1)))
         assert e.noise_multiplier == pytest.approx(e.noise_std_total)
         assert e.model_hash
     assert releases[1].model_hash == fed.checkpoint().model_hash()

@@ -61,7 +61,9 @@ def test_report_numbers_come_from_the_ledger(issued):
     assert rep["epsilon_no_amplification"] > rep["epsilon"]
     assert [r["round"] for r in rep["releases"]] == [1, 2, 3, 4, 5, 6]
     assert rep["releases"][3]["survivors"] == 6 and rep["releases"][3]["noise_multiplier"] < rep["releases"][0]["noise_multiplier"]
-    assert rep["mechanism"]["noise_multipliers"] == pytest.approx(sorted({1.6, rep["releases"][3]["noise_multiplier"]}))
+    full = rep["releases"][0]["noise_multiplier"]  # 8 survivors: 7 counted shares of 8 (add/remove)
+    assert full == pytest.approx(1.6 * (7 / 8) ** 0.5)
+    assert rep["mechanism"]["noise_multipliers"] == pytest.approx(sorted({full, rep["releases"][3]["noise_multiplier"]}))
     assert rep["mechanism"]["clip_norms"] == [0.8]
     assert rep["adjacency"] == "add_remove" and "person" in rep["privacy_unit"]
     assert rep["secure_aggregation"] == SECAGG and rep["information_leakage"]["leaves_device"] == ALLOW
