@@ -12,8 +12,9 @@ the pure protocol in :mod:`restwise.models.evaluation`.
 Writes ``results.json`` (every number, per person too), ``results.md`` (the table and the
 command) and ``results.png`` (MAE with bootstrap intervals) into ``--out``.
 
-More rows (the federated runs with and without DP) plug in with ``--methods
-module:function``: ``function(protocol_config) -> {row name: Method}`` (see
+``--federated`` appends the federated rows (FedAvg with and without distributed DP, each
+personalised on the device; see :mod:`restwise.client.evaluate_federated`). More rows plug in
+with ``--methods module:function``: ``function(protocol_config) -> {row name: Method}`` (see
 ``models.evaluation.Method``); their rows are appended after the built-in ones.
 """
 
@@ -155,6 +156,10 @@ def evaluate(
     methods: Optional[str] = typer.Option(
         None, "--methods", help="Extra rows: module:function returning {name: Method}."
     ),
+    federated: bool = typer.Option(
+        False, "--federated", help="Append the federated rows: FedAvg without DP and with "
+        "distributed DP (epsilon 8, delta 1e-5), each personalised on the device."
+    ),
 ) -> None:
     """Honest evaluation of next-day readiness models on real data: every person imported into
     their own encrypted store, chronological 75/25 split with a 7-day gap, baselines and our
@@ -173,10 +178,16 @@ def evaluate(
         kind, path = dataset, data
     else:
         kind, path = "folder", cohort
-    extra = None
+    protocol = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed,
+                              min_train=min_train, min_test=min_test)
+    extra: dict | None = None
+    if federated:
+        from restwise.client.evaluate_federated import federated_methods
+        from restwise.models.evaluation import NeuralConfig
+
+        extra = federated_methods(protocol, NeuralConfig(threads=threads))
     if methods:
-        extra = _extra_methods(methods, ProtocolConfig(
-            target=target or DEFAULT_TARGET[kind], seed=seed, min_train=min_train, min_test=min_test))
+        extra = {**(extra or {}), **_extra_methods(methods, protocol)}
     command = "restwise evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "evaluate" else None
 

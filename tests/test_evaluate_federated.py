@@ -198,3 +198,34 @@ def test_rows_plug_into_evaluate(splits):
     assert dp.chosen["epsilon"] <= 8.0 and dp.chosen["devices"] == len(splits)
     for m in res.methods:
         assert math.isfinite(m.mae) and 0.1 < m.mae < 4.0
+
+
+def test_cli_federated_flag_appends_both_rows(tmp_path, monkeypatch):
+    import json
+
+    import restwise.models.evaluation as ev
+    from restwise.cli import app
+    from typer.testing import CliRunner
+
+    from restwise.models.evaluation import BASELINE_ROWS
+
+    small = NeuralConfig(n_seeds=1, local_epochs=(2,), central_epochs=2, finetune_epochs=(0,), hidden=(8,))
+    monkeypatch.setattr(ev, "NeuralConfig", lambda **_kw: small)
+    for person, data in _cohort(3, 150).items():
+        folder = tmp_path / "cohort" / person
+        folder.mkdir(parents=True)
+        lines = ["date,readiness,fatigue"]
+        for i, day in enumerate(data.days):
+            r, f = data["readiness"][i], data["fatigue"][i]
+            lines.append(f"{day},{'' if not np.isfinite(r) else f'{r:g}'},{'' if not np.isfinite(f) else f'{f:g}'}")
+        (folder / "checkins.csv").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, [
+        "evaluate", "--cohort", str(tmp_path / "cohort"), "--out", str(tmp_path / "out"), "--federated"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out/results.json").read_text())
+    names = [m["name"] for m in data["methods"]]
+    assert names[:-2] == [*BASELINE_ROWS, "personalised"]
+    assert names[-2] == "federated (no DP)" and names[-1].startswith("federated + DP (ε=")
+    dp = data["methods"][-1]["chosen"]
+    assert dp["devices"] == 3 and dp["releases"] == 10 and dp["epsilon"] <= 8.0
+    assert f"| {names[-1]} |" in (tmp_path / "out/results.md").read_text()
