@@ -145,8 +145,13 @@ def test_reported_epsilon_is_the_accountants(splits):
     # a smaller multiplier would overshoot: the calibration is tight, not merely safe
     looser = ReleaseSpec.plan(noise_multiplier=method.noise_multiplier * 0.98, sampling="full", adjacency="add_remove")
     assert PrivacyAccountant().epsilon_for_rounds(looser, 6, 1e-5).epsilon > 4.0
-    rows = federated_methods(ProtocolConfig(), cfg, target_epsilon=4.0)
+    rows = federated_methods(ProtocolConfig(), cfg, target_epsilon=4.0, rounds=3, dp_ensemble=2)
     assert list(rows) == ["federated (no DP)", f"federated + DP (ε={method.epsilon:.2f})"]
+    assert rows[f"federated + DP (ε={method.epsilon:.2f})"].noise_multiplier == method.noise_multiplier
+    single = federated_methods(ProtocolConfig(), cfg, target_epsilon=4.0, rounds=3)  # one DP run
+    dp_single = list(single.values())[1]
+    assert dp_single.releases == 3 and dp_single.noise_multiplier < method.noise_multiplier
+    assert single["federated (no DP)"].cfg.n_seeds == 2
     assert rows["federated (no DP)"].noise_multiplier is None and rows["federated (no DP)"].clip_norm is None
 
 
