@@ -66,8 +66,10 @@ class RunConfig:
     delta: float = 1e-5
     noise_multiplier: float | None = None
     clip_norm: float = 1.0
-    secagg_num_neighbours: int = 4
-    secagg_threshold: int | float = 3  # a count (>= 1) or a fraction of k (< 1)
+    # Complete graph up to 33 devices (k >= n - 1); a sparse k=4, t=3 graph aborts a round as
+    # soon as one device loses 2 of its 4 neighbours (see docs/secure-aggregation.md).
+    secagg_num_neighbours: int = 32
+    secagg_threshold: int | float = 0.6  # a count (>= 1) or a fraction of k (< 1)
     max_dropout_fraction: float = 0.3
     local_epochs: int = 1
     learning_rate: float = 0.01

@@ -121,9 +121,9 @@ class RunConfigIn(BaseModel):
     delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
     noise_multiplier: Optional[float] = Field(default=None, ge=0.5, le=100, allow_inf_nan=False)
     clip_norm: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
-    secagg_num_neighbours: int = Field(default=4, ge=2, le=1000)
+    secagg_num_neighbours: int = Field(default=32, ge=2, le=1000)
     secagg_threshold: float = Field(
-        default=3, gt=0, le=1000, allow_inf_nan=False, description="A count of shares, or a fraction of the neighbours when < 1."
+        default=0.6, gt=0, le=1000, allow_inf_nan=False, description="A count of shares, or a fraction of the neighbours when < 1."
     )
     max_dropout_fraction: float = Field(default=0.3, ge=0, lt=0.5, allow_inf_nan=False)
     local_epochs: int = Field(default=1, ge=1, le=100)

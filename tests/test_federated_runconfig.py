@@ -13,10 +13,13 @@ BASE = dict(name="trial", rounds=3, population=10, sampling="poisson", sampling_
 
 
 def test_round_trip_through_json_is_identity():
-    cfg = RunConfig.from_dict(BASE)
+    cfg = RunConfig.from_dict({**BASE, "secagg_num_neighbours": 4, "secagg_threshold": 3})
     again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert again.secagg_threshold == 3 and isinstance(again.secagg_threshold, int)
+    default = RunConfig.from_dict(BASE)
+    assert RunConfig.from_dict(json.loads(json.dumps(default.to_dict()))) == default
+    assert default.secagg_threshold == 0.6 and default.secagg_num_neighbours == 32
 
 
 def test_json_numbers_are_coerced_only_when_exact():
