@@ -62,7 +62,6 @@ from restwise.models.evaluation import (
     NeuralConfig,
     PersonSplit,
     Personalised,
-    Prediction,
     ProtocolConfig,
     _model_config,
     _seeds,
