@@ -74,7 +74,7 @@ def demo(
     console = Console()
     summary = run_demo_federation(workdir, persons=persons, rounds=rounds)
     shown = demo_outcome(summary, person=0)
-    eps = "n/a" if shown["epsilon"] is None else f"{shown['epsilon']:.3g}"
+    eps = "n/a" if shown["epsilon"] is None else f"{shown['epsilon']:.3f}"
     console.print(
         f"Federated run {shown['run_id']}: {shown['status']}, {shown['rounds_completed']} of "
         f"{rounds} rounds, {persons} devices."
@@ -84,6 +84,9 @@ def demo(
         f"{shown['noise_multiplier']:.3g}); signed ledger and report in {summary.run_dir}."
     )
     console.print(f"{shown['person']} sent {shown['messages_sent']} messages (restwise device history).")
+    console.print(
+        f"An auditor checks it independently: restwise audit verify {summary.run_dir / 'report.json'}"
+    )
     print_advice(console, shown["advice"], shown["note"], shown["model_status"])
     if shown["status"] != "completed":
         raise typer.Exit(code=1)

@@ -137,6 +137,9 @@ def run_federation(
         )
         client = client_app or make_client_app(DeviceLocator(fleet.resolve()))
         _quiet_flower()
+        # Ray (under Flower's simulation engine) warns on every start about a future change to
+        # accelerator env vars; there are no accelerators here, so opt in to the new behaviour.
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         run_simulation(
             server_app=server_app, client_app=client, num_supernodes=config.device_count,
             backend_config=backend_config or default_backend_config(),
