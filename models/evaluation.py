@@ -364,8 +364,26 @@ def _person_design(s: PersonSplit, X: np.ndarray) -> np.ndarray:
     return (X.astype(np.float64) - mu) / sd
 
 
+class _RidgeRows:
+    """What the two ridge rows share: the penalty chosen on the validation slices, and
+    predictions mapped back onto each person's own scale."""
+
+    def _prediction(self, s: PersonSplit, w: np.ndarray) -> Prediction:
+        v = s.train_mean + s.train_scale * _apply(_person_design(s, s.test.X), w)
+        return Prediction(round_like_answers(s, v) if self.round_answers else v,
+                          (s.low_threshold - v) / s.train_scale)
+
+    def fit_predict(self, splits, seed):
+        alpha = self.alpha
+        if alpha is None:
+            val = _validation_or_none(splits, self.config)
+            alpha = _choose(self.alphas, lambda a: self._fit_predict(val, a), val)
+        self.chosen = {"alpha": alpha}
+        return self._fit_predict(splits, alpha)
+
+
 @dataclass
-class LocalRidge:
+class LocalRidge(_RidgeRows):
     """Ridge on the person's own training examples only (features standardised on them)."""
 
     alphas: tuple[float, ...] = RIDGE_ALPHAS
@@ -379,22 +397,12 @@ class LocalRidge:
         for s in splits:
             Xtr = _person_design(s, s.train.X)
             w = _ridge(Xtr, (s.train.y - s.train_mean) / s.train_scale, alpha)
-            v = s.train_mean + s.train_scale * _apply(_person_design(s, s.test.X), w)
-            out[s.person] = Prediction(round_like_answers(s, v) if self.round_answers else v,
-                                       (s.low_threshold - v) / s.train_scale)
+            out[s.person] = self._prediction(s, w)
         return out
-
-    def fit_predict(self, splits, seed):
-        alpha = self.alpha
-        if alpha is None:
-            val = _validation_or_none(splits, self.config)
-            alpha = _choose(self.alphas, lambda a: self._fit_predict(val, a), val)
-        self.chosen = {"alpha": alpha}
-        return self._fit_predict(splits, alpha)
 
 
 @dataclass
-class CentralRidge:
+class CentralRidge(_RidgeRows):
     """One ridge on everyone's training examples pooled (non-private), each person's features
     and target normalised on their own training data; predictions back on their scale."""
 
@@ -408,20 +416,7 @@ class CentralRidge:
         Xs = [_person_design(s, s.train.X) for s in splits]
         ys = [(s.train.y - s.train_mean) / s.train_scale for s in splits]
         w = _ridge(np.concatenate(Xs), np.concatenate(ys), alpha)
-        out = {}
-        for s in splits:
-            v = s.train_mean + s.train_scale * _apply(_person_design(s, s.test.X), w)
-            out[s.person] = Prediction(round_like_answers(s, v) if self.round_answers else v,
-                                       (s.low_threshold - v) / s.train_scale)
-        return out
-
-    def fit_predict(self, splits, seed):
-        alpha = self.alpha
-        if alpha is None:
-            val = _validation_or_none(splits, self.config)
-            alpha = _choose(self.alphas, lambda a: self._fit_predict(val, a), val)
-        self.chosen = {"alpha": alpha}
-        return self._fit_predict(splits, alpha)
+        return {s.person: self._prediction(s, w) for s in splits}
 
 
 def _mean_mae(preds: Mapping[str, Prediction], splits: Sequence[PersonSplit]) -> float:
