@@ -6,6 +6,7 @@
     restwise audit ...   auditors: build and verify privacy reports
     restwise server ...  operators: federation server, API service
     restwise evaluate    researchers: honest evaluation on real data
+    restwise model ...   researchers: the linear head's public prior
 
 Exit codes: 0 success; 1 failure; 2 bad command-line usage; 3 wrong passphrase or key;
 4 store missing/in use/already exists; 5 store damaged or tampered; 6 import refused (store
@@ -36,6 +37,7 @@ for _module, _attr, _name in (
     ("restwise.privacy.cli", "privacy_app", "privacy"),
     ("restwise.privacy.cli", "audit_app", "audit"),
     ("restwise.server.cli", "app", "server"),
+    ("restwise.client.model_cli", "model_app", "model"),
 ):
     try:
         _mod = __import__(_module, fromlist=[_attr])

@@ -60,12 +60,17 @@ class ProtocolConfig:
     min_train: int = 28  # persons with fewer training examples are left out (and listed)
     min_test: int = 7
     validation_fraction: float = 0.2
+    # Days of the person's own answers (days t-history_days+1..t) each example carries; the
+    # input window is the last ``window`` of them. Only past answers: days <= t.
+    history_days: int = 56
     bootstrap: int = 2000
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.gap_days < 0:
             raise EvaluationError("window must be >= 1 and gap_days >= 0")
+        if self.history_days < self.window:
+            raise EvaluationError("history_days must be >= window")
         if not 0.0 < self.train_fraction < 1.0 or not 0.0 < self.validation_fraction < 1.0:
             raise EvaluationError("train_fraction and validation_fraction must be in (0, 1)")
         if self.min_train < 2 or self.min_test < 1 or self.bootstrap < 0:
@@ -82,6 +87,18 @@ class ExampleSet:
     window: int
     n_features: int
     last_value: np.ndarray  # [n]: most recent target within the input window, NaN if none
+    # [n, H]: the target series on days t-H+1..t (NaN = not answered or before the data)
+    history: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.history is None:  # the input window's own answers are the least we know
+            self.history = np.full((len(self.y), 1), np.nan)
+            self.history[:, 0] = self.last_value
+
+    @property
+    def today(self) -> np.ndarray:
+        """Day t's answer (the last input day), NaN when the person did not answer."""
+        return self.history[:, -1]
 
     @property
     def target_idx(self) -> np.ndarray:
@@ -99,7 +116,7 @@ class ExampleSet:
         if idx.dtype == bool:
             idx = np.flatnonzero(idx)
         return ExampleSet(self.X[idx], self.y[idx], self.end_idx[idx], self.window,
-                          self.n_features, self.last_value[idx])
+                          self.n_features, self.last_value[idx], self.history[idx])
 
     def to_examples(self, days: Sequence[str]) -> Examples:
         """As ``features.Examples`` (what ``training.train_local`` consumes)."""
@@ -132,8 +149,10 @@ class PersonSplit:
         return max(float(np.std(self.train.y)), 0.5)
 
 
-def windowed_examples(frame: FeatureFrame, target: np.ndarray, window: int) -> ExampleSet:
-    """Every example with a target on day t+1 and a full input window t-window+1..t."""
+def windowed_examples(frame: FeatureFrame, target: np.ndarray, window: int,
+                      history_days: int | None = None) -> ExampleSet:
+    """Every example with a target on day t+1 and a full input window t-window+1..t; with
+    each the target series of days t-history_days+1..t (default: the window)."""
     X = np.asarray(frame.X, dtype=np.float32)
     n, n_feat = X.shape
     target = np.asarray(target, dtype=np.float64)
@@ -150,8 +169,11 @@ def windowed_examples(frame: FeatureFrame, target: np.ndarray, window: int) -> E
     else:
         Xo = np.zeros((0, window * n_feat), dtype=np.float32)
         last = np.zeros(0)
+    h = max(int(history_days or window), window)
+    padded = np.concatenate([np.full(h, np.nan), target])
+    history = np.stack([padded[ends + 1 + k] for k in range(h)], axis=1) if ends.size else np.zeros((0, h))
     return ExampleSet(np.ascontiguousarray(Xo), target[ends + 1] if ends.size else np.zeros(0),
-                      ends, window, n_feat, last)
+                      ends, window, n_feat, last, history)
 
 
 def chronological_split(
@@ -194,7 +216,7 @@ def split_person(
     if int(np.isfinite(target).sum()) < config.min_train + config.min_test:
         return None, "too few target days"
     frame = feature_fn(data)
-    ex = windowed_examples(frame, target, config.window)
+    ex = windowed_examples(frame, target, config.window, config.history_days)
     train, test = chronological_split(ex, config.train_fraction, config.gap_days)
     if len(train) < config.min_train:
         return None, "too few training examples"
@@ -295,6 +317,18 @@ class PersonMean:
 
 @dataclass
 class LastValue:
+    """"Same as your last answer": day t's answer, else the person mean (the coach's trust-gate
+    rule, and the linear head's anchor)."""
+
+    description: str = "tomorrow = day t's answer (else the person mean)"
+
+    def fit_predict(self, splits, seed):
+        return {s.person: Prediction(np.where(np.isfinite(s.test.today), s.test.today, s.train_mean))
+                for s in splits}
+
+
+@dataclass
+class LastAnswerInWindow:
     description: str = "tomorrow = the most recent answer in the input window (else person mean)"
 
     def fit_predict(self, splits, seed):
@@ -718,8 +752,8 @@ class Personalised:
         return self._finetune_predict(bases, splits, epochs, seed, (alpha,))[alpha]
 
 
-BASELINE_ROWS = ("global mean", "person mean", "last value", "local ridge", "central ridge",
-                 "central ridge, rounded", "local neural", "central neural")
+BASELINE_ROWS = ("global mean", "person mean", "last value", "last answer in window", "local ridge",
+                 "central ridge", "central ridge, rounded", "local neural", "central neural")
 
 
 def default_methods(config: ProtocolConfig | None = None,
@@ -732,6 +766,7 @@ def default_methods(config: ProtocolConfig | None = None,
         "global mean": GlobalMean(),
         "person mean": PersonMean(),
         "last value": LastValue(),
+        "last answer in window": LastAnswerInWindow(),
         "local ridge": LocalRidge(config=config),
         "central ridge": CentralRidge(config=config),
         "central ridge, rounded": CentralRidge(
@@ -756,6 +791,14 @@ class MethodResult:
     seconds: float
     chosen: dict = field(default_factory=dict)
     per_person_mae: dict[str, float] = field(default_factory=dict)
+    # Privacy: the epsilon of everything the row released (selection included); 0 for rows
+    # fitted on public data only, None for rows that are not differentially private.
+    epsilon: float | None = None
+    # Per-person MAE minus the "last value" row's: {"mean", "ci"} (bootstrap over persons),
+    # and how many persons the row predicts better / worse than "last value".
+    paired_vs_last_value: dict | None = None
+    persons_better: int | None = None
+    persons_worse: int | None = None
 
 
 @dataclass
@@ -811,15 +854,27 @@ class EvaluationResult:
             f"**{self.dataset}**: {len(self.persons)} persons, {n_test} test days "
             f"(target `{self.protocol['target']}` of day t+1 from days t-{self.protocol['window'] - 1}..t).",
             "",
-            "| method | MAE | 95% CI (persons) | vs best baseline | AUROC low flag | AUROC pooled |",
-            "|---|---|---|---|---|---|",
+            "| method | ε | MAE | 95% CI (persons) | vs last value: ΔMAE [95% CI] | better / worse | "
+            "vs best baseline | AUROC low flag | AUROC pooled |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for m in self.methods:
             rel = "" if best is None else f"{100 * (best.mae - m.mae) / best.mae:+.1f}%"
+            eps = "–" if m.epsilon is None else f"{m.epsilon:.2f}"
+            paired = better = ""
+            if m.paired_vs_last_value is not None:
+                pv = m.paired_vs_last_value
+                paired = f"{pv['mean']:+.3f} [{pv['ci'][0]:+.3f}, {pv['ci'][1]:+.3f}]"
+                better = f"{m.persons_better} / {m.persons_worse}"
             lines.append(
-                f"| {m.name} | {m.mae:.3f} | {m.mae_ci[0]:.3f}–{m.mae_ci[1]:.3f} | {rel} | "
-                f"{_fmt(m.auroc)} | {_fmt(m.auroc_pooled)} |"
+                f"| {m.name} | {eps} | {m.mae:.3f} | {m.mae_ci[0]:.3f}–{m.mae_ci[1]:.3f} | {paired} | "
+                f"{better} | {rel} | {_fmt(m.auroc)} | {_fmt(m.auroc_pooled)} |"
             )
+        lines += ["", "ε: differential privacy spent by the row at δ = 1e-5, every release (selection "
+                      "included) counted; 0 = public data only; – = not private. \"vs last value\": "
+                      "mean per-person MAE difference to the last value row with its 95% bootstrap "
+                      "interval over persons (negative = better), and the persons it predicts "
+                      "better / worse."]
         if best is not None:
             lines += ["", f"Best baseline: {best.name}. \"vs best baseline\": MAE reduction "
                           "(positive = better)."]
@@ -837,7 +892,7 @@ def blinded(splits: Sequence[PersonSplit]) -> list[PersonSplit]:
     for s in splits:
         t = s.test
         hidden = ExampleSet(t.X, np.full_like(t.y, np.nan), t.end_idx, t.window, t.n_features,
-                            t.last_value)
+                            t.last_value, t.history)
         out.append(PersonSplit(s.person, s.days, s.train, hidden, s.low_threshold, s.gap_days))
     return out
 
@@ -872,6 +927,30 @@ def score_method(name: str, description: str, preds: Mapping[str, Prediction],
         n_persons_auroc=len(aucs), seconds=seconds, chosen=dict(chosen or {}),
         per_person_mae=maes,
     )
+
+
+def row_epsilon(method) -> float | None:
+    """The row's privacy spend: ``method.epsilon_total`` (every release, selection included)
+    when the method states it, else ``method.epsilon``; None for rows that are not private."""
+    eps = getattr(method, "epsilon_total", getattr(method, "epsilon", None))
+    return None if eps is None else float(eps)
+
+
+def add_paired_comparison(results: Sequence[MethodResult], config: ProtocolConfig,
+                          reference: str = "last value") -> None:
+    """Fill each row's ``paired_vs_last_value`` and persons better/worse (per-person MAE
+    differences to the reference row, bootstrap over persons with the protocol's seed)."""
+    ref = next((m for m in results if m.name == reference), None)
+    if ref is None:
+        return
+    for m in results:
+        persons = [p for p in ref.per_person_mae if p in m.per_person_mae]
+        diff = np.array([m.per_person_mae[p] - ref.per_person_mae[p] for p in persons])
+        lo, hi = bootstrap_ci(diff, config.bootstrap, config.seed)
+        m.paired_vs_last_value = {"mean": float(diff.mean()) if diff.size else float("nan"),
+                                  "ci": [lo, hi], "persons": len(persons)}
+        m.persons_better = int(np.sum(diff < -1e-12))
+        m.persons_worse = int(np.sum(diff > 1e-12))
 
 
 def evaluate(
@@ -916,10 +995,11 @@ def evaluate(
         t0 = time.perf_counter()
         preds = method.fit_predict(blind, config.seed)
         seconds = time.perf_counter() - t0
-        results.append(score_method(
-            name, getattr(method, "description", name), preds, splits, config, seconds,
-            getattr(method, "chosen", None),
-        ))
+        row = score_method(name, getattr(method, "description", name), preds, splits, config, seconds,
+                           getattr(method, "chosen", None))
+        row.epsilon = row_epsilon(method)
+        results.append(row)
+    add_paired_comparison(results, config)
     return EvaluationResult(
         protocol=asdict(config), dataset=dataset,
         persons=[{"person": s.person, "n_train": len(s.train), "n_test": len(s.test)} for s in splits],
@@ -957,6 +1037,7 @@ __all__ = [
     "EvaluationResult", "MethodResult", "EvaluationError", "evaluate", "default_methods",
     "split_person", "chronological_split", "check_no_leakage", "validation_splits",
     "windowed_examples", "blinded", "round_like_answers", "auroc", "bootstrap_ci", "score_method", "plot_results",
+    "row_epsilon", "add_paired_comparison", "LastAnswerInWindow",
     "train_pooled", "central_models", "CentralModelCache", "personal_finetune", "GlobalMean", "PersonMean", "LastValue", "LocalRidge", "CentralRidge",
     "LocalNeural", "CentralNeural", "Personalised", "BASELINE_ROWS",
 ]

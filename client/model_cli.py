@@ -1,0 +1,110 @@
+"""`restwise model ...`: the linear head's public prior (researchers and operators).
+
+    restwise model prior --data ../shared/data --out models/priors/linear_head_prior.json
+    restwise model show [--prior FILE]
+
+``prior`` reads the public datasets found in ``--data`` (sub-folders ``soccermon/`` and
+``lifesnaps/``, the shared-data layout), imports every person into their own encrypted store
+exactly as ``restwise evaluate`` does, fits one prior per target series
+(:mod:`restwise.models.prior`) and writes it with its provenance and sha256. ``show`` verifies
+a prior (default: the shipped one) and prints its provenance; a prior whose hash or
+feature-spec version does not match is refused (exit 1).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from restwise.client.cohort import import_cohort
+from restwise.client.errors import RestwiseDeviceError
+from restwise.client.evaluate_cli import load_cohort_days
+from restwise.client.keys import FileKeystore
+from restwise.models.prior import PUBLIC_DATASETS, PriorError, PublicCohort, fit_prior, load_prior
+
+model_app = typer.Typer(help="Researchers/operators: the linear head's public prior.", no_args_is_help=True)
+
+
+def load_public_cohort(kind: str, path: Path, log=None) -> dict:
+    """person -> DailyData of a public dataset, each person through their own store."""
+    with tempfile.TemporaryDirectory(prefix="restwise-prior-") as tmp:
+        keystore = FileKeystore(Path(tmp) / "keys")
+        people = import_cohort(kind, path, Path(tmp) / "stores", keystore=keystore)
+        if log:
+            log(f"{kind}: {len(people)} persons imported")
+        return load_cohort_days(people, keystore)
+
+
+def public_cohorts(data: Path, log=None) -> list[PublicCohort]:
+    """Every known public dataset under ``data`` (``data/<name>/``)."""
+    found = [name for name in PUBLIC_DATASETS if (data / name).is_dir()]
+    if not found:
+        raise PriorError(f"no public dataset under {data} (expected sub-folders: {', '.join(PUBLIC_DATASETS)})")
+    return [PublicCohort(name, load_public_cohort(name, data / name, log)) for name in found]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # public data: a file to ship and read, not a secret
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _describe(prior) -> str:
+    lines = [f"sha256 {prior.sha256}" if prior.sha256 else "(not yet written)"]
+    for name, t in sorted(prior.targets.items()):
+        src = ", ".join(f"{k} {v} persons / {t.rows[k]} rows" for k, v in sorted(t.persons.items()))
+        lines.append(f"  {name}: {src}; ridge {t.ridge_lambda:g} per person")
+    for d in prior.datasets:
+        lines.append(f"  {d['name']}: {d['licence']}, {d['citation']}")
+    return "\n".join(lines)
+
+
+@model_app.command("prior")
+def prior_command(
+    data: Path = typer.Option(..., "--data", help="Folder with the public datasets (soccermon/, lifesnaps/)."),
+    out: Path = typer.Option(..., "--out", help="Prior file to write (JSON)."),
+    target: Optional[list[str]] = typer.Option(
+        None, "--target", help="Target series to fit (repeatable; default: readiness and fatigue)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap over persons."),
+) -> None:
+    """Fit the linear head's public prior on public data only and write it with provenance."""
+    command = "restwise model prior " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
+        if sys.argv[1:3] == ["model", "prior"] else f"restwise model prior --data {data} --out {out}"
+    try:
+        cohorts = public_cohorts(data, log=lambda m: typer.echo(m, err=True))
+        prior = fit_prior(cohorts, tuple(target or ("readiness", "fatigue")), command=command, seed=seed)
+        text = prior.to_json()
+        _write_atomic(out, text)
+        written = load_prior(out)
+    except (PriorError, RestwiseDeviceError) as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"Prior written to {out}\n{_describe(written)}")
+
+
+@model_app.command("show")
+def show_command(
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Prior file (default: the shipped one)."),
+) -> None:
+    """Verify a prior (hash, feature-spec version) and print its provenance."""
+    try:
+        loaded = load_prior(prior)
+    except PriorError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"{prior or 'shipped prior'}: verified\n{_describe(loaded)}")
