@@ -2,7 +2,7 @@
 
     restwise demo        the built-in demo (README's main command)
     restwise device ...  the person's device: store, imports, coach, training consent
-    restwise privacy ... operators: plan epsilon / calibrate noise
+    restwise privacy ... operators: plan epsilon / calibrate noise / expected utility
     restwise audit ...   auditors: build and verify privacy reports
     restwise server ...  operators: federation server, API service
     restwise evaluate    researchers: honest evaluation on real data
@@ -45,6 +45,11 @@ for _module, _attr, _name in (
     except ImportError as _exc:  # group not built yet in this checkout
         if getattr(_exc, "name", None) != _module:
             raise
+
+from restwise.planning import plan_command  # noqa: E402  `restwise privacy plan` (issue 12)
+from restwise.privacy.cli import privacy_app  # noqa: E402
+
+privacy_app.command("plan")(plan_command)
 
 try:  # `restwise evaluate` (models issue)
     from restwise.client.evaluate_cli import evaluate as _evaluate

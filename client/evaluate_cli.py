@@ -12,6 +12,13 @@ the pure protocol in :mod:`restwise.models.evaluation`.
 Writes ``results.json`` (every number, per person too), ``results.md`` (the table and the
 command) and ``results.png`` (MAE with bootstrap intervals) into ``--out``.
 
+The linear head's rows come by default (``--no-linear`` leaves them out): ``public prior``
+(epsilon 0; on SoccerMon and LifeSnaps cross-fitted: each half of the persons is scored with a
+prior fitted on the other half, plus the other public datasets under ``--public-data`` with
+that target; a cohort folder is scored with the shipped prior or ``--prior FILE``) and
+``federated statistics + DP (ε=1|4|8)`` (one distributed-DP release of sufficient statistics
+each, :mod:`restwise.simulation.federated_statistics`). ``results.md`` states the total epsilon.
+
 ``--federated`` appends the federated rows (FedAvg with and without distributed DP, each
 personalised on the device; see :mod:`restwise.client.evaluate_federated`). More rows plug in
 with ``--methods module:function``: ``function(protocol_config) -> {row name: Method}`` (see
@@ -48,6 +55,68 @@ def load_cohort_days(people, keystore) -> dict:
     return cohort
 
 
+def load_public_cohorts(data: Path | str, names, log: Callable[[str], None] | None = None) -> list:
+    """``PublicCohort`` of each dataset in ``names`` found under ``data`` (``data/<name>/``),
+    every person through their own encrypted store as in the evaluation."""
+    from restwise.client.cohort import import_cohort
+    from restwise.client.keys import FileKeystore
+    from restwise.models.prior import PublicCohort
+
+    out = []
+    for name in names:
+        folder = Path(data) / name
+        if not folder.is_dir():
+            continue
+        with tempfile.TemporaryDirectory(prefix="restwise-public-") as tmp:
+            keystore = FileKeystore(Path(tmp) / "keys")
+            people = import_cohort(name, folder, Path(tmp) / "stores", keystore=keystore)
+            out.append(PublicCohort(name, load_cohort_days(people, keystore)))
+        if log:
+            log(f"public data for the prior: {name}, {len(out[-1].days)} persons")
+    return out
+
+
+def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: Path | str | None = None,
+                        public_data: Path | str | None = None, epsilons=(1.0, 4.0, 8.0),
+                        log: Callable[[str], None] | None = None) -> dict:
+    """The linear head's rows: ``public prior`` and one ``federated statistics + DP`` row per
+    epsilon. Public datasets are cross-fitted (no person in the prior that scores them); any
+    other cohort is scored with the shipped prior (or ``prior_path``)."""
+    from restwise.models.prior import (
+        PUBLIC_DATASETS,
+        PublicPriorMethod,
+        cross_fitted_priors,
+        load_prior,
+        shipped_assignment,
+    )
+    from restwise.simulation.federated_statistics import statistics_methods
+
+    if kind in PUBLIC_DATASETS:
+        others = [n for n in PUBLIC_DATASETS if n != kind]
+        extra = load_public_cohorts(public_data, others, log) if public_data is not None else []
+        assignment = cross_fitted_priors(kind, cohort, target, extra=extra)
+    else:
+        assignment = shipped_assignment(load_prior(prior_path), target, list(cohort))
+    return {"public prior": PublicPriorMethod(assignment), **statistics_methods(assignment, epsilons)}
+
+
+def privacy_statement(methods: Mapping, result, delta: float = 1e-5) -> dict:
+    """Every row's epsilon, and all rows' releases composed as if made from the same persons."""
+    from restwise.privacy.accountant import PrivacyAccountant
+
+    rows = {m.name: m.epsilon for m in result.methods if m.epsilon is not None}
+    specs = [spec for method in methods.values() for spec in getattr(method, "privacy_releases", ())]
+    composed = PrivacyAccountant().epsilon_value(specs, delta) if specs else 0.0
+    private = {k: v for k, v in rows.items() if v > 0}
+    text = (f"**Total ε (δ = {delta:g}).** Each private row is its own run; its ε counts every release it "
+            "made, selection included: " + (", ".join(f"{k}: {v:.2f}" for k, v in private.items()) or "none")
+            + ". Rows with ε = 0 use public data only. Composed over all "
+            f"{len(specs)} releases of this table, as if all rows were released from the same persons: "
+            f"ε = {composed:.2f}.")
+    return {"delta": delta, "rows": rows, "releases": len(specs), "all_rows_composed_epsilon": composed,
+            "statement": text}
+
+
 def _extra_methods(spec: str, config) -> dict:
     module, _, func = spec.partition(":")
     if not module or not func:
@@ -78,11 +147,15 @@ def run_evaluation(
     extra_methods: Mapping | None = None,
     command: str | None = None,
     log: Callable[[str], None] | None = None,
+    linear: bool = True,
+    prior_path: Path | str | None = None,
+    public_data: Path | str | None = None,
 ):
     """Import ``data_path`` (``kind``: soccermon, lifesnaps or folder) one store per person,
     evaluate, and write results into ``out_dir`` (when given). Returns the EvaluationResult.
 
-    ``methods`` replaces the default rows; ``extra_methods`` are appended after them."""
+    ``methods`` replaces the default rows; ``extra_methods`` are appended after them. With
+    ``linear`` the linear head's rows (:func:`linear_head_methods`) follow the default rows."""
     from restwise.client.cohort import import_cohort
     from restwise.client.keys import FileKeystore
     from restwise.models.evaluation import (
@@ -97,7 +170,6 @@ def run_evaluation(
     config = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed,
                             min_train=min_train, min_test=min_test)
     rows = dict(methods) if methods is not None else default_methods(config, NeuralConfig(threads=threads))
-    rows.update(extra_methods or {})
     with tempfile.TemporaryDirectory(prefix="restwise-eval-") as tmp:
         work = Path(workdir) if workdir is not None else Path(tmp)
         keystore = FileKeystore(work / "keys")
@@ -112,11 +184,16 @@ def run_evaluation(
         cohort = load_cohort_days(people, keystore)
         t_import = time.perf_counter() - t0
         log(f"{len(people)} stores imported and read back in {t_import:.1f} s")
+        if linear:
+            rows.update(linear_head_methods(kind, cohort, config.target, prior_path=prior_path,
+                                            public_data=public_data, log=log))
+        rows.update(extra_methods or {})
         t1 = time.perf_counter()
         result = evaluate(
             cohort, rows, config=config, dataset=kind if kind != "folder" else Path(data_path).name,
             on_method=lambda name: log(f"evaluating: {name}"),
         )
+        result.privacy = privacy_statement(rows, result)
         result.protocol["import_seconds"] = round(t_import, 2)
         result.protocol["evaluate_seconds"] = round(time.perf_counter() - t1, 2)
     if out_dir is not None:
@@ -160,6 +237,17 @@ def evaluate(
         False, "--federated", help="Append the federated rows: FedAvg without DP and with "
         "distributed DP (epsilon 8, delta 1e-5), each personalised on the device."
     ),
+    linear: bool = typer.Option(
+        True, "--linear/--no-linear", help="The linear head's rows: public prior (epsilon 0, "
+        "cross-fitted on public datasets) and one DP statistics release at epsilon 1, 4, 8."
+    ),
+    prior: Optional[Path] = typer.Option(
+        None, "--prior", help="Prior file for a cohort folder (default: the shipped prior)."
+    ),
+    public_data: Optional[Path] = typer.Option(
+        None, "--public-data", help="Folder of the other public datasets (soccermon/, lifesnaps/) "
+        "added to the cross-fitted prior where they have the target series."
+    ),
 ) -> None:
     """Honest evaluation of next-day readiness models on real data: every person imported into
     their own encrypted store, chronological 75/25 split with a 7-day gap, baselines and our
@@ -167,6 +255,8 @@ def evaluate(
     from restwise.client.errors import RestwiseDeviceError
     from restwise.models.evaluation import EvaluationError, ProtocolConfig
     from restwise.models.features import FeatureError
+    from restwise.models.linear_head import LinearHeadError
+    from restwise.models.prior import PriorError
 
     if (dataset is None) == (cohort is None):
         raise typer.BadParameter("give either --dataset NAME --data PATH or --cohort FOLDER")
@@ -197,11 +287,12 @@ def evaluate(
     try:
         result = run_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
                                 target=target, min_train=min_train, min_test=min_test, threads=threads,
-                                extra_methods=extra, command=command, log=log)
+                                extra_methods=extra, command=command, log=log, linear=linear,
+                                prior_path=prior, public_data=public_data)
     except RestwiseDeviceError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=exc.exit_code) from None
-    except (EvaluationError, FeatureError) as exc:
+    except (EvaluationError, FeatureError, PriorError, LinearHeadError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(result.to_markdown())

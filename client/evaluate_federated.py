@@ -110,6 +110,12 @@ def privacy_spent(noise_multiplier: float, releases: int, delta: float = DEFAULT
     return float(PrivacyAccountant().epsilon_for_rounds(spec, int(releases), delta).epsilon)
 
 
+def _release_spec(noise_multiplier: float):
+    from restwise.privacy.events import ReleaseSpec
+
+    return ReleaseSpec.plan(noise_multiplier=noise_multiplier, sampling="full", adjacency=ADJACENCY)
+
+
 def calibrate(target_epsilon: float, releases: int, delta: float = DEFAULT_DELTA) -> float:
     """The smallest noise multiplier whose epsilon over ``releases`` is <= the target."""
     from restwise.privacy.calibration import calibrate_noise_multiplier
@@ -265,6 +271,9 @@ class FederatedMethod:
                 "epsilon_with_selection": privacy_spent(
                     self.noise_multiplier, self.releases + selection_releases, self.delta),
             })
+            # What the row spent in all (read by the evaluation's epsilon column and total).
+            self.epsilon_total = self.chosen["epsilon_with_selection"]
+            self.privacy_releases = [_release_spec(self.noise_multiplier)] * (self.releases + selection_releases)
         return personaliser._finetune_predict(bases, splits, epochs, seed, (1.0,))[1.0]
 
 

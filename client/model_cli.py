@@ -22,31 +22,19 @@ from typing import Optional
 
 import typer
 
-from restwise.client.cohort import import_cohort
 from restwise.client.errors import RestwiseDeviceError
-from restwise.client.evaluate_cli import load_cohort_days
-from restwise.client.keys import FileKeystore
-from restwise.models.prior import PUBLIC_DATASETS, PriorError, PublicCohort, fit_prior, load_prior
+from restwise.client.evaluate_cli import load_public_cohorts
+from restwise.models.prior import PUBLIC_DATASETS, PriorError, fit_prior, load_prior
 
 model_app = typer.Typer(help="Researchers/operators: the linear head's public prior.", no_args_is_help=True)
 
 
-def load_public_cohort(kind: str, path: Path, log=None) -> dict:
-    """person -> DailyData of a public dataset, each person through their own store."""
-    with tempfile.TemporaryDirectory(prefix="restwise-prior-") as tmp:
-        keystore = FileKeystore(Path(tmp) / "keys")
-        people = import_cohort(kind, path, Path(tmp) / "stores", keystore=keystore)
-        if log:
-            log(f"{kind}: {len(people)} persons imported")
-        return load_cohort_days(people, keystore)
-
-
-def public_cohorts(data: Path, log=None) -> list[PublicCohort]:
-    """Every known public dataset under ``data`` (``data/<name>/``)."""
-    found = [name for name in PUBLIC_DATASETS if (data / name).is_dir()]
-    if not found:
+def public_cohorts(data: Path, log=None) -> list:
+    """Every known public dataset under ``data`` (``data/<name>/``); none is an error."""
+    cohorts = load_public_cohorts(data, list(PUBLIC_DATASETS), log)
+    if not cohorts:
         raise PriorError(f"no public dataset under {data} (expected sub-folders: {', '.join(PUBLIC_DATASETS)})")
-    return [PublicCohort(name, load_public_cohort(name, data / name, log)) for name in found]
+    return cohorts
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -808,6 +808,9 @@ class EvaluationResult:
     persons: list[dict]  # person, n_train, n_test
     excluded: dict[str, str]  # person -> reason
     methods: list[MethodResult]
+    # The table's privacy spend, filled by whoever can account it (restwise evaluate):
+    # {"delta", "statement", ...}; stated in results.md.
+    privacy: dict | None = None
 
     def method(self, name: str) -> MethodResult:
         for m in self.methods:
@@ -828,6 +831,7 @@ class EvaluationResult:
             "persons": self.persons,
             "excluded": self.excluded,
             "best_baseline": None if best is None else best.name,
+            "privacy": self.privacy,
             "methods": [
                 {**asdict(m), "mae_ci": list(m.mae_ci),
                  "vs_best_baseline": None if best is None else (best.mae - m.mae) / best.mae}
@@ -878,6 +882,8 @@ class EvaluationResult:
         if best is not None:
             lines += ["", f"Best baseline: {best.name}. \"vs best baseline\": MAE reduction "
                           "(positive = better)."]
+        if self.privacy and self.privacy.get("statement"):
+            lines += ["", self.privacy["statement"]]
         return "\n".join(lines) + "\n"
 
 

@@ -379,8 +379,8 @@ def cross_fitted_priors(dataset: str, cohort: Mapping[str, DailyData], target: s
         fitted = fit_target_prior(target, [PublicCohort(dataset, other), *extra], seed=seed)
         label = f"half {h}"
         groups[label] = fitted.prior_weights()
-        sources[label] = ", ".join(f"{k}: {v} persons" for k, v in sorted(fitted.persons.items())) + \
-            f" (the other half of {dataset}" + (" + " + ", ".join(c.name for c in extra) if extra else "") + ")"
+        sources[label] = (", ".join(f"{k}: {v} persons" for k, v in sorted(fitted.persons.items()))
+                          + f" ({dataset}: the other half only)")
     return PriorAssignment(groups, {p: f"half {h}" for p, h in halves.items()}, sources)
 
 

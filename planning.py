@@ -1,0 +1,113 @@
+"""Will a DP run of model M on N devices at epsilon help? ``restwise privacy plan`` and the
+check run creation calls (``plan_run``).
+
+The glue between the model side (what an architecture shares: numbers estimated on public
+data and stored with the prior, or the network's size and training plan) and the privacy side
+(:mod:`restwise.privacy.utility`: calibration with the project's accountant and the verdict).
+It sits at the top of the package because it needs both (privacy/ never imports models/).
+
+    restwise privacy plan --cohort 47 --epsilon 4 --model linear-head
+    restwise privacy plan --cohort 47 --epsilon 8 --model recovery-mlp [--rounds 10 --rate 1]
+
+Exit codes: 0 when the plan is expected to help (or to do no harm: the linear head falls back
+to its prior), 1 when run creation would refuse it (``--force`` overrides, as it will at run
+creation), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from restwise.privacy.utility import (
+    FedAvgShape,
+    StatisticsReleaseShape,
+    UtilityVerdict,
+    assess_fedavg,
+    assess_statistics_release,
+)
+
+LINEAR_HEAD_MODEL = "linear-head"
+NETWORK_MODEL = "recovery-mlp"
+MODELS = (LINEAR_HEAD_MODEL, NETWORK_MODEL)
+
+
+def linear_head_shape(prior_path: Path | str | None = None, target: str = "readiness") -> StatisticsReleaseShape:
+    """The linear head's release, its signal and prior taken from the (shipped) prior."""
+    from restwise.models import linear_head as lh
+    from restwise.models.prior import load_prior
+
+    tp = load_prior(prior_path).target(target)
+    return StatisticsReleaseShape(
+        name=lh.ARCHITECTURE_NAME, statistics_length=lh.STATISTICS_LENGTH, sensitivity=lh.SENSITIVITY,
+        target_bound=lh.TARGET_BOUND, mean_second_moment=tp.mean_A, prior_tau2=tp.tau2,
+        prior_weights_norm2=float(tp.weights @ tp.weights), person_variance=tp.person_variance,
+        mean_statistics_norm=tp.mean_statistics_norm)
+
+
+def network_shape(*, rounds: int | None = None, clip_norm: float = 1.0, sampling_rate: float = 1.0) -> FedAvgShape:
+    """The recovery network under DP-FedAvg: its shared size, the evaluation's round plan."""
+    # Deferred: torch is heavy and only this model needs it.
+    from restwise.models.features import model_feature_names
+    from restwise.models.network import ModelConfig, build_model, shared_arrays
+    from restwise.models.training import FEDERATED_ROUNDS
+
+    model = build_model(ModelConfig(n_features=len(model_feature_names()), window=7))
+    d = int(sum(a.size for a in shared_arrays(model)))
+    return FedAvgShape(NETWORK_MODEL, d, clip_norm, int(rounds or FEDERATED_ROUNDS), sampling_rate)
+
+
+def plan_run(model: str, cohort: int, epsilon: float, delta: float = 1e-5, *, rounds: int | None = None,
+             sampling_rate: float = 1.0, clip_norm: float = 1.0, prior_path: Path | str | None = None,
+             target: str = "readiness", force: bool = False) -> UtilityVerdict:
+    """The verdict run creation uses: refuse (unless ``force``) a DP plan whose noise is
+    expected to make the model worse than the prior; ``message`` carries the numbers."""
+    if model == LINEAR_HEAD_MODEL:
+        return assess_statistics_release(linear_head_shape(prior_path, target), cohort, epsilon, delta, force=force)
+    if model == NETWORK_MODEL:
+        shape = network_shape(rounds=rounds, clip_norm=clip_norm, sampling_rate=sampling_rate)
+        return assess_fedavg(shape, cohort, epsilon, delta, force=force)
+    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+
+
+def plan_command(
+    cohort: int = typer.Option(..., "--cohort", min=2, help="Devices taking part (N)."),
+    epsilon: float = typer.Option(..., "--epsilon", help="Target epsilon of the run."),
+    model: str = typer.Option(LINEAR_HEAD_MODEL, "--model", help=f"Model: {', '.join(MODELS)}."),
+    delta: float = typer.Option(1e-5, "--delta", help="Target delta."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Network: federated rounds (default 10)."),
+    rate: float = typer.Option(1.0, "--rate", help="Network: Poisson sampling rate per round (1 = everyone)."),
+    clip: float = typer.Option(1.0, "--clip", help="Network: clip norm of an update."),
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Linear head: prior file (default: shipped)."),
+    force: bool = typer.Option(False, "--force", help="Accept a plan that would be refused (exit 0)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON line on stdout."),
+) -> None:
+    """Expected noise-to-signal of a DP run and whether it is expected to beat the public prior."""
+    from restwise.models.linear_head import LinearHeadError
+    from restwise.models.prior import PriorError
+    from restwise.privacy.errors import PrivacyError
+
+    if model not in MODELS:
+        raise typer.BadParameter(f"--model must be one of {', '.join(MODELS)}")
+    try:
+        verdict = plan_run(model, cohort, epsilon, delta, rounds=rounds, sampling_rate=rate, clip_norm=clip,
+                           prior_path=prior, force=force)
+    except (ValueError, PriorError, LinearHeadError, PrivacyError) as exc:
+        if as_json:
+            typer.echo(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    if as_json:
+        typer.echo(json.dumps({"ok": verdict.allowed, **verdict.to_dict()}, sort_keys=True, default=float))
+    else:
+        typer.echo(verdict.message)
+        typer.echo(f"expected to beat the prior: {'yes' if verdict.expected_to_beat_prior else 'no'}; "
+                   f"run creation: {'allowed' if not verdict.refused else ('forced' if verdict.forced else 'refused')}")
+    if not verdict.allowed:
+        raise typer.Exit(code=1)
+
+
+__all__ = ["plan_run", "plan_command", "linear_head_shape", "network_shape", "MODELS"]
