@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from restwise.models.evaluation import (
     BASELINE_ROWS,
     CentralRidge,
+    LastAnswerInWindow,
     EvaluationError,
     GlobalMean,
     LastValue,
@@ -180,6 +181,46 @@ def test_simple_baselines_exact_values():
         np.mean(np.abs(g - splits[1].test.y)))
 
 
+def test_last_value_is_day_t_else_the_person_mean_and_the_old_rule_is_its_own_row():
+    # every third day unanswered: day t is sometimes answered, sometimes not
+    r = np.tile([4.0, 8.0, 6.0, 5.0, 7.0], 24)
+    r[::3] = NAN
+    cfg = ProtocolConfig(min_train=10, min_test=3, bootstrap=50)
+    split, _ = split_person("a", person_days(120, r), cfg, index_features)
+    assert split.test.history.shape[1] == cfg.history_days
+    assert np.array_equal(split.test.today, r[split.test.end_idx], equal_nan=True)
+    new = LastValue().fit_predict([split], 0)["a"].value
+    old = LastAnswerInWindow().fit_predict([split], 0)["a"].value
+    answered = np.isfinite(r[split.test.end_idx])
+    assert answered.any() and (~answered).any()
+    np.testing.assert_array_equal(new[answered], r[split.test.end_idx][answered])
+    np.testing.assert_allclose(new[~answered], split.train_mean)  # day t unanswered: person mean
+    np.testing.assert_array_equal(old[~answered], split.test.last_value[~answered])  # day t-1
+    assert not np.allclose(new, old)
+
+
+def test_rows_carry_epsilon_and_the_paired_comparison_with_last_value():
+    cohort, cfg = _two_person_splits()
+
+    class Private(PersonMean):
+        epsilon = 2.5
+
+    res = evaluate(cohort, {"last value": LastValue(), "person mean": PersonMean(), "private": Private()},
+                   config=cfg, feature_fn=index_features)
+    lv, pm = res.method("last value"), res.method("person mean")
+    diffs = [pm.per_person_mae[p] - lv.per_person_mae[p] for p in ("a", "b")]
+    assert pm.paired_vs_last_value["mean"] == pytest.approx(np.mean(diffs))
+    lo, hi = pm.paired_vs_last_value["ci"]
+    assert lo <= np.mean(diffs) <= hi
+    assert pm.persons_better == sum(d < 0 for d in diffs) and pm.persons_worse == sum(d > 0 for d in diffs)
+    assert (lv.persons_better, lv.persons_worse, lv.paired_vs_last_value["mean"]) == (0, 0, 0.0)
+    d = json.loads(res.to_json())
+    rows = {m["name"]: m for m in d["methods"]}
+    assert rows["private"]["epsilon"] == 2.5 and rows["person mean"]["epsilon"] is None
+    assert {"paired_vs_last_value", "persons_better", "persons_worse"} <= set(rows["person mean"])
+    assert "| private | 2.50 |" in res.to_markdown()
+
+
 def test_ridge_learns_a_linear_signal_and_pools_across_persons():
     rng = np.random.default_rng(5)
     cohort = {}
@@ -291,9 +332,18 @@ def test_cli_cohort_folder_writes_json_markdown_and_plot(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out/results.json").read_text())
     assert data["n_persons"] == 3 and data["protocol"]["seed"] == 1
-    assert [m["name"] for m in data["methods"]] == [*BASELINE_ROWS, "personalised"]
+    assert [m["name"] for m in data["methods"]] == [*BASELINE_ROWS, "personalised", *LINEAR_ROWS]
     assert (tmp_path / "out/results.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| personalised |" in (tmp_path / "out/results.md").read_text()
+    md = (tmp_path / "out/results.md").read_text()
+    assert "| personalised |" in md and "**Total ε" in md
+    rows = {m["name"]: m for m in data["methods"]}
+    # a cohort folder nobody has seen: the shipped prior, epsilon 0; each DP row one release
+    assert rows["public prior"]["epsilon"] == 0.0
+    assert rows["public prior"]["chosen"]["prior"]["sources"]["shipped"].startswith("shipped prior")
+    for name in LINEAR_ROWS[1:]:
+        assert 0 < rows[name]["epsilon"] <= float(name.split("=")[1].rstrip(")"))
+        assert rows[name]["chosen"]["release"]["releases"] == 1
+    assert data["privacy"]["releases"] == 3 and rows["personalised"]["epsilon"] is None
     # each person really went through their own encrypted store
     stores = sorted(p.name for p in (tmp_path / "work/stores").iterdir())
     assert stores == ["p00", "p01", "p02"]
@@ -312,6 +362,8 @@ def test_cli_usage_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- real data
 REFERENCE = {"person mean": 0.91, "last value": 0.83, "local ridge": 0.80, "central ridge": 0.81}
+LINEAR_ROWS = ("public prior", "federated statistics + DP (ε=1)", "federated statistics + DP (ε=4)",
+               "federated statistics + DP (ε=8)")
 
 
 @pytest.mark.slow
@@ -324,7 +376,7 @@ def test_restwise_evaluate_on_real_soccermon(shared_data, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((out / "results.json").read_text())
     rows = {m["name"]: m for m in data["methods"]}
-    assert list(rows) == [*BASELINE_ROWS, "personalised"]
+    assert list(rows) == [*BASELINE_ROWS, "personalised", *LINEAR_ROWS]
     assert data["n_persons"] >= 45
     for m in rows.values():
         assert math.isfinite(m["mae"]) and 0.4 < m["mae"] < 1.3
@@ -336,6 +388,16 @@ def test_restwise_evaluate_on_real_soccermon(shared_data, tmp_path):
     # our model must not lose to "tomorrow = today"
     assert rows["personalised"]["mae"] < rows["last value"]["mae"]
     assert (out / "results.png").stat().st_size > 1000
+    # issue 12: the cross-fitted public prior beats last value; no private row is significantly
+    # worse than it; the best private row at epsilon <= 4 is better for most persons
+    prior = rows["public prior"]
+    assert prior["epsilon"] == 0.0 and prior["mae"] < rows["last value"]["mae"]
+    assert prior["paired_vs_last_value"]["ci"][1] < 0
+    for name in LINEAR_ROWS[1:]:
+        assert rows[name]["paired_vs_last_value"]["ci"][0] <= 0, name
+        assert 0 < rows[name]["epsilon"] <= float(name.split("=")[1].rstrip(")")) + 1e-9
+    best = min((rows[n] for n in LINEAR_ROWS if rows[n]["epsilon"] <= 4), key=lambda m: m["mae"])
+    assert best["paired_vs_last_value"]["ci"][1] < 0 and best["persons_better"] >= 0.6 * data["n_persons"]
 
 
 def test_tuning_falls_back_to_the_default_without_validation_data():
@@ -374,6 +436,8 @@ def test_restwise_evaluate_on_real_lifesnaps(shared_data, tmp_path):
     assert data["protocol"]["target"] == "fatigue"
     assert data["n_persons"] >= 5 and len(data["excluded"]) + data["n_persons"] == 71
     rows = {m["name"]: m for m in data["methods"]}
-    assert list(rows) == [*BASELINE_ROWS, "personalised"]
+    assert list(rows) == [*BASELINE_ROWS, "personalised", *LINEAR_ROWS]
+    for name in LINEAR_ROWS[1:]:  # no private row significantly worse than last value
+        assert rows[name]["paired_vs_last_value"]["ci"][0] <= 0, name
     for m in rows.values():  # fatigue proxy lives on 2..4: MAE can't exceed 2
         assert math.isfinite(m["mae"]) and 0.0 < m["mae"] < 2.0
