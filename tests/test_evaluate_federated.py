@@ -229,8 +229,13 @@ def test_cli_federated_flag_appends_both_rows(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out/results.json").read_text())
     names = [m["name"] for m in data["methods"]]
-    assert names[:-2] == [*BASELINE_ROWS, "personalised"]
+    linear = ["public prior", *(f"federated statistics + DP (ε={e})" for e in (1, 4, 8))]
+    assert names[:-2] == [*BASELINE_ROWS, "personalised", *linear]
     assert names[-2] == "federated (no DP)" and names[-1].startswith("federated + DP (ε=")
     dp = data["methods"][-1]["chosen"]
     assert dp["devices"] == 3 and dp["releases"] == 10 and dp["epsilon"] <= 8.0
+    # the row's epsilon counts every release it made (selection included)
+    assert data["methods"][-1]["epsilon"] == dp["epsilon_with_selection"]
+    assert data["methods"][-2]["epsilon"] is None
+    assert data["privacy"]["releases"] == 3 + dp["releases"]
     assert f"| {names[-1]} |" in (tmp_path / "out/results.md").read_text()
