@@ -84,6 +84,7 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
     other cohort is scored with the shipped prior (or ``prior_path``)."""
     from restwise.models.prior import (
         PUBLIC_DATASETS,
+        PriorError,
         PublicPriorMethod,
         cross_fitted_priors,
         load_prior,
@@ -94,7 +95,11 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
     if kind in PUBLIC_DATASETS:
         others = [n for n in PUBLIC_DATASETS if n != kind]
         extra = load_public_cohorts(public_data, others, log) if public_data is not None else []
-        assignment = cross_fitted_priors(kind, cohort, target, extra=extra)
+        try:
+            assignment = cross_fitted_priors(kind, cohort, target, extra=extra)
+        except PriorError as exc:
+            raise PriorError(f"the cross-fitted prior of the linear rows cannot be fitted: {exc} "
+                             "(evaluate more persons, or leave the rows out with --no-linear)") from None
     else:
         assignment = shipped_assignment(load_prior(prior_path), target, list(cohort))
     return {"public prior": PublicPriorMethod(assignment), **statistics_methods(assignment, epsilons)}

@@ -88,12 +88,7 @@ class ExampleSet:
     n_features: int
     last_value: np.ndarray  # [n]: most recent target within the input window, NaN if none
     # [n, H]: the target series on days t-H+1..t (NaN = not answered or before the data)
-    history: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.history is None:  # the input window's own answers are the least we know
-            self.history = np.full((len(self.y), 1), np.nan)
-            self.history[:, 0] = self.last_value
+    history: np.ndarray
 
     @property
     def today(self) -> np.ndarray:
