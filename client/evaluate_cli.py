@@ -101,7 +101,10 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
             raise PriorError(f"the cross-fitted prior of the linear rows cannot be fitted: {exc} "
                              "(evaluate more persons, or leave the rows out with --no-linear)") from None
     else:
-        assignment = shipped_assignment(load_prior(prior_path), target, list(cohort))
+        try:
+            assignment = shipped_assignment(load_prior(prior_path), target, list(cohort))
+        except PriorError as exc:
+            raise PriorError(f"{exc} (give another --prior, or leave the linear rows out with --no-linear)") from None
     return {"public prior": PublicPriorMethod(assignment), **statistics_methods(assignment, epsilons)}
 
 

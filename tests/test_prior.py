@@ -3,6 +3,7 @@ mismatching file, the shipped prior, cross-fitting, and `restwise model prior|sh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tomllib
 
@@ -61,6 +62,11 @@ def test_fitted_prior_has_provenance_and_round_trips(fitted, tmp_path):
         loaded.weights_for("stress")
 
 
+def _content_hash(payload: dict) -> str:
+    """The file's documented hash: sha256 of the canonical JSON of everything but "sha256"."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def test_a_prior_that_does_not_match_is_refused(fitted, tmp_path):
     good = json.loads(fitted.to_json())
     edited = json.loads(json.dumps(good))
@@ -71,14 +77,14 @@ def test_a_prior_that_does_not_match_is_refused(fitted, tmp_path):
     # another spec version, re-hashed so only the version is wrong
     other = {k: v for k, v in good.items() if k != "sha256"}
     other["feature_spec_version"] = lh.FEATURE_SPEC_VERSION + 1
-    other["sha256"] = pr.hashlib.sha256(pr._canonical(other)).hexdigest()
+    other["sha256"] = _content_hash(other)
     (tmp_path / "b.json").write_text(json.dumps(other))
     with pytest.raises(pr.PriorError, match="feature spec version 2"):
         pr.load_prior(tmp_path / "b.json")
     other["feature_spec_version"] = lh.FEATURE_SPEC_VERSION
     other["feature_spec_sha256"] = "0" * 64
     other.pop("sha256")
-    other["sha256"] = pr.hashlib.sha256(pr._canonical(other)).hexdigest()
+    other["sha256"] = _content_hash(other)
     (tmp_path / "c.json").write_text(json.dumps(other))
     with pytest.raises(pr.PriorError, match="another feature spec"):
         pr.load_prior(tmp_path / "c.json")
