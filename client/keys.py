@@ -8,8 +8,11 @@ more key-encryption keys, each held in a *slot* of the store's ``keyslots.json``
   Argon2id (memory-hard). Its parameters and salt are recorded in the slot so a future
   release can raise them without breaking old stores.
 * ``keystore`` slot: the key-encryption key lives in a platform keystore (Android Keystore,
-  iOS Keychain, a TPM, ...). :class:`KeystoreProvider` is the plug; :class:`FileKeystore` is
-  the development and simulation stand-in (a 0600 key file outside the store folder).
+  iOS Keychain, a TPM, the desktop's keyring, ...). :class:`KeystoreProvider` is the plug;
+  :class:`KeyringKeystore` keeps the key-encryption key in the OS keyring through the
+  ``keyring`` package (Secret Service, KWallet, macOS Keychain, Windows Credential Locker);
+  :class:`FileKeystore` keeps it in a 0600 file outside the store folder (simulations, and
+  devices without a keyring: whoever can read that file and the store folder opens the store).
 
 Opening the database with the unwrapped raw key avoids SQLCipher's PBKDF2 on every open
 (~0.5 ms instead of ~150 ms), while brute-forcing the passphrase costs an Argon2id evaluation
@@ -37,13 +40,17 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from restwise.client.errors import (
     KeySlotError,
+    KeystoreNotFoundError,
     StoreFormatError,
     WrongPassphraseError,
 )
 from restwise.client.fsutil import atomic_write_bytes
 
+KEYSLOTS_NAME = "keyslots.json"
 KEYSLOTS_VERSION = 1
 DATA_KEY_BYTES = 32
+# keyslots.json holds a few wrapped keys (well under 4 KiB); anything far larger is not ours.
+KEYSLOTS_MAX_BYTES = 1 << 20
 
 # Upper bounds on Argon2id costs. keyslots.json is not authenticated before the KDF runs, so
 # whoever can write it chooses the cost of every open: without bounds, a tampered file asks
@@ -134,7 +141,10 @@ class FileKeystore:
                 raise KeySlotError(f"keystore key file {path.name} is damaged")
             return data
         if not create:
-            raise KeySlotError("no key for this store in the keystore")
+            raise KeystoreNotFoundError(
+                f"the file keystore {self.directory} holds no key for this store "
+                "(give the right folder with --keystore, or unlock with the passphrase)"
+            )
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = secrets.token_bytes(32)
         atomic_write_bytes(path, key, mode=0o600)
@@ -150,7 +160,7 @@ class FileKeystore:
             return AESGCM(self._kek(store_id, create=False)).decrypt(
                 _unb64(blob["nonce"]), _unb64(blob["wrapped_key"]), aad
             )
-        except (InvalidTag, KeyError, ValueError) as exc:
+        except (InvalidTag, KeyError, ValueError, TypeError) as exc:
             raise KeySlotError("the keystore key does not open this store") from exc
 
     def destroy(self, store_id: str) -> None:
@@ -179,10 +189,15 @@ class KeySlots:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "KeySlots":
+        if len(data) > KEYSLOTS_MAX_BYTES:
+            raise StoreFormatError("keyslots.json is far larger than any key slot file (damaged store?)")
         try:
             raw = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise StoreFormatError("keyslots.json is not valid JSON (damaged store?)") from exc
+        except RecursionError:
+            # Deeply nested arrays/objects: no key slot file looks like that.
+            raise StoreFormatError("keyslots.json is nested too deeply to be a key slot file (damaged store?)") from None
         if not isinstance(raw, dict) or raw.get("version") != KEYSLOTS_VERSION:
             raise StoreFormatError(
                 f"keyslots.json has unsupported version {raw.get('version') if isinstance(raw, dict) else '?'}"
@@ -279,8 +294,6 @@ class KeySlots:
                 return keystore.unwrap(self.store_id, slot, self._aad(kind, gen))
         except InvalidTag:
             return None
-        except KeySlotError:
-            return None
         except MemoryError:
             raise StoreFormatError(
                 "a key slot in keyslots.json asks for more memory than this device has"
@@ -289,6 +302,13 @@ class KeySlots:
             raise StoreFormatError("a key slot in keyslots.json is damaged") from exc
         return None
 
+    def unwrap_slot(
+        self, slot: dict, passphrase: str | None = None, keystore: KeystoreProvider | None = None
+    ) -> bytes | None:
+        """Unwrap one current slot with what is given: the key, or None when the given
+        passphrase/keystore does not apply to or does not open it (keystore errors raise)."""
+        return self._unwrap_slot(slot, passphrase, keystore, self.generation)
+
     def unwrap(
         self,
         passphrase: str | None = None,
@@ -296,19 +316,71 @@ class KeySlots:
         *,
         pending: bool = False,
     ) -> bytes:
-        """Return the data key (or the pending next key) or raise WrongPassphraseError."""
+        """Return the data key (or the pending next key).
+
+        Raises :class:`WrongPassphraseError` when a passphrase was given and opens no slot;
+        with a keystore only, :class:`KeystoreNotFoundError` when the store has no slot of
+        that keystore or the keystore holds no key for it, :class:`KeySlotError` when its key
+        does not open the slot. A keystore problem is never reported as a wrong passphrase.
+        """
         slots = (self.pending or []) if pending else self.slots
         generation = self.generation + 1 if pending else self.generation
+        keystore_errors: list[KeySlotError] = []
         for slot in slots:
-            key = self._unwrap_slot(slot, passphrase, keystore, generation)
+            try:
+                key = self._unwrap_slot(slot, passphrase, keystore, generation)
+            except KeySlotError as exc:
+                keystore_errors.append(exc)
+                continue
             if key is not None:
                 if len(key) != DATA_KEY_BYTES:
                     raise StoreFormatError("unwrapped data key has the wrong length")
                 return key
+        if passphrase is not None and not any(s.get("kind") == "passphrase" for s in slots):
+            raise KeySlotError(
+                "this store has no passphrase: it is opened by its keystore (see `restwise device "
+                "status`); give the keystore with --keystore"
+            )
+        if passphrase is None and keystore is not None:
+            if keystore_errors:
+                raise keystore_errors[0]
+            raise KeystoreNotFoundError(
+                f"this store has no {keystore.name} keystore slot "
+                "(add one with `restwise device keystore add`, or unlock with the passphrase)"
+            )
         raise WrongPassphraseError()
 
     def has_kind(self, kind: str) -> bool:
         return any(s.get("kind") == kind for s in self.slots)
+
+    def keystore_providers(self) -> list[str]:
+        """Names of the keystores holding a slot of the current key (``file``, ``keyring``)."""
+        return [str(s.get("provider")) for s in self.slots if s.get("kind") == "keystore"]
+
+    def describe(self) -> list[dict]:
+        """What each current slot is, without any key material: kind, keystore provider or
+        key-derivation parameters (for `status --verify`)."""
+        out = []
+        for s in self.slots:
+            d = {"kind": s.get("kind"), "generation": s.get("generation", self.generation)}
+            if s.get("kind") == "keystore":
+                d["provider"] = s.get("provider")
+            kdf = s.get("kdf")
+            if isinstance(kdf, dict):
+                d["kdf"] = {k: kdf.get(k) for k in ("name", "memory_kib", "iterations", "lanes")}
+            out.append(d)
+        return out
+
+
+def read_keyslots(folder: Path | str) -> KeySlots:
+    """The key slots of the store in ``folder``, without unlocking anything."""
+    path = Path(folder) / KEYSLOTS_NAME
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(KEYSLOTS_MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise StoreFormatError(f"{path.name} is missing: this is not a complete Restwise store") from None
+    return KeySlots.from_bytes(data)
 
 
 def new_data_key() -> bytes:

@@ -22,6 +22,8 @@ Crash safety:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import datetime as dt
 import fcntl
@@ -41,6 +43,7 @@ from typing import NamedTuple
 from sqlcipher3 import dbapi2 as sqlcipher
 
 from restwise.client.errors import (
+    KeySlotError,
     StoreExistsError,
     StoreFormatError,
     StoreLockedError,
@@ -49,19 +52,27 @@ from restwise.client.errors import (
 )
 from restwise.client.fsutil import atomic_write_bytes, fsync_dir
 from restwise.client.keys import (
+    KEYSLOTS_NAME,
     Argon2Params,
     KeySlots,
     KeystoreProvider,
     _overwrite_and_unlink,
     new_data_key,
+    read_keyslots,
 )
 from restwise.models.metrics import CHECKIN_FIELDS, METRICS
 
 DB_NAME = "restwise.db"
-KEYSLOTS_NAME = "keyslots.json"
 REKEY_TMP_NAME = "restwise.db.rekey-tmp"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Kinds of training load, never added together (different units and physiology):
+# session-RPE load (Foster: CR-10 RPE x minutes, arbitrary units) and heart-rate load
+# (TRIMP from heart-rate zones or a device's own heart-rate-based load).
+SRPE_LOAD = "srpe"
+HR_LOAD = "hr"
+LOAD_KINDS = (SRPE_LOAD, HR_LOAD)
 CACHE_KIB = -32768  # 32 MiB page cache: fewer evictions = fewer page re-encryptions
 
 # Migrations: index i upgrades user_version i -> i+1. Append only; never edit a released one.
@@ -149,6 +160,13 @@ MIGRATIONS: list[str] = [
 
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 1 -> 2: the kind of each session's load (session-RPE or heart-rate load), so the two are
+    # kept as separate series. Sessions without an RPE from the wearable importers carried a
+    # heart-rate TRIMP (Fitbit) or the device's heart-rate load (Garmin).
+    """
+    ALTER TABLE sessions ADD COLUMN load_kind TEXT NOT NULL DEFAULT 'srpe';
+    UPDATE sessions SET load_kind = 'hr' WHERE rpe IS NULL AND source IN ('fitbit', 'garmin_fit');
+    """,
 ]
 
 
@@ -177,7 +195,8 @@ class Observation(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """One training session: minutes x RPE (CR-10) = load (Foster's session-RPE)."""
+    """One training session and its load: minutes x RPE (CR-10) (Foster's session-RPE,
+    ``load_kind`` ``srpe``), or a heart-rate load (TRIMP, ``load_kind`` ``hr``)."""
 
     day: str
     minutes: float
@@ -187,6 +206,7 @@ class Session:
     rpe: float | None = None
     start_ts: int | None = None
     kind: str | None = None
+    load_kind: str = SRPE_LOAD
 
 
 _EPOCH_DAY = dt.date(1970, 1, 1)
@@ -401,7 +421,10 @@ class DeviceStore:
         passphrase: str | None = None,
         *,
         keystore: KeystoreProvider | None = None,
+        data_key: bytes | None = None,
     ) -> "DeviceStore":
+        """Open with the passphrase, a keystore, or (``data_key``) the raw data key handed
+        over by the key agent of `restwise device join` (unwrapped there, once)."""
         folder = Path(folder)
         if not cls.exists(folder):
             raise StoreNotFoundError(f"no Restwise store in {folder}")
@@ -410,15 +433,31 @@ class DeviceStore:
         # file are not mistaken for leftovers of a crash.
         lock_fd = _lock_folder(folder)
         try:
-            store = cls._open_locked(folder, passphrase, keystore, lock_fd)
+            store = cls._open_locked(folder, passphrase, keystore, lock_fd, data_key)
         except BaseException:
             os.close(lock_fd)
             raise
         return store
 
     @classmethod
-    def _open_locked(cls, folder, passphrase, keystore, lock_fd) -> "DeviceStore":
-        slots = KeySlots.from_bytes((folder / KEYSLOTS_NAME).read_bytes())
+    def _open_locked(cls, folder, passphrase, keystore, lock_fd, data_key=None) -> "DeviceStore":
+        slots = read_keyslots(folder)
+        if data_key is not None:
+            conn = cls._open_db(folder, slots, bytes(data_key), None, None)
+            if conn is None:
+                raise KeySlotError(
+                    "the key handed over at `restwise device join` no longer opens this store "
+                    "(was it rekeyed since?): stop and start the join again"
+                )
+            store = cls(folder, conn, slots, bytes(data_key))
+            try:
+                store._check_identity()
+                store._migrate()
+            except BaseException:
+                store.close()
+                raise
+            store._lock_fd = lock_fd
+            return store
         key = slots.unwrap(passphrase, keystore)  # WrongPassphraseError on a wrong passphrase
         conn = cls._open_db(folder, slots, key, passphrase, keystore)
         if conn is None:
@@ -565,13 +604,56 @@ class DeviceStore:
                 c.execute("COMMIT")
 
     @_guarded
-    def verify(self) -> None:
-        """Check every page's HMAC and SQLite's own structure; raise StoreFormatError if bad."""
+    def verify(self) -> dict:
+        """Check every page's HMAC and SQLite's own structure; raise StoreFormatError if bad.
+
+        Returns what was checked: the number of database pages and their size, the WAL
+        frames not yet checkpointed (checked too), and the schema version."""
         problems = self.conn.execute("PRAGMA cipher_integrity_check").fetchall()
         if problems:
             raise StoreFormatError(f"{len(problems)} page(s) of the store failed their integrity check")
         if self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise StoreFormatError("the store database structure is damaged")
+        wal = Path(str(self.folder / DB_NAME) + "-wal")
+        page_size = int(self.conn.execute("PRAGMA page_size").fetchone()[0])
+        return {
+            "pages": int(self.conn.execute("PRAGMA page_count").fetchone()[0]),
+            "page_size": page_size,
+            "wal_bytes": wal.stat().st_size if wal.exists() else 0,
+            "schema_version": self.schema_version,
+        }
+
+    def verify_key_slots(
+        self, passphrase: str | None = None, keystore: KeystoreProvider | None = None
+    ) -> list[dict]:
+        """Check every current key slot: well formed, and (where the passphrase or keystore is
+        at hand) that it unwraps exactly this store's data key. Raises StoreFormatError on a
+        malformed slot; a slot that unwraps to another key is reported, not hidden."""
+        out = []
+        for slot, described in zip(self._slots.slots, self._slots.describe()):
+            _check_slot_shape(slot)
+            entry = dict(described)
+            try:
+                key = self._slots.unwrap_slot(slot, passphrase, keystore)
+            except KeySlotError as exc:
+                entry["status"] = f"not checked ({exc})"
+                out.append(entry)
+                continue
+            if key is None:
+                can_try = (slot.get("kind") == "passphrase" and passphrase is not None) or (
+                    slot.get("kind") == "keystore" and keystore is not None
+                    and slot.get("provider") == keystore.name
+                )
+                entry["status"] = (
+                    "does NOT open this store" if can_try
+                    else "well formed; not unwrapped (not the way this store was opened)"
+                )
+            elif secrets.compare_digest(key, self._key):
+                entry["status"] = "opens this store"
+            else:
+                entry["status"] = "does NOT open this store (wraps another key)"
+            out.append(entry)
+        return out
 
     # ------------------------------------------------------------------ observations
     @_guarded
@@ -635,11 +717,13 @@ class DeviceStore:
         source: str,
         is_override: bool = False,
         conn: sqlcipher.Connection | None = None,
+        updated_at: int | None = None,
     ) -> None:
         """Store one day's check-in answers (canonical scales, see ``models.metrics``).
 
         Fields not given keep their stored value; an override by the person is flagged so
-        it can serve as a training label.
+        it can serve as a training label. ``updated_at`` (epoch seconds) defaults to now; a
+        restored export passes the original.
         """
         _validate_day(day)
         for name, value in values.items():
@@ -652,7 +736,8 @@ class DeviceStore:
         if conn is None:
             with self.transaction() as c:
                 return self.upsert_checkin(
-                    day, values, source=source, is_override=is_override, conn=c
+                    day, values, source=source, is_override=is_override, conn=c,
+                    updated_at=updated_at,
                 )
         cols = sorted(values)
         conn.execute(
@@ -660,7 +745,7 @@ class DeviceStore:
             "ON CONFLICT(day) DO UPDATE SET source=excluded.source, "
             "is_override=max(checkins.is_override, excluded.is_override), "
             "updated_at=excluded.updated_at",
-            (day, source, int(is_override), int(time.time())),
+            (day, source, int(is_override), int(time.time() if updated_at is None else updated_at)),
         )
         if cols:
             assignments = ", ".join(f"{c} = ?" for c in cols)
@@ -689,11 +774,14 @@ class DeviceStore:
         n = 0
         for s in sessions:
             _validate_day(s.day)
+            if s.load_kind not in LOAD_KINDS:
+                raise ValueError(f"a session's load kind must be one of {', '.join(LOAD_KINDS)}")
             n += 1
             conn.execute(
-                "INSERT OR IGNORE INTO sessions(day, start_ts, minutes, rpe, load, kind, source, "
-                "record_key) VALUES (?,?,?,?,?,?,?,?)",
-                (s.day, s.start_ts, s.minutes, s.rpe, s.load, s.kind, s.source, s.record_key),
+                "INSERT OR IGNORE INTO sessions(day, start_ts, minutes, rpe, load, load_kind, kind, "
+                "source, record_key) VALUES (?,?,?,?,?,?,?,?,?)",
+                (s.day, s.start_ts, s.minutes, s.rpe, s.load, s.load_kind, s.kind, s.source,
+                 s.record_key),
             )
         inserted = conn.total_changes - before
         return InsertResult(inserted=inserted, duplicates=n - inserted)
@@ -701,7 +789,8 @@ class DeviceStore:
     @_guarded
     def sessions(self) -> list[dict]:
         cur = self.conn.execute(
-            "SELECT day, start_ts, minutes, rpe, load, kind, source FROM sessions ORDER BY day, start_ts"
+            "SELECT day, start_ts, minutes, rpe, load, load_kind, kind, source FROM sessions "
+            "ORDER BY day, start_ts"
         )
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
@@ -809,7 +898,10 @@ class DeviceStore:
         return {
             "store_id": self.store_id,
             "schema_version": self.schema_version,
-            "key_slots": sorted({s["kind"] for s in self._slots.slots}),
+            "key_slots": sorted({
+                s["kind"] if s.get("kind") != "keystore" else f"keystore ({s.get('provider')})"
+                for s in self._slots.slots
+            }),
             "key_generation": self._slots.generation,
             "observations": per_metric,
             "checkins": {"count": n_checkins, "first_day": c0, "last_day": c1},
@@ -819,17 +911,75 @@ class DeviceStore:
         }
 
     def export_rows(self) -> Iterator[dict]:
-        """Every stored row as plain dicts, for the person's own `export`."""
-        for table in ("observations", "checkins", "sessions", "egress_log", "consent", "imports"):
-            cur = self.conn.execute(f"SELECT * FROM {table}")
-            names = [d[0] for d in cur.description]
-            for row in cur:
-                d = {"table": table}
-                for k, v in zip(names, row):
-                    if k == "record_key":
-                        continue
-                    d[k] = v.hex() if isinstance(v, bytes) else v
-                yield d
+        """Every stored row as plain dicts (``{"table": ..., column: value}``), in the
+        canonical order of :data:`EXPORT_TABLES`: what `restwise device export` writes.
+        Internal row ids are left out (they are not data); a record's identity
+        (``record_key``, hex) is kept, so importing the export back adds nothing twice."""
+        with _damage_is_format_error():
+            for table, (columns, order) in EXPORT_TABLES.items():
+                cur = self.conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}")
+                for row in cur:
+                    d: dict = {"table": table}
+                    for k, v in sorted(zip(columns, row)):
+                        d[k] = v.hex() if isinstance(v, bytes) else v
+                    yield d
+
+    def export_lines(self) -> Iterator[str]:
+        """The export as JSON lines: a header line, then :meth:`export_rows`. Deterministic:
+        the same content always gives the same bytes (the round-trip property)."""
+        yield json.dumps(EXPORT_HEADER)
+        for row in self.export_rows():
+            yield json.dumps(row)
+
+    # ------------------------------------------------------------------ restore (export -> store)
+    def restore_egress(self, row: dict, *, conn: sqlcipher.Connection) -> bool:
+        """Add one exported egress-log row unless the same message is already logged."""
+        key = (row["ts"], row["run_id"], row["round"], row["message_type"], row["sha256"])
+        if conn.execute(
+            "SELECT 1 FROM egress_log WHERE ts = ? AND run_id = ? AND round IS ? AND "
+            "message_type = ? AND sha256 = ?", key,
+        ).fetchone():
+            return False
+        conn.execute(
+            "INSERT INTO egress_log(ts, run_id, round, message_type, records, n_bytes, sha256) "
+            "VALUES (?,?,?,?,?,?,?)",
+            (row["ts"], row["run_id"], row["round"], row["message_type"], row["records"],
+             row["n_bytes"], row["sha256"]),
+        )
+        return True
+
+    def restore_consent(self, row: dict, *, conn: sqlcipher.Connection) -> bool:
+        """Restore one consent choice; a newer choice already in the store wins."""
+        before = conn.total_changes
+        conn.execute(
+            "INSERT INTO consent(scope, allowed, updated_at) VALUES (?,?,?) "
+            "ON CONFLICT(scope) DO UPDATE SET allowed=excluded.allowed, updated_at=excluded.updated_at "
+            "WHERE excluded.updated_at > consent.updated_at",
+            (row["scope"], int(bool(row["allowed"])), int(row["updated_at"])),
+        )
+        return conn.total_changes > before
+
+    def restore_import_log(self, row: dict, *, conn: sqlcipher.Connection) -> bool:
+        """Restore one row of the import history unless it is already there."""
+        values = tuple(row[c] for c in EXPORT_TABLES["imports"][0])
+        cols = EXPORT_TABLES["imports"][0]
+        if conn.execute(
+            "SELECT 1 FROM imports WHERE " + " AND ".join(f"{c} IS ?" for c in cols), values
+        ).fetchone():
+            return False
+        conn.execute(
+            f"INSERT INTO imports({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values
+        )
+        return True
+
+    def note_restore(self, source_name: str, rows: int, *, conn: sqlcipher.Connection) -> None:
+        """A restore of an export is recorded here, not in the import history (which it
+        restores as it was, so a second export is byte-identical to the first)."""
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('last_restore', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (json.dumps({"at": int(time.time()), "source": source_name, "rows": rows}),),
+        )
 
     # ------------------------------------------------------------------ key operations
     def change_passphrase(
@@ -845,13 +995,37 @@ class DeviceStore:
         atomic_write_bytes(self.folder / KEYSLOTS_NAME, new.to_bytes())
         self._slots = new
 
-    def add_keystore_slot(self, keystore: KeystoreProvider) -> None:
+    def add_keystore_slot(self, keystore: KeystoreProvider) -> list[str]:
+        """Wrap the data key under ``keystore`` in a keystore slot (one per store: it
+        replaces an existing keystore slot). Returns the providers of replaced slots."""
         gen = self._slots.generation
+        replaced = self._slots.keystore_providers()
         slots = [s for s in self._slots.slots if s.get("kind") != "keystore"]
         slots.append(self._slots.make_keystore_slot(self._key, keystore, gen))
         new = KeySlots(store_id=self.store_id, generation=gen, slots=slots)
         atomic_write_bytes(self.folder / KEYSLOTS_NAME, new.to_bytes())
         self._slots = new
+        return replaced
+
+    def remove_keystore_slot(self) -> list[str]:
+        """Remove the keystore slot; the passphrase then is the only way in (refused when the
+        store has no passphrase slot). Returns the providers of removed slots."""
+        if not self._slots.has_kind("passphrase"):
+            raise KeySlotError(
+                "this store has no passphrase slot: removing its keystore would lock it for good "
+                "(set a passphrase first with `restwise device passphrase change`)"
+            )
+        removed = self._slots.keystore_providers()
+        slots = [s for s in self._slots.slots if s.get("kind") != "keystore"]
+        new = KeySlots(store_id=self.store_id, generation=self._slots.generation, slots=slots)
+        atomic_write_bytes(self.folder / KEYSLOTS_NAME, new.to_bytes())
+        self._slots = new
+        return removed
+
+    @property
+    def key_slots(self) -> KeySlots:
+        """The store's key slots (wrapped keys only; nothing here opens the store)."""
+        return self._slots
 
     def rekey(
         self,
@@ -955,6 +1129,55 @@ class DeviceStore:
     def erase(self, keystore: KeystoreProvider | None = None) -> None:
         """Destroy the key material and the database files; the folder is removed."""
         erase_store(self.folder, keystore=keystore, _open=self)
+
+
+# ---------------------------------------------------------------------- export layout
+#: First line of `restwise device export`: tells the importer the file is a whole store's
+#: export (restored as it was, history included), not demo or hand-written data.
+EXPORT_HEADER = {"table": "restwise_export", "version": 2}
+#: table -> (exported columns, canonical order). Internal ids are not exported; the order is
+#: by content (observations, check-ins, sessions) or by the order things happened (logs).
+EXPORT_TABLES: dict[str, tuple[tuple[str, ...], str]] = {
+    "observations": (
+        ("metric", "ts", "end_ts", "tz_offset_min", "local_day", "value", "unit", "source",
+         "device", "record_key"),
+        "ts, metric, record_key",
+    ),
+    "checkins": (
+        ("day", "readiness", "fatigue", "soreness", "stress", "mood", "sleep_quality",
+         "sleep_hours", "source", "is_override", "updated_at"),
+        "day",
+    ),
+    "sessions": (
+        ("day", "start_ts", "minutes", "rpe", "load", "load_kind", "kind", "source", "record_key"),
+        "day, start_ts, record_key",
+    ),
+    "egress_log": (("ts", "run_id", "round", "message_type", "records", "n_bytes", "sha256"), "id"),
+    "consent": (("scope", "allowed", "updated_at"), "scope"),
+    "imports": (
+        ("started_at", "finished_at", "format", "source_name", "inserted", "duplicates",
+         "skipped", "summary"),
+        "id",
+    ),
+}
+
+
+def _check_slot_shape(slot: dict) -> None:
+    """A key slot's fields decode to what they must be (StoreFormatError otherwise)."""
+    try:
+        nonce = base64.b64decode(str(slot["nonce"]), validate=True)
+        wrapped = base64.b64decode(str(slot["wrapped_key"]), validate=True)
+        if len(nonce) != 12 or len(wrapped) != 32 + 16:
+            raise ValueError("wrong lengths")
+        if slot.get("kind") == "passphrase":
+            kdf = slot["kdf"]
+            Argon2Params(memory_kib=kdf["memory_kib"], iterations=kdf["iterations"], lanes=kdf["lanes"])
+            if len(base64.b64decode(str(kdf["salt"]), validate=True)) < 16:
+                raise ValueError("short salt")
+        elif slot.get("kind") != "keystore":
+            raise ValueError("unknown slot kind")
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise StoreFormatError("a key slot in keyslots.json is damaged") from None
 
 
 # ---------------------------------------------------------------------- observation inserts
@@ -1099,8 +1322,8 @@ def erase_store(
 def _erase_locked(folder: Path, keystore: KeystoreProvider | None, _open: DeviceStore | None) -> None:
     store_id = None
     try:
-        store_id = KeySlots.from_bytes((folder / KEYSLOTS_NAME).read_bytes()).store_id
-    except Exception:
+        store_id = read_keyslots(folder).store_id
+    except Exception:  # damaged or missing key slots: erase what is there all the same
         pass
     if _open is not None:
         _open._conn.close() if _open._conn is not None else None
@@ -1149,6 +1372,7 @@ def create_plain_sqlite(path: Path | str) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     _tune(conn)
-    for stmt in _split_sql(MIGRATIONS[0]):
-        conn.execute(stmt)
+    for migration in MIGRATIONS:
+        for stmt in _split_sql(migration):
+            conn.execute(stmt)
     return conn

@@ -18,7 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from restwise.client.errors import ImportFailedError, MalformedInputError, UnknownFormatError
+from restwise.client.errors import (
+    ImportFailedError,
+    MalformedInputError,
+    NothingImportedError,
+    UnknownFormatError,
+)
 from restwise.client.importers import get_importer, run_import
 from restwise.client.store import DeviceStore
 
@@ -126,8 +131,14 @@ def test_zip_member_expanding_beyond_its_stated_size_is_refused(seeded, tmp_path
     _patch_central_size(bomb, "Fitbit/Physical Activity/heart_rate-2024-01-01.json", 4096)
     before = snapshot(seeded)
     with pytest.raises(MalformedInputError):
-        run_import(seeded, bomb, get_importer("fitbit"))
+        run_import(seeded, bomb, get_importer("fitbit"), strict=True)
     assert snapshot(seeded) == before
+    # Without --strict the lying member is read no further than it claims, found damaged,
+    # and listed; the rest of the archive imports.
+    report = run_import(seeded, bomb, get_importer("fitbit"))
+    assert report.skipped_files == [
+        ("Fitbit/Physical Activity/heart_rate-2024-01-01.json", "damaged inside the archive")]
+    assert report.duplicates >= 1 and "heart_rate" not in report.inserted  # sleep score: seeded
 
 
 # ---------------------------------------------------------------------------- wrong type
@@ -220,11 +231,16 @@ def test_absurd_fit_dates_are_counted_skips(new_store, tmp_path):
     folder.mkdir()
     (folder / "old.fit").write_bytes(fit_activity(start_unix=915_148_800, serial=1))  # 1999-01-01
     (folder / "future.fit").write_bytes(fit_activity(start_unix=4_102_444_800, serial=2))  # 2100
-    report = run_import(new_store, folder)
+    # Nothing left to store: the import says so (exit 9) with the reasons, store unchanged.
+    with pytest.raises(NothingImportedError) as info:
+        run_import(new_store, folder)
+    report = info.value.report
     assert report.total_inserted == 0
     # per file: workout_duration, workout_energy, training_load, hrv_rmssd and the session
     assert report.skipped == {DATE_SKIP: 10}
+    assert "date before 2000 or in the future (10)" in str(info.value)
     assert new_store.summary()["observations"] == {}
+    assert new_store.summary()["imports"] == 0
 
 
 # ---------------------------------------------------------------------------- malformed
@@ -256,7 +272,9 @@ def test_malformed_files_are_refused_and_the_store_is_unchanged(seeded, tmp_path
     for fmt, path in _malformed_cases(tmp_path):
         before = snapshot(seeded)
         with pytest.raises(MalformedInputError) as info:
-            run_import(seeded, path)  # auto-detection picks the format, the parser refuses
+            # auto-detection picks the format, the parser refuses (a folder: --strict, so one
+            # damaged file refuses it all; without it the others would be imported)
+            run_import(seeded, path, strict=path.is_dir())
         assert path.name in str(info.value) or fmt == "fitbit", fmt
         assert snapshot(seeded) == before, fmt
 

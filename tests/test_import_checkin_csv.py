@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from restwise.client.errors import MalformedInputError
+from restwise.client.errors import MalformedInputError, NothingImportedError
 from restwise.client.importers import ImportOptions, get_importer, run_import
 from restwise.client.importers.checkin_csv import CheckinCsvImporter, ColumnSpec, load_column_map, parse_column_map
 
@@ -156,8 +156,9 @@ def test_malformed_csv_is_refused_and_store_unchanged(new_store, tmp_path, text,
     before = (new_store.summary(), new_store.checkins(), new_store.sessions())
     path = tmp_path / "bad.csv"
     path.write_text(text)
-    if problem is None:  # a header and no rows: nothing to import, not an error
-        assert run_import(new_store, path, get_importer("checkin_csv")).total_inserted == 0
+    if problem is None:  # a header and no rows: nothing imported, said with exit 9
+        with pytest.raises(NothingImportedError, match="holds no records"):
+            run_import(new_store, path, get_importer("checkin_csv"))
     else:
         with pytest.raises(MalformedInputError, match=problem):
             run_import(new_store, path, get_importer("checkin_csv"))

@@ -78,7 +78,7 @@ def test_exercise_sessions_and_edwards_trimp(new_store):
     expected_load = 5 * 0 + 10 * 2 + 25 * 3 + 5 * 5
     (session,) = new_store.sessions()
     assert session == {"day": "2024-03-01", "start_ts": utc(2024, 3, 1, 17), "minutes": 45.0,
-                       "rpe": None, "load": float(expected_load), "kind": "Run",
+                       "rpe": None, "load": float(expected_load), "load_kind": "hr", "kind": "Run",
                        "source": "fitbit"}
     durations = new_store.observations("workout_duration")
     assert [(ts, v, end) for ts, v, end, _o in durations] == [
@@ -182,9 +182,25 @@ def test_malformed_json_refuses_the_whole_export(new_store, tmp_path):
     target = folder / "Alex" / "Physical Activity" / "steps-2024-03-02.json"
     target.write_text(target.read_text()[:-20])
     with pytest.raises(MalformedInputError, match="steps-2024-03-02.json"):
-        run_import(new_store, folder, get_importer("fitbit"))
+        run_import(new_store, folder, get_importer("fitbit"), strict=True)
     assert new_store.summary()["observations"] == {}
     assert new_store.sessions() == []
+
+
+def test_a_damaged_file_is_skipped_and_listed_the_rest_imports(new_store, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(EXPORT, folder)
+    target = folder / "Alex" / "Physical Activity" / "steps-2024-03-02.json"
+    target.write_text(target.read_text()[:-20])
+    report = run_import(new_store, folder)
+    damaged = [(m, why) for m, why in report.skipped_files if m.endswith("steps-2024-03-02.json")]
+    assert damaged == [("Alex/Physical Activity/steps-2024-03-02.json", "not valid JSON")]
+    assert report.inserted["resting_heart_rate"] >= 1 and report.inserted["session"] >= 1
+    summary = new_store.summary()
+    assert summary["imports"] == 1
+    # one transaction: the damaged file's day of steps is absent, everything else is there
+    steps_days = {d for d, *_ in new_store.daily_observations("steps")}
+    assert "2024-03-02" not in steps_days
 
 
 def test_entries_of_the_wrong_shape_are_counted_skips(new_store, tmp_path):

@@ -224,7 +224,7 @@ def test_zip_of_fit_files(new_store, tmp_path):
     assert report.format == "garmin_fit"
     assert report.inserted["session"] == 1 and report.inserted["steps"] == 1
     assert report.inserted["heart_rate"] == 3
-    assert report.skipped["a file in the folder is not a FIT file"] == 1
+    assert report.skipped_files == [("readme.txt", "not a format Restwise reads")]
 
 
 # ---------------------------------------------------------------------------- malformed
@@ -252,8 +252,12 @@ def test_one_bad_file_in_a_folder_refuses_the_whole_folder(new_store, tmp_path):
     write(folder, "a.fit", activity_fit(serial=1))
     write(folder, "b.fit", activity_fit(serial=2)[:-1])
     with pytest.raises(MalformedInputError):
-        run_import(new_store, folder)
+        run_import(new_store, folder, strict=True)
     assert new_store.summary()["observations"] == {}
+    # without --strict the damaged file is listed and the good one imported
+    report = run_import(new_store, folder)
+    assert [m for m, _ in report.skipped_files] == ["b.fit"]
+    assert report.inserted["session"] == 1
 
 
 # ---------------------------------------------------------------------------- real samples

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from restwise.client.errors import MalformedInputError
+from restwise.client.errors import MalformedInputError, NothingImportedError
 from restwise.client.importers import ImportOptions, get_importer, run_import
 
 FIXTURES = Path(__file__).parent / "fixtures" / "open_mhealth"
@@ -95,7 +95,9 @@ def test_values_of_the_wrong_shape_are_counted_skips(new_store, tmp_path):
         {"step_count": 10, "effective_time_frame": {"time_interval": {"start_date_time": "2024-04-01T07:30:00Z"}}},
         17,
     ]))
-    report = run_import(new_store, path)
+    with pytest.raises(NothingImportedError) as info:
+        run_import(new_store, path)
+    report = info.value.report
     assert report.total_inserted == 0
     assert report.skipped == {
         "heart-rate: heart rate: missing or malformed value": 1,

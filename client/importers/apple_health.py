@@ -535,6 +535,7 @@ _READ_ERRORS = (zlib.error, EOFError, zipfile.BadZipFile, OSError, RuntimeError,
 
 class AppleHealthImporter:
     name = "apple_health"
+    single_file = True  # one export.xml per import; a folder of several: each its own
     description = "Apple Health export (export.zip, export.xml or the unzipped folder)"
 
     def sniff(self, source: InputSource) -> bool:

@@ -24,23 +24,44 @@ for ``sleep_hours`` / ``minutes``, ``unit`` (``"h"`` or ``"min"``). Answers are 
 linearly onto the canonical scales of :mod:`restwise.models.metrics` (readiness 0-10, the five
 wellness items 1-5 with higher = better, CR-10 RPE 0-10). The full specification is in
 ``docs/importers.md``.
+
+A folder whose CSV files come from different apps takes one map per file, keyed by a file-name
+pattern (``fnmatch``, case-insensitive, matched against the file's name; the first matching
+pattern wins; a file matching none is read by our own column names)::
+
+    {"files": {"*wellness*.csv": {"date": "Day", ...}, "*session*.csv": {"date": "When", ...}}}
+
+The date column holds a day (``YYYY-MM-DD``, ``dd.mm.yyyy``) or an ISO 8601 timestamp
+(``2024-05-01T06:12:00Z``, ``...+02:00``; read with :meth:`datetime.datetime.fromisoformat`):
+a timestamp with an offset is turned into the person's local day with ``--tz`` (without it, in
+UTC, and the import says so once); one without an offset is a local wall-clock time already.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import fnmatch
 import io
 import json
 import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from zoneinfo import ZoneInfo
 
 from restwise.client.errors import MalformedInputError
-from restwise.client.importers.base import CheckinRecord, ImportOptions, InputSource, Record, Skip
-from restwise.client.importers.fitbit import ARCHIVE_ERRORS, read_head
+from restwise.client.importers.base import (
+    UTC_DAYS_ASSUMED,
+    CheckinRecord,
+    ImportOptions,
+    InputSource,
+    Notice,
+    Record,
+    Skip,
+)
+from restwise.client.importers.fitbit import ARCHIVE_ERRORS, read_head, zone_of
 from restwise.client.store import Session, record_key
 from restwise.models.metrics import CHECKIN_FIELDS, SESSION_MINUTES_RANGE, SESSION_RPE_RANGE
 
@@ -164,6 +185,51 @@ def parse_column_map(mapping: dict) -> dict[str, ColumnSpec]:
     return specs
 
 
+@dataclass(frozen=True)
+class ColumnMaps:
+    """Column maps by file: one map for every file (``default``), or maps keyed by
+    file-name pattern (``by_pattern``, in the order written; the first match wins)."""
+
+    default: dict[str, ColumnSpec] | None = None
+    by_pattern: tuple[tuple[str, dict[str, ColumnSpec]], ...] = ()
+
+    def for_member(self, member: str) -> dict[str, ColumnSpec] | None:
+        """The map for ``member`` (a relative path), None: read with our own column names."""
+        name = PurePosixPath(member).name.lower()
+        for pattern, specs in self.by_pattern:
+            if fnmatch.fnmatchcase(name, pattern.lower()):
+                return specs
+        return self.default
+
+
+FILES_KEY = "files"
+
+
+def parse_column_maps(mapping: object) -> ColumnMaps:
+    """Validate a column map, or per-file maps ``{"files": {pattern: map, ...}}``."""
+    if isinstance(mapping, dict) and FILES_KEY in mapping:
+        if set(mapping) != {FILES_KEY}:
+            raise MalformedInputError(
+                'column map: with "files" (maps per file-name pattern) nothing else may be given'
+            )
+        files = mapping[FILES_KEY]
+        if not isinstance(files, dict) or not files:
+            raise MalformedInputError(
+                'column map: "files" must map file-name patterns to column maps, '
+                'e.g. {"files": {"wellness*.csv": {"date": "Day"}}}'
+            )
+        out = []
+        for pattern, entry in files.items():
+            if not isinstance(pattern, str) or not pattern.strip() or "/" in pattern:
+                raise MalformedInputError("column map: a file-name pattern must be a file name such as \"wellness*.csv\"")
+            try:
+                out.append((pattern.strip(), parse_column_map(entry)))
+            except MalformedInputError as exc:
+                raise MalformedInputError(f"{exc} (in the map for {pattern!r})") from None
+        return ColumnMaps(by_pattern=tuple(out))
+    return ColumnMaps(default=parse_column_map(mapping))
+
+
 def load_column_map(path: Path | str) -> dict:
     """Read and validate a column-map JSON file; returns the dict to pass as
     ``ImportOptions(column_map=...)``. Raises MalformedInputError naming the problem."""
@@ -172,24 +238,36 @@ def load_column_map(path: Path | str) -> dict:
         mapping = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise MalformedInputError(f"cannot read the column map {path.name}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise MalformedInputError(f"the column map {path.name} is not valid JSON") from None
-    parse_column_map(mapping)  # validate now, so a bad map fails before any import starts
+    parse_column_maps(mapping)  # validate now, so a bad map fails before any import starts
     return mapping
 
 
-def parse_day(text: str) -> str | None:
-    """``YYYY-MM-DD`` or ``dd.mm.yyyy`` -> ISO day; None when unreadable."""
+def parse_day(text: str, tz: ZoneInfo | None = None) -> tuple[str | None, bool]:
+    """The day a date cell is about, and whether UTC stood in for a missing ``tz``.
+
+    ``YYYY-MM-DD`` or ``dd.mm.yyyy``: that day. An ISO 8601 timestamp (standard library
+    parser): with an offset (``Z``, ``+02:00``) its instant's day in ``tz`` (UTC without
+    one: flagged); without an offset, its own wall-clock day. None when unreadable."""
     text = text.strip()
     try:
         if ISO_DATE.match(text):
-            return dt.date.fromisoformat(text).isoformat()
+            return dt.date.fromisoformat(text).isoformat(), False
         m = DOTTED_DATE.match(text)
         if m:
-            return dt.date(int(m.group(3)), int(m.group(2)), int(m.group(1))).isoformat()
+            return dt.date(int(m.group(3)), int(m.group(2)), int(m.group(1))).isoformat(), False
+        if len(text) < 11 or not text[:4].isdigit():
+            return None, False
+        when = dt.datetime.fromisoformat(text)
     except ValueError:
-        return None
-    return None
+        return None, False
+    if when.tzinfo is None:
+        return when.date().isoformat(), False
+    try:
+        return when.astimezone(tz or dt.UTC).date().isoformat(), tz is None
+    except (OverflowError, ValueError):
+        return None, False
 
 
 def _number(text: str) -> float:
@@ -210,7 +288,7 @@ class CheckinCsvImporter:
 
     def __init__(self, column_map: dict | None = None):
         self.column_map = column_map
-        self._specs = parse_column_map(column_map) if column_map else None
+        self._maps = parse_column_maps(column_map) if column_map else ColumnMaps()
 
     def _csv_members(self, source: InputSource) -> list[str]:
         return [m for m in source.members() if m.lower().endswith((".csv", ".tsv"))] or (
@@ -244,10 +322,17 @@ class CheckinCsvImporter:
             header = self._head_header(source, member)
             if header is None:
                 return False
-            if self._specs is not None:
+            specs = self._maps.for_member(member)
+            if specs is not None:
+                # The person declared this file's columns: its date column and one other
+                # mapped (or canonical) column are enough; reading then checks every mapped
+                # column is there and names the one that is not.
                 names = {h.strip().lower() for h in header}
-                mapped = {spec.column.strip().lower() for spec in self._specs.values()}
-                if self._specs["date"].column.strip().lower() not in names or len(names & mapped) < 2:
+                mapped = {spec.column.strip().lower() for spec in specs.values()}
+                ours = {normalise_header(h) for h in header} & set(FIELDS)
+                if specs["date"].column.strip().lower() not in names or (
+                    len(names & mapped) < 2 and len(ours - {"date"}) < 1
+                ):
                     return False
                 continue
             names = [normalise_header(h) for h in header if h.strip()]
@@ -260,12 +345,17 @@ class CheckinCsvImporter:
         return True
 
     def records(self, source: InputSource, options: ImportOptions) -> Iterator[Record]:
-        specs = parse_column_map(options.column_map) if options.column_map else self._specs
+        maps = parse_column_maps(options.column_map) if options.column_map else self._maps
+        tz = zone_of(options)
+        assumed_utc = [False]
         for member in self._csv_members(source):
-            yield from self._member_records(source, member, specs)
+            yield from self._member_records(source, member, maps.for_member(member), tz, assumed_utc)
+        if assumed_utc[0]:
+            yield Notice(UTC_DAYS_ASSUMED)
 
     def _member_records(
-        self, source: InputSource, member: str, specs: dict[str, ColumnSpec] | None
+        self, source: InputSource, member: str, specs: dict[str, ColumnSpec] | None,
+        tz: ZoneInfo | None = None, assumed_utc: list | None = None,
     ) -> Iterator[Record]:
         header_line = self._head_header(source, member)
         if header_line is None:
@@ -291,7 +381,7 @@ class CheckinCsvImporter:
                         raise MalformedInputError(
                             f"{member}: line {line} has {len(row)} columns, the header has {len(header)}"
                         )
-                    yield from self._row_records(row, index, sessions_per_day)
+                    yield from self._row_records(row, index, sessions_per_day, tz, assumed_utc)
             except csv.Error:
                 raise MalformedInputError(f"{member}: line {line} is not valid CSV") from None
             except ARCHIVE_ERRORS:
@@ -325,12 +415,15 @@ class CheckinCsvImporter:
         return index
 
     def _row_records(
-        self, row: list[str], index: dict[str, tuple[int, ColumnSpec]], sessions_per_day: Counter
+        self, row: list[str], index: dict[str, tuple[int, ColumnSpec]], sessions_per_day: Counter,
+        tz: ZoneInfo | None = None, assumed_utc: list | None = None,
     ) -> Iterator[Record]:
-        day = parse_day(row[index["date"][0]])
+        day, utc_stood_in = parse_day(row[index["date"][0]], tz)
         if day is None:
             yield Skip("unreadable date")
             return
+        if utc_stood_in and assumed_utc is not None:
+            assumed_utc[0] = True
         values: dict[str, float] = {}
         session: dict[str, float] = {}
         for field, (i, spec) in index.items():

@@ -59,8 +59,15 @@ from pathlib import PurePosixPath
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from restwise.client.errors import ImportFailedError, MalformedInputError
-from restwise.client.importers.base import ImportOptions, InputSource, Record, Skip
-from restwise.client.store import Observation, Session, local_day, record_key
+from restwise.client.importers.base import (
+    UTC_ASSUMED,
+    ImportOptions,
+    InputSource,
+    Notice,
+    Record,
+    Skip,
+)
+from restwise.client.store import HR_LOAD, Observation, Session, local_day, record_key
 
 SOURCE = "fitbit"
 MAX_DOCUMENT_BYTES = 512 * 1024**2
@@ -114,11 +121,15 @@ class _Clock:
 
     def __init__(self, tz: ZoneInfo | None):
         self.tz = tz or dt.UTC
+        self._zone_given = tz is not None
+        self.assumed_utc = False  # a naive time was read as UTC for lack of a zone
 
     def local(self, when: dt.datetime) -> tuple[int, int]:
         """A naive time is wall-clock time in the zone; an aware one keeps its instant and
         takes the zone's offset at that instant."""
         if when.tzinfo is None:
+            if not self._zone_given:
+                self.assumed_utc = True
             aware = when.replace(tzinfo=self.tz)
         else:
             aware = when.astimezone(self.tz)
@@ -159,72 +170,132 @@ def _number(value: object) -> float:
     return out
 
 
-# --- file kinds ----------------------------------------------------------------------
+# --- file kinds ---------------------------------------------------------------------
+# A file's kind is decided by its *content*: the shape of its entries (JSON) or the columns
+# of its header (CSV), in any order. Only files holding a plain {"dateTime", "value": N}
+# series look alike whatever they measure; for those the file name says which series it is,
+# with or without the export's date suffix ("steps-2020-01-01.json", "steps.json").
 
 def _base(member: str) -> str:
     return PurePosixPath(member).name.lower()
 
 
-# Export file name (without the "-<date or number>" suffix) -> what it holds. Names must
-# match exactly: an export holds many other files (goals, badges, profiles) that are not
-# ours to read, and a near-miss name such as steps_goal.json must not be taken for data.
-JSON_KINDS = {
-    "resting_heart_rate": "resting_heart_rate",
-    "sleep": "sleep",
+# Name stem of a per-day/per-minute series file -> what it holds. Names must match exactly:
+# an export holds other series (calories, altitude, ...) that are not ours to read (they are
+# recognised and reported as unused), and near-miss names must not be taken for data.
+SCALAR_KINDS = {
     "sedentary_minutes": "sedentary_minutes",
     "moderately_active_minutes": "active_minutes",
     "very_active_minutes": "active_minutes",
-    "time_in_heart_rate_zones": "hr_zones",
-    "heart_rate_zones": "hr_zones",
-    "exercise": "exercise",
-    "heart_rate": "heart_rate",
     "steps": "steps",
-    "hrv": "hrv_json",
-    "daily_heart_rate_variability": "hrv_json",
 }
-FILE_NAME = re.compile(r"^(?P<stem>[a-z_]+)(?:-[^/]*)?\.json$")
+_STEM = re.compile(r"^(?P<stem>[a-z_ ]+?)(?:[ _-]*(?:\(\d+\)|-[^/]*|\d{4}[^/]*))?\.(?:json|csv)$")
 
 
-def _kind(member: str) -> str | None:
+def name_stem(member: str) -> str | None:
+    """``steps-2020-01-01.json`` / ``steps.json`` / ``Steps (1).json`` -> ``steps``."""
+    match = _STEM.match(_base(member))
+    return match.group("stem").strip().replace(" ", "_") if match else None
+
+
+JSON_HEAD_BYTES = 16 * 1024
+_NESTED_VALUE = re.compile(rb'"value"\s*:\s*\{')
+_SCALAR_VALUE = re.compile(rb'"value"\s*:\s*(?:"[-0-9.]*"|-?[0-9])')
+# A header column -> all spellings normalised: lower case, spaces and hyphens as "_".
+CSV_KIND_COLUMNS = {
+    "sleep_score": {"timestamp", "overall_score"},
+    # the nightly summary; the 5-minute "Heart Rate Variability Details" (timestamp, rmssd,
+    # coverage, ...) are not nightly values and are not read
+    "hrv_csv": {"timestamp", "rmssd", "nremhr"},
+}
+
+
+def _csv_columns(head: bytes) -> set[str]:
+    text = head.decode("utf-8-sig", errors="replace")
+    first = text.splitlines()[0] if text.strip() else ""
+    return {re.sub(r"[\s\-]+", "_", c.strip().strip('"').lower()) for c in first.split(",")}
+
+
+def file_kind(source: InputSource, member: str) -> str | None:
+    """The Fitbit kind of ``member`` from its content (see above), ``"unused"`` for a Fitbit
+    series Restwise does not read, None when it is not a Fitbit data file."""
     name = _base(member)
-    match = FILE_NAME.match(name)
-    if match:
-        return JSON_KINDS.get(match.group("stem"))
     if name.endswith(".csv"):
-        if name == "sleep_score.csv" or name.startswith("sleep_score-"):
-            return "sleep_score"
-        if name.startswith("daily heart rate variability summary"):
-            return "hrv_csv"
-    return None
+        cols = _csv_columns(read_head(source, member, 4096))
+        for kind, needed in CSV_KIND_COLUMNS.items():
+            if needed <= cols:
+                return kind
+        return None
+    if not name.endswith(".json"):
+        return None
+    head = read_head(source, member, JSON_HEAD_BYTES).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"["):
+        return None
+    body = head[1:].lstrip()
+    stem = name_stem(member)
+    if body.startswith(b"]"):  # an empty list: the name is all there is
+        return SCALAR_KINDS.get(stem or "") or _named_kind(stem)
+    if not body.startswith(b"{"):
+        return None
+    # Entries of Fitbit's shape whose own fields do not say which series they are (cut
+    # short, or missing a field) are taken by the file's name, and the parser then says
+    # what is wrong with them.
+    if b'"logId"' in head:
+        if b'"dateOfSleep"' in head or b'"minutesAsleep"' in head:
+            return "sleep"
+        if b'"activityName"' in head or b'"activeDuration"' in head:
+            return "exercise"
+        return _named_kind(stem)
+    if b'"dateTime"' not in head:
+        return None
+    if _NESTED_VALUE.search(head):
+        if b'"bpm"' in head:
+            return "heart_rate"
+        if b'"valuesInZones"' in head:
+            return "hr_zones"
+        if b'"dailyRmssd"' in head:
+            return "hrv_json"
+        if b'"error"' in head and b'"date"' in head:
+            return "resting_heart_rate"
+        return _named_kind(stem)
+    if _SCALAR_VALUE.search(head):
+        if stem in SCALAR_KINDS:
+            return SCALAR_KINDS[stem]
+        return "unused"
+    return SCALAR_KINDS.get(stem or "") or _named_kind(stem)
 
 
-JSON_MARKERS = (b'"dateTime"', b'"logId"', b'"dateOfSleep"')
-CSV_HEADERS = {
-    "sleep_score": b"sleep_log_entry_id,timestamp,overall_score",
-    "hrv_csv": b"timestamp,rmssd,nremhr,entropy",
-}
+def _named_kind(stem: str | None) -> str | None:
+    """Kinds an *empty* file can only be told by its name."""
+    named = {
+        "resting_heart_rate": "resting_heart_rate", "sleep": "sleep", "exercise": "exercise",
+        "heart_rate": "heart_rate", "time_in_heart_rate_zones": "hr_zones",
+        "heart_rate_zones": "hr_zones", "hrv": "hrv_json", "daily_heart_rate_variability": "hrv_json",
+    }
+    return named.get(stem or "")
+
+
+CSV_KINDS = tuple(CSV_KIND_COLUMNS)
 
 
 class FitbitImporter:
     name = "fitbit"
-    description = "Fitbit account export (zip or folder; JSON and CSV files)"
-
-    def _looks_right(self, source: InputSource, member: str, kind: str) -> bool:
-        head = read_head(source, member, 2048).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if kind in CSV_HEADERS:
-            return head.lower().startswith(CSV_HEADERS[kind])
-        return head.startswith(b"[") and any(m in head for m in JSON_MARKERS) or head == b"[]"
+    description = "Fitbit account export or per-metric data dump (zip or folder; JSON and CSV files)"
 
     def sniff(self, source: InputSource) -> bool:
-        """At least one member named like a Fitbit export file with Fitbit content, and
-        every named-like member has it (a random JSON called sleep.json is not enough)."""
+        """At least one member is a Fitbit data file by its content (see :func:`file_kind`),
+        and every JSON/CSV member named like one is one (a random JSON called sleep.json is
+        not enough)."""
         checked = 0
         for member in source.members():
-            kind = _kind(member)
+            kind = file_kind(source, member)
+            if kind == "unused":
+                continue  # a Fitbit series Restwise does not read: not a reason to claim it
             if kind is None:
+                stem = name_stem(member)
+                if stem in SCALAR_KINDS or _named_kind(stem) is not None:
+                    return False
                 continue
-            if not self._looks_right(source, member, kind):
-                return False
             checked += 1
             if checked >= 8:
                 break
@@ -235,10 +306,13 @@ class FitbitImporter:
         active_by_day: dict[dt.date, float] = defaultdict(float)
         active_files: dict[dt.date, set[str]] = defaultdict(set)
         for member in source.members():
-            kind = _kind(member)
+            kind = file_kind(source, member)
             if kind is None:
                 continue
-            if kind in CSV_HEADERS:
+            if kind == "unused":
+                yield Skip(f"Fitbit {name_stem(member) or 'series'}: not used by Restwise")
+                continue
+            if kind in CSV_KINDS:
                 yield from self._csv(source, member, kind, clock)
                 continue
             entries = self._json_list(source, member)
@@ -265,6 +339,8 @@ class FitbitImporter:
                 source=SOURCE, record_key=record_key(SOURCE, "active_minutes", day.isoformat(),
                                                      tuple(sorted(active_files[day]))),
             )
+        if clock.assumed_utc:
+            yield Notice(UTC_ASSUMED)
 
     def _handlers(self) -> dict[str, Callable[[object, _Clock], Iterator[Record]]]:
         return {
@@ -431,7 +507,7 @@ class FitbitImporter:
         yield Session(
             day=local_day(start, off), minutes=minutes, load=load, start_ts=start,
             kind=kind if isinstance(kind, str) else None, source=SOURCE,
-            record_key=record_key(SOURCE, "session", log_id),
+            record_key=record_key(SOURCE, "session", log_id), load_kind=HR_LOAD,
         )
 
 

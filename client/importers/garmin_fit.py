@@ -48,9 +48,16 @@ from dataclasses import dataclass, field
 import fitdecode
 
 from restwise.client.errors import ImportFailedError, MalformedInputError
-from restwise.client.importers.base import ImportOptions, InputSource, Record, Skip
+from restwise.client.importers.base import (
+    UTC_DAYS_ASSUMED,
+    ImportOptions,
+    InputSource,
+    Notice,
+    Record,
+    Skip,
+)
 from restwise.client.importers.fitbit import ARCHIVE_ERRORS, read_head, zone_of
-from restwise.client.store import Observation, Session, local_day, record_key
+from restwise.client.store import HR_LOAD, Observation, Session, local_day, record_key
 
 SOURCE = "garmin_fit"
 FIT_EPOCH = 631065600  # 1989-12-31T00:00:00Z, FIT's time zero, in Unix seconds
@@ -147,12 +154,16 @@ class GarminFitImporter:
 
     def records(self, source: InputSource, options: ImportOptions) -> Iterator[Record]:
         tz = zone_of(options)
+        assumed_utc = False
         for member, is_fit in self._fit_members(source):
             if not is_fit:
                 yield Skip("a file in the folder is not a FIT file")
                 continue
             state = self._read(source, member)
+            assumed_utc = assumed_utc or (state.offset_min is None and tz is None)
             yield from self._emit(state, tz)
+        if assumed_utc:
+            yield Notice(UTC_DAYS_ASSUMED)
 
     # ------------------------------------------------------------------ reading
     def _read(self, source: InputSource, member: str) -> _FileState:
@@ -292,7 +303,7 @@ class GarminFitImporter:
             yield Session(
                 day=local_day(start, offset_at(start)), minutes=minutes, load=float(load),
                 start_ts=start, kind=sport if isinstance(sport, str) else None, source=SOURCE,
-                record_key=record_key(SOURCE, "session", *identity, start),
+                record_key=record_key(SOURCE, "session", *identity, start), load_kind=HR_LOAD,
             )
 
         if state.rr_ms:

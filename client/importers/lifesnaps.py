@@ -145,6 +145,7 @@ def sema_checkin(ticks: dict[str, bool]) -> dict[str, float]:
 
 class LifeSnapsImporter:
     name = "lifesnaps"
+    whole_source = True  # one folder holds every person: never read file by file
     description = "LifeSnaps dataset (Fitbit daily table + mood answers), one person per store"
 
     def sniff(self, source: InputSource) -> bool:

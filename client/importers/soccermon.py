@@ -138,6 +138,7 @@ def list_persons(data_path: Path | str) -> list[str]:
 
 class SoccerMonImporter:
     name = "soccermon"
+    whole_source = True  # one folder holds every person: never read file by file
     description = "SoccerMon dataset (subjective wellness + sRPE sessions), one player per store"
 
     def sniff(self, source: InputSource) -> bool:
