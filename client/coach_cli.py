@@ -103,7 +103,7 @@ def print_advice(console, advice, note: Optional[str], model_status: str) -> Non
 def register(app: typer.Typer) -> None:
     """Add `today` and `checkin` to the device CLI."""
     from restwise.client.cli import (
-        PassFileOpt, StoreOpt, console, device_errors, err_console, open_store,
+        KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, err_console, open_store,
     )
     from restwise.models.coach import CoachError
 
@@ -111,6 +111,7 @@ def register(app: typer.Typer) -> None:
     def today(
         store: Optional[Path] = StoreOpt,
         passphrase_file: Optional[Path] = PassFileOpt,
+        keystore: Optional[Path] = KeystoreOpt,
         day: Optional[str] = typer.Option(
             None, "--day", help="Advice for this day (YYYY-MM-DD). Default: today, or the last "
             "day with data when your data ends earlier."
@@ -125,7 +126,7 @@ def register(app: typer.Typer) -> None:
         against your own baseline."""
         wanted = _parse_day(day, "--day")
         with device_errors():
-            with open_store(store, passphrase_file) as s:
+            with open_store(store, passphrase_file, keystore) as s:
                 try:
                     advice, note, model_status = advise(s, wanted, train_local=train_local)
                 except CoachError as exc:
@@ -155,6 +156,7 @@ def register(app: typer.Typer) -> None:
         ),
         store: Optional[Path] = StoreOpt,
         passphrase_file: Optional[Path] = PassFileOpt,
+        keystore: Optional[Path] = KeystoreOpt,
     ) -> None:
         """Record how you feel today. With --override your answer corrects the coach."""
         from restwise.models.metrics import CHECKIN_FIELDS
@@ -175,7 +177,7 @@ def register(app: typer.Typer) -> None:
                 option = "--" + name.replace("_", "-")
                 raise typer.BadParameter(f"{option} must be between {lo:g} and {hi:g}")
         with device_errors():
-            with open_store(store, passphrase_file) as s:
+            with open_store(store, passphrase_file, keystore) as s:
                 s.upsert_checkin(the_day, values, source=CHECKIN_SOURCE, is_override=override)
         console.print(
             f"Recorded your check-in for {the_day} ({len(values)} answer(s))"

@@ -11,12 +11,18 @@ Which stored value becomes a day's value:
   day (the last one if several); otherwise the sum of asleep stage segments (asleep, light,
   deep, REM) that *end* on that local day. ``sleep_efficiency``: the stored value, otherwise
   asleep / (asleep + awake) x 100 from the stages, or asleep / in-bed x 100.
-* load: the sum of that day's training sessions' load (sRPE x minutes or device load); days
-  between the first and the last known session without one are rest days (0), days outside
-  that span are unknown (NaN). Without sessions, ``training_load`` observations are summed;
-  without those, a daily Edwards TRIMP from the day's minutes in heart-rate zones
-  (``hr_zone_minutes``; fat burn x2, cardio x3, peak x5, the weights the Fitbit importer uses
-  for exercises).
+* two kinds of training load, never added together (different units, different physiology):
+
+  - ``load``: session-RPE load (Foster: CR-10 RPE x minutes, arbitrary units), the sum of
+    that day's sessions whose load kind is ``srpe`` (check-in CSVs, the team app, SoccerMon);
+  - ``hr_load``: heart-rate load (TRIMP), the sum of that day's sessions whose load kind is
+    ``hr`` (Fitbit exercises with heart-rate zones, Garmin activities). Without such sessions,
+    ``training_load`` observations (only the wearable importers write them); without those, a
+    daily Edwards TRIMP from the day's minutes in heart-rate zones (``hr_zone_minutes``; fat
+    burn x2, cardio x3, peak x5, the weights the Fitbit importer uses for exercises).
+
+  For each kind separately: days between its first and last known value without one are rest
+  days (0), days outside that span are unknown (NaN).
 * check-ins: the day's answers as stored (canonical scales of ``models.metrics``).
 """
 
@@ -28,7 +34,8 @@ from collections import defaultdict
 import numpy as np
 
 from restwise.client.errors import RestwiseDeviceError
-from restwise.models.features import CHECKIN_KEYS, DailyData
+from restwise.client.store import HR_LOAD
+from restwise.models.features import CHECKIN_KEYS, LOAD_KEYS, DailyData
 
 NIGHT_END_HOUR = 12  # readings before local noon count as the night's
 ASLEEP_STAGES = ("sleep_asleep", "sleep_light", "sleep_deep", "sleep_rem")
@@ -114,24 +121,27 @@ def daily_data(store, *, start: str | None = None, end: str | None = None) -> Da
     efficiency.update(_last_values(store.observations("sleep_efficiency")))
     put("sleep_efficiency", efficiency)
 
-    load: dict[str, float] = defaultdict(float)
+    srpe_load: dict[str, float] = defaultdict(float)
+    hr_load: dict[str, float] = defaultdict(float)
     for s in store.sessions():
-        load[s["day"]] += float(s["load"])
-    if not load:
+        (hr_load if s["load_kind"] == HR_LOAD else srpe_load)[s["day"]] += float(s["load"])
+    if not hr_load:
         for day, v in _wake_day_sums(
             [(ts, v, None, tz) for ts, v, _e, tz in store.observations("training_load")]
         ).items():
-            load[day] += v
-    if not load:
+            hr_load[day] += v
+    if not hr_load:
         rows = store.conn.execute(
             "SELECT local_day, value, source FROM observations WHERE metric = 'hr_zone_minutes'"
         ).fetchall()
         for day, minutes, source in rows:
             weight = HR_ZONE_WEIGHTS.get(str(source).rsplit(":", 1)[-1])
             if weight is not None:
-                load[day] += weight * float(minutes)
-    load_span = (min(load), max(load)) if load else None
-    put("load", dict(load))
+                hr_load[day] += weight * float(minutes)
+    spans = {key: (min(values), max(values)) for key, values in
+             (("load", srpe_load), ("hr_load", hr_load)) if values}
+    put("load", dict(srpe_load))
+    put("hr_load", dict(hr_load))
 
     for row in store.checkins():
         put_row = {k: row[k] for k in CHECKIN_KEYS if row.get(k) is not None}
@@ -147,7 +157,7 @@ def daily_data(store, *, start: str | None = None, end: str | None = None) -> Da
         raise ValueError("the end day is before the start day")
     n = (d1 - d0).days + 1
     days = [(d0 + dt.timedelta(days=i)).isoformat() for i in range(n)]
-    keys = ("rmssd_ms", "sdnn_ms", "resting_hr", "sleep_minutes", "sleep_efficiency", "load",
+    keys = ("rmssd_ms", "sdnn_ms", "resting_hr", "sleep_minutes", "sleep_efficiency", *LOAD_KEYS,
             *CHECKIN_KEYS)
     series = {k: np.full(n, np.nan) for k in keys}
     for i, day in enumerate(days):
@@ -155,8 +165,9 @@ def daily_data(store, *, start: str | None = None, end: str | None = None) -> Da
         if vals:
             for k, v in vals.items():
                 series[k][i] = v
-        if load_span and load_span[0] <= day <= load_span[1] and np.isnan(series["load"][i]):
-            series["load"][i] = 0.0  # no session inside the known span = rest day
+        for key, (lo, hi) in spans.items():
+            if lo <= day <= hi and np.isnan(series[key][i]):
+                series[key][i] = 0.0  # no load of this kind inside its known span = rest day
     return DailyData(days, series)
 
 

@@ -32,19 +32,20 @@ def _consent_rows(store) -> list[dict]:
 def register(app: typer.Typer) -> None:
     from restwise.client import cli as device_cli
 
-    StoreOpt, PassFileOpt = device_cli.StoreOpt, device_cli.PassFileOpt
+    StoreOpt, PassFileOpt, KeystoreOpt = device_cli.StoreOpt, device_cli.PassFileOpt, device_cli.KeystoreOpt
 
     @app.command()
     def history(
         store: Optional[Path] = StoreOpt,
         passphrase_file: Optional[Path] = PassFileOpt,
+        keystore: Optional[Path] = KeystoreOpt,
         run: Optional[str] = typer.Option(None, "--run", help="Only messages sent to this run."),
         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON lines."),
     ) -> None:
         """Everything this device sent to training runs: when, to which run and round, which
         records (names and sizes - never their values), and the SHA-256 of what was sent."""
         with device_cli.device_errors():
-            with device_cli.open_store(store, passphrase_file) as s:
+            with device_cli.open_store(store, passphrase_file, keystore) as s:
                 rows = s.egress_history()
         if run is not None:
             rows = [r for r in rows if r["run_id"] == run]
@@ -80,6 +81,7 @@ def register(app: typer.Typer) -> None:
         deny: bool = typer.Option(False, "--deny", help="Refuse taking part."),
         store: Optional[Path] = StoreOpt,
         passphrase_file: Optional[Path] = PassFileOpt,
+        keystore: Optional[Path] = KeystoreOpt,
         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     ) -> None:
         """Opt out of (or back into) one training run or all training. Without --allow/--deny,
@@ -94,7 +96,7 @@ def register(app: typer.Typer) -> None:
         if changing and run is None and not all_runs:
             raise typer.BadParameter("say which: --run RUN or --all")
         with device_cli.device_errors():
-            with device_cli.open_store(store, passphrase_file) as s:
+            with device_cli.open_store(store, passphrase_file, keystore) as s:
                 if changing:
                     s.set_consent(ALL_RUNS if all_runs else run, allow)
                 rows = _consent_rows(s)

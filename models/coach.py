@@ -14,8 +14,10 @@ How today's number is made (all on the device; see docs/coach.md for the plain-w
    * sleep: ``(minutes_today - usual) / max(sd, 30 min)``;
    * check-in: ``(readiness_today - usual) / max(sd, 1)``; with no usual yet, ``(r - 6) / 2``
      (usual = mean/SD of the readiness answers of the 60 days before today);
-   * load (penalty only): ``-(ACWR - 1.3) / 0.2`` when ACWR > 1.3, and
-     ``-(monotony - 2) / 0.5`` when monotony > 2 (the worse of the two).
+   * load (penalty only): ``-(ACWR - 1.3) / 0.2`` when the session-RPE load's ACWR > 1.3,
+     ``-(monotony - 2) / 0.5`` when its monotony > 2, and ``-(ACWR_hr - 1.3) / 0.2`` when the
+     heart-rate load's (TRIMP) own ACWR > 1.3: the worst of these. The two kinds of load are
+     compared each with its own past, never added together (different units).
 
 2. Rules score ``z_rules`` = weighted mean of the available components (weights
    check-in 1.0, HRV 0.35, resting HR 0.20, sleep 0.15, load 0.20).
@@ -33,8 +35,8 @@ How today's number is made (all on the device; see docs/coach.md for the plain-w
 
 Overreaching risk (overrides the recommendation, not the number): sustained HRV suppression —
 the 7-day lnRMSSD mean below ``baseline - SWC`` (SWC = 0.5 x baseline SD) on at least 4 of the
-last 5 days — together with high load on at least 3 of the last 7 days (ACWR >= 1.5 or Foster
-monotony >= 2.0). After Plews et al. 2012/2013 (7-day lnRMSSD vs the SWC band), Foster 1998
+last 5 days — together with high load on at least 3 of the last 7 days (session-RPE ACWR >= 1.5
+or Foster monotony >= 2.0, or heart-rate-load ACWR >= 1.5). After Plews et al. 2012/2013 (7-day lnRMSSD vs the SWC band), Foster 1998
 (monotony > 2 with illness), Gabbett 2016 (ACWR > 1.5 with injury) and the ECSS/ACSM consensus
 (Meeusen et al. 2013): overreaching cannot be diagnosed by a watch, hence "talk to your coach".
 """
@@ -177,8 +179,11 @@ def overreaching_risk(raw, t: int, config: CoachConfig = DEFAULT_COACH_CONFIG) -
     lo = max(0, t - config.high_load_window + 1)
     acwr = raw.column("acwr")[lo : t + 1]
     mono = raw.column("monotony")[lo : t + 1]
-    high = (np.nan_to_num(acwr, nan=0.0) >= config.acwr_high) | (
-        np.nan_to_num(mono, nan=0.0) >= config.monotony_high
+    hr_acwr = raw.column("hr_acwr")[lo : t + 1]
+    high = (
+        (np.nan_to_num(acwr, nan=0.0) >= config.acwr_high)
+        | (np.nan_to_num(mono, nan=0.0) >= config.monotony_high)
+        | (np.nan_to_num(hr_acwr, nan=0.0) >= config.acwr_high)
     )
     return bool(suppressed and int(high.sum()) >= config.high_load_days)
 
@@ -294,19 +299,21 @@ def coach_today(
         comps["checkin"] = float(np.clip(z, -3, 3))
         reasons.append(_Reason(w["checkin"] * abs(comps["checkin"]), text))
 
-    # --- load (penalty only)
-    acwr, mono = col("acwr"), col("monotony")
+    # --- load (penalty only): each kind against its own past, never summed
+    acwr, mono, hr_acwr = col("acwr"), col("monotony"), col("hr_acwr")
     penalties = []
-    if _fin(acwr):
-        if acwr > 1.3:
-            penalties.append(-(acwr - 1.3) / 0.2)
-        word_impact = w["load"] * abs(min(0.0, -(acwr - 1.3) / 0.2)) if acwr > 1.3 else 0.05 * abs(acwr - 1)
-        reasons.append(_Reason(word_impact, f"acute load {acwr:.1f}x your chronic load"))
+    for ratio, what in ((acwr, "session-RPE load"), (hr_acwr, "heart-rate load (TRIMP)")):
+        if not _fin(ratio):
+            continue
+        if ratio > 1.3:
+            penalties.append(-(ratio - 1.3) / 0.2)
+        word_impact = w["load"] * abs(min(0.0, -(ratio - 1.3) / 0.2)) if ratio > 1.3 else 0.05 * abs(ratio - 1)
+        reasons.append(_Reason(word_impact, f"acute {what} {ratio:.1f}x your chronic {what}"))
     if _fin(mono) and mono > 2.0:
         penalties.append(-(mono - 2.0) / 0.5)
         reasons.append(_Reason(
             w["load"] * (mono - 2.0) / 0.5,
-            f"training monotony {mono:.1f} (similar load day after day; above 2 raises risk)",
+            f"training monotony {mono:.1f} (similar session-RPE load day after day; above 2 raises risk)",
         ))
     if penalties:
         comps["load"] = float(np.clip(min(penalties), -3, 0))

@@ -27,12 +27,19 @@ on day ``t`` inclusive unless stated):
   recorded nights of the last 7 of max(0, 480 - minutes) (need taken as 8 h); regularity
   ``sleep_sd_7d`` = SD of the recorded sleep minutes of the last 7 nights (>= 3). Sleep minutes
   come from the device, else from the check-in's sleep hours.
-* load (Foster's session-RPE or device load; unknown days excluded from means): acute =
+* two kinds of load, each against its own baseline and never added together (session-RPE
+  load is CR-10 x minutes in arbitrary units; heart-rate load is a TRIMP: other units, other
+  physiology). ``load`` is session-RPE load (Foster); ``hr_load`` heart-rate load (TRIMP from
+  heart-rate zones, or a device's own heart-rate-based load).
+* session-RPE load (unknown days excluded from means): acute =
   mean of the last 7 days (>= 4 known), chronic = mean of the last 28 days (>= 14 known),
   ``acwr`` = acute/chronic (rolling-average ACWR, Hulin/Gabbett 2016; NaN when chronic = 0),
   ``monotony`` = mean/SD of the last 7 days' loads (Foster 1998; capped at 10, SD 0 -> cap
   when mean > 0), ``strain`` = 7 x acute x monotony (weekly load x monotony).
-* Banister fitness-fatigue in exponentially-weighted form (unknown load counts as 0):
+* heart-rate load, the same windows on its own series: ``hr_acute_load``,
+  ``hr_chronic_load``, ``hr_acwr``; ``hr_load_known`` flags days with a known value.
+* Banister fitness-fatigue from session-RPE load, in exponentially-weighted form (unknown
+  load counts as 0):
   ``fitness_t = fitness_{t-1} * exp(-1/42) + (1 - exp(-1/42)) * w_t`` and the same with 7 days
   for ``fatigue``; ``form = fitness - fatigue`` (Banister 1975; Morton 1990).
 * check-ins: today's answers; ``readiness_last`` carries the most recent readiness forward,
@@ -63,6 +70,7 @@ SERIES_KEYS: tuple[str, ...] = (
     "sleep_minutes",
     "sleep_efficiency",
     "load",
+    "hr_load",
     "readiness",
     "fatigue",
     "soreness",
@@ -72,6 +80,8 @@ SERIES_KEYS: tuple[str, ...] = (
     "sleep_hours",
 )
 WEARABLE_KEYS = ("rmssd_ms", "sdnn_ms", "resting_hr", "sleep_minutes", "sleep_efficiency")
+# Load series, one per kind of load: session-RPE load (AU) and heart-rate load (TRIMP).
+LOAD_KEYS = ("load", "hr_load")
 CHECKIN_KEYS = ("readiness", "fatigue", "soreness", "stress", "mood", "sleep_quality", "sleep_hours")
 
 
@@ -303,12 +313,14 @@ RAW_FEATURES: tuple[str, ...] = (
     # load
     "load", "acute_load", "chronic_load", "acwr", "monotony", "strain",
     "fitness", "fatigue_load", "form",
+    # heart-rate load (TRIMP), kept apart from session-RPE load
+    "hr_load", "hr_acute_load", "hr_chronic_load", "hr_acwr",
     # check-ins
     "readiness", "readiness_last", "readiness_7d", "fatigue", "soreness", "stress", "mood",
     "sleep_quality", "days_since_checkin",
     # data quality
     "worn_7d", "missing_night", "missing_nights_7d", "baseline_nights", "load_known",
-    "checkin_today", "history_days",
+    "hr_load_known", "checkin_today", "history_days",
     # personal baselines the coach states reasons against (60 days before t)
     "rhr_baseline_sd", "sleep_baseline_sd", "readiness_baseline", "readiness_baseline_sd",
 )
@@ -389,6 +401,15 @@ def compute_raw_features(
         f["fatigue_load"] = _ewma(load, c.fatigue_tau)
         f["form"] = f["fitness"] - f["fatigue_load"]
 
+        hr_load = s["hr_load"].copy()
+        hr_load[hr_load < 0] = np.nan
+        f["hr_load"] = hr_load
+        hr_acute = _nanmean(_window_matrix(hr_load, c.short_days), c.acute_min)
+        hr_chronic = _nanmean(_window_matrix(hr_load, c.chronic_days), c.chronic_min)
+        f["hr_acute_load"] = hr_acute
+        f["hr_chronic_load"] = hr_chronic
+        f["hr_acwr"] = np.where(hr_chronic > 0, hr_acute / hr_chronic, np.nan)
+
         ready = s["readiness"]
         f["readiness"] = ready.copy()
         last, age = _ffill_with_age(ready, c.checkin_carry_cap)
@@ -411,11 +432,12 @@ def compute_raw_features(
         f["missing_nights_7d"] = np.nansum(_window_matrix(missing, c.short_days), axis=1)
         f["baseline_nights"] = _count(wb).astype(float)
         f["load_known"] = np.isfinite(load).astype(float)
+        f["hr_load_known"] = np.isfinite(hr_load).astype(float)
         any_checkin = np.zeros(n, dtype=bool)
         for key in CHECKIN_KEYS:
             any_checkin |= np.isfinite(s[key])
         f["checkin_today"] = any_checkin.astype(float)
-        has_any = wearable_any | any_checkin | np.isfinite(load)
+        has_any = wearable_any | any_checkin | np.isfinite(load) | np.isfinite(hr_load)
         first = int(np.argmax(has_any)) if has_any.any() else n
         hist = np.arange(n, dtype=float) - first + 1
         f["history_days"] = np.clip(hist, 0, c.history_cap)
@@ -458,6 +480,11 @@ _ZSCORED: dict[str, tuple[float, float]] = {
     "stress": (3.0, 0.8),
     "mood": (3.0, 0.8),
     "sleep_quality": (3.0, 0.8),
+    # heart-rate load (Edwards TRIMP per day: about 50-250 on a training day)
+    "hr_load": (100.0, 100.0),
+    "hr_acute_load": (100.0, 70.0),
+    "hr_chronic_load": (100.0, 60.0),
+    "hr_acwr": (1.0, 0.3),
 }
 _SCALED: dict[str, float] = {  # feature -> fixed scale (already personal deviations)
     "hrv_dev_today": 0.15,
@@ -465,7 +492,7 @@ _SCALED: dict[str, float] = {  # feature -> fixed scale (already personal deviat
     "hrv_swc": 0.05,
     "rhr_dev": 4.0,
 }
-_FLAGS: tuple[str, ...] = ("hrv_below_swc", "missing_night", "load_known", "checkin_today")
+_FLAGS: tuple[str, ...] = ("hrv_below_swc", "missing_night", "load_known", "hr_load_known", "checkin_today")
 _COUNTS: dict[str, float] = {  # feature -> divisor to bring into [0, 1]
     "worn_7d": 7.0,
     "missing_nights_7d": 7.0,
@@ -579,7 +606,7 @@ def make_inputs(frame: FeatureFrame, end_index: int, window: int = 7) -> np.ndar
 
 
 __all__ = [
-    "SERIES_KEYS", "DailyData", "FeatureFrame", "Examples", "FeatureConfig", "FeatureError",
+    "SERIES_KEYS", "LOAD_KEYS", "DailyData", "FeatureFrame", "Examples", "FeatureConfig", "FeatureError",
     "DEFAULT_FEATURE_CONFIG", "RAW_FEATURES", "compute_raw_features", "compute_features",
     "model_features_from_raw", "model_feature_names", "make_examples", "make_inputs",
 ]

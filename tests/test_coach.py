@@ -130,7 +130,7 @@ def test_reasons_are_stated_against_the_persons_own_baseline():
     assert sorted(advice.reasons) == sorted([
         "HRV 14% below your 7-day normal",
         "resting HR 5 bpm above your baseline",
-        "acute load 1.6x your chronic load",
+        "acute session-RPE load 1.6x your chronic session-RPE load",
     ])
     assert advice.components["load"] == pytest.approx(-(acwr - 1.3) / 0.2)
     assert advice.components["rhr"] == -2.5  # 5 bpm / the 2 bpm floor

@@ -171,7 +171,7 @@ def test_daily_data_picks_the_nights_values_sleep_stages_and_rest_days(new_store
         daily_data(new_store, start="May 2")
 
 
-def test_daily_load_falls_back_to_trimp_from_heart_rate_zones(new_store):
+def test_heart_rate_load_falls_back_to_trimp_from_heart_rate_zones(new_store):
     from restwise.client.dataset import daily_data
     from restwise.client.store import Observation, record_key
 
@@ -184,4 +184,5 @@ def test_daily_load_falls_back_to_trimp_from_heart_rate_zones(new_store):
     ])
     d = daily_data(new_store)
     assert d.days == ["2024-05-01"]
-    assert d["load"][0] == 30 * 2 + 20 * 3 + 5 * 5
+    assert d["hr_load"][0] == 30 * 2 + 20 * 3 + 5 * 5
+    assert d["load"][0] != d["load"][0]  # NaN: heart-rate TRIMP is never session-RPE load

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from restwise.client.errors import (
+    KeySlotError,
+    KeystoreNotFoundError,
     StoreExistsError,
     StoreFormatError,
     StoreNotFoundError,
@@ -185,9 +187,17 @@ def test_keystore_slot_opens_without_passphrase(tmp_path, fast_argon2):
         s.rekey("pw", keystore=ks)
     with DeviceStore.open(folder, keystore=ks) as s:
         assert len(s.observations("hrv_rmssd")) == 1
-    # another keystore (another device) cannot open it
-    with pytest.raises(WrongPassphraseError):
+    # another keystore (another device) cannot open it, and says the key is missing there:
+    # never "wrong passphrase"
+    with pytest.raises(KeystoreNotFoundError, match="holds no key for this store"):
         DeviceStore.open(folder, keystore=FileKeystore(tmp_path / "other"))
+    # a keystore whose key for this store id is another key: it does not open it
+    other = tmp_path / "other"
+    other.mkdir(exist_ok=True)
+    (other / f"{s.store_id}.key").write_bytes(b"\x01" * 32)
+    with pytest.raises(KeySlotError, match="does not open this store") as info:
+        DeviceStore.open(folder, keystore=FileKeystore(other))
+    assert not isinstance(info.value, WrongPassphraseError)
 
 
 def test_slot_copied_from_another_store_does_not_open(tmp_path, fast_argon2):
