@@ -7,8 +7,10 @@ Composition (outermost first)::
         train                   -> open the store, features, train locally, reply the update
 
 * The store is opened with a key that never comes from the server: from the device's keystore
-  (``FileKeystore`` for simulated devices and trials; a platform keystore on a phone). Where the
-  store and keystore are is *device* configuration (:class:`DeviceLocator`): the SuperNode's
+  (``FileKeystore`` for simulated devices and trials; the OS keyring or a key file on a real
+  device), or from the key agent of `restwise device join` that unlocked a passphrase store
+  once (node config ``key-agent``; see :mod:`restwise.client.unlock`). Where the store and
+  keystore are is *device* configuration (:class:`DeviceLocator`): the SuperNode's
   ``--node-config "store='/path' keystore='/path'"`` in deployment, or a simulated fleet
   folder (one store per partition id) in simulation.
 * The train function is privacy-unaware: it trains the shared part (and the personal part,
@@ -34,6 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from restwise.client import unlock
 from restwise.privacy import egress as E
 from restwise.privacy.dp_mods import make_dp_mod
 from restwise.privacy.secagg import records as SR
@@ -59,6 +62,7 @@ def device_folder_name(partition_id: int) -> str:
 class DeviceLocation:
     store: Path
     keystore: Path
+    key_agent: Path | None = None  # socket of `restwise device join`'s key agent (passphrase stores)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class DeviceLocator:
         if "store" in node:
             store = Path(str(node["store"])).expanduser()
             keystore = Path(str(node.get("keystore", store.parent / SIM_KEYSTORE_DIR))).expanduser()
-            return DeviceLocation(store, keystore)
+            agent = Path(str(node["key-agent"])) if node.get("key-agent") else None
+            return DeviceLocation(store, keystore, agent)
         fleet = self.fleet_dir
         if fleet is None:
             configured = node.get("restwise-fleet-dir") or context.run_config.get("restwise-fleet-dir")
@@ -96,12 +101,15 @@ class DeviceLocator:
         return DeviceLocation(fleet / device_folder_name(int(node["partition-id"])), fleet / SIM_KEYSTORE_DIR)
 
 
+def _open(location: DeviceLocation):
+    """The store, unlocked by its keystore slot or by the join's key agent (never a
+    passphrase: nobody types one into a ClientApp)."""
+    return unlock.open_store(location.store, keystore_dir=location.keystore, key_agent=location.key_agent)
+
+
 @contextlib.contextmanager
 def open_device_store(location: DeviceLocation) -> Iterator[object]:
-    from restwise.client.keys import FileKeystore
-    from restwise.client.store import DeviceStore
-
-    store = DeviceStore.open(location.store, keystore=FileKeystore(location.keystore))
+    store = _open(location)
     try:
         yield store
     finally:
@@ -231,10 +239,7 @@ def make_client_app(
         location = locator.locate(context)
         store = open_stores.get(location)
         if store is None:
-            from restwise.client.keys import FileKeystore
-            from restwise.client.store import DeviceStore
-
-            store = DeviceStore.open(location.store, keystore=FileKeystore(location.keystore))
+            store = _open(location)
             open_stores[location] = store
         try:
             yield store

@@ -20,11 +20,15 @@ format the importers read (Apple Health ``export.zip``, a Fitbit export folder o
         fitbit/                  a Fitbit account export folder (imported as one export)
         run-2024-01-02.fit
 
-Every top-level entry of a person's folder (file or folder, hidden ones and the column map
-excluded) is imported with format auto-detection. A file no importer recognises, or one that
-is malformed, is reported on that person (:attr:`PersonStore.failures`) and the others
-continue: one broken file must not sink a cohort. The store is left exactly as before the
-failed file (one transaction per import).
+A person's folder holds their files exactly as the sources wrote them (a Fitbit dump's
+``resting_heart_rate.json`` without a date suffix, the team app's ``wellness.csv`` with
+ISO timestamps, columns in any order, ...). It is imported as one export: every file goes
+to the importer that recognises its content (per-file column maps, keyed by file-name
+pattern, let check-in CSVs of different apps sit side by side). A file no importer
+recognises, or one that is damaged, is skipped and reported on that person
+(:attr:`PersonStore.failures`) while the rest imports: one broken file must not sink a
+person, one person must not sink a cohort. Hidden files are left out, and so is the column
+map itself. ``tz`` places timestamps on the persons' local days (one zone for the cohort).
 
 Stores are opened through a keystore (:class:`~restwise.client.keys.FileKeystore` for
 simulated devices): a raw-key open per store instead of an Argon2 derivation, so a cohort of
@@ -40,8 +44,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from restwise.client.errors import ImportFailedError, RestwiseDeviceError
+from restwise.client.errors import ImportFailedError, NothingImportedError, RestwiseDeviceError
 from restwise.client.importers import ImportOptions, ImportReport, run_import
+from restwise.client.importers.checkin_csv import load_column_map
 from restwise.client.keys import KeystoreProvider
 from restwise.client.store import DeviceStore
 
@@ -93,10 +98,12 @@ def import_cohort(
     keystore: KeystoreProvider,
     persons: int | None = None,
     on_person: Callable[[int, int, str], None] | None = None,
+    tz: str | None = None,
 ) -> list[PersonStore]:
     """Import a cohort (``kind`` in :data:`COHORT_KINDS`), one store per person under
     ``stores_dir``; ``persons`` keeps the first N persons (dataset order / folder name order).
-    ``on_person(i, n, person)`` is called before each person (progress)."""
+    ``on_person(i, n, person)`` is called before each person (progress). ``tz``: the persons'
+    time zone (cohort folders)."""
     if kind not in COHORT_KINDS:
         raise ValueError(f"unknown cohort kind {kind!r}; expected one of {', '.join(COHORT_KINDS)}")
     if persons is not None and persons < 1:
@@ -107,7 +114,7 @@ def import_cohort(
         raise ImportFailedError(f"{data_path} does not exist")
     stores_dir.mkdir(parents=True, exist_ok=True)
     if kind == "folder":
-        return _import_folder(data_path, stores_dir, keystore, persons, on_person)
+        return _import_folder(data_path, stores_dir, keystore, persons, on_person, tz)
 
     from restwise.client.importers import get_importer
 
@@ -132,13 +139,7 @@ def import_cohort(
 
 
 def _load_map(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        from restwise.client.importers.checkin_csv import load_column_map
-    except ImportError:  # pragma: no cover - the check-in importer ships with the client
-        return json.loads(path.read_text(encoding="utf-8"))
-    return load_column_map(path)
+    return load_column_map(path) if path.is_file() else None
 
 
 def _import_folder(
@@ -147,6 +148,7 @@ def _import_folder(
     keystore: KeystoreProvider,
     persons: int | None,
     on_person: Callable[[int, int, str], None] | None,
+    tz: str | None = None,
 ) -> list[PersonStore]:
     if not root.is_dir():
         raise ImportFailedError(f"{root.name} is not a folder (a cohort folder holds one folder per person)")
@@ -161,52 +163,36 @@ def _import_folder(
         person = pdir.name
         if on_person is not None:
             on_person(i, len(person_dirs), person)
-        person_map = _load_map(pdir / COLUMN_MAP_NAME)
-        column_map = person_map if person_map is not None else cohort_map
-        entries = sorted(
-            e for e in pdir.iterdir() if not e.name.startswith(".") and e.name != COLUMN_MAP_NAME
-        )
         folder = stores_dir / store_folder_name(person)
         reports: list[ImportReport] = []
         failures: list[str] = []
         with _open_or_create(folder, keystore) as store:
-            for entry in entries:
-                try:
-                    reports.append(_import_entry(store, entry, column_map))
-                except RestwiseDeviceError as exc:
-                    failures.append(f"{entry.name}: {exc}")
+            try:
+                person_map = _load_map(pdir / COLUMN_MAP_NAME)
+                column_map = person_map if person_map is not None else cohort_map
+                report = run_import(
+                    store, pdir, options=ImportOptions(column_map=column_map, tz=tz),
+                    exclude=_hidden_members(pdir),
+                )
+                reports.append(report)
+                failures += [f"{member}: {why}" for member, why in report.skipped_files]
+            except NothingImportedError as exc:
+                failures.append(str(exc))
+                if exc.report is not None:
+                    failures += [f"{m}: {why}" for m, why in exc.report.skipped_files]
+            except RestwiseDeviceError as exc:
+                failures.append(str(exc))
         out.append(PersonStore(person=person, folder=folder, reports=tuple(reports),
                                failures=tuple(failures)))
     return out
 
 
-def _import_entry(store: DeviceStore, entry: Path, column_map: dict | None) -> ImportReport:
-    """Auto-detect and import one export; a CSV no importer recognises is read as a check-in
-    CSV through the column map when one is given."""
-    from restwise.client.errors import UnknownFormatError
-    from restwise.client.importers import get_importer
-
-    options = ImportOptions(column_map=column_map)
-    try:
-        return run_import(store, entry, options=options)
-    except UnknownFormatError:
-        if column_map is None or entry.suffix.lower() != ".csv":
-            raise
-    return run_import(store, entry, _MappedCheckinCsv(get_importer("checkin_csv")), options=options)
-
-
-class _MappedCheckinCsv:
-    """The check-in CSV importer for a file the person declared through a column map: its
-    headers are another app's, so content sniffing (which looks for our column names) cannot
-    recognise it; the column map is the declaration. Parsing still validates every row."""
-
-    def __init__(self, inner):
-        self._inner = inner
-        self.name = inner.name
-        self.description = inner.description
-
-    def sniff(self, source) -> bool:
-        return all(m.lower().endswith(".csv") for m in source.members())
-
-    def records(self, source, options):
-        return self._inner.records(source, options)
+def _hidden_members(pdir: Path) -> list[str]:
+    """Relative paths left out of a person's import: the column map and hidden files."""
+    out = [COLUMN_MAP_NAME]
+    for path in pdir.rglob(".*"):
+        if path.is_file() or path.is_symlink():
+            out.append(path.relative_to(pdir).as_posix())
+        elif path.is_dir():
+            out += [p.relative_to(pdir).as_posix() for p in path.rglob("*")]
+    return out

@@ -13,17 +13,37 @@
   (``store=... keystore=...``). They stay on the device: the server never learns the paths'
   contents nor the key. The store is test-opened before joining so a wrong keystore fails
   here, with a clear message, not in the middle of a round.
+
+How the ClientApp processes (one per Flower message) get the store's key:
+
+* the store has a keystore slot (`restwise device keystore add`) whose keystore is here:
+  they unwrap the key from it themselves; ``join`` then becomes ``flower-supernode`` (exec);
+* otherwise (the passphrase store `restwise device init` made): ``join`` asks for the
+  passphrase once (prompt, ``--passphrase-file``), unwraps the key, and stays the parent of
+  the SuperNode as its key agent (:mod:`restwise.client.key_agent`): the key lives in this
+  process's memory only and is handed over a private Unix socket to the SuperNode's own
+  ClientApp processes. Nothing is written to disk; stopping ``join`` stops the SuperNode.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from restwise.client.errors import KeystoreNotFoundError, RestwiseDeviceError, StoreNotFoundError
+from restwise.client.key_agent import KeyAgent, agent_supported
+from restwise.client.keys import read_keyslots
+from restwise.client.store import DeviceStore
+from restwise.client.unlock import open_with_keystore
 
 
 def _err(msg: str, code: int = 1) -> typer.Exit:
@@ -112,8 +132,10 @@ def supernode_join_command(
     keystore: Path,
     runtime_port: int = 9094,
     max_wait_s: float | None = None,
+    key_agent: Path | None = None,
 ) -> list[str]:
-    """The ``flower-supernode`` command for this device (same as deploy.supernode_command)."""
+    """The ``flower-supernode`` command for this device (same as deploy.supernode_command;
+    ``key_agent``: the socket of this join's key agent, for the ClientApp)."""
     host, sep, port = superlink.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise JoinConfigError(f"--superlink: expected HOST:PORT, got {superlink!r}")
@@ -128,21 +150,71 @@ def supernode_join_command(
     cmd += ["--insecure"] if insecure else ["--root-certificates", str(root_cert)]
     cmd += ["--auth-supernode-private-key", str(auth_key)]
     cmd += ["--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(runtime_port)]
-    cmd += ["--node-config", f"store={_quoted(str(store))} keystore={_quoted(str(keystore))}"]
+    node_config = f"store={_quoted(str(store))} keystore={_quoted(str(keystore))}"
+    if key_agent is not None:
+        node_config += f" key-agent={_quoted(str(key_agent))}"
+    cmd += ["--node-config", node_config]
     if max_wait_s is not None:
         cmd += ["--max-wait-time", str(float(max_wait_s))]
     return cmd
 
 
-def check_device_store(store: Path, keystore: Path) -> None:
-    """Open and close the store with the keystore (raises the device's own errors)."""
-    from restwise.client.errors import StoreNotFoundError
-    from restwise.client.keys import FileKeystore
-    from restwise.client.store import DeviceStore
-
+def keystore_opens(store: Path, keystore: Path, *, passphrase_given: bool) -> bool:
+    """Will the ClientApp open the store through its keystore slot? Test-opens it (a wrong or
+    missing keystore fails here, named as such). False when the store has no keystore slot,
+    or the passphrase was given explicitly, or the keystore is missing but a passphrase slot
+    can be used instead (the person is told)."""
     if not DeviceStore.exists(store):
         raise StoreNotFoundError()
-    DeviceStore.open(store, keystore=FileKeystore(keystore)).close()
+    slots = read_keyslots(store)
+    if not slots.keystore_providers():
+        return False
+    if passphrase_given and slots.has_kind("passphrase"):
+        return False
+    try:
+        open_with_keystore(store, keystore).close()
+    except KeystoreNotFoundError as exc:
+        if not slots.has_kind("passphrase"):
+            raise
+        typer.secho(f"Note: {exc}; unlocking with the passphrase for this join instead",
+                    fg=typer.colors.YELLOW, err=True)
+        return False
+    return True
+
+
+def unlock_once(store: Path, passphrase: str) -> tuple[bytes, str]:
+    """The store's data key and id, from the passphrase (a wrong one: exit 3, here). The
+    store is opened once first so an interrupted rekey is completed or rolled back."""
+    DeviceStore.open(store, passphrase).close()
+    slots = read_keyslots(store)
+    return slots.unwrap(passphrase), slots.store_id
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """PR_SET_PDEATHSIG: the SuperNode gets SIGTERM when the join (its key agent) dies."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def run_with_key_agent(cmd: list[str], env: dict, agent: KeyAgent) -> int:
+    """Run the SuperNode as a child, serve the key to its descendants, forward SIGINT/SIGTERM/
+    SIGHUP to it, and return its exit code. The key is wiped when the SuperNode ends."""
+    child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    forwarded = {}
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        forwarded[sig] = signal.signal(sig, forward)
+    try:
+        agent.serve_descendants_of(child.pid)
+        return child.wait()
+    finally:
+        agent.close()
+        for sig, old in forwarded.items():
+            signal.signal(sig, old)
 
 
 def register(app: typer.Typer) -> None:
@@ -173,7 +245,11 @@ def register(app: typer.Typer) -> None:
         ),
         store: Optional[Path] = typer.Option(None, "--store", "-s", help="Your encrypted store (default: RESTWISE_STORE or ~/.restwise/store)."),
         keystore: Optional[Path] = typer.Option(
-            None, "--keystore", help="Folder of the device keystore that opens the store (default: STORE/../keystore)."
+            None, "--keystore", help="Folder of the file keystore that opens the store, if it has one (default: STORE/../keystore)."
+        ),
+        passphrase_file: Optional[Path] = typer.Option(
+            None, "--passphrase-file", help="A store without a keystore slot is unlocked once, here: read the "
+            "passphrase from the first line of this file (or RESTWISE_PASSPHRASE_FILE) instead of asking.",
         ),
         insecure: bool = typer.Option(
             False, "--insecure", help="Connect WITHOUT TLS: anyone on the path reads and alters the traffic. Loopback trials only."
@@ -187,12 +263,13 @@ def register(app: typer.Typer) -> None:
         ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the flower-supernode command instead of running it."),
     ) -> None:
-        """Join a federation: run a SuperNode that trains on your store when a run asks."""
-        from restwise.client.cli import resolve_store
-        from restwise.client.errors import RestwiseDeviceError
+        """Join a federation: run a SuperNode that trains on your store when a run asks.
+        A store with a keystore slot opens by itself; the passphrase store `device init` made
+        is unlocked once, here, and its key kept in memory for as long as the join runs."""
+        from restwise.client import cli as device_cli  # late: client/cli.py imports this module
 
-        store_path = resolve_store(store).resolve()
-        keystore_path = (Path(keystore).expanduser() if keystore else store_path.parent / "keystore").resolve()
+        store_path = device_cli.resolve_store(store).resolve()
+        keystore_path = device_cli.resolve_keystore(keystore, store_path).resolve()
         try:
             if auth_key is None:
                 raise JoinConfigError(
@@ -210,11 +287,24 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             typer.echo(" ".join(cmd))
             return
+        agent = None
         try:
             if root is not None and not root.is_file():
                 raise JoinConfigError(f"{root}: no such file (the CA certificate from the operator)")
             check_join_key(key)
-            check_device_store(store_path, keystore_path)
+            given = device_cli.passphrase_given(passphrase_file)
+            if not keystore_opens(store_path, keystore_path, passphrase_given=given):
+                problem = agent_supported()
+                if problem is not None:
+                    raise KeystoreNotFoundError(problem)
+                data_key, store_id = unlock_once(store_path, device_cli.read_passphrase(passphrase_file))
+                agent = KeyAgent(data_key, store_id)
+                del data_key
+                cmd = supernode_join_command(
+                    superlink, root_cert=root, auth_key=key, insecure=insecure, store=store_path,
+                    keystore=keystore_path, runtime_port=runtime_port, max_wait_s=max_wait,
+                    key_agent=agent.path,
+                )
         except JoinConfigError as exc:
             raise _err(str(exc)) from None
         except RestwiseDeviceError as exc:
@@ -222,4 +312,10 @@ def register(app: typer.Typer) -> None:
         env = dict(os.environ)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["PATH"] = _venv_path(env.get("PATH", ""))
-        os.execvpe(cmd[0], cmd, env)  # the SuperNode replaces this process
+        for name in ("RESTWISE_PASSPHRASE",):  # never handed on to the SuperNode and its apps
+            env.pop(name, None)
+        if agent is None:
+            os.execvpe(cmd[0], cmd, env)  # the SuperNode replaces this process
+        typer.echo("Store unlocked for this join: its key stays in this process's memory (key agent); "
+                   "stop the join (Ctrl-C) to stop the SuperNode and forget the key.", err=True)
+        raise typer.Exit(code=run_with_key_agent(cmd, env, agent))

@@ -932,13 +932,16 @@ class DeviceStore:
             yield json.dumps(row)
 
     # ------------------------------------------------------------------ restore (export -> store)
-    def restore_egress(self, row: dict, *, conn: sqlcipher.Connection) -> bool:
-        """Add one exported egress-log row unless the same message is already logged."""
+    def restore_egress(self, row: dict, *, conn: sqlcipher.Connection, occurrence: int = 1) -> bool:
+        """Add one exported egress-log row unless it is already logged. ``occurrence``: this
+        is the n-th identical row of the export (the same message may be logged twice in one
+        second): it is added only while the store holds fewer than n of them."""
         key = (row["ts"], row["run_id"], row["round"], row["message_type"], row["sha256"])
-        if conn.execute(
-            "SELECT 1 FROM egress_log WHERE ts = ? AND run_id = ? AND round IS ? AND "
+        (have,) = conn.execute(
+            "SELECT count(*) FROM egress_log WHERE ts = ? AND run_id = ? AND round IS ? AND "
             "message_type = ? AND sha256 = ?", key,
-        ).fetchone():
+        ).fetchone()
+        if have >= occurrence:
             return False
         conn.execute(
             "INSERT INTO egress_log(ts, run_id, round, message_type, records, n_bytes, sha256) "
@@ -948,7 +951,7 @@ class DeviceStore:
         )
         return True
 
-    def restore_consent(self, row: dict, *, conn: sqlcipher.Connection) -> bool:
+    def restore_consent(self, row: dict, *, conn: sqlcipher.Connection, occurrence: int = 1) -> bool:
         """Restore one consent choice; a newer choice already in the store wins."""
         before = conn.total_changes
         conn.execute(
@@ -959,13 +962,15 @@ class DeviceStore:
         )
         return conn.total_changes > before
 
-    def restore_import_log(self, row: dict, *, conn: sqlcipher.Connection) -> bool:
-        """Restore one row of the import history unless it is already there."""
+    def restore_import_log(self, row: dict, *, conn: sqlcipher.Connection, occurrence: int = 1) -> bool:
+        """Restore one row of the import history unless it is already there (``occurrence``
+        as in :meth:`restore_egress`)."""
         values = tuple(row[c] for c in EXPORT_TABLES["imports"][0])
         cols = EXPORT_TABLES["imports"][0]
-        if conn.execute(
-            "SELECT 1 FROM imports WHERE " + " AND ".join(f"{c} IS ?" for c in cols), values
-        ).fetchone():
+        (have,) = conn.execute(
+            "SELECT count(*) FROM imports WHERE " + " AND ".join(f"{c} IS ?" for c in cols), values
+        ).fetchone()
+        if have >= occurrence:
             return False
         conn.execute(
             f"INSERT INTO imports({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", values

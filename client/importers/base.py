@@ -526,6 +526,7 @@ class _StoreWriter:
 
     def _run(self) -> None:
         report, store, conn = self._report, self._store, self._conn
+        history_seen: Counter = Counter()  # identical history rows so far (see restore_egress)
         while True:
             item = self._queue.get()
             if item is self._DONE:
@@ -549,7 +550,9 @@ class _StoreWriter:
                 else:  # "history": a restored export's own log rows
                     restore = {"egress_log": store.restore_egress, "consent": store.restore_consent,
                                "imports": store.restore_import_log}[payload.table]
-                    if restore(payload.row, conn=conn):
+                    identity = (payload.table, tuple(sorted(payload.row.items())))
+                    history_seen[identity] += 1
+                    if restore(payload.row, conn=conn, occurrence=history_seen[identity]):
                         report.inserted[payload.table] += 1
                     else:
                         report.duplicates += 1
