@@ -28,7 +28,7 @@ pattern, let check-in CSVs of different apps sit side by side). A file no import
 recognises, or one that is damaged, is skipped and reported on that person
 (:attr:`PersonStore.failures`) while the rest imports: one broken file must not sink a
 person, one person must not sink a cohort. Hidden files are left out, and so is the column
-map itself. ``tz`` places timestamps on the persons' local days (one zone for the cohort).
+map itself. Links are followed to files anywhere inside the cohort folder, never outside it. ``tz`` places timestamps on the persons' local days (one zone for the cohort).
 
 Stores are opened through a keystore (:class:`~restwise.client.keys.FileKeystore` for
 simulated devices): a raw-key open per store instead of an Argon2 derivation, so a cohort of
@@ -172,7 +172,7 @@ def _import_folder(
                 column_map = person_map if person_map is not None else cohort_map
                 report = run_import(
                     store, pdir, options=ImportOptions(column_map=column_map, tz=tz),
-                    exclude=_hidden_members(pdir),
+                    exclude=_hidden_members(pdir), link_root=root,
                 )
                 reports.append(report)
                 failures += [f"{member}: {why}" for member, why in report.skipped_files]

@@ -255,10 +255,13 @@ class InputSource:
     """
 
     def __init__(self, path: Path | str, on_bytes: Callable[[int], None] | None = None,
-                 exclude: Iterable[str] = ()):
+                 exclude: Iterable[str] = (), link_root: Path | str | None = None):
         self.path = Path(path)
         self._on_bytes = on_bytes
         self._exclude = frozenset(exclude)
+        # Links may lead anywhere inside this folder (the one the person named; a cohort's
+        # person folder is read with the cohort folder as its boundary).
+        self._link_root = Path(link_root) if link_root is not None else self.path
         self.skipped: list[tuple[str, str]] = []
         self._members: list[str] | None = None
         if not self.path.exists():
@@ -317,7 +320,7 @@ class InputSource:
 
     def _walk_folder(self) -> list[str]:
         root = self.path
-        root_real = root.resolve()
+        root_real = self._link_root.resolve()
         out: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             here = Path(dirpath)
@@ -359,7 +362,7 @@ class InputSource:
 
     def _folder_member(self, name: str) -> Path:
         target = (self.path / name).resolve()
-        if self.path.resolve() not in target.parents:
+        if self._link_root.resolve() not in target.parents:
             raise ImportFailedError(f"{name!r} is outside the import folder")
         return target
 
@@ -687,6 +690,7 @@ def run_import(
     progress: Progress | None = None,
     strict: bool = False,
     exclude: Iterable[str] = (),
+    link_root: Path | str | None = None,
 ) -> ImportReport:
     """Import ``path`` into ``store`` in one transaction and return what happened.
 
@@ -696,11 +700,12 @@ def run_import(
     without it, and the file is listed in ``report.skipped_files`` (``strict``: the whole
     import is refused instead). An import that would store nothing at all raises
     :class:`NothingImportedError` (the store is unchanged; ``exc.report`` has the reasons).
-    ``exclude``: relative member paths left out of the import.
+    ``exclude``: relative member paths left out of the import. ``link_root``: links inside a
+    folder are followed to files inside this folder (default: ``path`` itself).
     """
     options = options or ImportOptions()
     progress = progress or NullProgress()
-    source = InputSource(path, on_bytes=progress.advance, exclude=exclude)
+    source = InputSource(path, on_bytes=progress.advance, exclude=exclude, link_root=link_root)
     try:
         plan = plan_import(source, importer, options, strict=strict)
         report = ImportReport(
