@@ -141,12 +141,12 @@ class KeyAgent:
         conn.settimeout(5.0)
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _gid = struct.unpack("3i", creds)
+        request = conn.recv(MAX_REQUEST)  # read first: closing on unread data would reset the reply
         if uid != os.getuid() or self._ancestor is None or not descends_from(pid, self._ancestor):
             self.refused += 1
             _log.warning("key agent: refused a request from process %d (not this device's ClientApp)", pid)
             conn.sendall(REPLY_DENIED)
             return
-        request = conn.recv(MAX_REQUEST)
         proto, _, store_id = request.strip().partition(b" ")
         if proto != PROTOCOL or store_id.decode("ascii", "replace") != self.store_id:
             conn.sendall(REPLY_WRONG_STORE)

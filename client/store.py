@@ -611,7 +611,10 @@ class DeviceStore:
         frames not yet checkpointed (checked too), and the schema version."""
         problems = self.conn.execute("PRAGMA cipher_integrity_check").fetchall()
         if problems:
-            raise StoreFormatError(f"{len(problems)} page(s) of the store failed their integrity check")
+            raise StoreFormatError(
+                f"the store is damaged or was tampered with: {len(problems)} page(s) failed their "
+                "integrity check"
+            )
         if self.conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
             raise StoreFormatError("the store database structure is damaged")
         wal = Path(str(self.folder / DB_NAME) + "-wal")
