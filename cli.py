@@ -11,7 +11,7 @@
 Exit codes: 0 success; 1 failure; 2 bad command-line usage; 3 wrong passphrase or key;
 4 store missing/in use/already exists; 5 store damaged or tampered; 6 import refused (store
 unchanged); 7 privacy budget would be exceeded; 8 verification failed (report or ledger
-mismatch); 130 interrupted.
+mismatch); 9 an import stored nothing (reasons listed, store unchanged); 130 interrupted.
 """
 
 from __future__ import annotations

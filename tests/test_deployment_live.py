@@ -4,10 +4,15 @@ One scenario (module fixture ``deployment``), several tests asserting on what it
 
 * SuperLink with TLS (trial CA from ``make_trial_pki``) and SuperNode authentication; four
   devices, each a SuperNode with its own SQLCipher store of a generated person (imported with
-  the real importer) and a ``FileKeystore``; their public keys registered through the
-  Control API; Restwise's ServerApp (secure aggregation + distributed DP + ledger) and
-  ClientApp (egress guard, SecAgg mod, DP mod) - the installed components, submitted with
-  ``flwr run`` from a throw-away app folder.
+  the real importer); their public keys registered through the Control API; Restwise's
+  ServerApp (secure aggregation + distributed DP + ledger) and ClientApp (egress guard, SecAgg
+  mod, DP mod) - the installed components, submitted with ``flwr run`` from a throw-away app
+  folder. Devices 0 and 3 are simulated devices with a ``FileKeystore``. Device 1 is set up
+  as a person would, with the commands only: `device init` (a passphrase store) -> `device
+  import` -> `device join --passphrase-file` (unlocked once; its ClientApps get the key from
+  the join's key agent). Device 2 the same, plus `device keystore add --backend file`, and
+  joins without its passphrase. Afterwards `device history` on their stores shows what they
+  sent.
 * Round 1: everyone takes part. Round 2: device 3 is SIGKILLed (with its ClientApp process)
   right after it sent its key shares, before its masked input: the survivors' aggregate must
   be unmasked from shares. Round 3: the run continues without it.
@@ -46,6 +51,9 @@ ROUNDS = 3
 CAPTURED = 0  # device whose traffic is recorded
 VICTIM = 3  # device killed mid-round
 KILL_ROUND = 2
+PASSPHRASE_DEVICE = 1  # `device init` store, joined with its passphrase (key agent)
+KEYSTORE_DEVICE = 2  # `device init` store + `device keystore add`, joined without passphrase
+PASSPHRASE = "amber quartz migrates seven willow kites"
 RUN_TIMEOUT_S = 420.0
 
 
@@ -119,6 +127,21 @@ def make_device(folder: Path, keystore_dir: Path, seed: int) -> Path:
     return folder
 
 
+def make_device_with_the_cli(folder: Path, passfile: Path, seed: int, *, keystore: Path | None) -> Path:
+    """A person's own device, set up with the commands only: `device init` (passphrase store),
+    `device import` of their export, and (``keystore``) `device keystore add --backend file`."""
+    from restwise.demo import write_demo_export
+
+    export = write_demo_export(seed, folder.parent / f"export-{seed}.jsonl", days=60)
+    auth = ["--store", str(folder), "--passphrase-file", str(passfile)]
+    restwise("device", "init", *auth)
+    restwise("device", "import", str(export), *auth, "-q")
+    if keystore is not None:
+        restwise("device", "keystore", "add", *auth, "--backend", "file", "--keystore", str(keystore))
+    export.unlink()
+    return folder
+
+
 def wait_until(predicate, timeout_s: float, what: str, step: float = 0.25):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -146,14 +169,26 @@ def deployment(tmp_path_factory):
     keys = [D.make_node_keys(root / "keys", f"device-{i}") for i in range(N_DEVICES)]
     stranger = D.make_node_keys(root / "keys", "stranger")
     keystore = root / "keystore"
-    devices = [make_device(root / f"device-{i}", keystore, seed=500 + i) for i in range(N_DEVICES)]
+    passfile = root / "passphrase"
+    passfile.write_text(PASSPHRASE + "\n")
+    passfile.chmod(0o600)
+    own_keystore = root / "keystore-of-device-2"
+    devices = []
+    for i in range(N_DEVICES):
+        if i == PASSPHRASE_DEVICE:
+            devices.append(make_device_with_the_cli(root / f"device-{i}", passfile, 500 + i, keystore=None))
+        elif i == KEYSTORE_DEVICE:
+            devices.append(make_device_with_the_cli(root / f"device-{i}", passfile, 500 + i, keystore=own_keystore))
+        else:
+            devices.append(make_device(root / f"device-{i}", keystore, seed=500 + i))
 
     procs: list[D.ManagedProcess] = []
     hook_dir = root / "wire-hook"
     hook_dir.mkdir()
     (hook_dir / "sitecustomize.py").write_text(SITECUSTOMIZE, encoding="utf-8")
     wire_dump = root / "wire.bin"
-    result: dict = {"root": root, "devices": devices, "keystore": keystore}
+    result: dict = {"root": root, "devices": devices, "keystore": keystore, "passfile": passfile,
+                    "own_keystore": own_keystore}
     try:
         port = D.free_port()
         # `restwise server superlink` (TLS and node auth on by default) execs flower-superlink.
@@ -175,13 +210,20 @@ def deployment(tmp_path_factory):
 
         nodes = []
         for i in range(N_DEVICES):
-            # `restwise device join`: checks the store opens with the keystore, then execs
+            # `restwise device join`: checks the store opens (with the keystore, or unlocks it
+            # once with the passphrase and keeps the key in its key agent), then runs
             # flower-supernode with TLS, the node's key and the store in its node config.
-            command = [
-                *DEVICE_JOIN, "--superlink", f"127.0.0.1:{port}", "--root-cert", str(pki.ca_cert),
+            join = [
+                "--superlink", f"127.0.0.1:{port}", "--root-cert", str(pki.ca_cert),
                 "--auth-key", str(keys[i].private_key), "--store", str(devices[i]),
-                "--keystore", str(keystore), "--runtime-port", str(D.free_port()),
+                "--runtime-port", str(D.free_port()),
             ]
+            if i == PASSPHRASE_DEVICE:
+                command = [*RESTWISE, "device", "join", *join, "--passphrase-file", str(passfile)]
+            elif i == KEYSTORE_DEVICE:
+                command = [*RESTWISE, "device", "join", *join, "--keystore", str(own_keystore)]
+            else:
+                command = [*DEVICE_JOIN, *join, "--keystore", str(keystore)]
             env = None
             if i == CAPTURED:
                 env = dict(os.environ, RESTWISE_WIRE_DUMP=str(wire_dump),
@@ -467,3 +509,34 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
     assert any(p in planted for _, p in patterns)
     leaks = [label for label, p in patterns if p in captured]
     assert leaks == [], f"stored values found in the device's traffic: {leaks[:10]}"
+
+
+# -- 5. a person's own store: init -> import -> join -> a secure round -> history ---------
+def test_device_history_shows_what_the_persons_own_stores_sent(deployment):
+    from restwise.privacy import egress as E
+    from restwise.privacy.secagg import records as SR
+
+    outcome = deployment["outcome"]
+    assert outcome["ok"] is True and outcome["released_rounds"] == list(range(1, ROUNDS + 1))
+    nodes = deployment["nodes"]
+    log = nodes[PASSPHRASE_DEVICE].log_text()
+    assert "Store unlocked for this join" in log and PASSPHRASE not in log
+    assert nodes[PASSPHRASE_DEVICE].alive() and nodes[KEYSTORE_DEVICE].alive()
+    allowed = {E.CONSENT_RECORD, *(n for stage in SR.CLIENT_REPLY_RECORDS.values() for n in stage)}
+    for device, auth in (
+        (PASSPHRASE_DEVICE, ["--passphrase-file", str(deployment["passfile"])]),
+        (KEYSTORE_DEVICE, ["--keystore", str(deployment["own_keystore"])]),  # no passphrase
+    ):
+        out = restwise("device", "history", "--store", str(deployment["devices"][device]), *auth, "--json")
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert len({r["run_id"] for r in rows}) == 1, rows
+        # every round: the hello and the four secure-aggregation stages, each logged
+        assert sorted({r["round"] for r in rows}) == list(range(1, ROUNDS + 1))
+        assert len(rows) == 5 * ROUNDS, [(r["round"], r["message_type"]) for r in rows]
+        names = {rec["name"] for r in rows for rec in r["records"]}
+        assert SR.MASKED_INPUT in names and names <= allowed, names
+        assert all(len(r["sha256"]) == 64 and r["n_bytes"] > 0 for r in rows)
+    # the passphrase store has no keystore slot: its key was never put on disk by the join
+    slots = json.loads((deployment["devices"][PASSPHRASE_DEVICE] / "keyslots.json").read_text())
+    assert [s["kind"] for s in slots["slots"]] == ["passphrase"]
+    assert not (deployment["root"] / "keystore-of-device-1").exists()

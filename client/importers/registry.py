@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import TYPE_CHECKING
 
 from restwise.client.errors import ImportFailedError, UnknownFormatError
 
-if TYPE_CHECKING:  # only for annotations: base imports this module
-    from restwise.client.importers.base import ImportOptions, InputSource
+# ``options`` below is an importers.base.ImportOptions and ``source`` an InputSource; they
+# are not imported for annotations because base imports this module.
 
 # format name -> "module:Class"
 REGISTRY: dict[str, str] = {
@@ -41,7 +40,7 @@ def available_formats() -> list[str]:
     return out
 
 
-def get_importer(name: str, options: "ImportOptions | None" = None):
+def get_importer(name: str, options=None):
     """A fresh importer of format ``name``. The check-in CSV importer takes the column map
     from ``options`` (it recognises mapped files by their mapped header)."""
     if name not in REGISTRY:
@@ -61,7 +60,7 @@ def get_importer(name: str, options: "ImportOptions | None" = None):
     return factory()
 
 
-def candidate_importers(options: "ImportOptions | None" = None) -> list:
+def candidate_importers(options=None) -> list:
     """One importer of every available format, in detection order."""
     return [get_importer(name, options) for name in available_formats()]
 
@@ -77,7 +76,7 @@ def sniffs(importer, source) -> bool:
         return False
 
 
-def detect_format(source: "InputSource", options: "ImportOptions | None" = None):
+def detect_format(source, options=None):
     """Ask each importer whether it recognises the whole source; the first yes wins."""
     for importer in candidate_importers(options):
         try:
