@@ -449,15 +449,7 @@ class DeviceStore:
                     "the key handed over at `restwise device join` no longer opens this store "
                     "(was it rekeyed since?): stop and start the join again"
                 )
-            store = cls(folder, conn, slots, bytes(data_key))
-            try:
-                store._check_identity()
-                store._migrate()
-            except BaseException:
-                store.close()
-                raise
-            store._lock_fd = lock_fd
-            return store
+            return cls._checked(folder, conn, slots, bytes(data_key), lock_fd)
         key = slots.unwrap(passphrase, keystore)  # WrongPassphraseError on a wrong passphrase
         conn = cls._open_db(folder, slots, key, passphrase, keystore)
         if conn is None:
@@ -480,6 +472,11 @@ class DeviceStore:
             atomic_write_bytes(folder / KEYSLOTS_NAME, slots.to_bytes())
         for suffix in ("", "-journal", "-wal", "-shm"):
             (folder / (REKEY_TMP_NAME + suffix)).unlink(missing_ok=True)
+        return cls._checked(folder, conn, slots, key, lock_fd)
+
+    @classmethod
+    def _checked(cls, folder, conn, slots, key, lock_fd) -> "DeviceStore":
+        """The open store, once its database is this store's and its schema is current."""
         store = cls(folder, conn, slots, key)
         try:
             store._check_identity()

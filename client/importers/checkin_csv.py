@@ -297,20 +297,8 @@ class CheckinCsvImporter:
 
     @staticmethod
     def _head_header(source: InputSource, member: str) -> list[str] | None:
-        head = read_head(source, member, MAX_HEADER_BYTES)
-        if b"\x00" in head:
-            return None
-        try:
-            text = head.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            return None
-        first = text.splitlines()[0] if text.strip() else ""
-        if not first:
-            return None
-        try:
-            return next(csv.reader([first], delimiter=_sniff_delimiter(first)))
-        except (csv.Error, StopIteration):
-            return None
+        parsed = csv_header(source, member)
+        return None if parsed is None else parsed[0]
 
     def sniff(self, source: InputSource) -> bool:
         """A CSV whose header has a date column and at least one check-in or session column,
@@ -460,6 +448,26 @@ class CheckinCsvImporter:
                 day=day, minutes=minutes, load=round(rpe * minutes, 6), rpe=rpe,
                 source=SOURCE, record_key=record_key(SOURCE, "session", day, n),
             )
+
+
+def csv_header(source: InputSource, member: str) -> tuple[list[str], str] | None:
+    """A CSV member's header cells and delimiter, None when it is not readable text with a
+    header line (binary, not UTF-8, empty)."""
+    head = read_head(source, member, MAX_HEADER_BYTES)
+    if b"\x00" in head:
+        return None
+    try:
+        text = head.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+    first = text.splitlines()[0] if text.strip() else ""
+    if not first:
+        return None
+    delimiter = _sniff_delimiter(first)
+    try:
+        return next(csv.reader([first], delimiter=delimiter)), delimiter
+    except (csv.Error, StopIteration):
+        return None
 
 
 def _sniff_delimiter(first_line: str) -> str:

@@ -48,7 +48,8 @@ from restwise.client.importers.base import (
     Record,
     Skip,
 )
-from restwise.client.importers.fitbit import ARCHIVE_ERRORS, read_head, zone_of
+from restwise.client.importers.checkin_csv import csv_header
+from restwise.client.importers.fitbit import ARCHIVE_ERRORS, zone_of
 from restwise.client.store import SRPE_LOAD, Session, record_key
 from restwise.models.metrics import CHECKIN_FIELDS, SESSION_MINUTES_RANGE, SESSION_RPE_RANGE
 
@@ -61,7 +62,6 @@ SESSION_TIME_COLUMNS = ("end_date_time", "start_date_time")
 SESSION_RPE = "perceived_exertion"
 SESSION_MINUTES = ("duration_min", "duration")
 SESSION_ACTIVITY = "activity_names"
-HEADER_BYTES = 8192
 _QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
 
 
@@ -69,28 +69,9 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", name.strip().strip('"').lower())
 
 
-def _delimiter(first_line: str) -> str:
-    counts = {d: first_line.count(d) for d in (",", ";", "\t")}
-    best = max(counts, key=counts.get)
-    return best if counts[best] else ","
-
-
 def _header(source: InputSource, member: str) -> tuple[list[str], str] | None:
-    head = read_head(source, member, HEADER_BYTES)
-    if b"\x00" in head:
-        return None
-    try:
-        text = head.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return None
-    first = text.splitlines()[0] if text.strip() else ""
-    if not first:
-        return None
-    delimiter = _delimiter(first)
-    try:
-        return [_norm(h) for h in next(csv.reader([first], delimiter=delimiter))], delimiter
-    except (csv.Error, StopIteration):
-        return None
+    parsed = csv_header(source, member)
+    return None if parsed is None else ([_norm(h) for h in parsed[0]], parsed[1])
 
 
 def file_kind(columns: list[str]) -> str | None:
@@ -144,10 +125,10 @@ class TeamAppImporter:
 
     def _members(self, source: InputSource) -> list[tuple[str, str, list[str], str]]:
         out = []
-        for member in source.members():
-            if not member.lower().endswith((".csv", ".tsv", ".txt")) and not (
-                len(source.members()) == 1 and not source.is_zip
-            ):
+        members = source.members()
+        single = len(members) == 1 and not source.is_zip  # a file named anything
+        for member in members:
+            if not single and not member.lower().endswith((".csv", ".tsv", ".txt")):
                 continue
             parsed = _header(source, member)
             if parsed is None:
