@@ -37,7 +37,8 @@ on day ``t`` inclusive unless stated):
   ``monotony`` = mean/SD of the last 7 days' loads (Foster 1998; capped at 10, SD 0 -> cap
   when mean > 0), ``strain`` = 7 x acute x monotony (weekly load x monotony).
 * heart-rate load, the same windows on its own series: ``hr_acute_load``,
-  ``hr_chronic_load``, ``hr_acwr``; ``hr_load_known`` flags days with a known value.
+  ``hr_chronic_load``, ``hr_acwr``; ``hr_load_known`` flags days with a known value (raw
+  features only, for now: see ``_ZSCORED``).
 * Banister fitness-fatigue from session-RPE load, in exponentially-weighted form (unknown
   load counts as 0):
   ``fitness_t = fitness_{t-1} * exp(-1/42) + (1 - exp(-1/42)) * w_t`` and the same with 7 days
@@ -480,19 +481,19 @@ _ZSCORED: dict[str, tuple[float, float]] = {
     "stress": (3.0, 0.8),
     "mood": (3.0, 0.8),
     "sleep_quality": (3.0, 0.8),
-    # heart-rate load (Edwards TRIMP per day: about 50-250 on a training day)
-    "hr_load": (100.0, 100.0),
-    "hr_acute_load": (100.0, 70.0),
-    "hr_chronic_load": (100.0, 60.0),
-    "hr_acwr": (1.0, 0.3),
 }
+# Heart-rate load (hr_load, hr_acute_load, hr_chronic_load, hr_acwr, hr_load_known) is a raw
+# feature (coach, trend) but not yet a model feature: the model features' names and order
+# are pinned by the linear head's feature-spec hash and the public prior fitted under it
+# (models/linear_head.py, models/prior.py). Adding them means a new feature-spec version and
+# a refitted prior.
 _SCALED: dict[str, float] = {  # feature -> fixed scale (already personal deviations)
     "hrv_dev_today": 0.15,
     "hrv_dev_7d": 0.1,
     "hrv_swc": 0.05,
     "rhr_dev": 4.0,
 }
-_FLAGS: tuple[str, ...] = ("hrv_below_swc", "missing_night", "load_known", "hr_load_known", "checkin_today")
+_FLAGS: tuple[str, ...] = ("hrv_below_swc", "missing_night", "load_known", "checkin_today")
 _COUNTS: dict[str, float] = {  # feature -> divisor to bring into [0, 1]
     "worn_7d": 7.0,
     "missing_nights_7d": 7.0,
