@@ -8,6 +8,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,13 @@ def has_rows(content: dict) -> bool:
 _WORK = Path(tempfile.mkdtemp(prefix="restwise-roundtrip-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
 _KEYSTORE = FileKeystore(_WORK / "keystore")  # raw-key opens: no Argon2 per generated store
 _COUNTER = itertools.count()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_work_folder():
+    """Generated stores live in memory (/dev/shm) and go with their keys after the module."""
+    yield
+    shutil.rmtree(_WORK, ignore_errors=True)
 
 
 def export_bytes(store: DeviceStore) -> bytes:
