@@ -7,6 +7,7 @@ data and stored with the prior, or the network's size and training plan) and the
 It sits at the top of the package because it needs both (privacy/ never imports models/).
 
     restwise privacy plan --cohort 47 --epsilon 4 --model linear-head
+    restwise privacy plan --cohort 42 --epsilon 4 --model early-warning
     restwise privacy plan --cohort 47 --epsilon 8 --model recovery-mlp [--rounds 10 --rate 1]
 
 Exit codes: 0 when the plan is expected to help (or to do no harm: the linear head falls back
@@ -32,7 +33,19 @@ from restwise.privacy.utility import (
 
 LINEAR_HEAD_MODEL = "linear-head"
 NETWORK_MODEL = "recovery-mlp"
-MODELS = (LINEAR_HEAD_MODEL, NETWORK_MODEL)
+WARNING_MODEL = "early-warning"
+MODELS = (LINEAR_HEAD_MODEL, NETWORK_MODEL, WARNING_MODEL)
+
+
+def statistics_shape(name: str, statistics_length: int, sensitivity: float, target_bound: float,
+                     target_prior) -> StatisticsReleaseShape:
+    """A one-release architecture's shape, its signal and prior taken from a fitted
+    ``models.prior.TargetPrior`` (public data)."""
+    tp = target_prior
+    return StatisticsReleaseShape(
+        name=name, statistics_length=statistics_length, sensitivity=sensitivity, target_bound=target_bound,
+        mean_second_moment=tp.mean_A, prior_tau2=tp.tau2, prior_weights_norm2=float(tp.weights @ tp.weights),
+        person_variance=tp.person_variance, mean_statistics_norm=tp.mean_statistics_norm)
 
 
 def linear_head_shape(prior_path: Path | str | None = None, target: str = "readiness") -> StatisticsReleaseShape:
@@ -40,12 +53,18 @@ def linear_head_shape(prior_path: Path | str | None = None, target: str = "readi
     from restwise.models import linear_head as lh
     from restwise.models.prior import load_prior
 
-    tp = load_prior(prior_path).target(target)
-    return StatisticsReleaseShape(
-        name=lh.ARCHITECTURE_NAME, statistics_length=lh.STATISTICS_LENGTH, sensitivity=lh.SENSITIVITY,
-        target_bound=lh.TARGET_BOUND, mean_second_moment=tp.mean_A, prior_tau2=tp.tau2,
-        prior_weights_norm2=float(tp.weights @ tp.weights), person_variance=tp.person_variance,
-        mean_statistics_norm=tp.mean_statistics_norm)
+    return statistics_shape(lh.ARCHITECTURE_NAME, lh.STATISTICS_LENGTH, lh.SENSITIVITY, lh.TARGET_BOUND,
+                            load_prior(prior_path).target(target))
+
+
+def warning_shape(prior_path: Path | str | None = None, target: str = "readiness") -> StatisticsReleaseShape:
+    """The early-warning model's release (350 numbers, sensitivity sqrt 2, bound 1), its signal
+    and prior taken from the (shipped) warning prior."""
+    from restwise.models import warning as wn
+    from restwise.models.prior import load_prior
+
+    return statistics_shape(wn.ARCHITECTURE_NAME, wn.STATISTICS_LENGTH, wn.WARNING_ARCHITECTURE.sensitivity,
+                            wn.TARGET_BOUND, load_prior(prior_path, spec=wn.WARNING_PRIOR).target(target))
 
 
 def network_shape(*, rounds: int | None = None, clip_norm: float = 1.0, sampling_rate: float = 1.0) -> FedAvgShape:
@@ -67,6 +86,8 @@ def plan_run(model: str, cohort: int, epsilon: float, delta: float = 1e-5, *, ro
     expected to make the model worse than the prior; ``message`` carries the numbers."""
     if model == LINEAR_HEAD_MODEL:
         return assess_statistics_release(linear_head_shape(prior_path, target), cohort, epsilon, delta, force=force)
+    if model == WARNING_MODEL:
+        return assess_statistics_release(warning_shape(prior_path, target), cohort, epsilon, delta, force=force)
     if model == NETWORK_MODEL:
         shape = network_shape(rounds=rounds, clip_norm=clip_norm, sampling_rate=sampling_rate)
         return assess_fedavg(shape, cohort, epsilon, delta, force=force)
@@ -81,7 +102,8 @@ def plan_command(
     rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Network: federated rounds (default 10)."),
     rate: float = typer.Option(1.0, "--rate", help="Network: Poisson sampling rate per round (1 = everyone)."),
     clip: float = typer.Option(1.0, "--clip", help="Network: clip norm of an update."),
-    prior: Optional[Path] = typer.Option(None, "--prior", help="Linear head: prior file (default: shipped)."),
+    prior: Optional[Path] = typer.Option(None, "--prior", help="Linear head / early warning: prior file "
+                                         "(default: the model's shipped prior)."),
     force: bool = typer.Option(False, "--force", help="Accept a plan that would be refused (exit 0)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line on stdout."),
 ) -> None:
@@ -110,4 +132,5 @@ def plan_command(
         raise typer.Exit(code=1)
 
 
-__all__ = ["plan_run", "plan_command", "linear_head_shape", "network_shape", "MODELS"]
+__all__ = ["plan_run", "plan_command", "linear_head_shape", "warning_shape", "statistics_shape", "network_shape",
+           "MODELS", "WARNING_MODEL"]

@@ -12,6 +12,9 @@ the pure protocol in :mod:`restwise.models.evaluation`.
 Writes ``results.json`` (every number, per person too), ``results.md`` (the table and the
 command) and ``results.png`` (MAE with bootstrap intervals) into ``--out``.
 
+``--task early-warning`` evaluates the 7-day warning of a low week (and, on SoccerMon, of an
+injury or illness report) instead: see :mod:`restwise.simulation.warning_evaluate`.
+
 The linear head's rows come by default (``--no-linear`` leaves them out): ``public prior``
 (epsilon 0; on SoccerMon and LifeSnaps cross-fitted: each half of the persons is scored with a
 prior fitted on the other half, plus the other public datasets under ``--public-data`` with
@@ -39,6 +42,8 @@ from typing import Optional
 import typer
 
 DEFAULT_TARGET = {"soccermon": "readiness", "lifesnaps": "fatigue", "folder": "readiness"}
+TASKS = ("next-day", "early-warning")
+DEFAULT_MIN_TEST = {"next-day": 7, "early-warning": 14}
 
 
 def load_cohort_days(people, keystore) -> dict:
@@ -108,6 +113,40 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
     return {"public prior": PublicPriorMethod(assignment), **statistics_methods(assignment, epsilons)}
 
 
+def import_cohort_days(kind: str, data_path: Path | str, work: Path, *, persons: int | None = None,
+                       log: Callable[[str], None]) -> tuple[dict, float]:
+    """Every person of the cohort into their own encrypted store under ``work`` (keys in a
+    file keystore there), read back as the coach reads it: (person -> DailyData, seconds)."""
+    from restwise.client.cohort import import_cohort
+    from restwise.client.keys import FileKeystore
+
+    keystore = FileKeystore(work / "keys")
+    t0 = time.perf_counter()
+    people = import_cohort(
+        kind, data_path, work / "stores", keystore=keystore, persons=persons,
+        on_person=lambda i, n, _p: log(f"importing person {i + 1}/{n}") if (i + 1) % 10 == 0 or i + 1 == n else None,
+    )
+    for p in people:
+        for failure in p.failures:
+            log(f"{p.person}: {failure}")
+    cohort = load_cohort_days(people, keystore)
+    seconds = time.perf_counter() - t0
+    log(f"{len(people)} stores imported and read back in {seconds:.1f} s")
+    return cohort, seconds
+
+
+def write_results(out_dir: Path | str, result, command: str | None, plot: Callable) -> None:
+    """``results.json``, ``results.md`` (with the command) and ``results.png`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(result.to_json() + "\n", encoding="utf-8")
+    md = result.to_markdown()
+    if command:
+        md += f"\nCommand: `{command}`\n"
+    (out / "results.md").write_text(md, encoding="utf-8")
+    plot(result, out / "results.png")
+
+
 def privacy_statement(methods: Mapping, result, delta: float = 1e-5) -> dict:
     """Every row's epsilon, and all rows' releases composed as if made from the same persons."""
     from restwise.privacy.accountant import PrivacyAccountant
@@ -164,8 +203,6 @@ def run_evaluation(
 
     ``methods`` replaces the default rows; ``extra_methods`` are appended after them. With
     ``linear`` the linear head's rows (:func:`linear_head_methods`) follow the default rows."""
-    from restwise.client.cohort import import_cohort
-    from restwise.client.keys import FileKeystore
     from restwise.models.evaluation import (
         NeuralConfig,
         ProtocolConfig,
@@ -179,19 +216,8 @@ def run_evaluation(
                             min_train=min_train, min_test=min_test)
     rows = dict(methods) if methods is not None else default_methods(config, NeuralConfig(threads=threads))
     with tempfile.TemporaryDirectory(prefix="restwise-eval-") as tmp:
-        work = Path(workdir) if workdir is not None else Path(tmp)
-        keystore = FileKeystore(work / "keys")
-        t0 = time.perf_counter()
-        people = import_cohort(
-            kind, data_path, work / "stores", keystore=keystore, persons=persons,
-            on_person=lambda i, n, _p: log(f"importing person {i + 1}/{n}") if (i + 1) % 10 == 0 or i + 1 == n else None,
-        )
-        for p in people:
-            for failure in p.failures:
-                log(f"{p.person}: {failure}")
-        cohort = load_cohort_days(people, keystore)
-        t_import = time.perf_counter() - t0
-        log(f"{len(people)} stores imported and read back in {t_import:.1f} s")
+        cohort, t_import = import_cohort_days(kind, data_path, Path(workdir) if workdir is not None else Path(tmp),
+                                              persons=persons, log=log)
         if linear:
             rows.update(linear_head_methods(kind, cohort, config.target, prior_path=prior_path,
                                             public_data=public_data, log=log))
@@ -205,14 +231,7 @@ def run_evaluation(
         result.protocol["import_seconds"] = round(t_import, 2)
         result.protocol["evaluate_seconds"] = round(time.perf_counter() - t1, 2)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(result.to_json() + "\n", encoding="utf-8")
-        md = result.to_markdown()
-        if command:
-            md += f"\nCommand: `{command}`\n"
-        (out / "results.md").write_text(md, encoding="utf-8")
-        plot_results(result, out / "results.png")
+        write_results(out_dir, result, command, plot_results)
     return result
 
 
@@ -236,7 +255,9 @@ def evaluate(
         "fatigue, from its mood answers)."
     ),
     min_train: int = typer.Option(28, "--min-train", min=2, help="Persons with fewer training examples are left out."),
-    min_test: int = typer.Option(7, "--min-test", min=1, help="Persons with fewer test examples are left out."),
+    min_test: Optional[int] = typer.Option(
+        None, "--min-test", min=1, help="Persons with fewer test examples are left out (default 7; "
+        "early-warning: 14 labelled days)."),
     threads: int = typer.Option(1, "--threads", min=1, max=64, help="Torch threads."),
     methods: Optional[str] = typer.Option(
         None, "--methods", help="Extra rows: module:function returning {name: Method}."
@@ -256,15 +277,21 @@ def evaluate(
         None, "--public-data", help="Folder of the other public datasets (soccermon/, lifesnaps/) "
         "added to the cross-fitted prior where they have the target series."
     ),
+    task: str = typer.Option(
+        "next-day", "--task", help="next-day: tomorrow's readiness (the table above); early-warning: "
+        "a 7-day warning of a low week (and of an injury or illness report on SoccerMon), the "
+        "literature's rules against the warning model, private and not (--prior: the warning prior)."
+    ),
 ) -> None:
-    """Honest evaluation of next-day readiness models on real data: every person imported into
-    their own encrypted store, chronological 75/25 split with a 7-day gap, baselines and our
-    models in one table (MAE with bootstrap interval over persons, AUROC of the low flag)."""
+    """Honest evaluation of next-day readiness models (or, with --task early-warning, of a 7-day
+    warning of a low week) on real data: every person imported into their own encrypted store,
+    chronological 75/25 split with a 7-day gap, baselines and our models in one table."""
     from restwise.client.errors import RestwiseDeviceError
     from restwise.models.evaluation import EvaluationError, ProtocolConfig
     from restwise.models.features import FeatureError
     from restwise.models.linear_head import LinearHeadError
     from restwise.models.prior import PriorError
+    from restwise.models.warning import WarningError
 
     if (dataset is None) == (cohort is None):
         raise typer.BadParameter("give either --dataset NAME --data PATH or --cohort FOLDER")
@@ -276,6 +303,13 @@ def evaluate(
         kind, path = dataset, data
     else:
         kind, path = "folder", cohort
+    if task not in TASKS:
+        raise typer.BadParameter(f"--task must be one of {', '.join(TASKS)}")
+    min_test = DEFAULT_MIN_TEST[task] if min_test is None else min_test
+    command = "restwise evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "evaluate" else None
+    if task == "early-warning" and (federated or methods or not linear):
+        raise typer.BadParameter("--federated, --methods and --no-linear belong to --task next-day")
     protocol = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed,
                               min_train=min_train, min_test=min_test)
     extra: dict | None = None
@@ -286,21 +320,27 @@ def evaluate(
         extra = federated_methods(protocol, NeuralConfig(threads=threads))
     if methods:
         extra = {**(extra or {}), **_extra_methods(methods, protocol)}
-    command = "restwise evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
-        if len(sys.argv) > 1 and sys.argv[1] == "evaluate" else None
 
     def log(msg: str) -> None:
         typer.echo(msg, err=True)
 
     try:
-        result = run_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
-                                target=target, min_train=min_train, min_test=min_test, threads=threads,
-                                extra_methods=extra, command=command, log=log, linear=linear,
-                                prior_path=prior, public_data=public_data)
+        if task == "early-warning":
+            # Deferred like the other rows: the private rows load the release machinery.
+            from restwise.simulation.warning_evaluate import run_warning_evaluation
+
+            result = run_warning_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
+                                            target=target, min_train=min_train, min_test=min_test,
+                                            prior_path=prior, public_data=public_data, command=command, log=log)
+        else:
+            result = run_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
+                                    target=target, min_train=min_train, min_test=min_test, threads=threads,
+                                    extra_methods=extra, command=command, log=log, linear=linear,
+                                    prior_path=prior, public_data=public_data)
     except RestwiseDeviceError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=exc.exit_code) from None
-    except (EvaluationError, FeatureError, PriorError, LinearHeadError) as exc:
+    except (EvaluationError, FeatureError, PriorError, LinearHeadError, WarningError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(result.to_markdown())

@@ -1,7 +1,8 @@
 """`restwise model ...`: the linear head's public prior (researchers and operators).
 
     restwise model prior --data ../shared/data --out models/priors/linear_head_prior.json
-    restwise model show [--prior FILE]
+    restwise model prior --model early-warning --data ../shared/data --out models/priors/warning_prior.json
+    restwise model show [--model early-warning] [--prior FILE]
 
 ``prior`` reads the public datasets found in ``--data`` (sub-folders ``soccermon/`` and
 ``lifesnaps/``, the shared-data layout), imports every person into their own encrypted store
@@ -24,7 +25,19 @@ import typer
 
 from restwise.client.errors import RestwiseDeviceError
 from restwise.client.evaluate_cli import load_public_cohorts
-from restwise.models.prior import PUBLIC_DATASETS, PriorError, fit_prior, load_prior
+from restwise.models.prior import LINEAR_HEAD_PRIOR, PUBLIC_DATASETS, PriorError, fit_prior, load_prior
+from restwise.models.warning import WARNING_PRIOR
+
+# --model: which architecture's prior (the same fit, file format and verification)
+PRIOR_SPECS = {"linear-head": LINEAR_HEAD_PRIOR, "early-warning": WARNING_PRIOR}
+ModelOpt = typer.Option("linear-head", "--model", help="Whose prior: linear-head (next-day readiness) or "
+                        "early-warning (7-day risk of a low week).")
+
+
+def _spec(model: str):
+    if model not in PRIOR_SPECS:
+        raise typer.BadParameter(f"--model must be one of {', '.join(PRIOR_SPECS)}")
+    return PRIOR_SPECS[model]
 
 model_app = typer.Typer(help="Researchers/operators: the linear head's public prior.", no_args_is_help=True)
 
@@ -57,6 +70,8 @@ def _describe(prior) -> str:
     for name, t in sorted(prior.targets.items()):
         src = ", ".join(f"{k} {v} persons / {t.rows[k]} rows" for k, v in sorted(t.persons.items()))
         lines.append(f"  {name}: {src}; ridge {t.ridge_lambda:g} per person")
+        if "operating_point" in t.extra:
+            lines.append(f"    operating point {t.extra['operating_point']:.3f}, {t.extra.get('chosen_on', '')}")
     for d in prior.datasets:
         lines.append(f"  {d['name']}: {d['licence']}, {d['citation']}")
     return "\n".join(lines)
@@ -69,16 +84,19 @@ def prior_command(
     target: Optional[list[str]] = typer.Option(
         None, "--target", help="Target series to fit (repeatable; default: readiness and fatigue)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap over persons."),
+    model: str = ModelOpt,
 ) -> None:
-    """Fit the linear head's public prior on public data only and write it with provenance."""
+    """Fit a model's public prior on public data only and write it with provenance."""
+    spec = _spec(model)
     command = "restwise model prior " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
         if sys.argv[1:3] == ["model", "prior"] else f"restwise model prior --data {data} --out {out}"
     try:
         cohorts = public_cohorts(data, log=lambda m: typer.echo(m, err=True))
-        prior = fit_prior(cohorts, tuple(target or ("readiness", "fatigue")), command=command, seed=seed)
+        prior = fit_prior(cohorts, tuple(target or ("readiness", "fatigue")), command=command, seed=seed,
+                          spec=spec)
         text = prior.to_json()
         _write_atomic(out, text)
-        written = load_prior(out)
+        written = load_prior(out, spec=spec)
     except (PriorError, RestwiseDeviceError) as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=1) from None
@@ -88,10 +106,12 @@ def prior_command(
 @model_app.command("show")
 def show_command(
     prior: Optional[Path] = typer.Option(None, "--prior", help="Prior file (default: the shipped one)."),
+    model: str = ModelOpt,
 ) -> None:
     """Verify a prior (hash, feature-spec version) and print its provenance."""
+    spec = _spec(model)
     try:
-        loaded = load_prior(prior)
+        loaded = load_prior(prior, spec=spec)
     except PriorError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=1) from None

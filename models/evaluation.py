@@ -171,33 +171,53 @@ def windowed_examples(frame: FeatureFrame, target: np.ndarray, window: int,
                       ends, window, n_feat, last, history)
 
 
+def chronological_positions(end_idx: np.ndarray, fraction: float, gap_days: int, *, window: int,
+                            horizon: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The split on day indices: positions (into ``end_idx``, in time order) of the first
+    ``fraction`` of the examples, and of the later ones whose input window (days
+    t-window+1..t) starts more than ``gap_days`` days after the last earlier target day. An
+    example ending on day t has its targets on days t+1..t+``horizon`` (1 for next-day
+    readiness, 7 for a 7-day event)."""
+    end_idx = np.asarray(end_idx, dtype=int)
+    order = np.argsort(end_idx, kind="stable")
+    n_first = int(math.floor(fraction * len(order)))
+    first = order[:n_first]
+    if n_first == 0:
+        return first, order[:0]
+    last_target = int(end_idx[first].max()) + horizon
+    rest = order[n_first:]
+    return first, rest[end_idx[rest] - window + 1 > last_target + gap_days]
+
+
 def chronological_split(
     ex: ExampleSet, fraction: float, gap_days: int
 ) -> tuple[ExampleSet, ExampleSet]:
     """First ``fraction`` of the examples (time order) vs the later ones whose input window
     starts more than ``gap_days`` days after the last earlier target."""
-    order = np.argsort(ex.end_idx, kind="stable")
-    ex = ex.take(order)
-    n_first = int(math.floor(fraction * len(ex)))
-    first = ex.take(np.arange(n_first))
-    if n_first == 0:
-        return first, ex.take(np.zeros(0, dtype=int))
-    last_target = int(first.target_idx.max())
-    later = ex.take(np.flatnonzero(
-        (np.arange(len(ex)) >= n_first) & (ex.start_idx > last_target + gap_days)
-    ))
-    return first, later
+    first, later = chronological_positions(ex.end_idx, fraction, gap_days, window=ex.window)
+    return ex.take(first), ex.take(later)
+
+
+def check_no_leakage_days(first_end: np.ndarray, later_end: np.ndarray, gap_days: int, *, window: int,
+                          horizon: int = 1) -> None:
+    """Raise AssertionError unless every later input day lies after every earlier target day
+    (days t+1..t+horizon) plus the gap, and no earlier input day reaches a later target."""
+    first_end = np.asarray(first_end, dtype=int)
+    later_end = np.asarray(later_end, dtype=int)
+    if first_end.size == 0 or later_end.size == 0:
+        return
+    last_target = int(first_end.max()) + horizon
+    later_start = later_end - window + 1
+    assert int(later_start.min()) > last_target + gap_days, "test inputs overlap training targets"
+    assert int(first_end.max()) < int(later_end.min()) + 1, "training inputs reach test targets"
+    first_targets = {int(t) + k for t in first_end for k in range(1, horizon + 1)}
+    assert not first_targets & set(later_start.tolist()), "shared day"
 
 
 def check_no_leakage(first: ExampleSet, later: ExampleSet, gap_days: int) -> None:
     """Raise AssertionError unless every later input day lies after every earlier target day
     plus the gap (so no test input is a training target and vice versa)."""
-    if len(first) == 0 or len(later) == 0:
-        return
-    last_target = int(first.target_idx.max())
-    assert int(later.start_idx.min()) > last_target + gap_days, "test inputs overlap training targets"
-    assert int(first.end_idx.max()) < int(later.target_idx.min()), "training inputs reach test targets"
-    assert not set(first.target_idx.tolist()) & set(later.start_idx.tolist()), "shared day"
+    check_no_leakage_days(first.end_idx, later.end_idx, gap_days, window=first.window)
 
 
 def split_person(
@@ -247,16 +267,9 @@ def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     n_neg = int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    # average ranks of tied scores: the mean of the positions the tie occupies (1-based)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.reshape(-1)]
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -1037,6 +1050,7 @@ __all__ = [
     "ProtocolConfig", "NeuralConfig", "ExampleSet", "PersonSplit", "Prediction", "Method",
     "EvaluationResult", "MethodResult", "EvaluationError", "evaluate", "default_methods",
     "split_person", "chronological_split", "check_no_leakage", "validation_splits",
+    "chronological_positions", "check_no_leakage_days",
     "windowed_examples", "blinded", "round_like_answers", "auroc", "bootstrap_ci", "score_method", "plot_results",
     "row_epsilon", "add_paired_comparison", "LastAnswerInWindow",
     "train_pooled", "central_models", "CentralModelCache", "personal_finetune", "GlobalMean", "PersonMean", "LastValue", "LocalRidge", "CentralRidge",

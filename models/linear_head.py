@@ -107,7 +107,7 @@ def _feature_names() -> tuple[str, ...]:
 
 FEATURE_NAMES: tuple[str, ...] = _feature_names()
 N_FEATURES = len(FEATURE_NAMES)  # 32: the shared numbers of the model (<= 64)
-STATISTICS_LENGTH = N_FEATURES * (N_FEATURES + 1) // 2 + N_FEATURES  # 560
+STATISTICS_LENGTH = N_FEATURES * (N_FEATURES + 1) // 2 + N_FEATURES  # 560 (statistics_length)
 
 
 class LinearHeadError(ValueError):
@@ -257,13 +257,20 @@ def head_inputs(window_features: np.ndarray, history: np.ndarray, personal: Pers
     target_weekday = (weekday_t + 1) % 7
     for i in range(7):
         cols.append((target_weekday == i).astype(np.float64))
-    raw = np.stack(cols, axis=1) if n else np.zeros((0, N_FEATURES))
-    clipped = int(np.sum(np.abs(raw) > FEATURE_CLIP))
-    x = np.clip(raw, -FEATURE_CLIP, FEATURE_CLIP) / FEATURE_SCALE
-    norms = np.linalg.norm(x, axis=1, keepdims=True) if n else np.zeros((0, 1))
-    x = x / np.maximum(1.0, norms)
+    x, clipped = bound_rows(np.stack(cols, axis=1) if n else np.zeros((0, N_FEATURES)))
     anchor = np.where(answered, today, mu)
     return HeadInputs(x, anchor, clipped)
+
+
+def bound_rows(raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """The bounds of a shared feature row: each feature clipped to [-FEATURE_CLIP, FEATURE_CLIP]
+    (clipped, never dropped), divided by FEATURE_SCALE, each row scaled down to L2 norm <= 1.
+    Returns the rows and how many values were clipped. (Also the early-warning model's.)"""
+    raw = np.asarray(raw, dtype=np.float64)
+    clipped = int(np.sum(np.abs(raw) > FEATURE_CLIP))
+    x = np.clip(raw, -FEATURE_CLIP, FEATURE_CLIP) / FEATURE_SCALE
+    norms = np.linalg.norm(x, axis=1, keepdims=True) if x.shape[0] else np.zeros((0, 1))
+    return x / np.maximum(1.0, norms), clipped
 
 
 def target_delta(y: np.ndarray, anchor: np.ndarray, personal: PersonalScale) -> np.ndarray:
@@ -275,8 +282,17 @@ def target_delta(y: np.ndarray, anchor: np.ndarray, personal: PersonalScale) -> 
 
 
 # ------------------------------------------------------------------------------ statistics
-_TRI = np.triu_indices(N_FEATURES)
-_TRI_WEIGHT = np.where(_TRI[0] == _TRI[1], 1.0, math.sqrt(2.0))
+# The functions below serve any bounded linear model released once (the linear head, the
+# early-warning model): the number of features comes from the arrays, the target bound B and
+# the minimum number of examples are parameters (defaults: the linear head's).
+def statistics_length(n_features: int) -> int:
+    """Numbers in one device's vector: the upper triangle of A and b."""
+    return n_features * (n_features + 1) // 2 + n_features
+
+
+def _triangle(n_features: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    tri = np.triu_indices(n_features)
+    return tri, np.where(tri[0] == tri[1], 1.0, math.sqrt(2.0))
 
 
 def moments(x: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -289,42 +305,47 @@ def moments(x: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.T @ x / m, x.T @ delta / m
 
 
-def pack_statistics(A: np.ndarray, b: np.ndarray) -> np.ndarray:
+def pack_statistics(A: np.ndarray, b: np.ndarray, target_bound: float = TARGET_BOUND) -> np.ndarray:
     """The shared vector: upper triangle of A (off-diagonal x sqrt 2), then b / B."""
-    return np.concatenate([np.asarray(A, dtype=np.float64)[_TRI] * _TRI_WEIGHT,
-                           np.asarray(b, dtype=np.float64) / TARGET_BOUND])
+    b = np.asarray(b, dtype=np.float64)
+    tri, weight = _triangle(b.shape[0])
+    return np.concatenate([np.asarray(A, dtype=np.float64)[tri] * weight, b / target_bound])
 
 
-def unpack_statistics(vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def unpack_statistics(vector: np.ndarray, n_features: int = N_FEATURES,
+                      target_bound: float = TARGET_BOUND) -> tuple[np.ndarray, np.ndarray]:
     """(A, b) back from a (summed, possibly noisy) statistics vector; A symmetric."""
     v = np.asarray(vector, dtype=np.float64).reshape(-1)
-    if v.shape[0] != STATISTICS_LENGTH:
-        raise LinearHeadError(f"a statistics vector has {STATISTICS_LENGTH} numbers, got {v.shape[0]}")
+    length = statistics_length(n_features)
+    if v.shape[0] != length:
+        raise LinearHeadError(f"a statistics vector has {length} numbers, got {v.shape[0]}")
     if not np.all(np.isfinite(v)):
         raise LinearHeadError("the statistics vector contains NaN or inf")
-    ntri = _TRI[0].size
-    A = np.zeros((N_FEATURES, N_FEATURES))
-    A[_TRI] = v[:ntri] / _TRI_WEIGHT
+    tri, weight = _triangle(n_features)
+    ntri = tri[0].size
+    A = np.zeros((n_features, n_features))
+    A[tri] = v[:ntri] / weight
     A = A + A.T - np.diag(np.diag(A))
-    return A, v[ntri:] * TARGET_BOUND
+    return A, v[ntri:] * target_bound
 
 
-def device_statistics(x: np.ndarray, delta: np.ndarray) -> np.ndarray:
+def device_statistics(x: np.ndarray, delta: np.ndarray, *, n_features: int = N_FEATURES,
+                      target_bound: float = TARGET_BOUND, min_examples: int = MIN_EXAMPLES) -> np.ndarray:
     """What one device shares: its packed (A, b), L2 norm <= ``SENSITIVITY`` (checked).
 
-    Raises NotEnoughDataError below ``MIN_EXAMPLES`` examples (the device takes no part) and
+    Raises NotEnoughDataError below ``min_examples`` examples (the device takes no part) and
     LinearHeadError on NaN/inf or out-of-bound inputs (nothing is shared)."""
     x = np.asarray(x, dtype=np.float64)
     delta = np.asarray(delta, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != N_FEATURES or delta.shape != (x.shape[0],):
-        raise LinearHeadError(f"statistics need x [m, {N_FEATURES}] and delta [m]")
-    if x.shape[0] < MIN_EXAMPLES:
-        raise NotEnoughDataError(f"{x.shape[0]} examples; a device needs at least {MIN_EXAMPLES} to take part")
+    if x.ndim != 2 or x.shape[1] != n_features or delta.shape != (x.shape[0],):
+        raise LinearHeadError(f"statistics need x [m, {n_features}] and delta [m]")
+    if x.shape[0] < min_examples:
+        raise NotEnoughDataError(f"{x.shape[0]} examples; a device needs at least {min_examples} to take part")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(delta))):
         raise LinearHeadError("NaN or inf in the statistics' inputs: nothing is shared")
-    if np.any(np.linalg.norm(x, axis=1) > 1.0 + 1e-9) or np.any(np.abs(delta) > TARGET_BOUND + 1e-12):
+    if np.any(np.linalg.norm(x, axis=1) > 1.0 + 1e-9) or np.any(np.abs(delta) > target_bound + 1e-12):
         raise LinearHeadError("feature rows or targets exceed their bounds (use head_inputs/target_delta)")
-    vector = pack_statistics(*moments(x, delta))
+    vector = pack_statistics(*moments(x, delta), target_bound)
     if float(np.linalg.norm(vector)) > SENSITIVITY * (1 + 1e-9):  # impossible by construction
         raise LinearHeadError("statistics vector exceeds its sensitivity bound")
     return vector
@@ -353,8 +374,8 @@ class PriorWeights:
     def __post_init__(self) -> None:
         w = np.asarray(self.weights, dtype=np.float64)
         t = np.asarray(self.tau2, dtype=np.float64)
-        if w.shape != (N_FEATURES,) or t.shape != (N_FEATURES,):
-            raise LinearHeadError(f"prior weights and tau2 must have {N_FEATURES} entries")
+        if w.ndim != 1 or w.size == 0 or t.shape != w.shape:
+            raise LinearHeadError("prior weights and tau2 must be vectors of the same length")
         if not (np.all(np.isfinite(w)) and np.all(np.isfinite(t)) and np.all(t > 0)):
             raise LinearHeadError("prior weights must be finite and tau2 positive")
         if not (math.isfinite(self.person_variance) and self.person_variance >= 0):
@@ -364,7 +385,7 @@ class PriorWeights:
 
 
 def solve_with_prior(A_sum: np.ndarray, b_sum: np.ndarray, prior: PriorWeights, *,
-                     noise_std: float, devices: int) -> np.ndarray:
+                     noise_std: float, devices: int, target_bound: float = TARGET_BOUND) -> np.ndarray:
     """Weights from the released (noisy) sums, shrunk toward the prior.
 
     The released sums satisfy ``b = A w + e`` with ``e`` the sum of the persons' own
@@ -385,7 +406,9 @@ def solve_with_prior(A_sum: np.ndarray, b_sum: np.ndarray, prior: PriorWeights, 
     A = project_psd(A_sum)
     b = np.asarray(b_sum, dtype=np.float64)
     w0 = prior.weights
-    v = devices * prior.person_variance + (TARGET_BOUND * noise_std) ** 2 + noise_std**2 * float(w0 @ w0)
+    if b.shape != w0.shape:
+        raise LinearHeadError("the released statistics and the prior have different numbers of features")
+    v = devices * prior.person_variance + (target_bound * noise_std) ** 2 + noise_std**2 * float(w0 @ w0)
     v = max(v, 1e-12)
     precision = A.T @ A / v + np.diag(1.0 / prior.tau2)
     return np.linalg.solve(precision, A.T @ b / v + w0 / prior.tau2)
@@ -523,6 +546,7 @@ def sum_statistics(vectors: Sequence[np.ndarray]) -> np.ndarray:
 
 __all__ = [
     "ARCHITECTURE_NAME", "FEATURE_SPEC_VERSION", "FEATURE_NAMES", "N_FEATURES", "STATISTICS_LENGTH",
+    "statistics_length", "bound_rows",
     "SENSITIVITY", "TARGET_BOUND", "MIN_EXAMPLES", "WINDOW", "HISTORY_DAYS", "LinearHeadError",
     "NotEnoughDataError", "PersonalScale", "HeadInputs", "head_inputs", "target_delta", "moments",
     "pack_statistics", "unpack_statistics", "device_statistics", "project_psd", "PriorWeights",

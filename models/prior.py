@@ -30,6 +30,12 @@ else in it. :func:`load_prior` refuses (:class:`PriorError`) a file whose hash d
 its content, whose feature-spec version or spec hash is not this code's, or, for the shipped
 file, whose hash is not the one pinned here (``SHIPPED_PRIOR_SHA256``).
 
+Another architecture released as bounded statistics (the early-warning model,
+:mod:`restwise.models.warning`) uses the same fit, file, verification and cross-fitting
+through a :class:`PriorSpec` (its format name, feature spec, per-person moments, target bound,
+shipped file and pin, and optional extra public-data fields such as an operating point);
+every function takes ``spec=`` and defaults to the linear head's, :data:`LINEAR_HEAD_PRIOR`.
+
 Cross-fitting for the evaluation (:func:`cross_fitted_priors`): the public dataset's persons
 are split in two by a fixed rule (sorted ids, alternating), each half is scored with the prior
 fitted on the other half (plus other public datasets with that target); no person's data is
@@ -40,7 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -54,7 +60,7 @@ from restwise.models.linear_head import (
     FEATURE_SPEC_VERSION,
     HISTORY_DAYS,
     MIN_EXAMPLES,
-    N_FEATURES,
+    TARGET_BOUND,
     WINDOW,
     LinearHead,
     LinearHeadError,
@@ -128,10 +134,11 @@ def person_moments(person: str, dataset: str, data: DailyData, target: str) -> P
     return PersonMoments(person, dataset, A, b, float(np.mean(delta**2)), len(ex))
 
 
-def _ridge(items: Sequence[PersonMoments], lam_per_person: float) -> np.ndarray:
+def ridge_from_moments(items: Sequence[PersonMoments], lam_per_person: float) -> np.ndarray:
+    """The ridge solution toward 0 on persons' moments, each person weighted once."""
     A = sum(p.A for p in items)
     b = sum(p.b for p in items)
-    return np.linalg.solve(A + lam_per_person * len(items) * np.eye(N_FEATURES), b)
+    return np.linalg.solve(A + lam_per_person * len(items) * np.eye(b.shape[0]), b)
 
 
 def _cv_error(items: Sequence[PersonMoments], lam: float) -> float:
@@ -141,9 +148,36 @@ def _cv_error(items: Sequence[PersonMoments], lam: float) -> float:
         held = [p for i, p in enumerate(items) if i % CV_FOLDS == fold]
         if not train or not held:
             continue
-        w = _ridge(train, lam)
+        w = ridge_from_moments(train, lam)
         errs += [float(w @ p.A @ w - 2 * p.b @ w + p.c) for p in held]
     return float(np.mean(errs))
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """What a prior file belongs to: an architecture whose devices release bounded statistics
+    once. ``person_moments(person, dataset, days, target)`` gives one public person's moments
+    (or None when they have too few examples); ``annotate(target, cohorts, fitted)``, when set,
+    adds extra public-data fields to a fitted target (stored under ``extra``)."""
+
+    format: str
+    architecture: str
+    feature_spec_version: int
+    feature_spec_sha256: Callable[[], str]
+    person_moments: Callable[[str, str, DailyData, str], "PersonMoments | None"]
+    target_bound: float
+    min_examples: int
+    shipped: str  # package-relative path inside restwise.models
+    shipped_sha256: str
+    build_command: str  # how to refit it (named in refusals)
+    annotate: Callable | None = None
+
+
+LINEAR_HEAD_PRIOR = PriorSpec(
+    format=PRIOR_FORMAT, architecture=ARCHITECTURE_NAME, feature_spec_version=FEATURE_SPEC_VERSION,
+    feature_spec_sha256=feature_spec_sha256, person_moments=person_moments, target_bound=TARGET_BOUND,
+    min_examples=MIN_EXAMPLES, shipped=SHIPPED_PRIOR, shipped_sha256=SHIPPED_PRIOR_SHA256,
+    build_command="restwise model prior")
 
 
 @dataclass(frozen=True)
@@ -159,13 +193,14 @@ class TargetPrior:
     rows: dict[str, int]  # dataset -> examples
     mean_A: np.ndarray
     mean_statistics_norm: float
+    extra: dict = field(default_factory=dict)  # PriorSpec.annotate's fields (none for the linear head)
 
     def prior_weights(self) -> PriorWeights:
         return PriorWeights(self.weights, self.tau2, self.person_variance)
 
     def to_dict(self) -> dict:
-        iu = np.triu_indices(N_FEATURES)
-        return {
+        iu = np.triu_indices(self.weights.shape[0])
+        out = {
             "weights": [float(v) for v in self.weights],
             "tau2": [float(v) for v in self.tau2],
             "person_variance": float(self.person_variance),
@@ -175,55 +210,66 @@ class TargetPrior:
             "mean_A_upper": [float(v) for v in self.mean_A[iu]],
             "mean_statistics_norm": float(self.mean_statistics_norm),
         }
+        if self.extra:
+            out["extra"] = self.extra
+        return out
 
     @classmethod
     def from_dict(cls, target: str, d: Mapping) -> "TargetPrior":
         try:
-            iu = np.triu_indices(N_FEATURES)
-            A = np.zeros((N_FEATURES, N_FEATURES))
+            d_features = len(d["weights"])
+            iu = np.triu_indices(d_features)
+            A = np.zeros((d_features, d_features))
             A[iu] = np.asarray(d["mean_A_upper"], dtype=np.float64)
             A = A + A.T - np.diag(np.diag(A))
             out = cls(target, np.asarray(d["weights"], dtype=np.float64), np.asarray(d["tau2"], dtype=np.float64),
                       float(d["person_variance"]), float(d["ridge_lambda_per_person"]),
                       {str(k): int(v) for k, v in d["persons"].items()},
-                      {str(k): int(v) for k, v in d["rows"].items()}, A, float(d["mean_statistics_norm"]))
+                      {str(k): int(v) for k, v in d["rows"].items()}, A, float(d["mean_statistics_norm"]),
+                      dict(d.get("extra") or {}))
             out.prior_weights()  # validates shapes and values
             return out
         except (KeyError, TypeError, ValueError) as exc:
             raise PriorError(f"the prior's entry for {target!r} is malformed ({exc})") from None
 
 
-def fit_target_prior(target: str, cohorts: Sequence[PublicCohort], *, seed: int = 0) -> TargetPrior:
+def fit_target_prior(target: str, cohorts: Sequence[PublicCohort], *, seed: int = 0,
+                     spec: PriorSpec | None = None) -> TargetPrior:
     """Fit one target's prior on every person of ``cohorts`` with enough answers."""
+    spec = spec or LINEAR_HEAD_PRIOR
     items = []
     for cohort in cohorts:
         for person in sorted(cohort.days):
-            pm = person_moments(person, cohort.name, cohort.days[person], target)
+            pm = spec.person_moments(person, cohort.name, cohort.days[person], target)
             if pm is not None:
                 items.append(pm)
     if len(items) < 2 * CV_FOLDS:
-        raise PriorError(f"only {len(items)} public persons have {MIN_EXAMPLES}+ examples of {target!r}; "
+        raise PriorError(f"only {len(items)} public persons have {spec.min_examples}+ examples of {target!r}; "
                          f"a prior needs at least {2 * CV_FOLDS}")
+    d_features = items[0].b.shape[0]
     lam = min(RIDGE_GRID, key=lambda g: (_cv_error(items, g), g))
-    w0 = _ridge(items, lam)
+    w0 = ridge_from_moments(items, lam)
     rng = np.random.default_rng(seed)
-    boot = np.stack([_ridge([items[i] for i in rng.integers(0, len(items), len(items))], lam)
+    boot = np.stack([ridge_from_moments([items[i] for i in rng.integers(0, len(items), len(items))], lam)
                      for _ in range(BOOTSTRAP)])
     var = boot.var(axis=0)
-    informed = np.array([any(p.A[j, j] > 0 for p in items) for j in range(N_FEATURES)])
+    informed = np.array([any(p.A[j, j] > 0 for p in items) for j in range(d_features)])
     if not informed.any():
         raise PriorError(f"no feature of {target!r} is informed by the public data")
     floor = float(np.median(var[informed]))
     tau2 = np.where(informed, np.maximum(var, floor), float(np.max(np.maximum(var, floor)[informed])))
-    resid = [float(np.sum((p.b - p.A @ w0) ** 2)) / N_FEATURES for p in items]
+    resid = [float(np.sum((p.b - p.A @ w0) ** 2)) / d_features for p in items]
     persons: dict[str, int] = {}
     rows: dict[str, int] = {}
     for p in items:
         persons[p.dataset] = persons.get(p.dataset, 0) + 1
         rows[p.dataset] = rows.get(p.dataset, 0) + p.rows
-    mean_vec = np.mean([pack_statistics(p.A, p.b) for p in items], axis=0)
-    return TargetPrior(target, w0, tau2, float(np.mean(resid)), lam, persons, rows,
-                       np.mean([p.A for p in items], axis=0), float(np.linalg.norm(mean_vec)))
+    mean_vec = np.mean([pack_statistics(p.A, p.b, spec.target_bound) for p in items], axis=0)
+    fitted = TargetPrior(target, w0, tau2, float(np.mean(resid)), lam, persons, rows,
+                         np.mean([p.A for p in items], axis=0), float(np.linalg.norm(mean_vec)))
+    if spec.annotate is None:
+        return fitted
+    return TargetPrior(**{**fitted.__dict__, "extra": dict(spec.annotate(target, cohorts, fitted))})
 
 
 # ------------------------------------------------------------------------------ the file
@@ -239,6 +285,11 @@ class PublicPrior:
     datasets: list[dict]
     command: str = ""
     sha256: str = ""
+    spec: PriorSpec | None = None  # None: the linear head's (LINEAR_HEAD_PRIOR)
+
+    @property
+    def kind(self) -> PriorSpec:
+        return self.spec or LINEAR_HEAD_PRIOR
 
     def target(self, name: str) -> TargetPrior:
         if name not in self.targets:
@@ -251,11 +302,11 @@ class PublicPrior:
 
     def payload(self) -> dict:
         return {
-            "format": PRIOR_FORMAT,
+            "format": self.kind.format,
             "format_version": PRIOR_FORMAT_VERSION,
-            "architecture": ARCHITECTURE_NAME,
-            "feature_spec_version": FEATURE_SPEC_VERSION,
-            "feature_spec_sha256": feature_spec_sha256(),
+            "architecture": self.kind.architecture,
+            "feature_spec_version": self.kind.feature_spec_version,
+            "feature_spec_sha256": self.kind.feature_spec_sha256(),
             "command": self.command,
             "datasets": self.datasets,
             "targets": {k: v.to_dict() for k, v in sorted(self.targets.items())},
@@ -268,7 +319,7 @@ class PublicPrior:
 
 
 def fit_prior(cohorts: Sequence[PublicCohort], targets: Sequence[str] = ("readiness", "fatigue"), *,
-              command: str = "", seed: int = 0) -> PublicPrior:
+              command: str = "", seed: int = 0, spec: PriorSpec | None = None) -> PublicPrior:
     """Fit every target some public person answered often enough; provenance per dataset."""
     for c in cohorts:
         if c.name not in PUBLIC_DATASETS:
@@ -277,7 +328,7 @@ def fit_prior(cohorts: Sequence[PublicCohort], targets: Sequence[str] = ("readin
     reasons = []
     for t in targets:
         try:
-            fitted[t] = fit_target_prior(t, cohorts, seed=seed)
+            fitted[t] = fit_target_prior(t, cohorts, seed=seed, spec=spec)
         except PriorError as exc:
             reasons.append(str(exc))
     if not fitted:
@@ -289,17 +340,19 @@ def fit_prior(cohorts: Sequence[PublicCohort], targets: Sequence[str] = ("readin
             "persons_used": {t: p.persons.get(c.name, 0) for t, p in fitted.items()},
             "rows_used": {t: p.rows.get(c.name, 0) for t, p in fitted.items()},
         })
-    return PublicPrior(fitted, datasets, command)
+    return PublicPrior(fitted, datasets, command, spec=spec)
 
 
-def parse_prior(text: str | bytes, *, expected_sha256: str | None = None) -> PublicPrior:
+def parse_prior(text: str | bytes, *, expected_sha256: str | None = None,
+                spec: PriorSpec | None = None) -> PublicPrior:
     """Verify and read a prior file's content; refuses anything that does not match."""
+    kind = spec or LINEAR_HEAD_PRIOR
     try:
         data = json.loads(text)
     except ValueError:
         raise PriorError("the prior file is not JSON") from None
-    if not isinstance(data, dict) or data.get("format") != PRIOR_FORMAT:
-        raise PriorError("not a Restwise linear-head prior file")
+    if not isinstance(data, dict) or data.get("format") != kind.format:
+        raise PriorError(f"not a Restwise {kind.architecture} prior file")
     if data.get("format_version") != PRIOR_FORMAT_VERSION:
         raise PriorError(f"prior format version {data.get('format_version')!r} is not supported "
                          f"(this Restwise reads {PRIOR_FORMAT_VERSION})")
@@ -313,33 +366,35 @@ def parse_prior(text: str | bytes, *, expected_sha256: str | None = None) -> Pub
     if expected_sha256 is not None and actual != expected_sha256:
         raise PriorError(f"the prior's sha256 {actual[:12]}... is not the expected {expected_sha256[:12]}...; "
                          "refusing it")
-    if data.get("feature_spec_version") != FEATURE_SPEC_VERSION:
+    if data.get("feature_spec_version") != kind.feature_spec_version:
         raise PriorError(f"the prior was fitted under feature spec version {data.get('feature_spec_version')!r}; "
-                         f"this Restwise computes version {FEATURE_SPEC_VERSION}. Refit it with "
-                         "`restwise model prior`")
-    if data.get("feature_spec_sha256") != feature_spec_sha256():
+                         f"this Restwise computes version {kind.feature_spec_version}. Refit it with "
+                         f"`{kind.build_command}`")
+    if data.get("feature_spec_sha256") != kind.feature_spec_sha256():
         raise PriorError("the prior was fitted under another feature spec (spec sha256 differs); refit it "
-                         "with `restwise model prior`")
+                         f"with `{kind.build_command}`")
     targets = data.get("targets")
     if not isinstance(targets, dict) or not targets:
         raise PriorError("the prior file holds no targets")
     return PublicPrior({str(k): TargetPrior.from_dict(str(k), v) for k, v in targets.items()},
-                       list(data.get("datasets") or []), str(data.get("command") or ""), actual)
+                       list(data.get("datasets") or []), str(data.get("command") or ""), actual, spec)
 
 
-def load_prior(path: Path | str | None = None, *, expected_sha256: str | None = None) -> PublicPrior:
-    """The prior at ``path``, or the shipped one (pinned to ``SHIPPED_PRIOR_SHA256``)."""
+def load_prior(path: Path | str | None = None, *, expected_sha256: str | None = None,
+               spec: PriorSpec | None = None) -> PublicPrior:
+    """The prior at ``path``, or the shipped one (pinned to the spec's ``shipped_sha256``)."""
+    kind = spec or LINEAR_HEAD_PRIOR
     if path is None:
         try:
-            text = resources.files("restwise.models").joinpath(SHIPPED_PRIOR).read_bytes()
+            text = resources.files("restwise.models").joinpath(kind.shipped).read_bytes()
         except (FileNotFoundError, OSError):
-            raise PriorError("the shipped prior file is missing from the package") from None
-        return parse_prior(text, expected_sha256=SHIPPED_PRIOR_SHA256)
+            raise PriorError(f"the shipped {kind.architecture} prior file is missing from the package") from None
+        return parse_prior(text, expected_sha256=kind.shipped_sha256, spec=spec)
     try:
         text = Path(path).read_bytes()
     except OSError as exc:
         raise PriorError(f"cannot read the prior file {path}: {exc.strerror or exc}") from None
-    return parse_prior(text, expected_sha256=expected_sha256)
+    return parse_prior(text, expected_sha256=expected_sha256, spec=spec)
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -352,6 +407,9 @@ class PriorAssignment:
     groups: dict[str, PriorWeights]
     person_group: dict[str, str]
     sources: dict[str, str] = field(default_factory=dict)
+    # label -> the fitted prior's extra public-data fields (PriorSpec.annotate; e.g. the
+    # early-warning model's operating point); empty for the linear head
+    details: dict[str, dict] = field(default_factory=dict)
 
     def weights_for(self, person: str) -> PriorWeights:
         if person not in self.person_group:
@@ -370,18 +428,20 @@ def cross_fit_halves(persons: Sequence[str]) -> dict[str, int]:
 
 
 def cross_fitted_priors(dataset: str, cohort: Mapping[str, DailyData], target: str, *,
-                        extra: Sequence[PublicCohort] = (), seed: int = 0) -> PriorAssignment:
+                        extra: Sequence[PublicCohort] = (), seed: int = 0,
+                        spec: PriorSpec | None = None) -> PriorAssignment:
     """Half h of ``cohort`` is scored by the prior fitted on the other half (plus ``extra``)."""
     halves = cross_fit_halves(list(cohort))
-    groups, sources = {}, {}
+    groups, sources, details = {}, {}, {}
     for h in (0, 1):
         other = {p: d for p, d in cohort.items() if halves[p] != h}
-        fitted = fit_target_prior(target, [PublicCohort(dataset, other), *extra], seed=seed)
+        fitted = fit_target_prior(target, [PublicCohort(dataset, other), *extra], seed=seed, spec=spec)
         label = f"half {h}"
         groups[label] = fitted.prior_weights()
+        details[label] = dict(fitted.extra)
         sources[label] = (", ".join(f"{k}: {v} persons" for k, v in sorted(fitted.persons.items()))
                           + f" ({dataset}: the other half only)")
-    return PriorAssignment(groups, {p: f"half {h}" for p, h in halves.items()}, sources)
+    return PriorAssignment(groups, {p: f"half {h}" for p, h in halves.items()}, sources, details)
 
 
 def shipped_assignment(prior: PublicPrior, target: str, persons: Sequence[str]) -> PriorAssignment:
@@ -389,7 +449,7 @@ def shipped_assignment(prior: PublicPrior, target: str, persons: Sequence[str]) 
     return PriorAssignment({"shipped": prior.weights_for(target)}, {p: "shipped" for p in persons},
                            {"shipped": f"shipped prior sha256 {prior.sha256[:12]}... ("
                             + ", ".join(f"{k}: {v} persons" for k, v in sorted(prior.target(target).persons.items()))
-                            + ")"})
+                            + ")"}, {"shipped": dict(prior.target(target).extra)})
 
 
 def split_inputs(s: PersonSplit) -> tuple[PersonalScale, object]:
@@ -430,5 +490,6 @@ __all__ = [
     "PriorError", "PublicCohort", "PublicPrior", "TargetPrior", "PriorAssignment", "PublicPriorMethod",
     "fit_prior", "fit_target_prior", "load_prior", "parse_prior", "cross_fitted_priors", "cross_fit_halves",
     "shipped_assignment", "person_moments", "predict_split", "split_inputs", "PUBLIC_DATASETS",
-    "SHIPPED_PRIOR_SHA256", "check_history",
+    "SHIPPED_PRIOR_SHA256", "check_history", "PriorSpec", "LINEAR_HEAD_PRIOR", "PersonMoments",
+    "ridge_from_moments",
 ]

@@ -43,7 +43,6 @@ import numpy as np
 
 from restwise.models.evaluation import EvaluationError, PersonSplit
 from restwise.models.linear_head import (
-    LINEAR_HEAD,
     SENSITIVITY,
     LinearHead,
     NotEnoughDataError,
@@ -98,17 +97,20 @@ class StatisticsRelease:
     def to_dict(self) -> dict:
         return {"devices": self.devices, "not_taking_part": self.not_taking_part,
                 "min_survivors": self.min_survivors, "noise_multiplier": self.noise_multiplier,
-                "sensitivity": SENSITIVITY, "share_std": self.share_std,
+                "sensitivity": self.event.clip_norm, "share_std": self.share_std,
                 "counted_noise_std": self.event.noise_std_total, "actual_noise_std": self.actual_noise_std,
-                "statistics_length": LINEAR_HEAD.statistics_length, "epsilon": self.epsilon,
+                "statistics_length": int(self.noisy_sum.shape[0]), "epsilon": self.epsilon,
                 "delta": DEFAULT_DELTA, "adjacency": ADJACENCY, "sampling": "full", "releases": 1}
 
 
 def release_statistics(vectors: Sequence[np.ndarray], *, target_epsilon: float, delta: float = DEFAULT_DELTA,
                        max_dropout_fraction: float = MAX_DROPOUT_FRACTION,
                        rng: np.random.Generator, not_taking_part: int = 0,
-                       run_id: str = "evaluation") -> StatisticsRelease:
-    """One Gaussian release of the sum of ``vectors`` with distributed noise shares."""
+                       run_id: str = "evaluation", sensitivity: float = SENSITIVITY,
+                       model_hash: str | None = None) -> StatisticsRelease:
+    """One Gaussian release of the sum of ``vectors`` (each of L2 norm <= ``sensitivity``)
+    with distributed noise shares. ``model_hash`` names the released object in the event
+    (default: the linear head's zero model; the early-warning rows pass their own)."""
     n = len(vectors)
     if n < 3:
         raise EvaluationError(f"a secure statistics release needs at least 3 devices, got {n}")
@@ -117,14 +119,15 @@ def release_statistics(vectors: Sequence[np.ndarray], *, target_epsilon: float, 
     if divisor < 1:
         raise EvaluationError("distributed noise needs at least 2 surviving devices")
     z = calibrate_noise_multiplier(target_epsilon, delta, 1, sampling="full", adjacency=ADJACENCY).noise_multiplier
-    share_std = z * SENSITIVITY / math.sqrt(divisor)
+    share_std = z * sensitivity / math.sqrt(divisor)
     total = np.zeros_like(np.asarray(vectors[0], dtype=np.float64))
     for v in vectors:  # what each device hands to secure aggregation: statistics + its share
         total += quantise(np.asarray(v, dtype=np.float64) + rng.normal(0.0, share_std, size=total.shape))
-    counted_std = total_noise_std(z, SENSITIVITY, counted_noise_shares(n, ADJACENCY), divisor)
-    model_hash = LinearHead.zero().model_hash()  # the released object is the sum; its model follows
+    counted_std = total_noise_std(z, sensitivity, counted_noise_shares(n, ADJACENCY), divisor)
+    if model_hash is None:
+        model_hash = LinearHead.zero().model_hash()  # the released object is the sum; its model follows
     event = GaussianRoundEvent(
-        run_id=run_id, round=1, noise_multiplier=counted_std / SENSITIVITY, clip_norm=SENSITIVITY,
+        run_id=run_id, round=1, noise_multiplier=counted_std / sensitivity, clip_norm=sensitivity,
         sampling="full", sampling_rate=1.0, cohort_size=n, population=n, adjacency=ADJACENCY,
         planned_clients=n, survivors=n, noise_std_total=counted_std, model_hash=model_hash)
     epsilon = PrivacyAccountant().epsilon([event], delta).epsilon

@@ -122,9 +122,9 @@ def test_cross_fitting_never_scores_a_person_with_their_own_data(cohort, monkeyp
     seen = []
     real = pr.fit_target_prior
 
-    def spy(target, cohorts, seed=0):
+    def spy(target, cohorts, seed=0, **kw):
         seen.append({p for c in cohorts for p in c.days})
-        return real(target, cohorts, seed=seed)
+        return real(target, cohorts, seed=seed, **kw)
 
     monkeypatch.setattr(pr, "fit_target_prior", spy)
     assignment = pr.cross_fitted_priors("soccermon", cohort, "readiness")

@@ -1,0 +1,194 @@
+"""``restwise evaluate --task early-warning``: the early-warning evaluation end to end.
+
+Every person is imported into their own encrypted store and read back as the coach reads it
+(``client.evaluate_cli.import_cohort_days``, as the readiness evaluation); SoccerMon's injury
+and illness reports (not imported into the stores: they are evaluation outcomes, read here
+from the dataset's ``injury/injury.csv`` and ``illness/illness.csv``) give the secondary
+event. Rows (:mod:`restwise.models.warning_evaluation`): the literature's rules, the readiness
+trend, two sceptic's baselines, the warning model with its public prior (cross-fitted on a
+public dataset, the shipped warning prior on a cohort folder), non-private from exact
+statistics, and private from one DP release at each epsilon. The planner
+(``restwise privacy plan --model early-warning``) states whether a release is expected to
+beat the prior at the cohort's size; its decision names the row the coach's record comes
+from. Files: ``results.json``, ``results.md``, ``results.png`` (lead time against false
+alarms).
+
+    restwise evaluate --task early-warning --dataset soccermon --data ../shared/data/soccermon \\
+        --out docs/results/early-warning/soccermon
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from restwise.client.evaluate_cli import (
+    DEFAULT_TARGET,
+    import_cohort_days,
+    load_public_cohorts,
+    privacy_statement,
+    write_results,
+)
+from restwise.models.prior import PUBLIC_DATASETS, PriorError, cross_fitted_priors, load_prior, shipped_assignment
+from restwise.models.warning import WARNING_PRIOR, WarningError
+from restwise.models.warning_evaluation import (
+    ExactStatisticsRow,
+    PriorRow,
+    WarningProtocol,
+    WarningResult,
+    baseline_rows,
+    coach_record,
+    evaluate_warning,
+    plot_warning,
+    rule_rows,
+)
+from restwise.planning import WARNING_MODEL, plan_run
+from restwise.simulation.warning_statistics import DEFAULT_EPSILONS, row_name, warning_statistics_methods
+
+PRIOR_ROW = "warning model, public prior"
+PLANNED_EPSILON = 4.0  # the private row the targets are measured on (epsilon <= 4)
+REPORT_FILES = {"injury": "injury/injury.csv", "illness": "illness/illness.csv"}
+
+
+@dataclass
+class Reports:
+    """Injury and illness reports of a SoccerMon folder: person -> ISO days, and counts."""
+
+    days: dict[str, list[str]] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)  # kind -> report rows read
+    unreadable: dict[str, int] = field(default_factory=dict)  # kind -> rows without a person or date
+
+    def to_dict(self) -> dict:
+        return {"rows": dict(self.rows), "unreadable_rows": dict(self.unreadable),
+                "persons_with_reports": sum(1 for v in self.days.values() if v)}
+
+
+def read_soccermon_reports(data_path: Path | str) -> Reports | None:
+    """SoccerMon's injury and illness report rows (``player_name``, ``timestamp`` dd.mm.yyyy),
+    or None when the folder has neither file. A row without a player or a readable date is
+    counted as unreadable, never silently dropped."""
+    root = Path(data_path)
+    if (root / "subjective").is_dir():
+        root = root / "subjective"
+    found = {k: root / rel for k, rel in REPORT_FILES.items() if (root / rel).is_file()}
+    if not found:
+        return None
+    out = Reports()
+    for kind, path in found.items():
+        out.rows[kind] = out.unreadable[kind] = 0
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            for row in csv.DictReader(f):
+                person = (row.get("player_name") or "").strip()
+                try:
+                    day = dt.datetime.strptime((row.get("timestamp") or "").strip(), "%d.%m.%Y").date().isoformat()
+                except ValueError:
+                    day = ""
+                if not person or not day:
+                    out.unreadable[kind] += 1
+                    continue
+                out.rows[kind] += 1
+                out.days.setdefault(person, []).append(day)
+    return out
+
+
+def warning_methods(kind: str, cohort: Mapping, target: str, *, prior_path: Path | str | None = None,
+                    public_data: Path | str | None = None, epsilons: Sequence[float] = DEFAULT_EPSILONS,
+                    log: Callable[[str], None] | None = None) -> dict:
+    """The rows. A public dataset is cross-fitted (each half scored by the warning prior and
+    operating point fitted on the other half, plus the other public datasets under
+    ``public_data`` with that target); a cohort folder by the shipped warning prior."""
+    if kind in PUBLIC_DATASETS:
+        others = [n for n in PUBLIC_DATASETS if n != kind]
+        extra = load_public_cohorts(public_data, others, log) if public_data is not None else []
+        try:
+            assignment = cross_fitted_priors(kind, cohort, target, extra=extra, spec=WARNING_PRIOR)
+        except (PriorError, WarningError) as exc:
+            raise PriorError(f"the cross-fitted warning prior cannot be fitted: {exc} (evaluate more persons)") from None
+    else:
+        assignment = shipped_assignment(load_prior(prior_path, spec=WARNING_PRIOR), target, list(cohort))
+    return {**rule_rows(), **baseline_rows(), PRIOR_ROW: PriorRow(assignment),
+            "warning model, non-private": ExactStatisticsRow(assignment),
+            **warning_statistics_methods(assignment, epsilons)}
+
+
+def planner_decision(devices: int, target: str, epsilon: float = PLANNED_EPSILON) -> dict:
+    """What the planner says for a release from ``devices`` devices at ``epsilon``, and the
+    resulting choice: prior + one DP release when it is expected to beat the prior, else the
+    prior only."""
+    verdict = plan_run(WARNING_MODEL, max(int(devices), 2), epsilon, target=target)
+    decision = "prior + one DP release" if verdict.expected_to_beat_prior else "prior only"
+    return {"devices": devices, "epsilon": epsilon, "message": verdict.message, "decision": decision,
+            "expected_to_beat_prior": verdict.expected_to_beat_prior,
+            "reduction_of_prior_error": verdict.numbers.get("reduction"),
+            "coach_row": row_name(epsilon) if verdict.expected_to_beat_prior else PRIOR_ROW}
+
+
+def run_warning_evaluation(
+    kind: str,
+    data_path: Path | str,
+    out_dir: Path | str | None = None,
+    *,
+    workdir: Path | str | None = None,
+    persons: int | None = None,
+    seed: int = 0,
+    target: str | None = None,
+    min_train: int = 28,
+    min_test: int = 14,
+    bootstrap: int = 2000,
+    prior_path: Path | str | None = None,
+    public_data: Path | str | None = None,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    command: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> WarningResult:
+    """Import ``data_path`` one store per person, evaluate the early warning, write the files."""
+    log = log or (lambda _msg: None)
+    protocol = WarningProtocol(target=target or DEFAULT_TARGET[kind], seed=seed, min_train=min_train,
+                               min_test=min_test, bootstrap=bootstrap)
+    reports = read_soccermon_reports(data_path) if kind == "soccermon" else None
+    if kind == "soccermon" and reports is None:
+        log("this SoccerMon folder has no injury or illness files: the secondary event is not scored")
+    with tempfile.TemporaryDirectory(prefix="restwise-warning-") as tmp:
+        cohort, t_import = import_cohort_days(kind, data_path, Path(workdir) if workdir is not None else Path(tmp),
+                                              persons=persons, log=log)
+    rows = warning_methods(kind, cohort, protocol.target, prior_path=prior_path, public_data=public_data,
+                           epsilons=epsilons, log=log)
+    t1 = time.perf_counter()
+    result = evaluate_warning(cohort, rows, protocol=protocol,
+                              dataset=kind if kind != "folder" else Path(data_path).name,
+                              reports=None if reports is None else reports.days,
+                              on_method=lambda name: log(f"evaluating: {name}"))
+    result.privacy = privacy_statement(rows, _RowsView(result))
+    result.planner = planner_decision(len(result.persons), protocol.target)
+    result.coach_record = coach_record(result, result.planner["coach_row"])
+    result.protocol.update({"import_seconds": round(t_import, 2),
+                            "evaluate_seconds": round(time.perf_counter() - t1, 2),
+                            "reports": None if reports is None else reports.to_dict()})
+    if out_dir is not None:
+        write_results(out_dir, result, command, plot_warning)
+    return result
+
+
+class _RowsView:
+    """``privacy_statement`` reads ``result.methods`` (name, epsilon) of the readiness table."""
+
+    def __init__(self, result: WarningResult) -> None:
+        self.methods = result.rows
+
+
+def load_shipped_record(path: Path | str) -> dict:
+    """The coach's record from a results.json of this task (what ``models/priors`` ships)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("task") != "early-warning" or not data.get("coach_record"):
+        raise WarningError(f"{path} is not an early-warning results.json with a coach record")
+    return data["coach_record"]
+
+
+__all__ = ["run_warning_evaluation", "warning_methods", "read_soccermon_reports", "Reports", "planner_decision",
+           "PRIOR_ROW", "load_shipped_record"]
