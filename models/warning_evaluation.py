@@ -78,6 +78,7 @@ from restwise.models.warning import (
     device_statistics,
     fit_person,
     hrv_swc_units,
+    low_week_labels,
     labelled_rows,
     low_week_episodes,
     operating_point_of,
@@ -180,7 +181,7 @@ def split_warning_person(person: str, data: DailyData, protocol: WarningProtocol
     report_idx = None
     if reports is not None:
         index = {d: i for i, d in enumerate(days.days)}
-        report_idx = np.asarray(sorted(index[d] for d in reports if d in index), dtype=int)
+        report_idx = np.asarray(sorted({index[d] for d in reports if d in index}), dtype=int)  # report days
     return make_split(person, days, train, test, report_idx), None
 
 
@@ -624,30 +625,22 @@ def evaluate_warning(
     dataset: str = "cohort",
     reports: Mapping[str, Sequence[str]] | None = None,
     on_method: Callable[[str], None] | None = None,
+    prepared: tuple[list, dict] | None = None,
 ) -> WarningResult:
     """Run every row on the cohort under the protocol and score it on both events.
 
     ``reports``: person -> ISO days of their injury/illness reports, or None when the cohort
-    has no report data (the secondary event is then stated as unavailable)."""
+    has no report data (the secondary event is then stated as unavailable). ``prepared``: the
+    result of :func:`split_cohort` when the caller made it already."""
     import time
 
     protocol = protocol or WarningProtocol()
-    excluded: dict[str, str] = {}
-    splits: list[WarningSplit] = []
-    for person, data in cohort.items():
-        rep = None if reports is None else list(reports.get(person, ()))
-        split, why = split_warning_person(person, data, protocol, rep)
-        if split is None:
-            excluded[person] = why or "excluded"
-        else:
-            splits.append(split)
-    if len(splits) < 2:
-        raise WarningError(f"only {len(splits)} person(s) have enough labelled days for the protocol (need >= 2)")
+    splits, excluded = prepared if prepared is not None else split_cohort(cohort, protocol, reports)
     seen = [visible(s) for s in splits]
     has_reports = reports is not None
     rows: list[WarningRowResult] = []
     primary_pairs, primary_nl, secondary_pairs, secondary_nl, all_scores, fitted = {}, {}, {}, {}, {}, {}
-    curves: dict[str, list] = {}
+    curves: dict[str, dict] = {}
     for name, method in methods.items():
         if on_method is not None:
             on_method(name)
@@ -709,6 +702,7 @@ def evaluate_warning(
                 boot_nl[r.name], boot_nl[LEVEL_ROW], r.primary.auroc_not_low_today - lvl.primary.auroc_not_low_today)
     events = {
         PRIMARY: {"definition": "3+ of the next 7 days at or below the person's low threshold (median - 1)",
+                  "all_days_of_all_persons": cohort_event_counts(cohort, protocol.target),
                   "labelled_test_days": sum(int(np.isfinite(s.labels[s.test]).sum()) for s in splits),
                   "positive_test_days": sum(int(np.nansum(s.labels[s.test])) for s in splits),
                   "episodes_all_days": sum(len(s.starts) for s in splits),
@@ -719,8 +713,14 @@ def evaluate_warning(
     }
     if has_reports:
         eps = [(s, _secondary_starts(s)) for s in splits]
+        evaluated = {s.person for s in splits}
+        given = sum(len(set(v)) for v in reports.values())
+        of_evaluated = sum(len(set(v)) for p, v in reports.items() if p in evaluated)
         events[SECONDARY] = {
             "definition": "a report episode (reports less than 7 days apart) starts within the next 7 days",
+            "report_days_given": given,
+            "report_days_of_persons_not_evaluated": given - of_evaluated,
+            "report_days_outside_the_persons_days": of_evaluated - sum(len(s.reports) for s in splits),
             "reports_of_evaluated_persons": sum(len(s.reports) for s in splits),
             "episodes_all_days": sum(len(st) for _, st in eps),
             "episodes_in_test_periods": sum(int(((st >= s.scored[0]) & (st <= s.scored[-1] + 1)).sum()) for s, st in eps),
@@ -736,6 +736,53 @@ def evaluate_warning(
                   "scored_days": int(s.scored.size), "low_threshold_from": "training period"} for s in splits],
         excluded=excluded, events=events, rows=rows, best_rule=None if best is None else best.name,
         curves=curves)
+
+
+def split_cohort(cohort: Mapping[str, DailyData], protocol: WarningProtocol,
+                 reports: Mapping[str, Sequence[str]] | None = None) -> tuple[list[WarningSplit], dict[str, str]]:
+    """Every person's split, and the excluded persons with their reason. Fewer than two
+    persons: a WarningError that says why and what events the cohort has over all days."""
+    excluded: dict[str, str] = {}
+    splits: list[WarningSplit] = []
+    for person, data in cohort.items():
+        rep = None if reports is None else list(reports.get(person, ()))
+        split, why = split_warning_person(person, data, protocol, rep)
+        if split is None:
+            excluded[person] = why or "excluded"
+        else:
+            splits.append(split)
+    if len(splits) < 2:
+        why_counts: dict[str, int] = {}
+        for reason in excluded.values():
+            key = reason.split(" (")[0]
+            why_counts[key] = why_counts.get(key, 0) + 1
+        counts = cohort_event_counts(cohort, protocol.target)
+        raise WarningError(
+            f"only {len(splits)} of {len(cohort)} persons have enough labelled days for the protocol (need >= 2): "
+            + "; ".join(f"{v} {k}" for k, v in sorted(why_counts.items())) + f". Over all days the cohort has "
+            f"{counts['labelled_days']} days with a defined 7-day label, {counts['positive_days']} followed by a "
+            f"low week, {counts['episodes']} low-week episodes ({counts['persons_with_answers']} persons answered)")
+    return splits, excluded
+
+
+def cohort_event_counts(cohort: Mapping[str, DailyData], target: str) -> dict:
+    """Low-week events over all of each person's days (descriptive: the threshold is their
+    median answer over all days - 1; the evaluation fits it on the training period only)."""
+    out = {"persons_with_answers": 0, "labelled_days": 0, "positive_days": 0, "episodes": 0,
+           "persons_with_an_episode": 0}
+    for data in cohort.values():
+        if target not in data.series or not np.isfinite(data.series[target]).any():
+            continue
+        days = PersonDays.from_daily(data, target)
+        threshold = WarningPersonal.fit(days.answers).low_threshold
+        labels = low_week_labels(days.answers, threshold)[labelled_rows(days)]
+        episodes = low_week_episodes(days.answers, threshold)
+        out["persons_with_answers"] += 1
+        out["labelled_days"] += int(labels.size)
+        out["positive_days"] += int(np.nansum(labels))
+        out["episodes"] += len(episodes)
+        out["persons_with_an_episode"] += int(bool(episodes))
+    return out
 
 
 def _epsilon(method) -> float | None:
@@ -802,7 +849,9 @@ def warning_markdown(res: WarningResult) -> str:
         sec["reason"] + "." if not sec.get("available", True) else
         f"{sec['episodes_in_test_periods']} report episodes start in the test periods "
         f"({sec['persons_with_an_episode_in_test']} persons; {sec['episodes_all_days']} over all days of the "
-        f"evaluated persons, from {sec['reports_of_evaluated_persons']} report rows).")]
+        f"evaluated persons, from {sec['reports_of_evaluated_persons']} report days; of the "
+        f"{sec['report_days_given']} report days given, {sec['report_days_of_persons_not_evaluated']} belong to "
+        f"persons not evaluated and {sec['report_days_outside_the_persons_days']} lie outside the person's days).")]
     if any(isinstance(r.secondary, EventScore) for r in res.rows):
         lines += ["", "| row | AUROC [95% CI] | PR-AUC (base rate) | false alarms / person-month | "
                       "median lead (days) | episodes warned |", "|---|---|---|---|---|---|"]
@@ -855,10 +904,10 @@ def plot_warning(result: WarningResult, path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
     for i, r in enumerate(x for x in result.rows if x.available):
         color = plt.cm.tab10(i % 10)
-        pts = result.curves.get(r.name) or []
-        fa = [p["false_alarms_per_person_month"] for p in pts]
-        ax1.plot(fa, [p["median_lead_days"] for p in pts], "-", color=color, alpha=0.45, lw=1)
-        ax2.plot(fa, [p["warned_2_days_ahead"] for p in pts], "-", color=color, alpha=0.45, lw=1)
+        curve = result.curves.get(r.name) or {k: [] for k in CURVE_KEYS}
+        fa = curve["false_alarms_per_person_month"]
+        ax1.plot(fa, curve["median_lead_days"], "-", color=color, alpha=0.45, lw=1)
+        ax2.plot(fa, curve["warned_2_days_ahead"], "-", color=color, alpha=0.45, lw=1)
         op = r.primary.at_operating_point
         hist = op["lead_days_histogram"]
         early = sum(v for k, v in hist.items() if int(k) >= 2) / op["episodes"] if op["episodes"] else math.nan
@@ -881,25 +930,29 @@ def plot_warning(result: WarningResult, path) -> None:
     plt.close(fig)
 
 
-def lead_curve(method, splits: Sequence[WarningSplit], scores: Mapping[str, np.ndarray]) -> list[dict]:
+CURVE_KEYS = ("threshold", "false_alarms_per_person_month", "median_lead_days", "warned_2_days_ahead")
+
+
+def lead_curve(method, splits: Sequence[WarningSplit], scores: Mapping[str, np.ndarray]) -> dict[str, list]:
     """The trade-off the operating point sits on (descriptive only: nothing is chosen on it):
-    per threshold at the quantiles of the pooled test scores, false alarms per person-month,
-    the median lead and the share of episodes warned at least 2 days ahead."""
+    per threshold at the quantiles of the pooled test scores (sorted by false alarms), false
+    alarms per person-month, the median lead and the share of episodes warned at least 2 days
+    ahead; one list per key, rounded to 4 decimals."""
     periods = [scored_days(s, scores[s.person]) for s in splits]
     pooled = np.concatenate([p.scores for p in periods])
-    out = []
+    points = []
     for thr in sorted({float(v) for v in np.quantile(pooled[np.isfinite(pooled)], OPERATING_GRID)}):
         rec = alarm_record(periods, thr)
         early = sum(1 for t in rec.lead_times if t >= 2) / rec.episodes if rec.episodes else float("nan")
-        out.append({"threshold": thr, "false_alarms_per_person_month": rec.false_alarms_per_person_month,
-                    "median_lead_days": rec.median_lead, "warned_2_days_ahead": early})
-    return sorted(out, key=lambda d: d["false_alarms_per_person_month"])
+        points.append((thr, rec.false_alarms_per_person_month, rec.median_lead, early))
+    points.sort(key=lambda p: p[1])
+    return {k: [round(p[i], 4) for p in points] for i, k in enumerate(CURVE_KEYS)}
 
 
 __all__ = [
     "WarningProtocol", "WarningSplit", "WarningMethod", "WarningResult", "WarningRowResult", "EventScore",
     "RuleRow", "PriorRow", "ExactStatisticsRow", "rule_rows", "baseline_rows", "evaluate_warning",
     "split_warning_person", "validation_splits", "average_precision", "bootstrap_aurocs", "coach_record",
-    "plot_warning", "solve_groups", "statistics_vectors", "model_scores", "public_point", "PRIMARY",
+    "plot_warning", "cohort_event_counts", "split_cohort", "solve_groups", "statistics_vectors", "model_scores", "public_point", "PRIMARY",
     "SECONDARY", "RULE_ROWS", "LEVEL_ROW", "make_split", "scored_days", "visible", "lead_curve",
 ]

@@ -47,6 +47,7 @@ from restwise.models.warning_evaluation import (
     evaluate_warning,
     plot_warning,
     rule_rows,
+    split_cohort,
 )
 from restwise.planning import WARNING_MODEL, plan_run
 from restwise.simulation.warning_statistics import DEFAULT_EPSILONS, row_name, warning_statistics_methods
@@ -157,13 +158,14 @@ def run_warning_evaluation(
     with tempfile.TemporaryDirectory(prefix="restwise-warning-") as tmp:
         cohort, t_import = import_cohort_days(kind, data_path, Path(workdir) if workdir is not None else Path(tmp),
                                               persons=persons, log=log)
+    t1 = time.perf_counter()
+    report_days = None if reports is None else reports.days
+    prepared = split_cohort(cohort, protocol, report_days)  # who can be evaluated, before any prior is fitted
     rows = warning_methods(kind, cohort, protocol.target, prior_path=prior_path, public_data=public_data,
                            epsilons=epsilons, log=log)
-    t1 = time.perf_counter()
     result = evaluate_warning(cohort, rows, protocol=protocol,
-                              dataset=kind if kind != "folder" else Path(data_path).name,
-                              reports=None if reports is None else reports.days,
-                              on_method=lambda name: log(f"evaluating: {name}"))
+                              dataset=kind if kind != "folder" else Path(data_path).name, reports=report_days,
+                              on_method=lambda name: log(f"evaluating: {name}"), prepared=prepared)
     result.privacy = privacy_statement(rows, _RowsView(result))
     result.planner = planner_decision(len(result.persons), protocol.target)
     result.coach_record = coach_record(result, result.planner["coach_row"])
