@@ -91,6 +91,10 @@ def print_advice(console, advice, note: Optional[str], model_status: str) -> Non
     body.append(f"\nModel: {model_status}", style="dim")
     if getattr(advice, "model_note", None):
         body.append(f"\n{advice.model_note}", style="dim")
+    warning = getattr(advice, "warning", None)
+    if warning:
+        body.append("\n\n")
+        body.append_text(warning_text(warning))
     console.print(Panel(body, title=f"Readiness for {advice.day}", expand=False))
     if note:
         console.print(note)
@@ -98,6 +102,30 @@ def print_advice(console, advice, note: Optional[str], model_status: str) -> Non
         "Disagree? Record how you feel: restwise device checkin --readiness N --override",
         style="dim",
     )
+
+
+def warning_text(warning: dict):
+    """The 7-day warning block: the risk, the warning only above its operating point, what
+    raises the risk, the literature's rules as reasons, and the measured record."""
+    from rich.text import Text
+
+    out = Text()
+    if warning.get("risk") is None:
+        out.append(f"Next 7 days: {warning.get('note') or 'no risk yet'}", style="dim")
+        return out
+    pct, point = round(100 * warning["risk"]), round(100 * warning["operating_point"])
+    if warning["shown"]:
+        out.append(f"Warning: risk of a low week in the next 7 days {pct}%", style="bold yellow")
+        out.append(f" (the coach warns above {point}%). Consider a lighter week; talk to your coach.")
+    else:
+        out.append(f"Next 7 days: risk of a low week {pct}% (no warning: the coach warns above {point}%)")
+    for reason in warning.get("reasons") or ():
+        out.append(f"\n  • {reason}")
+    for reason in warning.get("rule_reasons") or ():
+        out.append(f"\n  • {reason} (a reason, not a verdict)")
+    if warning["shown"]:
+        out.append(f"\nRecord: {warning['record']}.", style="dim")
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -185,4 +213,4 @@ def register(app: typer.Typer) -> None:
         )
 
 
-__all__ = ["register", "advise", "print_advice"]
+__all__ = ["register", "advise", "print_advice", "warning_text"]

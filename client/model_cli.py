@@ -3,6 +3,12 @@
     restwise model prior --data ../shared/data --out models/priors/linear_head_prior.json
     restwise model prior --model early-warning --data ../shared/data --out models/priors/warning_prior.json
     restwise model show [--model early-warning] [--prior FILE]
+    restwise model warning-record --results docs/results/early-warning/soccermon/results.json \
+        --out models/priors/warning_record.json
+
+``warning-record`` keeps, from a shipped early-warning evaluation, the measured record the
+coach states next to its warning (how many of its warnings were followed by a low week) and
+each literature rule's own record (stated when the rule is given as a reason).
 
 ``prior`` reads the public datasets found in ``--data`` (sub-folders ``soccermon/`` and
 ``lifesnaps/``, the shared-data layout), imports every person into their own encrypted store
@@ -14,6 +20,8 @@ feature-spec version does not match is refused (exit 1).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shlex
 import sys
@@ -26,7 +34,7 @@ import typer
 from restwise.client.errors import RestwiseDeviceError
 from restwise.client.evaluate_cli import load_public_cohorts
 from restwise.models.prior import LINEAR_HEAD_PRIOR, PUBLIC_DATASETS, PriorError, fit_prior, load_prior
-from restwise.models.warning import WARNING_PRIOR
+from restwise.models.warning import WARNING_PRIOR, WarningError, record_from_results
 
 # --model: which architecture's prior (the same fit, file format and verification)
 PRIOR_SPECS = {"linear-head": LINEAR_HEAD_PRIOR, "early-warning": WARNING_PRIOR}
@@ -116,3 +124,27 @@ def show_command(
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(f"{prior or 'shipped prior'}: verified\n{_describe(loaded)}")
+
+
+@model_app.command("warning-record")
+def warning_record_command(
+    results: Path = typer.Option(..., "--results", help="results.json of `restwise evaluate --task early-warning`."),
+    out: Path = typer.Option(..., "--out", help="Record file to write (JSON)."),
+    row: str = typer.Option("warning model, public prior", "--row",
+                            help="The row whose record the coach states (the model the device runs)."),
+) -> None:
+    """Keep the coach's measured record of its 7-day warning from a shipped evaluation."""
+    try:
+        blob = results.read_bytes()
+        data = json.loads(blob)
+        command = " ".join(["restwise model warning-record --results", shlex.quote(str(results)), "--out",
+                            shlex.quote(str(out))] + (["--row", shlex.quote(row)] if row != "warning model, public prior" else []))
+        record = record_from_results(data, row, results_sha256=hashlib.sha256(blob).hexdigest(), command=command)
+        _write_atomic(out, json.dumps(record.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n")
+    except OSError as exc:
+        typer.echo(f"Error: cannot read {results}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(code=1) from None
+    except (ValueError, KeyError, WarningError) as exc:
+        typer.echo(f"Error: {results} is not a usable early-warning results.json ({exc})", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"Record written to {out}: \"{record.sentence()}\"")

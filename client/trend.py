@@ -19,9 +19,11 @@ heart-rate load        daily TRIMP; baseline: its own 28-day mean. Never added t
 A series without a single value in the window is left out (and named). In the terminal the
 picture is drawn with ``plotext``; ``--png FILE`` writes the same panels with matplotlib.
 
-Events (a hook): :class:`TrendEvent` marks a day with a vertical line and a label in both
-pictures. :func:`past_events` is where past early-warning events will come from (the 7-day
-risk of another issue): today it returns none, and nothing here needs to change when it does.
+Events: :class:`TrendEvent` marks a day with a vertical line and a label in both pictures.
+:func:`past_events` gives the past early warnings: the days the coach would have issued its
+7-day warning of a low week (:func:`restwise.models.warning.past_warnings`: each day computed
+from the days up to it only, above the operating point, at most one a week). They are
+recomputed from the person's days, never stored.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import numpy as np
 import typer
 
 from restwise.models.features import DailyData, compute_raw_features
+from restwise.models.warning import past_warnings
 
 DEFAULT_WEEKS = 8
 MAX_WEEKS = 104
@@ -80,12 +83,12 @@ class Trend:
     events: tuple[TrendEvent, ...] = ()
 
 
-def past_events(store, days: Sequence[str]) -> list[TrendEvent]:
-    """Events to mark on the trend between ``days[0]`` and ``days[-1]``.
-
-    The hook for past early-warning events: when the store keeps them, return them here as
-    :class:`TrendEvent` (day, short label). None are kept yet."""
-    return []
+def past_events(data: DailyData, days: Sequence[str]) -> list[TrendEvent]:
+    """The past early warnings between ``days[0]`` and ``days[-1]`` (none without readiness
+    answers), labelled with the risk the coach showed that day."""
+    if not days or not np.isfinite(data["readiness"]).any():
+        return []
+    return [TrendEvent(day, f"warning {round(100 * risk)}%") for day, risk in past_warnings(data, days[0], days[-1])]
 
 
 # key, title, unit, values(data, raw) -> array, baseline(data, raw) -> array
@@ -227,12 +230,13 @@ def register(app: typer.Typer) -> None:
         keystore: Optional[Path] = KeystoreOpt,
     ) -> None:
         """The last weeks of readiness, HRV, resting HR, sleep and each kind of training load,
-        against your own baseline: a picture in the terminal (and a PNG with --png)."""
+        against your own baseline, with the days the 7-day warning was given marked: a picture
+        in the terminal (and a PNG with --png)."""
         with device_errors():
             with open_store(store, passphrase_file, keystore) as s:
                 data = daily_data(s)
                 days = data.days[-7 * weeks:]
-                result = build_trend(data, weeks, events=past_events(s, days))
+                result = build_trend(data, weeks, events=past_events(data, days))
         if png is not None:
             render_png(result, png)
         if as_json:

@@ -33,12 +33,20 @@ How today's number is made (all on the device; see docs/coach.md for the plain-w
    Bands: green ``>= 65``, yellow ``45 <= r < 65``, red ``< 45`` (edges belong to the better
    band). Recommendation: green -> "as planned", yellow -> "lighter", red -> "rest".
 
-Overreaching risk (overrides the recommendation, not the number): sustained HRV suppression —
-the 7-day lnRMSSD mean below ``baseline - SWC`` (SWC = 0.5 x baseline SD) on at least 4 of the
-last 5 days — together with high load on at least 3 of the last 7 days (session-RPE ACWR >= 1.5
-or Foster monotony >= 2.0, or heart-rate-load ACWR >= 1.5). After Plews et al. 2012/2013 (7-day lnRMSSD vs the SWC band), Foster 1998
-(monotony > 2 with illness), Gabbett 2016 (ACWR > 1.5 with injury) and the ECSS/ACSM consensus
-(Meeusen et al. 2013): overreaching cannot be diagnosed by a watch, hence "talk to your coach".
+The literature's overreaching rule is a reason, not a verdict (issue 18): sustained HRV
+suppression — the 7-day lnRMSSD mean below ``baseline - SWC`` (SWC = 0.5 x baseline SD) on at
+least 4 of the last 5 days — together with high load on at least 3 of the last 7 days
+(session-RPE ACWR >= 1.5 or Foster monotony >= 2.0, or heart-rate-load ACWR >= 1.5). After
+Plews et al. 2012/2013 (7-day lnRMSSD vs the SWC band), Foster 1998 (monotony > 2 with
+illness), Gabbett 2016 (ACWR > 1.5 with injury) and the ECSS/ACSM consensus (Meeusen et al.
+2013). When it holds it is the first reason and ``overreaching`` is set; it no longer changes
+the recommendation: measured on SoccerMon, ACWR > 1.5 and monotony > 2 predict a low week at
+chance (docs/evaluation.md, early warning).
+
+The 7-day warning (``warning``, :mod:`restwise.models.warning`): the risk of a low week in the
+next 7 days from the shipped warning prior, shown only above the operating point chosen on
+validation data, with its measured record in plain words and the literature's rules that hold
+today as reasons, each with its own record.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from restwise.models.features import (
     make_inputs,
     model_features_from_raw,
 )
+from restwise.models.warning import warning_today
 
 BANDS = ("green", "yellow", "red")
 AS_PLANNED = "as planned"
@@ -122,6 +131,7 @@ class CoachAdvice:
     model_readiness: float | None = None  # the model's forecast on the 0-10 check-in scale
     components: dict = field(default_factory=dict)  # component -> SD units (for the curious)
     model_note: str | None = None  # why the model was or was not blended in
+    warning: dict | None = None  # the 7-day warning (models.warning.WarningAdvice.to_dict); None: no readiness
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -138,7 +148,7 @@ def band_for(readiness: float, config: CoachConfig = DEFAULT_COACH_CONFIG) -> st
     return "red"
 
 
-def recommendation_for(band: str, overreaching: bool) -> str:
+def recommendation_for(band: str, overreaching: bool = False) -> str:
     if overreaching:
         return OVERREACHING
     return {"green": AS_PLANNED, "yellow": LIGHTER, "red": REST}[band]
@@ -368,7 +378,10 @@ def coach_today(
     readiness_int = int(round(readiness))
     band = band_for(readiness_int, config)
     over = overreaching_risk(raw, t, config)
-    recommendation = recommendation_for(band, over)
+    recommendation = recommendation_for(band)  # the rule is a reason below, not a verdict
+    warning = None
+    if np.isfinite(s["readiness"][: t + 1]).any():
+        warning = warning_today(data, today=today, raw=raw).to_dict()
 
     # --- confidence
     history = min(1.0, baseline_days / config.full_confidence_days)
@@ -382,7 +395,8 @@ def coach_today(
     ordered = sorted(reasons, key=lambda r: -r.impact)
     texts = [r.text for r in ordered[:3]]
     if over:
-        texts = ["HRV suppressed for days while training load stays high"] + texts[:2]
+        texts = ["HRV suppressed for days while training load stays high (a literature rule: a reason "
+                 "to look closer, not a verdict)"] + texts[:2]
     if baseline_days < config.min_baseline_days:
         note = (f"building your baseline: {baseline_days} of {config.min_baseline_days} days "
                 "(rules only until then)")
@@ -402,6 +416,7 @@ def coach_today(
         model_readiness=None if model_readiness is None else round(model_readiness, 2),
         components={k: round(v, 3) for k, v in comps.items()},
         model_note=model_note,
+        warning=warning,
     )
 
 

@@ -77,6 +77,8 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -101,6 +103,7 @@ from restwise.models.prior import (
     PersonMoments,
     PriorSpec,
     PublicCohort,
+    load_prior,
     ridge_from_moments,
 )
 
@@ -300,10 +303,11 @@ class PersonDays:
     frame: FeatureFrame
 
     @classmethod
-    def from_daily(cls, data: DailyData, target: str = "readiness") -> "PersonDays":
+    def from_daily(cls, data: DailyData, target: str = "readiness", raw: FeatureFrame | None = None) -> "PersonDays":
+        """``raw``: the raw feature frame of ``data`` when the caller has it already."""
         if target not in data.series:
             raise WarningError(f"no series named {target!r} in the data")
-        raw = compute_raw_features(data)
+        raw = compute_raw_features(data) if raw is None else raw
         return cls(list(data.days), np.asarray(data.series[target], dtype=np.float64), raw,
                    model_features_from_raw(raw))
 
@@ -661,5 +665,213 @@ __all__ = [
     "device_statistics", "WarningModel", "WarningArchitecture", "WARNING_ARCHITECTURE", "AlarmRecord",
     "ScoredDays", "alarm_record", "issued_alarms", "choose_operating_point", "labelled_rows", "fit_person",
     "warning_person_moments", "split_rows", "scored_period", "public_operating_point", "WARNING_PRIOR",
-    "operating_point_of", "window_slope", "trailing_windows", "LinearHeadError",
+    "operating_point_of", "window_slope", "trailing_windows", "LinearHeadError", "WarningRecord", "WarningAdvice",
+    "record_from_results", "load_record", "warning_today", "past_warnings", "rule_reasons", "device_scores",
+    "RECORD_FORMAT", "SHIPPED_RECORD",
 ]
+
+
+# ------------------------------------------------------------------------------ on the device
+RECORD_FORMAT = "restwise-early-warning-record"
+SHIPPED_RECORD = "priors/warning_record.json"  # written by `restwise model warning-record`
+MIN_PAST_LABELLED = MIN_EXAMPLES  # labelled past days before the device shows a risk
+
+
+@dataclass(frozen=True)
+class WarningRecord:
+    """What the shipped evaluation measured for the warning the coach shows, and for each
+    literature rule alone (stated next to the rule when it is given as a reason)."""
+
+    row: str
+    dataset: str
+    persons: int
+    true_alarms: int
+    alarms: int
+    detected: int
+    episodes: int
+    false_alarms_per_person_month: float
+    median_lead_days: float
+    rules: dict  # rule row -> {"auroc": float | None, "auroc_ci": [lo, hi] | None, "reason": str | None}
+    results_sha256: str
+    command: str
+
+    def sentence(self) -> str:
+        """The measured record in plain words."""
+        if not self.alarms:
+            return "in past data this warning was never shown, so its record is unknown"
+        return (f"in past data ({self.dataset}, {self.persons} persons), {self.true_alarms} of {self.alarms} such "
+                f"warnings were followed by a low week, and it warned ahead of {self.detected} of {self.episodes} "
+                "low weeks")
+
+    def rule_note(self, rule: str) -> str:
+        r = self.rules.get(rule) or {}
+        if r.get("auroc") is None:
+            return f"not measured on real outcomes yet ({r.get('reason') or 'no data'})"
+        return f"alone it predicted low weeks at AUROC {r['auroc']:.2f} in past data (0.5 = chance)"
+
+    def to_dict(self) -> dict:
+        return {"format": RECORD_FORMAT, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "WarningRecord":
+        if d.get("format") != RECORD_FORMAT:
+            raise WarningError("not a Restwise early-warning record")
+        try:
+            return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        except KeyError as exc:
+            raise WarningError(f"the early-warning record lacks {exc}") from None
+
+
+def record_from_results(results: Mapping, row: str, *, results_sha256: str, command: str) -> WarningRecord:
+    """The record of ``row`` (and of every rule) from an early-warning results.json."""
+    if results.get("task") != "early-warning":
+        raise WarningError("not the results of `restwise evaluate --task early-warning`")
+    rows = {m["name"]: m for m in results["methods"]}
+    if row not in rows or not rows[row]["available"]:
+        raise WarningError(f"the results have no scored row {row!r}")
+    op = rows[row]["at_operating_point"]
+    rules = {name: {"auroc": m.get("auroc"), "auroc_ci": m.get("auroc_ci"), "reason": m.get("reason")}
+             for name, m in rows.items() if name in ("ACWR > 1.5", "monotony > 2", "HRV below baseline (SWC)",
+                                                      "readiness trend")}
+    return WarningRecord(row, str(results["dataset"]), int(results["n_persons"]), int(op["true_alarms"]),
+                         int(op["alarms"]), int(op["detected"]), int(op["episodes"]),
+                         float(op["false_alarms_per_person_month"]), float(op["median_lead_days"] or math.nan),
+                         rules, results_sha256, command)
+
+
+def load_record(path=None) -> WarningRecord:
+    """The shipped record (package data), or the one at ``path``."""
+    try:
+        text = (resources.files("restwise.models").joinpath(SHIPPED_RECORD).read_bytes() if path is None
+                else Path(path).read_bytes())
+        return WarningRecord.from_dict(json.loads(text))
+    except (OSError, ValueError) as exc:
+        raise WarningError(f"the early-warning record cannot be read ({exc})") from None
+
+
+@dataclass(frozen=True)
+class WarningAdvice:
+    """The 7-day risk of a low week on one day, as the coach shows it."""
+
+    day: str
+    risk: float | None  # 0-1; None while the person's baseline is too short
+    shown: bool  # risk above the operating point chosen on validation data
+    operating_point: float
+    reasons: tuple[str, ...]  # what raises the risk most (the model's largest contributions)
+    rule_reasons: tuple[str, ...]  # the literature's rules that hold today: reasons, not verdicts
+    record: str  # the measured record in plain words
+    model: str
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"day": self.day, "risk": None if self.risk is None else round(self.risk, 3), "shown": self.shown,
+                "operating_point": round(self.operating_point, 3), "reasons": list(self.reasons),
+                "rule_reasons": list(self.rule_reasons), "record": self.record, "model": self.model,
+                "note": self.note}
+
+
+def device_scores(person: PersonDays, days: Sequence[int], weights: np.ndarray) -> dict[int, tuple]:
+    """For each day index t: (score, personal part, inputs) as the device computes it on day
+    t: threshold, scale and rate from the answers up to t only (labels of days <= t - 7)."""
+    model = WarningModel(weights)
+    out = {}
+    for t in days:
+        past = person.answers[: t + 1]
+        if not np.isfinite(past).any():
+            continue
+        threshold = WarningPersonal.fit(past).low_threshold
+        labels = low_week_labels(past, threshold)
+        known = labels[np.isfinite(labels)]
+        if known.size < MIN_PAST_LABELLED:
+            continue
+        personal = WarningPersonal.fit(past, known, low_threshold=threshold)
+        inputs = warning_inputs(person, personal)
+        out[int(t)] = (float(model.score(inputs)[t]), personal, inputs)
+    return out
+
+
+_REASON_TEXT = {
+    "low_days_7d": lambda v, p: f"{round(v * WINDOW / 3)} of your last 7 answers were at or below your usual low "
+                                f"({p.low_threshold:g})",
+    "answer_7d": lambda v, p: "your answers this week sit close to your usual low",
+    "answer_28d": lambda v, p: "your answers of the last 4 weeks sit close to your usual low",
+    "answer_today": lambda v, p: "today's answer is close to your usual low",
+    "answer_slope_7d": lambda v, p: "your answers have been falling this week",
+    "fatigue_7d": lambda v, p: "more fatigue than usual this week",
+    "fatigue_slope_7d": lambda v, p: "fatigue rising this week",
+    "soreness_7d": lambda v, p: "more soreness than usual this week",
+    "soreness_slope_7d": lambda v, p: "soreness rising this week",
+    "sleep_quality_7d": lambda v, p: "sleep quality below your usual this week",
+    "sleep_minutes_7d": lambda v, p: "less sleep than usual this week",
+    "stress_7d": lambda v, p: "more stress than usual this week",
+    "mood_7d": lambda v, p: "mood below your usual this week",
+    "strain_z": lambda v, p: "training strain above your usual",
+    "acute_load_z": lambda v, p: "this week's training load differs from your usual",
+    "form_z": lambda v, p: "recent load above your longer-term load (Banister form)",
+    "acwr_z": lambda v, p: "acute:chronic load ratio away from your usual",
+    "monotony_z": lambda v, p: "training monotony away from your usual",
+    "rhr_dev_7d": lambda v, p: "resting heart rate above your baseline this week",
+    "hrv_vs_baseline_swc": lambda v, p: "HRV away from your baseline this week",
+}
+
+
+def warning_today(data: DailyData, *, today: str | None = None, target: str = "readiness", raw=None,
+                  prior=None, record: WarningRecord | None = None) -> WarningAdvice:
+    """The 7-day risk of a low week for ``today`` (default: the last day), with the shipped
+    warning prior's weights and operating point (or ``prior``, a loaded warning prior) and the
+    shipped record. ``raw``: the raw feature frame of ``data`` when the caller has it."""
+    prior = prior or load_prior(spec=WARNING_PRIOR)
+    record = record or load_record()
+    tp = prior.target(target)
+    point = operating_point_of(tp.extra)
+    today = today or data.days[-1]
+    t = data.index_of(today)
+    model_name = f"public prior (sha256 {prior.sha256[:12]}...), operating point {point:.2f}"
+    person = PersonDays.from_daily(data, target, raw)
+    rules = rule_reasons(person.raw, t, record)
+    scored = device_scores(person, [t], tp.weights)
+    if t not in scored:
+        return WarningAdvice(today, None, False, point, (), rules, record.sentence(), model_name,
+                             note=f"not enough answers yet for the 7-day warning (it needs {MIN_PAST_LABELLED} past "
+                                  f"days with a known following week)")
+    score, personal, inputs = scored[t]
+    contributions = WarningModel(tp.weights).contributions(inputs, t)
+    # the largest contributions that raise the risk and mean something to a person (not
+    # bookkeeping such as "answered today")
+    top = [k for k, v in sorted(contributions.items(), key=lambda kv: -kv[1]) if v > 0.005 and k in _REASON_TEXT][:3]
+    reasons = tuple(_REASON_TEXT[k](float(inputs.raw[t, FEATURE_NAMES.index(k)]), personal) for k in top)
+    risk = float(np.clip(score, 0.0, 1.0))
+    return WarningAdvice(today, risk, bool(score > point), point, reasons, rules, record.sentence(), model_name)
+
+
+def rule_reasons(raw: FeatureFrame, t: int, record: WarningRecord) -> tuple[str, ...]:
+    """The literature's rules that hold on day t, each with its own measured record."""
+    out = []
+    acwr = float(raw.column("acwr")[t])
+    mono = float(raw.column("monotony")[t])
+    hrv = float(hrv_swc_units(raw)[t])
+    if math.isfinite(acwr) and acwr > ACWR_CUT:
+        out.append(f"session-RPE ACWR {acwr:.1f}, above {ACWR_CUT:g} (Gabbett 2016); "
+                   + record.rule_note("ACWR > 1.5"))
+    if math.isfinite(mono) and mono > MONOTONY_CUT:
+        out.append(f"training monotony {mono:.1f}, above {MONOTONY_CUT:g} (Foster 1998); "
+                   + record.rule_note("monotony > 2"))
+    if math.isfinite(hrv) and -hrv > HRV_SWC_CUT:
+        out.append("7-day HRV more than one SWC below your baseline (Plews); "
+                   + record.rule_note("HRV below baseline (SWC)"))
+    return tuple(out)
+
+
+def past_warnings(data: DailyData, start: str, end: str, *, target: str = "readiness", prior=None) -> list[tuple[str, float]]:
+    """The days between ``start`` and ``end`` on which the coach would have issued a warning
+    (an alarm: above the operating point, at most one a week), each computed from the days up
+    to it only, with its risk."""
+    prior = prior or load_prior(spec=WARNING_PRIOR)
+    tp = prior.target(target)
+    point = operating_point_of(tp.extra)
+    lo, hi = data.index_of(start), data.index_of(end)
+    person = PersonDays.from_daily(data, target)
+    scored = device_scores(person, range(lo, hi + 1), tp.weights)
+    scores = np.array([scored[t][0] if t in scored else -np.inf for t in range(lo, hi + 1)])
+    issued = issued_alarms(scores > point)
+    return [(data.days[lo + i], float(np.clip(scores[i], 0, 1))) for i in np.flatnonzero(issued)]

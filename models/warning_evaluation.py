@@ -869,7 +869,9 @@ def warning_markdown(res: WarningResult) -> str:
     if res.planner:
         lines += ["", f"Planner: {res.planner.get('message', '')} Decision: {res.planner.get('decision', '')}."]
     if res.coach_record:
-        lines += ["", f"The coach's record ({res.coach_record['row']}): \"{res.coach_record['sentence']}\"."]
+        records = {rec["row"]: rec["sentence"] for rec in res.coach_record.values()}  # once per row
+        lines += ["", "The coach's record in plain words: " + "; ".join(
+            f"{row}: \"{sentence}\"" for row, sentence in records.items()) + "."]
     if res.privacy and res.privacy.get("statement"):
         lines += ["", res.privacy["statement"]]
     return "\n".join(lines) + "\n"
@@ -883,7 +885,8 @@ def coach_record(result: WarningResult, row: str) -> dict:
         raise WarningError(f"row {row!r} was not scored")
     op = r.primary.at_operating_point
     k, n = int(op["true_alarms"]), int(op["alarms"])
-    sentence = (f"in past data, {k} of {n} such warnings were followed by a low week" if n else
+    sentence = (f"in past data, {k} of {n} such warnings were followed by a low week, and it warned ahead of "
+                f"{op['detected']} of {op['episodes']} low weeks" if n else
                 "in past data this warning was never shown, so its record is unknown")
     return {"row": row, "dataset": result.dataset, "true_alarms": k, "alarms": n,
             "false_alarms_per_person_month": op["false_alarms_per_person_month"],

@@ -52,7 +52,7 @@ from restwise.models.warning_evaluation import (
 from restwise.planning import WARNING_MODEL, plan_run
 from restwise.simulation.warning_statistics import DEFAULT_EPSILONS, row_name, warning_statistics_methods
 
-PRIOR_ROW = "warning model, public prior"
+PRIOR_ROW = "warning model, public prior"  # what a device runs today (the shipped prior)
 PLANNED_EPSILON = 4.0  # the private row the targets are measured on (epsilon <= 4)
 REPORT_FILES = {"injury": "injury/injury.csv", "illness": "illness/illness.csv"}
 
@@ -168,7 +168,10 @@ def run_warning_evaluation(
                               on_method=lambda name: log(f"evaluating: {name}"), prepared=prepared)
     result.privacy = privacy_statement(rows, _RowsView(result))
     result.planner = planner_decision(len(result.persons), protocol.target)
-    result.coach_record = coach_record(result, result.planner["coach_row"])
+    # what the coach states: with the shipped prior (a device without a deployment's release),
+    # and with the planner's choice at this cohort's size
+    result.coach_record = {"device_with_public_prior": coach_record(result, PRIOR_ROW),
+                           "planner_choice": coach_record(result, result.planner["coach_row"])}
     result.protocol.update({"import_seconds": round(t_import, 2),
                             "evaluate_seconds": round(time.perf_counter() - t1, 2),
                             "reports": None if reports is None else reports.to_dict()})

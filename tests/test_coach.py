@@ -22,6 +22,7 @@ from restwise.models.coach import (
     score_from_z,
 )
 from restwise.models.features import DailyData, compute_features, make_examples
+from restwise.models.warning import load_record
 from restwise.models.network import ModelConfig, build_model
 from restwise.models.training import train_local
 
@@ -189,10 +190,39 @@ def _overreaching_case(hrv_drop: bool, load_jump: bool) -> DailyData:
 
 def test_overreaching_needs_both_sustained_hrv_suppression_and_high_load():
     both = coach_today(_overreaching_case(True, True))
-    assert both.overreaching and both.recommendation == OVERREACHING
-    assert both.reasons[0] == "HRV suppressed for days while training load stays high"
+    # the literature's rule is the first reason, not a verdict: the recommendation follows the band
+    assert both.overreaching and both.recommendation == recommendation_for(both.band) != OVERREACHING
+    assert both.reasons[0].startswith("HRV suppressed for days while training load stays high")
+    assert "not a verdict" in both.reasons[0]
+    assert both.warning is None  # no readiness answers: no 7-day warning
     assert not coach_today(_overreaching_case(True, False)).overreaching
     assert not coach_today(_overreaching_case(False, True)).overreaching
+
+
+def _low_stretch(low_from: int, n: int = 120, past_lows: bool = False) -> DailyData:
+    rng = np.random.default_rng(5)
+    ready = np.clip(np.round(rng.normal(7, 0.4, n)), 1, 10)
+    if past_lows:  # a person who has had low weeks before (their own rate of low weeks is high)
+        for start in range(10, low_from - 14, 14):
+            ready[start : start + 5] = 4
+    ready[low_from:] = 3  # answers at the person's low from here on
+    return DailyData.from_columns(DailyData.empty("2024-01-01", n).days, readiness=ready)
+
+
+def test_seven_day_warning_is_shown_at_its_operating_point_with_its_record():
+    calm = coach_today(_low_stretch(200), today="2024-04-20")
+    low = coach_today(_low_stretch(105), today="2024-04-20")  # day 110: a low stretch under way
+    again = coach_today(_low_stretch(105, past_lows=True), today="2024-04-20")
+    for advice in (calm, low, again):
+        w = advice.warning
+        assert 0.0 <= w["risk"] <= 1.0 and w["record"] == load_record().sentence()
+        assert w["record"].startswith("in past data") and "public prior" in w["model"]
+        assert w["shown"] == (w["risk"] > w["operating_point"])
+    assert calm.warning["risk"] < low.warning["risk"] < again.warning["risk"]
+    assert again.warning["shown"] and not calm.warning["shown"]
+    assert any("at or below your usual low" in r for r in low.warning["reasons"])
+    early = coach_today(_low_stretch(200), today="2024-01-10")
+    assert early.warning["risk"] is None and "not enough answers" in early.warning["note"]
 
 
 def test_a_model_worse_than_the_last_answer_is_not_blended_in():

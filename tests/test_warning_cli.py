@@ -103,7 +103,8 @@ def test_evaluate_early_warning_on_a_cohort_folder_end_to_end(tmp_path):
     assert 0 < private["epsilon"] <= 4 and private["auroc"] is not None and len(private["auroc_ci"]) == 2
     assert res["events"]["injury or illness report"]["available"] is False
     assert res["planner"]["decision"] in ("prior only", "prior + one DP release")
-    assert res["coach_record"]["sentence"].startswith("in past data")
+    assert res["coach_record"]["device_with_public_prior"]["sentence"].startswith("in past data")
+    assert res["coach_record"]["planner_choice"]["row"] == res["planner"]["coach_row"]
     # a cohort folder is scored with the shipped warning prior and its operating point
     shipped = pr.load_prior(spec=wn.WARNING_PRIOR).target("readiness").extra["operating_point"]
     assert rows["warning model, public prior"]["operating_point"] == {"shipped": pytest.approx(shipped)}
@@ -130,12 +131,65 @@ def test_soccermon_reports_are_read_completely(shared_data):
     assert all(p.startswith(("TeamA-", "TeamB-")) for p in rep.days)
 
 
-@pytest.mark.realdata
-def test_shipped_results_agree_with_the_shipped_record():
+def test_shipped_record_is_the_shipped_evaluations():
+    """The coach's plain-words record is the one measured in docs/results, not invented."""
+    import hashlib
+
     path = REPO / "docs" / "results" / "early-warning" / "soccermon" / "results.json"
+    record = wn.load_record()
+    assert record.results_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     res = json.loads(path.read_text())
     rows = {m["name"]: m for m in res["methods"]}
-    record = res["coach_record"]
-    op = rows[record["row"]]["at_operating_point"]
-    assert (record["true_alarms"], record["alarms"]) == (op["true_alarms"], op["alarms"])
-    assert np.isfinite(rows[record["row"]]["auroc"])
+    op = rows[record.row]["at_operating_point"]
+    assert record.row == "warning model, public prior"  # what a device runs: the shipped prior
+    assert (record.true_alarms, record.alarms, record.detected, record.episodes) == (
+        op["true_alarms"], op["alarms"], op["detected"], op["episodes"])
+    assert res["coach_record"]["device_with_public_prior"]["true_alarms"] == record.true_alarms
+    assert record.rules["ACWR > 1.5"]["auroc"] == rows["ACWR > 1.5"]["auroc"]
+    assert f"{record.true_alarms} of {record.alarms} such warnings were followed by a low week" in record.sentence()
+
+
+def _store_with_lows(tmp_path, n: int = 150):
+    """A real encrypted store: readiness answers with a low stretch every three weeks."""
+    import datetime as dt
+
+    from restwise.client.keys import FileKeystore
+    from restwise.client.store import DeviceStore
+
+    rng = np.random.default_rng(11)
+    ready = np.clip(np.round(rng.normal(7, 0.5, n)), 1, 10)
+    for start in range(20, n, 21):
+        ready[start : start + 4] = 3
+    folder, keys = tmp_path / "store", tmp_path / "keys"
+    with DeviceStore.create(folder, keystore=FileKeystore(keys)) as s:
+        for i, r in enumerate(ready):
+            s.upsert_checkin((dt.date(2024, 1, 1) + dt.timedelta(days=i)).isoformat(), {"readiness": float(r)},
+                             source="test")
+    return folder, keys
+
+
+def test_device_today_shows_the_7_day_risk_and_trend_marks_past_warnings(tmp_path):
+    from restwise.client.dataset import daily_data
+    from restwise.client.keys import FileKeystore
+    from restwise.client.store import DeviceStore
+    from restwise.models.warning import past_warnings
+
+    folder, keys = _store_with_lows(tmp_path)
+    opts = ["--store", str(folder), "--keystore", str(keys)]
+    r = runner.invoke(app, ["device", "today", *opts, "--json"])
+    assert r.exit_code == 0, r.output
+    w = json.loads(r.stdout)["warning"]
+    assert 0 <= w["risk"] <= 1 and w["shown"] == (w["risk"] > w["operating_point"])
+    text = runner.invoke(app, ["device", "today", *opts]).output
+    assert ("Warning: risk of a low week" in text) == w["shown"] and "% (" in text
+    r = runner.invoke(app, ["device", "trend", *opts, "--weeks", "8", "--json"])
+    assert r.exit_code == 0, r.output
+    events = json.loads(r.stdout)["events"]
+    with DeviceStore.open(folder, keystore=FileKeystore(keys)) as s:
+        data = daily_data(s)
+    expected = past_warnings(data, data.days[-56], data.days[-1])
+    assert events and [e["day"] for e in events] == [d for d, _ in expected]
+    assert all(e["label"].startswith("warning ") for e in events)
+    # at most one warning a week (a standing warning is issued again after 7 days)
+    idx = [data.days.index(e["day"]) for e in events]
+    assert all(b - a >= 7 for a, b in zip(idx, idx[1:]))
