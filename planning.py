@@ -63,8 +63,8 @@ def warning_shape(prior_path: Path | str | None = None, target: str = "readiness
     from restwise.models import warning as wn
     from restwise.models.prior import load_prior
 
-    return statistics_shape(wn.ARCHITECTURE_NAME, wn.STATISTICS_LENGTH, wn.WARNING_ARCHITECTURE.sensitivity,
-                            wn.TARGET_BOUND, load_prior(prior_path, spec=wn.WARNING_PRIOR).target(target))
+    return statistics_shape(wn.ARCHITECTURE_NAME, wn.STATISTICS_LENGTH, wn.SENSITIVITY, wn.TARGET_BOUND,
+                            load_prior(prior_path, spec=wn.WARNING_PRIOR).target(target))
 
 
 def network_shape(*, rounds: int | None = None, clip_norm: float = 1.0, sampling_rate: float = 1.0) -> FedAvgShape:

@@ -147,11 +147,12 @@ def write_results(out_dir: Path | str, result, command: str | None, plot: Callab
     plot(result, out / "results.png")
 
 
-def privacy_statement(methods: Mapping, result, delta: float = 1e-5) -> dict:
-    """Every row's epsilon, and all rows' releases composed as if made from the same persons."""
+def privacy_statement(methods: Mapping, scored_rows, delta: float = 1e-5) -> dict:
+    """Every row's epsilon, and all rows' releases composed as if made from the same persons.
+    ``scored_rows``: the result's rows (each with ``name`` and ``epsilon``)."""
     from restwise.privacy.accountant import PrivacyAccountant
 
-    rows = {m.name: m.epsilon for m in result.methods if m.epsilon is not None}
+    rows = {m.name: m.epsilon for m in scored_rows if m.epsilon is not None}
     specs = [spec for method in methods.values() for spec in getattr(method, "privacy_releases", ())]
     composed = PrivacyAccountant().epsilon_value(specs, delta) if specs else 0.0
     private = {k: v for k, v in rows.items() if v > 0}
@@ -227,11 +228,53 @@ def run_evaluation(
             cohort, rows, config=config, dataset=kind if kind != "folder" else Path(data_path).name,
             on_method=lambda name: log(f"evaluating: {name}"),
         )
-        result.privacy = privacy_statement(rows, result)
+        result.privacy = privacy_statement(rows, result.methods)
         result.protocol["import_seconds"] = round(t_import, 2)
         result.protocol["evaluate_seconds"] = round(time.perf_counter() - t1, 2)
     if out_dir is not None:
         write_results(out_dir, result, command, plot_results)
+    return result
+
+
+def run_warning_evaluation(
+    kind: str, data_path: Path | str, out_dir: Path | str | None = None, *, workdir: Path | str | None = None,
+    persons: int | None = None, seed: int = 0, target: str | None = None, min_train: int = 28, min_test: int = 14,
+    bootstrap: int = 2000, prior_path: Path | str | None = None, public_data: Path | str | None = None,
+    epsilons=(1.0, 4.0, 8.0), command: str | None = None, log: Callable[[str], None] | None = None,
+):
+    """``--task early-warning``: import ``data_path`` one store per person, evaluate the 7-day
+    warning (:mod:`restwise.models.warning_evaluation`, rows from
+    :mod:`restwise.simulation.warning_evaluate`), write the files. Returns the WarningResult."""
+    from restwise.models.prior import PUBLIC_DATASETS
+    from restwise.models.warning_evaluation import WarningProtocol, evaluate_warning, plot_warning, split_cohort
+    from restwise.simulation.warning_evaluate import finish, read_soccermon_reports, warning_methods
+
+    log = log or (lambda _msg: None)
+    protocol = WarningProtocol(target=target or DEFAULT_TARGET[kind], seed=seed, min_train=min_train,
+                               min_test=min_test, bootstrap=bootstrap)
+    reports = read_soccermon_reports(data_path) if kind == "soccermon" else None
+    if kind == "soccermon" and reports is None:
+        log("this SoccerMon folder has no injury or illness files: the secondary event is not scored")
+    report_days = None if reports is None else reports.days
+    with tempfile.TemporaryDirectory(prefix="restwise-warning-") as tmp:
+        cohort, t_import = import_cohort_days(kind, data_path, Path(workdir) if workdir is not None else Path(tmp),
+                                              persons=persons, log=log)
+    t1 = time.perf_counter()
+    prepared = split_cohort(cohort, protocol, report_days)  # who can be evaluated, before any prior is fitted
+    extra = []
+    if kind in PUBLIC_DATASETS and public_data is not None:
+        extra = load_public_cohorts(public_data, [n for n in PUBLIC_DATASETS if n != kind], log)
+    rows = warning_methods(kind, cohort, protocol.target, prior_path=prior_path, extra=extra, epsilons=epsilons)
+    result = evaluate_warning(cohort, rows, protocol=protocol, reports=report_days, prepared=prepared,
+                              dataset=kind if kind != "folder" else Path(data_path).name,
+                              on_method=lambda name: log(f"evaluating: {name}"))
+    result.privacy = privacy_statement(rows, result.rows)
+    finish(result, protocol.target)
+    result.protocol.update({"import_seconds": round(t_import, 2),
+                            "evaluate_seconds": round(time.perf_counter() - t1, 2),
+                            "reports": None if reports is None else reports.to_dict()})
+    if out_dir is not None:
+        write_results(out_dir, result, command, plot_warning)
     return result
 
 
@@ -326,9 +369,6 @@ def evaluate(
 
     try:
         if task == "early-warning":
-            # Deferred like the other rows: the private rows load the release machinery.
-            from restwise.simulation.warning_evaluate import run_warning_evaluation
-
             result = run_warning_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
                                             target=target, min_train=min_train, min_test=min_test,
                                             prior_path=prior, public_data=public_data, command=command, log=log)

@@ -418,24 +418,6 @@ class WarningModel:
         return {name: float(inputs.x[row, j] * self.weights[j]) for j, name in enumerate(FEATURE_NAMES)}
 
 
-@dataclass(frozen=True)
-class WarningArchitecture:
-    """What a release workflow needs to know (as ``LinearHeadArchitecture``)."""
-
-    name: str = ARCHITECTURE_NAME
-    feature_spec_version: int = FEATURE_SPEC_VERSION
-    shared_length: int = N_FEATURES
-    statistics_length: int = STATISTICS_LENGTH
-    sensitivity: float = SENSITIVITY
-    target_bound: float = TARGET_BOUND
-    releases_per_run: int = 1
-    min_examples: int = MIN_EXAMPLES
-    personal_state: tuple[str, ...] = ("low_threshold", "scale", "base_rate")
-
-
-WARNING_ARCHITECTURE = WarningArchitecture()
-
-
 # ------------------------------------------------------------------------------ operating point
 @dataclass(frozen=True)
 class AlarmRecord:
@@ -662,7 +644,7 @@ __all__ = [
     "ACWR_CUT", "MONOTONY_CUT", "HRV_SWC_CUT", "WarningError", "feature_spec", "feature_spec_sha256",
     "label_defined", "low_week_labels", "low_week_episodes", "report_episodes", "report_labels",
     "WarningPersonal", "PersonDays", "WarningInputs", "warning_inputs", "warning_delta", "hrv_swc_units",
-    "device_statistics", "WarningModel", "WarningArchitecture", "WARNING_ARCHITECTURE", "AlarmRecord",
+    "device_statistics", "WarningModel", "AlarmRecord", "SENSITIVITY",
     "ScoredDays", "alarm_record", "issued_alarms", "choose_operating_point", "labelled_rows", "fit_person",
     "warning_person_moments", "split_rows", "scored_period", "public_operating_point", "WARNING_PRIOR",
     "operating_point_of", "window_slope", "trailing_windows", "LinearHeadError", "WarningRecord", "WarningAdvice",

@@ -474,6 +474,9 @@ class EventScore:
     at_operating_point: dict
     events: int  # positive labelled test days
     episodes: int
+    # Paired bootstrap over persons of the AUROC difference ({"mean", "ci", "resamples"}):
+    # against the best single rule, against "recent readiness level" (is the warning more than
+    # "you are already low"?), and the same on the days the person is not low today.
     paired_vs_best_rule: dict | None = None
     paired_vs_recent_level: dict | None = None
     paired_not_low_today_vs_recent_level: dict | None = None
@@ -481,10 +484,12 @@ class EventScore:
 
 @dataclass
 class WarningRowResult:
+    """One row of the early-warning table: its numbers for each event, or why it has none."""
+
     name: str
     description: str
-    epsilon: float | None
-    available: bool
+    epsilon: float | None  # a number for private rows (0: public data only), None otherwise
+    available: bool  # False: the cohort lacks the row's data (``reason`` says which)
     reason: str | None
     operating_point: object
     operating_point_source: str

@@ -140,9 +140,12 @@ def row_name(epsilon: float) -> str:
 
 
 @dataclass
-class FederatedStatisticsMethod:
-    """A row (Method protocol): one DP statistics release at ``target_epsilon``, the model
-    solved toward each person's (cross-fitted) prior."""
+class OneReleaseRow:
+    """What an evaluation row made of one DP statistics release holds (the linear head's rows
+    here, the early-warning model's in ``simulation.warning_statistics``): the prior each
+    person is scored with, the target epsilon, and afterwards the accounted epsilon and the
+    release's event. Subclasses name the model (``model_label``) and the noise stream
+    (``noise_salt``)."""
 
     assignment: PriorAssignment
     target_epsilon: float
@@ -151,14 +154,32 @@ class FederatedStatisticsMethod:
     description: str = ""
     epsilon: float | None = field(default=None, init=False)
     privacy_releases: list = field(default_factory=list, init=False)
+    model_label = "linear head"
+    noise_salt = 4099
 
     def __post_init__(self) -> None:
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
             raise EvaluationError("target_epsilon must be a positive finite number")
         if not self.description:
-            self.description = (f"linear head: one distributed-DP release of the devices' sufficient statistics "
-                                f"(target eps={self.target_epsilon:g}, delta={self.delta:g}), solved toward "
-                                "the public prior")
+            self.description = (f"{self.model_label}: one distributed-DP release of the devices' sufficient "
+                                f"statistics (target eps={self.target_epsilon:g}, delta={self.delta:g}), solved "
+                                "toward the public prior")
+
+    def release(self, vectors: Sequence[np.ndarray], skipped: int, seed: int, **kw) -> StatisticsRelease:
+        """The row's one release (seeded noise: a reproducible table); accounted on the row."""
+        rng = np.random.default_rng([int(seed), int(round(self.target_epsilon * 1000)), self.noise_salt])
+        release = release_statistics(vectors, target_epsilon=self.target_epsilon, delta=self.delta,
+                                     max_dropout_fraction=self.max_dropout_fraction, rng=rng,
+                                     not_taking_part=skipped, **kw)
+        self.epsilon = release.epsilon
+        self.privacy_releases = [release.event.spec()]
+        return release
+
+
+@dataclass
+class FederatedStatisticsMethod(OneReleaseRow):
+    """A row (Method protocol): one DP statistics release at ``target_epsilon``, the model
+    solved toward each person's (cross-fitted) prior."""
 
     def fit_predict(self, splits, seed):
         check_history(splits)
@@ -168,16 +189,11 @@ class FederatedStatisticsMethod:
                 vectors.append(device_statistics(s))
             except NotEnoughDataError:
                 skipped += 1  # sends nothing: not taking part
-        rng = np.random.default_rng([int(seed), int(round(self.target_epsilon * 1000)), 4099])
-        release = release_statistics(vectors, target_epsilon=self.target_epsilon, delta=self.delta,
-                                     max_dropout_fraction=self.max_dropout_fraction, rng=rng,
-                                     not_taking_part=skipped)
+        release = self.release(vectors, skipped, seed)
         A, b = unpack_statistics(release.noisy_sum)
         models = {group: LinearHead(solve_with_prior(A, b, prior, noise_std=release.actual_noise_std,
                                                      devices=release.devices))
                   for group, prior in self.assignment.groups.items()}
-        self.epsilon = release.epsilon
-        self.privacy_releases = [release.event.spec()]
         self.chosen = {"release": release.to_dict(), "prior": self.assignment.describe(),
                        "weights_distance_to_prior": {
                            g: float(np.linalg.norm(m.weights - self.assignment.groups[g].weights))
@@ -191,5 +207,5 @@ def statistics_methods(assignment: PriorAssignment, epsilons: Sequence[float] = 
     return {row_name(e): FederatedStatisticsMethod(assignment, float(e), delta) for e in epsilons}
 
 
-__all__ = ["FederatedStatisticsMethod", "StatisticsRelease", "release_statistics", "statistics_methods",
+__all__ = ["FederatedStatisticsMethod", "OneReleaseRow", "StatisticsRelease", "release_statistics", "statistics_methods",
            "device_statistics", "row_name", "DEFAULT_EPSILONS"]

@@ -1,10 +1,11 @@
-"""``restwise evaluate --task early-warning``: the early-warning evaluation end to end.
+"""The parts of ``restwise evaluate --task early-warning`` that run many devices in one
+process: the rows, the planner's decision, the coach's records, and SoccerMon's reports.
 
-Every person is imported into their own encrypted store and read back as the coach reads it
-(``client.evaluate_cli.import_cohort_days``, as the readiness evaluation); SoccerMon's injury
-and illness reports (not imported into the stores: they are evaluation outcomes, read here
-from the dataset's ``injury/injury.csv`` and ``illness/illness.csv``) give the secondary
-event. Rows (:mod:`restwise.models.warning_evaluation`): the literature's rules, the readiness
+``client.evaluate_cli.run_warning_evaluation`` imports every person into their own encrypted
+store and reads them back as the coach reads them (as the readiness evaluation), then uses
+these. SoccerMon's injury and illness reports (not imported into the stores: they are
+evaluation outcomes, read here from the dataset's ``injury/injury.csv`` and
+``illness/illness.csv``) give the secondary event. Rows (:mod:`restwise.models.warning_evaluation`): the literature's rules, the readiness
 trend, two sceptic's baselines, the warning model with its public prior (cross-fitted on a
 public dataset, the shipped warning prior on a cohort folder), non-private from exact
 statistics, and private from one DP release at each epsilon. The planner
@@ -21,33 +22,19 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
-import tempfile
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from restwise.client.evaluate_cli import (
-    DEFAULT_TARGET,
-    import_cohort_days,
-    load_public_cohorts,
-    privacy_statement,
-    write_results,
-)
 from restwise.models.prior import PUBLIC_DATASETS, PriorError, cross_fitted_priors, load_prior, shipped_assignment
 from restwise.models.warning import WARNING_PRIOR, WarningError
 from restwise.models.warning_evaluation import (
     ExactStatisticsRow,
     PriorRow,
-    WarningProtocol,
     WarningResult,
     baseline_rows,
     coach_record,
-    evaluate_warning,
-    plot_warning,
     rule_rows,
-    split_cohort,
 )
 from restwise.planning import WARNING_MODEL, plan_run
 from restwise.simulation.warning_statistics import DEFAULT_EPSILONS, row_name, warning_statistics_methods
@@ -99,14 +86,11 @@ def read_soccermon_reports(data_path: Path | str) -> Reports | None:
 
 
 def warning_methods(kind: str, cohort: Mapping, target: str, *, prior_path: Path | str | None = None,
-                    public_data: Path | str | None = None, epsilons: Sequence[float] = DEFAULT_EPSILONS,
-                    log: Callable[[str], None] | None = None) -> dict:
+                    extra: Sequence = (), epsilons: Sequence[float] = DEFAULT_EPSILONS) -> dict:
     """The rows. A public dataset is cross-fitted (each half scored by the warning prior and
-    operating point fitted on the other half, plus the other public datasets under
-    ``public_data`` with that target); a cohort folder by the shipped warning prior."""
+    operating point fitted on the other half, plus ``extra``: other public datasets'
+    ``PublicCohort`` with that target); a cohort folder by the shipped warning prior."""
     if kind in PUBLIC_DATASETS:
-        others = [n for n in PUBLIC_DATASETS if n != kind]
-        extra = load_public_cohorts(public_data, others, log) if public_data is not None else []
         try:
             assignment = cross_fitted_priors(kind, cohort, target, extra=extra, spec=WARNING_PRIOR)
         except (PriorError, WarningError) as exc:
@@ -130,70 +114,13 @@ def planner_decision(devices: int, target: str, epsilon: float = PLANNED_EPSILON
             "coach_row": row_name(epsilon) if verdict.expected_to_beat_prior else PRIOR_ROW}
 
 
-def run_warning_evaluation(
-    kind: str,
-    data_path: Path | str,
-    out_dir: Path | str | None = None,
-    *,
-    workdir: Path | str | None = None,
-    persons: int | None = None,
-    seed: int = 0,
-    target: str | None = None,
-    min_train: int = 28,
-    min_test: int = 14,
-    bootstrap: int = 2000,
-    prior_path: Path | str | None = None,
-    public_data: Path | str | None = None,
-    epsilons: Sequence[float] = DEFAULT_EPSILONS,
-    command: str | None = None,
-    log: Callable[[str], None] | None = None,
-) -> WarningResult:
-    """Import ``data_path`` one store per person, evaluate the early warning, write the files."""
-    log = log or (lambda _msg: None)
-    protocol = WarningProtocol(target=target or DEFAULT_TARGET[kind], seed=seed, min_train=min_train,
-                               min_test=min_test, bootstrap=bootstrap)
-    reports = read_soccermon_reports(data_path) if kind == "soccermon" else None
-    if kind == "soccermon" and reports is None:
-        log("this SoccerMon folder has no injury or illness files: the secondary event is not scored")
-    with tempfile.TemporaryDirectory(prefix="restwise-warning-") as tmp:
-        cohort, t_import = import_cohort_days(kind, data_path, Path(workdir) if workdir is not None else Path(tmp),
-                                              persons=persons, log=log)
-    t1 = time.perf_counter()
-    report_days = None if reports is None else reports.days
-    prepared = split_cohort(cohort, protocol, report_days)  # who can be evaluated, before any prior is fitted
-    rows = warning_methods(kind, cohort, protocol.target, prior_path=prior_path, public_data=public_data,
-                           epsilons=epsilons, log=log)
-    result = evaluate_warning(cohort, rows, protocol=protocol,
-                              dataset=kind if kind != "folder" else Path(data_path).name, reports=report_days,
-                              on_method=lambda name: log(f"evaluating: {name}"), prepared=prepared)
-    result.privacy = privacy_statement(rows, _RowsView(result))
-    result.planner = planner_decision(len(result.persons), protocol.target)
-    # what the coach states: with the shipped prior (a device without a deployment's release),
-    # and with the planner's choice at this cohort's size
+def finish(result: WarningResult, target: str) -> WarningResult:
+    """The planner's decision for the cohort's size, and the coach's records: with the shipped
+    prior (a device without a deployment's release) and with the planner's choice."""
+    result.planner = planner_decision(len(result.persons), target)
     result.coach_record = {"device_with_public_prior": coach_record(result, PRIOR_ROW),
                            "planner_choice": coach_record(result, result.planner["coach_row"])}
-    result.protocol.update({"import_seconds": round(t_import, 2),
-                            "evaluate_seconds": round(time.perf_counter() - t1, 2),
-                            "reports": None if reports is None else reports.to_dict()})
-    if out_dir is not None:
-        write_results(out_dir, result, command, plot_warning)
     return result
 
 
-class _RowsView:
-    """``privacy_statement`` reads ``result.methods`` (name, epsilon) of the readiness table."""
-
-    def __init__(self, result: WarningResult) -> None:
-        self.methods = result.rows
-
-
-def load_shipped_record(path: Path | str) -> dict:
-    """The coach's record from a results.json of this task (what ``models/priors`` ships)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if data.get("task") != "early-warning" or not data.get("coach_record"):
-        raise WarningError(f"{path} is not an early-warning results.json with a coach record")
-    return data["coach_record"]
-
-
-__all__ = ["run_warning_evaluation", "warning_methods", "read_soccermon_reports", "Reports", "planner_decision",
-           "PRIOR_ROW", "load_shipped_record"]
+__all__ = ["warning_methods", "read_soccermon_reports", "Reports", "planner_decision", "finish", "PRIOR_ROW"]

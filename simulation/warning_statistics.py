@@ -20,18 +20,16 @@ statistics, run in-process exactly as the linear head's rows
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from restwise.models.evaluation import EvaluationError
 from restwise.models.linear_head import unpack_statistics
 from restwise.models.prior import PriorAssignment
 from restwise.models.warning import ARCHITECTURE_NAME, N_FEATURES, TARGET_BOUND, feature_spec_sha256
 from restwise.models.warning_evaluation import model_scores, public_point, solve_groups, statistics_vectors
-from restwise.simulation.federated_statistics import DEFAULT_DELTA, release_statistics
+from restwise.simulation.federated_statistics import DEFAULT_DELTA, OneReleaseRow
 
 DEFAULT_EPSILONS = (1.0, 4.0, 8.0)
 # The released object is the sum of statistics; the event names it by the architecture and spec.
@@ -43,35 +41,20 @@ def row_name(epsilon: float) -> str:
 
 
 @dataclass
-class WarningStatisticsMethod:
-    """A row: one DP statistics release at ``target_epsilon``, solved toward the prior."""
+class WarningStatisticsMethod(OneReleaseRow):
+    """A row: one DP statistics release at ``target_epsilon``, solved toward the prior; the
+    operating point is the prior's (chosen on public data)."""
 
-    assignment: PriorAssignment
-    target_epsilon: float
-    delta: float = DEFAULT_DELTA
-    description: str = ""
-    epsilon: float | None = field(default=None, init=False)
-    privacy_releases: list = field(default_factory=list, init=False)
     operating_point: object = field(default=None, init=False)
     operating_point_source: str = field(default="", init=False)
-
-    def __post_init__(self) -> None:
-        if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
-            raise EvaluationError("target_epsilon must be a positive finite number")
-        if not self.description:
-            self.description = (f"warning model: one distributed-DP release of the devices' statistics "
-                                f"(target eps={self.target_epsilon:g}, delta={self.delta:g}), solved toward "
-                                "the public prior; operating point from public data")
+    model_label = "warning model"
+    noise_salt = 7207
 
     def fit_score(self, splits: Sequence, protocol, seed: int) -> dict:
         vectors, skipped = statistics_vectors(splits)
-        rng = np.random.default_rng([int(seed), int(round(self.target_epsilon * 1000)), 7207])
-        release = release_statistics(vectors, target_epsilon=self.target_epsilon, delta=self.delta, rng=rng,
-                                     not_taking_part=skipped, model_hash=RELEASE_NAME)
+        release = self.release(vectors, skipped, seed, model_hash=RELEASE_NAME)
         A, b = unpack_statistics(release.noisy_sum, N_FEATURES, TARGET_BOUND)
         models = solve_groups(A, b, self.assignment, noise_std=release.actual_noise_std, devices=release.devices)
-        self.epsilon = release.epsilon
-        self.privacy_releases = [release.event.spec()]
         self.operating_point, self.operating_point_source = public_point(self.assignment)
         self.chosen = {"release": release.to_dict(), "prior": self.assignment.describe(),
                        "weights_distance_to_prior": {
