@@ -37,6 +37,8 @@ from typing import Optional
 import numpy as np
 import typer
 
+from restwise.client.cli_support import KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, open_store
+from restwise.client.dataset import daily_data
 from restwise.models.features import DailyData, compute_raw_features
 
 DEFAULT_WEEKS = 8
@@ -211,10 +213,6 @@ def render_png(trend: Trend, path: Path | str) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `trend` to the device CLI."""
-    from restwise.client.cli import (  # late: client/cli.py imports this module at its end
-        KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, open_store,
-    )
-    from restwise.client.dataset import daily_data
 
     @app.command()
     def trend(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import restwise.models.training as training
-from restwise.client.evaluate_federated import (
+from restwise.simulation.evaluate_federated import (
     FederatedMethod,
     federated_methods,
     federated_train,

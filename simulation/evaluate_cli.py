@@ -20,7 +20,7 @@ that target; a cohort folder is scored with the shipped prior or ``--prior FILE`
 each, :mod:`restwise.simulation.federated_statistics`). ``results.md`` states the total epsilon.
 
 ``--federated`` appends the federated rows (FedAvg with and without distributed DP, each
-personalised on the device; see :mod:`restwise.client.evaluate_federated`). More rows plug in
+personalised on the device; see :mod:`restwise.simulation.evaluate_federated`). More rows plug in
 with ``--methods module:function``: ``function(protocol_config) -> {row name: Method}`` (see
 ``models.evaluation.Method``); their rows are appended after the built-in ones.
 """
@@ -38,13 +38,36 @@ from typing import Optional
 
 import typer
 
+from restwise.client.cohort import import_cohort
+from restwise.client.dataset import NoDataError, daily_data
+from restwise.client.keys import FileKeystore
+from restwise.common.cli_errors import cli_errors
+from restwise.models.evaluation import (
+    EvaluationError,
+    NeuralConfig,
+    ProtocolConfig,
+    default_methods,
+    evaluate as evaluate_cohort,
+    plot_results,
+)
+from restwise.models.features import FeatureError
+from restwise.models.linear_head import LinearHeadError
+from restwise.models.prior import (
+    PUBLIC_DATASETS,
+    PriorError,
+    PublicCohort,
+    PublicPriorMethod,
+    cross_fitted_priors,
+    load_prior,
+    shipped_assignment,
+)
+from restwise.privacy.accountant import PrivacyAccountant
+
 DEFAULT_TARGET = {"soccermon": "readiness", "lifesnaps": "fatigue", "folder": "readiness"}
 
 
 def load_cohort_days(people, keystore) -> dict:
     """person -> DailyData, read from each person's encrypted store."""
-    from restwise.client.dataset import NoDataError, daily_data
-
     cohort = {}
     for p in people:
         with p.open(keystore) as store:
@@ -58,10 +81,6 @@ def load_cohort_days(people, keystore) -> dict:
 def load_public_cohorts(data: Path | str, names, log: Callable[[str], None] | None = None) -> list:
     """``PublicCohort`` of each dataset in ``names`` found under ``data`` (``data/<name>/``),
     every person through their own encrypted store as in the evaluation."""
-    from restwise.client.cohort import import_cohort
-    from restwise.client.keys import FileKeystore
-    from restwise.models.prior import PublicCohort
-
     out = []
     for name in names:
         folder = Path(data) / name
@@ -82,14 +101,8 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
     """The linear head's rows: ``public prior`` and one ``federated statistics + DP`` row per
     epsilon. Public datasets are cross-fitted (no person in the prior that scores them); any
     other cohort is scored with the shipped prior (or ``prior_path``)."""
-    from restwise.models.prior import (
-        PUBLIC_DATASETS,
-        PriorError,
-        PublicPriorMethod,
-        cross_fitted_priors,
-        load_prior,
-        shipped_assignment,
-    )
+    # Deferred: the statistics rows load Flower (through the device's DP step), which
+    # `restwise --help` and the other commands must not pay for.
     from restwise.simulation.federated_statistics import statistics_methods
 
     if kind in PUBLIC_DATASETS:
@@ -110,8 +123,6 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
 
 def privacy_statement(methods: Mapping, result, delta: float = 1e-5) -> dict:
     """Every row's epsilon, and all rows' releases composed as if made from the same persons."""
-    from restwise.privacy.accountant import PrivacyAccountant
-
     rows = {m.name: m.epsilon for m in result.methods if m.epsilon is not None}
     specs = [spec for method in methods.values() for spec in getattr(method, "privacy_releases", ())]
     composed = PrivacyAccountant().epsilon_value(specs, delta) if specs else 0.0
@@ -164,16 +175,6 @@ def run_evaluation(
 
     ``methods`` replaces the default rows; ``extra_methods`` are appended after them. With
     ``linear`` the linear head's rows (:func:`linear_head_methods`) follow the default rows."""
-    from restwise.client.cohort import import_cohort
-    from restwise.client.keys import FileKeystore
-    from restwise.models.evaluation import (
-        NeuralConfig,
-        ProtocolConfig,
-        default_methods,
-        evaluate,
-        plot_results,
-    )
-
     log = log or (lambda _msg: None)
     config = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed,
                             min_train=min_train, min_test=min_test)
@@ -197,7 +198,7 @@ def run_evaluation(
                                             public_data=public_data, log=log))
         rows.update(extra_methods or {})
         t1 = time.perf_counter()
-        result = evaluate(
+        result = evaluate_cohort(
             cohort, rows, config=config, dataset=kind if kind != "folder" else Path(data_path).name,
             on_method=lambda name: log(f"evaluating: {name}"),
         )
@@ -260,12 +261,6 @@ def evaluate(
     """Honest evaluation of next-day readiness models on real data: every person imported into
     their own encrypted store, chronological 75/25 split with a 7-day gap, baselines and our
     models in one table (MAE with bootstrap interval over persons, AUROC of the low flag)."""
-    from restwise.client.errors import RestwiseDeviceError
-    from restwise.models.evaluation import EvaluationError, ProtocolConfig
-    from restwise.models.features import FeatureError
-    from restwise.models.linear_head import LinearHeadError
-    from restwise.models.prior import PriorError
-
     if (dataset is None) == (cohort is None):
         raise typer.BadParameter("give either --dataset NAME --data PATH or --cohort FOLDER")
     if dataset is not None:
@@ -280,8 +275,8 @@ def evaluate(
                               min_train=min_train, min_test=min_test)
     extra: dict | None = None
     if federated:
-        from restwise.client.evaluate_federated import federated_methods
-        from restwise.models.evaluation import NeuralConfig
+        # Deferred: the federated rows load torch and Flower, which `restwise --help` must not.
+        from restwise.simulation.evaluate_federated import federated_methods
 
         extra = federated_methods(protocol, NeuralConfig(threads=threads))
     if methods:
@@ -292,16 +287,10 @@ def evaluate(
     def log(msg: str) -> None:
         typer.echo(msg, err=True)
 
-    try:
+    with cli_errors(also=(EvaluationError, FeatureError, PriorError, LinearHeadError)):
         result = run_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
                                 target=target, min_train=min_train, min_test=min_test, threads=threads,
                                 extra_methods=extra, command=command, log=log, linear=linear,
                                 prior_path=prior, public_data=public_data)
-    except RestwiseDeviceError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=exc.exit_code) from None
-    except (EvaluationError, FeatureError, PriorError, LinearHeadError) as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(result.to_markdown())
     typer.echo(f"Results written to {out}/results.json, results.md, results.png")

@@ -13,18 +13,17 @@ feature-spec version does not match is refused (exit 1).
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from restwise.client.errors import RestwiseDeviceError
-from restwise.client.evaluate_cli import load_public_cohorts
+from restwise.common.cli_errors import cli_errors
+from restwise.common.fsutil import atomic_write_bytes
 from restwise.models.prior import PUBLIC_DATASETS, PriorError, fit_prior, load_prior
+from restwise.simulation.evaluate_cli import load_public_cohorts
 
 model_app = typer.Typer(help="Researchers/operators: the linear head's public prior.", no_args_is_help=True)
 
@@ -35,21 +34,6 @@ def public_cohorts(data: Path, log=None) -> list:
     if not cohorts:
         raise PriorError(f"no public dataset under {data} (expected sub-folders: {', '.join(PUBLIC_DATASETS)})")
     return cohorts
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # public data: a file to ship and read, not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _describe(prior) -> str:
@@ -73,15 +57,12 @@ def prior_command(
     """Fit the linear head's public prior on public data only and write it with provenance."""
     command = "restwise model prior " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
         if sys.argv[1:3] == ["model", "prior"] else f"restwise model prior --data {data} --out {out}"
-    try:
+    with cli_errors(also=(PriorError,)):
         cohorts = public_cohorts(data, log=lambda m: typer.echo(m, err=True))
         prior = fit_prior(cohorts, tuple(target or ("readiness", "fatigue")), command=command, seed=seed)
-        text = prior.to_json()
-        _write_atomic(out, text)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, prior.to_json().encode("utf-8"), mode=0o644)  # public data, to ship and read
         written = load_prior(out)
-    except (PriorError, RestwiseDeviceError) as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"Prior written to {out}\n{_describe(written)}")
 
 
@@ -90,9 +71,6 @@ def show_command(
     prior: Optional[Path] = typer.Option(None, "--prior", help="Prior file (default: the shipped one)."),
 ) -> None:
     """Verify a prior (hash, feature-spec version) and print its provenance."""
-    try:
+    with cli_errors(also=(PriorError,)):
         loaded = load_prior(prior)
-    except PriorError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"{prior or 'shipped prior'}: verified\n{_describe(loaded)}")
