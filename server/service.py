@@ -40,6 +40,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from restwise.models.registry import DEFAULT_MODEL, known_models
 from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
+from restwise.privacy.release import NOISE_PLACEMENTS, SAMPLING_METHODS
 from restwise.server import auth as authm
 from restwise.server import dashboard
 from restwise.server import db as dbm
@@ -55,6 +56,7 @@ from restwise.server.errors import (
     RunStateError,
 )
 from restwise.server.runconfig import KNOWN_DATASETS, RunConfig
+from restwise.server.runstatus import STATUSES
 
 API = "/api/v1"
 RUN_ID_PATTERN = runsm.RUN_ID_RE.pattern
@@ -129,7 +131,7 @@ class RunConfigIn(BaseModel):
     model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=60)
     rounds: int = Field(ge=1, le=10_000)
     population: int = Field(ge=1, le=1_000_000, description="Number of persons who may be sampled.")
-    sampling: Literal["poisson", "fixed"] = "poisson"
+    sampling: Literal[SAMPLING_METHODS] = "poisson"
     sampling_rate: Optional[float] = Field(default=None, gt=0, le=1)
     cohort_size: Optional[int] = Field(default=None, ge=1, le=1_000_000)
     target_epsilon: Optional[float] = Field(default=None, gt=0, le=1000, allow_inf_nan=False)
@@ -149,7 +151,7 @@ class RunConfigIn(BaseModel):
     dataset: str = Field(default="demo", min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     persons: Optional[int] = Field(default=None, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    noise: Literal["distributed", "central"] = "distributed"
+    noise: Literal[NOISE_PLACEMENTS] = "distributed"
     secure_aggregation: bool = True
 
 
@@ -582,7 +584,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         who: authm.Principal = Depends(principal),
         limit: int = Query(100, ge=1, le=500),
         offset: int = Query(0, ge=0, le=1_000_000),
-        status: Optional[Literal["created", "pending", "running", "completed", "failed", "stopped", "refused"]] = None,
+        status: Optional[Literal[("created", *STATUSES)]] = None,
     ) -> list[dict]:
         """Runs, newest first."""
         return ctx.runs.list(limit=limit, offset=offset, status=status)

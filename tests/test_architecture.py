@@ -9,8 +9,10 @@ The graph covers every import statement anywhere in a module (inside functions a
 from __future__ import annotations
 
 import ast
+import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -46,14 +48,26 @@ def module_name(path: Path) -> str:
     return name[: -len(".__init__")] if name.endswith(".__init__") else name
 
 
-def source_files(*, benchmarks: bool = False) -> list[Path]:
+@lru_cache(maxsize=None)
+def source_files(*, benchmarks: bool = False) -> tuple[Path, ...]:
     skip = SKIP - ({"benchmarks"} if benchmarks else set())
-    return sorted(p for p in REPO.rglob("*.py") if not (set(p.relative_to(REPO).parts) & skip)
-                  and not any(part.startswith(".") for part in p.relative_to(REPO).parts))
+    out = []
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith((".", "__"))]
+        out += [Path(folder) / f for f in files if f.endswith(".py")]
+    return tuple(sorted(out))
 
 
-def imports_of(path: Path) -> list[Import]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+@lru_cache(maxsize=None)
+def parsed(path: Path) -> tuple[str, ast.Module]:
+    """Each file read and parsed once for all the tests of this module."""
+    text = path.read_text(encoding="utf-8")
+    return text, ast.parse(text)
+
+
+@lru_cache(maxsize=None)
+def imports_of(path: Path) -> tuple[Import, ...]:
+    tree = parsed(path)[1]
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     in_function: set[int] = set()
@@ -72,7 +86,7 @@ def imports_of(path: Path) -> list[Import]:
             else:
                 target = node.module or ""
             out.append(Import(me, target, tuple(a.name for a in node.names), node.lineno, id(node) in in_function))
-    return out
+    return tuple(out)
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +174,7 @@ def test_no_import_error_fallback_for_our_own_modules():
     """A missing Restwise component is a crash at import, never a quieter path."""
     found = []
     for path in source_files(benchmarks=True):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
+        for node in ast.walk(parsed(path)[1]):
             if not isinstance(node, ast.Try):
                 continue
             caught = set()
@@ -200,7 +213,7 @@ def test_every_deferred_import_says_why():
         rel = path.relative_to(REPO).as_posix()
         if rel.startswith(DEFERRED_SWEEP):
             continue
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = parsed(path)[0].split("\n")
         unexplained += [f"{rel}:{imp.line}" for imp in imports_of(path)
                         if imp.in_function and not _says_why(lines, imp.line)]
     assert unexplained == []
@@ -215,8 +228,7 @@ def test_every_package_is_installed_and_the_flower_components_load():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
     setuptools = project["tool"]["setuptools"]
-    folders = {module_name(p.parent if p.parent != REPO else p) for p in REPO.rglob("__init__.py")
-               if not (set(p.relative_to(REPO).parts) & SKIP)}
+    folders = {module_name(p.parent if p.parent != REPO else p) for p in source_files() if p.name == "__init__.py"}
     folders = {f[: -len(".__init__")] if f.endswith(".__init__") else f for f in folders}
     assert folders == set(setuptools["packages"])
     assert set(setuptools["package-dir"]) == folders

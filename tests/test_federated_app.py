@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -96,8 +97,11 @@ def test_every_wire_name_is_defined_once_in_the_package():
     from restwise.privacy import wire
 
     root = Path(wire.__file__).resolve().parents[1]
-    sources = [p for p in root.rglob("*.py") if ".venv" not in p.parts and "tests" not in p.parts
-               and p.resolve() != Path(wire.__file__).resolve()]
+    sources = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("tests", "build", "docs") and not d.startswith((".", "__"))]
+        sources += [Path(folder) / f for f in files if f.endswith(".py")]
+    sources = [p for p in sources if p.resolve() != Path(wire.__file__).resolve()]
     literals = [v for k, v in vars(wire).items() if k.isupper() and isinstance(v, str) and v.startswith("restwise.")]
     literals += [v for k, v in vars(wire).items() if k.startswith("ERROR_CODE_")]
     assert len(literals) >= 15
