@@ -186,7 +186,7 @@ def render_png(trend: Trend, path: Path | str) -> None:
     import matplotlib  # late: matplotlib costs ~0.3 s to import, only --png needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late, as matplotlib above (after choosing the Agg backend)
 
     n = max(1, len(trend.panels))
     x = np.array([dt.date.fromisoformat(d) for d in trend.days])

@@ -130,7 +130,7 @@ def make_device(folder: Path, keystore_dir: Path, seed: int) -> Path:
 def make_device_with_the_cli(folder: Path, passfile: Path, seed: int, *, keystore: Path | None) -> Path:
     """A person's own device, set up with the commands only: `device init` (passphrase store),
     `device import` of their export, and (``keystore``) `device keystore add --backend file`."""
-    from restwise.demo import write_demo_export
+    from restwise.simulation.fleet import write_demo_export
 
     export = write_demo_export(seed, folder.parent / f"export-{seed}.jsonl", days=60)
     auth = ["--store", str(folder), "--passphrase-file", str(passfile)]
