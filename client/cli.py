@@ -33,7 +33,6 @@ from restwise.client.errors import KeystoreNotFoundError, NothingImportedError, 
 from restwise.client.importers import ImportOptions, get_importer, run_import
 from restwise.client.importers.checkin_csv import load_column_map
 from restwise.client.keys import FileKeystore, read_keyslots
-from restwise.client.os_keyring import keyring_problem
 from restwise.client.store import DeviceStore, erase_store
 from restwise.common.exit_codes import ExitCode
 from restwise.common.fsutil import atomic_write_bytes
@@ -392,6 +391,9 @@ def keystore_add(
     with device_errors():
         chosen = backend
         if backend in ("auto", "keyring"):
+            # Deferred: `keyring` costs ~0.1 s to import; only this command needs it.
+            from restwise.client.os_keyring import keyring_problem
+
             problem = keyring_problem()
             if problem is not None:
                 if backend == "keyring":

@@ -1,7 +1,7 @@
 """Honest evaluation of next-day readiness models: protocol, baselines, metrics, reports.
 
 Pure: persons' :class:`~restwise.models.features.DailyData` in, numbers out. Nothing here
-reads a store (``restwise.client.evaluate_cli`` imports each person into their own encrypted
+reads a store (``restwise.simulation.evaluate_cli`` imports each person into their own encrypted
 store first and hands the decoded days in).
 
 Protocol (issue 4), per person:
