@@ -1,7 +1,8 @@
 """Restwise: privacy-first federated learning of personal recovery and overtraining models.
 
 This file is the root of the import package ``restwise``; its subpackages are the top-level
-folders ``client/``, ``server/``, ``models/`` and ``privacy/`` (see ``pyproject.toml``).
+folders ``common/``, ``models/``, ``privacy/``, ``client/``, ``server/`` and ``simulation/``
+(see ``pyproject.toml`` and docs/architecture.md).
 """
 
 __version__ = "0.1.0"

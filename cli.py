@@ -8,20 +8,24 @@
     restwise evaluate    researchers: honest evaluation on real data
     restwise model ...   researchers: the linear head's public prior
 
-Exit codes: 0 success; 1 failure; 2 bad command-line usage; 3 wrong passphrase or key;
-4 store missing/in use/already exists; 5 store damaged or tampered; 6 import refused (store
-unchanged); 7 privacy budget would be exceeded; 8 verification failed (report or ledger
-mismatch); 9 an import stored nothing (reasons listed, store unchanged); 130 interrupted.
+Exit codes: restwise.common.exit_codes (the README's table is generated from it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
+from rich.console import Console
 
 from restwise.client.cli import app as device_app
+from restwise.client.coach_cli import print_advice
+from restwise.common.exit_codes import ExitCode
+from restwise.planning import plan_command
+from restwise.privacy.cli import audit_app, privacy_app
+from restwise.server.cli import app as server_app
+from restwise.simulation.evaluate_cli import evaluate
+from restwise.simulation.model_cli import model_app
 
 app = typer.Typer(
     help="Restwise: learn recovery models across many people without collecting their data.",
@@ -31,33 +35,12 @@ app = typer.Typer(
 )
 app.add_typer(device_app, name="device")
 
-# Groups owned by other packages register here. Each module keeps heavy imports inside its
-# commands so `restwise --help` stays fast.
-for _module, _attr, _name in (
-    ("restwise.privacy.cli", "privacy_app", "privacy"),
-    ("restwise.privacy.cli", "audit_app", "audit"),
-    ("restwise.server.cli", "app", "server"),
-    ("restwise.client.model_cli", "model_app", "model"),
-):
-    try:
-        _mod = __import__(_module, fromlist=[_attr])
-        app.add_typer(getattr(_mod, _attr), name=_name)
-    except ImportError as _exc:  # group not built yet in this checkout
-        if getattr(_exc, "name", None) != _module:
-            raise
-
-from restwise.planning import plan_command  # noqa: E402  `restwise privacy plan` (issue 12)
-from restwise.privacy.cli import privacy_app  # noqa: E402
-
-privacy_app.command("plan")(plan_command)
-
-try:  # `restwise evaluate` (models issue)
-    from restwise.client.evaluate_cli import evaluate as _evaluate
-
-    app.command("evaluate")(_evaluate)
-except ImportError as _exc:
-    if getattr(_exc, "name", None) != "restwise.client.evaluate_cli":
-        raise
+privacy_app.command("plan")(plan_command)  # `restwise privacy plan` needs models and privacy: planning.py
+app.add_typer(privacy_app, name="privacy")
+app.add_typer(audit_app, name="audit")
+app.add_typer(server_app, name="server")
+app.add_typer(model_app, name="model")
+app.command("evaluate")(evaluate)
 
 
 @app.command()
@@ -73,10 +56,9 @@ def demo(
     """The built-in demo: generated persons, each with their own encrypted store, train the
     recovery model together with secure aggregation and distributed differential privacy.
     Prints the privacy spent and one person's coach output."""
-    from rich.console import Console
-
-    from restwise.client.coach_cli import print_advice
-    from restwise.server.runner import demo_outcome, run_demo_federation
+    # Deferred: the demo loads Flower's simulation engine and torch, which `restwise --help`
+    # and every other command must not pay for.
+    from restwise.simulation.demo import demo_outcome, run_demo_federation
 
     console = Console()
     summary = run_demo_federation(workdir, persons=persons, rounds=rounds)
@@ -96,7 +78,7 @@ def demo(
     )
     print_advice(console, shown["advice"], shown["note"], shown["model_status"])
     if shown["status"] != "completed":
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=ExitCode.FAILURE)
 
 
 def main() -> None:

@@ -23,6 +23,15 @@ from typing import Optional
 
 import typer
 
+from restwise.common.cli_errors import exit_with
+from restwise.common.exit_codes import ExitCode
+from restwise.models import linear_head as lh
+from restwise.models.linear_head import LinearHeadError
+from restwise.models.prior import PriorError, load_prior
+from restwise.models.recovery_mlp import NAME as RECOVERY_MLP
+from restwise.models import warning as wn
+from restwise.models.registry import get_architecture
+from restwise.privacy.errors import PrivacyError
 from restwise.privacy.utility import (
     FedAvgShape,
     StatisticsReleaseShape,
@@ -31,9 +40,9 @@ from restwise.privacy.utility import (
     assess_statistics_release,
 )
 
-LINEAR_HEAD_MODEL = "linear-head"
-NETWORK_MODEL = "recovery-mlp"
-WARNING_MODEL = "early-warning"
+LINEAR_HEAD_MODEL = lh.ARCHITECTURE_NAME
+NETWORK_MODEL = RECOVERY_MLP
+WARNING_MODEL = wn.ARCHITECTURE_NAME
 MODELS = (LINEAR_HEAD_MODEL, NETWORK_MODEL, WARNING_MODEL)
 
 
@@ -50,9 +59,6 @@ def statistics_shape(name: str, statistics_length: int, sensitivity: float, targ
 
 def linear_head_shape(prior_path: Path | str | None = None, target: str = "readiness") -> StatisticsReleaseShape:
     """The linear head's release, its signal and prior taken from the (shipped) prior."""
-    from restwise.models import linear_head as lh
-    from restwise.models.prior import load_prior
-
     return statistics_shape(lh.ARCHITECTURE_NAME, lh.STATISTICS_LENGTH, lh.SENSITIVITY, lh.TARGET_BOUND,
                             load_prior(prior_path).target(target))
 
@@ -60,22 +66,17 @@ def linear_head_shape(prior_path: Path | str | None = None, target: str = "readi
 def warning_shape(prior_path: Path | str | None = None, target: str = "readiness") -> StatisticsReleaseShape:
     """The early-warning model's release (350 numbers, sensitivity sqrt 2, bound 1), its signal
     and prior taken from the (shipped) warning prior."""
-    from restwise.models import warning as wn
-    from restwise.models.prior import load_prior
-
     return statistics_shape(wn.ARCHITECTURE_NAME, wn.STATISTICS_LENGTH, wn.SENSITIVITY, wn.TARGET_BOUND,
                             load_prior(prior_path, spec=wn.WARNING_PRIOR).target(target))
 
 
 def network_shape(*, rounds: int | None = None, clip_norm: float = 1.0, sampling_rate: float = 1.0) -> FedAvgShape:
     """The recovery network under DP-FedAvg: its shared size, the evaluation's round plan."""
-    # Deferred: torch is heavy and only this model needs it.
-    from restwise.models.features import model_feature_names
-    from restwise.models.network import ModelConfig, build_model, shared_arrays
+    # Deferred: the network's training recipe lives with torch, which only this model needs.
     from restwise.models.training import FEDERATED_ROUNDS
 
-    model = build_model(ModelConfig(n_features=len(model_feature_names()), window=7))
-    d = int(sum(a.size for a in shared_arrays(model)))
+    network = get_architecture(NETWORK_MODEL)
+    d = network.contribution_size(network.initial_shared(network.model_config(seed=0)))
     return FedAvgShape(NETWORK_MODEL, d, clip_norm, int(rounds or FEDERATED_ROUNDS), sampling_rate)
 
 
@@ -108,20 +109,13 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", help="One JSON line on stdout."),
 ) -> None:
     """Expected noise-to-signal of a DP run and whether it is expected to beat the public prior."""
-    from restwise.models.linear_head import LinearHeadError
-    from restwise.models.prior import PriorError
-    from restwise.privacy.errors import PrivacyError
-
     if model not in MODELS:
         raise typer.BadParameter(f"--model must be one of {', '.join(MODELS)}")
     try:
         verdict = plan_run(model, cohort, epsilon, delta, rounds=rounds, sampling_rate=rate, clip_norm=clip,
                            prior_path=prior, force=force)
     except (ValueError, PriorError, LinearHeadError, PrivacyError) as exc:
-        if as_json:
-            typer.echo(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        raise exit_with(exc, code=ExitCode.FAILURE, as_json=as_json) from None
     if as_json:
         typer.echo(json.dumps({"ok": verdict.allowed, **verdict.to_dict()}, sort_keys=True, default=float))
     else:
@@ -129,7 +123,7 @@ def plan_command(
         typer.echo(f"expected to beat the prior: {'yes' if verdict.expected_to_beat_prior else 'no'}; "
                    f"run creation: {'allowed' if not verdict.refused else ('forced' if verdict.forced else 'refused')}")
     if not verdict.allowed:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=ExitCode.FAILURE)
 
 
 __all__ = ["plan_run", "plan_command", "linear_head_shape", "warning_shape", "statistics_shape", "network_shape",

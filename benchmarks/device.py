@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -85,8 +86,6 @@ def main() -> int:
     args = ap.parse_args()
     repeats = 1 if args.quick else args.repeats
     env_threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    import os
-
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(repeats)], capture_output=True, text=True,
         env={**os.environ, **env_threads}, check=False,

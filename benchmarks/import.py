@@ -31,6 +31,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,7 +185,9 @@ def _peak_rss_mb() -> float:
 
 
 def child(mode: str, path: str, store_dir: str, profile: bool) -> None:
-    """Runs in a fresh process so its peak RSS is the import's own."""
+    """Runs in a fresh process so its peak RSS is the import's own: it loads what the import
+    needs here, not at the top of the parent script."""
+    # the child's own imports (see above)
     from restwise.client.importers import ImportOptions, InputSource, run_import
     from restwise.client.importers.apple_health import AppleHealthImporter
 
@@ -200,6 +203,7 @@ def child(mode: str, path: str, store_dir: str, profile: bool) -> None:
         result["records"] = n
         source.close()
     else:
+        # the child's own imports (see above)
         from restwise.client.keys import FAST_INSECURE_ARGON2
         from restwise.client.store import DeviceStore
 
@@ -207,6 +211,7 @@ def child(mode: str, path: str, store_dir: str, profile: bool) -> None:
         store = DeviceStore.create(store_dir, "benchmark", argon2=FAST_INSECURE_ARGON2)
         t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         if profile:
+            # only with --profile
             import cProfile
             import pstats
 
@@ -236,8 +241,6 @@ def child(mode: str, path: str, store_dir: str, profile: bool) -> None:
 def _median_run(runs: list[dict]) -> dict:
     """The run with the median wall-clock time, every other key from that same run, except
     the CPU figures and peak RSS, which are medians / the maximum over all runs."""
-    import statistics
-
     chosen = dict(sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2])
     for key in ("cpu_seconds", "main_thread_cpu_seconds"):
         if key in chosen:

@@ -23,14 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+from restwise.client.cohort import import_cohort
+from restwise.client.keys import FileKeystore
 from restwise.models import linear_head as lh
 from restwise.models.evaluation import windowed_examples
 from restwise.models.features import DailyData, compute_features
 from restwise.models.synthetic import synthetic_person
+from restwise.simulation.evaluate_cli import load_cohort_days
 
 TARGET_SECONDS_PER_PERSON_YEAR = 0.1
 
@@ -85,13 +90,6 @@ def main() -> None:
         "met": full <= TARGET_SECONDS_PER_PERSON_YEAR,
     }
     if args.soccermon:
-        import tempfile
-        from pathlib import Path
-
-        from restwise.client.cohort import import_cohort
-        from restwise.client.evaluate_cli import load_cohort_days
-        from restwise.client.keys import FileKeystore
-
         with tempfile.TemporaryDirectory() as tmp:
             ks = FileKeystore(Path(tmp) / "keys")
             cohort = load_cohort_days(import_cohort("soccermon", args.soccermon, Path(tmp) / "s", keystore=ks), ks)

@@ -32,9 +32,10 @@ from flwr.app import Context, RecordDict
 
 from restwise.client.app import DeviceLocator, make_client_app
 from restwise.privacy.secagg.harness import InProcessGrid
-from restwise.server.app import FederatedServer, open_ledger
+from restwise.server.app import FederatedServer
+from restwise.server.rundir import open_ledger
 from restwise.server.runconfig import RunConfig
-from restwise.server.runner import prepare_fleet
+from restwise.simulation.fleet import prepare_fleet
 
 
 def config_for(n: int, rounds: int) -> RunConfig:

@@ -3,7 +3,10 @@
 All three run under Flower's simulation runtime (`run_simulation`, Ray backend, 2 actors
 with 1 CPU each), same model size (``--params`` float32 parameters), same local
 "training" (a cheap NumPy step, so the protocols' cost is what differs), one warm-up
-round (Ray start-up) then ``--rounds`` timed rounds. Each variant runs in its own process.
+round (Ray start-up) then ``--rounds`` timed rounds. Each variant runs in its own process, and
+each variant's function imports Flower's simulation engine (Ray) and its own protocol itself:
+a worker process loads only what it measures, and the parent (which only spawns workers and
+prints the table) loads none of it.
 
     plain     Message-API ``flwr.serverapp.strategy.FedAvg`` (``strategy.start``)
     flower    legacy ``LegacyContext`` + ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow)``
@@ -18,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from restwise.privacy.secagg.config import SecAggConfig
 
 WORKER_CAP_S = {20: 600, 100: 900, 1000: 2400}
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
@@ -42,6 +48,7 @@ def wait_for_nodes(grid, n: int) -> list[int]:
 
 
 def run_plain(n: int, d: int, rounds: int) -> list[float]:
+    # this worker's own imports (see the module docstring)
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
@@ -75,6 +82,7 @@ def run_plain(n: int, d: int, rounds: int) -> list[float]:
 
 
 def run_flower_secagg(n: int, d: int, rounds: int, k: int, t: int) -> list[float]:
+    # this worker's own imports (see the module docstring)
     from flwr.app import Context
     from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod
@@ -122,13 +130,12 @@ def run_flower_secagg(n: int, d: int, rounds: int, k: int, t: int) -> list[float
 
 
 def run_restwise(n: int, d: int, rounds: int) -> tuple[list[float], dict]:
+    # this worker's own imports (see the module docstring)
     from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
     from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
-
     from restwise.privacy.secagg import records as R
-    from restwise.privacy.secagg.config import SecAggConfig
     from restwise.privacy.secagg.mod import secagg_mod
     from restwise.privacy.secagg.workflow import secure_sum
 
@@ -146,7 +153,7 @@ def run_restwise(n: int, d: int, rounds: int) -> tuple[list[float], dict]:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        from flwr.app import ConfigRecord
+        from flwr.app import ConfigRecord  # this worker's own imports (see the module docstring)
 
         nodes = wait_for_nodes(grid, n)
         config = SecAggConfig(max_cohort=max(n, 3), timeout_s=600.0)
@@ -167,15 +174,11 @@ def run_restwise(n: int, d: int, rounds: int) -> tuple[list[float], dict]:
 
 
 def worker(variant: str, n: int, d: int, rounds: int) -> None:
-    import logging
-
     logging.disable(logging.WARNING)
     info: dict = {}
     if variant == "plain":
         times = run_plain(n, d, rounds)
     elif variant == "flower":
-        from restwise.privacy.secagg.config import SecAggConfig
-
         k, t, _ = SecAggConfig(max_cohort=max(n, 3)).round_parameters(n)
         times = run_flower_secagg(n, d, rounds, k, t)
     else:

@@ -23,17 +23,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from sqlcipher3 import dbapi2 as sqlcipher
+
 from restwise.client.keys import FAST_INSECURE_ARGON2
 from restwise.client.store import (
     DB_NAME,
     DeviceStore,
     Observation,
-    _connect_raw,
+    connect_raw,
     MIGRATIONS,
-    _insert_observations,
-    _split_sql,
-    _probe,
-    _tune,
+    insert_observations,
+    split_sql,
+    probe_database,
+    tune_connection,
     create_plain_sqlite,
     record_key,
 )
@@ -59,7 +61,7 @@ def plain_insert(path: Path, n: int) -> float:
     conn = create_plain_sqlite(path)
     t = time.perf_counter()
     conn.execute("BEGIN")
-    _insert_observations(conn, rows(n), None)
+    insert_observations(conn, rows(n), None)
     conn.execute("COMMIT")
     dt = time.perf_counter() - t
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -70,16 +72,14 @@ def plain_insert(path: Path, n: int) -> float:
 def unkeyed_sqlcipher_insert(path: Path, n: int) -> float:
     """The sqlcipher3 library with no key (no encryption): separates the cost of the library
     build from the cost of encryption itself."""
-    from sqlcipher3 import dbapi2 as sqlcipher
-
     conn = sqlcipher.connect(str(path), isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
-    _tune(conn)
-    for stmt in _split_sql(MIGRATIONS[0]):
+    tune_connection(conn)
+    for stmt in split_sql(MIGRATIONS[0]):
         conn.execute(stmt)
     t = time.perf_counter()
     conn.execute("BEGIN")
-    _insert_observations(conn, rows(n), None)
+    insert_observations(conn, rows(n), None)
     conn.execute("COMMIT")
     dt = time.perf_counter() - t
     conn.close()
@@ -105,7 +105,7 @@ def range_args(n: int) -> tuple:
 def cold_read_plain(path: Path, n: int) -> tuple[float, int]:
     t = time.perf_counter()
     conn = sqlite3.connect(str(path))
-    _tune(conn)
+    tune_connection(conn)
     out = conn.execute(RANGE_Q, range_args(n)).fetchall()
     dt = time.perf_counter() - t
     conn.close()
@@ -114,8 +114,8 @@ def cold_read_plain(path: Path, n: int) -> tuple[float, int]:
 
 def cold_read_cipher(path: Path, key: bytes, n: int) -> tuple[float, int]:
     t = time.perf_counter()
-    conn = _connect_raw(path, key)
-    _tune(conn)
+    conn = connect_raw(path, key)
+    tune_connection(conn)
     out = conn.execute(RANGE_Q, range_args(n)).fetchall()
     dt = time.perf_counter() - t
     conn.close()
@@ -124,8 +124,8 @@ def cold_read_cipher(path: Path, key: bytes, n: int) -> tuple[float, int]:
 
 def open_time(path: Path, key: bytes) -> float:
     t = time.perf_counter()
-    conn = _connect_raw(path, key)
-    _probe(conn)
+    conn = connect_raw(path, key)
+    probe_database(conn)
     dt = time.perf_counter() - t
     conn.close()
     return dt

@@ -13,11 +13,13 @@ Composition (outermost first)::
   keystore are is *device* configuration (:class:`DeviceLocator`): the SuperNode's
   ``--node-config "store='/path' keystore='/path'"`` in deployment, or a simulated fleet
   folder (one store per partition id) in simulation.
-* The train function is privacy-unaware: it trains the shared part (and the personal part,
-  which never leaves) on the person's examples, stores the model in the encrypted store, and
-  replies with the *raw* change of the shared parameters. The mods make it private: ``dp_mod``
-  clips and adds this device's noise share, ``secagg_mod`` masks it, the egress guard checks
-  every record against the allow-list and logs what left (``restwise device history``).
+* The train function is privacy-unaware: the model architecture the message names
+  (``restwise.models.registry``) trains on the person's examples (its personal part never
+  leaves), the model is kept in the encrypted store, and the reply is the *raw* vector the
+  architecture shares (the change of the shared parameters, or its bounded statistics). The
+  mods make it private: ``dp_mod`` clips and adds this device's noise share, ``secagg_mod``
+  masks it, the egress guard checks every record against the allow-list and logs what left
+  (``restwise device history``). Record names and error codes: ``privacy/wire.py``.
 * Consent: ``store.consents(run_id)`` is checked when the device is greeted for a round and
   again before training; a person who opted out (``restwise device consent``) sends only
   ``participate = false``.
@@ -37,20 +39,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 
 from restwise.client import unlock
+from restwise.client.dataset import MIN_TRAINING_EXAMPLES, NoDataError, daily_data
+from restwise.client.store import DeviceStore
+from restwise.models.features import Examples
+from restwise.models.registry import Architecture, LocalTraining, get_architecture, round_seed
 from restwise.privacy import egress as E
+from restwise.privacy import wire
 from restwise.privacy.dp_mods import make_dp_mod
-from restwise.privacy.secagg import records as SR
 from restwise.privacy.secagg.mod import secagg_mod
 
 _log = logging.getLogger(__name__)
 
-# Server -> device records of a train message (besides egress.RUN_RECORD and dp_mods.DP_RECORD).
-GLOBAL_RECORD = "restwise.global"  # ArrayRecord: the shared parameters, keys s000, s001, ...
-TRAIN_RECORD = "restwise.train"  # ConfigRecord: model_config (json), local_epochs, learning_rate, batch_size, seed
-
 SIM_KEYSTORE_DIR = "keystore"
-ERROR_CODE_NOT_ENOUGH_DATA = 4321
-ERROR_CODE_BAD_REQUEST = 4322
 
 
 def device_folder_name(partition_id: int) -> str:
@@ -89,7 +89,7 @@ class DeviceLocator:
             run_dir = context.run_config.get("run-dir")
             if configured:
                 fleet = Path(str(configured))
-            elif run_dir:  # `flwr run . --run-config "run-dir='...'"`: the runner's layout
+            elif run_dir:  # `flwr run . --run-config "run-dir='...'"`: the simulation's layout
                 fleet = Path(str(run_dir)) / "fleet"
             else:
                 raise LookupError(
@@ -108,7 +108,7 @@ def _open(location: DeviceLocation):
 
 
 @contextlib.contextmanager
-def open_device_store(location: DeviceLocation) -> Iterator[object]:
+def open_device_store(location: DeviceLocation) -> Iterator[DeviceStore]:
     store = _open(location)
     try:
         yield store
@@ -117,92 +117,59 @@ def open_device_store(location: DeviceLocation) -> Iterator[object]:
 
 
 # -- the privacy-unaware core -----------------------------------------------------------
-def flatten(arrays: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays]) if arrays else np.zeros(0)
+def person_examples(store: DeviceStore, architecture: Architecture) -> Examples:
+    """The person's supervised examples for ``architecture``, computed on the device."""
+    return architecture.examples(daily_data(store))
 
 
-def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({f"s{i:03d}": Array(np.asarray(a, dtype=np.float32)) for i, a in enumerate(arrays)})
-
-
-def arrays_from_record(record: ArrayRecord) -> list[np.ndarray]:
-    return [record[k].numpy() for k in sorted(record.keys())]
-
-
-def person_examples(store, window: int):
-    """The person's supervised examples, computed on the device from the store."""
-    from restwise.client.dataset import daily_data
-    from restwise.models.features import compute_features, make_examples
-
-    data = daily_data(store)
-    return make_examples(compute_features(data), data, window=window)
-
-
-def has_enough_data(store, window: int) -> bool:
+def has_enough_data(store: DeviceStore, architecture: Architecture) -> bool:
     """Could this device train? Decided from counts first (cheap), features only when close."""
-    from restwise.client.dataset import MIN_TRAINING_EXAMPLES, NoDataError
-
     (answered,) = store.conn.execute("SELECT count(*) FROM checkins WHERE readiness IS NOT NULL").fetchone()
     if answered < MIN_TRAINING_EXAMPLES:
         return False  # every example needs a readiness answer as its target
-    if answered - window >= MIN_TRAINING_EXAMPLES:
+    if answered - architecture.window >= MIN_TRAINING_EXAMPLES:
         return True  # only answers within the first `window` days lack a full input window
     try:
-        return len(person_examples(store, window)) >= MIN_TRAINING_EXAMPLES
+        return len(person_examples(store, architecture)) >= MIN_TRAINING_EXAMPLES
     except (NoDataError, ValueError):
         return False
 
 
 def _single_thread_torch() -> None:
     # A phone trains one small model at a time; intra-op threads only add overhead for a model
-    # this size (and simulated devices share the machine's cores).
+    # this size (and simulated devices share the machine's cores). torch is imported here, at
+    # the first training, not with the app: a device that only answers hellos never loads it.
     import torch
 
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
 
 
-def local_update(store, global_arrays: list[np.ndarray], params: ConfigRecord, *, run_id: str, round_: int) -> tuple[np.ndarray, float]:
-    """Train on this person's data from the global shared part; store the model (personal part
-    included) in the encrypted store; return (raw shared update vector, mean training loss)."""
-    from restwise.client.dataset import MIN_TRAINING_EXAMPLES, NoDataError, load_model, save_model
-    from restwise.models.network import ModelConfig, ModelError, build_model, set_shared_arrays, shared_arrays
-    from restwise.models.training import train_local
-
+def local_update(store: DeviceStore, global_arrays: list[np.ndarray], params: ConfigRecord, *, run_id: str,
+                 round_: int) -> tuple[np.ndarray, float]:
+    """Train on this person's data from the global shared part (the architecture the train
+    message names); keep the model, personal part included, in the encrypted store; return
+    (the raw vector to share, mean training loss)."""
+    architecture = get_architecture(str(params["model"]))
     _single_thread_torch()
-    cfg = ModelConfig.from_json(str(params["model_config"]))
-    examples = person_examples(store, cfg.window)
+    examples = person_examples(store, architecture)
     if len(examples) < MIN_TRAINING_EXAMPLES:
         raise NoDataError("not enough check-ins to train on")
-    model = None
-    try:
-        stored, _ = load_model(store)
-        if stored is not None and stored.config == cfg:
-            model = stored  # keeps the person's personal part from earlier rounds
-    except ModelError:
-        model = None
-    if model is None:
-        model = build_model(cfg)
-    set_shared_arrays(model, global_arrays)
-    before = flatten(shared_arrays(model))
-    stats = train_local(
-        model,
-        examples,
-        epochs=int(params["local_epochs"]),
-        lr=float(params["learning_rate"]),
-        batch_size=int(params["batch_size"]),
-        seed=int(params["seed"]) + 7919 * round_,
-        train_shared=True,
-        train_personal=True,
+    stored = store.load_model_state(architecture.state_name)
+    training = LocalTraining(
+        epochs=int(params["local_epochs"]), learning_rate=float(params["learning_rate"]),
+        batch_size=int(params["batch_size"]), seed=round_seed(int(params["seed"]), round_),
     )
-    after = flatten(shared_arrays(model))
-    save_model(store, model, {"trained": "federated", "run_id": run_id, "round": round_})
-    return after - before, float(stats.get("loss", float("nan")))
+    contribution = architecture.contribute(str(params["model_config"]), global_arrays, examples, training,
+                                           None if stored is None else stored[0])
+    store.save_model_state(architecture.state_name, contribution.state,
+                           {"trained": "federated", "run_id": run_id, "round": round_})
+    return contribution.vector, contribution.loss
 
 
 # -- the app ----------------------------------------------------------------------------
 def _run_record(msg: Message) -> tuple[str, int]:
-    record = msg.content.config_records.get(E.RUN_RECORD)
+    record = msg.content.config_records.get(wire.RUN_RECORD)
     if record is None or not str(record.get("run_id", "")):
         raise ValueError("the message names no run")
     return str(record["run_id"]), int(record.get("round", 0))
@@ -232,7 +199,7 @@ def make_client_app(
     # One open store per device for the life of this process: every message of a round
     # (hello, four secure-aggregation stages, each logged) would otherwise re-open it. The key
     # stays in this process's memory only while the device takes part in runs.
-    open_stores: dict[DeviceLocation, object] = {}
+    open_stores: dict[DeviceLocation, DeviceStore] = {}
 
     @contextlib.contextmanager
     def device_store(context: Context):
@@ -262,31 +229,29 @@ def make_client_app(
     @app.query("restwise_hello")
     def hello(msg: Message, context: Context) -> Message:
         run_id, _ = _run_record(msg)
-        window = int(msg.content.config_records[E.RUN_RECORD].get("window", 7))
+        architecture = get_architecture(str(msg.content.config_records[wire.RUN_RECORD].get("model", "")))
         with device_store(context) as store:
-            participate = bool(store.consents(run_id)) and has_enough_data(store, window)
-        return Message(RecordDict({E.CONSENT_RECORD: ConfigRecord({"participate": participate})}), reply_to=msg)
+            participate = bool(store.consents(run_id)) and has_enough_data(store, architecture)
+        return Message(RecordDict({wire.CONSENT_RECORD: ConfigRecord({"participate": participate})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         try:
             run_id, round_ = _run_record(msg)
-            params = msg.content.config_records[TRAIN_RECORD]
-            global_arrays = arrays_from_record(msg.content.array_records[GLOBAL_RECORD])
+            params = msg.content.config_records[wire.TRAIN_RECORD]
+            global_arrays = wire.arrays_from_record(msg.content.array_records[wire.GLOBAL_RECORD])
         except (KeyError, ValueError, TypeError):
-            return Message(Error(code=ERROR_CODE_BAD_REQUEST, reason="malformed train message"), reply_to=msg)
-        from restwise.client.dataset import NoDataError
-
+            return Message(Error(code=wire.ERROR_CODE_BAD_REQUEST, reason="malformed train message"), reply_to=msg)
         with device_store(context) as store:
             if not store.consents(run_id):
-                return Message(Error(code=E.ERROR_CODE_NO_CONSENT, reason="the person has not consented to this run"), reply_to=msg)
+                return Message(Error(code=wire.ERROR_CODE_NO_CONSENT, reason="the person has not consented to this run"), reply_to=msg)
             try:
                 update, loss = local_update(store, global_arrays, params, run_id=run_id, round_=round_)
             except NoDataError:
-                return Message(Error(code=ERROR_CODE_NOT_ENOUGH_DATA, reason="not enough data to train"), reply_to=msg)
-        content = RecordDict({SR.INNER_UPDATE: ArrayRecord({SR.INNER_VECTOR: Array(update)})})
+                return Message(Error(code=wire.ERROR_CODE_NOT_ENOUGH_DATA, reason="not enough data to train"), reply_to=msg)
+        content = RecordDict({wire.UPDATE_RECORD: ArrayRecord({wire.UPDATE_VECTOR: Array(update)})})
         if math.isfinite(loss):
-            content[SR.INNER_METRICS] = MetricRecord({"train_loss": E.TRAIN_LOSS.coarsen(loss)})
+            content[wire.METRICS_RECORD] = MetricRecord({"train_loss": E.TRAIN_LOSS.coarsen(loss)})
         return Message(content, reply_to=msg)
 
     return app
@@ -297,5 +262,5 @@ app = make_client_app()
 
 __all__ = [
     "app", "make_client_app", "DeviceLocator", "DeviceLocation", "open_device_store", "device_folder_name",
-    "GLOBAL_RECORD", "TRAIN_RECORD", "local_update", "flatten", "arrays_record", "arrays_from_record",
+    "local_update", "person_examples", "has_enough_data", "SIM_KEYSTORE_DIR",
 ]

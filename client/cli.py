@@ -5,44 +5,37 @@ from __future__ import annotations
 import json
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from restwise.client import unlock
-from restwise.client.errors import (
-    KeystoreNotFoundError,
-    NothingImportedError,
-    RestwiseDeviceError,
-    StoreNotFoundError,
-    WrongPassphraseError,
+from restwise.client import coach_cli, federation_cli, join_cli, trend, unlock
+from restwise.client.cli_support import (
+    AllowWeakOpt,
+    KeystoreOpt,
+    PassFileOpt,
+    StoreOpt,
+    checked_new_passphrase,
+    console,
+    device_errors,
+    err_console,
+    note,
+    open_store,
+    read_passphrase,
+    resolve_keystore,
+    resolve_store,
 )
-from restwise.client.passphrase import check_passphrase
-
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-
-STORE_HELP = (
-    "Folder of your encrypted Restwise store. Also read from RESTWISE_STORE. "
-    "Default: ~/.restwise/store"
-)
-PASSFILE_HELP = (
-    "Read the passphrase from the first line of this file (for automation). "
-    "Also read from RESTWISE_PASSPHRASE_FILE. Without it you are asked to type it."
-)
-KEYSTORE_HELP = (
-    "Folder of the file keystore that opens the store (if it has one; see `restwise device "
-    "keystore add`). Also read from RESTWISE_KEYSTORE. Default: a folder `keystore` beside "
-    "the store folder."
-)
-ALLOW_WEAK_HELP = (
-    "Accept a passphrase that is easy to guess (zxcvbn score below 3). For tests and demos only."
-)
+from restwise.client.errors import KeystoreNotFoundError, NothingImportedError, RestwiseDeviceError, StoreNotFoundError
+from restwise.client.importers import ImportOptions, get_importer, run_import
+from restwise.client.importers.checkin_csv import load_column_map
+from restwise.client.keys import FileKeystore, read_keyslots
+from restwise.client.store import DeviceStore, erase_store
+from restwise.common.exit_codes import ExitCode
+from restwise.common.fsutil import atomic_write_bytes
 
 app = typer.Typer(
     help="Your device: the encrypted store that holds your wearable data, and what it shares.",
@@ -57,117 +50,6 @@ keystore_app = typer.Typer(
 app.add_typer(keystore_app, name="keystore")
 
 
-def default_store() -> Path:
-    env = os.environ.get("RESTWISE_STORE")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.restwise/store").expanduser()
-
-
-StoreOpt = typer.Option(None, "--store", "-s", help=STORE_HELP, show_default=False)
-PassFileOpt = typer.Option(None, "--passphrase-file", help=PASSFILE_HELP, show_default=False)
-KeystoreOpt = typer.Option(None, "--keystore", help=KEYSTORE_HELP, show_default=False)
-AllowWeakOpt = typer.Option(False, "--allow-weak", help=ALLOW_WEAK_HELP)
-
-
-def resolve_store(store: Optional[Path]) -> Path:
-    return Path(store).expanduser() if store else default_store()
-
-
-def resolve_keystore(keystore: Optional[Path], folder: Path) -> Path:
-    """--keystore, else RESTWISE_KEYSTORE, else the folder ``keystore`` beside the store."""
-    if keystore:
-        return Path(keystore).expanduser()
-    if os.environ.get("RESTWISE_KEYSTORE"):
-        return Path(os.environ["RESTWISE_KEYSTORE"]).expanduser()
-    return unlock.default_keystore_dir(folder)
-
-
-def passphrase_given(passphrase_file: Optional[Path]) -> bool:
-    """Did the person hand over the passphrase explicitly (file or environment)?"""
-    return passphrase_file is not None or bool(
-        os.environ.get("RESTWISE_PASSPHRASE_FILE") or os.environ.get("RESTWISE_PASSPHRASE")
-    )
-
-
-def read_passphrase(passphrase_file: Optional[Path], *, confirm: bool = False, prompt: str = "Passphrase") -> str:
-    """Passphrase from --passphrase-file, RESTWISE_PASSPHRASE_FILE, RESTWISE_PASSPHRASE, or a prompt."""
-    path = passphrase_file or (
-        Path(os.environ["RESTWISE_PASSPHRASE_FILE"]) if os.environ.get("RESTWISE_PASSPHRASE_FILE") else None
-    )
-    if path is not None:
-        try:
-            text = Path(path).expanduser().read_text(encoding="utf-8")
-        except OSError as exc:
-            raise typer.BadParameter(f"cannot read the passphrase file {path}: {exc.strerror}") from None
-        first = text.splitlines()[0] if text else ""
-        if not first:
-            raise typer.BadParameter(f"the passphrase file {path} is empty")
-        return first
-    if os.environ.get("RESTWISE_PASSPHRASE"):
-        return os.environ["RESTWISE_PASSPHRASE"]
-    if not sys.stdin.isatty():
-        raise typer.BadParameter(
-            "no passphrase given: use --passphrase-file, RESTWISE_PASSPHRASE_FILE or "
-            "RESTWISE_PASSPHRASE when not running in a terminal"
-        )
-    return typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
-
-
-def fail(exc: RestwiseDeviceError) -> typer.Exit:
-    err_console.print(f"[bold red]Error:[/] {escape(str(exc))}")
-    return typer.Exit(code=exc.exit_code)
-
-
-@contextmanager
-def device_errors():
-    """Turn device errors into one clear line and the documented exit code."""
-    try:
-        yield
-    except RestwiseDeviceError as exc:
-        raise fail(exc) from None
-    except OSError as exc:
-        # A file the person named (export target, a store on a full or read-only disk):
-        # one line naming the file and the reason, not a traceback.
-        where = f" ({exc.filename})" if exc.filename else ""
-        err_console.print(f"[bold red]Error:[/] {exc.strerror or type(exc).__name__}{where}", markup=True)
-        raise typer.Exit(code=1) from None
-
-
-def note(text: str) -> None:
-    """Tell the person something they should know (stderr, once)."""
-    err_console.print(f"[yellow]Note:[/] {escape(text)}")
-
-
-def open_store(store: Optional[Path], passphrase_file: Optional[Path], keystore: Optional[Path] = None,
-               *, remember: dict | None = None):
-    """Open the store by passphrase or keystore (rules: :mod:`restwise.client.unlock`).
-    ``remember`` receives the passphrase if one was read (for `status --verify`)."""
-    folder = resolve_store(store)
-
-    def passphrase() -> str:
-        text = read_passphrase(passphrase_file)
-        if remember is not None:
-            remember["passphrase"] = text
-        return text
-
-    return unlock.open_store(
-        folder, passphrase=passphrase, passphrase_given=passphrase_given(passphrase_file),
-        keystore_dir=resolve_keystore(keystore, folder), on_note=note,
-    )
-
-
-def checked_new_passphrase(passphrase: str, allow_weak: bool) -> str:
-    """Refuse an easily guessed new passphrase unless --allow-weak (then say so)."""
-    if allow_weak:
-        try:
-            check_passphrase(passphrase)
-        except RestwiseDeviceError:
-            note("--allow-weak: this passphrase is easy to guess; use it for tests and demos only")
-        return passphrase
-    check_passphrase(passphrase)
-    return passphrase
-
 
 @app.command()
 def init(
@@ -178,8 +60,6 @@ def init(
     """Create a new encrypted store. Choose a passphrase you will remember: without it
     (or a keystore slot) nobody, including you, can read the store. It must be hard to
     guess (four or more unrelated words are)."""
-    from restwise.client.store import DeviceStore
-
     folder = resolve_store(store)
     with device_errors():
         passphrase = read_passphrase(passphrase_file, confirm=True, prompt="New passphrase")
@@ -217,9 +97,6 @@ def import_(
     recognised from its content. Importing the same file again adds nothing twice; a file
     that cannot be read is skipped and listed (with --strict: nothing is imported); an
     import that stores nothing says why and exits with code 9."""
-    from restwise.client.importers import ImportOptions, get_importer, run_import
-    from restwise.client.importers.checkin_csv import load_column_map
-
     with device_errors():
         mapping = load_column_map(column_map) if column_map is not None else None
         options = ImportOptions(tz=tz, column_map=mapping, person=person)
@@ -240,10 +117,6 @@ class RichProgress:
     """A rich progress bar in bytes, with a records counter."""
 
     def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-        )
-
         self._p = Progress(
             TextColumn("[bold]Importing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
             TextColumn("{task.fields[records]} records"), TimeRemainingColumn(),
@@ -369,7 +242,7 @@ def print_verification(summary: dict) -> None:
                      f"passes, {kdf.get('lanes')} lanes)")
         console.print(f"  {escape(what)}: {escape(slot['status'])}")
     if any("does NOT" in slot["status"] for slot in summary["key_slot_checks"]):
-        raise typer.Exit(code=5)
+        raise typer.Exit(code=ExitCode.STORE_DAMAGED)
 
 
 def print_summary(summary: dict, as_json: bool = False) -> None:
@@ -405,8 +278,6 @@ def export(
     measurements, check-ins, sessions, what was sent, consent choices and past imports (the
     trained model is not included: it is learned again). `restwise device import FILE` into a
     new store restores it exactly."""
-    from restwise.client.fsutil import atomic_write_bytes
-
     with device_errors():
         if out.exists() and not force:
             raise typer.BadParameter(f"{out} exists; use --force to overwrite it")
@@ -425,9 +296,6 @@ def erase(
     """Destroy your store for good: the key material first (key slots, and the keystore's
     key for this store), then the data files. No passphrase needed (you may have forgotten
     it). This cannot be undone."""
-    from restwise.client.keys import read_keyslots
-    from restwise.client.store import erase_store
-
     folder = resolve_store(store)
     with device_errors():
         if not yes:
@@ -489,9 +357,6 @@ def rekey(
     """Re-encrypt the whole store under a fresh random key (e.g. after a device was lost
     with the store copied on it). Your passphrase (and keystore) stay the same; a running
     `restwise device join` must be started again afterwards."""
-    from restwise.client.keys import read_keyslots
-    from restwise.client.store import DeviceStore
-
     folder = resolve_store(store)
     with device_errors():
         if not DeviceStore.exists(folder):
@@ -520,14 +385,13 @@ def keystore_add(
     """Add a keystore slot that wraps your store's key, so the store opens without the
     passphrase: what a device joining a federation unattended needs (`restwise device
     join` then needs no passphrase). Your passphrase keeps working."""
-    from restwise.client.keys import FileKeystore
-
     if backend not in ("auto", "keyring", "file"):
         raise typer.BadParameter("--backend must be auto, keyring or file")
     folder = resolve_store(store)
     with device_errors():
         chosen = backend
         if backend in ("auto", "keyring"):
+            # Deferred: `keyring` costs ~0.1 s to import; only this command needs it.
             from restwise.client.os_keyring import keyring_problem
 
             problem = keyring_problem()
@@ -580,7 +444,7 @@ def keystore_remove(
             store_id = s.store_id
         if not removed:
             console.print("This store has no keystore slot; nothing changed.")
-            raise typer.Exit(code=1)
+            raise typer.Exit(code=ExitCode.FAILURE)
         for provider in removed:
             try:
                 unlock.keystore_for(provider, keystore_dir).destroy(store_id)
@@ -590,16 +454,9 @@ def keystore_remove(
 
 
 # Command groups owned by other modules add themselves to `app` (keeps this file small and
-# lets each area evolve alone): the coach (`today`, `checkin`) and federated training
-# (`history`, `consent`, `join`).
-for _module in ("restwise.client.coach_cli", "restwise.client.federation_cli", "restwise.client.join_cli",
-                "restwise.client.trend"):
-    try:
-        _mod = __import__(_module, fromlist=["register"])
-    except ImportError as _exc:  # module not built yet in this checkout
-        if getattr(_exc, "name", None) != _module:
-            raise
-        continue
-    _mod.register(app)
+# lets each area evolve alone): the coach (`today`, `checkin`), federated training
+# (`history`, `consent`, `join`) and the trend.
+for _commands in (coach_cli, federation_cli, join_cli, trend):
+    _commands.register(app)
 
-__all__ = ["app", "WrongPassphraseError"]
+__all__ = ["app"]

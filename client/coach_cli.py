@@ -1,9 +1,7 @@
 """`restwise device today` and `restwise device checkin`: the daily coach on the device.
 
 Registered into the device CLI by ``client/cli.py`` (``register(app)``). The CLI helpers
-(store options, opening the store, error -> exit code) are imported from ``client/cli.py``
-inside :func:`register`, because ``client/cli.py`` imports this module while it is itself
-being imported.
+(store options, opening the store, error -> exit code) come from ``client/cli_support.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.panel import Panel
+from rich.text import Text
+
+from restwise.client.cli_support import KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, open_store
+from restwise.client.dataset import daily_data, load_model, train_local_model
+from restwise.common.errors import ModelError
+from restwise.models.coach import CoachError, coach_today
+from restwise.models.metrics import CHECKIN_FIELDS
 
 BAND_STYLE = {"green": "bold green", "yellow": "bold yellow", "red": "bold red"}
 CHECKIN_SOURCE = "restwise_coach"
@@ -31,9 +37,6 @@ def _parse_day(value: Optional[str], option: str) -> Optional[str]:
 def advise(store, day: Optional[str] = None, *, train_local: bool = False):
     """(advice, note, model_status) for ``day`` (default: the calendar day if the store has
     data up to it, else the last day with data)."""
-    from restwise.client.dataset import daily_data, load_model, train_local_model
-    from restwise.models.coach import coach_today
-    from restwise.models.network import ModelError
 
     data = daily_data(store)
     note = None
@@ -57,7 +60,6 @@ def advise(store, day: Optional[str] = None, *, train_local: bool = False):
                 model_status = "stored ({})".format((meta or {}).get("trained", "unknown origin"))
         except ModelError:
             model, model_status = None, "stored model unreadable: using rules only"
-    from restwise.models.coach import CoachError
 
     override = any(r["day"] == day and r["is_override"] for r in store.checkins())
     try:
@@ -71,9 +73,6 @@ def advise(store, day: Optional[str] = None, *, train_local: bool = False):
 
 
 def print_advice(console, advice, note: Optional[str], model_status: str) -> None:
-    from rich.panel import Panel
-    from rich.text import Text
-
     body = Text()
     body.append(f"{advice.readiness}", style=BAND_STYLE[advice.band])
     body.append(" / 100   ")
@@ -107,8 +106,6 @@ def print_advice(console, advice, note: Optional[str], model_status: str) -> Non
 def warning_text(warning: dict):
     """The 7-day warning block: the risk, the warning only above its operating point, what
     raises the risk, the literature's rules as reasons, and the measured record."""
-    from rich.text import Text
-
     out = Text()
     if warning.get("risk") is None:
         out.append(f"Next 7 days: {warning.get('note') or 'no risk yet'}", style="dim")
@@ -130,10 +127,6 @@ def warning_text(warning: dict):
 
 def register(app: typer.Typer) -> None:
     """Add `today` and `checkin` to the device CLI."""
-    from restwise.client.cli import (
-        KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, err_console, open_store,
-    )
-    from restwise.models.coach import CoachError
 
     @app.command()
     def today(
@@ -155,11 +148,8 @@ def register(app: typer.Typer) -> None:
         wanted = _parse_day(day, "--day")
         with device_errors():
             with open_store(store, passphrase_file, keystore) as s:
-                try:
+                with device_errors(also=(CoachError,)):
                     advice, note, model_status = advise(s, wanted, train_local=train_local)
-                except CoachError as exc:
-                    err_console.print(f"[bold red]Error:[/] {exc}")
-                    raise typer.Exit(code=1) from None
         if as_json:
             out = advice.to_dict()
             out["note"] = note
@@ -187,8 +177,6 @@ def register(app: typer.Typer) -> None:
         keystore: Optional[Path] = KeystoreOpt,
     ) -> None:
         """Record how you feel today. With --override your answer corrects the coach."""
-        from restwise.models.metrics import CHECKIN_FIELDS
-
         the_day = _parse_day(day, "--day") or dt.date.today().isoformat()
         values = {
             "readiness": readiness, "fatigue": fatigue, "soreness": soreness, "stress": stress,

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from restwise.client.errors import ImportFailedError, NothingImportedError, RestwiseDeviceError
-from restwise.client.importers import ImportOptions, ImportReport, run_import
+from restwise.client.importers import ImportOptions, ImportReport, get_importer, lifesnaps, run_import, soccermon
 from restwise.client.importers.checkin_csv import load_column_map
 from restwise.client.keys import KeystoreProvider
 from restwise.client.store import DeviceStore
@@ -83,10 +83,7 @@ def _open_or_create(folder: Path, keystore: KeystoreProvider) -> DeviceStore:
 
 
 def _dataset_persons(kind: str, data_path: Path) -> list[str]:
-    if kind == "soccermon":
-        from restwise.client.importers.soccermon import list_persons
-    else:
-        from restwise.client.importers.lifesnaps import list_persons
+    list_persons = soccermon.list_persons if kind == "soccermon" else lifesnaps.list_persons
     return list_persons(data_path)
 
 
@@ -115,8 +112,6 @@ def import_cohort(
     stores_dir.mkdir(parents=True, exist_ok=True)
     if kind == "folder":
         return _import_folder(data_path, stores_dir, keystore, persons, on_person, tz)
-
-    from restwise.client.importers import get_importer
 
     importer = get_importer(kind)
     ids = _dataset_persons(kind, data_path)

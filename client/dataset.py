@@ -35,7 +35,8 @@ import numpy as np
 
 from restwise.client.errors import RestwiseDeviceError
 from restwise.client.store import HR_LOAD
-from restwise.models.features import CHECKIN_KEYS, LOAD_KEYS, DailyData
+from restwise.models.features import CHECKIN_KEYS, LOAD_KEYS, DailyData, compute_features, make_examples
+from restwise.models.recovery_mlp import STATE_NAME
 
 NIGHT_END_HOUR = 12  # readings before local noon count as the night's
 ASLEEP_STAGES = ("sleep_asleep", "sleep_light", "sleep_deep", "sleep_rem")
@@ -172,12 +173,12 @@ def daily_data(store, *, start: str | None = None, end: str | None = None) -> Da
 
 
 # ------------------------------------------------------------------------------ model state
-MODEL_STATE_NAME = "recovery_model"  # the person's model (shared + personal) in model_state
+MODEL_STATE_NAME = STATE_NAME  # the person's recovery network (shared + personal) in model_state
 
 
 def save_model(store, model, meta: dict | None = None, *, name: str = MODEL_STATE_NAME) -> None:
     """Keep the person's model (both parts) in the encrypted store."""
-    from restwise.models.network import model_to_bytes
+    from restwise.models.network import model_to_bytes  # torch: only when a model is stored
 
     store.save_model_state(name, model_to_bytes(model), dict(meta or {}))
 
@@ -185,7 +186,7 @@ def save_model(store, model, meta: dict | None = None, *, name: str = MODEL_STAT
 def load_model(store, *, name: str = MODEL_STATE_NAME):
     """The stored model and its meta, or ``(None, None)`` when there is none.
     A stored blob that cannot be read raises :class:`~restwise.models.network.ModelError`."""
-    from restwise.models.network import model_from_bytes
+    from restwise.models.network import model_from_bytes  # torch: only when a model is read
 
     row = store.load_model_state(name)
     if row is None:
@@ -203,8 +204,7 @@ def train_local_model(store, *, seed: int = 0, epochs: int | None = None):
     Returns ``(model, n_examples)``. Raises :class:`NoDataError` with fewer than
     ``MIN_TRAINING_EXAMPLES`` days whose next-day readiness is known.
     """
-    from restwise.models.features import compute_features, make_examples
-    from restwise.models.training import DEFAULT_EPOCHS, train_person_model
+    from restwise.models.training import DEFAULT_EPOCHS, train_person_model  # torch: only to train
 
     data = daily_data(store)
     examples = make_examples(compute_features(data), data)

@@ -1,9 +1,8 @@
 """`restwise device history` and `restwise device consent ...`: what this device sent to
 training runs, and whether it may take part in them.
 
-Registered into the device CLI by ``client/cli.py`` (``register(app)``). The CLI helpers are
-imported from ``client/cli.py`` inside :func:`register` (that module imports this one while it
-is itself being imported).
+Registered into the device CLI by ``client/cli.py`` (``register(app)``). The CLI helpers come
+from ``client/cli_support.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.table import Table
+
+from restwise.client import cli_support as device_cli
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ALL_RUNS = "*"
@@ -30,8 +32,6 @@ def _consent_rows(store) -> list[dict]:
 
 
 def register(app: typer.Typer) -> None:
-    from restwise.client import cli as device_cli
-
     StoreOpt, PassFileOpt, KeystoreOpt = device_cli.StoreOpt, device_cli.PassFileOpt, device_cli.KeystoreOpt
 
     @app.command()
@@ -56,8 +56,6 @@ def register(app: typer.Typer) -> None:
         if not rows:
             device_cli.console.print("This device has not sent anything to a training run.")
             return
-        from rich.table import Table
-
         t = Table(title="Messages this device sent to training runs")
         for col in ("when", "run", "round", "message", "records", "bytes", "sha256"):
             t.add_column(col, justify="right" if col in ("round", "bytes") else "left")

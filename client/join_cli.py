@@ -38,17 +38,19 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from restwise.client import cli_support as device_cli
 from restwise.client.errors import KeystoreNotFoundError, RestwiseDeviceError, StoreNotFoundError
 from restwise.client.key_agent import KeyAgent, agent_supported
 from restwise.client.keys import read_keyslots
 from restwise.client.store import DeviceStore
 from restwise.client.unlock import open_with_keystore
-
-
-def _err(msg: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=code)
+from restwise.common.cli_errors import exit_with
+from restwise.common.exit_codes import ExitCode
+from restwise.common.fsutil import atomic_write_bytes
 
 
 # The device side never imports the server package (ARCHITECTURE.md), so the few lines that
@@ -56,26 +58,17 @@ def _err(msg: str, code: int = 1) -> typer.Exit:
 # agree with restwise.server.deploy.
 
 
-class JoinConfigError(ValueError):
+class JoinConfigError(RestwiseDeviceError, ValueError):
     """Bad or unsafe `restwise device join` options."""
 
 
 def _write_secret(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def make_join_key(private_path: Path, *, overwrite: bool = False) -> tuple[Path, Path]:
     """EC P-384 key pair in the OpenSSH formats Flower reads: PATH (private, 0600), PATH.pub."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     public_path = private_path.with_name(private_path.name + ".pub")
     if not overwrite:
         for path in (private_path, public_path):
@@ -90,9 +83,6 @@ def make_join_key(private_path: Path, *, overwrite: bool = False) -> tuple[Path,
 
 
 def check_join_key(path: Path) -> None:
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     try:
         data = Path(path).read_bytes()
@@ -230,7 +220,7 @@ def register(app: typer.Typer) -> None:
         try:
             private, public = make_join_key(Path(out).expanduser(), overwrite=force)
         except JoinConfigError as exc:
-            raise _err(str(exc)) from None
+            raise exit_with(exc) from None
         typer.echo(f"private key {private} (stays on this device)")
         typer.echo(f"public key  {public} (send to the operator: `restwise server register-node`)")
 
@@ -266,8 +256,6 @@ def register(app: typer.Typer) -> None:
         """Join a federation: run a SuperNode that trains on your store when a run asks.
         A store with a keystore slot opens by itself; the passphrase store `device init` made
         is unlocked once, here, and its key kept in memory for as long as the join runs."""
-        from restwise.client import cli as device_cli  # late: client/cli.py imports this module
-
         store_path = device_cli.resolve_store(store).resolve()
         keystore_path = device_cli.resolve_keystore(keystore, store_path).resolve()
         try:
@@ -283,7 +271,7 @@ def register(app: typer.Typer) -> None:
                 keystore=keystore_path, runtime_port=runtime_port, max_wait_s=max_wait,
             )
         except JoinConfigError as exc:
-            raise _err(str(exc), 2) from None
+            raise exit_with(exc, code=ExitCode.USAGE) from None
         if dry_run:
             typer.echo(" ".join(cmd))
             return
@@ -305,10 +293,8 @@ def register(app: typer.Typer) -> None:
                     keystore=keystore_path, runtime_port=runtime_port, max_wait_s=max_wait,
                     key_agent=agent.path,
                 )
-        except JoinConfigError as exc:
-            raise _err(str(exc)) from None
         except RestwiseDeviceError as exc:
-            raise _err(str(exc), exc.exit_code) from None
+            raise exit_with(exc) from None
         env = dict(os.environ)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["PATH"] = _venv_path(env.get("PATH", ""))

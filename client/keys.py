@@ -44,7 +44,7 @@ from restwise.client.errors import (
     StoreFormatError,
     WrongPassphraseError,
 )
-from restwise.client.fsutil import atomic_write_bytes
+from restwise.common.fsutil import atomic_write_bytes
 
 KEYSLOTS_NAME = "keyslots.json"
 KEYSLOTS_VERSION = 1
@@ -166,7 +166,7 @@ class FileKeystore:
     def destroy(self, store_id: str) -> None:
         path = self._key_path(store_id)
         if path.exists():
-            _overwrite_and_unlink(path)
+            overwrite_and_unlink(path)
 
 
 @dataclass
@@ -387,7 +387,7 @@ def new_data_key() -> bytes:
     return secrets.token_bytes(DATA_KEY_BYTES)
 
 
-def _overwrite_and_unlink(path: Path) -> None:
+def overwrite_and_unlink(path: Path) -> None:
     """Overwrite a small file with random bytes, fsync, then unlink it.
 
     On flash storage an overwrite is not a guarantee (wear levelling may keep old blocks);

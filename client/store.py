@@ -50,13 +50,14 @@ from restwise.client.errors import (
     StoreNotFoundError,
     WrongPassphraseError,
 )
-from restwise.client.fsutil import atomic_write_bytes, fsync_dir
+from restwise.common.errors import translate_error
+from restwise.common.fsutil import atomic_write_bytes, fsync_dir
 from restwise.client.keys import (
     KEYSLOTS_NAME,
     Argon2Params,
     KeySlots,
     KeystoreProvider,
-    _overwrite_and_unlink,
+    overwrite_and_unlink,
     new_data_key,
     read_keyslots,
 )
@@ -238,7 +239,7 @@ class InsertResult:
     duplicates: int
 
 
-def _connect_raw(path: Path, key: bytes) -> sqlcipher.Connection:
+def connect_raw(path: Path, key: bytes) -> sqlcipher.Connection:
     conn = sqlcipher.connect(str(path), timeout=10.0, isolation_level=None, check_same_thread=False)
     # Silence SQLCipher's own stderr logging (it would print on a wrong key).
     conn.execute("PRAGMA cipher_log_level = NONE")
@@ -285,7 +286,7 @@ def _make_exclusive(fd: int) -> None:
         ) from None
 
 
-def _tune(conn) -> None:
+def tune_connection(conn) -> None:
     """Connection settings shared by the store and the plain-sqlite3 benchmark baseline."""
     conn.execute(f"PRAGMA cache_size = {CACHE_KIB}")
     # Sorts and temporary indices stay in memory: no temporary file can hold plaintext.
@@ -295,30 +296,18 @@ def _tune(conn) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
-_DAMAGE_MARKERS = ("malformed", "not a database", "hmac", "corrupt")
-
-
 @contextlib.contextmanager
 def _damage_is_format_error() -> Iterator[None]:
     """A page that fails its HMAC or decrypts to garbage surfaces as SQLite's 'malformed' or
-    'not a database'. Name it as what it is for the person: a damaged or tampered store."""
+    'not a database'; a write lock held past the busy timeout as 'locked'. Name them as what
+    they are for the person (restwise.common.errors.translate_error, the one mapping step)."""
     try:
         yield
     except sqlcipher.DatabaseError as exc:
-        text = str(exc).lower()
-        if isinstance(exc, sqlcipher.OperationalError) and ("locked" in text or "busy" in text):
-            # Another process held the write lock for longer than the busy timeout.
-            raise StoreLockedError(
-                "the store is busy: another process is writing to it; try again when it is done"
-            ) from None
-        if isinstance(exc, (sqlcipher.IntegrityError, sqlcipher.ProgrammingError)) or not any(
-            m in text for m in _DAMAGE_MARKERS
-        ):
-            raise
-        raise StoreFormatError(
-            "the store database is damaged, truncated or was tampered with "
-            "(a page failed its integrity check)"
-        ) from None
+        mapped = translate_error(exc)
+        if mapped is None:
+            raise  # a programming error: keep its traceback
+        raise mapped from None
 
 
 def _guarded(fn):
@@ -334,7 +323,7 @@ def _guarded(fn):
     return wrapper
 
 
-def _probe(conn: sqlcipher.Connection) -> None:
+def probe_database(conn: sqlcipher.Connection) -> None:
     """First read: fails with 'file is not a database' under a wrong key or on tampering."""
     conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
@@ -401,8 +390,8 @@ class DeviceStore:
         # Database first, key slots last: a crash in between leaves no keyslots.json, so the
         # folder is not a store and `init` can simply run again.
         _create_private_file(folder / DB_NAME)
-        conn = _connect_raw(folder / DB_NAME, key)
-        _tune(conn)
+        conn = connect_raw(folder / DB_NAME, key)
+        tune_connection(conn)
         conn.execute("PRAGMA journal_mode = WAL")
         store = cls(folder, conn, slots, key, lock_fd)
         store._migrate()
@@ -502,16 +491,16 @@ class DeviceStore:
 
     @staticmethod
     def _open_db(folder, slots, key, passphrase, keystore) -> sqlcipher.Connection | None:
-        conn = _connect_raw(folder / DB_NAME, key)
+        conn = connect_raw(folder / DB_NAME, key)
         try:
-            _probe(conn)
+            probe_database(conn)
             if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
                 # An empty (0-byte) file: refuse before PRAGMA journal_mode writes a header.
                 conn.close()
                 raise StoreFormatError(
                     "the store database is empty or truncated (no schema): it was damaged"
                 )
-            _tune(conn)
+            tune_connection(conn)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreFormatError("the store database could not be put in WAL mode")
@@ -576,7 +565,7 @@ class DeviceStore:
             )
         for version in range(current, SCHEMA_VERSION):
             with self.transaction() as c:
-                for stmt in _split_sql(MIGRATIONS[version]):
+                for stmt in split_sql(MIGRATIONS[version]):
                     c.execute(stmt)
                 c.execute(f"PRAGMA user_version = {version + 1}")
 
@@ -677,7 +666,7 @@ class DeviceStore:
                 return self.add_observations(
                     observations, conn=c, inserted_by_metric=inserted_by_metric
                 )
-        return _insert_observations(conn, observations, inserted_by_metric)
+        return insert_observations(conn, observations, inserted_by_metric)
 
     @_guarded
     def observations(
@@ -1117,9 +1106,9 @@ class DeviceStore:
         # Step 4: promote the pending key.
         self._slots = self._promote_pending(self.folder, staged)
         self._key = next_key
-        conn = _connect_raw(self.folder / DB_NAME, next_key)
-        _probe(conn)
-        _tune(conn)
+        conn = connect_raw(self.folder / DB_NAME, next_key)
+        probe_database(conn)
+        tune_connection(conn)
         conn.execute("PRAGMA journal_mode = WAL")
         self._conn = conn
 
@@ -1238,7 +1227,7 @@ def _insert_chunk(conn, chunk: list) -> None:
         start += size
 
 
-def _insert_observations(conn, observations: Iterable[Observation],
+def insert_observations(conn, observations: Iterable[Observation],
                          inserted_by_metric: "Counter[str] | None") -> InsertResult:
     from collections import Counter
     from itertools import islice
@@ -1285,7 +1274,7 @@ def _insert_grouped(conn, observations: Iterable[Observation],
         groups.setdefault(o.metric, []).append(o)
     inserted = duplicates = 0
     for metric, group in groups.items():
-        res = _insert_observations(conn, group, None)
+        res = insert_observations(conn, group, None)
         inserted_by_metric[metric] += res.inserted
         inserted += res.inserted
         duplicates += res.duplicates
@@ -1334,12 +1323,12 @@ def _erase_locked(folder: Path, keystore: KeystoreProvider | None, _open: Device
         _open._conn.close() if _open._conn is not None else None
         _open._conn = None  # type: ignore[assignment]
         _open._key = b""
-    _overwrite_and_unlink(folder / KEYSLOTS_NAME)
+    overwrite_and_unlink(folder / KEYSLOTS_NAME)
     if keystore is not None and store_id is not None and hasattr(keystore, "destroy"):
         keystore.destroy(store_id)
     # Temporary files of an interrupted atomic write of keyslots.json hold wrapped keys too.
     for stale in folder.glob(f".{KEYSLOTS_NAME}.*.tmp"):
-        _overwrite_and_unlink(stale)
+        overwrite_and_unlink(stale)
     for name in _DATA_FILE_NAMES:
         p = folder / name
         if p.is_file() and not p.is_symlink():
@@ -1368,7 +1357,7 @@ def _validate_day(day: str) -> None:
         raise ValueError("a day must be written YYYY-MM-DD") from None
 
 
-def _split_sql(script: str) -> list[str]:
+def split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
@@ -1376,8 +1365,8 @@ def _split_sql(script: str) -> list[str]:
 def create_plain_sqlite(path: Path | str) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
-    _tune(conn)
+    tune_connection(conn)
     for migration in MIGRATIONS:
-        for stmt in _split_sql(migration):
+        for stmt in split_sql(migration):
             conn.execute(stmt)
     return conn

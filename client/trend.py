@@ -39,6 +39,8 @@ from typing import Optional
 import numpy as np
 import typer
 
+from restwise.client.cli_support import KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, open_store
+from restwise.client.dataset import daily_data
 from restwise.models.features import DailyData, compute_raw_features
 from restwise.models.warning import past_warnings
 
@@ -187,7 +189,7 @@ def render_png(trend: Trend, path: Path | str) -> None:
     import matplotlib  # late: matplotlib costs ~0.3 s to import, only --png needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late, as matplotlib above (after choosing the Agg backend)
 
     n = max(1, len(trend.panels))
     x = np.array([dt.date.fromisoformat(d) for d in trend.days])
@@ -214,10 +216,6 @@ def render_png(trend: Trend, path: Path | str) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add `trend` to the device CLI."""
-    from restwise.client.cli import (  # late: client/cli.py imports this module at its end
-        KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, open_store,
-    )
-    from restwise.client.dataset import daily_data
 
     @app.command()
     def trend(

@@ -1,2 +1,2 @@
-"""restwise.models: metric vocabulary, features against personal baselines, networks, training,
-evaluation. Imports nothing else from Restwise."""
+"""restwise.models: metric vocabulary, features against personal baselines, networks, the model
+registry, training, evaluation. Imports only ``restwise.common`` from Restwise."""

@@ -1,7 +1,7 @@
 """Honest evaluation of next-day readiness models: protocol, baselines, metrics, reports.
 
 Pure: persons' :class:`~restwise.models.features.DailyData` in, numbers out. Nothing here
-reads a store (``restwise.client.evaluate_cli`` imports each person into their own encrypted
+reads a store (``restwise.simulation.evaluate_cli`` imports each person into their own encrypted
 store first and hands the decoded days in).
 
 Protocol (issue 4), per person:
@@ -418,7 +418,7 @@ class _RidgeRows:
     def fit_predict(self, splits, seed):
         alpha = self.alpha
         if alpha is None:
-            val = _validation_or_none(splits, self.config)
+            val = validation_or_none(splits, self.config)
             alpha = _choose(self.alphas, lambda a: self._fit_predict(val, a), val)
         self.chosen = {"alpha": alpha}
         return self._fit_predict(splits, alpha)
@@ -465,7 +465,8 @@ def _mean_mae(preds: Mapping[str, Prediction], splits: Sequence[PersonSplit]) ->
     return float(np.mean([np.mean(np.abs(preds[s.person].value - s.test.y)) for s in splits]))
 
 
-def _validation_or_none(splits, config):
+def validation_or_none(splits, config):
+    """The validation splits (:func:`validation_splits`), or None when no person has one."""
     try:
         return validation_splits(splits, config)
     except EvaluationError:
@@ -514,7 +515,8 @@ class NeuralConfig:
             raise EvaluationError("NeuralConfig: n_seeds, central_epochs >= 1; candidate lists non-empty")
 
 
-def _model_config(splits, cfg: NeuralConfig, seed: int):
+def network_config(splits, cfg: NeuralConfig, seed: int):
+    """The recovery network's configuration for these splits' inputs and ``cfg``."""
     from restwise.models.network import ModelConfig
 
     s0 = splits[0]
@@ -522,7 +524,8 @@ def _model_config(splits, cfg: NeuralConfig, seed: int):
                        hidden=cfg.hidden, dropout=cfg.dropout, seed=seed)
 
 
-def _seeds(seed: int, n: int) -> list[int]:
+def ensemble_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of an ensemble of ``n`` models for the evaluation seed ``seed``."""
     return [seed * 1000 + k for k in range(n)]
 
 
@@ -568,8 +571,8 @@ class LocalNeural:
         out = {}
         for s in splits:
             models = []
-            for sd in _seeds(seed, self.cfg.n_seeds):
-                model = build_model(_model_config(splits, self.cfg, sd))
+            for sd in ensemble_seeds(seed, self.cfg.n_seeds):
+                model = build_model(network_config(splits, self.cfg, sd))
                 train_local(model, s.train.to_examples(s.days), epochs=epochs, lr=self.cfg.lr,
                             batch_size=self.cfg.batch_size, seed=sd, low_threshold=s.low_threshold,
                             weight_decay=self.cfg.weight_decay)
@@ -585,7 +588,7 @@ class LocalNeural:
         candidates = tuple(self.cfg.local_epochs)
         epochs = candidates[0]
         if len(candidates) > 1:
-            val = _validation_or_none(splits, self.config)
+            val = validation_or_none(splits, self.config)
             epochs = _choose(candidates, lambda e: self._fit_predict(val, e, seed), val)
         self.chosen = {"epochs": epochs}
         return self._fit_predict(splits, epochs, seed)
@@ -595,45 +598,16 @@ def train_pooled(model, splits: Sequence[PersonSplit], *, epochs: int, lr: float
                  seed: int, weight_decay: float, huber_delta: float = 1.0) -> float:
     """Train the *shared* part on all persons' training examples pooled, each person's target
     z-scored on their own training targets and low-flagged at their own threshold (the
-    personal part stays the identity). Same loss as ``training.train_local``. Returns the
-    last epoch's mean loss."""
-    import torch
-    from torch import nn
+    personal part stays the identity), with ``training.fit_normalized`` (the loop
+    ``train_local`` runs). Returns the last epoch's mean loss."""
+    from restwise.models.training import fit_normalized
 
-    from restwise.models.training import LOW_WEIGHT
-
-    X = torch.from_numpy(np.concatenate([s.train.X for s in splits]).astype(np.float32))
-    yz = torch.from_numpy(np.concatenate(
-        [(s.train.y - s.train_mean) / s.train_scale for s in splits]).astype(np.float32))
-    low = torch.from_numpy(np.concatenate(
-        [(s.train.y <= s.low_threshold).astype(np.float32) for s in splits]))
-    for p in model.personal.parameters():
-        p.requires_grad_(False)
-    params = list(model.shared.parameters())
-    huber, bce = nn.HuberLoss(delta=huber_delta), nn.BCEWithLogitsLoss()
-    n = X.shape[0]
-    total = float("nan")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(n, generator=gen)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = perm[start : start + batch_size]
-                out = model.forward_normalized(X[idx])
-                loss = huber(out[:, 0], yz[idx]) + LOW_WEIGHT * bce(out[:, 1], low[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-            total /= n
-        model.eval()
-    for p in model.personal.parameters():
-        p.requires_grad_(True)
-    return total
+    X = np.concatenate([s.train.X for s in splits])
+    yz = np.concatenate([(s.train.y - s.train_mean) / s.train_scale for s in splits])
+    low = np.concatenate([(s.train.y <= s.low_threshold).astype(np.float32) for s in splits])
+    return fit_normalized(model, X, yz, low, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          weight_decay=weight_decay, huber_delta=huber_delta,
+                          train_shared=True, train_personal=False)
 
 
 def _with_person_scale(model, s: PersonSplit):
@@ -649,8 +623,8 @@ def central_models(splits: Sequence[PersonSplit], cfg: NeuralConfig, seed: int) 
     from restwise.models.network import build_model
 
     models = []
-    for sd in _seeds(seed, cfg.n_seeds):
-        model = build_model(_model_config(splits, cfg, sd))
+    for sd in ensemble_seeds(seed, cfg.n_seeds):
+        model = build_model(network_config(splits, cfg, sd))
         train_pooled(model, splits, epochs=cfg.central_epochs, lr=cfg.lr,
                      batch_size=cfg.batch_size, seed=sd, weight_decay=cfg.weight_decay)
         models.append(model)
@@ -717,7 +691,7 @@ class Personalised:
     description: str = "shared part trained centrally + personal fine-tune on the device"
     cache: CentralModelCache = field(default_factory=CentralModelCache, repr=False)
 
-    def _finetune_predict(self, bases, splits, epochs, seed, alphas):
+    def finetune_predict(self, bases, splits, epochs, seed, alphas):
         """{alpha: {person: Prediction}}: fine-tune once, mix continuous forecasts, snap."""
         out: dict = {a: {} for a in alphas}
         for s in splits:
@@ -745,19 +719,19 @@ class Personalised:
         epochs_grid = tuple(self.cfg.finetune_epochs)
         alpha_grid = tuple(self.cfg.mix_alphas)
         epochs, alpha = epochs_grid[0], alpha_grid[0]
-        val = _validation_or_none(splits, self.config) if len(epochs_grid) * len(alpha_grid) > 1 else None
+        val = validation_or_none(splits, self.config) if len(epochs_grid) * len(alpha_grid) > 1 else None
         if val:
             bases_val = self.cache.get(val, self.cfg, seed)
             scores = []
             for i, e in enumerate(epochs_grid):
-                by_alpha = self._finetune_predict(bases_val, val, e, seed, alpha_grid)
+                by_alpha = self.finetune_predict(bases_val, val, e, seed, alpha_grid)
                 for j, a in enumerate(alpha_grid):
                     scores.append((_mean_mae(by_alpha[a], val), i, j))
             _, i, j = min(scores)
             epochs, alpha = epochs_grid[i], alpha_grid[j]
         self.chosen = {"finetune_epochs": epochs, "alpha": alpha}
         bases = self.cache.get(splits, self.cfg, seed)
-        return self._finetune_predict(bases, splits, epochs, seed, (alpha,))[alpha]
+        return self.finetune_predict(bases, splits, epochs, seed, (alpha,))[alpha]
 
 
 BASELINE_ROWS = ("global mean", "person mean", "last value", "last answer in window", "local ridge",
@@ -1054,5 +1028,6 @@ __all__ = [
     "windowed_examples", "blinded", "round_like_answers", "auroc", "bootstrap_ci", "score_method", "plot_results",
     "row_epsilon", "add_paired_comparison", "LastAnswerInWindow",
     "train_pooled", "central_models", "CentralModelCache", "personal_finetune", "GlobalMean", "PersonMean", "LastValue", "LocalRidge", "CentralRidge",
-    "LocalNeural", "CentralNeural", "Personalised", "BASELINE_ROWS",
+    "LocalNeural", "CentralNeural", "Personalised", "BASELINE_ROWS", "validation_or_none",
+    "network_config", "ensemble_seeds",
 ]

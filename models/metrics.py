@@ -11,17 +11,37 @@ so a "day" is always the person's *local* day.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class MetricSpec:
+    """A named, bounded metric: a stored measurement (plausible range ``lo..hi``), or a coarse
+    metric a device may send (``decimals`` set: clipped into ``lo..hi`` and rounded, so it says
+    little; the egress guard allows nothing else)."""
+
     name: str
     unit: str
-    lo: float  # smallest plausible value; below it a record is skipped as implausible
-    hi: float  # largest plausible value
+    lo: float  # smallest plausible (or sendable) value; below it a record is skipped as implausible
+    hi: float  # largest plausible (or sendable) value
     interval: bool = False  # True: the record covers [ts, end_ts) (sleep stage, workout)
     description: str = ""
+    decimals: int | None = None  # a coarse metric: rounded to this many decimals when sent
+
+    def coarsen(self, value: float) -> float:
+        """The value as a device sends it: clipped into range, rounded (NaN/inf: the top)."""
+        if not math.isfinite(value):
+            return self.hi
+        return round(min(max(float(value), self.lo), self.hi), self.decimals or 0)
+
+    def allows(self, value: Any) -> bool:
+        """Is ``value`` a coarse value of this metric (in range, rounded)?"""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        value = float(value)
+        return math.isfinite(value) and self.lo <= value <= self.hi and value == round(value, self.decimals or 0)
 
 
 _SPECS = [

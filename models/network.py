@@ -29,9 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-
-class ModelError(ValueError):
-    """A model configuration, array list or serialized model is invalid (message says how)."""
+from restwise.common.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,15 @@ from torch import nn
 
 from restwise.models.features import Examples
 from restwise.models.metrics import CHECKIN_FIELDS
-from restwise.models.network import ModelConfig, ModelError, RecoveryNet, build_model
+from restwise.common.arrays import flatten
+from restwise.models.network import (
+    ModelConfig,
+    ModelError,
+    RecoveryNet,
+    build_model,
+    set_shared_arrays,
+    shared_arrays,
+)
 
 # Local-only training overfits a person's few hundred days quickly (SoccerMon: 5 epochs
 # MAE 0.80, 10 -> 0.84, 20 -> 0.88), so few epochs.
@@ -172,10 +180,38 @@ def train_local(
 
     mean = float(model.personal.target_mean.item())
     scale = float(model.personal.target_scale.item())
-    Xt = torch.from_numpy(X)
-    yz = torch.from_numpy(((y - mean) / scale).astype(np.float32))
-    low = torch.from_numpy(low_labels(y, thr))
+    loss = fit_normalized(
+        model, X, (y - mean) / scale, low_labels(y, thr), epochs=epochs, lr=lr, batch_size=batch_size,
+        seed=seed, weight_decay=weight_decay, huber_delta=huber_delta,
+        train_shared=train_shared, train_personal=train_personal,
+    )
+    return {"loss": loss, "n_examples": n, "epochs": int(epochs)}
 
+
+def fit_normalized(
+    model: RecoveryNet,
+    X: np.ndarray,
+    yz: np.ndarray,
+    low: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    huber_delta: float = DEFAULT_HUBER_DELTA,
+    train_shared: bool = True,
+    train_personal: bool = True,
+) -> float:
+    """The one training loop: minibatch AdamW on Huber(readiness z) + ``LOW_WEIGHT`` x
+    BCE(low flag), on targets already z-scored (``yz``, per person) and low flags already set
+    (``low``). Trains the shared part, the personal part or both, in place; returns the last
+    epoch's mean loss (NaN without epochs). Local training (one person, their own scale) and
+    pooled training (many persons, each z-scored on their own scale) both run it."""
+    Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+    yzt = torch.from_numpy(np.asarray(yz, dtype=np.float32))
+    lowt = torch.from_numpy(np.asarray(low, dtype=np.float32))
+    n = int(Xt.shape[0])
     for p in model.shared.parameters():
         p.requires_grad_(train_shared)
     for p in model.personal.parameters():
@@ -195,7 +231,7 @@ def train_local(
             for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
                 out = model.forward_normalized(Xt[idx])
-                loss = huber(out[:, 0], yz[idx]) + LOW_WEIGHT * bce(out[:, 1], low[idx])
+                loss = huber(out[:, 0], yzt[idx]) + LOW_WEIGHT * bce(out[:, 1], lowt[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -203,7 +239,30 @@ def train_local(
         model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return {"loss": total / n if epochs else float("nan"), "n_examples": n, "epochs": int(epochs)}
+    return total / n if epochs and n else float("nan")
+
+
+def federated_update(
+    model: RecoveryNet,
+    global_shared: list[np.ndarray],
+    examples: Examples,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    **train_kwargs,
+) -> tuple[np.ndarray, float]:
+    """A device's step in a FedAvg round: load the global shared part into ``model`` (its
+    personal part stays), train both parts on the person's own examples, and return (the raw
+    change of the shared arrays as one float64 vector, the mean training loss). The deployed
+    ClientApp and the in-process evaluation both run it; clipping and noise are the DP mod's
+    job, not this function's."""
+    set_shared_arrays(model, global_shared)
+    before = flatten(shared_arrays(model))
+    stats = train_local(model, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                        train_shared=True, train_personal=True, **train_kwargs)
+    return flatten(shared_arrays(model)) - before, float(stats.get("loss", float("nan")))
 
 
 def predict(
@@ -257,7 +316,7 @@ def train_person_model(
 
 
 __all__ = [
-    "FEDERATED_ROUNDS", "FEDERATED_LOCAL_EPOCHS", "DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "train_local", "predict",
+    "fit_normalized", "federated_update", "FEDERATED_ROUNDS", "FEDERATED_LOCAL_EPOCHS", "DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_BATCH_SIZE", "train_local", "predict",
     "fit_target_scaler", "low_threshold_for", "low_labels", "train_person_model",
     "snap_to_answers",
 ]

@@ -637,8 +637,6 @@ def evaluate_warning(
     ``reports``: person -> ISO days of their injury/illness reports, or None when the cohort
     has no report data (the secondary event is then stated as unavailable). ``prepared``: the
     result of :func:`split_cohort` when the caller made it already."""
-    import time
-
     protocol = protocol or WarningProtocol()
     splits, excluded = prepared if prepared is not None else split_cohort(cohort, protocol, reports)
     seen = [visible(s) for s in splits]
@@ -904,10 +902,11 @@ def plot_warning(result: WarningResult, path) -> None:
     the test periods (descriptive; nothing is chosen on it) and its operating point (dot).
     Left: the median lead of the warned episodes; right: the share of all episodes warned at
     least 2 days ahead (the median alone hides how many episodes were missed)."""
+    # Deferred: matplotlib is only needed to draw the plot (its import is slow).
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5), dpi=110)
     for i, r in enumerate(x for x in result.rows if x.available):

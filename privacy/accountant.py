@@ -31,6 +31,10 @@ fixed (m of n, m < n)      refused (not defined)         refused: dp_accounting 
 Identical releases are grouped and composed with ``SelfComposedDpEvent`` (one FFT
 self-composition per distinct mechanism, never one PLD per round), so 10,000 rounds cost
 about as much as one. Composition is commutative, so grouping ignores order.
+
+``dp_accounting`` is imported inside the functions that compute a number: it loads scipy
+(about 1.3 s), and naming a release, validating a configuration, a device's DP mod or
+``restwise --help`` must not pay for it.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import lru_cache
+from importlib.metadata import version
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from restwise.privacy.errors import AccountingError, NoiseTooSmallError, UnsupportedEventError
 from restwise.privacy.events import GaussianRoundEvent, ReleaseSpec
@@ -54,8 +61,6 @@ _ROOT_TOLERANCE = 1e-9
 
 @lru_cache(maxsize=1)
 def dp_accounting_version() -> str:
-    from importlib.metadata import version
-
     return version("dp-accounting")
 
 
@@ -93,6 +98,7 @@ class PLDParameters:
 @lru_cache(maxsize=128)
 def _base_pld(noise_multiplier: float, sampling_rate: float, adjacency: str, interval: float, params: PLDParameters):
     """One release's PLD (built once, reused across compositions and curve points)."""
+    # deferred: dp_accounting loads scipy (see the module docstring)
     from dp_accounting.pld import privacy_loss_distribution
 
     return privacy_loss_distribution.from_gaussian_mechanism(
@@ -130,6 +136,7 @@ class AccountingResult:
 
 
 def _neighbor_relation(adjacency: str):
+    # deferred: dp_accounting loads scipy (see the module docstring)
     import dp_accounting
 
     return {
@@ -154,6 +161,7 @@ def _specs(items: Iterable[GaussianRoundEvent | ReleaseSpec]) -> list[ReleaseSpe
 
 @lru_cache(maxsize=1)
 def _rdp_orders():
+    # deferred: dp_accounting loads scipy (see the module docstring)
     from dp_accounting.rdp import rdp_privacy_accountant
 
     return tuple(rdp_privacy_accountant.DEFAULT_RDP_ORDERS)
@@ -167,8 +175,8 @@ FAST_RDP_ORDERS = tuple(range(2, 129)) + (160, 192, 256, 384, 512)
 @lru_cache(maxsize=256)
 def _rdp_vector(spec: ReleaseSpec, amplified: bool, orders: tuple | None = None):
     """RDP of one release at dp_accounting's default orders (numpy array), or None."""
+    # deferred: dp_accounting loads scipy (see the module docstring)
     import dp_accounting
-    import numpy as np
     from dp_accounting import dp_event
     from dp_accounting.rdp import rdp_privacy_accountant
 
@@ -315,6 +323,7 @@ class PrivacyAccountant:
         (and is orders of magnitude faster for large epsilons). The root finder's tolerance
         is added so the value never errs low.
         """
+        # deferred: dp_accounting loads scipy (see the module docstring)
         from dp_accounting import gaussian_mechanism
 
         precision = sum(count / spec.noise_multiplier**2 for spec, count in groups.items())
@@ -327,6 +336,7 @@ class PrivacyAccountant:
     def _rdp_epsilon(groups: Counter, delta: float, amplified: bool, orders: tuple | None = None) -> float | None:
         """RDP upper bound, or None where dp_accounting has no sound RDP analysis. RDP composes
         by adding per-order vectors, so each distinct release's vector is computed once."""
+        # deferred: dp_accounting loads scipy (see the module docstring)
         from dp_accounting.rdp import rdp_privacy_accountant
 
         total = None
@@ -448,6 +458,12 @@ class PrivacyAccountant:
                 }
             )
         return points
+
+
+def clear_caches() -> None:
+    """Forget the cached release PLDs and RDP vectors (benchmarks time cold computations)."""
+    _base_pld.cache_clear()
+    _rdp_vector.cache_clear()
 
 
 def epsilon(releases: Sequence[GaussianRoundEvent | ReleaseSpec], delta: float, **kwargs) -> AccountingResult:

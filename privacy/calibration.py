@@ -12,6 +12,7 @@ feasible). Small multipliers are the expensive ones for a PLD, and are rarely vi
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -135,8 +136,6 @@ def _rdp_start(accountant: PrivacyAccountant, spec: ReleaseSpec, rounds: int, de
     if accountant.rdp_epsilon_for_rounds(spec, 1, delta, fast=True) is None:
         return 1.0
     lo, hi = MIN_NOISE_MULTIPLIER, 1.0
-    import logging
-
     absl = logging.getLogger("absl")
     level = absl.level
     absl.setLevel(logging.ERROR)  # dp_accounting warns about RDP orders it skips at tiny noise

@@ -9,21 +9,29 @@
     restwise audit verify REPORT [--ledger FILE] [--public-key KEY] [--json]
 
 With --json a command prints exactly one JSON line on stdout (also on failure:
-``{"ok": false, "error": ..., "error_type": ...}``). Exit codes: 0 success, 1 refused/failed,
-2 bad usage, 8 verification failed. Heavy imports (dp_accounting, cryptography) happen
-inside the commands so `restwise --help` stays fast.
+``{"ok": false, "error": ..., "error_type": ...}``). Exit codes (restwise.common.exit_codes):
+0 success, 1 refused/failed, 2 bad usage, 8 verification failed. dp_accounting is loaded by
+the accountant only when a number is computed, so `restwise --help` stays fast.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
+
+from restwise.common.cli_errors import emit_json, exit_with
+from restwise.common.exit_codes import ExitCode
+from restwise.privacy.accountant import PrivacyAccountant
+from restwise.privacy.calibration import calibrate_noise_multiplier
+from restwise.privacy.errors import EventValidationError, PrivacyError
+from restwise.privacy.events import ReleaseSpec
+from restwise.privacy.ledger import PrivacyLedger, load_audit_key
+from restwise.privacy.report import build_report, default_allow_list, write_report, write_run_report
+from restwise.privacy.verify import verify_report
 
 privacy_app = typer.Typer(
     help="Operators: plan privacy - epsilon for a training plan, or the noise for a target epsilon.",
@@ -48,28 +56,6 @@ class Adjacency(str, Enum):
 
 def _adjacency(value: Adjacency) -> str:
     return value.value.replace("-", "_")
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _emit_json(payload: dict) -> None:
-    typer.echo(json.dumps(_json_safe(payload), sort_keys=True, separators=(",", ":"), allow_nan=False))
-
-
-def _fail(exc: Exception, as_json: bool, code: int | None = None) -> typer.Exit:
-    code = code if code is not None else getattr(exc, "exit_code", 1)
-    if as_json:
-        _emit_json({"ok": False, "error": str(exc), "error_type": type(exc).__name__})
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code=code)
 
 
 def _plan_kwargs(sampling: Sampling, rate: Optional[float], cohort: Optional[int], population: Optional[int]) -> dict:
@@ -111,21 +97,17 @@ def epsilon_command(
     as_json: bool = _JSON,
 ) -> None:
     """Epsilon after ROUNDS releases at the given noise multiplier and sampling."""
-    from restwise.privacy.accountant import PrivacyAccountant
-    from restwise.privacy.errors import EventValidationError, PrivacyError
-    from restwise.privacy.events import ReleaseSpec
-
     plan = _plan_kwargs(sampling, rate, cohort, population)
     try:
         spec = ReleaseSpec.plan(noise_multiplier=noise_multiplier, adjacency=_adjacency(adjacency), **plan)
     except EventValidationError as exc:
-        raise _fail(exc, as_json, code=2) from None
+        raise exit_with(exc, code=ExitCode.USAGE, as_json=as_json) from None
     try:
         result = PrivacyAccountant(claim_amplification=not no_amplification).epsilon_for_rounds(spec, rounds, delta)
     except PrivacyError as exc:
-        raise _fail(exc, as_json) from None
+        raise exit_with(exc, as_json=as_json) from None
     if as_json:
-        _emit_json({"ok": True, "noise_multiplier": noise_multiplier, **result.to_dict()})
+        emit_json({"ok": True, "noise_multiplier": noise_multiplier, **result.to_dict()})
         return
     typer.echo(f"epsilon = {result.epsilon:.4f} at delta = {delta:g} after {rounds} round(s) (PLD, pessimistic)")
     rdp = "none in dp_accounting for this configuration" if result.epsilon_rdp_bound is None else f"{result.epsilon_rdp_bound:.4f}"
@@ -151,10 +133,6 @@ def calibrate_command(
     as_json: bool = _JSON,
 ) -> None:
     """The smallest noise multiplier whose epsilon after ROUNDS stays within the target."""
-    from restwise.privacy.accountant import PrivacyAccountant
-    from restwise.privacy.calibration import calibrate_noise_multiplier
-    from restwise.privacy.errors import EventValidationError, PrivacyError
-
     plan = _plan_kwargs(sampling, rate, cohort, population)
     try:
         res = calibrate_noise_multiplier(
@@ -162,11 +140,11 @@ def calibrate_command(
             accountant=PrivacyAccountant(claim_amplification=not no_amplification), **plan,
         )
     except EventValidationError as exc:
-        raise _fail(exc, as_json, code=2) from None
+        raise exit_with(exc, code=ExitCode.USAGE, as_json=as_json) from None
     except PrivacyError as exc:
-        raise _fail(exc, as_json) from None
+        raise exit_with(exc, as_json=as_json) from None
     if as_json:
-        _emit_json({"ok": True, **res.to_dict()})
+        emit_json({"ok": True, **res.to_dict()})
         return
     r = res.result
     typer.echo(f"noise multiplier = {res.noise_multiplier:.4f} (noise std = {res.noise_multiplier:.4f} x clip norm per round)")
@@ -191,10 +169,6 @@ def report_command(
     as_json: bool = _JSON,
 ) -> None:
     """Build RUN's privacy report (JSON + self-contained HTML), anchored in the signed ledger."""
-    from restwise.privacy.errors import PrivacyError
-    from restwise.privacy.ledger import PrivacyLedger, load_audit_key
-    from restwise.privacy.report import build_report, default_allow_list, write_report, write_run_report
-
     if (ledger is None) == (data_dir is None):
         raise typer.BadParameter("give exactly one of --ledger FILE or --data-dir DIR", param_hint="--ledger")
     try:
@@ -204,9 +178,7 @@ def report_command(
                 raise typer.BadParameter(f"no run {run!r} in {data_dir / 'runs'}", param_hint="RUN")
             signing = load_audit_key(key) if key is not None else None
             paths = write_run_report(run_dir, out_dir=out, signing_key=signing)
-            import json as _json
-
-            report = _json.loads(paths["report"].read_text())
+            report = json.loads(paths["report"].read_text())
         else:
             if out is None:
                 raise typer.BadParameter("--out DIR is required with --ledger", param_hint="--out")
@@ -223,9 +195,9 @@ def report_command(
             report = build_report(led, run, secagg=secagg, delta=delta, egress_allow_list=default_allow_list(), budget=budget)
             paths = write_report(report, out, ledger=led)
     except PrivacyError as exc:
-        raise _fail(exc, as_json) from None
+        raise exit_with(exc, as_json=as_json) from None
     if as_json:
-        _emit_json({"ok": True, "run_id": report["run_id"], "epsilon": report["epsilon"], "delta": report["delta"],
+        emit_json({"ok": True, "run_id": report["run_id"], "epsilon": report["epsilon"], "delta": report["delta"],
                     "files": {k: str(v) for k, v in paths.items()}})
         return
     eps = "unaccountable" if report["epsilon"] is None else f"{report['epsilon']:.4f}"
@@ -243,11 +215,9 @@ def verify_command(
 ) -> None:
     """Check signatures and hash chain, recompute epsilon from the ledger alone, and compare with
     the report. Exit 0 when everything matches, 8 on any mismatch or tampering."""
-    from restwise.privacy.verify import verify_report
-
     res = verify_report(report, ledger_path=ledger, public_key=public_key)
     if as_json:
-        _emit_json(res.to_dict())
+        emit_json(res.to_dict())
     else:
         for warning in res.warnings:
             typer.echo(f"warning: {warning}", err=True)
@@ -261,4 +231,4 @@ def verify_command(
             for problem in res.problems:
                 typer.echo(f"  - {problem}", err=True)
     if not res.ok:
-        raise typer.Exit(code=8)
+        raise typer.Exit(code=ExitCode.VERIFICATION_FAILED)

@@ -48,29 +48,14 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 
+from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
+from restwise.privacy.errors import DPError, NonFiniteUpdateError, UnsafeParametersError
 from restwise.privacy.secagg import records as SR
+from restwise.privacy.wire import DP_RECORD, ERROR_CODE_BAD_PARAMS, ERROR_CODE_NO_UPDATE, ERROR_CODE_NON_FINITE
 
 _log = logging.getLogger(__name__)
 
-DP_RECORD = "restwise.dp"
 PLACEMENTS = ("distributed", "central")
-MIN_DEVICE_NOISE_MULTIPLIER = 0.5  # a device refuses to take part in a weaker distributed round
-
-ERROR_CODE_NON_FINITE = 4311  # the update contains NaN or inf: refused on the device
-ERROR_CODE_BAD_PARAMS = 4312  # the server's DP parameters are missing or unsafe
-ERROR_CODE_NO_UPDATE = 4313  # the wrapped app returned no update vector
-
-
-class DPError(Exception):
-    """Base of the device-side DP errors (messages never quote update values)."""
-
-
-class NonFiniteUpdateError(DPError):
-    pass
-
-
-class UnsafeParametersError(DPError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -89,9 +74,9 @@ class DPRoundParams:
             raise UnsafeParametersError("noise_multiplier must be a finite number")
         if self.placement not in PLACEMENTS:
             raise UnsafeParametersError(f"placement must be one of {', '.join(PLACEMENTS)}")
-        if self.placement == "distributed" and self.noise_multiplier < MIN_DEVICE_NOISE_MULTIPLIER:
+        if self.placement == "distributed" and self.noise_multiplier < MIN_NOISE_MULTIPLIER:
             raise UnsafeParametersError(
-                f"a distributed-noise round needs noise_multiplier >= {MIN_DEVICE_NOISE_MULTIPLIER}"
+                f"a distributed-noise round needs noise_multiplier >= {MIN_NOISE_MULTIPLIER}"
             )
         if isinstance(self.noise_divisor, bool) or not isinstance(self.noise_divisor, int) or self.noise_divisor < 1:
             raise UnsafeParametersError("noise_divisor must be a positive integer")
@@ -228,7 +213,6 @@ def make_dp_mod(
 dp_mod = make_dp_mod()
 
 __all__ = [
-    "DP_RECORD", "DPRoundParams", "DPError", "NonFiniteUpdateError", "UnsafeParametersError", "clip_update",
+    "DPRoundParams", "DPError", "NonFiniteUpdateError", "UnsafeParametersError", "clip_update",
     "privatize", "add_central_noise", "total_noise_std", "noise_rng", "make_dp_mod", "dp_mod",
-    "ERROR_CODE_NON_FINITE", "ERROR_CODE_BAD_PARAMS", "ERROR_CODE_NO_UPDATE",
 ]

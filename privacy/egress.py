@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -46,61 +45,32 @@ from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from restwise.models.metrics import MetricSpec
+from restwise.privacy.errors import EgressRefused
 from restwise.privacy.secagg import records as SR
+from restwise.privacy.wire import (
+    CONSENT_RECORD,
+    DEVICE_STATE,
+    ERROR_CODE_APP_FAILED,
+    ERROR_CODE_LOG_FAILED,
+    ERROR_CODE_REFUSED,
+    HELLO_MESSAGE_TYPE,
+    METRICS_RECORD,
+    RUN_RECORD,
+    UPDATE_RECORD,
+    UPDATE_VECTOR,
+)
 
 _log = logging.getLogger(__name__)
-
-# Names shared by the device app and the server app (plain Message-API records).
-HELLO_MESSAGE_TYPE = "query.restwise_hello"
-RUN_RECORD = "restwise.run"  # server -> device: run_id (str), round (int)
-CONSENT_RECORD = "restwise.consent"  # device -> server: participate (bool)
-DEVICE_STATE = "restwise.device"  # context.state of a device (memory only): run_id per Flower run
-PLAIN_UPDATE = SR.INNER_UPDATE  # "update"
-PLAIN_VECTOR = SR.INNER_VECTOR  # "vector"
-METRICS = SR.METRICS  # "metrics"
-
-ERROR_CODE_REFUSED = 4301  # the guard refused a reply (not on the allow-list)
-ERROR_CODE_APP_FAILED = 4302  # the wrapped app raised; only the exception type is reported
-ERROR_CODE_NO_CONSENT = 4303  # the person has not consented to this run
-ERROR_CODE_LOG_FAILED = 4304  # the egress log could not be written: nothing sent
 
 FORBIDDEN_METRIC_KEYS = frozenset(
     {"num_examples", "num-examples", "n_examples", "num_samples", "n_samples", "num_days", "n_days", "count"}
 )
 
 
-class EgressRefused(Exception):
-    """An outgoing message is not on the allow-list. The message names the record, never a value."""
-
-    def __init__(self, message: str, *, record: str | None = None):
-        super().__init__(message)
-        self.record = record
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    """A coarse metric a device may send: bounded and rounded, so it says little."""
-
-    name: str
-    low: float
-    high: float
-    decimals: int
-
-    def coarsen(self, value: float) -> float:
-        """The value as a device should send it (clipped into range, rounded)."""
-        if not math.isfinite(value):
-            return self.high
-        return round(min(max(float(value), self.low), self.high), self.decimals)
-
-    def allows(self, value: Any) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        value = float(value)
-        return math.isfinite(value) and self.low <= value <= self.high and value == round(value, self.decimals)
-
-
-TRAIN_LOSS = MetricSpec("train_loss", 0.0, 100.0, 2)
+TRAIN_LOSS = MetricSpec("train_loss", "loss", 0.0, 100.0, decimals=2, description="mean training loss of the round")
 DEFAULT_METRICS = (TRAIN_LOSS,)
 
 
@@ -143,7 +113,7 @@ class EgressPolicy:
             allowed = dict(SR.CLIENT_REPLY_RECORDS.get(stage, {}))
             return {k: (kind, None if kind == "metric" else keys) for k, (kind, keys) in allowed.items()}
         if self.allow_unmasked_update:
-            return {PLAIN_UPDATE: ("array", (PLAIN_VECTOR,)), METRICS: ("metric", None)}
+            return {UPDATE_RECORD: ("array", (UPDATE_VECTOR,)), METRICS_RECORD: ("metric", None)}
         return {}
 
     # -- the check ----------------------------------------------------------------------
@@ -229,16 +199,12 @@ def wire_objects(message: Message) -> dict[str, bytes]:
     """object id -> serialised bytes of every object Flower transfers for ``message`` (the
     message, its RecordDict, each record, array and array chunk), as the SuperNode pushes
     them to the SuperLink."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
     return {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
 
 
 def content_bytes(content: RecordDict) -> bytes:
     """The serialised objects of a RecordDict (records, arrays, chunks), concatenated in a
     fixed order. Used for sizes and hashes that do not depend on message metadata."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
     return b"".join(obj.deflate() for obj in get_all_nested_objects(content).values())
 
 
@@ -253,8 +219,6 @@ def describe(message: Message) -> tuple[list[dict], int, str]:
     if message.has_error():
         body = f"error:{message.error.code}".encode()
         return [{"name": "error", "kind": "error", "code": int(message.error.code)}], len(body), hashlib.sha256(body).hexdigest()
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
     records, digest, total = [], hashlib.sha256(), 0
     for name, record in message.content.items():
         size = 0
@@ -377,9 +341,9 @@ def allow_list_summary(policy: EgressPolicy | None = None) -> dict[str, Any]:
     return {
         "hello_reply": {CONSENT_RECORD: {"kind": "config", "keys": ["participate"]}},
         "secure_aggregation": stages,
-        "unmasked_update": {PLAIN_UPDATE: {"kind": "array", "keys": [PLAIN_VECTOR]}} if policy.allow_unmasked_update else None,
+        "unmasked_update": {UPDATE_RECORD: {"kind": "array", "keys": [UPDATE_VECTOR]}} if policy.allow_unmasked_update else None,
         "coarse_metrics": [
-            {"name": m.name, "range": [m.low, m.high], "decimals": m.decimals} for m in policy.metrics
+            {"name": m.name, "range": [m.lo, m.hi], "decimals": m.decimals} for m in policy.metrics
         ],
         "never_sent": sorted(FORBIDDEN_METRIC_KEYS) + ["raw observations", "check-in answers", "personal model part"],
     }
@@ -387,8 +351,6 @@ def allow_list_summary(policy: EgressPolicy | None = None) -> dict[str, Any]:
 
 __all__ = [
     "EgressPolicy", "EgressRefused", "EgressLog", "MetricSpec", "TRAIN_LOSS", "DEFAULT_METRICS",
-    "HELLO_MESSAGE_TYPE", "RUN_RECORD", "CONSENT_RECORD", "DEVICE_STATE", "PLAIN_UPDATE", "PLAIN_VECTOR",
-    "METRICS", "FORBIDDEN_METRIC_KEYS", "make_egress_guard", "wire_objects", "content_bytes", "describe",
+    "FORBIDDEN_METRIC_KEYS", "make_egress_guard", "wire_objects", "content_bytes", "describe",
     "message_size", "run_and_round", "error_reply", "MemoryEgressLog", "allow_list_summary",
-    "ERROR_CODE_REFUSED", "ERROR_CODE_APP_FAILED", "ERROR_CODE_NO_CONSENT", "ERROR_CODE_LOG_FAILED",
 ]

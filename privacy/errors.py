@@ -1,36 +1,39 @@
-"""Errors raised by restwise.privacy (accounting, budget, ledger, report, verify).
+"""Errors raised by restwise.privacy: the ``PrivacyError`` branch of the one error tree
+(drawn whole, with exit codes, in :mod:`restwise.common.errors`)::
 
-The tree (every class carries the ``exit_code`` the CLI returns, see README "Exit codes")::
-
-    PrivacyError                         exit 1   anything restwise.privacy refuses to do
-    ├── EventError                       exit 1   a privacy event is not valid data
-    │   ├── EventValidationError         exit 1   a field is missing, out of range or inconsistent
-    │   └── UnknownSchemaVersionError    exit 1   written by a schema version this code does not know
-    ├── AccountingError                  exit 1   no trustworthy epsilon can be given
-    │   ├── UnsupportedEventError        exit 1   no tight accounting exists here for this configuration
-    │   │   └── NoiseTooSmallError       exit 1   noise multiplier below the supported minimum (0.5)
-    │   └── CalibrationError             exit 1   no noise multiplier reaches the target
-    ├── BudgetExceededError              exit 7   the next release would exceed a (epsilon, delta) budget
-    ├── LedgerError                      exit 1   the ledger cannot be used
-    │   ├── LedgerCorruptError           exit 8   chain, hash, signature or format broken (tampering?)
-    │   └── LedgerConflictError          exit 1   a different release for an already recorded round
-    ├── KeyFileError                     exit 1   the audit key file is missing, unreadable or unsafe
-    ├── ReportError                      exit 1   a report cannot be built (unknown run, bad input)
-    └── VerificationError                exit 8   a report does not match its ledger or signatures
+    PrivacyError                         anything restwise.privacy refuses to do
+    ├── EventError                       a privacy event is not valid data
+    │   ├── EventValidationError         a field is missing, out of range or inconsistent
+    │   └── UnknownSchemaVersionError    written by a schema version this code does not know
+    ├── AccountingError                  no trustworthy epsilon can be given
+    │   ├── UnsupportedEventError        no tight accounting exists here for this configuration
+    │   │   └── NoiseTooSmallError       noise multiplier below the supported minimum (0.5)
+    │   └── CalibrationError             no noise multiplier reaches the target
+    ├── BudgetExceededError              the next release would exceed a (epsilon, delta) budget
+    ├── LedgerError                      the ledger cannot be used
+    │   ├── LedgerCorruptError           chain, hash, signature or format broken (tampering?)
+    │   └── LedgerConflictError          a different release for an already recorded round
+    ├── KeyFileError                     the audit key file is missing, unreadable or unsafe
+    ├── ReportError                      a report cannot be built (unknown run, bad input)
+    ├── VerificationError                a report does not match its ledger or signatures
+    ├── DPError                          the device's DP step refuses (privacy.dp_mods)
+    │   ├── NonFiniteUpdateError         the update holds NaN or inf
+    │   └── UnsafeParametersError        the round's DP parameters are missing or unsafe
+    ├── EgressRefused                    a reply is not on the egress allow-list (privacy.egress)
+    └── SecAggError                      secure aggregation (privacy.secagg.errors)
 
 Errors carry their context as attributes (e.g. ``BudgetExceededError.spent``) and name the
-problem precisely; they never contain key material.
+problem precisely; they never contain key material or update values.
 """
 
 from __future__ import annotations
 
+from restwise.common.errors import RestwiseError
+from restwise.common.exit_codes import ExitCode
 
-class PrivacyError(Exception):
-    exit_code = 1
+
+class PrivacyError(RestwiseError):
     default_message = "the privacy operation failed"
-
-    def __init__(self, message: str | None = None):
-        super().__init__(message or self.default_message)
 
 
 class EventError(PrivacyError, ValueError):
@@ -39,15 +42,12 @@ class EventError(PrivacyError, ValueError):
 
 class EventValidationError(EventError):
     def __init__(self, message: str, *, field: str | None = None):
-        self.field = field
-        super().__init__(message)
+        super().__init__(message, field=field)
 
 
 class UnknownSchemaVersionError(EventError):
     def __init__(self, message: str, *, found: object = None, supported: tuple[int, ...] = ()):
-        self.found = found
-        self.supported = supported
-        super().__init__(message)
+        super().__init__(message, found=found, supported=supported)
 
 
 class AccountingError(PrivacyError):
@@ -57,16 +57,13 @@ class AccountingError(PrivacyError):
 class UnsupportedEventError(AccountingError):
     """The accountant has no tight analysis for this configuration and refuses to guess."""
 
-    def __init__(self, message: str, *, event: object = None):
-        self.event = event
-        super().__init__(message)
+    def __init__(self, message: str, *, event: object = None, **context: object):
+        super().__init__(message, event=event, **context)
 
 
 class NoiseTooSmallError(UnsupportedEventError):
     def __init__(self, message: str, *, noise_multiplier: float, minimum: float, event=None):
-        self.noise_multiplier = noise_multiplier
-        self.minimum = minimum
-        super().__init__(message, event=event)
+        super().__init__(message, event=event, noise_multiplier=noise_multiplier, minimum=minimum)
 
 
 class CalibrationError(AccountingError):
@@ -76,7 +73,7 @@ class CalibrationError(AccountingError):
 class BudgetExceededError(PrivacyError):
     """Raised before a release that would exceed a budget. Carries the numbers."""
 
-    exit_code = 7
+    exit_code = ExitCode.BUDGET_EXCEEDED
 
     def __init__(
         self,
@@ -89,18 +86,13 @@ class BudgetExceededError(PrivacyError):
         run_id: str | None = None,
         round: int | None = None,
     ):
-        self.scope = scope
-        self.spent = spent
-        self.projected = projected
-        self.budget_epsilon = budget_epsilon
-        self.delta = delta
-        self.run_id = run_id
-        self.round = round
         where = f" for run {run_id!r} round {round}" if run_id is not None else ""
         super().__init__(
             f"{scope} privacy budget would be exceeded{where}: spent epsilon={spent:.6g}, "
             f"projected epsilon after this release={projected:.6g} > budget epsilon="
-            f"{budget_epsilon:.6g} (delta={delta:.3g})"
+            f"{budget_epsilon:.6g} (delta={delta:.3g})",
+            scope=scope, spent=spent, projected=projected, budget_epsilon=budget_epsilon, delta=delta,
+            run_id=run_id, round=round,
         )
 
 
@@ -109,18 +101,15 @@ class LedgerError(PrivacyError):
 
 
 class LedgerCorruptError(LedgerError):
-    exit_code = 8
+    exit_code = ExitCode.VERIFICATION_FAILED
 
     def __init__(self, message: str, *, line: int | None = None):
-        self.line = line
-        super().__init__(message if line is None else f"ledger line {line}: {message}")
+        super().__init__(message if line is None else f"ledger line {line}: {message}", line=line)
 
 
 class LedgerConflictError(LedgerError):
     def __init__(self, message: str, *, key: tuple | None = None, fields: tuple[str, ...] = ()):
-        self.key = key
-        self.fields = fields
-        super().__init__(message)
+        super().__init__(message, key=key, fields=fields)
 
 
 class KeyFileError(PrivacyError):
@@ -134,8 +123,28 @@ class ReportError(PrivacyError):
 class VerificationError(PrivacyError):
     """Verification failed; ``problems`` lists every mismatch found."""
 
-    exit_code = 8
+    exit_code = ExitCode.VERIFICATION_FAILED
 
     def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("verification failed: " + "; ".join(self.problems))
+        super().__init__("verification failed: " + "; ".join(problems), problems=list(problems))
+
+
+class DPError(PrivacyError):
+    """The device's DP step refuses (messages never quote update values)."""
+
+    default_message = "the DP step refused"
+
+
+class NonFiniteUpdateError(DPError):
+    default_message = "the update contains NaN or inf"
+
+
+class UnsafeParametersError(DPError):
+    default_message = "the round's DP parameters are missing or unsafe"
+
+
+class EgressRefused(PrivacyError):
+    """An outgoing message is not on the allow-list. The message names the record, never a value."""
+
+    def __init__(self, message: str, *, record: str | None = None):
+        super().__init__(message, record=record)

@@ -36,6 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from restwise.common.fsutil import fsync_dir
 from restwise.privacy.errors import (
     EventError,
     KeyFileError,
@@ -96,8 +101,6 @@ class LedgerVerification:
 # --- keys ------------------------------------------------------------------------------------
 def generate_audit_key(path: str | os.PathLike):
     """Create the server's Ed25519 audit key as PKCS#8 PEM, mode 0600. Refuses to overwrite."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     path = Path(path)
     key = Ed25519PrivateKey.generate()
@@ -114,14 +117,12 @@ def generate_audit_key(path: str | os.PathLike):
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return key
 
 
 def load_audit_key(path: str | os.PathLike):
     """Load the server's Ed25519 audit key; refuses files readable by group or others."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     path = Path(path)
     try:
@@ -149,7 +150,6 @@ def load_or_create_audit_key(path: str | os.PathLike):
 
 def public_key_pem(key) -> bytes:
     """PEM (SubjectPublicKeyInfo) of a private or public Ed25519 key."""
-    from cryptography.hazmat.primitives import serialization
 
     public = key.public_key() if hasattr(key, "public_key") else key
     return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -163,8 +163,6 @@ def export_public_key(key, path: str | os.PathLike) -> Path:
 
 def load_public_key(source: str | os.PathLike | bytes):
     """An Ed25519 public key from PEM bytes or a PEM file."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     if isinstance(source, bytes):
         data, name = source, "the given key"
@@ -184,22 +182,10 @@ def load_public_key(source: str | os.PathLike | bytes):
 
 def key_fingerprint(key) -> str:
     """``sha256:<hex>`` of the raw 32-byte public key."""
-    from cryptography.hazmat.primitives import serialization
 
     public = key.public_key() if hasattr(key, "public_key") else key
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return "sha256:" + hashlib.sha256(raw).hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -276,7 +262,6 @@ def parse_ledger_bytes(data: bytes) -> list[LedgerEntry]:
 
 
 def verify_signatures(entries: list[LedgerEntry], public_key) -> None:
-    from cryptography.exceptions import InvalidSignature
 
     for entry in entries:
         if entry.signature is None:
@@ -415,7 +400,7 @@ class PrivacyLedger:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             entries = self._load_locked(fd, repair=True)
             if isinstance(event, GaussianRoundEvent):
                 existing = self._find_release(entries, event)

@@ -52,16 +52,16 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import math
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from restwise.common.fsutil import atomic_write_bytes
 from restwise.privacy.accountant import PLDParameters, PrivacyAccountant
 from restwise.privacy.errors import AccountingError, ReportError
 from restwise.privacy.events import BudgetRefusalEvent, GaussianRoundEvent, ReportIssuedEvent, utc_now
-from restwise.privacy.ledger import PrivacyLedger, key_fingerprint, public_key_pem
+from restwise.privacy.ledger import PrivacyLedger, key_fingerprint, load_audit_key, public_key_pem
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_FILE = "report.json"
@@ -94,7 +94,7 @@ DEFAULT_LEAVES_DEVICE = (
 )
 
 
-def _accountant_from(accounting: dict | None, claim_amplification: bool = True) -> PrivacyAccountant:
+def accountant_from(accounting: dict | None, claim_amplification: bool = True) -> PrivacyAccountant:
     pld = PLDParameters()
     if accounting and isinstance(accounting.get("pld_parameters"), dict):
         params = {k: v for k, v in accounting["pld_parameters"].items() if k != "interval_used"}
@@ -137,7 +137,7 @@ def run_accounting(
     return result.to_dict(), curve
 
 
-def _release_row(seq: int, ev: GaussianRoundEvent) -> dict[str, Any]:
+def release_row(seq: int, ev: GaussianRoundEvent) -> dict[str, Any]:
     return {
         "ledger_seq": seq,
         "round": ev.round,
@@ -271,7 +271,7 @@ def build_report(
                 "max": max((ev.cohort_size for ev in events), default=None),
             },
         },
-        "releases": [_release_row(seq, ev) for seq, ev in releases],
+        "releases": [release_row(seq, ev) for seq, ev in releases],
         "epsilon_curve": curve,
         "budget": budget,
         "refusals": refusals,
@@ -304,15 +304,6 @@ def report_bytes(report: dict) -> bytes:
     return (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(report: dict, out_dir: str | os.PathLike, *, ledger: PrivacyLedger | None = None) -> dict[str, Path]:
     """Write report.json and report.html; with ``ledger``, anchor both in it (a
     ``report_issued`` entry with their SHA-256) and copy the ledger and public key beside them,
@@ -322,8 +313,8 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, ledger: PrivacyLed
     data = report_bytes(report)
     page = render_html(report).encode("utf-8")
     paths = {"report": out / REPORT_FILE, "html": out / HTML_FILE}
-    _atomic_write(paths["report"], data)
-    _atomic_write(paths["html"], page)
+    atomic_write_bytes(paths["report"], data)
+    atomic_write_bytes(paths["html"], page)
     if ledger is not None:
         entry = ledger.append(
             ReportIssuedEvent(
@@ -342,20 +333,17 @@ def write_report(report: dict, out_dir: str | os.PathLike, *, ledger: PrivacyLed
             paths["public_key"] = out / PUBLIC_KEY_FILE
             pem = public_key_pem(ledger.signing_key)
             if not paths["public_key"].exists() or paths["public_key"].read_bytes() != pem:
-                _atomic_write(paths["public_key"], pem)
+                atomic_write_bytes(paths["public_key"], pem)
     return paths
 
 
-def default_allow_list() -> Any:
-    """The device egress allow-list from restwise.privacy.egress, or None when unavailable."""
-    try:
-        from restwise.privacy.egress import allow_list_summary
-    except ImportError:
-        return None
-    try:
-        return allow_list_summary()
-    except Exception:  # noqa: BLE001 - the report falls back to its default text
-        return None
+def default_allow_list() -> dict[str, Any]:
+    """The device egress allow-list (restwise.privacy.egress), for the information-leakage section."""
+    # The allow-list lives with the egress guard, a Flower mod: Flower (about 0.5 s) loads when
+    # a report is built, never for `restwise audit verify` or `restwise --help`.
+    from restwise.privacy.egress import allow_list_summary
+
+    return allow_list_summary()
 
 
 def write_run_report(
@@ -368,8 +356,6 @@ def write_run_report(
     """Report for a server run folder (``<data_dir>/runs/<run_id>/``: config.json,
     ledger.jsonl signed with the key at config ``audit_key_path`` or ``../audit_key.pem``).
     Writes into ``out_dir`` (default: the run folder) and anchors the report in the run's ledger."""
-    from restwise.privacy.ledger import load_audit_key
-
     run_dir = Path(run_dir)
     config: dict[str, Any] = {}
     config_path = run_dir / "config.json"
@@ -379,13 +365,19 @@ def write_run_report(
         except (OSError, ValueError):
             raise ReportError(f"{config_path} is not readable JSON") from None
     ledger_path = run_dir / LEDGER_FILE
-    if not ledger_path.exists():
+    if not ledger_path.exists() and not config:
         raise ReportError(f"no ledger at {ledger_path}")
+    # A run folder without a ledger released nothing (stopped before its first round): its
+    # report says so, and is the ledger's first entry.
     if signing_key is None:
         key_path = Path(config["audit_key_path"]) if config.get("audit_key_path") else run_dir.resolve().parent / "audit_key.pem"
         signing_key = load_audit_key(key_path)
     ledger = PrivacyLedger(ledger_path, signing_key)
-    run_ids = sorted({e.payload.get("run_id") for e in ledger.entries() if e.payload.get("run_id")})
+    # A run that released nothing has only audit entries (round.failed) naming it as target.
+    run_ids = sorted({e.payload.get("run_id") or (e.payload.get("target") if e.payload.get("kind") == "audit" else None)
+                      for e in ledger.entries()} - {None})
+    if not run_ids:
+        run_ids = [run_dir.name]
     run_id = run_dir.name if run_dir.name in run_ids else (run_ids[0] if len(run_ids) == 1 else None)
     if run_id is None:
         raise ReportError(f"cannot tell which run of {ledger_path} to report on ({len(run_ids)} runs found)")

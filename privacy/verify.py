@@ -32,8 +32,8 @@ from restwise.privacy.report import (
     PUBLIC_KEY_FILE,
     REPORT_FILE,
     REPORT_SCHEMA_VERSION,
-    _accountant_from,
-    _release_row,
+    accountant_from,
+    release_row,
     run_accounting,
 )
 
@@ -248,7 +248,7 @@ def _verify(
         res.problems.append(f"the report's delta {delta!r} is not in (0, 1)")
     else:
         try:
-            accountant = _accountant_from(report.get("accounting"), bool(report.get("amplification_claimed", True)))
+            accountant = accountant_from(report.get("accounting"), bool(report.get("amplification_claimed", True)))
         except (PrivacyError, TypeError) as exc:
             res.problems.append(f"the report's accounting parameters are not acceptable: {exc}")
         else:
@@ -274,7 +274,7 @@ def _verify(
                 for a, b in zip(curve, report.get("epsilon_curve") or [])
             ):
                 res.problems.append("epsilon_curve does not match the curve recomputed from the ledger")
-    rows = [_release_row(seq, ev) for seq, ev in releases]
+    rows = [release_row(seq, ev) for seq, ev in releases]
     reported_rows = report.get("releases") or []
     if len(rows) != len(reported_rows):
         res.problems.append(f"the report lists {len(reported_rows)} releases, the ledger holds {len(rows)} for this run")

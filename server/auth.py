@@ -12,8 +12,9 @@ Roles:
                verification bundle; change nothing
 
 Every request that changes state is recorded by ``AuditTrail`` with the actor's token id and
-role (never the token), in the database and, when a signing key is configured, in the signed,
-hash-chained audit ledger (``restwise.privacy.ledger``).
+role (never the token), in the database and in the service's signed, hash-chained audit
+ledger (``restwise.privacy.ledger``; the key is created on first use, 0600). There is no
+service without that ledger.
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from restwise.privacy.events import AuditEvent
+from restwise.privacy.ledger import PrivacyLedger, load_or_create_audit_key, public_key_pem
 from restwise.server import db as dbm
+from restwise.server.errors import TokenError
 
+SESSION_COOKIE = "restwise_session"  # the dashboard's session cookie (see server/dashboard.py)
 TOKEN_RE = re.compile(r"^rw_([0-9a-f]{16})_([A-Za-z0-9_-]{43})$")
 SESSION_LIFETIME = _dt.timedelta(hours=12)
 
@@ -66,10 +71,6 @@ class TokenInfo:
     created_at: str
     revoked_at: str | None
     last_used_at: str | None
-
-
-class TokenError(Exception):
-    """A token operation was refused (unknown id, bad name or role)."""
 
 
 def _digest(secret: str) -> str:
@@ -200,12 +201,12 @@ SYSTEM_PRINCIPAL = Principal("cli", "server command line", Role.admin)
 class AuditTrail:
     """The service's own audit log: who changed what, when, and whether it was allowed.
 
-    Written to the database (for listing) and, when ``ledger`` is given, appended to the
-    signed hash-chained ledger (``restwise.privacy.ledger.PrivacyLedger``), whose file an
-    auditor can verify without trusting this database.
+    Written to the database (for listing) and appended to the signed hash-chained ledger
+    (``restwise.privacy.ledger.PrivacyLedger``), whose file an auditor can verify without
+    trusting this database.
     """
 
-    def __init__(self, database: dbm.Database, ledger: Any | None = None):
+    def __init__(self, database: dbm.Database, ledger: PrivacyLedger):
         self.db = database
         self.ledger = ledger
         self._lock = threading.Lock()
@@ -220,17 +221,14 @@ class AuditTrail:
     ) -> None:
         at = dbm.utcnow()
         with self._lock:
-            if self.ledger is not None:
-                from restwise.privacy.events import AuditEvent
-
-                self.ledger.append(
-                    AuditEvent(
-                        actor=f"{actor.role.value}:{actor.token_id}",
-                        action=action,
-                        target=target,
-                        details={"outcome": outcome, **(detail or {})},
-                    )
+            self.ledger.append(
+                AuditEvent(
+                    actor=f"{actor.role.value}:{actor.token_id}",
+                    action=action,
+                    target=target,
+                    details={"outcome": outcome, **(detail or {})},
                 )
+            )
             with self.db.engine.begin() as conn:
                 conn.execute(
                     dbm.audit_log.insert().values(
@@ -270,28 +268,17 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def open_audit_ledger(audit_dir: Path) -> tuple[Any | None, bytes | None]:
-    """The service's signed audit ledger and its public key (PEM), created on first use.
-
-    Uses the accounting area's ``PrivacyLedger``; returns (None, None) in a checkout that does
-    not have it yet, in which case the audit trail lives in the database only.
-    """
-    try:
-        from restwise.privacy import ledger as ledgerm
-    except ImportError:
-        return None, None
-    return _open_with(ledgerm, ensure_private_dir(audit_dir))
-
-
 AUDIT_KEY_FILE = "audit-key.pem"
 AUDIT_PUBLIC_KEY_FILE = "audit-public-key.pem"
 AUDIT_LEDGER_FILE = "service-ledger.jsonl"
 
 
-def _open_with(ledgerm: Any, audit_dir: Path) -> tuple[Any | None, bytes | None]:
-    key = ledgerm.load_or_create_audit_key(audit_dir / AUDIT_KEY_FILE)
-    pem = ledgerm.public_key_pem(key)
+def open_audit_ledger(audit_dir: Path) -> tuple[PrivacyLedger, bytes]:
+    """The service's signed audit ledger and its public key (PEM), created on first use."""
+    audit_dir = ensure_private_dir(audit_dir)
+    key = load_or_create_audit_key(audit_dir / AUDIT_KEY_FILE)
+    pem = public_key_pem(key)
     public_path = audit_dir / AUDIT_PUBLIC_KEY_FILE
     if not public_path.exists() or public_path.read_bytes() != pem:
         public_path.write_bytes(pem)
-    return ledgerm.PrivacyLedger(audit_dir / AUDIT_LEDGER_FILE, signing_key=key), pem
+    return PrivacyLedger(audit_dir / AUDIT_LEDGER_FILE, signing_key=key), pem

@@ -24,6 +24,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from restwise.server import auth as authm
+from restwise.server.auth import SESSION_COOKIE
+from restwise.server.errors import ProblemError
+from restwise.server.runs import RUN_ID_RE
 
 HERE = Path(__file__).resolve().parent
 _env = jinja2.Environment(
@@ -226,10 +229,8 @@ def _fmt_value(v: Any) -> str:
 
 
 def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
-    from restwise.server.service import RUN_ID_PATTERN, SESSION_COOKIE, ProblemError
-
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    RunId = PathParam(pattern=RUN_ID_PATTERN, max_length=16)
+    RunId = PathParam(pattern=RUN_ID_RE.pattern, max_length=16)
     html_only = {"content": {"text/html": {}}}
 
     def common(request: Request, who: authm.Principal) -> dict[str, Any]:

@@ -21,9 +21,7 @@ from typing import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-
-class DatabaseError(Exception):
-    """The database cannot be used (unreachable, or written by a newer schema)."""
+from restwise.server.errors import DatabaseError
 
 
 def utcnow() -> str:

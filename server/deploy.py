@@ -32,14 +32,9 @@ What Flower 1.42 actually does (read from its source and measured here, not assu
 Everything here is plain functions over explicit, frozen configuration objects; the CLIs
 (``restwise server ...``, ``restwise device join``) and the tests call them.
 
-Errors (all subclasses of :class:`DeploymentError`, a ``RuntimeError``)::
-
-    DeploymentError
-     ├── DeploymentConfigError      bad or unsafe options (plaintext without --insecure, ...)
-     ├── CertificateError           a certificate/key file is missing, unreadable or wrong
-     ├── FlowerCommandError         a `flwr` command failed (carries the command name and exit code)
-     ├── ProcessStartError          a SuperLink/SuperNode process died or never became ready
-     └── RunFailedError             a run ended in a state other than completed:successful
+Errors: the ``DeploymentError`` branch of the one error tree (``server/errors.py``; a
+``RuntimeError`` too) - DeploymentConfigError, CertificateError, FlowerCommandError,
+ProcessStartError, RunFailedError.
 """
 
 from __future__ import annotations
@@ -58,58 +53,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-# --------------------------------------------------------------------------------------------
-# Errors
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-
-class DeploymentError(RuntimeError):
-    """Something about a Restwise deployment failed; see the subclasses."""
-
-
-class DeploymentConfigError(DeploymentError):
-    """Bad or unsafe deployment options."""
-
-
-class CertificateError(DeploymentError):
-    """A certificate or key file is missing, unreadable or of the wrong kind."""
-
-    def __init__(self, path: Path | str, problem: str):
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
-
-
-class FlowerCommandError(DeploymentError):
-    """A ``flwr`` command failed."""
-
-    def __init__(self, command: str, returncode: int, detail: str = ""):
-        msg = f"`flwr {command}` failed with exit code {returncode}"
-        super().__init__(f"{msg}: {detail}" if detail else msg)
-        self.command = command
-        self.returncode = returncode
-        self.detail = detail
-
-
-class ProcessStartError(DeploymentError):
-    """A SuperLink or SuperNode process exited early or never became ready."""
-
-    def __init__(self, name: str, detail: str, log_path: Path | None = None):
-        where = f" (log: {log_path})" if log_path else ""
-        super().__init__(f"{name}: {detail}{where}")
-        self.name = name
-        self.log_path = log_path
-
-
-class RunFailedError(DeploymentError):
-    """A Flower run ended in a state other than ``completed:successful``."""
-
-    def __init__(self, run_id: int, status: str, detail: str = ""):
-        msg = f"run {run_id} ended with status {status}"
-        super().__init__(f"{msg}: {detail}" if detail else msg)
-        self.run_id = run_id
-        self.status = status
-
-
+from restwise.common.fsutil import atomic_write_bytes
+from restwise.server.errors import (
+    CertificateError,
+    DeploymentConfigError,
+    DeploymentError,
+    FlowerCommandError,
+    ProcessStartError,
+    RunFailedError,
+)
+from restwise.server.runstatus import TERMINAL_STATUSES
 # --------------------------------------------------------------------------------------------
 # Certificates and keys (cryptography only)
 
@@ -151,18 +110,7 @@ class NodeKeyFiles:
 def _write_private(path: Path, data: bytes) -> None:
     """Write a secret file created 0600 from the start (never world-readable, not even briefly)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
@@ -182,11 +130,6 @@ def make_trial_pki(
     ``sans``: the names/addresses the SuperNodes will dial (IP addresses become IP SANs).
     For trials only: the CA key sits next to the certificates (0600). Refuses to overwrite
     existing files unless ``overwrite``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     if days < 1 or days > 825:
         raise DeploymentConfigError(f"certificate lifetime must be 1..825 days, got {days}")
     if not sans:
@@ -272,9 +215,6 @@ def make_trial_pki(
 def make_node_keys(folder: Path, name: str, *, overwrite: bool = False) -> NodeKeyFiles:
     """An EC P-384 key pair for SuperNode authentication: ``NAME`` (OpenSSH private key, 0600)
     and ``NAME.pub`` (OpenSSH public key, the one an operator registers)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     if not name or "/" in name or name.startswith("."):
         raise DeploymentConfigError(f"not a usable key name: {name!r}")
     files = NodeKeyFiles(Path(folder) / name, Path(folder) / f"{name}.pub")
@@ -299,10 +239,6 @@ def make_node_keys(folder: Path, name: str, *, overwrite: bool = False) -> NodeK
 
 def check_node_public_key(path: Path) -> None:
     """Refuse anything Flower would refuse, before calling it: an OpenSSH NIST-curve EC key."""
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -317,10 +253,6 @@ def check_node_public_key(path: Path) -> None:
 
 
 def check_node_private_key(path: Path) -> None:
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -724,14 +656,11 @@ def run_dir_finished(run_dir: Path) -> Callable[[], bool]:
 
     def finished() -> bool:
         try:
-            return json.loads(state.read_text(encoding="utf-8")).get("status") in TERMINAL_RUN_STATES
+            return json.loads(state.read_text(encoding="utf-8")).get("status") in TERMINAL_STATUSES
         except (OSError, ValueError):
             return False
 
     return finished
-
-
-TERMINAL_RUN_STATES = ("completed", "failed", "stopped", "refused")
 
 
 def stop_run(conn: FlwrConnection, run_id: int) -> None:

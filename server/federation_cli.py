@@ -17,15 +17,14 @@ from typing import List, Optional
 
 import typer
 
+from restwise.common.cli_errors import cli_errors, fail
+from restwise.common.errors import UsageError
+from restwise.common.exit_codes import ExitCode
+from restwise.server import deploy as D
+from restwise.server.errors import RunFilesError
 
-def _err(msg: str, code: int = 1) -> typer.Exit:
-    typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=code)
 
-
-def _connection(home: Path, superlink: str, root_cert: Optional[Path], insecure: bool):
-    from restwise.server import deploy as D
-
+def _connection(home: Path, superlink: str, root_cert: Optional[Path], insecure: bool) -> D.FlwrConnection:
     if root_cert is not None and not Path(root_cert).is_file():
         raise D.CertificateError(root_cert, "no such file")
     return D.FlwrConnection(home, superlink, root_cert=root_cert, insecure=insecure)
@@ -54,13 +53,9 @@ def register(app: typer.Typer) -> None:
 
         All files are created mode 0600. The CA key is kept next to the certificates: fine for
         a trial, not for production (use your organisation's CA)."""
-        from restwise.server import deploy as D
-
-        try:
+        with cli_errors():
             files = D.make_trial_pki(out, sans=san, days=days, overwrite=force)
             keys = [D.make_node_keys(Path(out) / "nodes", n, overwrite=force) for n in node]
-        except D.DeploymentError as exc:
-            raise _err(str(exc), 2 if isinstance(exc, D.DeploymentConfigError) else 1) from None
         typer.echo(f"CA certificate       {files.ca_cert}   (give to every SuperNode: --root-cert)")
         typer.echo(f"CA key               {files.ca_key}   (keep private; trials only)")
         typer.echo(f"SuperLink cert/key   {files.server_cert}, {files.server_key}  (SANs: {', '.join(san)})")
@@ -88,9 +83,7 @@ def register(app: typer.Typer) -> None:
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the flower-superlink command instead of running it."),
     ) -> None:
         """Start a SuperLink with TLS and SuperNode authentication (runs in the foreground)."""
-        from restwise.server import deploy as D
-
-        try:
+        with cli_errors():
             tls = None
             if certs_dir is not None:
                 if any((ssl_ca_certfile, ssl_certfile, ssl_keyfile)):
@@ -106,10 +99,6 @@ def register(app: typer.Typer) -> None:
             )
             if tls is not None:
                 tls.check()
-        except D.DeploymentConfigError as exc:
-            raise _err(str(exc), 2) from None
-        except D.DeploymentError as exc:
-            raise _err(str(exc)) from None
         cmd = D.superlink_command(cfg)
         if dry_run:
             typer.echo(" ".join(cmd))
@@ -128,16 +117,9 @@ def register(app: typer.Typer) -> None:
         name: Optional[str] = typer.Option(None, "--name", help="A label for the node."),
     ) -> None:
         """Register a SuperNode's public key: only registered nodes may join the federation."""
-        from restwise.server import deploy as D
-
-        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home:
-            try:
-                conn = _connection(Path(home), superlink, root_cert, insecure)
-                node_id = D.register_node(conn, public_key, name=name)
-            except D.DeploymentConfigError as exc:
-                raise _err(str(exc), 2) from None
-            except D.DeploymentError as exc:
-                raise _err(str(exc)) from None
+        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
+            conn = _connection(Path(home), superlink, root_cert, insecure)
+            node_id = D.register_node(conn, public_key, name=name)
         typer.echo(f"registered SuperNode {node_id}")
 
     @app.command("nodes")
@@ -147,15 +129,8 @@ def register(app: typer.Typer) -> None:
         insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     ) -> None:
         """List the registered SuperNodes and whether they are online (JSON)."""
-        from restwise.server import deploy as D
-
-        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home:
-            try:
-                found = D.list_nodes(_connection(Path(home), superlink, root_cert, insecure))
-            except D.DeploymentConfigError as exc:
-                raise _err(str(exc), 2) from None
-            except D.DeploymentError as exc:
-                raise _err(str(exc)) from None
+        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
+            found = D.list_nodes(_connection(Path(home), superlink, root_cert, insecure))
         typer.echo(json.dumps(found, indent=2))
 
     @app.command("run")
@@ -174,69 +149,55 @@ def register(app: typer.Typer) -> None:
         Exit 0 only if Flower reports the run finished:completed AND the run folder's state is
         completed; otherwise 1 (the reason is printed). The ServerApp runs on the SuperLink's
         machine, so --run-dir is a path on that machine."""
-        from restwise.server import deploy as D
-
         run_dir = Path(run_dir).resolve()
-        try:
+        with cli_errors():
             _prepare_run_dir(run_dir, config)
-        except ValueError as exc:
-            raise _err(str(exc), 2) from None
-        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home:
-            try:
-                conn = _connection(Path(home), superlink, root_cert, insecure)
-                app_dir = D.write_app_dir(Path(home) / "app")
-                run_id = D.submit_run(conn, app_dir, {"run-dir": str(run_dir)})
-                typer.echo(f"submitted Flower run {run_id}; waiting (up to {timeout:.0f} s)")
-                status = D.wait_for_run(conn, run_id, timeout_s=timeout, poll_s=30.0, wake=D.run_dir_finished(run_dir))
-            except D.DeploymentConfigError as exc:
-                raise _err(str(exc), 2) from None
-            except D.DeploymentError as exc:
-                raise _err(str(exc)) from None
+        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
+            conn = _connection(Path(home), superlink, root_cert, insecure)
+            app_dir = D.write_app_dir(Path(home) / "app")
+            run_id = D.submit_run(conn, app_dir, {"run-dir": str(run_dir)})
+            typer.echo(f"submitted Flower run {run_id}; waiting (up to {timeout:.0f} s)")
+            status = D.wait_for_run(conn, run_id, timeout_s=timeout, poll_s=30.0, wake=D.run_dir_finished(run_dir))
         outcome = check_run_outcome(status, run_dir)
         typer.echo(json.dumps(outcome, indent=2))
         if not outcome["ok"]:
-            raise _err(f"run {run_id} did not complete: {outcome['reason']}")
+            raise fail(f"run {run_id} did not complete: {outcome['reason']}", ExitCode.FAILURE)
 
 
 def _prepare_run_dir(run_dir: Path, config: Optional[Path]) -> None:
+    """Write ``--config`` into the run folder (validated), or check the folder has one.
+    Raises UsageError naming the problem (exit 2)."""
+    # The run directory's contract brings Flower (about 0.4 s): loaded by `run` only.
+    from restwise.server.rundir import RunFiles
     from restwise.server.runconfig import RunConfig
 
-    target = run_dir / "config.json"
+    files = RunFiles(run_dir)
     if config is not None:
         try:
             data = json.loads(Path(config).read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ValueError(f"cannot read {config}: {exc.strerror}") from None
+            raise UsageError(f"cannot read {config}: {exc.strerror}") from None
         except json.JSONDecodeError:
-            raise ValueError(f"{config} is not JSON") from None
-        cfg = RunConfig.from_dict(data)  # RunConfigError (a ValueError) names the bad field
-        run_dir.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(cfg.to_dict(), sort_keys=True, indent=2) + "\n", encoding="utf-8")
-    elif not target.is_file():
-        raise ValueError(f"{target} does not exist: give --config or create the run with the service")
+            raise UsageError(f"{config} is not JSON") from None
+        files.write_config(RunConfig.from_dict(data))  # RunConfigError names the bad field
+    elif not files.config.is_file():
+        raise UsageError(f"{files.config} does not exist: give --config or create the run with the service")
 
 
 def check_run_outcome(status, run_dir: Path) -> dict:
     """Combine Flower's verdict with the ServerApp's own (``state.json``): a ServerApp that
     returns normally after every round failed is still 'finished:completed' for Flower."""
+    from restwise.server.rundir import RunFiles  # see _prepare_run_dir
+
+    files = RunFiles(Path(run_dir))
     state: dict = {}
-    try:
-        state = json.loads((Path(run_dir) / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    released, failed = [], []
-    try:
-        for line in (Path(run_dir) / "rounds.jsonl").read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue  # a torn last line after a crash
-            if entry.get("status") in ("released", "completed"):
-                released.append(entry.get("round"))
-            elif entry.get("status") == "failed":
-                failed.append(entry.get("round"))
-    except OSError:
-        pass
+    if files.state.exists():
+        try:
+            state = files.read_state()
+        except RunFilesError:
+            state = {}
+    released = [e.get("round") for e in files.round_lines() if e.get("status") in ("released", "completed")]
+    failed = [e.get("round") for e in files.round_lines() if e.get("status") == "failed"]
     restwise_status = state.get("status")
     ok = status.succeeded and restwise_status == "completed"
     if not status.succeeded:

@@ -1,10 +1,14 @@
 """``RunConfig``: the validated configuration of one federated training run.
 
 This is the contract between whoever *creates* a run (the API service, the CLI, the demo)
-and the runner that executes it (``restwise.server.runner``): the service writes
-``RunConfig.to_dict()`` as ``config.json`` into the run directory, the runner reads it back
+and the ServerApp that executes it (``restwise.server.app``, simulated or deployed): the creator writes
+``RunConfig.to_dict()`` as ``config.json`` into the run directory, the ServerApp reads it back
 with ``RunConfig.from_dict``. Every check raises ``RunConfigError`` (a ``ValueError``) whose
 ``field`` attribute names the offending field, so an API can answer 422 naming it.
+
+``model`` names an architecture of the model registry (``restwise.models.registry``); the
+privacy side sees the run only as a :class:`~restwise.privacy.release.ReleasePolicy`
+(:meth:`RunConfig.release_policy`).
 
 Privacy-relevant fields, in the words of the analysis (docs/federated.md):
 
@@ -18,7 +22,9 @@ Privacy-relevant fields, in the words of the analysis (docs/federated.md):
                      is calibrated from it for ``rounds`` rounds by the accountant. Give
                      exactly one of ``target_epsilon`` and ``noise_multiplier``.
     noise_multiplier z, given directly (the budget is then what z and ``rounds`` spend).
-    clip_norm        C, the L2 bound of one device's update, enforced on the device.
+    clip_norm        C, the L2 bound of one device's update, enforced on the device. A model
+                     learnt from one release of statistics (``models.registry.ONE_RELEASE``)
+                     declares its own documented bound, which replaces it (``sensitivity``).
     noise            "distributed": every device adds its share of the Gaussian noise before
                      masking, so nobody - not even the server - sees a less-noised sum;
                      "central": devices send clipped, masked, un-noised updates and the
@@ -37,20 +43,15 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-KNOWN_MODELS = ("recovery-mlp",)
+from restwise.common.errors import ModelError
+from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE, Architecture, get_architecture, known_models
+from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
+from restwise.privacy.release import NOISE_PLACEMENTS, SAMPLING_METHODS, ReleasePolicy, SecureAggregationPolicy
+from restwise.privacy.secagg.config import SecAggConfig
+from restwise.privacy.secagg.errors import SecAggConfigError
+from restwise.server.errors import RunConfigError
+
 KNOWN_DATASETS = ("demo", "synthetic", "soccermon", "lifesnaps")
-SAMPLING_METHODS = ("poisson", "fixed")
-NOISE_PLACEMENTS = ("distributed", "central")
-MIN_NOISE_MULTIPLIER = 0.5  # the accountant refuses anything lower: it cannot account it tightly
-
-
-class RunConfigError(ValueError):
-    """A run configuration is invalid; ``field`` names the field the problem is about."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class RunConfig:
     name: str
     rounds: int
     population: int
-    model: str = "recovery-mlp"
+    model: str = DEFAULT_MODEL
     sampling: str = "poisson"
     sampling_rate: float | None = None
     cohort_size: int | None = None
@@ -84,9 +85,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_str(self, "name", max_len=100)
-        if self.model not in KNOWN_MODELS:
-            raise RunConfigError("model", f"unknown model; known models: {', '.join(KNOWN_MODELS)}")
         _check_int(self, "rounds", lo=1, hi=100_000)
+        if not isinstance(self.model, str) or self.model not in known_models():
+            raise RunConfigError("model", f"unknown model; known models: {', '.join(known_models())}")
+        try:
+            architecture = self.architecture
+        except ModelError as exc:
+            raise RunConfigError("model", str(exc)) from None
+        if architecture.protocol == ONE_RELEASE and self.rounds != 1:
+            raise RunConfigError("rounds", f"the {self.model} model is learnt from one release of statistics: rounds must be 1")
         _check_int(self, "population", lo=1, hi=10_000_000)
         if self.sampling not in SAMPLING_METHODS:
             raise RunConfigError("sampling", f"must be one of {', '.join(SAMPLING_METHODS)}")
@@ -162,9 +169,6 @@ class RunConfig:
     def _check_secagg(self) -> None:
         """The secure-aggregation parameters must form a valid SecAgg+ configuration (threshold
         a strict majority of a neighbourhood, reachable after the allowed dropouts)."""
-        from restwise.privacy.secagg.config import SecAggConfig
-        from restwise.privacy.secagg.errors import SecAggConfigError
-
         try:
             SecAggConfig(
                 num_neighbours=self.secagg_num_neighbours,
@@ -180,18 +184,39 @@ class RunConfig:
 
     # -- derived values ------------------------------------------------------------------
     @property
+    def architecture(self) -> Architecture:
+        """The model architecture ``model`` names (restwise.models.registry)."""
+        return get_architecture(self.model)
+
+    @property
+    def sensitivity(self) -> float:
+        """C: the L2 bound of one device's contribution - the architecture's documented bound
+        for a one-release model, else the clip norm of an update."""
+        bound = self.architecture.l2_sensitivity
+        return float(bound) if bound is not None else float(self.clip_norm)
+
+    def release_policy(self) -> ReleasePolicy:
+        """The run as the privacy side sees it (restwise.privacy.release)."""
+        return ReleasePolicy(
+            sensitivity=self.sensitivity, population=self.population, sampling=self.sampling,
+            releases=self.rounds, delta=self.delta, sampling_rate=self.sampling_rate,
+            cohort_size=self.cohort_size, target_epsilon=self.target_epsilon,
+            noise_multiplier=self.noise_multiplier, noise=self.noise,
+            secure_aggregation=SecureAggregationPolicy(
+                num_neighbours=self.secagg_num_neighbours, threshold=self.secagg_threshold,
+                max_dropout_fraction=self.max_dropout_fraction, timeout_s=self.round_timeout_s,
+            ),
+        )
+
+    @property
     def expected_cohort(self) -> float:
         """The expected number of devices sampled per round."""
-        if self.sampling == "fixed":
-            return float(self.cohort_size)
-        return float(self.sampling_rate) * self.population
+        return self.release_policy().expected_cohort
 
     @property
     def sampling_probability(self) -> float:
         """q: the probability that one given person is in a round's cohort."""
-        if self.sampling == "fixed":
-            return self.cohort_size / self.population
-        return float(self.sampling_rate)
+        return self.release_policy().sampling_probability
 
     @property
     def device_count(self) -> int:

@@ -1,8 +1,10 @@
 """Run management: create, launch, watch and stop training runs.
 
 A run is a folder ``<data_dir>/runs/<run_id>/`` and a row in the database. Launching starts
-the runner as a separate process (``python -m restwise.server.runner run --run-dir DIR``),
-which reads ``config.json`` and writes, as it goes:
+the run's executor as a separate process - by default the simulation runner
+(``python -m restwise.simulation.runner run --run-dir DIR``), or a deployment's own command
+(``Settings.runner_command``). The service never imports the simulation: it names a command.
+The executor reads ``config.json`` and writes, as it goes (``server/rundir.py``):
 
     state.json      {"status": pending|running|completed|failed|stopped|refused,
                      "reason": ..., "current_round": n}
@@ -16,8 +18,9 @@ database so the API and the dashboard read one place; every read of a single run
 refreshes it first, so what a client sees is never older than the files.
 
 The service itself never trains or accounts anything: it refuses to *start* a run whose
-projected ε for all planned rounds exceeds its budget (``BudgetRefusedError``); the runner
-re-checks before every round.
+projected ε for all planned rounds exceeds its budget (``BudgetRefusedError``), with the one
+release planner (``privacy.release.check_plan``) the ServerApp uses to re-check before every
+round.
 """
 
 from __future__ import annotations
@@ -31,16 +34,24 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import sqlalchemy as sa
 
+from restwise.privacy.errors import PrivacyError
+from restwise.privacy.release import BudgetDecision, check_plan
 from restwise.server import db as dbm
+from restwise.server.errors import (
+    AccountingRefusedError,
+    BudgetRefusedError,
+    RunNotFoundError,
+    RunStateError,
+)
+from restwise.server.runstatus import ACTIVE_STATUSES as ACTIVE
+from restwise.server.runstatus import TERMINAL_STATUSES as TERMINAL
+from restwise.server.runconfig import RunConfig
 
-TERMINAL = frozenset({"completed", "failed", "stopped", "refused"})
-ACTIVE = frozenset({"pending", "running"})
 RUN_ID_RE = re.compile(r"^run-[0-9a-f]{12}$")
 ROUND_FIELDS = (
     "status",
@@ -59,104 +70,29 @@ REPORT_FILES = {
     "ledger.jsonl": "application/x-ndjson",
     "public_key.pem": "application/x-pem-file",
 }
+RUNNER_MODULE = "restwise.simulation.runner"
 
 
-class RunError(Exception):
-    """Base of the run-management errors.
+class BudgetCheck:
+    """The start-time budget check: ε after all planned rounds, from the release planner
+    (``privacy.release.check_plan``), against the run's budget (its ``target_epsilon``) and
+    the service-wide cap - the smaller wins; a run given a ``noise_multiplier`` instead of a
+    target is bounded by the cap only. With ``person_epsilon_cap``, the run's releases are
+    also composed with every earlier release over the same dataset (scope "person")."""
 
-        RunError
-        ├── RunNotFoundError       no run with that id                      -> 404
-        ├── RunStateError          not allowed in the run's current status  -> 409
-        ├── BudgetRefusedError     the planned rounds would exceed the budget -> 409
-        └── AccountingRefusedError the configuration cannot be accounted tightly -> 409
-    """
+    def __init__(self, epsilon_cap: float | None = None, person_epsilon_cap: float | None = None):
+        self.epsilon_cap = epsilon_cap
+        self.person_epsilon_cap = person_epsilon_cap
 
-
-class RunNotFoundError(RunError):
-    def __init__(self, run_id: str):
-        super().__init__(f"no run with id {run_id!r}")
-        self.run_id = run_id
-
-
-class RunStateError(RunError):
-    def __init__(self, run_id: str, status: str, action: str):
-        super().__init__(f"cannot {action} run {run_id!r}: its status is {status!r}")
-        self.run_id, self.status, self.action = run_id, status, action
-
-
-class BudgetRefusedError(RunError):
-    def __init__(self, run_id: str, decision: "BudgetDecision"):
-        if not decision.run_allowed:
-            message = (
-                f"run {run_id!r} would spend ε = {decision.projected_epsilon:.4g} over "
-                f"{decision.rounds} rounds at δ = {decision.delta:g}, above its budget "
-                f"ε = {decision.budget_epsilon:.4g}"
-            )
-        else:
-            message = (
-                f"run {run_id!r} would bring each person's ε across runs on this dataset from "
-                f"{decision.person_spent_epsilon:.4g} to {decision.person_projected_epsilon:.4g} "
-                f"at δ = {decision.delta:g}, above the person budget ε = {decision.person_budget_epsilon:.4g}"
-            )
-        super().__init__(message)
-        self.run_id, self.decision = run_id, decision
-
-
-class AccountingRefusedError(RunError):
-    def __init__(self, run_id: str, reason: str):
-        super().__init__(f"run {run_id!r} cannot be accounted: {reason}")
-        self.run_id, self.reason = run_id, reason
-
-
-@dataclass(frozen=True)
-class BudgetDecision:
-    projected_epsilon: float
-    budget_epsilon: float | None  # None: no target and no service cap
-    delta: float
-    rounds: int
-    accountant: str = ""
-    detail: dict[str, Any] = field(default_factory=dict)
-    # Person level (across runs over the same dataset), when a person budget is configured.
-    person_spent_epsilon: float | None = None
-    person_projected_epsilon: float | None = None
-    person_budget_epsilon: float | None = None
-
-    @property
-    def run_allowed(self) -> bool:
-        return self.budget_epsilon is None or self.projected_epsilon <= self.budget_epsilon
-
-    @property
-    def person_allowed(self) -> bool:
-        return self.person_budget_epsilon is None or (self.person_projected_epsilon or 0.0) <= self.person_budget_epsilon
-
-    @property
-    def allowed(self) -> bool:
-        return self.run_allowed and self.person_allowed
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "projected_epsilon": self.projected_epsilon,
-            "budget_epsilon": self.budget_epsilon,
-            "delta": self.delta,
-            "rounds": self.rounds,
-            "accountant": self.accountant,
-            **self.detail,
-        }
-        if self.person_budget_epsilon is not None:
-            out.update(
-                person_spent_epsilon=self.person_spent_epsilon,
-                person_projected_epsilon=self.person_projected_epsilon,
-                person_budget_epsilon=self.person_budget_epsilon,
-            )
-        return out
-
-
-# (run config, release payloads of earlier runs over the same persons) -> decision
-BudgetCheck = Callable[[dict[str, Any], list[dict[str, Any]]], BudgetDecision]
+    def __call__(self, config: dict[str, Any], past_payloads: Sequence[dict[str, Any]] = ()) -> BudgetDecision:
+        return check_plan(
+            RunConfig.from_dict(config).release_policy(), epsilon_cap=self.epsilon_cap,
+            person_epsilon_cap=self.person_epsilon_cap, past_releases=past_payloads,
+        )
 
 
 def runner_command(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "restwise.server.runner", "run", "--run-dir", str(run_dir)]
+    return [sys.executable, "-m", RUNNER_MODULE, "run", "--run-dir", str(run_dir)]
 
 
 def command_factory(prefix: Sequence[str] = ()) -> Callable[[Path], list[str]]:
@@ -166,14 +102,14 @@ def command_factory(prefix: Sequence[str] = ()) -> Callable[[Path], list[str]]:
     return lambda run_dir: [*prefix, "--run-dir", str(run_dir)]
 
 
-def _read_json(path: Path) -> Any | None:
+def read_json(path: Path) -> Any | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # absent, or caught mid-write: try again next poll
         return None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:
@@ -212,7 +148,7 @@ class RunManager:
         database: dbm.Database,
         runs_dir: Path,
         *,
-        budget_check: BudgetCheck | None = None,
+        budget_check: Callable[[dict[str, Any], Sequence[dict[str, Any]]], BudgetDecision],
         command: Callable[[Path], Sequence[str]] = runner_command,
         poll_interval_s: float = 0.5,
         env: dict[str, str] | None = None,
@@ -329,10 +265,8 @@ class RunManager:
             )
         return self.get(run_id, refresh=False)
 
-    def check_budget(self, run_id: str) -> BudgetDecision | None:
+    def check_budget(self, run_id: str) -> BudgetDecision:
         run = self.get(run_id, refresh=False)
-        if self.budget_check is None:
-            return None
         return self.budget_check(run["config"], self.past_release_payloads(run_id))
 
     def past_release_payloads(self, run_id: str) -> list[dict[str, Any]]:
@@ -364,21 +298,16 @@ class RunManager:
                 raise RunStateError(run_id, run["status"], "start")
             try:
                 decision = self.check_budget(run_id)
-            except RunError:
-                raise
-            except Exception as exc:  # the accountant refuses what it cannot account tightly
-                if not type(exc).__module__.startswith("restwise.privacy"):
-                    raise
+            except PrivacyError as exc:  # the accountant refuses what it cannot account tightly
                 err = AccountingRefusedError(run_id, str(exc))
                 self._update(run_id, status="refused", reason=str(err)[:2000], finished_at=dbm.utcnow())
                 raise err from None
-            if decision is not None:
-                finite = math.isfinite(decision.projected_epsilon)
-                self._update(run_id, projected_epsilon=decision.projected_epsilon if finite else None)
-                if not decision.allowed:
-                    err = BudgetRefusedError(run_id, decision)
-                    self._update(run_id, status="refused", reason=str(err), finished_at=dbm.utcnow())
-                    raise err
+            finite = math.isfinite(decision.projected_epsilon)
+            self._update(run_id, projected_epsilon=decision.projected_epsilon if finite else None)
+            if not decision.allowed:
+                err = BudgetRefusedError(run_id, decision)
+                self._update(run_id, status="refused", reason=str(err), finished_at=dbm.utcnow())
+                raise err
             run_dir = self._run_dir(run_id)
             log = open(run_dir / "runner.log", "ab")
             try:
@@ -459,7 +388,7 @@ class RunManager:
                 # except report files, which are read from the folder on demand.
                 if run_id not in self._procs:
                     return
-            state = _read_json(run_dir / "state.json")
+            state = read_json(run_dir / "state.json")
             values: dict[str, Any] = {}
             if isinstance(state, dict):
                 status = state.get("status")
@@ -486,7 +415,7 @@ class RunManager:
                 self._procs.pop(run_id, None)
                 if status not in TERMINAL:
                     # Re-read: the runner may have written its final state just before exiting.
-                    state = _read_json(run_dir / "state.json")
+                    state = read_json(run_dir / "state.json")
                     final = state.get("status") if isinstance(state, dict) else None
                     if final in TERMINAL:
                         values["status"] = final
@@ -507,7 +436,7 @@ class RunManager:
                 self._update(run_id, **values)
 
     def _mirror_rounds(self, run_id: str, run_dir: Path) -> None:
-        records = _read_jsonl(run_dir / "rounds.jsonl")
+        records = read_jsonl(run_dir / "rounds.jsonl")
         if not records:
             return
         with self.db.engine.begin() as conn:
@@ -542,7 +471,7 @@ class RunManager:
                     known[rnd] = values["status"]
 
     def _mirror_ledger(self, run_id: str, run_dir: Path) -> None:
-        entries = _read_jsonl(run_dir / "ledger.jsonl")
+        entries = read_jsonl(run_dir / "ledger.jsonl")
         if not entries:
             return
         with self.db.engine.begin() as conn:
@@ -594,96 +523,3 @@ def _pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def make_budget_check(
-    epsilon_cap: float | None = None, person_epsilon_cap: float | None = None
-) -> BudgetCheck | None:
-    """The start-time budget check: ε after all planned rounds, from the accounting area's
-    accountant, against the run's budget (its ``target_epsilon``) and the service-wide cap —
-    the smaller wins. A run given a ``noise_multiplier`` instead of a target is bounded by the
-    cap only.
-
-    The distributed noise is sized for the fewest survivors a round can release with, so the
-    planned multiplier is the worst case a round can produce (privacy.budget). Fixed-size
-    sampling has no tight amplified analysis in the accountant: it is accounted without
-    amplification (replace-one adjacency), which is valid and never low.
-
-    With ``person_epsilon_cap``, the run's releases are also composed with every earlier
-    release over the same dataset (privacy.budget, scope "person"). Returns None in a checkout
-    without the accountant.
-    """
-    try:
-        from restwise.privacy.accountant import PrivacyAccountant
-        from restwise.privacy.budget import PrivacyBudget
-        from restwise.privacy.calibration import calibrate_noise_multiplier
-        from restwise.privacy.errors import BudgetExceededError
-        from restwise.privacy.events import ReleaseSpec, event_from_dict
-    except ImportError:
-        return None
-
-    def check(config: dict[str, Any], past_payloads: list[dict[str, Any]] = ()) -> BudgetDecision:
-        rounds = int(config["rounds"])
-        delta = float(config.get("delta") or 1e-5)
-        sampling = config.get("sampling", "poisson")
-        adjacency = config.get("adjacency") or ("replace_one" if sampling == "fixed" else "add_remove")
-        plan = dict(
-            sampling=sampling,
-            adjacency=adjacency,
-            sampling_rate=config.get("sampling_rate"),
-            cohort_size=config.get("cohort_size"),
-            population=config.get("population"),
-        )
-        probe = ReleaseSpec.plan(noise_multiplier=1.0, **plan)
-        accountant = PrivacyAccountant()
-        if not accountant.supports(probe):
-            accountant = PrivacyAccountant(claim_amplification=False)
-        target = config.get("target_epsilon")
-        z = config.get("noise_multiplier")
-        if z is None:
-            z = calibrate_noise_multiplier(float(target), delta, rounds, accountant=accountant, **plan).noise_multiplier
-        spec = probe.with_noise_multiplier(float(z))
-        limits = [float(v) for v in (target, epsilon_cap) if v is not None]
-        budget = min(limits) if limits else None
-        result = accountant.epsilon_for_rounds(spec, rounds, delta)
-        projected = float(result.epsilon)
-        if budget is not None:
-            try:
-                projected = PrivacyBudget(epsilon=budget, delta=delta).check_plan(
-                    [], spec, rounds, run_id="planned", round=1, accountant=accountant
-                )
-            except BudgetExceededError as exc:
-                projected = float(exc.projected)
-        person: dict[str, Any] = {}
-        if person_epsilon_cap is not None:
-            past = [event_from_dict(p) for p in past_payloads]
-            person_accountant = accountant
-            if not all(person_accountant.supports(e) for e in past):
-                person_accountant = PrivacyAccountant(claim_amplification=False)
-            person_budget = PrivacyBudget(epsilon=float(person_epsilon_cap), delta=delta, scope="person")
-            try:
-                person_projected = person_budget.check_plan(past, spec, rounds, run_id="planned", round=1, accountant=person_accountant)
-                spent = person_budget.spent(past, accountant=person_accountant)
-            except BudgetExceededError as exc:
-                person_projected, spent = float(exc.projected), float(exc.spent)
-            person = dict(
-                person_spent_epsilon=float(spent),
-                person_projected_epsilon=float(person_projected),
-                person_budget_epsilon=float(person_epsilon_cap),
-            )
-        return BudgetDecision(
-            projected_epsilon=projected,
-            budget_epsilon=budget,
-            delta=delta,
-            rounds=rounds,
-            accountant=f"{result.accountant} ({result.accountant_version})",
-            detail={
-                "noise_multiplier": float(z),
-                "epsilon_no_amplification": float(result.epsilon_no_amplification),
-                "amplification_claimed": bool(result.amplification_claimed),
-                "adjacency": result.adjacency,
-            },
-            **person,
-        )
-
-    return check

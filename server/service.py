@@ -23,6 +23,7 @@ import json
 import math
 import os
 import zipfile
+from http import HTTPStatus
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,19 +31,35 @@ from typing import Any, Literal, Optional
 
 from fastapi import Depends, FastAPI, HTTPException as FastAPIHTTPException, Path as PathParam, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
+from restwise.models.registry import DEFAULT_MODEL, known_models
+from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
+from restwise.privacy.release import NOISE_PLACEMENTS, SAMPLING_METHODS
 from restwise.server import auth as authm
+from restwise.server import dashboard
 from restwise.server import db as dbm
 from restwise.server import runs as runsm
+from restwise.server.auth import SESSION_COOKIE
+from restwise.server.errors import (
+    AccountingRefusedError,
+    BudgetRefusedError,
+    ProblemError,
+    RunConfigError,
+    RunError,
+    RunNotFoundError,
+    RunStateError,
+)
+from restwise.server.runconfig import KNOWN_DATASETS, RunConfig
+from restwise.server.runstatus import STATUSES
 
 API = "/api/v1"
-SESSION_COOKIE = "restwise_session"
-RUN_ID_PATTERN = r"^run-[0-9a-f]{12}$"
+RUN_ID_PATTERN = runsm.RUN_ID_RE.pattern
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -67,7 +84,7 @@ class Settings:
                      dataset (earlier runs' ledgers compose with the planned run)
     poll_interval_s  how often the run watcher reads run folders
     runner_command   the command that executes a run, before ``--run-dir DIR``; default
-                     ``python -m restwise.server.runner run`` (the local simulation engine)
+                     ``python -m restwise.simulation.runner run`` (the local simulation engine)
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -111,15 +128,15 @@ class RunConfigIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
-    model: str = Field(default="recovery-mlp", min_length=1, max_length=60)
+    model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=60)
     rounds: int = Field(ge=1, le=10_000)
     population: int = Field(ge=1, le=1_000_000, description="Number of persons who may be sampled.")
-    sampling: Literal["poisson", "fixed"] = "poisson"
+    sampling: Literal[SAMPLING_METHODS] = "poisson"
     sampling_rate: Optional[float] = Field(default=None, gt=0, le=1)
     cohort_size: Optional[int] = Field(default=None, ge=1, le=1_000_000)
     target_epsilon: Optional[float] = Field(default=None, gt=0, le=1000, allow_inf_nan=False)
     delta: float = Field(default=1e-5, gt=0, lt=1, allow_inf_nan=False)
-    noise_multiplier: Optional[float] = Field(default=None, ge=0.5, le=100, allow_inf_nan=False)
+    noise_multiplier: Optional[float] = Field(default=None, ge=MIN_NOISE_MULTIPLIER, le=100, allow_inf_nan=False)
     clip_norm: float = Field(default=1.0, gt=0, le=1000, allow_inf_nan=False)
     secagg_num_neighbours: int = Field(default=32, ge=2, le=1000)
     secagg_threshold: float = Field(
@@ -134,7 +151,7 @@ class RunConfigIn(BaseModel):
     dataset: str = Field(default="demo", min_length=1, max_length=40, pattern=r"^[a-z0-9][a-z0-9_-]*$")
     persons: Optional[int] = Field(default=None, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    noise: Literal["distributed", "central"] = "distributed"
+    noise: Literal[NOISE_PLACEMENTS] = "distributed"
     secure_aggregation: bool = True
 
 
@@ -207,25 +224,6 @@ class AuditEntryOut(BaseModel):
     detail: dict[str, Any]
 
 
-class ProblemError(Exception):
-    """Raised inside handlers to answer with a problem detail."""
-
-    def __init__(
-        self,
-        status: int,
-        title: str,
-        detail: str | None = None,
-        *,
-        type_: str = "about:blank",
-        errors: list[dict[str, str]] | None = None,
-        extra: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(detail or title)
-        self.status, self.title, self.detail = status, title, detail
-        self.type_, self.errors, self.extra, self.headers = type_, errors, extra or {}, headers
-
-
 def _json_safe(value: Any) -> Any:
     """JSON has no infinity: an unbounded ε is reported as the string "inf"."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -249,9 +247,7 @@ def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-def validate_run_config(
-    cfg: RunConfigIn, known_models: frozenset[str] | None, audit_key_path: str | None = None
-) -> dict[str, Any]:
+def validate_run_config(cfg: RunConfigIn, audit_key_path: str) -> dict[str, Any]:
     """Cross-field rules, then the federated area's own ``RunConfig`` validation. Returns the
     canonical config dict the runner reads. Raises ProblemError(422) naming the field."""
     errs: list[dict[str, str]] = []
@@ -259,8 +255,8 @@ def validate_run_config(
     def bad(name: str, message: str) -> None:
         errs.append({"field": name, "message": message})
 
-    if known_models is not None and cfg.model not in known_models:
-        bad("model", f"unknown model; known models: {', '.join(sorted(known_models))}")
+    if cfg.model not in known_models():
+        bad("model", f"unknown model; known models: {', '.join(sorted(known_models()))}")
     if cfg.secagg_threshold > cfg.secagg_num_neighbours:
         bad(
             "secagg_threshold",
@@ -286,21 +282,15 @@ def validate_run_config(
     if errs:
         raise ProblemError(422, "Invalid run configuration", "; ".join(f"{e['field']}: {e['message']}" for e in errs), errors=errs)
     data = cfg.model_dump()
-    try:
-        from restwise.server.runconfig import KNOWN_DATASETS, RunConfig  # federated area
-    except ImportError:
-        return data
     if cfg.dataset not in KNOWN_DATASETS:
         msg = f"unknown dataset; known datasets: {', '.join(KNOWN_DATASETS)}"
         raise ProblemError(422, "Invalid run configuration", f"dataset: {msg}", errors=[{"field": "dataset", "message": msg}])
-    if audit_key_path is not None:
-        data["audit_key_path"] = audit_key_path  # the service's key, never chosen by a client
+    data["audit_key_path"] = audit_key_path  # the service's key, never chosen by a client
     try:
         return RunConfig.from_dict(data).to_dict()
-    except (ValueError, TypeError) as exc:
-        name = getattr(exc, "field", None) or "body"
-        message = getattr(exc, "message", None) or str(exc)
-        raise ProblemError(422, "Invalid run configuration", f"{name}: {message}", errors=[{"field": name, "message": message}]) from None
+    except RunConfigError as exc:
+        raise ProblemError(422, "Invalid run configuration", f"{exc.field}: {exc.message}",
+                           errors=[{"field": exc.field, "message": exc.message}]) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -392,21 +382,8 @@ class ServiceContext:
     tokens: authm.TokenStore
     audit: authm.AuditTrail
     runs: runsm.RunManager
-    known_models: frozenset[str] | None
-    public_key_pem: bytes | None = None
-    audit_key_path: str | None = None
-
-
-def _known_models() -> frozenset[str] | None:
-    try:
-        from restwise.server import runconfig
-    except ImportError:
-        return frozenset({"recovery-mlp"})
-    for attr in ("KNOWN_MODELS", "MODELS", "MODEL_NAMES"):
-        value = getattr(runconfig, attr, None)
-        if value:
-            return frozenset(value)
-    return None
+    public_key_pem: bytes
+    audit_key_path: str
 
 
 def build_context(settings: Settings) -> ServiceContext:
@@ -421,13 +398,12 @@ def build_context(settings: Settings) -> ServiceContext:
         runs=runsm.RunManager(
             database,
             settings.runs_dir,
-            budget_check=runsm.make_budget_check(settings.epsilon_cap, settings.person_epsilon_cap),
+            budget_check=runsm.BudgetCheck(settings.epsilon_cap, settings.person_epsilon_cap),
             poll_interval_s=settings.poll_interval_s,
             command=runsm.command_factory(settings.runner_command),
         ),
-        known_models=_known_models(),
         public_key_pem=public_key,
-        audit_key_path=str(settings.audit_dir / authm.AUDIT_KEY_FILE) if public_key else None,
+        audit_key_path=str(settings.audit_dir / authm.AUDIT_KEY_FILE),
     )
     return ctx
 
@@ -475,8 +451,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             body["errors"] = exc.errors
         body.update(_json_safe(exc.extra))
         if not request.url.path.startswith(API) and request.method in ("GET", "HEAD", "POST"):
-            from restwise.server import dashboard
-
             html = dashboard.error_page(request, ctx, exc.status, exc.title, exc.detail)
             if html is not None:
                 return html
@@ -488,8 +462,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        from http import HTTPStatus
-
         try:
             title = HTTPStatus(exc.status_code).phrase
         except ValueError:
@@ -506,16 +478,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return problem_response(request, ProblemError(422, "Invalid request", detail, errors=fields))
 
-    @app.exception_handler(runsm.RunNotFoundError)
-    async def _not_found(request: Request, exc: runsm.RunNotFoundError):
+    @app.exception_handler(RunNotFoundError)
+    async def _not_found(request: Request, exc: RunNotFoundError):
         return problem_response(request, ProblemError(404, "Not Found", str(exc)))
 
-    @app.exception_handler(runsm.RunStateError)
-    async def _state(request: Request, exc: runsm.RunStateError):
+    @app.exception_handler(RunStateError)
+    async def _state(request: Request, exc: RunStateError):
         return problem_response(request, ProblemError(409, "Conflict", str(exc), extra={"run_status": exc.status}))
 
-    @app.exception_handler(runsm.BudgetRefusedError)
-    async def _budget(request: Request, exc: runsm.BudgetRefusedError):
+    @app.exception_handler(BudgetRefusedError)
+    async def _budget(request: Request, exc: BudgetRefusedError):
         return problem_response(
             request,
             ProblemError(
@@ -527,8 +499,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         )
 
-    @app.exception_handler(runsm.AccountingRefusedError)
-    async def _accounting(request: Request, exc: runsm.AccountingRefusedError):
+    @app.exception_handler(AccountingRefusedError)
+    async def _accounting(request: Request, exc: AccountingRefusedError):
         return problem_response(
             request, ProblemError(409, "Configuration cannot be accounted", str(exc), type_="urn:restwise:problem:unaccountable")
         )
@@ -612,7 +584,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         who: authm.Principal = Depends(principal),
         limit: int = Query(100, ge=1, le=500),
         offset: int = Query(0, ge=0, le=1_000_000),
-        status: Optional[Literal["created", "pending", "running", "completed", "failed", "stopped", "refused"]] = None,
+        status: Optional[Literal[("created", *STATUSES)]] = None,
     ) -> list[dict]:
         """Runs, newest first."""
         return ctx.runs.list(limit=limit, offset=offset, status=status)
@@ -621,7 +593,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def create_run(config: RunConfigIn, who: authm.Principal = Depends(operator)) -> dict:
         """Create a run from a validated configuration (operators). It does not start."""
         try:
-            canonical = validate_run_config(config, ctx.known_models, ctx.audit_key_path)
+            canonical = validate_run_config(config, ctx.audit_key_path)
         except ProblemError as exc:
             ctx.audit.record(who, "run.create", None, "invalid", {"errors": exc.errors or []})
             raise
@@ -642,10 +614,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         Refused with 409 and the numbers if the projected ε exceeds the budget."""
         try:
             run = ctx.runs.start(run_id)
-        except runsm.BudgetRefusedError as exc:
+        except BudgetRefusedError as exc:
             ctx.audit.record(who, "run.start", run_id, "refused", exc.decision.to_dict())
             raise
-        except runsm.RunError as exc:
+        except RunError as exc:
             ctx.audit.record(who, "run.start", run_id, "rejected", {"reason": type(exc).__name__})
             raise
         ctx.audit.record(who, "run.start", run_id, "ok", {"projected_epsilon": run.get("projected_epsilon")})
@@ -656,7 +628,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Ask a run to stop after its current round (operators)."""
         try:
             run = ctx.runs.stop(run_id)
-        except runsm.RunError as exc:
+        except RunError as exc:
             ctx.audit.record(who, "run.stop", run_id, "rejected", {"reason": type(exc).__name__})
             raise
         ctx.audit.record(who, "run.stop", run_id, "ok", {})
@@ -728,7 +700,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def audit_ledger_file(who: authm.Principal = Depends(principal)) -> Response:
         """The service's signed, hash-chained audit ledger (verify it with the public key)."""
         path = ctx.settings.audit_dir / authm.AUDIT_LEDGER_FILE
-        if ctx.audit.ledger is None or not path.is_file():
+        if not path.is_file():
             raise ProblemError(404, "Not Found", "this service keeps no signed audit ledger yet")
         return FileResponse(path, media_type="application/x-ndjson")
 
@@ -741,19 +713,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def public_key(who: authm.Principal = Depends(principal)) -> Response:
         """The service's Ed25519 audit public key (PEM), which signs run and audit ledgers.
         Compare its fingerprint with the one the operator publishes out of band."""
-        if ctx.public_key_pem is None:
-            raise ProblemError(404, "Not Found", "this service has no audit key")
         return Response(ctx.public_key_pem, media_type="application/x-pem-file")
-
-    from restwise.server import dashboard
 
     dashboard.install(app, ctx, principal)
 
     def custom_openapi():
         if app.openapi_schema:
             return app.openapi_schema
-        from fastapi.openapi.utils import get_openapi
-
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         app.openapi_schema = schema
         return schema
@@ -800,7 +766,7 @@ def build_bundle(ctx: ServiceContext, run_id: str) -> bytes:
             path = run_dir / name
             if path.is_file():
                 zf.write(path, f"{run_id}/{name}")
-        if not (run_dir / "public_key.pem").is_file() and ctx.public_key_pem:
+        if not (run_dir / "public_key.pem").is_file():
             zf.writestr(f"{run_id}/public_key.pem", ctx.public_key_pem)
         zf.writestr(f"{run_id}/README.txt", BUNDLE_README.format(run_id=run_id))
     return buf.getvalue()

@@ -1,14 +1,26 @@
-"""`restwise server api` and `restwise server token ...`: run the operator/auditor service and
-manage its API tokens. Heavy imports stay inside the commands so `restwise --help` is fast."""
+"""`restwise server api`, `restwise server token ...` and `restwise server runs ...`: run the
+operator/auditor service, manage its API tokens, and drive runs through its API.
+
+The service stack (FastAPI, SQLAlchemy, uvicorn and, through the run manager, Flower) is
+imported inside the commands that use it: `restwise --help` and every other command must not
+load it (about 0.5 s)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import time
 from pathlib import Path
 from typing import List, Optional
 
+import httpx
 import typer
+
+from restwise.common.cli_errors import cli_errors, fail
+from restwise.common.exit_codes import ExitCode
+from restwise.server.errors import TokenError
+from restwise.server.runstatus import TERMINAL_STATUSES
 
 DATA_DIR_HELP = "The service's data folder (database, run folders, audit key). Also RESTWISE_SERVER_DIR. Default: ~/.restwise/server"
 DB_URL_HELP = (
@@ -18,13 +30,13 @@ DB_URL_HELP = (
 
 
 def _settings(data_dir: Optional[Path], database_url: Optional[str], **extra):
-    from restwise.server.service import Settings, default_data_dir
+    from restwise.server.service import Settings, default_data_dir  # the service stack: see above
 
     return Settings(data_dir=data_dir or default_data_dir(), database_url=database_url or None, **extra)
 
 
 def _token_store(data_dir: Optional[Path], database_url: Optional[str]):
-    from restwise.server import auth, db
+    from restwise.server import auth, db  # the service stack: see above
 
     settings = _settings(data_dir, database_url)
     auth.ensure_private_dir(settings.data_dir)
@@ -37,8 +49,6 @@ class _ApiClient:
     """A thin client of the service's API for the `runs` commands."""
 
     def __init__(self, url: str, token_file: Optional[Path]):
-        import os
-
         token = None
         if token_file is not None:
             try:
@@ -53,23 +63,18 @@ class _ApiClient:
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def call(self, method: str, path: str, **kwargs):
-        import httpx
-
         try:
             r = httpx.request(method, f"{self.url}/api/v1{path}", headers=self.headers, timeout=120, **kwargs)
         except httpx.HTTPError as exc:
-            typer.echo(f"Error: cannot reach the service at {self.url}: {exc}", err=True)
-            raise typer.Exit(1)
+            raise fail(f"cannot reach the service at {self.url}: {exc}") from None
         if r.status_code >= 400:
             try:
                 problem = r.json()
                 message = problem.get("detail") or problem.get("title")
             except ValueError:
                 problem, message = {}, r.reason_phrase
-            typer.echo(f"Error ({r.status_code}): {message}", err=True)
-            if problem.get("type") == "urn:restwise:problem:budget-exceeded":
-                raise typer.Exit(7)
-            raise typer.Exit(1)
+            budget = problem.get("type") == "urn:restwise:problem:budget-exceeded"
+            raise fail(f"({r.status_code}) {message}", ExitCode.BUDGET_EXCEEDED if budget else ExitCode.FAILURE)
         return r
 
 
@@ -143,13 +148,11 @@ def register(app: typer.Typer) -> None:
         token_file: Optional[Path] = TokenFile,
     ) -> None:
         """A run's status and per-round metrics."""
-        import time
-
         client = _ApiClient(url, token_file)
         while True:
             run = client.call("GET", f"/runs/{run_id}").json()
             _print_run(run)
-            if not watch or run["status"] in ("completed", "failed", "stopped", "refused"):
+            if not watch or run["status"] in TERMINAL_STATUSES:
                 return
             time.sleep(2)
 
@@ -185,21 +188,20 @@ def register(app: typer.Typer) -> None:
             None,
             "--runner-command",
             help="Command that executes a run (it gets `--run-dir DIR` appended and must follow the runner's file "
-            "contract). Default: `python -m restwise.server.runner run`, the local simulation engine.",
+            "contract). Default: `python -m restwise.simulation.runner run`, the local simulation engine.",
             show_default=False,
         ),
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key for --tls-cert."),
     ) -> None:
         """Run the operator/auditor API and dashboard (uvicorn)."""
+        # the service stack: see the module docstring
         import uvicorn
-
-        from restwise.server.db import DatabaseError
         from restwise.server.service import create_app
 
         if (tls_cert is None) != (tls_key is None):
             raise typer.BadParameter("give both --tls-cert and --tls-key, or neither")
-        try:
+        with cli_errors(also=(ValueError,)):
             settings = _settings(
                 data_dir,
                 database_url,
@@ -211,9 +213,6 @@ def register(app: typer.Typer) -> None:
                 secure_cookies=tls_cert is not None,
             )
             application = create_app(settings)
-        except (DatabaseError, ValueError) as exc:
-            typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(1)
         if host not in ("127.0.0.1", "localhost", "::1") and tls_cert is None:
             typer.echo("Warning: serving plain HTTP beyond this machine; tokens would travel in clear text. Use --tls-cert/--tls-key.", err=True)
         uvicorn.run(
@@ -235,7 +234,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
     ) -> None:
         """Create a token and print it once. Only its hash is kept."""
-        from restwise.server.auth import SYSTEM_PRINCIPAL, TOKEN_ROLES, TokenError
+        from restwise.server.auth import SYSTEM_PRINCIPAL, TOKEN_ROLES  # the service stack: see above
 
         if role not in {r.value for r in TOKEN_ROLES}:
             raise typer.BadParameter("role must be operator or auditor", param_hint="--role")
@@ -276,13 +275,10 @@ def register(app: typer.Typer) -> None:
         database_url: Optional[str] = DbUrl,
     ) -> None:
         """Revoke a token; it and its dashboard sessions stop working at once."""
-        from restwise.server.auth import SYSTEM_PRINCIPAL, TokenError
+        from restwise.server.auth import SYSTEM_PRINCIPAL  # the service stack: see above
 
         store, audit = _token_store(data_dir, database_url)
-        try:
+        with cli_errors():
             info = store.revoke(token_id)
-        except TokenError as exc:
-            typer.echo(f"Error: {exc}", err=True)
-            raise typer.Exit(1)
         audit.record(SYSTEM_PRINCIPAL, "token.revoke", info.id, "ok", {"role": info.role.value})
         typer.echo(f"Revoked {info.id} ({info.role.value}, {info.name}).")

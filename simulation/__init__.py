@@ -1,2 +1,4 @@
-"""restwise.simulation: everything that runs many devices in one process (in-process
-federated evaluation rows, simulation runner, fleet, demo). May import any Restwise package."""
+"""restwise.simulation: everything that runs many devices in one process - the simulation
+runner (Flower's simulation engine), the fleet of generated persons and research cohorts, the
+demo, the ``flwr run .`` simulation ServerApp, and the in-process federated evaluation. It may
+import every other package; nothing else imports it."""

@@ -20,8 +20,10 @@ One release (one Gaussian event) per row, over every person of the cohort as one
    reproduced: every contribution is rounded to 2^-20 as ``SecAggConfig.frac_bits`` does);
 4. the release is one ``GaussianRoundEvent`` (sensitivity Delta as the clip norm, the
    counted noise std, full participation, add/remove) and its epsilon is the project's
-   accountant's (``privacy.accountant``); z is calibrated with ``privacy.calibration`` for the
-   row's target epsilon at delta = 1e-5 and one release;
+   accountant's (``privacy.accountant``); z is planned by the release planner
+   (``privacy.release.plan_release``) for the row's target epsilon at delta = 1e-5 and one
+   release, the shares sized by ``privacy.release.dp_parameters``, the event built by
+   ``privacy.release.release_event`` - the functions the deployed release workflow runs;
 5. the server unpacks the noisy sum, projects A onto the PSD cone and solves the ridge system
    shrunk toward the prior with the *actual* noise std of the sum (all n shares)
    (``linear_head.solve_with_prior``), once per prior group (cross-fitting: each person is
@@ -49,16 +51,21 @@ from restwise.models.linear_head import (
     PersonalScale,
     head_inputs,
     solve_with_prior,
-    sum_statistics,
     target_delta,
     unpack_statistics,
 )
 from restwise.models.linear_head import device_statistics as linear_head_statistics
 from restwise.models.prior import PriorAssignment, check_history, predict_split
 from restwise.privacy.accountant import PrivacyAccountant
-from restwise.privacy.calibration import calibrate_noise_multiplier
-from restwise.privacy.dp_mods import total_noise_std
 from restwise.privacy.events import GaussianRoundEvent, counted_noise_shares
+from restwise.privacy.release import (
+    ReleasePolicy,
+    dp_parameters,
+    plan_release,
+    release_event,
+    released_noise_std,
+    sum_noise_std,
+)
 from restwise.privacy.secagg.config import SecAggConfig
 
 DEFAULT_DELTA = 1e-5
@@ -109,30 +116,31 @@ def release_statistics(vectors: Sequence[np.ndarray], *, target_epsilon: float, 
                        run_id: str = "evaluation", sensitivity: float = SENSITIVITY,
                        model_hash: str | None = None) -> StatisticsRelease:
     """One Gaussian release of the sum of ``vectors`` (each of L2 norm <= ``sensitivity``)
-    with distributed noise shares. ``model_hash`` names the released object in the event
-    (default: the linear head's zero model; the early-warning rows pass their own)."""
+    with distributed noise shares, planned, sized and accounted by the deployed release
+    workflow's functions (privacy.release). ``model_hash`` names the released object in the
+    event (default: the linear head's zero model; the early-warning rows pass their own)."""
     n = len(vectors)
     if n < 3:
         raise EvaluationError(f"a secure statistics release needs at least 3 devices, got {n}")
     t_min = SecAggConfig(max_dropout_fraction=max_dropout_fraction, max_cohort=max(n, 3)).min_survivors(n)
-    divisor = counted_noise_shares(t_min, ADJACENCY)
-    if divisor < 1:
+    if counted_noise_shares(t_min, ADJACENCY) < 1:
         raise EvaluationError("distributed noise needs at least 2 surviving devices")
-    z = calibrate_noise_multiplier(target_epsilon, delta, 1, sampling="full", adjacency=ADJACENCY).noise_multiplier
-    share_std = z * sensitivity / math.sqrt(divisor)
+    # Every device in the one release (q = 1), add/remove, distributed noise: as a deployment.
+    policy = ReleasePolicy(sensitivity=sensitivity, population=n, sampling="poisson", sampling_rate=1.0,
+                           releases=1, delta=delta, target_epsilon=target_epsilon, noise="distributed")
+    plan = plan_release(policy)
+    params = dp_parameters(policy, plan.noise_multiplier, t_min)
     total = np.zeros_like(np.asarray(vectors[0], dtype=np.float64))
     for v in vectors:  # what each device hands to secure aggregation: statistics + its share
-        total += quantise(np.asarray(v, dtype=np.float64) + rng.normal(0.0, share_std, size=total.shape))
-    counted_std = total_noise_std(z, sensitivity, counted_noise_shares(n, ADJACENCY), divisor)
+        total += quantise(np.asarray(v, dtype=np.float64) + rng.normal(0.0, params.share_std, size=total.shape))
+    counted_std = released_noise_std(plan, params, n)
     if model_hash is None:
         model_hash = LinearHead.zero().model_hash()  # the released object is the sum; its model follows
-    event = GaussianRoundEvent(
-        run_id=run_id, round=1, noise_multiplier=counted_std / sensitivity, clip_norm=sensitivity,
-        sampling="full", sampling_rate=1.0, cohort_size=n, population=n, adjacency=ADJACENCY,
-        planned_clients=n, survivors=n, noise_std_total=counted_std, model_hash=model_hash)
+    event = release_event(plan, run_id=run_id, round_=1, sampled=n, survivors=n, noise_std=counted_std,
+                          model_hash=model_hash)
     epsilon = PrivacyAccountant().epsilon([event], delta).epsilon
-    return StatisticsRelease(total, n, not_taking_part, t_min, z, share_std, share_std * math.sqrt(n),
-                             event, float(epsilon))
+    return StatisticsRelease(total, n, not_taking_part, t_min, plan.noise_multiplier, params.share_std,
+                             sum_noise_std(plan, params, n), event, float(epsilon))
 
 
 def row_name(epsilon: float) -> str:

@@ -1,7 +1,7 @@
 """The parts of ``restwise evaluate --task early-warning`` that run many devices in one
 process: the rows, the planner's decision, the coach's records, and SoccerMon's reports.
 
-``client.evaluate_cli.run_warning_evaluation`` imports every person into their own encrypted
+``simulation.evaluate_cli.run_warning_evaluation`` imports every person into their own encrypted
 store and reads them back as the coach reads them (as the readiness evaluation), then uses
 these. SoccerMon's injury and illness reports (not imported into the stores: they are
 evaluation outcomes, read here from the dataset's ``injury/injury.csv`` and

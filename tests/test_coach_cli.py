@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from restwise.cli import app
 from restwise.client.importers import run_import
 from restwise.client.store import DeviceStore
-from restwise.demo import write_demo_export
+from restwise.simulation.fleet import write_demo_export
 from restwise.models.coach import RECOMMENDATIONS
 
 PASS = "correct horse"

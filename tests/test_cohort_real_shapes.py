@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from restwise.client.cohort import import_cohort
-from restwise.client.evaluate_cli import run_evaluation
+from restwise.simulation.evaluate_cli import run_evaluation
 from restwise.client.keys import FileKeystore
 from restwise.models.evaluation import LastValue, PersonMean
 

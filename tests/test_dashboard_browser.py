@@ -40,7 +40,6 @@ def browser():
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A small real run (the Flower simulation runner), finished before the browser opens it."""
-    pytest.importorskip("restwise.server.runner")
     data_dir = tmp_path_factory.mktemp("dashboard")
     operator = create_token(data_dir, "operator", "olga")
     auditor = create_token(data_dir, "auditor", "arne")

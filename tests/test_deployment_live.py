@@ -115,7 +115,7 @@ def make_device(folder: Path, keystore_dir: Path, seed: int) -> Path:
     from restwise.client.importers.base import run_import
     from restwise.client.keys import FileKeystore
     from restwise.client.store import DeviceStore
-    from restwise.demo import write_demo_export
+    from restwise.simulation.fleet import write_demo_export
 
     export = write_demo_export(seed, folder.parent / f"export-{seed}.jsonl", days=60)
     store = DeviceStore.create(folder, keystore=FileKeystore(keystore_dir))
@@ -130,7 +130,7 @@ def make_device(folder: Path, keystore_dir: Path, seed: int) -> Path:
 def make_device_with_the_cli(folder: Path, passfile: Path, seed: int, *, keystore: Path | None) -> Path:
     """A person's own device, set up with the commands only: `device init` (passphrase store),
     `device import` of their export, and (``keystore``) `device keystore add --backend file`."""
-    from restwise.demo import write_demo_export
+    from restwise.simulation.fleet import write_demo_export
 
     export = write_demo_export(seed, folder.parent / f"export-{seed}.jsonl", days=60)
     auth = ["--store", str(folder), "--passphrase-file", str(passfile)]
@@ -316,7 +316,7 @@ def deployment(tmp_path_factory):
 # -- 1. a completed run with Restwise's apps ------------------------------------------------
 def test_run_completes_with_secure_aggregation_and_dp(deployment):
     from restwise.privacy.ledger import load_public_key, verify_ledger_file
-    from restwise.server.app import plan_privacy
+    from restwise.privacy.release import plan_release
     from restwise.server.runconfig import RunConfig
 
     # `restwise server run` waited for the run and checked both Flower's verdict and the run's.
@@ -340,7 +340,7 @@ def test_run_completes_with_secure_aggregation_and_dp(deployment):
     entries, verification = verify_ledger_file(run_dir / "ledger.jsonl", load_public_key(run_dir / "public_key.pem"))
     releases = [e.event for e in entries if type(e.event).__name__ == "GaussianRoundEvent"]
     assert [e.round for e in releases] == list(range(1, ROUNDS + 1))
-    plan = plan_privacy(RunConfig.from_dict(deployment["config"]))
+    plan = plan_release(RunConfig.from_dict(deployment["config"]).release_policy())
     for k, r in enumerate(rounds, start=1):
         expected = plan.accountant().epsilon(releases[:k], 1e-5).epsilon
         assert r["epsilon"] == pytest.approx(expected, rel=1e-9)
@@ -349,6 +349,20 @@ def test_run_completes_with_secure_aggregation_and_dp(deployment):
     for e, r in zip(releases, rounds):
         assert e.survivors == r["survived"]
         assert e.noise_std_total == pytest.approx(r["noise_std_total"])
+
+
+def test_the_deployment_run_folder_holds_no_store(deployment):
+    """The deployed ServerApp never creates stores or persons: the devices bring their own
+    (issue 13); only a simulation prepares a generated fleet."""
+    from restwise.client.store import DB_NAME, KEYSLOTS_NAME, DeviceStore
+
+    run_dir = deployment["run_dir"]
+    paths = [run_dir, *run_dir.rglob("*")]
+    assert not (run_dir / "fleet").exists()
+    assert not [p for p in paths if p.name in (DB_NAME, KEYSLOTS_NAME)]
+    assert not [p for p in paths if p.is_dir() and DeviceStore.exists(p)]
+    # What it does hold: the run's own files.
+    assert {"config.json", "state.json", "rounds.jsonl", "ledger.jsonl", "checkpoint"} <= {p.name for p in paths}
 
 
 # -- 2. a node killed mid-round -------------------------------------------------------------
@@ -464,6 +478,7 @@ def decode_sent_messages(requests: list[tuple[str, bytes]]):
 
 def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deployment):
     from restwise.privacy import egress as E
+    from restwise.privacy import wire
     from restwise.privacy.secagg import records as SR
 
     requests = deployment["wire"]
@@ -474,7 +489,7 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
     assert paths.get("/v1/fleet/push-messages", 0) >= 5 * ROUNDS  # hello + 4 stages per round
     assert len(messages) == paths["/v1/fleet/push-messages"]
 
-    allowed: dict[str, tuple[str, tuple[str, ...]]] = {E.CONSENT_RECORD: ("config", ("participate",))}
+    allowed: dict[str, tuple[str, tuple[str, ...]]] = {wire.CONSENT_RECORD: ("config", ("participate",))}
     for stage_records in SR.CLIENT_REPLY_RECORDS.values():
         allowed.update(stage_records)
     metric_keys = set(E.EgressPolicy().metric_keys)
@@ -497,7 +512,7 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
                 assert arr.dtype == "uint64"
                 masked_lengths.append(arr.numpy().size)
     # Every stage of every round the device took part in is there, the masked update included.
-    assert {E.CONSENT_RECORD, SR.PUBLIC_KEYS, SR.SHARES, SR.MASKED_INPUT, SR.UNMASK_SHARES} <= seen_names
+    assert {wire.CONSENT_RECORD, SR.PUBLIC_KEYS, SR.SHARES, SR.MASKED_INPUT, SR.UNMASK_SHARES} <= seen_names
     assert len(masked_lengths) == ROUNDS and len(set(masked_lengths)) == 1
     assert SR.INNER_UPDATE not in seen_names  # no unmasked update ever left
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from restwise.demo import write_demo_export
+from restwise.simulation.fleet import write_demo_export
 
 RESTWISE = [sys.executable, "-m", "restwise.cli"]
 

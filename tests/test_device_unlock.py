@@ -25,7 +25,7 @@ from restwise.client.key_agent import KeyAgent, request_key
 from restwise.client.keys import FileKeystore, KeySlots
 from restwise.client.os_keyring import KeyringKeystore
 from restwise.client.store import DeviceStore
-from restwise.demo import write_demo_export
+from restwise.simulation.fleet import write_demo_export
 
 STRONG = "velvet harbour quietly juggles ninety lanterns"
 

@@ -9,10 +9,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from restwise.privacy import dp_mods as D
+from restwise.privacy import wire
 from restwise.privacy.secagg import records as SR
-from restwise.privacy.secagg.harness import _ensure_task_identity
+from restwise.privacy.secagg.harness import ensure_task_identity
 
-_ensure_task_identity()
+ensure_task_identity()
 
 
 def _ctx(state: RecordDict | None = None) -> Context:
@@ -22,7 +23,7 @@ def _ctx(state: RecordDict | None = None) -> Context:
 def _train_msg(params: D.DPRoundParams | None) -> Message:
     content = RecordDict({"restwise.run": ConfigRecord({"run_id": "run-x", "round": 1})})
     if params is not None:
-        content[D.DP_RECORD] = params.to_record()
+        content[wire.DP_RECORD] = params.to_record()
     return Message(content, dst_node_id=7, message_type="train")
 
 
@@ -114,7 +115,7 @@ def test_mod_clips_and_noises_the_inner_update_and_keeps_metrics():
 def test_mod_refuses_nan_updates_without_sending_any_vector():
     p = D.DPRoundParams(clip_norm=1.0, noise_multiplier=1.0, placement="distributed", noise_divisor=4)
     reply = D.dp_mod(_train_msg(p), _ctx(), _inner_returning(np.array([1.0, np.nan])))
-    assert reply.has_error() and reply.error.code == D.ERROR_CODE_NON_FINITE
+    assert reply.has_error() and reply.error.code == wire.ERROR_CODE_NON_FINITE
 
 
 def test_mod_refuses_a_train_message_without_dp_parameters():
@@ -125,7 +126,7 @@ def test_mod_refuses_a_train_message_without_dp_parameters():
         return _inner_returning(np.zeros(3))(msg, ctx)
 
     reply = D.dp_mod(_train_msg(None), _ctx(), inner)
-    assert reply.has_error() and reply.error.code == D.ERROR_CODE_BAD_PARAMS
+    assert reply.has_error() and reply.error.code == wire.ERROR_CODE_BAD_PARAMS
     assert not called  # nothing was even trained
 
 
@@ -135,7 +136,7 @@ def test_mod_refuses_a_noise_divisor_above_the_secure_rounds_guarantee():
     state = RecordDict({SR.CLIENT_STATE: ConfigRecord({"min_survivors": 5})})
     p = D.DPRoundParams(clip_norm=1.0, noise_multiplier=1.0, placement="distributed", noise_divisor=8)
     reply = D.dp_mod(_train_msg(p), _ctx(state), _inner_returning(np.zeros(3)))
-    assert reply.has_error() and reply.error.code == D.ERROR_CODE_BAD_PARAMS
+    assert reply.has_error() and reply.error.code == wire.ERROR_CODE_BAD_PARAMS
     ok = D.DPRoundParams(clip_norm=1.0, noise_multiplier=1.0, placement="distributed", noise_divisor=5)
     assert not D.dp_mod(_train_msg(ok), _ctx(state), _inner_returning(np.zeros(3))).has_error()
 

@@ -9,10 +9,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from restwise.privacy import egress as E
+from restwise.privacy import wire
 from restwise.privacy.secagg import records as SR
-from restwise.privacy.secagg.harness import _ensure_task_identity
+from restwise.privacy.secagg.harness import ensure_task_identity
 
-_ensure_task_identity()
+ensure_task_identity()
 
 
 def _ctx() -> Context:
@@ -25,8 +26,8 @@ def _stage_msg(stage: str, round_: int = 2) -> Message:
 
 
 def _hello(run_id: str = "run-abc", round_: int = 2) -> Message:
-    content = RecordDict({E.RUN_RECORD: ConfigRecord({"run_id": run_id, "round": round_})})
-    return Message(content, dst_node_id=3, message_type=E.HELLO_MESSAGE_TYPE)
+    content = RecordDict({wire.RUN_RECORD: ConfigRecord({"run_id": run_id, "round": round_})})
+    return Message(content, dst_node_id=3, message_type=wire.HELLO_MESSAGE_TYPE)
 
 
 def _reply(msg: Message, content: RecordDict):
@@ -48,14 +49,14 @@ def _guard(policy=None, log=None):
 def test_allow_listed_masked_update_passes_and_is_logged_without_values():
     guard, log = _guard()
     ctx = _ctx()
-    guard(_hello(), ctx, _reply(None, RecordDict({E.CONSENT_RECORD: ConfigRecord({"participate": True})})))
+    guard(_hello(), ctx, _reply(None, RecordDict({wire.CONSENT_RECORD: ConfigRecord({"participate": True})})))
     msg = _stage_msg(SR.STAGE_COLLECT)
     content = _masked()
     content[SR.METRICS] = MetricRecord({"train_loss": 0.42})
     reply = guard(msg, ctx, _reply(msg, content))
     assert not reply.has_error()
     hello_entry, entry = log.entries
-    assert hello_entry["run_id"] == "run-abc" and hello_entry["message_type"] == E.HELLO_MESSAGE_TYPE
+    assert hello_entry["run_id"] == "run-abc" and hello_entry["message_type"] == wire.HELLO_MESSAGE_TYPE
     # The secure-aggregation stage carries no run id; the guard remembers the hello's.
     assert entry["run_id"] == "run-abc" and entry["round"] == 2
     assert entry["message_type"] == f"train:{SR.STAGE_COLLECT}"
@@ -82,7 +83,7 @@ def test_a_record_not_on_the_allow_list_is_refused(extra_name, extra_record):
     content = _masked()
     content[extra_name] = extra_record
     reply = guard(msg, _ctx(), _reply(msg, content))
-    assert reply.has_error() and reply.error.code == E.ERROR_CODE_REFUSED
+    assert reply.has_error() and reply.error.code == wire.ERROR_CODE_REFUSED
     assert extra_name in reply.error.reason
     assert "61.2" not in reply.error.reason
     # What was sent (the error) is logged, not what was refused.
@@ -125,8 +126,8 @@ def test_wrong_kinds_and_dtypes_are_refused():
 
 
 def test_unmasked_update_only_with_an_explicit_server_trusted_policy():
-    plain = Message(RecordDict({E.RUN_RECORD: ConfigRecord({"run_id": "run-abc", "round": 1})}), dst_node_id=3, message_type="train")
-    update = RecordDict({E.PLAIN_UPDATE: ArrayRecord({E.PLAIN_VECTOR: Array(np.zeros(8))})})
+    plain = Message(RecordDict({wire.RUN_RECORD: ConfigRecord({"run_id": "run-abc", "round": 1})}), dst_node_id=3, message_type="train")
+    update = RecordDict({wire.UPDATE_RECORD: ArrayRecord({wire.UPDATE_VECTOR: Array(np.zeros(8))})})
     strict, _ = _guard()
     assert strict(plain, _ctx(), _reply(plain, update)).has_error()
     trusting, _ = _guard(E.EgressPolicy(allow_unmasked_update=True))
@@ -140,7 +141,7 @@ def test_an_exception_in_the_app_is_reported_by_type_only():
         raise ValueError("readiness 7.25 on 2024-03-02 is odd")
 
     reply = guard(_stage_msg(SR.STAGE_COLLECT), _ctx(), boom)
-    assert reply.has_error() and reply.error.code == E.ERROR_CODE_APP_FAILED
+    assert reply.has_error() and reply.error.code == wire.ERROR_CODE_APP_FAILED
     assert "ValueError" in reply.error.reason and "7.25" not in reply.error.reason
     assert len(log.entries) == 1
 
@@ -154,7 +155,7 @@ def test_nothing_is_sent_when_the_egress_log_cannot_be_written():
     guard = E.make_egress_guard(E.EgressPolicy(), broken)
     msg = _stage_msg(SR.STAGE_COLLECT)
     reply = guard(msg, _ctx(), _reply(msg, _masked()))
-    assert reply.has_error() and reply.error.code == E.ERROR_CODE_LOG_FAILED
+    assert reply.has_error() and reply.error.code == wire.ERROR_CODE_LOG_FAILED
 
 
 def test_oversized_replies_are_refused():
@@ -176,7 +177,7 @@ def test_guard_logs_into_a_real_encrypted_store(tmp_path, fast_argon2):
 
     guard = E.make_egress_guard(E.EgressPolicy(), open_log)
     ctx = _ctx()
-    guard(_hello("run-xyz", 4), ctx, _reply(None, RecordDict({E.CONSENT_RECORD: ConfigRecord({"participate": True})})))
+    guard(_hello("run-xyz", 4), ctx, _reply(None, RecordDict({wire.CONSENT_RECORD: ConfigRecord({"participate": True})})))
     msg = _stage_msg(SR.STAGE_COLLECT, 4)
     guard(msg, ctx, _reply(msg, _masked()))
     with DeviceStore.open(folder, "pw") as s:

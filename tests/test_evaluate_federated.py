@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import restwise.models.training as training
-from restwise.client.evaluate_federated import (
+from restwise.simulation.evaluate_federated import (
     FederatedMethod,
     federated_methods,
     federated_train,
@@ -209,6 +209,7 @@ def test_cli_federated_flag_appends_both_rows(tmp_path, monkeypatch):
     import json
 
     import restwise.models.evaluation as ev
+    import restwise.simulation.evaluate_cli as evaluate_cli
     from restwise.cli import app
     from typer.testing import CliRunner
 
@@ -216,6 +217,7 @@ def test_cli_federated_flag_appends_both_rows(tmp_path, monkeypatch):
 
     small = NeuralConfig(n_seeds=1, local_epochs=(2,), central_epochs=2, finetune_epochs=(0,), hidden=(8,))
     monkeypatch.setattr(ev, "NeuralConfig", lambda **_kw: small)
+    monkeypatch.setattr(evaluate_cli, "NeuralConfig", lambda **_kw: small)  # the command's own import
     for person, data in _cohort(3, 150).items():
         folder = tmp_path / "cohort" / person
         folder.mkdir(parents=True)

@@ -148,7 +148,7 @@ def test_export_import_export_is_byte_identical(content):
 def test_cli_export_import_export(tmp_path):
     """The same through the command line: export, import (auto-detected) into a new store,
     export again: identical bytes, and the import says it restored an export."""
-    from restwise.demo import write_demo_export
+    from restwise.simulation.fleet import write_demo_export
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("RESTWISE_")}
     env["RESTWISE_PASSPHRASE_FILE"] = str(tmp_path / "pass")

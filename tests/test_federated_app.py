@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +18,17 @@ from flwr.app import Context, RecordDict
 
 import restwise.client.app as client_app_module
 from restwise.client.app import DeviceLocation, DeviceLocator, SIM_KEYSTORE_DIR, device_folder_name, make_client_app, open_device_store
+from restwise.client.dataset import daily_data
 from restwise.privacy.accountant import PrivacyAccountant
 from restwise.privacy.dp_mods import clip_update
 from restwise.privacy.events import AuditEvent, BudgetRefusalEvent, GaussianRoundEvent
 from restwise.privacy.ledger import load_public_key, verify_ledger_file
 from restwise.privacy.secagg.harness import InProcessGrid
 from restwise.server import app as server_app_module
-from restwise.server.app import Checkpoint, FederatedServer, RunFiles, initial_checkpoint, open_ledger
+from restwise.server.app import FederatedServer, initial_checkpoint
+from restwise.server.rundir import Checkpoint, RunFiles, open_ledger
 from restwise.server.runconfig import RunConfig
-from restwise.server.runner import prepare_fleet
+from restwise.simulation.fleet import prepare_fleet
 
 FLEET_SIZE = 10
 NODE_BASE = 1000
@@ -87,9 +91,25 @@ def _flat(ckpt: Checkpoint) -> np.ndarray:
     return np.concatenate([a.astype(np.float64).reshape(-1) for a in ckpt.arrays])
 
 
-def test_record_names_agree_between_client_and_server():
-    assert client_app_module.GLOBAL_RECORD == server_app_module.GLOBAL_RECORD
-    assert client_app_module.TRAIN_RECORD == server_app_module.TRAIN_RECORD
+def test_every_wire_name_is_defined_once_in_the_package():
+    # Client and server share record names and error codes through privacy/wire.py only: the
+    # literal of each appears in no other production module.
+    from restwise.privacy import wire
+
+    root = Path(wire.__file__).resolve().parents[1]
+    sources = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in ("tests", "build", "docs") and not d.startswith((".", "__"))]
+        sources += [Path(folder) / f for f in files if f.endswith(".py")]
+    sources = [p for p in sources if p.resolve() != Path(wire.__file__).resolve()]
+    literals = [v for k, v in vars(wire).items() if k.isupper() and isinstance(v, str) and v.startswith("restwise.")]
+    literals += [v for k, v in vars(wire).items() if k.startswith("ERROR_CODE_")]
+    assert len(literals) >= 15
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for literal in literals:
+            token = f'= "{literal}"' if isinstance(literal, str) else f"= {literal}"
+            assert token not in text, f"{path.relative_to(root)} defines {literal!r} again"
 
 
 def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger(tmp_path, template_fleet):
@@ -248,17 +268,17 @@ def test_a_crash_after_a_release_reruns_the_round_as_a_new_accounted_attempt(tmp
     _stop_after_first_round(fed.server()).run(fed.grid)
     after_one = fed.checkpoint()
     # The next attempt crashes after round 2 was released (ledger) but before its checkpoint.
-    real_write = server_app_module.atomic_write
+    real_write = server_app_module.atomic_write_bytes
 
-    def crash_on_checkpoint(path, data):
+    def crash_on_checkpoint(path, data, *args, **kwargs):
         if path.name == "checkpoint":
             raise OSError("power loss")
-        return real_write(path, data)
+        return real_write(path, data, *args, **kwargs)
 
-    monkeypatch.setattr(server_app_module, "atomic_write", crash_on_checkpoint)
+    monkeypatch.setattr(server_app_module, "atomic_write_bytes", crash_on_checkpoint)
     with pytest.raises(OSError):
         fed.run()
-    monkeypatch.setattr(server_app_module, "atomic_write", real_write)
+    monkeypatch.setattr(server_app_module, "atomic_write_bytes", real_write)
     assert fed.checkpoint().round == 1 and np.array_equal(_flat(fed.checkpoint()), _flat(after_one))
 
     summary = fed.run()
@@ -339,3 +359,57 @@ def test_a_stop_file_stops_the_run_before_the_next_round(tmp_path, template_flee
     assert _history(fed, 0) == []  # nothing was asked of any device
     (fed.run_dir / "STOP").unlink()
     assert fed.run().status == "completed"
+
+
+def _load_linear_stats_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "linear_stats_architecture.py"
+    spec = importlib.util.spec_from_file_location("linear_stats_architecture", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_new_architecture_is_one_module_and_one_registry_line(tmp_path, template_fleet):
+    """A one-release-of-statistics model (tests/linear_stats_architecture.py) runs through the
+    whole federation - hello, egress guard, DP mod, secure aggregation, the release workflow,
+    the signed ledger - with nothing else changed."""
+    from restwise.models.registry import get_architecture, registered
+    from restwise.server.runconfig import RunConfigError
+
+    stats = _load_linear_stats_module()
+    with pytest.raises(RunConfigError) as unknown:
+        _config(model=stats.ARCHITECTURE.name)
+    assert unknown.value.field == "model"
+    with registered(stats.ARCHITECTURE):  # the one registry line
+        with pytest.raises(RunConfigError) as rounds:
+            _config(model=stats.ARCHITECTURE.name, rounds=2)
+        assert rounds.value.field == "rounds"  # one release of statistics: exactly one round
+
+        class ZeroNoise:  # noise-free devices, so the released sum can be checked exactly
+            def normal(self, loc, scale, size):
+                return np.zeros(size)
+
+        cfg = _config(model=stats.ARCHITECTURE.name, rounds=1, noise_multiplier=1.0)
+        fed = Federation(tmp_path, template_fleet, cfg, dp_rng_factory=ZeroNoise)
+        summary = fed.run()
+        assert summary.status == "completed", summary.reason
+        (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+        # The release is calibrated to the architecture's documented bound, not the clip norm.
+        assert release.clip_norm == pytest.approx(math.sqrt(5.0)) and release.survivors == cfg.population
+        assert release.model_hash == fed.checkpoint().model_hash()
+        # The model is the ridge solution of the devices' mean statistics.
+        arch = get_architecture(stats.ARCHITECTURE.name)
+        total = np.zeros(5)
+        for i in range(cfg.population):
+            with fed.store(i) as store:
+                total += stats.statistics(arch.examples(daily_data(store)))
+        (w,) = fed.checkpoint().arrays
+        np.testing.assert_allclose(w, stats.solve(total / cfg.expected_cohort), atol=1e-4)
+        assert 0.1 < w[1] < 1.0  # tomorrow's readiness follows today's
+        with fed.store(0) as store:
+            assert store.load_model_state(stats.ARCHITECTURE.state_name) is not None
+    with pytest.raises(RunConfigError):
+        _config(model=stats.ARCHITECTURE.name)  # unregistered again

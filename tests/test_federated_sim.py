@@ -12,7 +12,8 @@ import pytest
 
 from restwise.privacy.events import GaussianRoundEvent
 from restwise.privacy.ledger import PrivacyLedger, load_public_key, verify_ledger_file
-from restwise.server.app import Checkpoint, initial_checkpoint
+from restwise.server.app import initial_checkpoint
+from restwise.server.rundir import Checkpoint
 from restwise.server.runconfig import RunConfig
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,8 @@ def _failing_partitions_mod(failing: frozenset[int]):
 
 def test_simulated_run_with_thirty_percent_failing_devices(tmp_path):
     from restwise.client.app import DeviceLocator, make_client_app
-    from restwise.server.runner import FLEET_DIR, run_federation
+    from restwise.simulation.fleet import FLEET_DIR
+    from restwise.simulation.runner import run_federation
 
     run_dir = tmp_path / "run-sim000000001"
     config = _config()
@@ -69,7 +71,7 @@ def test_simulated_run_with_thirty_percent_failing_devices(tmp_path):
     assert report["run_id"] == run_dir.name
     assert (run_dir / "report.html").exists()
     # What `restwise demo` prints: the privacy spent and one person's coach output.
-    from restwise.server.runner import demo_outcome
+    from restwise.simulation.demo import demo_outcome
 
     shown = demo_outcome(summary, person=0)
     assert shown["epsilon"] == pytest.approx(lines[1]["epsilon"]) and shown["delta"] == config.delta
@@ -84,7 +86,7 @@ def test_runner_command_line_runs_a_run_directory(tmp_path):
     config = _config(population=6, rounds=1, secagg_num_neighbours=5, secagg_threshold=4, max_dropout_fraction=0.3)
     (run_dir / "config.json").write_text(json.dumps(config.to_dict()))
     proc = subprocess.run(
-        [sys.executable, "-m", "restwise.server.runner", "run", "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "restwise.simulation.runner", "run", "--run-dir", str(run_dir)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,7 +103,7 @@ def test_runner_refuses_an_invalid_config_with_a_failed_state(tmp_path):
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps({"name": "x", "rounds": 0, "population": 5}))
     proc = subprocess.run(
-        [sys.executable, "-m", "restwise.server.runner", "run", "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "restwise.simulation.runner", "run", "--run-dir", str(run_dir)],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 1

@@ -122,7 +122,7 @@ def test_trend_shows_each_series_against_its_own_baseline():
 def test_trend_command_prints_and_writes_a_png(tmp_path):
     from restwise.cli import app
     from restwise.client.importers import run_import
-    from restwise.demo import write_demo_export
+    from restwise.simulation.fleet import write_demo_export
 
     store = tmp_path / "store"
     with DeviceStore.create(store, keystore=FileKeystore(tmp_path / "keystore")) as s:

@@ -36,7 +36,6 @@ SMALL_RUN = {
 
 @pytest.fixture(scope="module")
 def completed_run(tmp_path_factory):
-    pytest.importorskip("restwise.server.runner")
     data_dir = tmp_path_factory.mktemp("flow")
     operator = create_token(data_dir, "operator", "olga")
     auditor = create_token(data_dir, "auditor", "arne")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from restwise.privacy.release import BudgetDecision
 from restwise.server import db as dbm
-from restwise.server.runs import RunManager, RunNotFoundError, RunStateError, _read_jsonl
+from restwise.server.runs import RunManager, RunNotFoundError, RunStateError, read_jsonl
 
 CONTRACT_RUNNER = textwrap.dedent(
     """
@@ -47,6 +48,12 @@ CONTRACT_RUNNER = textwrap.dedent(
 )
 
 
+def within_any_budget(config, past_payloads):
+    """These tests exercise mirroring of the file contract, not budgets (the real budget check
+    runs in test_service_flow.py and test_service_auth.py): every run is within budget here."""
+    return BudgetDecision(projected_epsilon=0.0, budget_epsilon=None, delta=1e-5, rounds=int(config["rounds"]))
+
+
 @pytest.fixture
 def manager(tmp_path):
     script = tmp_path / "contract_runner.py"
@@ -57,7 +64,7 @@ def manager(tmp_path):
         return [sys.executable, str(script), str(run_dir), mode["value"]]
 
     database = dbm.Database.open(dbm.default_database_url(tmp_path))
-    mgr = RunManager(database, tmp_path / "runs", command=command, poll_interval_s=0.1)
+    mgr = RunManager(database, tmp_path / "runs", budget_check=within_any_budget, command=command, poll_interval_s=0.1)
     mgr.mode = mode
     yield mgr
     mgr.shutdown(stop_runs=True)
@@ -111,7 +118,7 @@ def test_runner_crash_is_reported_as_failed(manager):
 def test_restarted_service_marks_orphaned_runs(manager, tmp_path):
     run_id = _create(manager)
     manager._update(run_id, status="running", pid=2**22 + 12345)  # a pid that does not exist
-    fresh = RunManager(manager.db, manager.runs_dir)
+    fresh = RunManager(manager.db, manager.runs_dir, budget_check=within_any_budget)
     assert fresh.get(run_id)["status"] == "failed"
 
 
@@ -125,10 +132,10 @@ def test_unknown_and_malformed_run_ids(manager):
 def test_half_written_lines_wait_for_the_next_poll(tmp_path):
     path = tmp_path / "rounds.jsonl"
     path.write_text('{"round": 1}\n{"round": 2, "epsi')
-    assert _read_jsonl(path) == [{"round": 1}]
+    assert read_jsonl(path) == [{"round": 1}]
     path.write_text('{"round": 1}\n{"round": 2}\n')
-    assert _read_jsonl(path) == [{"round": 1}, {"round": 2}]
-    assert _read_jsonl(tmp_path / "absent.jsonl") == []
+    assert read_jsonl(path) == [{"round": 1}, {"round": 2}]
+    assert read_jsonl(tmp_path / "absent.jsonl") == []
 
 
 def test_progress_note_is_cleared_when_the_runner_clears_it(manager):

@@ -155,7 +155,7 @@ def test_argon2_parameters_are_recorded_with_the_wrapped_key(tmp_path, fast_argo
 
 
 def test_rekey_rotates_data_key_and_old_key_fails(tmp_path, fast_argon2):
-    from restwise.client.store import _connect_raw, _probe
+    from restwise.client.store import connect_raw, probe_database
     import sqlcipher3.dbapi2 as sq
 
     folder = tmp_path / "s"
@@ -170,9 +170,9 @@ def test_rekey_rotates_data_key_and_old_key_fails(tmp_path, fast_argon2):
         assert s._key == new_key
         assert len(s.observations("hrv_rmssd")) == 300
         assert s.summary()["key_generation"] == 2
-    conn = _connect_raw(folder / DB_NAME, old_key)
+    conn = connect_raw(folder / DB_NAME, old_key)
     with pytest.raises(sq.DatabaseError, match="file is not a database"):
-        _probe(conn)
+        probe_database(conn)
     conn.close()
 
 
@@ -259,12 +259,12 @@ def test_no_sqlcipher_noise_on_stderr_for_wrong_key(tmp_path, fast_argon2):
     folder = tmp_path / "s"
     DeviceStore.create(folder, "pw", argon2=fast_argon2).close()
     code = textwrap.dedent(f"""
-        from restwise.client.store import _connect_raw, _probe, DB_NAME
+        from restwise.client.store import connect_raw, probe_database, DB_NAME
         import os
         from pathlib import Path
-        c = _connect_raw(Path({str(folder)!r}) / DB_NAME, os.urandom(32))
+        c = connect_raw(Path({str(folder)!r}) / DB_NAME, os.urandom(32))
         try:
-            _probe(c)
+            probe_database(c)
         except Exception as e:
             print(type(e).__name__)
     """)

@@ -20,11 +20,13 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from restwise.client.app import DeviceLocation, DeviceLocator, SIM_KEYSTORE_DIR, device_folder_name, make_client_app, open_device_store
 from restwise.privacy import egress as E
+from restwise.privacy import wire
 from restwise.privacy.secagg import records as SR
 from restwise.privacy.secagg.harness import InProcessGrid
-from restwise.server.app import FederatedServer, open_ledger
+from restwise.server.app import FederatedServer
+from restwise.server.rundir import open_ledger
 from restwise.server.runconfig import RunConfig
-from restwise.server.runner import prepare_fleet
+from restwise.simulation.fleet import prepare_fleet
 
 WATCHED = 0  # the device whose traffic is captured
 
@@ -115,7 +117,7 @@ def test_no_stored_value_crosses_the_wire(captured):
     outgoing, values, _ = captured
     assert len(values) > 100  # the device really holds data
     needles = _needles(values)
-    assert {stage for stage, _ in outgoing} == {E.HELLO_MESSAGE_TYPE, *SR.STAGES}
+    assert {stage for stage, _ in outgoing} == {wire.HELLO_MESSAGE_TYPE, *SR.STAGES}
     total_bytes = 0
     for stage, reply in outgoing:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -144,12 +146,12 @@ def test_only_allow_listed_records_leave_and_the_update_is_masked(captured):
     outgoing, _, history = captured
     for stage, reply in outgoing:
         names = set(reply.content.keys())
-        if stage == E.HELLO_MESSAGE_TYPE:
-            assert names == {E.CONSENT_RECORD}
+        if stage == wire.HELLO_MESSAGE_TYPE:
+            assert names == {wire.CONSENT_RECORD}
             continue
         allowed = set(SR.CLIENT_REPLY_RECORDS[stage])
         assert names <= allowed, f"{stage}: {names - allowed}"
-        assert E.PLAIN_UPDATE not in names
+        assert wire.UPDATE_RECORD not in names
         for name, record in reply.content.items():
             if name == SR.METRICS:
                 assert set(record.keys()) <= {"train_loss"}
@@ -160,7 +162,7 @@ def test_only_allow_listed_records_leave_and_the_update_is_masked(captured):
     assert 0.4 < np.mean(masked >> np.uint64(63)) < 0.6
     # The device's own log lists exactly what was captured, message for message.
     assert [h["message_type"] for h in history] == [
-        E.HELLO_MESSAGE_TYPE, *(f"train:{s}" for s in SR.STAGES)
+        wire.HELLO_MESSAGE_TYPE, *(f"train:{s}" for s in SR.STAGES)
     ]
     for (stage, reply), entry in zip(outgoing, history):
         records, n_bytes, digest = E.describe(reply)

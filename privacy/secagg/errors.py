@@ -18,13 +18,15 @@ completed safely is returned with ``aborted=True`` and ``reason``.
 
 from __future__ import annotations
 
+from restwise.privacy.errors import PrivacyError
 
-class SecAggError(Exception):
-    """Base class; ``context`` holds non-secret details (stage, client index, counts)."""
+
+class SecAggError(PrivacyError):
+    """Base class (under ``PrivacyError``, see restwise.common.errors); ``context`` holds
+    non-secret details (stage, client index, counts)."""
 
     def __init__(self, message: str, **context: object):
-        super().__init__(message)
-        self.context = context
+        super().__init__(message, **context)
 
 
 class SecAggConfigError(SecAggError, ValueError):
@@ -36,7 +38,6 @@ class InputRefusedError(SecAggError):
 
     def __init__(self, message: str, code: str, **context: object):
         super().__init__(message, code=code, **context)
-        self.code = code
 
 
 class ShareError(SecAggError):

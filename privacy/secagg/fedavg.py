@@ -19,6 +19,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
+from restwise.common.arrays import flatten, unflatten
+
 from .config import SecAggConfig
 from .protocol import SecureSumResult
 from .workflow import secure_sum
@@ -29,21 +31,13 @@ CONFIG_RECORD = "config"
 
 def flatten_arrays(arrays: ArrayRecord) -> np.ndarray:
     """All arrays of ``arrays`` as one float64 vector (record key order, C order)."""
-    parts = [np.asarray(array.numpy(), dtype=np.float64).ravel() for array in arrays.values()]
-    return np.concatenate(parts) if parts else np.zeros(0)
+    return flatten([array.numpy() for array in arrays.values()])
 
 
 def unflatten_like(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
     """``vector`` cut into arrays with the names, shapes and dtypes of ``like``."""
-    out, pos = {}, 0
-    for name, array in like.items():
-        template = array.numpy()
-        size = template.size
-        out[name] = Array(vector[pos : pos + size].reshape(template.shape).astype(template.dtype))
-        pos += size
-    if pos != len(vector):
-        raise ValueError("the vector does not match the model's size")
-    return ArrayRecord(out)
+    cut = unflatten(vector, [array.numpy() for array in like.values()])
+    return ArrayRecord({name: Array(a) for name, a in zip(like.keys(), cut)})
 
 
 def secure_fedavg_round(

@@ -19,6 +19,9 @@ from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from restwise.privacy.egress import content_bytes
 
 from . import records as R
 
@@ -45,7 +48,7 @@ class InProcessGrid(Grid):
         self.transcript: list[tuple[str, int, str, bytes, tuple[str, ...]]] = []
         self._replies: dict[str, list[Message]] = {}
         self._run = None
-        _ensure_task_identity()
+        ensure_task_identity()
 
     # -- Grid API
     def set_run(self, run_id: int) -> None:  # pragma: no cover - not used in-process
@@ -70,7 +73,7 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             stage = _stage(msg.content)
             if self.record_transcript:
-                self.transcript.append(("to-device", node, stage, wire_bytes(msg.content), tuple(msg.content)))
+                self.transcript.append(("to-device", node, stage, content_bytes(msg.content), tuple(msg.content)))
             if node not in self.contexts or _stage_index(self.drop_at.get(node)) <= _stage_index(stage):
                 continue
             reply = self.app(msg, self.contexts[node])
@@ -85,7 +88,7 @@ class InProcessGrid(Grid):
                         out.append(reply)
                     continue
                 if self.record_transcript:
-                    self.transcript.append(("from-device", node, stage, wire_bytes(content), tuple(content)))
+                    self.transcript.append(("from-device", node, stage, content_bytes(content), tuple(content)))
                 out.append(Message(content, reply_to=msg))
             self._replies[msg_id] = out
         return ids
@@ -101,19 +104,9 @@ class InProcessGrid(Grid):
         return list(self.pull_messages(ids))
 
 
-def wire_bytes(content: RecordDict) -> bytes:
-    """Every serialized object Flower would transfer for ``content`` (records, arrays and
-    array chunks are separate objects on the wire), concatenated."""
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-    return b"".join(obj.deflate() for obj in get_all_nested_objects(content).values())
-
-
-def _ensure_task_identity() -> None:
+def ensure_task_identity() -> None:
     """Outside a ServerApp process nothing sets Flower's task identity, which the
     ``Message`` constructor reads; give it the in-process run's values."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     for name, value in (("run_id", 1), ("node_id", 0), ("task_id", 0)):
         try:
             getattr(TaskIdentity, name)

@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from restwise.client.errors import RestwiseDeviceError
-from restwise.client.evaluate_cli import load_public_cohorts
+from restwise.common.cli_errors import cli_errors
+from restwise.common.fsutil import atomic_write_bytes
 from restwise.models.prior import LINEAR_HEAD_PRIOR, PUBLIC_DATASETS, PriorError, fit_prior, load_prior
 from restwise.models.warning import WARNING_PRIOR, WarningError, record_from_results
+from restwise.simulation.evaluate_cli import load_public_cohorts
 
 # --model: which architecture's prior (the same fit, file format and verification)
 PRIOR_SPECS = {"linear-head": LINEAR_HEAD_PRIOR, "early-warning": WARNING_PRIOR}
@@ -42,12 +41,13 @@ ModelOpt = typer.Option("linear-head", "--model", help="Whose prior: linear-head
                         "early-warning (7-day risk of a low week).")
 
 
-def _spec(model: str):
+def prior_spec(model: str):
     if model not in PRIOR_SPECS:
         raise typer.BadParameter(f"--model must be one of {', '.join(PRIOR_SPECS)}")
     return PRIOR_SPECS[model]
 
-model_app = typer.Typer(help="Researchers/operators: the linear head's public prior.", no_args_is_help=True)
+
+model_app = typer.Typer(help="Researchers/operators: the public priors (linear head, early warning) and the warning's record.", no_args_is_help=True)
 
 
 def public_cohorts(data: Path, log=None) -> list:
@@ -56,21 +56,6 @@ def public_cohorts(data: Path, log=None) -> list:
     if not cohorts:
         raise PriorError(f"no public dataset under {data} (expected sub-folders: {', '.join(PUBLIC_DATASETS)})")
     return cohorts
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # public data: a file to ship and read, not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _describe(prior) -> str:
@@ -95,19 +80,16 @@ def prior_command(
     model: str = ModelOpt,
 ) -> None:
     """Fit a model's public prior on public data only and write it with provenance."""
-    spec = _spec(model)
+    spec = prior_spec(model)
     command = "restwise model prior " + " ".join(shlex.quote(a) for a in sys.argv[3:]) \
         if sys.argv[1:3] == ["model", "prior"] else f"restwise model prior --data {data} --out {out}"
-    try:
+    with cli_errors(also=(PriorError,)):
         cohorts = public_cohorts(data, log=lambda m: typer.echo(m, err=True))
         prior = fit_prior(cohorts, tuple(target or ("readiness", "fatigue")), command=command, seed=seed,
                           spec=spec)
-        text = prior.to_json()
-        _write_atomic(out, text)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, prior.to_json().encode("utf-8"), mode=0o644)  # public data, to ship and read
         written = load_prior(out, spec=spec)
-    except (PriorError, RestwiseDeviceError) as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"Prior written to {out}\n{_describe(written)}")
 
 
@@ -117,12 +99,9 @@ def show_command(
     model: str = ModelOpt,
 ) -> None:
     """Verify a prior (hash, feature-spec version) and print its provenance."""
-    spec = _spec(model)
-    try:
+    spec = prior_spec(model)
+    with cli_errors(also=(PriorError,)):
         loaded = load_prior(prior, spec=spec)
-    except PriorError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"{prior or 'shipped prior'}: verified\n{_describe(loaded)}")
 
 
@@ -140,7 +119,9 @@ def warning_record_command(
         command = " ".join(["restwise model warning-record --results", shlex.quote(str(results)), "--out",
                             shlex.quote(str(out))] + (["--row", shlex.quote(row)] if row != "warning model, public prior" else []))
         record = record_from_results(data, row, results_sha256=hashlib.sha256(blob).hexdigest(), command=command)
-        _write_atomic(out, json.dumps(record.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, (json.dumps(record.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n")
+                           .encode("utf-8"), mode=0o644)  # public numbers, to ship and read
     except OSError as exc:
         typer.echo(f"Error: cannot read {results}: {exc.strerror or exc}", err=True)
         raise typer.Exit(code=1) from None

@@ -1,4 +1,5 @@
-"""Small filesystem helpers: atomic replace so nothing is ever half written."""
+"""Atomic file writes: a reader sees the old content or the new, never a mix, and a crash
+leaves no half-written file behind (the one copy; every package writes through it)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 
-def fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path | str) -> None:
+    """Make a rename inside ``directory`` durable (best effort: some filesystems refuse)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -21,7 +23,9 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` so readers see the old or the new content, never a mix."""
+    """Write ``data`` to ``path`` atomically, the file created with ``mode`` from the start
+    (a secret is never readable by others, not even briefly): a temporary file in the same
+    folder, fsync, rename over ``path``, fsync the folder."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -35,3 +39,10 @@ def atomic_write_bytes(path: Path | str, data: bytes, mode: int = 0o600) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path | str, text: str, mode: int = 0o600) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "fsync_dir"]

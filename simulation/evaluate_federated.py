@@ -1,8 +1,11 @@
 """Federated rows of ``restwise evaluate``: FedAvg without DP, and with distributed DP.
 
-This is the deployed federated algorithm **run in-process for evaluation**: the same steps
-the Flower stack runs (``client.app.local_update`` on each device, ``server.app``'s round),
-without the transport. What the transport and secure aggregation add is exercised by the
+This is the deployed federated algorithm **run in-process for evaluation**: the same functions
+the Flower stack runs - the device's training step (``models.training.federated_update``, what
+the recovery network's architecture runs in ``client.app.local_update``), its DP step
+(``privacy.dp_mods.privatize`` with the parameters of ``privacy.release.dp_parameters``), the
+server's FedAvg step (``models.registry.fedavg_apply``) and the release planner
+(``privacy.release.plan_release``) - without the transport. What the transport and secure aggregation add is exercised by the
 simulation and deployment tests; secure aggregation's sum is exact (masks cancel, the
 fixed-point encoding rounds to 2^-frac_bits), so summing the devices' contributions in
 float64 here gives the same aggregate.
@@ -13,7 +16,7 @@ devices take part in every round, i.e. full participation):
 1. each device loads the global shared part into its model (its personal part - scale,
    threshold, calibration - stays on the device from round to round) and runs
    ``training.train_local`` for ``local_epochs`` on its own examples (shared and personal
-   part, as ``client.app.local_update`` does; seed ``seed + 7919 x round``);
+   part, as ``client.app.local_update`` does; seed ``training.round_seed(seed, round)``);
 2. its update is the change of the shared arrays (float64);
 3. DP row: the device clips it to L2 norm ``clip_norm`` (``privacy.dp_mods.clip_update``) and
    adds its noise share N(0, (z C)^2 / (n - 1)) per coordinate. Under add/remove adjacency a
@@ -44,7 +47,7 @@ aggregates of the first 80% of the same training days; ``chosen["epsilon_with_se
 is the accountant's epsilon over both (the selection is a cohort-level choice among two
 candidates and is not otherwise accounted). Fixed, documented hyper-parameters (no test-set
 peeking): clip norm 1.0, learning rate 3e-3 and target epsilon 8 as in the demo run
-(``server.runner.demo_config``), ``FEDERATED_ROUNDS`` rounds of ``FEDERATED_LOCAL_EPOCHS``
+(``simulation.demo.demo_config``), ``FEDERATED_ROUNDS`` rounds of ``FEDERATED_LOCAL_EPOCHS``
 local epoch (``models.training``). Noise here comes from a seeded NumPy generator so the
 table is reproducible; devices draw from OS entropy (``dp_mods.noise_rng``).
 """
@@ -57,71 +60,68 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from restwise.common.arrays import flatten
 from restwise.models.evaluation import (
     EvaluationError,
     NeuralConfig,
     PersonSplit,
     Personalised,
     ProtocolConfig,
-    _model_config,
-    _seeds,
-    _validation_or_none,
+    ensemble_seeds,
     limited_threads,
+    network_config,
+    validation_or_none,
 )
-from restwise.models.training import FEDERATED_LOCAL_EPOCHS, FEDERATED_ROUNDS
+from restwise.models.network import build_model, set_shared_arrays, shared_arrays
+from restwise.models.registry import fedavg_apply, round_seed
+from restwise.models.training import FEDERATED_LOCAL_EPOCHS, FEDERATED_ROUNDS, federated_update
+from restwise.privacy.dp_mods import clip_update, privatize
+from restwise.privacy.release import MIN_COHORT, ReleasePolicy, dp_parameters, expected_epsilon, plan_release
+from restwise.simulation.demo import DEMO_CLIP_NORM, DEMO_TARGET_EPSILON
 
-DEFAULT_CLIP_NORM = 1.0
-DEFAULT_TARGET_EPSILON = 8.0
+DEFAULT_CLIP_NORM = DEMO_CLIP_NORM
+DEFAULT_TARGET_EPSILON = DEMO_TARGET_EPSILON
 DEFAULT_DELTA = 1e-5
-ADJACENCY = "add_remove"
-ROUND_SEED_STRIDE = 7919  # client.app.local_update: seed + 7919 x round
 
 
-def _flat(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
-
-
-def _unflat(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
-    out, i = [], 0
-    for a in like:
-        out.append(vector[i : i + a.size].reshape(a.shape).astype(np.float32))
-        i += a.size
-    return out
+def full_participation_policy(
+    releases: int,
+    *,
+    clip_norm: float,
+    delta: float = DEFAULT_DELTA,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    devices: int = MIN_COHORT,
+) -> ReleasePolicy:
+    """The evaluation's releases as the privacy side sees them: every device in every release
+    (q = 1, add/remove adjacency), distributed noise. With full participation the epsilon does
+    not depend on how many devices there are; their number only sizes the noise shares."""
+    return ReleasePolicy(sensitivity=clip_norm, population=max(int(devices), 1), sampling="poisson", sampling_rate=1.0,
+                         releases=int(releases), delta=delta, noise_multiplier=noise_multiplier,
+                         target_epsilon=target_epsilon, noise="distributed")
 
 
 def noise_share_std(noise_multiplier: float, clip_norm: float, n_devices: int) -> float:
     """One device's noise std per coordinate: z C / sqrt(n - 1) (add/remove: the n - 1 other
     devices' shares protect a person; their total std is z C)."""
-    from restwise.privacy.events import counted_noise_shares
-
-    counted = counted_noise_shares(n_devices, ADJACENCY)
-    if counted < 1:
+    if n_devices < 2:
         raise EvaluationError("distributed DP needs at least 2 devices")
-    return noise_multiplier * clip_norm / math.sqrt(counted)
+    policy = full_participation_policy(1, clip_norm=clip_norm, noise_multiplier=noise_multiplier, devices=n_devices)
+    return dp_parameters(policy, noise_multiplier, n_devices).share_std
 
 
 def privacy_spent(noise_multiplier: float, releases: int, delta: float = DEFAULT_DELTA) -> float:
     """The accountant's epsilon after ``releases`` full-participation add/remove releases
     whose counted noise has std ``noise_multiplier x C``."""
-    from restwise.privacy.accountant import PrivacyAccountant
-    from restwise.privacy.events import ReleaseSpec
-
-    spec = ReleaseSpec.plan(noise_multiplier=noise_multiplier, sampling="full", adjacency=ADJACENCY)
-    return float(PrivacyAccountant().epsilon_for_rounds(spec, int(releases), delta).epsilon)
-
-
-def _release_spec(noise_multiplier: float):
-    from restwise.privacy.events import ReleaseSpec
-
-    return ReleaseSpec.plan(noise_multiplier=noise_multiplier, sampling="full", adjacency=ADJACENCY)
+    plan = plan_release(full_participation_policy(releases, clip_norm=DEFAULT_CLIP_NORM, delta=delta,
+                                                  noise_multiplier=noise_multiplier))
+    return expected_epsilon(plan, releases)
 
 
 def calibrate(target_epsilon: float, releases: int, delta: float = DEFAULT_DELTA) -> float:
     """The smallest noise multiplier whose epsilon over ``releases`` is <= the target."""
-    from restwise.privacy.calibration import calibrate_noise_multiplier
-
-    return calibrate_noise_multiplier(target_epsilon, delta, int(releases), sampling="full",
-                                      adjacency=ADJACENCY).noise_multiplier
+    return plan_release(full_participation_policy(releases, clip_norm=DEFAULT_CLIP_NORM, delta=delta,
+                                                  target_epsilon=target_epsilon)).noise_multiplier
 
 
 def federated_train(
@@ -145,45 +145,39 @@ def federated_train(
     updates); ``noise_multiplier`` needs a clip norm. ``on_round(round, sum_of_updates,
     global_before, global_after)`` and ``on_update(round, person, contribution)`` (what the
     device adds to the sum: clipped and noised) are for tests."""
-    from restwise.models.network import build_model, set_shared_arrays, shared_arrays
-    from restwise.models.training import train_local
-    from restwise.privacy.dp_mods import clip_update
-
     if noise_multiplier is not None and clip_norm is None:
         raise EvaluationError("DP noise needs a clip norm")
     n = len(splits)
     if n < 2:
         raise EvaluationError("federated training needs at least 2 persons")
+    params = None
+    if noise_multiplier is not None:
+        policy = full_participation_policy(rounds, clip_norm=clip_norm, noise_multiplier=noise_multiplier, devices=n)
+        params = dp_parameters(policy, noise_multiplier, n)  # all n survive every round
     global_model = build_model(model_config)
-    like = shared_arrays(global_model)
-    global_flat = _flat(like)
-    share_std = 0.0 if noise_multiplier is None else noise_share_std(noise_multiplier, clip_norm, n)
+    # The global shared part is kept in float64 between rounds (the devices load it as float32).
+    shared = [a.astype(np.float64) for a in shared_arrays(global_model)]
     rng = rng if rng is not None else np.random.default_rng(seed)
     devices = {s.person: build_model(model_config) for s in splits}
     examples = {s.person: s.train.to_examples(s.days) for s in splits}
     for rnd in range(1, rounds + 1):
-        total = np.zeros_like(global_flat)
-        arrays = _unflat(global_flat, like)
+        total = np.zeros(sum(a.size for a in shared))
         for s in splits:
-            model = devices[s.person]
-            set_shared_arrays(model, arrays)
-            before = _flat(shared_arrays(model))
-            train_local(model, examples[s.person], epochs=local_epochs, lr=lr, batch_size=batch_size,
-                        seed=seed + ROUND_SEED_STRIDE * rnd, train_shared=True, train_personal=True,
-                        low_threshold=s.low_threshold, weight_decay=weight_decay)
-            update = _flat(shared_arrays(model)) - before
-            if clip_norm is not None:
+            update, _ = federated_update(devices[s.person], shared, examples[s.person], epochs=local_epochs, lr=lr,
+                                         batch_size=batch_size, seed=round_seed(seed, rnd),
+                                         low_threshold=s.low_threshold, weight_decay=weight_decay)
+            if params is not None:
+                update = privatize(update, params, rng)  # the device's DP step: clip, noise share
+            elif clip_norm is not None:
                 update, _ = clip_update(update, clip_norm)
-            if share_std > 0:
-                update = update + rng.normal(0.0, share_std, size=update.shape)
             if on_update is not None:
                 on_update(rnd, s.person, update)
             total += update
-        new_flat = global_flat + total / n
+        new_shared = fedavg_apply(shared, total, n)  # expected cohort = n under full participation
         if on_round is not None:
-            on_round(rnd, total, global_flat, new_flat)
-        global_flat = new_flat
-    set_shared_arrays(global_model, _unflat(global_flat, like))
+            on_round(rnd, total, flatten(shared), flatten(new_shared))
+        shared = new_shared
+    set_shared_arrays(global_model, shared)
     return global_model
 
 
@@ -233,9 +227,9 @@ class FederatedMethod:
 
     def global_models(self, splits: Sequence[PersonSplit], seed: int) -> list:
         out = []
-        for sd in _seeds(seed, self.cfg.n_seeds):
+        for sd in ensemble_seeds(seed, self.cfg.n_seeds):
             out.append(federated_train(
-                splits, _model_config(splits, self.cfg, sd), rounds=self.rounds,
+                splits, network_config(splits, self.cfg, sd), rounds=self.rounds,
                 local_epochs=self.local_epochs, lr=self.cfg.lr, batch_size=self.cfg.batch_size,
                 weight_decay=self.cfg.weight_decay, seed=sd, clip_norm=self.clip_norm,
                 noise_multiplier=self.noise_multiplier, rng=np.random.default_rng([sd, 104729])))
@@ -249,14 +243,14 @@ class FederatedMethod:
         personaliser = Personalised(self.cfg, self.config)
         epochs_grid = tuple(self.cfg.finetune_epochs)
         epochs = epochs_grid[0]
-        val = _validation_or_none(splits, self.config) if len(epochs_grid) > 1 else None
+        val = validation_or_none(splits, self.config) if len(epochs_grid) > 1 else None
         selection_releases = 0
         if val:
             bases_val = self.global_models(val, seed)
             selection_releases = self.releases
             scores = []
             for i, e in enumerate(epochs_grid):
-                preds = personaliser._finetune_predict(bases_val, val, e, seed, (1.0,))[1.0]
+                preds = personaliser.finetune_predict(bases_val, val, e, seed, (1.0,))[1.0]
                 mae = float(np.mean([np.mean(np.abs(preds[s.person].value - s.test.y)) for s in val]))
                 scores.append((mae, i))
             epochs = epochs_grid[min(scores)[1]]
@@ -273,8 +267,9 @@ class FederatedMethod:
             })
             # What the row spent in all (read by the evaluation's epsilon column and total).
             self.epsilon_total = self.chosen["epsilon_with_selection"]
-            self.privacy_releases = [_release_spec(self.noise_multiplier)] * (self.releases + selection_releases)
-        return personaliser._finetune_predict(bases, splits, epochs, seed, (1.0,))[1.0]
+            policy = full_participation_policy(1, clip_norm=self.clip_norm, noise_multiplier=self.noise_multiplier)
+            self.privacy_releases = [policy.spec(self.noise_multiplier)] * (self.releases + selection_releases)
+        return personaliser.finetune_predict(bases, splits, epochs, seed, (1.0,))[1.0]
 
 
 def dp_row_name(epsilon: float) -> str:
@@ -285,7 +280,7 @@ def federated_methods(config: ProtocolConfig | None = None, neural: NeuralConfig
                       target_epsilon: float = DEFAULT_TARGET_EPSILON, delta: float = DEFAULT_DELTA,
                       clip_norm: float = DEFAULT_CLIP_NORM, rounds: int = FEDERATED_ROUNDS,
                       local_epochs: int = FEDERATED_LOCAL_EPOCHS, dp_ensemble: int = 1) -> dict:
-    """``--methods restwise.client.evaluate_federated:federated_methods``: the two rows.
+    """``--methods restwise.simulation.evaluate_federated:federated_methods``: the two rows.
 
     The no-DP row is an ensemble of ``neural.n_seeds`` runs like the other neural rows; the DP
     row is ``dp_ensemble`` run(s) (default one): every ensemble member is another

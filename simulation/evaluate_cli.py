@@ -23,7 +23,7 @@ that target; a cohort folder is scored with the shipped prior or ``--prior FILE`
 each, :mod:`restwise.simulation.federated_statistics`). ``results.md`` states the total epsilon.
 
 ``--federated`` appends the federated rows (FedAvg with and without distributed DP, each
-personalised on the device; see :mod:`restwise.client.evaluate_federated`). More rows plug in
+personalised on the device; see :mod:`restwise.simulation.evaluate_federated`). More rows plug in
 with ``--methods module:function``: ``function(protocol_config) -> {row name: Method}`` (see
 ``models.evaluation.Method``); their rows are appended after the built-in ones.
 """
@@ -41,6 +41,33 @@ from typing import Optional
 
 import typer
 
+from restwise.client.cohort import import_cohort
+from restwise.client.dataset import NoDataError, daily_data
+from restwise.client.keys import FileKeystore
+from restwise.common.cli_errors import cli_errors
+from restwise.models.evaluation import (
+    EvaluationError,
+    NeuralConfig,
+    ProtocolConfig,
+    default_methods,
+    evaluate as evaluate_cohort,
+    plot_results,
+)
+from restwise.models.features import FeatureError
+from restwise.models.linear_head import LinearHeadError
+from restwise.models.prior import (
+    PUBLIC_DATASETS,
+    PriorError,
+    PublicCohort,
+    PublicPriorMethod,
+    cross_fitted_priors,
+    load_prior,
+    shipped_assignment,
+)
+from restwise.models.warning import WarningError
+from restwise.models.warning_evaluation import WarningProtocol, evaluate_warning, plot_warning, split_cohort
+from restwise.privacy.accountant import PrivacyAccountant
+
 DEFAULT_TARGET = {"soccermon": "readiness", "lifesnaps": "fatigue", "folder": "readiness"}
 TASKS = ("next-day", "early-warning")
 DEFAULT_MIN_TEST = {"next-day": 7, "early-warning": 14}
@@ -48,8 +75,6 @@ DEFAULT_MIN_TEST = {"next-day": 7, "early-warning": 14}
 
 def load_cohort_days(people, keystore) -> dict:
     """person -> DailyData, read from each person's encrypted store."""
-    from restwise.client.dataset import NoDataError, daily_data
-
     cohort = {}
     for p in people:
         with p.open(keystore) as store:
@@ -63,10 +88,6 @@ def load_cohort_days(people, keystore) -> dict:
 def load_public_cohorts(data: Path | str, names, log: Callable[[str], None] | None = None) -> list:
     """``PublicCohort`` of each dataset in ``names`` found under ``data`` (``data/<name>/``),
     every person through their own encrypted store as in the evaluation."""
-    from restwise.client.cohort import import_cohort
-    from restwise.client.keys import FileKeystore
-    from restwise.models.prior import PublicCohort
-
     out = []
     for name in names:
         folder = Path(data) / name
@@ -87,14 +108,8 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
     """The linear head's rows: ``public prior`` and one ``federated statistics + DP`` row per
     epsilon. Public datasets are cross-fitted (no person in the prior that scores them); any
     other cohort is scored with the shipped prior (or ``prior_path``)."""
-    from restwise.models.prior import (
-        PUBLIC_DATASETS,
-        PriorError,
-        PublicPriorMethod,
-        cross_fitted_priors,
-        load_prior,
-        shipped_assignment,
-    )
+    # Deferred: the statistics rows load Flower (through the device's DP step), which
+    # `restwise --help` and the other commands must not pay for.
     from restwise.simulation.federated_statistics import statistics_methods
 
     if kind in PUBLIC_DATASETS:
@@ -117,9 +132,6 @@ def import_cohort_days(kind: str, data_path: Path | str, work: Path, *, persons:
                        log: Callable[[str], None]) -> tuple[dict, float]:
     """Every person of the cohort into their own encrypted store under ``work`` (keys in a
     file keystore there), read back as the coach reads it: (person -> DailyData, seconds)."""
-    from restwise.client.cohort import import_cohort
-    from restwise.client.keys import FileKeystore
-
     keystore = FileKeystore(work / "keys")
     t0 = time.perf_counter()
     people = import_cohort(
@@ -150,8 +162,6 @@ def write_results(out_dir: Path | str, result, command: str | None, plot: Callab
 def privacy_statement(methods: Mapping, scored_rows, delta: float = 1e-5) -> dict:
     """Every row's epsilon, and all rows' releases composed as if made from the same persons.
     ``scored_rows``: the result's rows (each with ``name`` and ``epsilon``)."""
-    from restwise.privacy.accountant import PrivacyAccountant
-
     rows = {m.name: m.epsilon for m in scored_rows if m.epsilon is not None}
     specs = [spec for method in methods.values() for spec in getattr(method, "privacy_releases", ())]
     composed = PrivacyAccountant().epsilon_value(specs, delta) if specs else 0.0
@@ -204,14 +214,6 @@ def run_evaluation(
 
     ``methods`` replaces the default rows; ``extra_methods`` are appended after them. With
     ``linear`` the linear head's rows (:func:`linear_head_methods`) follow the default rows."""
-    from restwise.models.evaluation import (
-        NeuralConfig,
-        ProtocolConfig,
-        default_methods,
-        evaluate,
-        plot_results,
-    )
-
     log = log or (lambda _msg: None)
     config = ProtocolConfig(target=target or DEFAULT_TARGET[kind], seed=seed,
                             min_train=min_train, min_test=min_test)
@@ -224,7 +226,7 @@ def run_evaluation(
                                             public_data=public_data, log=log))
         rows.update(extra_methods or {})
         t1 = time.perf_counter()
-        result = evaluate(
+        result = evaluate_cohort(
             cohort, rows, config=config, dataset=kind if kind != "folder" else Path(data_path).name,
             on_method=lambda name: log(f"evaluating: {name}"),
         )
@@ -245,8 +247,8 @@ def run_warning_evaluation(
     """``--task early-warning``: import ``data_path`` one store per person, evaluate the 7-day
     warning (:mod:`restwise.models.warning_evaluation`, rows from
     :mod:`restwise.simulation.warning_evaluate`), write the files. Returns the WarningResult."""
-    from restwise.models.prior import PUBLIC_DATASETS
-    from restwise.models.warning_evaluation import WarningProtocol, evaluate_warning, plot_warning, split_cohort
+    # Deferred: the private warning rows load Flower (through the device's DP step), which
+    # `restwise --help` and the other commands must not pay for.
     from restwise.simulation.warning_evaluate import finish, read_soccermon_reports, warning_methods
 
     log = log or (lambda _msg: None)
@@ -329,13 +331,6 @@ def evaluate(
     """Honest evaluation of next-day readiness models (or, with --task early-warning, of a 7-day
     warning of a low week) on real data: every person imported into their own encrypted store,
     chronological 75/25 split with a 7-day gap, baselines and our models in one table."""
-    from restwise.client.errors import RestwiseDeviceError
-    from restwise.models.evaluation import EvaluationError, ProtocolConfig
-    from restwise.models.features import FeatureError
-    from restwise.models.linear_head import LinearHeadError
-    from restwise.models.prior import PriorError
-    from restwise.models.warning import WarningError
-
     if (dataset is None) == (cohort is None):
         raise typer.BadParameter("give either --dataset NAME --data PATH or --cohort FOLDER")
     if dataset is not None:
@@ -357,8 +352,8 @@ def evaluate(
                               min_train=min_train, min_test=min_test)
     extra: dict | None = None
     if federated:
-        from restwise.client.evaluate_federated import federated_methods
-        from restwise.models.evaluation import NeuralConfig
+        # Deferred: the federated rows load torch and Flower, which `restwise --help` must not.
+        from restwise.simulation.evaluate_federated import federated_methods
 
         extra = federated_methods(protocol, NeuralConfig(threads=threads))
     if methods:
@@ -367,7 +362,7 @@ def evaluate(
     def log(msg: str) -> None:
         typer.echo(msg, err=True)
 
-    try:
+    with cli_errors(also=(EvaluationError, FeatureError, PriorError, LinearHeadError, WarningError)):
         if task == "early-warning":
             result = run_warning_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
                                             target=target, min_train=min_train, min_test=min_test,
@@ -377,11 +372,5 @@ def evaluate(
                                     target=target, min_train=min_train, min_test=min_test, threads=threads,
                                     extra_methods=extra, command=command, log=log, linear=linear,
                                     prior_path=prior, public_data=public_data)
-    except RestwiseDeviceError as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=exc.exit_code) from None
-    except (EvaluationError, FeatureError, PriorError, LinearHeadError, WarningError) as exc:
-        typer.echo(f"Error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(result.to_markdown())
     typer.echo(f"Results written to {out}/results.json, results.md, results.png")

@@ -1,0 +1,92 @@
+"""The recovery network (``models/network.py``) as a federated architecture: rounds of FedAvg
+of its shared part; its personal part (the person's scale, threshold and calibration) never
+leaves the device.
+
+Features: the model features of ``models/features.py`` (z-scored against the person's own
+past), over a window of 7 days. The server sends the :class:`~restwise.models.network.ModelConfig`
+as JSON; the device keeps its whole model (``network.model_to_bytes``) in its store under
+``recovery_model``, the slot the coach reads.
+
+torch is imported only where a network is built or trained: naming, validating and planning a
+run with this architecture (the service, the run-config checks) must not load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from restwise.common.errors import ModelError
+from restwise.models.features import DailyData, Examples, compute_features, make_examples, model_feature_names
+from restwise.models.registry import (
+    FEDAVG,
+    Contribution,
+    LocalTraining,
+    ReleasedSum,
+    fedavg_apply,
+    fedavg_contribution_size,
+)
+
+NAME = "recovery-mlp"
+STATE_NAME = "recovery_model"  # the device store's slot for the person's model (the coach reads it)
+WINDOW = 7
+
+
+@dataclass(frozen=True)
+class RecoveryMLP:
+    name: str = NAME
+    protocol: str = FEDAVG
+    window: int = WINDOW
+    state_name: str = STATE_NAME
+    l2_sensitivity: float | None = None  # FedAvg: the run's clip norm bounds an update
+
+    def feature_names(self) -> Sequence[str]:
+        return tuple(model_feature_names())
+
+    def examples(self, data: DailyData) -> Examples:
+        return make_examples(compute_features(data), data, window=self.window)
+
+    def model_config(self, seed: int) -> str:
+        from restwise.models.network import ModelConfig  # torch: only when a model is configured
+
+        return ModelConfig(n_features=len(model_feature_names()), window=self.window, seed=int(seed) % (2**31)).to_json()
+
+    def initial_shared(self, model_config: str) -> list[np.ndarray]:
+        from restwise.models.network import ModelConfig, build_model, shared_arrays  # torch, see above
+
+        return [a.astype(np.float32) for a in shared_arrays(build_model(ModelConfig.from_json(model_config)))]
+
+    def contribution_size(self, shared: list[np.ndarray]) -> int:
+        return fedavg_contribution_size(shared)
+
+    def contribute(self, model_config: str, shared: list[np.ndarray], examples: Examples,
+                   training: LocalTraining, state: bytes | None) -> Contribution:
+        """Train from the global shared part, keeping the person's personal part from earlier
+        rounds when their stored model has this configuration."""
+        # torch, see above
+        from restwise.models.network import ModelConfig, build_model, model_from_bytes, model_to_bytes
+        from restwise.models.training import federated_update
+
+        cfg = ModelConfig.from_json(model_config)
+        model = None
+        if state is not None:
+            try:
+                stored = model_from_bytes(state)
+                model = stored if stored.config == cfg else None
+            except ModelError:
+                model = None  # an unreadable stored model is replaced, never trained on
+        if model is None:
+            model = build_model(cfg)
+        vector, loss = federated_update(model, shared, examples, epochs=training.epochs, lr=training.learning_rate,
+                                        batch_size=training.batch_size, seed=training.seed)
+        return Contribution(vector, loss, model_to_bytes(model))
+
+    def apply_release(self, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
+        return fedavg_apply(shared, released.total, released.divisor)
+
+
+ARCHITECTURE = RecoveryMLP()
+
+__all__ = ["RecoveryMLP", "ARCHITECTURE", "NAME", "STATE_NAME", "WINDOW"]

@@ -1,0 +1,554 @@
+"""The server-side DP release, as one workflow (in the spirit of Flower's DP strategy wrappers:
+the orchestration around it stays privacy-unaware).
+
+A release is **a Gaussian mechanism over a secure sum of bounded vectors with a known L2
+sensitivity** C: every device of the cohort clips its vector to L2 norm <= C (on the device,
+``privacy.dp_mods``), secure aggregation (``privacy.secagg``) reveals only the sum of the
+survivors' vectors, Gaussian noise of standard deviation >= z C protects each person in it
+(distributed: shares added on the devices before masking; central: added here), and the release
+is accounted from what it actually carried. One workflow serves
+
+* a round of DP-FedAvg (the vector: a device's model update; C: the run's clip norm), and
+* a one-shot release of sufficient statistics (the vector: a device's bounded statistics,
+  e.g. XᵀX/m and Xᵀy/m; C: the documented bound of that vector, given by the model
+  architecture, not the clip norm of an update).
+
+It reads a plain privacy-side :class:`ReleasePolicy` (nothing here imports ``server``). The
+planner :func:`plan_release` turns a policy into a :class:`ReleasePlan` (noise multiplier
+given or calibrated, adjacency, amplification, budget); :func:`check_plan` is the start-time
+check of a planned run against its budget, a service-wide cap and each person's budget across
+runs. :class:`ReleaseWorkflow` runs one release, step by step (each step is one method, so a
+change of the release lands in one place)::
+
+    1. check_budget(round)           before anything is sent: refuse the release if its worst
+                                     case (noise exactly z C) would exceed the run's budget;
+                                     ledger BudgetRefusalEvent
+    2. round_parameters(n)           the secure-aggregation configuration for n devices and the
+                                     DP parameters their mods apply (clip C, z, noise divisor)
+                                     -- a write-ahead ledger entry (issue 17) belongs here,
+                                        before any device sends anything
+    3. secure_sum(...)               masked vectors in, the exact sum of the survivors out
+    4. add_noise(...)                central: N(0, (z C)^2) added here; either way the standard
+                                     deviation of the noise that protects one person
+    5. release_event(...)            GaussianRoundEvent: actual survivors, actual noise, the hash
+                                     of what the caller publishes (the model built from the sum)
+    6. ledger.append(event)          signed, hash-chained, BEFORE the caller stores its model
+                                     -- device receipts of the release (issue 15) belong here
+    7. epsilon()                     the accountant's epsilon over the run's releases, read
+                                     back from the ledger (what an auditor recomputes)
+
+``ReleaseWorkflow.release`` runs steps 2-7 in that order; the orchestrator calls step 1 before
+it contacts the cohort. A release that cannot complete is recorded by :meth:`ReleaseWorkflow.fail`
+(ledger AuditEvent ``round.failed``; nothing released, nothing accounted).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import RecordDict
+from flwr.serverapp import Grid
+
+from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER, AccountingResult, PrivacyAccountant
+from restwise.privacy.budget import PrivacyBudget
+from restwise.privacy.calibration import calibrate_noise_multiplier
+from restwise.privacy.dp_mods import DPRoundParams, add_central_noise, noise_rng, total_noise_std
+from restwise.privacy.egress import EgressPolicy
+from restwise.privacy.errors import BudgetExceededError, PrivacyError
+from restwise.privacy.events import (
+    AuditEvent,
+    BudgetRefusalEvent,
+    GaussianRoundEvent,
+    ReleaseSpec,
+    counted_noise_shares,
+    event_from_dict,
+)
+from restwise.privacy.secagg.config import SecAggConfig
+from restwise.privacy.secagg.errors import SecAggConfigError
+from restwise.privacy.secagg.protocol import SecureSumResult
+from restwise.privacy.secagg.workflow import secure_sum
+
+SAMPLING_METHODS = ("poisson", "fixed")
+NOISE_PLACEMENTS = ("distributed", "central")
+MIN_COHORT = 3  # secure aggregation needs at least 3 devices
+# The fixed-point encoding range holds this many per-device noise standard deviations.
+ENCODING_NOISE_SDS = 12.0
+SERVER_ACTOR = "restwise-server"
+
+
+# -- the policy: what a run may release --------------------------------------------------------
+@dataclass(frozen=True)
+class SecureAggregationPolicy:
+    """The secure-aggregation settings of a run's releases (see privacy.secagg.config)."""
+
+    num_neighbours: int
+    threshold: int | float
+    max_dropout_fraction: float
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class ReleasePolicy:
+    """Everything the privacy side needs to know about a run's releases, as plain values.
+
+    sensitivity       C: the L2 bound of one person's vector, enforced on the device (the clip
+                      norm of a DP-FedAvg update, or the documented bound of a device's
+                      statistics for a one-shot release)
+    population        N: the persons (devices) who may be sampled; one person = one device
+    sampling          "poisson" (each device independently with probability ``sampling_rate``)
+                      or "fixed" (exactly ``cohort_size`` of N, uniformly without replacement)
+    releases          the planned number of releases (rounds)
+    delta             the run's delta; with ``target_epsilon`` its budget (give exactly one of
+                      ``target_epsilon`` and ``noise_multiplier``)
+    noise             "distributed" (shares added on the devices before masking) or "central"
+    secure_aggregation  the SecAgg+ settings (None: the policy can be planned and accounted, but
+                      :class:`ReleaseWorkflow` refuses to release without secure aggregation)
+    """
+
+    sensitivity: float
+    population: int
+    sampling: str
+    releases: int
+    delta: float
+    sampling_rate: float | None = None
+    cohort_size: int | None = None
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    noise: str = "distributed"
+    secure_aggregation: SecureAggregationPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sensitivity, (int, float)) and math.isfinite(self.sensitivity) and self.sensitivity > 0):
+            raise PrivacyError("the sensitivity (L2 bound of one person's vector) must be a positive finite number")
+        if self.sampling not in SAMPLING_METHODS:
+            raise PrivacyError(f"sampling must be one of {', '.join(SAMPLING_METHODS)}")
+        if self.noise not in NOISE_PLACEMENTS:
+            raise PrivacyError(f"noise must be one of {', '.join(NOISE_PLACEMENTS)}")
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise PrivacyError("give exactly one of target_epsilon and noise_multiplier")
+        if self.noise_multiplier is not None and self.noise_multiplier < MIN_NOISE_MULTIPLIER:
+            raise PrivacyError(f"noise_multiplier must be at least {MIN_NOISE_MULTIPLIER}")
+        if self.sampling == "poisson" and self.sampling_rate is None:
+            raise PrivacyError("Poisson sampling needs a sampling rate")
+        if self.sampling == "fixed" and self.cohort_size is None:
+            raise PrivacyError("fixed-size sampling needs a cohort size")
+
+    @property
+    def expected_cohort(self) -> float:
+        """The expected number of devices sampled per release."""
+        if self.sampling == "fixed":
+            return float(self.cohort_size)
+        return float(self.sampling_rate) * self.population
+
+    @property
+    def sampling_probability(self) -> float:
+        """q: the probability that one given person is in a release's cohort."""
+        if self.sampling == "fixed":
+            return self.cohort_size / self.population
+        return float(self.sampling_rate)
+
+    @property
+    def adjacency(self) -> str:
+        """Poisson sampling is accounted under add/remove-one-person adjacency (amplification
+        claimed); fixed-size sampling under replace-one (the population size is public)
+        without amplification: dp_accounting has no tight amplified analysis for it."""
+        return "replace_one" if self.sampling == "fixed" else "add_remove"
+
+    @property
+    def claim_amplification(self) -> bool:
+        return self.sampling == "poisson"
+
+    def sampling_plan(self) -> dict[str, Any]:
+        """The sampling and adjacency of one release, as ``ReleaseSpec.plan`` and the
+        calibration take them."""
+        if self.sampling == "poisson":
+            return dict(sampling="poisson", adjacency=self.adjacency, sampling_rate=self.sampling_rate)
+        return dict(sampling="fixed", adjacency=self.adjacency, cohort_size=self.cohort_size,
+                    population=self.population)
+
+    def spec(self, noise_multiplier: float) -> ReleaseSpec:
+        """One release at noise multiplier ``noise_multiplier``, as the accountant reads it."""
+        return ReleaseSpec.plan(noise_multiplier=noise_multiplier, **self.sampling_plan())
+
+
+# -- the planner ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReleasePlan:
+    """A policy planned: the noise multiplier every release carries at least, and the budget
+    the run's releases are checked against."""
+
+    policy: ReleasePolicy
+    noise_multiplier: float  # z per release (the planned minimum; actual releases carry >= z C)
+    budget_epsilon: float  # target_epsilon, or (z given) what the planned releases spend
+    planned: AccountingResult  # epsilon after all planned releases at z
+    calibrated: bool
+
+    @property
+    def adjacency(self) -> str:
+        return self.policy.adjacency
+
+    @property
+    def claim_amplification(self) -> bool:
+        return self.policy.claim_amplification
+
+    @property
+    def delta(self) -> float:
+        return self.policy.delta
+
+    @property
+    def planned_epsilon(self) -> float:
+        return self.planned.epsilon
+
+    @property
+    def spec(self) -> ReleaseSpec:
+        """The worst release the plan allows (noise exactly z C)."""
+        return self.policy.spec(self.noise_multiplier)
+
+    def accountant(self) -> PrivacyAccountant:
+        return PrivacyAccountant(claim_amplification=self.claim_amplification)
+
+
+def plan_release(policy: ReleasePolicy) -> ReleasePlan:
+    """The noise multiplier (given, or the smallest that keeps ``policy.releases`` releases
+    within ``target_epsilon``) and the run's budget. Raises the accountant's errors for a
+    configuration it cannot account (e.g. a noise multiplier below the minimum)."""
+    accountant = PrivacyAccountant(claim_amplification=policy.claim_amplification)
+    if policy.noise_multiplier is None:
+        calibration = calibrate_noise_multiplier(float(policy.target_epsilon), policy.delta, policy.releases,
+                                                 accountant=accountant, **policy.sampling_plan())
+        return ReleasePlan(policy, calibration.noise_multiplier, float(policy.target_epsilon), calibration.result, True)
+    z = float(policy.noise_multiplier)
+    planned = accountant.epsilon_for_rounds(policy.spec(z), policy.releases, policy.delta)
+    return ReleasePlan(policy, z, planned.epsilon, planned, False)
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """A planned run against its budget, a service-wide cap and (optionally) each person's
+    budget across runs over the same persons."""
+
+    projected_epsilon: float
+    budget_epsilon: float | None  # None: no target and no service cap
+    delta: float
+    rounds: int
+    accountant: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+    # Person level (across runs over the same dataset), when a person budget is configured.
+    person_spent_epsilon: float | None = None
+    person_projected_epsilon: float | None = None
+    person_budget_epsilon: float | None = None
+
+    @property
+    def run_allowed(self) -> bool:
+        return self.budget_epsilon is None or self.projected_epsilon <= self.budget_epsilon
+
+    @property
+    def person_allowed(self) -> bool:
+        return self.person_budget_epsilon is None or (self.person_projected_epsilon or 0.0) <= self.person_budget_epsilon
+
+    @property
+    def allowed(self) -> bool:
+        return self.run_allowed and self.person_allowed
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "projected_epsilon": self.projected_epsilon,
+            "budget_epsilon": self.budget_epsilon,
+            "delta": self.delta,
+            "rounds": self.rounds,
+            "accountant": self.accountant,
+            **self.detail,
+        }
+        if self.person_budget_epsilon is not None:
+            out.update(
+                person_spent_epsilon=self.person_spent_epsilon,
+                person_projected_epsilon=self.person_projected_epsilon,
+                person_budget_epsilon=self.person_budget_epsilon,
+            )
+        return out
+
+
+def check_plan(
+    policy: ReleasePolicy,
+    *,
+    epsilon_cap: float | None = None,
+    person_epsilon_cap: float | None = None,
+    past_releases: Sequence[dict[str, Any]] = (),
+) -> BudgetDecision:
+    """Epsilon after all planned releases against the run's budget (its ``target_epsilon``)
+    and ``epsilon_cap`` - the smaller wins; a run given a noise multiplier instead of a target
+    is bounded by the cap only. With ``person_epsilon_cap``, the planned releases are also
+    composed with ``past_releases`` (ledger payloads of earlier releases over the same
+    persons) against each person's budget. Raises the accountant's errors for a configuration
+    it cannot account."""
+    plan = plan_release(policy)
+    accountant = plan.accountant()
+    spec, rounds, delta = plan.spec, policy.releases, policy.delta
+    limits = [float(v) for v in (policy.target_epsilon, epsilon_cap) if v is not None]
+    budget = min(limits) if limits else None
+    projected = float(plan.planned.epsilon)
+    if budget is not None:
+        try:
+            projected = PrivacyBudget(epsilon=budget, delta=delta).check_plan(
+                [], spec, rounds, run_id="planned", round=1, accountant=accountant
+            )
+        except BudgetExceededError as exc:
+            projected = float(exc.projected)
+    person: dict[str, Any] = {}
+    if person_epsilon_cap is not None:
+        past = [event_from_dict(p) for p in past_releases]
+        person_accountant = accountant
+        if not all(person_accountant.supports(e) for e in past):
+            person_accountant = PrivacyAccountant(claim_amplification=False)
+        person_budget = PrivacyBudget(epsilon=float(person_epsilon_cap), delta=delta, scope="person")
+        try:
+            person_projected = person_budget.check_plan(past, spec, rounds, run_id="planned", round=1,
+                                                        accountant=person_accountant)
+            spent = person_budget.spent(past, accountant=person_accountant)
+        except BudgetExceededError as exc:
+            person_projected, spent = float(exc.projected), float(exc.spent)
+        person = dict(
+            person_spent_epsilon=float(spent),
+            person_projected_epsilon=float(person_projected),
+            person_budget_epsilon=float(person_epsilon_cap),
+        )
+    result = plan.planned
+    return BudgetDecision(
+        projected_epsilon=projected,
+        budget_epsilon=budget,
+        delta=delta,
+        rounds=rounds,
+        accountant=f"{result.accountant} ({result.accountant_version})",
+        detail={
+            "noise_multiplier": float(plan.noise_multiplier),
+            "epsilon_no_amplification": float(result.epsilon_no_amplification),
+            "amplification_claimed": bool(result.amplification_claimed),
+            "adjacency": result.adjacency,
+        },
+        **person,
+    )
+
+
+# -- the per-release steps that need no transport -------------------------------------------------
+def dp_parameters(policy: ReleasePolicy, noise_multiplier: float, min_survivors: int) -> DPRoundParams:
+    """What the devices' DP mods apply in a release at noise multiplier ``noise_multiplier``
+    that needs at least ``min_survivors`` survivors. Distributed noise is sized so that the
+    shares that protect one person at that smallest releasable cohort add up to exactly z C:
+    under add/remove that is the other ``min_survivors - 1`` devices' shares (a person's own
+    share is never relied on)."""
+    distributed = policy.noise == "distributed"
+    divisor = counted_noise_shares(min_survivors, policy.adjacency) if distributed else 1
+    if divisor < 1:
+        raise PrivacyError("distributed noise needs at least 2 survivors under add/remove adjacency")
+    return DPRoundParams(clip_norm=policy.sensitivity, noise_multiplier=noise_multiplier,
+                         placement=policy.noise, noise_divisor=divisor)
+
+
+def released_noise_std(plan: ReleasePlan, params: DPRoundParams, survivors: int) -> float:
+    """The standard deviation of the noise protecting one person in a released sum of
+    ``survivors`` vectors (central: z C; distributed: the counted shares, z C sqrt(m'/d))."""
+    if params.placement == "central":
+        return plan.noise_multiplier * params.clip_norm
+    return total_noise_std(plan.noise_multiplier, params.clip_norm,
+                           counted_noise_shares(survivors, plan.adjacency), params.noise_divisor)
+
+
+def sum_noise_std(plan: ReleasePlan, params: DPRoundParams, survivors: int) -> float:
+    """The std per coordinate of all the noise in a released sum of ``survivors`` vectors (every
+    device's share, a person's own included): what a solve on the sum should expect."""
+    if params.placement == "central":
+        return plan.noise_multiplier * params.clip_norm
+    return params.share_std * math.sqrt(survivors)
+
+
+def add_noise(plan: ReleasePlan, params: DPRoundParams, total: np.ndarray, survivors: int,
+              rng: np.random.Generator | None = None) -> tuple[np.ndarray, float]:
+    """Step 4: (the released sum, the std of the noise protecting one person in it). Central
+    noise is added here (a fresh OS-seeded generator unless ``rng``); distributed noise is
+    already in ``total``."""
+    total = np.asarray(total, dtype=np.float64)
+    if params.placement == "central":
+        total = add_central_noise(total, plan.noise_multiplier, params.clip_norm, rng or noise_rng())
+    return total, released_noise_std(plan, params, survivors)
+
+
+def release_event(plan: ReleasePlan, *, run_id: str, round_: int, sampled: int, survivors: int, noise_std: float,
+                  model_hash: str, attempt: int = 0) -> GaussianRoundEvent:
+    """Step 5: the ledger event of a release of ``survivors`` vectors out of ``sampled``, whose
+    noise protecting one person has std ``noise_std``; ``model_hash`` names what was built from
+    it. The accounted noise multiplier is the effective one, ``noise_std / C``."""
+    policy = plan.policy
+    cohort = int(policy.cohort_size) if policy.sampling == "fixed" else max(sampled, survivors, 1)
+    return GaussianRoundEvent(
+        run_id=run_id, round=round_, noise_multiplier=noise_std / policy.sensitivity,
+        clip_norm=policy.sensitivity, sampling=policy.sampling, sampling_rate=policy.sampling_probability,
+        cohort_size=cohort, population=policy.population, adjacency=plan.adjacency,
+        planned_clients=sampled, survivors=survivors, noise_std_total=noise_std, model_hash=model_hash,
+        attempt=attempt,
+    )
+
+
+def expected_epsilon(plan: ReleasePlan, releases: int) -> float:
+    """The accountant's epsilon after ``releases`` releases at the plan's noise (planning)."""
+    return float(plan.accountant().epsilon_for_rounds(plan.spec, int(releases), plan.delta).epsilon)
+
+
+# -- one release ----------------------------------------------------------------------------------
+class Published(Protocol):
+    """What the orchestrator builds from a released sum (e.g. the new model checkpoint)."""
+
+    def model_hash(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class RoundParameters:
+    secagg: SecAggConfig
+    dp: DPRoundParams
+    min_survivors: int
+
+
+@dataclass
+class Release:
+    """The outcome of :meth:`ReleaseWorkflow.release`."""
+
+    released: bool
+    reason: str | None = None
+    survivors: int = 0
+    noise_std: float | None = None
+    published: Any = None
+    accounting: AccountingResult | None = None
+    event: GaussianRoundEvent | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def noise_multiplier_effective(self) -> float | None:
+        return None if self.event is None else self.event.noise_multiplier
+
+
+class ReleaseWorkflow:
+    """The steps of a run's releases (see the module docstring) around an orchestrator's
+    rounds. ``ledger`` is the run's :class:`~restwise.privacy.ledger.PrivacyLedger`."""
+
+    def __init__(self, plan: ReleasePlan, ledger, run_id: str, *,
+                 noise_rng_factory: Callable[[], np.random.Generator] = noise_rng):
+        self.plan = plan
+        self.ledger = ledger
+        self.run_id = run_id
+        self._noise_rng = noise_rng_factory
+
+    @property
+    def policy(self) -> ReleasePolicy:
+        return self.plan.policy
+
+    def attempt(self, round_: int) -> int:
+        """How many releases of ``round_`` the ledger already holds: a round re-run after a
+        crash is a new, separately accounted release (attempt 1, 2, ...)."""
+        return sum(1 for e in self.ledger.releases(self.run_id) if e.round == round_)
+
+    # 1 ----------------------------------------------------------------------------------------
+    def check_budget(self, round_: int) -> str | None:
+        """Refuse (and record in the ledger) a release whose worst case - the fewest survivors,
+        noise exactly z C - would exceed the run's budget. Returns the reason, or None."""
+        budget = PrivacyBudget(epsilon=self.plan.budget_epsilon * (1 + 1e-9), delta=self.plan.delta)
+        try:
+            budget.check_next_round(self.ledger.releases(self.run_id), self.plan.spec,
+                                    run_id=self.run_id, round=round_, accountant=self.plan.accountant())
+        except BudgetExceededError as exc:
+            self.ledger.append(BudgetRefusalEvent.from_error(exc, run_id=self.run_id, round=round_))
+            return str(exc)
+        return None
+
+    # 2 ----------------------------------------------------------------------------------------
+    def round_parameters(self, n: int) -> RoundParameters:
+        """The SecAgg+ configuration for ``n`` participants and the DP parameters their mods
+        apply. Raises SecAggConfigError when no safe secure round exists for ``n``."""
+        sa = self.policy.secure_aggregation
+        if sa is None:
+            raise SecAggConfigError("this workflow releases only through secure aggregation")
+        z, c = self.plan.noise_multiplier, self.policy.sensitivity
+        # The largest per-device noise std of the round (shares are sized for min_survivors,
+        # or min_survivors - 1 under add/remove): the encoding range must hold
+        # ENCODING_NOISE_SDS of them.
+        share = z * c / math.sqrt(max(1, n - math.floor(sa.max_dropout_fraction * n) - 1))
+        clip_range = c + (ENCODING_NOISE_SDS * share if self.policy.noise == "distributed" else 0.0)
+        secagg = SecAggConfig(
+            num_neighbours=sa.num_neighbours, threshold=sa.threshold, max_dropout_fraction=sa.max_dropout_fraction,
+            clip_range=float(clip_range * (1 + 1e-6)), max_cohort=max(MIN_COHORT, self.policy.population, n),
+            timeout_s=sa.timeout_s, metric_keys=EgressPolicy().metric_keys,
+        )
+        t_min = secagg.min_survivors(n)
+        return RoundParameters(secagg, dp_parameters(self.policy, z, t_min), t_min)
+
+    # 2-7 --------------------------------------------------------------------------------------
+    def release(
+        self,
+        grid: Grid,
+        participants: list[int],
+        content_for: Callable[[DPRoundParams], RecordDict],
+        *,
+        round_: int,
+        attempt: int,
+        sampled: int,
+        vector_length: int,
+        publish: Callable[[np.ndarray, int, float], Published],
+    ) -> Release:
+        """One release over ``participants``: ``content_for(dp_params)`` is what each device's
+        app receives; ``publish(released_sum, survivors, noise_std_of_the_sum)`` builds what
+        the orchestrator will store (its ``model_hash()`` goes into the ledger event). Nothing
+        is published or accounted when the secure round aborts (the caller then calls
+        :meth:`fail`)."""
+        try:
+            params = self.round_parameters(len(participants))
+        except SecAggConfigError as exc:
+            return Release(False, f"secure aggregation refused the round: {exc}")
+        result = self.secure_sum(grid, participants, content_for(params.dp), params, round_, vector_length)
+        if result.aborted or result.total is None:
+            return Release(False, f"secure aggregation aborted: {result.reason}", survivors=len(result.survivors))
+        survivors = len(result.survivors)
+        released, std = add_noise(self.plan, params.dp, result.total, survivors, self._noise_rng())
+        published = publish(released, survivors, sum_noise_std(self.plan, params.dp, survivors))
+        event = self.release_event(round_, attempt, sampled, survivors, std, published.model_hash())
+        self.ledger.append(event)  # the ledger first: a computed release is accounted whatever happens next
+        return Release(True, None, survivors, std, published, self.epsilon(), event, dict(result.metrics))
+
+    # 3 ----------------------------------------------------------------------------------------
+    def secure_sum(self, grid: Grid, participants: list[int], content: RecordDict, params: RoundParameters,
+                   round_: int, vector_length: int) -> SecureSumResult:
+        return secure_sum(grid, participants, content, params.secagg, round=round_, vector_length=vector_length)
+
+    # 5 ----------------------------------------------------------------------------------------
+    def release_event(self, round_: int, attempt: int, sampled: int, survivors: int, noise_std: float,
+                      model_hash: str) -> GaussianRoundEvent:
+        return release_event(self.plan, run_id=self.run_id, round_=round_, attempt=attempt, sampled=sampled,
+                             survivors=survivors, noise_std=noise_std, model_hash=model_hash)
+
+    # 7 ----------------------------------------------------------------------------------------
+    def epsilon(self) -> AccountingResult | None:
+        """The accountant's epsilon over every release of this run in the ledger (None: none)."""
+        releases = self.ledger.releases(self.run_id)
+        if not releases:
+            return None
+        return self.plan.accountant().epsilon(releases, self.plan.delta)
+
+    # a release that did not happen --------------------------------------------------------------
+    def fail(self, round_: int, attempt: int, reason: str, **counts: int) -> float:
+        """Record a round that released nothing (ledger AuditEvent ``round.failed``); returns
+        the epsilon spent so far."""
+        self.ledger.append(AuditEvent(
+            actor=SERVER_ACTOR, action="round.failed", target=self.run_id,
+            details={"round": round_, "attempt": attempt, **counts, "released": False, "reason": reason[:500]},
+        ))
+        spent = self.epsilon()
+        return 0.0 if spent is None else spent.epsilon
+
+
+__all__ = [
+    "ReleasePolicy", "SecureAggregationPolicy", "ReleasePlan", "plan_release", "BudgetDecision", "check_plan",
+    "dp_parameters", "released_noise_std", "sum_noise_std", "add_noise", "release_event", "expected_epsilon", "ReleaseWorkflow",
+    "Release",
+    "RoundParameters", "Published", "MIN_COHORT", "SERVER_ACTOR",
+]

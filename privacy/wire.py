@@ -1,0 +1,90 @@
+"""Every Restwise message type, record name and message error code, in one place.
+
+Server and device never import each other: both read what crosses the wire from here, and so
+do the egress guard (what a device may send, ``privacy/egress.py``) and the auditor's
+information-leakage section. Secure aggregation's own stage records are listed in
+``privacy/secagg/records.py`` (the protocol package keeps its names together); the ones a
+Restwise app uses are re-exported below.
+
+Server -> device::
+
+    query "query.restwise_hello"   RUN_RECORD     ConfigRecord run_id (str), round (int),
+                                                  model (str: the architecture's registry name)
+    train (secure-aggregation      RUN_RECORD     as above
+      stages, privacy/secagg)      GLOBAL_RECORD  ArrayRecord: the shared arrays, keys s000, s001, ...
+                                   TRAIN_RECORD   ConfigRecord: model (str), model_config (json),
+                                                  local_epochs, learning_rate, batch_size, seed
+                                   DP_RECORD      ConfigRecord: clip_norm, noise_multiplier,
+                                                  placement, noise_divisor (privacy.dp_mods)
+
+Device -> server::
+
+    hello reply                    CONSENT_RECORD ConfigRecord participate (bool)
+    secure-aggregation stages      privacy/secagg/records.py CLIENT_REPLY_RECORDS
+    plain train reply (benchmark   UPDATE_RECORD  ArrayRecord "vector" (1-D float), only for
+      baseline, server-trusted)                   server-trusted runs; METRICS_RECORD coarse metrics
+
+Device-internal (never sent): ``DEVICE_STATE`` in ``context.state``.
+
+Error codes a device replies with (an ``Error`` carries only the code and a fixed reason):
+43xx. A server reads them to count why devices did not contribute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+from restwise.privacy.secagg import records as SR
+
+# -- message types ---------------------------------------------------------------------------
+HELLO_MESSAGE_TYPE = "query.restwise_hello"
+TRAIN_MESSAGE_TYPE = SR.MESSAGE_TYPE  # "train": every secure-aggregation stage travels as train
+
+# -- server -> device ------------------------------------------------------------------------
+RUN_RECORD = "restwise.run"
+GLOBAL_RECORD = "restwise.global"
+TRAIN_RECORD = "restwise.train"
+DP_RECORD = "restwise.dp"
+
+# -- device -> server ------------------------------------------------------------------------
+CONSENT_RECORD = "restwise.consent"
+UPDATE_RECORD = SR.INNER_UPDATE  # "update": the update as the train function replies it
+UPDATE_VECTOR = SR.INNER_VECTOR  # "vector"
+METRICS_RECORD = SR.METRICS  # "metrics"
+
+# -- device-internal -------------------------------------------------------------------------
+DEVICE_STATE = "restwise.device"  # context.state (memory only): the Restwise run id per Flower run
+
+# -- error codes -------------------------------------------------------------------------------
+# egress guard (privacy.egress)
+ERROR_CODE_REFUSED = 4301  # the guard refused a reply (not on the allow-list)
+ERROR_CODE_APP_FAILED = 4302  # the wrapped app raised; only the exception type is reported
+ERROR_CODE_NO_CONSENT = 4303  # the person has not consented to this run
+ERROR_CODE_LOG_FAILED = 4304  # the egress log could not be written: nothing sent
+# device DP step (privacy.dp_mods)
+ERROR_CODE_NON_FINITE = 4311  # the update contains NaN or inf: refused on the device
+ERROR_CODE_BAD_PARAMS = 4312  # the server's DP parameters are missing or unsafe
+ERROR_CODE_NO_UPDATE = 4313  # the wrapped app returned no update vector
+# the device app (client.app)
+ERROR_CODE_NOT_ENOUGH_DATA = 4321  # too few check-ins to train on
+ERROR_CODE_BAD_REQUEST = 4322  # a malformed train message
+
+
+# -- the shared arrays as a record ----------------------------------------------------------------
+def arrays_record(arrays: list[np.ndarray]) -> ArrayRecord:
+    """GLOBAL_RECORD's content: the arrays as float32, keys s000, s001, ... (in order)."""
+    return ArrayRecord({f"s{i:03d}": Array(np.asarray(a, dtype=np.float32)) for i, a in enumerate(arrays)})
+
+
+def arrays_from_record(record: ArrayRecord) -> list[np.ndarray]:
+    return [record[k].numpy() for k in sorted(record.keys())]
+
+
+__all__ = [
+    "HELLO_MESSAGE_TYPE", "TRAIN_MESSAGE_TYPE", "RUN_RECORD", "GLOBAL_RECORD", "TRAIN_RECORD", "DP_RECORD",
+    "CONSENT_RECORD", "UPDATE_RECORD", "UPDATE_VECTOR", "METRICS_RECORD", "DEVICE_STATE",
+    "ERROR_CODE_REFUSED", "ERROR_CODE_APP_FAILED", "ERROR_CODE_NO_CONSENT", "ERROR_CODE_LOG_FAILED",
+    "ERROR_CODE_NON_FINITE", "ERROR_CODE_BAD_PARAMS", "ERROR_CODE_NO_UPDATE", "ERROR_CODE_NOT_ENOUGH_DATA",
+    "ERROR_CODE_BAD_REQUEST", "arrays_record", "arrays_from_record",
+]

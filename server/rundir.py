@@ -1,0 +1,197 @@
+"""A run directory: the file contract between whoever creates a run (the service, the CLI,
+the demo), the ServerApp that executes it (simulated or deployed) and the service that watches
+it. Every JSON file is replaced atomically::
+
+    DIR/config.json     RunConfig.to_dict()                        (written by the creator)
+    DIR/state.json      {"status": pending|running|completed|failed|stopped|refused,
+                         "reason": str|null, "current_round": int, ...}
+    DIR/rounds.jsonl    one line per round: round, attempt, status (completed|failed|refused),
+                        sampled, participants, survived, dropped, train_loss, epsilon,
+                        epsilon_no_amplification, delta, noise_multiplier_effective,
+                        noise_std_total, reason, seconds
+    DIR/ledger.jsonl    the run's signed privacy ledger (restwise.privacy.ledger); audit key
+                        from config.audit_key_path or DIR/../audit_key.pem (created 0600 if
+                        absent); DIR/public_key.pem its public half
+    DIR/checkpoint      the global shared model after the last completed round (npz)
+    DIR/report.json, DIR/report.html   at the end (restwise.privacy.report)
+    DIR/STOP            create it (or send the runner SIGTERM) to stop after the round in progress
+
+A simulation adds ``DIR/fleet/`` (its generated devices' stores, ``restwise.simulation``); a
+deployment's run directory never holds a store.
+
+A run directory whose state is not terminal resumes from its checkpoint: rounds already
+completed are not repeated (a round that was released but not checkpointed is re-run as a new,
+separately accounted attempt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from restwise.common.fsutil import atomic_write_bytes
+from restwise.models.registry import DEFAULT_MODEL
+from restwise.privacy.ledger import PrivacyLedger, export_public_key, load_or_create_audit_key
+from restwise.privacy.report import write_run_report
+from restwise.server.errors import RunFilesError
+from restwise.server.runconfig import RunConfig
+from restwise.server.runstatus import ACTIVE_STATUSES, STATUSES, TERMINAL_STATUSES
+
+CHECKPOINT_FORMAT = "restwise-checkpoint-2"  # -1: the same without "model" (always recovery-mlp)
+
+
+def dump_json(value: Any) -> bytes:
+    return (json.dumps(value, sort_keys=True) + "\n").encode("utf-8")
+
+
+@dataclass
+class RunFiles:
+    """The files of one run directory (see the module docstring)."""
+
+    run_dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.run_dir / "config.json"
+
+    @property
+    def state(self) -> Path:
+        return self.run_dir / "state.json"
+
+    @property
+    def rounds(self) -> Path:
+        return self.run_dir / "rounds.jsonl"
+
+    @property
+    def ledger(self) -> Path:
+        return self.run_dir / "ledger.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / "checkpoint"
+
+    @property
+    def stop_file(self) -> Path:
+        return self.run_dir / "STOP"
+
+    def read_config(self) -> RunConfig:
+        """The run's configuration; RunFilesError when config.json is missing or unreadable,
+        RunConfigError (naming the field) when it is invalid."""
+        try:
+            data = json.loads(self.config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunFilesError(f"{self.config} is unreadable ({type(exc).__name__})", path=self.config) from None
+        return RunConfig.from_dict(data)
+
+    def write_config(self, config: RunConfig) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.config, (json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+    def read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {"status": "pending", "reason": None, "current_round": 0}
+        except (OSError, ValueError) as exc:
+            raise RunFilesError(f"{self.state} is unreadable ({type(exc).__name__})", path=self.state) from None
+
+    def write_state(self, status: str, *, reason: str | None = None, current_round: int = 0, **extra: Any) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        body = {"status": status, "reason": reason, "current_round": int(current_round), "updated_at": time.time(), **extra}
+        atomic_write_bytes(self.state, dump_json(body))
+
+    def round_lines(self) -> list[dict[str, Any]]:
+        if not self.rounds.exists():
+            return []
+        out = []
+        for line in self.rounds.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue  # a torn last line after a crash
+        return out
+
+    def append_round(self, line: dict[str, Any]) -> None:
+        existing = {(d.get("round"), d.get("attempt", 0)) for d in self.round_lines()}
+        if (line.get("round"), line.get("attempt", 0)) in existing:
+            return
+        with open(self.rounds, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def stop_requested(self) -> bool:
+        return self.stop_file.exists()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int  # the last completed round (0: the initial model)
+    arrays: list[np.ndarray]  # the global shared arrays
+    model: str  # the architecture's registry name
+    model_config: str  # the architecture's model configuration (json)
+    meta: dict
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        header = json.dumps({"format": CHECKPOINT_FORMAT, "round": self.round, "model": self.model,
+                             "model_config": self.model_config, "meta": self.meta})
+        np.savez(buf, header=np.frombuffer(header.encode("utf-8"), dtype=np.uint8),
+                 **{f"s{i:03d}": a for i, a in enumerate(self.arrays)})
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "Checkpoint":
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+                header = json.loads(bytes(z["header"]).decode("utf-8"))
+                if header.get("format") not in (CHECKPOINT_FORMAT, "restwise-checkpoint-1"):
+                    raise RunFilesError("not a Restwise checkpoint")
+                names = sorted(k for k in z.files if k != "header")
+                arrays = [np.array(z[k]) for k in names]
+        except RunFilesError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - damaged file
+            raise RunFilesError(f"the checkpoint cannot be read ({type(exc).__name__})") from None
+        # Format 1 predates the model registry: its only model was the default one.
+        model = str(header.get("model", DEFAULT_MODEL))
+        return cls(int(header["round"]), arrays, model, str(header["model_config"]), dict(header.get("meta", {})))
+
+    def model_hash(self) -> str:
+        h = hashlib.sha256()
+        for a in self.arrays:
+            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+
+def open_ledger(run_dir: Path, config: RunConfig) -> PrivacyLedger:
+    """The run's signed ledger: key from ``config.audit_key_path`` or ``run_dir/../audit_key.pem``
+    (created on first use, mode 0600); the public key is written next to the ledger."""
+    key_path = Path(config.audit_key_path) if config.audit_key_path else Path(run_dir).resolve().parent / "audit_key.pem"
+    key = load_or_create_audit_key(key_path)
+    pub = Path(run_dir) / "public_key.pem"
+    if not pub.exists():
+        export_public_key(key, pub)
+    return PrivacyLedger(Path(run_dir) / "ledger.jsonl", signing_key=key)
+
+
+def write_report(run_dir: Path) -> dict[str, Path]:
+    """report.json and report.html of the run (restwise.privacy.report), anchored in its ledger."""
+    return write_run_report(Path(run_dir))
+
+
+__all__ = [
+    "STATUSES", "TERMINAL_STATUSES", "ACTIVE_STATUSES", "RunFiles", "Checkpoint", "open_ledger", "write_report",
+    "dump_json",
+]
