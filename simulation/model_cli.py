@@ -29,7 +29,7 @@ from typing import Optional
 
 import typer
 
-from restwise.common.cli_errors import cli_errors
+from restwise.common.cli_errors import cli_errors, fail
 from restwise.common.fsutil import atomic_write_bytes
 from restwise.models.prior import LINEAR_HEAD_PRIOR, PUBLIC_DATASETS, PriorError, fit_prior, load_prior
 from restwise.models.warning import WARNING_PRIOR, WarningError, record_from_results
@@ -115,17 +115,17 @@ def warning_record_command(
     """Keep the coach's measured record of its 7-day warning from a shipped evaluation."""
     try:
         blob = results.read_bytes()
-        data = json.loads(blob)
-        command = " ".join(["restwise model warning-record --results", shlex.quote(str(results)), "--out",
-                            shlex.quote(str(out))] + (["--row", shlex.quote(row)] if row != "warning model, public prior" else []))
-        record = record_from_results(data, row, results_sha256=hashlib.sha256(blob).hexdigest(), command=command)
+    except OSError as exc:
+        raise fail(f"cannot read {results}: {exc.strerror or exc}") from None
+    command = " ".join(["restwise model warning-record --results", shlex.quote(str(results)), "--out",
+                        shlex.quote(str(out))] + (["--row", shlex.quote(row)] if row != "warning model, public prior" else []))
+    try:
+        record = record_from_results(json.loads(blob), row, results_sha256=hashlib.sha256(blob).hexdigest(),
+                                     command=command)
+    except (ValueError, KeyError, WarningError) as exc:
+        raise fail(f"{results} is not a usable early-warning results.json ({exc})") from None
+    with cli_errors():
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out, (json.dumps(record.to_dict(), indent=1, sort_keys=True, allow_nan=False) + "\n")
                            .encode("utf-8"), mode=0o644)  # public numbers, to ship and read
-    except OSError as exc:
-        typer.echo(f"Error: cannot read {results}: {exc.strerror or exc}", err=True)
-        raise typer.Exit(code=1) from None
-    except (ValueError, KeyError, WarningError) as exc:
-        typer.echo(f"Error: {results} is not a usable early-warning results.json ({exc})", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"Record written to {out}: \"{record.sentence()}\"")
