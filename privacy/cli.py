@@ -6,7 +6,15 @@
                                [--delta D] [--no-amplification] [--json]
     restwise privacy calibrate --target-epsilon E --rounds R [same sampling options] [--json]
     restwise audit report RUN  (--ledger FILE --key AUDIT_KEY | --data-dir SERVER_DIR) [--out DIR]
+    restwise audit report --bundle DIR|ZIP (--public-key KEY | --trust-shipped-key) [--out DIR] [RUN]
     restwise audit verify REPORT [--ledger FILE] [--public-key KEY] [--json]
+
+``audit report --bundle`` is the auditor's: it needs no private key. It verifies the bundle
+first (every signature and the hash chain against the pinned key, and report.json against the
+ledger) and fails closed (exit 8, nothing written) when anything does not verify; then it
+renders the report again as text (stdout, and report.txt) and as a page (report.html). A
+bundle without report.json (a run stopped before its report) gets a report built from the
+verified ledger alone, labelled as rebuilt.
 
 With --json a command prints exactly one JSON line on stdout (also on failure:
 ``{"ok": false, "error": ..., "error_type": ...}``). Exit codes (restwise.common.exit_codes):
@@ -16,21 +24,37 @@ the accountant only when a number is computed, so `restwise --help` stays fast.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
+import zipfile
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import typer
 
-from restwise.common.cli_errors import emit_json, exit_with
+from restwise.common.cli_errors import emit_json, exit_with, fail
 from restwise.common.exit_codes import ExitCode
+from restwise.common.fsutil import atomic_write_bytes
 from restwise.privacy.accountant import PrivacyAccountant
 from restwise.privacy.calibration import calibrate_noise_multiplier
-from restwise.privacy.errors import EventValidationError, PrivacyError
+from restwise.privacy.errors import EventValidationError, KeyFileError, LedgerError, PrivacyError
 from restwise.privacy.events import ReleaseSpec
-from restwise.privacy.ledger import PrivacyLedger, load_audit_key
-from restwise.privacy.report import build_report, default_allow_list, write_report, write_run_report
+from restwise.privacy.ledger import PrivacyLedger, key_fingerprint, load_audit_key, load_public_key, verify_ledger_file
+from restwise.privacy.report import (
+    HTML_FILE,
+    LEDGER_FILE,
+    PUBLIC_KEY_FILE,
+    REPORT_FILE,
+    LedgerSnapshot,
+    build_report,
+    default_allow_list,
+    render_html,
+    render_text,
+    write_report,
+    write_run_report,
+)
 from restwise.privacy.verify import verify_report
 
 privacy_app = typer.Typer(
@@ -157,7 +181,18 @@ def calibrate_command(
 # --- audit ---------------------------------------------------------------------------------
 @audit_app.command("report")
 def report_command(
-    run: str = typer.Argument(..., help="The run id."),
+    run: Optional[str] = typer.Argument(None, help="The run id (with --bundle: only to check it is that run's)."),
+    bundle: Optional[Path] = typer.Option(
+        None, "--bundle",
+        help="Auditors: rebuild the human-readable report from a verification bundle (its folder, or the .zip "
+        "the service serves) with no private key. Verifies it first; fails (exit 8) on anything that does not verify.",
+    ),
+    public_key: Optional[Path] = typer.Option(None, "--public-key", help="With --bundle: the server's published audit public key, pinned."),
+    trust_shipped_key: bool = typer.Option(
+        False, "--trust-shipped-key",
+        help="With --bundle and no --public-key: check against the key shipped in the bundle (proves only that "
+        "the bundle is consistent, not who signed it).",
+    ),
     ledger: Optional[Path] = typer.Option(None, "--ledger", help="The privacy ledger (JSON lines)."),
     key: Optional[Path] = typer.Option(None, "--key", help="The server's audit private key (PEM) to sign the report entry."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for report.json, report.html, ledger.jsonl, public_key.pem."),
@@ -168,7 +203,18 @@ def report_command(
     budget_epsilon: Optional[float] = typer.Option(None, "--budget-epsilon", min=0.0, help="The run's epsilon budget, for the plot."),
     as_json: bool = _JSON,
 ) -> None:
-    """Build RUN's privacy report (JSON + self-contained HTML), anchored in the signed ledger."""
+    """Build RUN's privacy report (JSON + self-contained HTML), anchored in the signed ledger
+    (operators, with the audit key); or, with --bundle, rebuild a verified bundle's report as
+    text and HTML (auditors, no private key)."""
+    if bundle is not None:
+        if ledger is not None or data_dir is not None or key is not None:
+            raise typer.BadParameter("--bundle needs no --ledger, --data-dir or --key (no private key)", param_hint="--bundle")
+        _report_from_bundle(bundle, run, public_key, trust_shipped_key, out, delta, as_json)
+        return
+    if public_key is not None or trust_shipped_key:
+        raise typer.BadParameter("--public-key and --trust-shipped-key go with --bundle", param_hint="--bundle")
+    if run is None:
+        raise typer.BadParameter("give the run id", param_hint="RUN")
     if (ledger is None) == (data_dir is None):
         raise typer.BadParameter("give exactly one of --ledger FILE or --data-dir DIR", param_hint="--ledger")
     try:
@@ -203,6 +249,121 @@ def report_command(
     eps = "unaccountable" if report["epsilon"] is None else f"{report['epsilon']:.4f}"
     typer.echo(f"run {report['run_id']}: epsilon = {eps} at delta = {report['delta']:g} over {len(report['releases'])} release(s)")
     for name, path in paths.items():
+        typer.echo(f"  {name}: {path}")
+
+
+BUNDLE_FILES = (REPORT_FILE, HTML_FILE, LEDGER_FILE, PUBLIC_KEY_FILE)
+MAX_BUNDLE_MEMBER = 512 * 1024 * 1024
+REBUILT_FROM_LEDGER = (
+    "Rebuilt by the auditor from the signed ledger alone: the bundle holds no report.json (none was "
+    "issued), so no budget or secure-aggregation settings are shown; every number is recomputed from "
+    "the ledger's release events."
+)
+
+
+def _bundle_folder(bundle: Path, scratch: Path) -> Path:
+    """The folder holding the bundle's files: ``bundle`` itself, its one subfolder (an unzipped
+    bundle is ``<run id>/...``), or, for a .zip, its known files copied into ``scratch`` (by
+    name only: nothing in the archive chooses a path here)."""
+    if bundle.is_dir():
+        if (bundle / LEDGER_FILE).is_file():
+            return bundle
+        inner = [d for d in bundle.iterdir() if d.is_dir() and (d / LEDGER_FILE).is_file()]
+        if len(inner) == 1:
+            return inner[0]
+        raise typer.BadParameter(f"{bundle} holds no {LEDGER_FILE} (nor one folder with it)", param_hint="--bundle")
+    try:
+        with zipfile.ZipFile(bundle) as zf:
+            seen = set()
+            for info in zf.infolist():
+                parts = PurePosixPath(info.filename).parts
+                name = parts[-1] if parts else ""
+                if info.is_dir() or name not in BUNDLE_FILES or len(parts) > 2:
+                    continue
+                if name in seen:
+                    raise typer.BadParameter(f"{bundle} holds {name} twice", param_hint="--bundle")
+                if info.file_size > MAX_BUNDLE_MEMBER:
+                    raise typer.BadParameter(f"{name} in {bundle} is larger than a bundle file can be", param_hint="--bundle")
+                seen.add(name)
+                (scratch / name).write_bytes(zf.read(info))
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise typer.BadParameter(f"{bundle} is neither a bundle folder nor a readable zip ({exc})", param_hint="--bundle") from None
+    if LEDGER_FILE not in seen:
+        raise typer.BadParameter(f"{bundle} holds no {LEDGER_FILE}", param_hint="--bundle")
+    return scratch
+
+
+def _report_from_bundle(bundle: Path, run: Optional[str], public_key: Optional[Path], trust_shipped_key: bool,
+                        out: Optional[Path], delta: float, as_json: bool) -> None:
+    code = ExitCode.VERIFICATION_FAILED
+    with tempfile.TemporaryDirectory(prefix="restwise-bundle-") as scratch:
+        folder = _bundle_folder(Path(bundle), Path(scratch))
+        ledger_file = folder / LEDGER_FILE
+        shipped = folder / PUBLIC_KEY_FILE
+        # -- the key: pinned, or the shipped one only when asked for ----------------------
+        try:
+            if public_key is not None:
+                key = load_public_key(public_key)
+            elif trust_shipped_key:
+                if not shipped.is_file():
+                    raise fail("the bundle ships no public_key.pem to trust; pass --public-key", code)
+                key = load_public_key(shipped)
+                typer.echo(f"warning: checking against the key shipped in the bundle (fingerprint {key_fingerprint(key)}): "
+                           "compare it with the one the operator published", err=True)
+            else:
+                raise fail("no key to check the signatures against: pass --public-key with the operator's published "
+                           "key (or --trust-shipped-key); nothing was rebuilt", code)
+        except KeyFileError as exc:
+            raise exit_with(exc, code=code, as_json=as_json) from None
+        # -- the ledger, then the report: nothing is rendered from anything unverified -----
+        try:
+            entries, _ = verify_ledger_file(ledger_file, key)
+        except LedgerError as exc:
+            raise fail(f"the ledger does not verify: {exc}; nothing was rebuilt", code) from None
+        if not entries:
+            raise fail("the ledger is empty; nothing was rebuilt", code)
+        report_file = folder / REPORT_FILE
+        if report_file.is_file():
+            res = verify_report(report_file, ledger_path=ledger_file, public_key=key)
+            if not res.ok:
+                for problem in res.problems:
+                    typer.echo(f"  - {problem}", err=True)
+                raise fail(f"the bundle does not verify ({len(res.problems)} problem(s)); nothing was rebuilt", code)
+            for warning in res.warnings:
+                typer.echo(f"warning: {warning}", err=True)
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+            digest = hashlib.sha256(report_file.read_bytes()).hexdigest()
+            notice = (f"Rebuilt by the auditor from a verified bundle: report.json (sha256 {digest[:16]}...) is the one "
+                      f"recorded in the signed ledger; signatures checked against key {key_fingerprint(key)}.")
+            source = "report"
+        else:
+            run_ids = sorted({e.payload.get("run_id") or (e.payload.get("target") if e.payload.get("kind") == "audit" else None)
+                              for e in entries} - {None})
+            run_id = run if run is not None else (run_ids[0] if len(run_ids) == 1 else None)
+            if run_id is None:
+                raise typer.BadParameter(f"the ledger holds {len(run_ids)} runs: name one", param_hint="RUN")
+            try:
+                report = build_report(LedgerSnapshot(ledger_file, entries), run_id, delta=delta, public_key=key)
+            except PrivacyError as exc:
+                raise exit_with(exc, as_json=as_json) from None
+            notice, source = REBUILT_FROM_LEDGER, "ledger"
+        if run is not None and report.get("run_id") != run:
+            raise fail(f"the bundle is run {report.get('run_id')}'s, not {run}'s", ExitCode.USAGE)
+        text, page = render_text(report, notice=notice), render_html(report, notice=notice)
+    files = {}
+    if out is not None:
+        if out.resolve() == Path(bundle).resolve() or (out / REPORT_FILE).exists():
+            raise typer.BadParameter("write the rebuilt report into a folder of its own, not over a bundle", param_hint="--out")
+        out.mkdir(parents=True, exist_ok=True)
+        files = {"html": out / HTML_FILE, "text": out / "report.txt"}
+        atomic_write_bytes(files["html"], page.encode("utf-8"))
+        atomic_write_bytes(files["text"], text.encode("utf-8"))
+    if as_json:
+        emit_json({"ok": True, "run_id": report["run_id"], "epsilon": report.get("epsilon"), "delta": report.get("delta"),
+                   "source": source, "key_fingerprint": key_fingerprint(key), "files": {k: str(v) for k, v in files.items()}})
+        return
+    typer.echo(text, nl=False)
+    for name, path in files.items():
         typer.echo(f"  {name}: {path}")
 
 

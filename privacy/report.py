@@ -13,6 +13,13 @@ Anchoring: after writing report.json and report.html, :func:`write_report` appen
 ``report_issued`` event to the ledger holding their SHA-256 digests. Any change to either
 file, or to the ledger, is then detected by verification.
 
+An auditor rebuilds the human-readable report from those files with no private key
+(``restwise audit report --bundle DIR``): after the ledger and report verify, the page
+(:func:`render_html`) and a plain-text version (:func:`render_text`) are rendered again from
+the verified report - or, when a bundle holds no report.json (a run that was stopped before
+its report), built from the verified ledger alone (:func:`build_report` over a
+:class:`LedgerSnapshot`) and labelled as rebuilt, not issued.
+
 report.json (schema 1), top-level keys:
 
 =============================  =================================================================
@@ -53,15 +60,15 @@ import hashlib
 import html
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from restwise.common.fsutil import atomic_write_bytes
 from restwise.privacy.accountant import PLDParameters, PrivacyAccountant
 from restwise.privacy.errors import AccountingError, ReportError
 from restwise.privacy.events import BudgetRefusalEvent, GaussianRoundEvent, ReportIssuedEvent, utc_now
-from restwise.privacy.ledger import PrivacyLedger, key_fingerprint, load_audit_key, public_key_pem
+from restwise.privacy.ledger import LedgerEntry, PrivacyLedger, key_fingerprint, load_audit_key, public_key_pem
 
 REPORT_SCHEMA_VERSION = 1
 REPORT_FILE = "report.json"
@@ -198,8 +205,22 @@ def _threat_model(secagg: dict | None, amplified: bool) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    """Ledger entries already read and verified (``ledger.verify_ledger_file``), for
+    :func:`build_report` without a ledger object: read-only, no signing key (nothing is
+    repaired or appended; an auditor's bundle is never written to)."""
+
+    path: Path
+    verified_entries: Sequence[LedgerEntry]
+    signing_key: None = None
+
+    def entries(self) -> list[LedgerEntry]:
+        return list(self.verified_entries)
+
+
 def build_report(
-    ledger: PrivacyLedger,
+    ledger: PrivacyLedger | LedgerSnapshot,
     run_id: str,
     *,
     secagg: dict | None = None,
@@ -464,7 +485,9 @@ def _svg_curve(curve: list[dict], budget_eps: float | None) -> str:
     return "".join(parts)
 
 
-def render_html(report: dict) -> str:
+def render_html(report: dict, *, notice: str | None = None) -> str:
+    """The report as a self-contained page. ``notice``: a line shown under the title (e.g.
+    that the page was rebuilt by an auditor)."""
     e = html.escape
     acc = report.get("accounting") or {}
     led = report.get("ledger") or {}
@@ -511,6 +534,7 @@ def render_html(report: dict) -> str:
         ("PLD parameters", json.dumps(acc.get("pld_parameters", {}), sort_keys=True)),
     ]
     summary_html = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in summary)
+    notice_html = f'<p class="warn" id="notice">{e(notice)}</p>\n' if notice else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Privacy report: {e(report['run_id'])}</title>
 <style>
@@ -520,7 +544,7 @@ th{{background:#f3f3f3}}code,pre{{background:#f6f6f6;padding:.2rem;overflow-x:au
 .big{{font-size:1.6rem}}
 </style></head><body>
 <h1>Privacy report for run <code>{e(report['run_id'])}</code></h1>
-<p class="big">&epsilon; = <strong id="epsilon">{e(_fmt(report.get('epsilon')))}</strong> at &delta; = {e(_fmt(report.get('delta')))}</p>
+{notice_html}<p class="big">&epsilon; = <strong id="epsilon">{e(_fmt(report.get('epsilon')))}</strong> at &delta; = {e(_fmt(report.get('delta')))}</p>
 {error}
 <p>Generated {e(report['generated_at'])}. Report schema {e(str(report['report_schema_version']))}.</p>
 <h2>Summary</h2><table>{summary_html}</table>
@@ -549,3 +573,72 @@ th{{background:#f3f3f3}}code,pre{{background:#f6f6f6;padding:.2rem;overflow-x:au
 that this report and page are the ones recorded in the ledger).</p>
 </body></html>
 """
+
+
+# --- text ------------------------------------------------------------------------------------
+def render_text(report: dict, *, notice: str | None = None) -> str:
+    """The report as plain text for a terminal or a mail: the same numbers as the page."""
+    acc = report.get("accounting") or {}
+    led = report.get("ledger") or {}
+    budget = report.get("budget") or {}
+    mech = report.get("mechanism") or {}
+    samp = report.get("sampling") or {}
+    releases = report.get("releases") or []
+    lines = [f"Privacy report for run {report.get('run_id')}"]
+    if notice:
+        lines.append(f"NOTE: {notice}")
+    lines += [
+        "",
+        f"  epsilon (PLD, reported)                          {_fmt(report.get('epsilon'))} at delta = {_fmt(report.get('delta'))}",
+        f"  epsilon, RDP upper bound                         {_fmt(report.get('epsilon_rdp_bound'))}",
+        f"  epsilon against a server that knows the cohort   {_fmt(report.get('epsilon_no_amplification'))}",
+        f"  amplification by sampling claimed                {'yes' if report.get('amplification_claimed') else 'no'}",
+        f"  adjacency                                        {report.get('adjacency')}",
+        f"  clip norm(s)                                     {', '.join(_fmt(c) for c in mech.get('clip_norms', [])) or 'n/a'}",
+        f"  sampling                                         {', '.join(samp.get('methods', [])) or 'n/a'}"
+        + (f" at rate(s) {', '.join(_fmt(r) for r in samp.get('rates', []))}" if samp.get("rates") else ""),
+        f"  releases                                         {len(releases)}",
+        f"  budget                                           "
+        + (f"epsilon {_fmt(budget.get('epsilon'))}, delta {_fmt(budget.get('delta'))}" if budget else "none given"),
+        f"  accountant                                       {acc.get('accountant', 'dp_accounting')} ({acc.get('accountant_version', 'n/a')})",
+    ]
+    if acc.get("error"):
+        lines.append(f"  ACCOUNTING REFUSED: {acc['error']}")
+    lines.append(f"  privacy unit: {report.get('privacy_unit')}")
+    for note in acc.get("notes", []):
+        lines.append(f"  note: {note}")
+    lines += ["", "Releases (from the ledger)"]
+    if releases:
+        head = ("round", "attempt", "sampling", "rate", "cohort", "survivors", "noise mult.", "noise std", "clip", "seq")
+        keys = ("round", "attempt", "sampling", "sampling_rate", "cohort_size", "survivors", "noise_multiplier",
+                "noise_std_total", "clip_norm", "ledger_seq")
+        rows = [head] + [tuple(_fmt(r.get(k)) for k in keys) for r in releases]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    else:
+        lines.append("  none: nothing about any person was released")
+    refusals = report.get("refusals") or []
+    lines += ["", "Budget refusals"] + (
+        [f"  round {r.get('round')}: {r.get('scope')} budget {_fmt(r.get('budget_epsilon'))}, projected "
+         f"{_fmt(r.get('projected_epsilon'))} (spent {_fmt(r.get('spent_epsilon'))})" for r in refusals] or ["  none"]
+    )
+    secagg = report.get("secure_aggregation")
+    lines += ["", "Secure aggregation (SecAgg+)"] + (
+        [f"  {k}: {_fmt(v)}" for k, v in sorted(secagg.items())] if secagg else ["  no parameters recorded"]
+    )
+    lines += ["", "Threat model"] + [f"  - {t}" for t in report.get("threat_model", [])]
+    leak = report.get("information_leakage") or {}
+    leaves = leak.get("leaves_device")
+    lines += ["", "What leaves a device"] + (
+        [f"  {leaves}"] if isinstance(leaves, str) else ["  " + l for l in json.dumps(leaves, indent=2, sort_keys=True).splitlines()]
+    )
+    lines += ["", "What the server can learn"] + [f"  - {t}" for t in leak.get("server_learns", [])]
+    lines += [
+        "", "Ledger",
+        f"  entries at report time {led.get('entries')}, head seq {led.get('head_seq')}, signed: {'yes' if led.get('signed') else 'no'}",
+        f"  head hash {led.get('head_hash')}",
+        f"  public key fingerprint {led.get('public_key_fingerprint')}",
+        "",
+        "Verify independently: restwise audit verify report.json --public-key SERVER_KEY.pem",
+    ]
+    return "\n".join(lines) + "\n"

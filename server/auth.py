@@ -15,6 +15,25 @@ Every request that changes state is recorded by ``AuditTrail`` with the actor's 
 role (never the token), in the database and in the service's signed, hash-chained audit
 ledger (``restwise.privacy.ledger``; the key is created on first use, 0600). There is no
 service without that ledger.
+
+Denied attempts are recorded too (``auth.denied``, outcome ``denied``): a 403 with the
+token's id and role; a 401 with the token's id when the presented token names an existing
+token (wrong secret, revoked), and otherwise with a stable label that cannot be turned back
+into what was presented: ``anon-<16 hex>`` (a header) or ``cookie-<16 hex>`` (a session
+cookie), an HMAC-SHA256 under a key derived (HKDF) from the audit signing key, so the same
+junk gets the same label across restarts; ``anonymous`` when nothing was presented.
+
+Rate limit (``AuditRateLimit``): one token bucket per key - ``write:<token id>`` (every
+request that changes state, and dashboard sign-in/out: checked *before* the change, so a
+request refused by the limit changes nothing and is answered 429), ``denied:<token id>``
+(401s naming an existing token, and 403s) and ``denied:unauthenticated`` (every other 401,
+one bucket for all labels, so varying the junk does not buy more entries). A bucket holds
+``burst`` writes and refills at ``per_minute``. What the limit keeps out is counted, never
+dropped: the next entry written for that key is preceded by one ``audit.coalesced`` entry
+(``attempts`` = how many, by action, route and reason, first and last time), and a read of
+the audit log or the service's shutdown writes any that are still held. So one key adds at
+most ``2 x (burst + per_minute x minutes)`` entries, however many requests it sends; the
+number of keys is bounded by the number of tokens (plus one).
 """
 
 from __future__ import annotations
@@ -24,14 +43,19 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import threading
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from restwise.privacy.events import AuditEvent
 from restwise.privacy.ledger import PrivacyLedger, load_or_create_audit_key, public_key_pem
@@ -49,6 +73,8 @@ class Role(str, enum.Enum):
     # The server's own command line (token management). Never a token's role: it only names
     # the actor of `restwise server token ...` in the audit trail.
     admin = "admin"
+    # Whoever presented no valid credentials: the actor of a denied 401 in the audit trail.
+    unauthenticated = "unauthenticated"
 
 
 TOKEN_ROLES = (Role.operator, Role.auditor)
@@ -61,6 +87,30 @@ class Principal:
     token_id: str
     name: str
     role: Role
+
+
+@dataclass(frozen=True)
+class AuthCheck:
+    """The answer to presented credentials: the principal, or ``reason`` why not and, when the
+    credentials name an existing token, that token's (public) id. Never the secret."""
+
+    principal: Principal | None
+    known_token_id: str | None = None
+    reason: str | None = None
+
+
+# Why a request was denied (the audit entry's ``reason``): a fixed vocabulary, so the
+# coalesced counts stay small.
+NO_CREDENTIALS = "no credentials"
+NOT_BEARER = "not a bearer token"
+MALFORMED = "malformed token"
+UNKNOWN_TOKEN = "unknown token id"
+WRONG_SECRET = "wrong secret"
+REVOKED = "revoked token"
+BAD_SESSION = "unknown or expired session"
+COOKIE_WRITE = "a session cookie cannot authorize a change"
+NEEDS_OPERATOR = "needs the operator role"
+RATE_LIMITED = "rate limited"
 
 
 @dataclass(frozen=True)
@@ -131,18 +181,27 @@ class TokenStore:
 
     def authenticate(self, token: str) -> Principal | None:
         """The principal for a presented token, or None (malformed, unknown, wrong or revoked)."""
+        return self.check(token).principal
+
+    def check(self, token: str) -> AuthCheck:
+        """Like :meth:`authenticate`, and says why not (for the audit trail; the client gets
+        the same 401 whatever the reason)."""
         match = TOKEN_RE.match(token or "")
         if match is None:
-            return None
+            return AuthCheck(None, None, MALFORMED)
         token_id, secret = match.groups()
         with self.db.engine.connect() as conn:
             row = conn.execute(sa.select(dbm.tokens).where(dbm.tokens.c.id == token_id)).mappings().first()
         stored = row["token_hash"] if row is not None else _DUMMY_DIGEST
         ok = hmac.compare_digest(stored, _digest(secret))
-        if not ok or row is None or row["revoked_at"] is not None:
-            return None
+        if row is None:
+            return AuthCheck(None, None, UNKNOWN_TOKEN)
+        if not ok:
+            return AuthCheck(None, token_id, WRONG_SECRET)
+        if row["revoked_at"] is not None:
+            return AuthCheck(None, token_id, REVOKED)
         self._touch(token_id, row["last_used_at"])
-        return Principal(token_id, row["name"], Role(row["role"]))
+        return AuthCheck(Principal(token_id, row["name"], Role(row["role"])), token_id)
 
     def _touch(self, token_id: str, last: str | None) -> None:
         now = _dt.datetime.now(_dt.timezone.utc)
@@ -171,8 +230,13 @@ class TokenStore:
         return session_id
 
     def session_principal(self, session_id: str) -> Principal | None:
+        return self.session_check(session_id).principal
+
+    def session_check(self, session_id: str) -> AuthCheck:
+        """The principal of a dashboard session, or why not (a session that exists names its
+        token: an expired session or a revoked token is recorded with that token's id)."""
         if not session_id or len(session_id) > 64 or not re.fullmatch(r"[A-Za-z0-9_-]+", session_id):
-            return None
+            return AuthCheck(None, None, BAD_SESSION)
         now = dbm.utcnow()
         with self.db.engine.connect() as conn:
             row = (
@@ -184,9 +248,13 @@ class TokenStore:
                 .mappings()
                 .first()
             )
-        if row is None or row["revoked_at"] is not None or row["expires_at"] <= now:
-            return None
-        return Principal(row["id"], row["name"], Role(row["role"]))
+        if row is None:
+            return AuthCheck(None, None, BAD_SESSION)
+        if row["revoked_at"] is not None:
+            return AuthCheck(None, row["id"], REVOKED)
+        if row["expires_at"] <= now:
+            return AuthCheck(None, row["id"], BAD_SESSION)
+        return AuthCheck(Principal(row["id"], row["name"], Role(row["role"])), row["id"])
 
     def close_session(self, session_id: str) -> None:
         if not session_id or len(session_id) > 64:
@@ -196,21 +264,98 @@ class TokenStore:
 
 
 SYSTEM_PRINCIPAL = Principal("cli", "server command line", Role.admin)
+ANONYMOUS = Principal("anonymous", "", Role.unauthenticated)  # nothing was presented
+UNAUTHENTICATED = Principal("unauthenticated", "", Role.unauthenticated)  # the shared bucket's actor
+UNAUTHENTICATED_KEY = "denied:unauthenticated"
+AUDIT_BURST = 30
+AUDIT_PER_MINUTE = 30.0
+LABEL_INFO = b"restwise service: labels of denied credentials v1"
+# Server-side details of a run's configuration that no token holder sees (the service's own
+# file paths); the runner reads them from config.json.
+SERVER_ONLY_CONFIG_KEYS = ("audit_key_path",)
+
+
+def public_run_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's configuration as operators and auditors may see it: without server paths."""
+    return {k: v for k, v in config.items() if k not in SERVER_ONLY_CONFIG_KEYS}
+
+
+class AuditRateLimit:
+    """A token bucket per key: at most ``burst`` writes at once, refilled at ``per_minute``.
+    ``clock`` (seconds, monotonic) is injectable for tests."""
+
+    def __init__(self, burst: int = AUDIT_BURST, per_minute: float = AUDIT_PER_MINUTE,
+                 clock: Callable[[], float] = time.monotonic):
+        if not (isinstance(burst, int) and burst >= 1):
+            raise ValueError("the audit burst must be a whole number of at least 1")
+        if not (per_minute > 0 and math.isfinite(per_minute)):
+            raise ValueError("the audit rate must be a positive number of writes per minute")
+        self.burst, self.per_minute, self.clock = burst, float(per_minute), clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (writes left, at)
+
+    def _level(self, key: str) -> tuple[float, float]:
+        now = self.clock()
+        left, at = self._buckets.get(key, (float(self.burst), now))
+        return min(float(self.burst), left + max(0.0, now - at) * self.per_minute / 60.0), now
+
+    def take(self, key: str) -> bool:
+        """Use one write of ``key``'s bucket; False (and nothing used) when it is empty."""
+        left, now = self._level(key)
+        if left >= 1.0:
+            self._buckets[key] = (left - 1.0, now)
+            return True
+        self._buckets[key] = (left, now)
+        return False
+
+    def wait_s(self, key: str) -> float:
+        """Seconds until ``key``'s bucket holds one write again (0 when it does)."""
+        left, _ = self._level(key)
+        return 0.0 if left >= 1.0 else (1.0 - left) * 60.0 / self.per_minute
+
+
+@dataclass
+class _Held:
+    """The requests of one key the rate limit kept out of the log, until they are written as
+    one ``audit.coalesced`` entry."""
+
+    actor: Principal
+    attempts: int = 0
+    first_at: str | None = None
+    last_at: str | None = None
+    by_action: Counter = field(default_factory=Counter)
+    by_route: Counter = field(default_factory=Counter)
+    by_reason: Counter = field(default_factory=Counter)
 
 
 class AuditTrail:
-    """The service's own audit log: who changed what, when, and whether it was allowed.
+    """The service's own audit log: who changed what, when, and whether it was allowed; and
+    who was denied (see the module docstring for labels and the rate limit).
 
     Written to the database (for listing) and appended to the signed hash-chained ledger
     (``restwise.privacy.ledger.PrivacyLedger``), whose file an auditor can verify without
     trusting this database.
     """
 
-    def __init__(self, database: dbm.Database, ledger: PrivacyLedger):
+    def __init__(self, database: dbm.Database, ledger: PrivacyLedger, limit: AuditRateLimit | None = None):
         self.db = database
         self.ledger = ledger
-        self._lock = threading.Lock()
+        self.limit = limit or AuditRateLimit()
+        self._lock = threading.RLock()
+        self._held: dict[str, _Held] = {}
+        key = ledger.signing_key
+        if key is not None:
+            raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+            self._label_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=LABEL_INFO).derive(raw)
+        else:  # an unsigned ledger (tests): labels are stable for this process only
+            self._label_key = secrets.token_bytes(32)
 
+    def label(self, presented: str, kind: str = "anon") -> str:
+        """A stable label for credentials that name no token: ``<kind>-<16 hex>``. It cannot
+        be turned back into what was presented (an HMAC under a key only the service holds)."""
+        digest = hmac.new(self._label_key, presented.encode("utf-8", "surrogateescape"), hashlib.sha256)
+        return f"{kind}-{digest.hexdigest()[:16]}"
+
+    # -- writing ------------------------------------------------------------------------
     def record(
         self,
         actor: Principal,
@@ -218,7 +363,11 @@ class AuditTrail:
         target: str | None,
         outcome: str,
         detail: dict[str, Any] | None = None,
+        *,
+        attempts: int = 1,
     ) -> None:
+        """Write one entry (ledger, then database). Not rate-limited: the server's command
+        line, and requests already admitted by :meth:`admit`."""
         at = dbm.utcnow()
         with self._lock:
             self.ledger.append(
@@ -239,18 +388,110 @@ class AuditTrail:
                         target=target,
                         outcome=outcome,
                         detail_json=json.dumps(detail or {}, sort_keys=True),
+                        attempts=attempts,
                     )
                 )
 
-    def entries(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
+    def admit(self, who: Principal, route: str) -> bool:
+        """Before a request that changes state (and is then recorded): take one write from
+        the token's ``write:`` bucket. False: refuse the request (429) - it is counted into
+        the token's next coalesced entry, nothing else happens."""
+        key = f"write:{who.token_id}"
+        with self._lock:
+            if self.limit.take(key):
+                self._write_held(key)
+                return True
+            self._hold(key, who, route, route, RATE_LIMITED)
+            return False
+
+    def retry_after_s(self, who: Principal) -> int:
+        return max(1, math.ceil(self.limit.wait_s(f"write:{who.token_id}")))
+
+    def deny(
+        self,
+        check: AuthCheck | None,
+        *,
+        route: str,
+        target: str | None = None,
+        presented: str | None = None,
+        kind: str = "anon",
+        reason: str | None = None,
+    ) -> None:
+        """Record a 401: with the token id when the credentials name an existing token, else
+        with the label of what was presented, else as ``anonymous``."""
+        reason = reason or (check.reason if check is not None else None) or NO_CREDENTIALS
+        if check is not None and check.known_token_id is not None:
+            actor, key = Principal(check.known_token_id, "", Role.unauthenticated), f"denied:{check.known_token_id}"
+        elif presented:
+            actor, key = Principal(self.label(presented, kind), "", Role.unauthenticated), UNAUTHENTICATED_KEY
+        else:
+            actor, key = ANONYMOUS, UNAUTHENTICATED_KEY
+        self._denied(key, actor, route, target, 401, reason)
+
+    def forbid(self, who: Principal, *, route: str, target: str | None = None, reason: str = NEEDS_OPERATOR) -> None:
+        """Record a 403 (an authenticated token without the role the route needs)."""
+        self._denied(f"denied:{who.token_id}", who, route, target, 403, reason)
+
+    def _denied(self, key: str, actor: Principal, route: str, target: str | None, status: int, reason: str) -> None:
+        with self._lock:
+            if self.limit.take(key):
+                self._write_held(key)
+                self.record(actor, "auth.denied", target, "denied", {"status": status, "reason": reason, "route": route})
+            else:
+                self._hold(key, actor, "auth.denied", route, reason)
+
+    def _hold(self, key: str, actor: Principal, action: str, route: str, reason: str) -> None:
+        now = dbm.utcnow()
+        held = self._held.get(key)
+        if held is None:
+            held = self._held[key] = _Held(UNAUTHENTICATED if key == UNAUTHENTICATED_KEY else actor, first_at=now)
+        held.attempts += 1
+        held.last_at = now
+        held.by_action[action] += 1
+        held.by_route[route] += 1
+        held.by_reason[reason] += 1
+
+    def _write_held(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return
+        self.record(
+            held.actor, "audit.coalesced", None, "coalesced",
+            {
+                "attempts": held.attempts, "first_at": held.first_at, "last_at": held.last_at,
+                "by_action": dict(held.by_action), "by_route": dict(held.by_route), "by_reason": dict(held.by_reason),
+                "rate_limit": {"burst": self.limit.burst, "per_minute": self.limit.per_minute},
+            },
+            attempts=held.attempts,
+        )
+
+    def flush(self, *, force: bool = False) -> int:
+        """Write the coalesced entries still held: each when its key's bucket has a write
+        left, or all of them with ``force`` (at shutdown). Returns how many were written."""
+        written = 0
+        with self._lock:
+            for key in list(self._held):
+                if force or self.limit.take(key):
+                    self._write_held(key)
+                    written += 1
+        return written
+
+    def held_attempts(self) -> int:
+        """Requests counted but not written yet (they will be, as coalesced entries)."""
+        with self._lock:
+            return sum(h.attempts for h in self._held.values())
+
+    # -- reading ------------------------------------------------------------------------
+    def entries(
+        self, limit: int = 200, offset: int = 0, *, action: str | None = None, outcome: str | None = None
+    ) -> list[dict[str, Any]]:
+        q = sa.select(dbm.audit_log).order_by(dbm.audit_log.c.seq.desc()).limit(limit).offset(offset)
+        if action is not None:
+            q = q.where(dbm.audit_log.c.action == action)
+        if outcome is not None:
+            q = q.where(dbm.audit_log.c.outcome == outcome)
         with self.db.engine.connect() as conn:
-            rows = (
-                conn.execute(
-                    sa.select(dbm.audit_log).order_by(dbm.audit_log.c.seq.desc()).limit(limit).offset(offset)
-                )
-                .mappings()
-                .all()
-            )
+            rows = conn.execute(q).mappings().all()
         out = []
         for r in rows:
             item = dict(r)

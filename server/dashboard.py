@@ -271,9 +271,14 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
             form = {}
         token = (form.get("token") or [""])[0].strip()
         target = _safe_next((form.get("next") or ["/"])[0])
-        who = ctx.tokens.authenticate(token)
+        check = ctx.tokens.check(token)
+        who = check.principal
         if who is None:
+            ctx.audit.deny(check if token else None, route="POST /login", presented=token or None)
             return render("login.html", status=401, next=target, error="That token is not valid (or was revoked).", who=None)
+        if not ctx.audit.admit(who, "POST /login"):
+            return render("login.html", status=429, next=target, who=None,
+                          error=f"Too many sign-ins with this token; try again in {ctx.audit.retry_after_s(who)} s.")
         session_id = ctx.tokens.open_session(who)
         ctx.audit.record(who, "dashboard.login", None, "ok", {})
         response = RedirectResponse(target, status_code=303)
@@ -292,9 +297,13 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
     def logout(request: Request) -> Response:
         """End the dashboard session."""
         cookie = request.cookies.get(SESSION_COOKIE)
-        who = ctx.tokens.session_principal(cookie) if cookie else None
+        check = ctx.tokens.session_check(cookie) if cookie else None
+        who = check.principal if check is not None else None
         if who is None:
+            ctx.audit.deny(check, route="POST /logout", presented=cookie or None, kind="cookie")
             raise ProblemError(401, "Unauthorized", "not signed in")
+        if not ctx.audit.admit(who, "POST /logout"):
+            raise ProblemError(429, "Too Many Requests", f"try again in {ctx.audit.retry_after_s(who)} s")
         ctx.tokens.close_session(cookie)
         ctx.audit.record(who, "dashboard.logout", None, "ok", {})
         response = RedirectResponse("/login", status_code=303)
@@ -304,7 +313,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
     @app.get("/", response_class=HTMLResponse, tags=["dashboard"], responses={200: html_only})
     def runs_page(request: Request, who: authm.Principal = Depends(principal)) -> HTMLResponse:
         """Dashboard: the list of runs."""
-        runs = ctx.runs.list(limit=200)
+        runs = [{**r, "config": authm.public_run_config(r["config"])} for r in ctx.runs.list(limit=200)]
         spent = ctx.runs.latest_epsilons([r["id"] for r in runs])
         for r in runs:
             r["budget"] = run_budget(r, ctx.settings.epsilon_cap)
@@ -316,6 +325,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
     def run_page(request: Request, run_id: str = RunId, who: authm.Principal = Depends(principal)) -> HTMLResponse:
         """Dashboard: one run, its rounds and the ε-over-rounds chart against the budget."""
         run = ctx.runs.get(run_id)
+        run["config"] = authm.public_run_config(run["config"])  # no server paths on a page
         rounds = ctx.runs.rounds(run_id)
         budget = run_budget(run, ctx.settings.epsilon_cap)
         points = [(r["round"], r["epsilon"]) for r in rounds if r["epsilon"] is not None]
@@ -346,6 +356,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
     def report_page(request: Request, run_id: str = RunId, who: authm.Principal = Depends(principal)) -> HTMLResponse:
         """Dashboard: the run's privacy report and the verification bundle download."""
         run = ctx.runs.get(run_id)
+        run["config"] = authm.public_run_config(run["config"])
         path = ctx.runs.run_dir(run_id) / "report.json"
         report = None
         if path.is_file():

@@ -1,5 +1,6 @@
 """The service's database: runs, per-round metrics, ledger mirrors, API tokens, dashboard
-sessions and the service's own audit trail.
+sessions and the service's own audit trail (state changes, denied attempts, and coalesced
+entries for what its rate limit kept out: ``audit_log.attempts``).
 
 SQLAlchemy Core only (no ORM), so the same statements run on the embedded default (an SQLite
 file in the server's data directory) and on PostgreSQL (``postgresql+psycopg://...``; install
@@ -115,6 +116,9 @@ audit_log = sa.Table(
     sa.Column("target", sa.String(100), nullable=True),
     sa.Column("outcome", sa.String(20), nullable=False),
     sa.Column("detail_json", sa.Text, nullable=True),
+    # How many requests this row stands for: 1, or N for a coalesced entry of the attempts
+    # the rate limit kept out of the log individually (auth.AuditTrail).
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
 )
 
 
@@ -214,10 +218,17 @@ def _m3_projected_epsilon(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE runs ADD COLUMN projected_epsilon FLOAT"))
 
 
+def _m4_audit_attempts(conn: Connection) -> None:
+    # NOT NULL with a constant default: existing rows become 1 (each stood for one request);
+    # valid ADD COLUMN on SQLite and PostgreSQL alike.
+    conn.execute(sa.text("ALTER TABLE audit_log ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, rounds, ledger mirror, tokens, audit log", _m1_core),
     Migration(2, "dashboard sessions", _m2_sessions),
     Migration(3, "runs.projected_epsilon (budget check result)", _m3_projected_epsilon),
+    Migration(4, "audit_log.attempts (coalesced denied and rate-limited requests)", _m4_audit_attempts),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

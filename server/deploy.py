@@ -28,6 +28,14 @@ What Flower 1.42 actually does (read from its source and measured here, not assu
   switched off (``--disable-runtime-dependency-installation`` on the SuperLink,
   ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` in every environment): Restwise and its
   pinned dependencies are already installed on the machine.
+* Flower's console log level comes from ``FLWR_LOG_LEVEL`` (``flwr/supercore/logger.py``; it
+  also sets the level of the SuperLink's uvicorn). :func:`flower_log_env` sets ``WARNING``
+  unless the operator asks for ``--verbose``: warnings and errors still show, the INFO
+  stream does not (``--log-file`` keeps everything).
+* ``flwr supernode register --name`` stores the name with the node, and the Control API's
+  ``ListNodes`` returns it (``NodeInfo.name``), but ``flwr supernode list --format json``
+  leaves it out. :func:`list_nodes` therefore asks the Control API itself, through Flower's
+  own client, in a child process with the private ``FLWR_HOME``.
 
 Everything here is plain functions over explicit, frozen configuration objects; the CLIs
 (``restwise server ...``, ``restwise device join``) and the tests call them.
@@ -435,6 +443,7 @@ class FlwrConnection:
     root_cert: Path | None = None
     insecure: bool = False
     name: str = "restwise"
+    verbose: bool = False  # show what each `flwr` command printed (Flower's log) on stderr
 
     def __post_init__(self) -> None:
         _check_hostport(self.address)
@@ -459,6 +468,18 @@ class FlwrConnection:
         return path
 
 
+FLOWER_QUIET_LEVEL = "WARNING"
+
+
+def flower_log_env(env: Mapping[str, str], *, verbose: bool = False) -> dict[str, str]:
+    """``env`` with Flower's console log at WARNING unless ``verbose`` (an ``FLWR_LOG_LEVEL``
+    the operator set explicitly is kept)."""
+    out = dict(env)
+    if not verbose:
+        out.setdefault("FLWR_LOG_LEVEL", FLOWER_QUIET_LEVEL)
+    return out
+
+
 def flwr_env(conn: FlwrConnection, base: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env["FLWR_HOME"] = str(Path(conn.flwr_home).resolve())
@@ -479,10 +500,21 @@ def _flwr(conn: FlwrConnection, args: Sequence[str], *, timeout_s: float = 60.0,
         )
     except subprocess.TimeoutExpired:
         raise FlowerCommandError(args[0], -1, f"no answer within {timeout_s:.0f} s") from None
+    _echo(conn, proc)
     if proc.returncode != 0:
         detail = _json_error(proc.stdout) or (proc.stderr.strip().splitlines() or [""])[-1]
         raise FlowerCommandError(" ".join(args[:2]), proc.returncode, detail[:500])
     return proc.stdout
+
+
+def _echo(conn: FlwrConnection, proc: subprocess.CompletedProcess) -> None:
+    """With ``conn.verbose``, what a Flower command printed goes to stderr (otherwise it is
+    only read: its INFO lines are not the operator's business)."""
+    if conn.verbose:
+        for text in (proc.stderr, proc.stdout):
+            if text:
+                sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        sys.stderr.flush()
 
 
 def _json_error(stdout: str) -> str:
@@ -522,9 +554,53 @@ def register_node(conn: FlwrConnection, public_key: Path, *, name: str | None = 
     return int(data["node-id"])
 
 
-def list_nodes(conn: FlwrConnection) -> list[dict]:
-    data = _flwr_json(conn, ["supernode", "list", conn.name])
-    return list(data.get("nodes", []))
+# Run in a child process with the connection's FLWR_HOME (Flower's client reads its
+# connection, TLS root and account plugin from there): the Control API's ListNodes answer,
+# with the fields `flwr supernode list --format json` leaves out (the node's name).
+_LIST_NODES = """\
+import json, sys
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.utils import init_http_client_from_connection
+from flwr.proto.control_pb2 import ListNodesRequest
+
+client = init_http_client_from_connection(read_superlink_connection(sys.argv[1]))
+try:
+    answer = client.ListNodes(ListNodesRequest())
+finally:
+    client.close()
+
+def opt(node, name):
+    return getattr(node, name) if node.HasField(name) else None
+
+print(json.dumps([
+    {"node-id": str(n.node_id), "name": opt(n, "name"), "status": n.status, "registered-at": n.registered_at or None,
+     "online-at": opt(n, "last_activated_at"), "offline-at": opt(n, "last_deactivated_at"),
+     "unregistered-at": opt(n, "unregistered_at")}
+    for n in sorted(answer.nodes_info, key=lambda n: n.registered_at)
+]))
+"""
+
+
+def list_nodes(conn: FlwrConnection, *, timeout_s: float = 60.0) -> list[dict]:
+    """The SuperLink's registered SuperNodes: ``node-id`` (a string: ids are unsigned 64-bit),
+    ``name`` (given at registration, or None), ``status`` (registered, online, offline,
+    unregistered) and when each of those began (ISO-8601, or None)."""
+    conn.write()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _LIST_NODES, conn.name], env=flwr_env(conn), capture_output=True, text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        raise FlowerCommandError("supernode list", -1, f"no answer within {timeout_s:.0f} s") from None
+    _echo(conn, proc)
+    if proc.returncode != 0:
+        raise FlowerCommandError("supernode list", proc.returncode, (proc.stderr.strip().splitlines() or [""])[-1][:500])
+    try:
+        nodes = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise FlowerCommandError("supernode list", 0, "unreadable answer") from None
+    return list(nodes)
 
 
 APP_PYPROJECT = """\
@@ -627,16 +703,20 @@ def wait_for_run(
     timeout_s: float = 600.0,
     poll_s: float = 10.0,
     wake: Callable[[], bool] | None = None,
+    on_poll: Callable[[], None] | None = None,
 ) -> RunStatus:
     """Wait until the run is finished (any outcome) or ``timeout_s``; returns the final status.
 
     Each status check starts a ``flwr`` process (about a CPU-second), so it polls every
     ``poll_s`` only, and sooner when ``wake()`` says the run has probably ended (e.g. the
-    run folder's state.json turned terminal)."""
+    run folder's state.json turned terminal). ``on_poll()`` is called about four times a
+    second while waiting (progress display)."""
     deadline = time.monotonic() + timeout_s
     status = run_status(conn, run_id)
     next_check = time.monotonic() + poll_s
     while not status.finished:
+        if on_poll is not None:
+            on_poll()
         now = time.monotonic()
         if now > deadline:
             raise RunFailedError(run_id, status.status, f"still not finished after {timeout_s:.0f} s")
@@ -834,7 +914,7 @@ __all__ = [
     "TlsFiles", "NodeKeyFiles", "make_trial_pki", "make_node_keys", "check_node_public_key",
     "check_node_private_key", "free_port", "venv_path", "descendant_pids",
     "SuperLinkConfig", "superlink_command", "SuperNodeConfig", "supernode_command", "node_config_arg",
-    "FlwrConnection", "flwr_env", "register_node", "list_nodes", "write_app_dir", "submit_run",
+    "FlwrConnection", "flwr_env", "flower_log_env", "register_node", "list_nodes", "write_app_dir", "submit_run",
     "RunStatus", "run_status", "wait_for_run", "run_dir_finished", "stop_run",
     "ManagedProcess", "start_process", "wait_for_port", "start_superlink", "start_supernode",
     "RESTWISE_SERVERAPP", "RESTWISE_CLIENTAPP",

@@ -3,8 +3,10 @@
 Thin commands over :mod:`restwise.server.deploy` (which documents what Flower 1.42 does and
 why each flag is there). Plaintext is refused unless ``--insecure`` is given explicitly;
 ``run`` waits for the run and checks how it ended, because ``flwr run`` exits 0 as soon as a
-run is *submitted*. Every ``flwr`` call uses a private, throw-away ``FLWR_HOME`` (the
-operator's own ``~/.flwr`` is never read or rewritten).
+run is *submitted*, and shows its progress round by round and stage by stage meanwhile
+(``server/progress.py``), ending with the outcome in one line. Every ``flwr`` call uses a
+private, throw-away ``FLWR_HOME`` (the operator's own ``~/.flwr`` is never read or
+rewritten). Flower's INFO log stays out of the terminal unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -16,23 +18,26 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from restwise.common.cli_errors import cli_errors, fail
+from restwise.common.cli_errors import cli_errors, emit_json, fail
 from restwise.common.errors import UsageError
 from restwise.common.exit_codes import ExitCode
 from restwise.server import deploy as D
 from restwise.server.errors import RunFilesError
 
 
-def _connection(home: Path, superlink: str, root_cert: Optional[Path], insecure: bool) -> D.FlwrConnection:
+def _connection(home: Path, superlink: str, root_cert: Optional[Path], insecure: bool, verbose: bool = False) -> D.FlwrConnection:
     if root_cert is not None and not Path(root_cert).is_file():
         raise D.CertificateError(root_cert, "no such file")
-    return D.FlwrConnection(home, superlink, root_cert=root_cert, insecure=insecure)
+    return D.FlwrConnection(home, superlink, root_cert=root_cert, insecure=insecure, verbose=verbose)
 
 
 SUPERLINK_HELP = "The SuperLink's address HOST:PORT (one port serves nodes, operators and the ServerApp)."
 ROOT_CERT_HELP = "The CA certificate that signed the SuperLink's TLS certificate (ca.crt from `restwise server certs`)."
 INSECURE_HELP = "Allow plaintext (no TLS). Anyone on the path can read and alter the traffic: trials on loopback only."
+VERBOSE_HELP = "Also show Flower's own log (INFO lines) on stderr."
 
 
 def register(app: typer.Typer) -> None:
@@ -81,6 +86,7 @@ def register(app: typer.Typer) -> None:
         insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
         log_file: Optional[Path] = typer.Option(None, "--log-file", help="Also write the SuperLink's log here."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the flower-superlink command instead of running it."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower's INFO log (default: warnings and errors only)."),
     ) -> None:
         """Start a SuperLink with TLS and SuperNode authentication (runs in the foreground)."""
         with cli_errors():
@@ -100,12 +106,19 @@ def register(app: typer.Typer) -> None:
             if tls is not None:
                 tls.check()
         cmd = D.superlink_command(cfg)
+        env = D.flower_log_env(os.environ, verbose=verbose)
+        level = env.get("FLWR_LOG_LEVEL")
         if dry_run:
-            typer.echo(" ".join(cmd))
+            typer.echo(" ".join(([f"FLWR_LOG_LEVEL={level}"] if level else []) + cmd))
             return
-        env = dict(os.environ)
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         env["PATH"] = D.venv_path(env.get("PATH", ""))
+        security = "plaintext, NO node authentication" if insecure else ("TLS, " + ("SuperNode authentication" if cfg.node_auth else "NO node authentication"))
+        typer.echo(
+            f"SuperLink on {host}:{port} ({security}); Ctrl-C stops it. "
+            + ("Flower's log follows." if verbose else f"Flower's log: {level or 'its own level'} and above (--verbose for all)."),
+            err=True,
+        )
         os.execvpe(cmd[0], cmd, env)  # the SuperLink replaces this process: signals reach it directly
 
     @app.command("register-node")
@@ -114,24 +127,44 @@ def register(app: typer.Typer) -> None:
         superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help=SUPERLINK_HELP),
         root_cert: Optional[Path] = typer.Option(None, "--root-cert", help=ROOT_CERT_HELP),
         insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
-        name: Optional[str] = typer.Option(None, "--name", help="A label for the node."),
+        name: Optional[str] = typer.Option(
+            None, "--name", help="A name for the node, kept by the SuperLink and shown by `restwise server nodes`."
+        ),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     ) -> None:
         """Register a SuperNode's public key: only registered nodes may join the federation."""
+        if name is not None and not (1 <= len(name) <= 100 and name.isprintable()):
+            raise typer.BadParameter("a node name must be 1-100 printable characters", param_hint="--name")
         with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
-            conn = _connection(Path(home), superlink, root_cert, insecure)
+            conn = _connection(Path(home), superlink, root_cert, insecure, verbose)
             node_id = D.register_node(conn, public_key, name=name)
-        typer.echo(f"registered SuperNode {node_id}")
+        typer.echo(f"registered SuperNode {node_id}" + (f" ({name})" if name else ""))
 
     @app.command("nodes")
     def nodes(
         superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help=SUPERLINK_HELP),
         root_cert: Optional[Path] = typer.Option(None, "--root-cert", help=ROOT_CERT_HELP),
         insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per node) instead of a table."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     ) -> None:
-        """List the registered SuperNodes and whether they are online (JSON)."""
+        """List the registered SuperNodes: id, the name given at registration, status and since when."""
         with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
-            found = D.list_nodes(_connection(Path(home), superlink, root_cert, insecure))
-        typer.echo(json.dumps(found, indent=2))
+            found = D.list_nodes(_connection(Path(home), superlink, root_cert, insecure, verbose))
+        if as_json:
+            typer.echo(json.dumps(found, indent=2))
+            return
+        if not found:
+            typer.echo("No SuperNode is registered.")
+            return
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("node id", "name", "status", "since"):
+            table.add_column(column, no_wrap=True)
+        since_field = {"online": "online-at", "offline": "offline-at", "unregistered": "unregistered-at"}
+        for node in found:
+            since = node.get(since_field.get(node.get("status"), "registered-at")) or node.get("registered-at") or "—"
+            table.add_row(str(node["node-id"]), node.get("name") or "—", str(node.get("status")), str(since))
+        Console(highlight=False, width=200).print(table)
 
     @app.command("run")
     def run(
@@ -143,30 +176,54 @@ def register(app: typer.Typer) -> None:
         root_cert: Optional[Path] = typer.Option(None, "--root-cert", help=ROOT_CERT_HELP),
         insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
         timeout: float = typer.Option(3600.0, "--timeout", min=1.0, help="Seconds to wait for the run to finish."),
+        as_json: bool = typer.Option(False, "--json", help="Print the outcome as one JSON line on stdout (progress stays on stderr)."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
     ) -> None:
-        """Submit a Restwise run to a SuperLink, wait for it, and report how it ended.
+        """Submit a Restwise run to a SuperLink, follow it round by round and stage by stage, and
+        say how it ended in one line.
 
         Exit 0 only if Flower reports the run finished:completed AND the run folder's state is
-        completed; otherwise 1 (the reason is printed). The ServerApp runs on the SuperLink's
-        machine, so --run-dir is a path on that machine."""
+        completed; otherwise 1 (the reason is in the line). The ServerApp runs on the
+        SuperLink's machine, so --run-dir is a path on that machine (progress is read from it)."""
+        # The progress renderer reads the run directory (Flower's run-directory contract, about
+        # 0.4 s): loaded by `run` only.
+        from restwise.server.progress import ProgressReporter, RunView, outcome_line
+
         run_dir = Path(run_dir).resolve()
         with cli_errors():
-            _prepare_run_dir(run_dir, config)
-        with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
-            conn = _connection(Path(home), superlink, root_cert, insecure)
-            app_dir = D.write_app_dir(Path(home) / "app")
-            run_id = D.submit_run(conn, app_dir, {"run-dir": str(run_dir)})
-            typer.echo(f"submitted Flower run {run_id}; waiting (up to {timeout:.0f} s)")
-            status = D.wait_for_run(conn, run_id, timeout_s=timeout, poll_s=30.0, wake=D.run_dir_finished(run_dir))
+            planned = _prepare_run_dir(run_dir, config)
+        reporter = ProgressReporter(Console(stderr=True, highlight=False))
+        try:
+            with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
+                conn = _connection(Path(home), superlink, root_cert, insecure, verbose)
+                app_dir = D.write_app_dir(Path(home) / "app")
+                reporter.say(f"submitting the run in {run_dir} to the SuperLink at {superlink}")
+                run_id = D.submit_run(conn, app_dir, {"run-dir": str(run_dir)})
+                reporter.say(f"submitted Flower run {run_id}; following it (up to {timeout:.0f} s)")
+                status = D.wait_for_run(
+                    conn, run_id, timeout_s=timeout, poll_s=30.0, wake=D.run_dir_finished(run_dir),
+                    on_poll=lambda: reporter.update(RunView.from_run_dir(run_dir, planned_rounds=planned)),
+                )
+            view = RunView.from_run_dir(run_dir, planned_rounds=planned)
+            reporter.update(view)
+        finally:
+            reporter.close()
         outcome = check_run_outcome(status, run_dir)
-        typer.echo(json.dumps(outcome, indent=2))
+        line = outcome_line(view, reporter.elapsed_s(), name=f"Flower run {run_id}")
+        if outcome["reason"] and outcome["reason"].startswith("Flower status"):
+            line += f" ({outcome['reason']})"
+        outcome["summary"] = line
+        if as_json:
+            emit_json(outcome)
         if not outcome["ok"]:
-            raise fail(f"run {run_id} did not complete: {outcome['reason']}", ExitCode.FAILURE)
+            raise fail(line, ExitCode.FAILURE)
+        if not as_json:
+            typer.echo(line)
 
 
-def _prepare_run_dir(run_dir: Path, config: Optional[Path]) -> None:
-    """Write ``--config`` into the run folder (validated), or check the folder has one.
-    Raises UsageError naming the problem (exit 2)."""
+def _prepare_run_dir(run_dir: Path, config: Optional[Path]) -> int:
+    """Write ``--config`` into the run folder (validated), or check the folder has one;
+    returns the planned rounds. Raises UsageError naming the problem (exit 2)."""
     # The run directory's contract brings Flower (about 0.4 s): loaded by `run` only.
     from restwise.server.rundir import RunFiles
     from restwise.server.runconfig import RunConfig
@@ -182,6 +239,7 @@ def _prepare_run_dir(run_dir: Path, config: Optional[Path]) -> None:
         files.write_config(RunConfig.from_dict(data))  # RunConfigError names the bad field
     elif not files.config.is_file():
         raise UsageError(f"{files.config} does not exist: give --config or create the run with the service")
+    return files.read_config().rounds
 
 
 def check_run_outcome(status, run_dir: Path) -> dict:

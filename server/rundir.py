@@ -195,3 +195,126 @@ __all__ = [
     "STATUSES", "TERMINAL_STATUSES", "ACTIVE_STATUSES", "RunFiles", "Checkpoint", "open_ledger", "write_report",
     "dump_json",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: DIR/progress.jsonl (issue 14, "progress everywhere"). Self-contained: the round
+# appends a line at every stage through `append_progress`; `restwise server run`, `runs show
+# --watch` (through the service's API) and the demo read it with `read_progress`
+# (server/progress.py renders it).
+#
+# One JSON object per line, appended (never rewritten), in this exact shape:
+#
+#     {"v": 1, "at": 1733312345.12, "round": 3, "attempt": 0, "stage": "collect-masked",
+#      "expected": 4, "received": 3, "dropped": 1}
+#
+#   v         format version (1)
+#   at        when (Unix seconds, float)
+#   round     the round the stage belongs to (0: before the first round, e.g. waiting for nodes)
+#   attempt   the round's attempt (0 unless a round is re-run after a crash)
+#   stage     a name, [a-z][a-z0-9-]{0,39}: waiting-for-nodes, sampling, hello, then the secure
+#             aggregation's own stages (e.g. setup, share-keys, collect-masked, unmask), release,
+#             checkpoint, report. Readers show any name.
+#   expected  devices (or messages) this stage waits for, or null
+#   received  replies so far (or nodes connected), or null
+#   dropped   devices lost in this stage so far, or null
+#
+# Counts and names only: no metric, no loss, no identifier of a device or person. A stage may
+# be written more than once (e.g. when a reply arrives); the last line is where the run is.
+PROGRESS_FILE = "progress.jsonl"
+PROGRESS_VERSION = 1
+_PROGRESS_STAGE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+_PROGRESS_COUNTS = ("expected", "received", "dropped")
+_PROGRESS_TAIL_BYTES = 64 * 1024
+
+
+def _progress_stage(stage: Any) -> bool:
+    """[a-z][a-z0-9-]{0,39}"""
+    return (isinstance(stage, str) and 1 <= len(stage) <= 40 and "a" <= stage[0] <= "z"
+            and set(stage) <= _PROGRESS_STAGE_CHARS)
+
+
+def _progress_count(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"progress {name} must be a non-negative integer or None, got {value!r}")
+    return value
+
+
+def append_progress(
+    run_dir: str | os.PathLike,
+    stage: str,
+    *,
+    rnd: int,
+    attempt: int = 0,
+    expected: int | None = None,
+    received: int | None = None,
+    dropped: int | None = None,
+) -> dict[str, Any]:
+    """Append one progress line to ``run_dir/progress.jsonl`` and return it. Raises
+    ValueError for a stage name or count outside the format (a programming error), OSError
+    when the file cannot be written. One ``write`` of a short line on an append-only file:
+    readers never see half a line from a live writer."""
+    if not _progress_stage(stage):
+        raise ValueError(f"progress stage must be [a-z][a-z0-9-]{{0,39}}, got {stage!r}")
+    record = {
+        "v": PROGRESS_VERSION, "at": round(time.time(), 3),
+        "round": _progress_count("round", rnd), "attempt": _progress_count("attempt", attempt), "stage": stage,
+        "expected": _progress_count("expected", expected), "received": _progress_count("received", received),
+        "dropped": _progress_count("dropped", dropped),
+    }
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(Path(run_dir) / PROGRESS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return record
+
+
+def _progress_record(item: Any) -> dict[str, Any] | None:
+    """A line of the format, or None (another version, or not the shape above)."""
+    if not isinstance(item, dict) or item.get("v") != PROGRESS_VERSION:
+        return None
+    if not _progress_stage(item.get("stage")):
+        return None
+    if isinstance(item.get("at"), bool) or not isinstance(item.get("at"), (int, float)):
+        return None
+    try:
+        counts = {k: _progress_count(k, item.get(k)) for k in ("round", "attempt", *_PROGRESS_COUNTS)}
+    except ValueError:
+        return None
+    if counts["round"] is None:
+        return None
+    return {"at": float(item["at"]), "stage": item["stage"], **counts, "attempt": counts["attempt"] or 0}
+
+
+def read_progress(run_dir: str | os.PathLike, *, last: int | None = None) -> list[dict[str, Any]]:
+    """The progress lines of a run folder, oldest first (only the ``last`` ones when given,
+    read from the end of the file). A last line without its newline (being written) and
+    lines not in the format are skipped. [] when there is no progress file."""
+    path = Path(run_dir) / PROGRESS_FILE
+    try:
+        with open(path, "rb") as fh:
+            if last is not None:
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, size - _PROGRESS_TAIL_BYTES))
+            data = fh.read()
+    except OSError:
+        return []
+    lines = data.split(b"\n")[:-1]  # the part after the last newline is not a whole line yet
+    if last is not None and len(data) >= _PROGRESS_TAIL_BYTES:
+        lines = lines[1:]  # the first line of a tail may be cut
+    out = []
+    for raw in lines:
+        try:
+            record = _progress_record(json.loads(raw))
+        except ValueError:
+            continue
+        if record is not None:
+            out.append(record)
+    return out[-last:] if last is not None and last > 0 else out
+
+
+__all__ += ["PROGRESS_FILE", "append_progress", "read_progress"]

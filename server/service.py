@@ -13,7 +13,13 @@ Rules every route follows (tests walk every route of the app to check them):
 * Request bodies are bounded (``Settings.max_body_bytes``, 413). CORS is off unless origins
   are configured.
 * Every state change (create/start/stop run, sign-in) goes to the audit trail with the
-  actor's token id and role.
+  actor's token id and role, and so does every denied attempt (401/403: the token id, or a
+  label for credentials that name no token; never a secret). Audit writes are rate-limited
+  per token (``auth.AuditRateLimit``): a change beyond the limit is refused with 429 before
+  anything happens, and what the limit keeps out of the log is counted in one coalesced
+  entry.
+* No response shows the service's own file paths (the audit key's location is stripped
+  from every run configuration a token holder sees: ``auth.public_run_config``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import io
 import json
 import math
 import os
+import time
 import zipfile
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,11 +42,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from restwise.models.registry import DEFAULT_MODEL, known_models
+from restwise.common.errors import ModelError
+from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE, get_architecture, known_models
 from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
 from restwise.privacy.release import NOISE_PLACEMENTS, SAMPLING_METHODS
 from restwise.server import auth as authm
@@ -56,6 +65,7 @@ from restwise.server.errors import (
     RunStateError,
 )
 from restwise.server.runconfig import KNOWN_DATASETS, RunConfig
+from restwise.server.rundir import read_progress
 from restwise.server.runstatus import STATUSES
 
 API = "/api/v1"
@@ -85,6 +95,8 @@ class Settings:
     poll_interval_s  how often the run watcher reads run folders
     runner_command   the command that executes a run, before ``--run-dir DIR``; default
                      ``python -m restwise.simulation.runner run`` (the local simulation engine)
+    audit_burst, audit_per_minute   the audit trail's rate limit per token (auth.AuditRateLimit):
+                     this many writes at once, refilled at this many a minute
     """
 
     data_dir: Path = field(default_factory=default_data_dir)
@@ -96,6 +108,8 @@ class Settings:
     person_epsilon_cap: float | None = None
     poll_interval_s: float = 0.5
     runner_command: tuple[str, ...] = ()
+    audit_burst: int = authm.AUDIT_BURST
+    audit_per_minute: float = authm.AUDIT_PER_MINUTE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser())
@@ -185,6 +199,11 @@ class RunOut(BaseModel):
     projected_epsilon: float | None
     config: dict[str, Any]
 
+    @field_validator("config")
+    @classmethod
+    def _no_server_paths(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return authm.public_run_config(config)
+
 
 class RoundOut(BaseModel):
     round: int
@@ -198,8 +217,22 @@ class RoundOut(BaseModel):
     noise_multiplier_effective: float | None
 
 
+class ProgressOut(BaseModel):
+    """Where the run's current round is (the last line of its progress file, written by the
+    ServerApp's round: server/rundir.py). Counts only, never a personal value."""
+
+    at: float
+    round: int
+    attempt: int
+    stage: str
+    expected: int | None
+    received: int | None
+    dropped: int | None
+
+
 class RunDetailOut(RunOut):
     rounds: list[RoundOut]
+    progress: ProgressOut | None = None
 
 
 class WhoAmI(BaseModel):
@@ -222,6 +255,7 @@ class AuditEntryOut(BaseModel):
     target: str | None
     outcome: str
     detail: dict[str, Any]
+    attempts: int = 1
 
 
 def _json_safe(value: Any) -> Any:
@@ -247,50 +281,111 @@ def _field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
-def validate_run_config(cfg: RunConfigIn, audit_key_path: str) -> dict[str, Any]:
-    """Cross-field rules, then the federated area's own ``RunConfig`` validation. Returns the
-    canonical config dict the runner reads. Raises ProblemError(422) naming the field."""
+def run_config_errors(body: Any) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Every problem of a run configuration, at once: unknown fields, each field checked on its
+    own against ``RunConfigIn``, then every cross-field rule whose fields are valid. Returns
+    (the valid fields' values, with defaults for those not given; the problems)."""
+    if not isinstance(body, Mapping):
+        return {}, [{"field": "body", "message": "must be a JSON object (the run configuration)"}]
+    fields = RunConfigIn.model_fields
+    errors = [{"field": str(key)[:60], "message": "unknown field"} for key in body if key not in fields]
+    values: dict[str, Any] = {}
+    invalid: set[str] = set()
+    defaults = RunConfigIn.model_construct()
+    for name, info in fields.items():
+        if name not in body:
+            if info.is_required():
+                invalid.add(name)
+                errors.append({"field": name, "message": "required"})
+            else:
+                values[name] = getattr(defaults, name)
+            continue
+        try:
+            checked = RunConfigIn.__pydantic_validator__.validate_assignment(RunConfigIn.model_construct(), name, body[name])
+        except ValidationError as exc:
+            invalid.add(name)
+            errors.extend({"field": name, "message": e["message"]} for e in _field_errors(exc.errors()))
+        else:
+            values[name] = getattr(checked, name)
+    errors.extend(_cross_field_errors(values, invalid))
+    return values, errors
+
+
+def _cross_field_errors(v: dict[str, Any], invalid: set[str]) -> list[dict[str, str]]:
+    """The rules between fields (the same as ``RunConfig``'s), each checked when all the
+    fields it reads are valid."""
     errs: list[dict[str, str]] = []
+
+    def ok(*names: str) -> bool:
+        return not invalid.intersection(names)
 
     def bad(name: str, message: str) -> None:
         errs.append({"field": name, "message": message})
 
-    if cfg.model not in known_models():
+    if ok("model") and v["model"] not in known_models():
         bad("model", f"unknown model; known models: {', '.join(sorted(known_models()))}")
-    if cfg.secagg_threshold > cfg.secagg_num_neighbours:
-        bad(
-            "secagg_threshold",
-            f"threshold ({cfg.secagg_threshold:g}) is above the number of shares "
-            f"(secagg_num_neighbours = {cfg.secagg_num_neighbours})",
-        )
-    if cfg.sampling == "poisson":
-        if cfg.sampling_rate is None:
-            bad("sampling_rate", "required with poisson sampling")
-        if cfg.cohort_size is not None:
-            bad("cohort_size", "not used with poisson sampling (give sampling_rate)")
-    else:
-        if cfg.cohort_size is None:
-            bad("cohort_size", "required with fixed-size sampling")
-        elif cfg.cohort_size > cfg.population:
-            bad("cohort_size", f"cohort ({cfg.cohort_size}) is larger than the population ({cfg.population})")
-        if cfg.sampling_rate is not None:
-            bad("sampling_rate", "not used with fixed-size sampling (give cohort_size)")
-    if (cfg.target_epsilon is None) == (cfg.noise_multiplier is None):
+    elif ok("model", "rounds") and v["rounds"] != 1:
+        try:
+            one_release = get_architecture(v["model"]).protocol == ONE_RELEASE
+        except ModelError as exc:
+            bad("model", str(exc))
+        else:
+            if one_release:
+                bad("rounds", f"the {v['model']} model is learnt from one release of statistics: rounds must be 1")
+    if ok("secagg_threshold"):
+        threshold = v["secagg_threshold"]
+        if threshold >= 1 and threshold != int(threshold):
+            bad("secagg_threshold", "a count must be a whole number (a fraction of the neighbours must be < 1)")
+        elif ok("secagg_num_neighbours") and threshold > v["secagg_num_neighbours"]:
+            bad(
+                "secagg_threshold",
+                f"threshold ({threshold:g}) is above the number of shares "
+                f"(secagg_num_neighbours = {v['secagg_num_neighbours']})",
+            )
+    if ok("sampling"):
+        if v["sampling"] == "poisson":
+            if ok("sampling_rate") and v["sampling_rate"] is None:
+                bad("sampling_rate", "required with poisson sampling")
+            elif ok("sampling_rate", "population") and v["sampling_rate"] * v["population"] < 1:
+                bad("sampling_rate", "the expected cohort (rate x population) is below one device")
+            if ok("cohort_size") and v["cohort_size"] is not None:
+                bad("cohort_size", "not used with poisson sampling (give sampling_rate)")
+        else:
+            if ok("cohort_size") and v["cohort_size"] is None:
+                bad("cohort_size", "required with fixed-size sampling")
+            elif ok("cohort_size", "population") and v["cohort_size"] > v["population"]:
+                bad("cohort_size", f"cohort ({v['cohort_size']}) is larger than the population ({v['population']})")
+            if ok("sampling_rate") and v["sampling_rate"] is not None:
+                bad("sampling_rate", "not used with fixed-size sampling (give cohort_size)")
+    if ok("target_epsilon", "noise_multiplier") and (v["target_epsilon"] is None) == (v["noise_multiplier"] is None):
         bad("target_epsilon", "give exactly one of target_epsilon and noise_multiplier")
-    if cfg.persons is not None and cfg.persons < cfg.population:
-        bad("population", f"population ({cfg.population}) exceeds the persons in the dataset ({cfg.persons})")
+    if ok("persons", "population") and v["persons"] is not None and v["persons"] < v["population"]:
+        bad("population", f"population ({v['population']}) exceeds the persons in the dataset ({v['persons']})")
+    if ok("dataset") and v["dataset"] not in KNOWN_DATASETS:
+        bad("dataset", f"unknown dataset; known datasets: {', '.join(KNOWN_DATASETS)}")
+    if ok("noise", "secure_aggregation") and v["noise"] == "distributed" and not v["secure_aggregation"]:
+        bad("secure_aggregation", "distributed noise needs secure aggregation; use noise=central")
+    return errs
+
+
+def invalid_run_config(errors: list[dict[str, str]]) -> ProblemError:
+    """The 422 listing every problem."""
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return ProblemError(422, "Invalid run configuration", detail, errors=errors)
+
+
+def validate_run_config(cfg: RunConfigIn, audit_key_path: str) -> dict[str, Any]:
+    """Every field and cross-field rule (``run_config_errors``), then the federated area's own
+    ``RunConfig`` validation as a last check. Returns the canonical config dict the runner
+    reads. Raises ProblemError(422) listing every problem, each naming its field."""
+    data, errs = run_config_errors(cfg.model_dump())
     if errs:
-        raise ProblemError(422, "Invalid run configuration", "; ".join(f"{e['field']}: {e['message']}" for e in errs), errors=errs)
-    data = cfg.model_dump()
-    if cfg.dataset not in KNOWN_DATASETS:
-        msg = f"unknown dataset; known datasets: {', '.join(KNOWN_DATASETS)}"
-        raise ProblemError(422, "Invalid run configuration", f"dataset: {msg}", errors=[{"field": "dataset", "message": msg}])
+        raise invalid_run_config(errs)
     data["audit_key_path"] = audit_key_path  # the service's key, never chosen by a client
     try:
         return RunConfig.from_dict(data).to_dict()
     except RunConfigError as exc:
-        raise ProblemError(422, "Invalid run configuration", f"{exc.field}: {exc.message}",
-                           errors=[{"field": exc.field, "message": exc.message}]) from None
+        raise invalid_run_config([{"field": exc.field, "message": exc.message}]) from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,6 +469,19 @@ SECURITY_HEADERS = {
 }
 
 
+def route_of(request: Request) -> str:
+    """``METHOD /path/{template}`` of the matched route: what an audit entry names (never the
+    raw path, which the client chose)."""
+    route = request.scope.get("route")
+    return f"{request.method} {getattr(route, 'path', '(unmatched)')}"
+
+
+def target_of(request: Request) -> str | None:
+    """The run a request is about, when its path names a well-formed one."""
+    run_id = request.path_params.get("run_id")
+    return run_id if isinstance(run_id, str) and runsm.RUN_ID_RE.match(run_id) else None
+
+
 # ---------------------------------------------------------------------------------------
 @dataclass
 class ServiceContext:
@@ -386,7 +494,7 @@ class ServiceContext:
     audit_key_path: str
 
 
-def build_context(settings: Settings) -> ServiceContext:
+def build_context(settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> ServiceContext:
     authm.ensure_private_dir(settings.data_dir)
     database = dbm.Database.open(settings.resolved_database_url)
     audit_ledger, public_key = authm.open_audit_ledger(settings.audit_dir)
@@ -394,7 +502,9 @@ def build_context(settings: Settings) -> ServiceContext:
         settings=settings,
         db=database,
         tokens=authm.TokenStore(database),
-        audit=authm.AuditTrail(database, audit_ledger),
+        audit=authm.AuditTrail(
+            database, audit_ledger, authm.AuditRateLimit(settings.audit_burst, settings.audit_per_minute, clock)
+        ),
         runs=runsm.RunManager(
             database,
             settings.runs_dir,
@@ -408,9 +518,10 @@ def build_context(settings: Settings) -> ServiceContext:
     return ctx
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, clock: Callable[[], float] = time.monotonic) -> FastAPI:
+    """The service. ``clock`` (monotonic seconds) drives the audit rate limit (tests)."""
     settings = settings or Settings()
-    ctx = build_context(settings)
+    ctx = build_context(settings, clock=clock)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -419,6 +530,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             ctx.runs.shutdown()
+            ctx.audit.flush(force=True)  # what the rate limit still holds is written, not lost
             ctx.db.dispose()
 
     app = FastAPI(
@@ -474,6 +586,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return problem_response(request, ProblemError(400, "Bad Request", "the request body is not valid JSON"))
+        if request.method == "POST" and request.url.path == f"{API}/runs":
+            # A run configuration: every problem at once, not only the fields pydantic saw.
+            _, problems = run_config_errors(exc.body)
+            if problems:
+                who = getattr(request.state, "principal", None)
+                if who is not None:  # the operator was admitted: the attempt is recorded
+                    ctx.audit.record(who, "run.create", None, "invalid", {"errors": problems})
+                return problem_response(request, invalid_run_config(problems))
         fields = _field_errors(errors)
         detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
         return problem_response(request, ProblemError(422, "Invalid request", detail, errors=fields))
@@ -529,15 +649,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def principal(
         request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
     ) -> authm.Principal:
-        who = None
-        if request.headers.get("authorization"):
+        header = request.headers.get("authorization")
+        cookie = request.cookies.get(SESSION_COOKIE)
+        check, presented, kind = None, None, "anon"
+        if header:
+            presented = header
             if credentials is not None and credentials.scheme.lower() == "bearer":
-                who = ctx.tokens.authenticate(credentials.credentials.strip())
-        elif request.method in ("GET", "HEAD"):
-            cookie = request.cookies.get(SESSION_COOKIE)
-            if cookie:
-                who = ctx.tokens.session_principal(cookie)
+                check = ctx.tokens.check(credentials.credentials.strip())
+            else:
+                check = authm.AuthCheck(None, None, authm.NOT_BEARER)
+        elif cookie:
+            presented, kind = cookie, "cookie"
+            if request.method in ("GET", "HEAD"):
+                check = ctx.tokens.session_check(cookie)
+            else:
+                check = authm.AuthCheck(None, None, authm.COOKIE_WRITE)
+        who = check.principal if check is not None else None
         if who is None:
+            ctx.audit.deny(check, route=route_of(request), target=target_of(request), presented=presented, kind=kind)
             raise ProblemError(
                 401,
                 "Unauthorized",
@@ -547,9 +676,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request.state.principal = who
         return who
 
-    def operator(who: authm.Principal = Depends(principal)) -> authm.Principal:
+    def operator(request: Request, who: authm.Principal = Depends(principal)) -> authm.Principal:
+        """The operator role, and a write left in the token's audit rate limit (checked before
+        the change: a refused request changes nothing)."""
         if who.role is not authm.Role.operator:
+            ctx.audit.forbid(who, route=route_of(request), target=target_of(request))
             raise ProblemError(403, "Forbidden", f"this action needs the operator role; your token has the {who.role.value} role")
+        if not ctx.audit.admit(who, route_of(request)):
+            wait = ctx.audit.retry_after_s(who)
+            raise ProblemError(
+                429,
+                "Too Many Requests",
+                f"this token has made more changes than the service records per minute "
+                f"({ctx.settings.audit_burst} at once, {ctx.settings.audit_per_minute:g} a minute); try again in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
         return who
 
     app.state.principal_dependency = principal
@@ -557,10 +698,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     problems = {
         s: {"model": Problem, "content": {PROBLEM_JSON: {}}}
-        for s in (400, 401, 403, 404, 409, 413, 422)
+        for s in (400, 401, 403, 404, 409, 413, 422, 429)
     }
     read_problems = {s: problems[s] for s in (401, 404, 422)}
-    write_problems = {s: problems[s] for s in (400, 401, 403, 404, 409, 413, 422)}
+    write_problems = {s: problems[s] for s in (400, 401, 403, 404, 409, 413, 422, 429)}
     RunId = PathParam(pattern=RUN_ID_PATTERN, max_length=16, description="A run id, e.g. run-0123456789ab")
 
     # -- routes -------------------------------------------------------------------------
@@ -603,9 +744,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get(f"{API}/runs/{{run_id}}", response_model=RunDetailOut, tags=["runs"], responses=read_problems)
     def get_run(run_id: str = RunId, who: authm.Principal = Depends(principal)) -> dict:
-        """A run's status, configuration and per-round metrics."""
+        """A run's status, configuration, per-round metrics and where its current round is."""
         run = ctx.runs.get(run_id)
         run["rounds"] = ctx.runs.rounds(run_id)
+        latest = read_progress(ctx.runs.run_dir(run_id), last=1)
+        run["progress"] = latest[-1] if latest and run["status"] in ("pending", "running") else None
         return run
 
     @app.post(f"{API}/runs/{{run_id}}/start", response_model=RunOut, tags=["runs"], responses=write_problems)
@@ -687,9 +830,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         who: authm.Principal = Depends(principal),
         limit: int = Query(100, ge=1, le=500),
         offset: int = Query(0, ge=0, le=1_000_000),
+        action: Optional[str] = Query(None, max_length=40, pattern=r"^[a-z]+\.[a-z.]+$", description="e.g. auth.denied"),
+        outcome: Optional[str] = Query(None, max_length=20, pattern=r"^[a-z]+$", description="e.g. denied"),
     ) -> list[dict]:
-        """The service's own audit trail (who changed what), newest first."""
-        return ctx.audit.entries(limit=limit, offset=offset)
+        """The service's own audit trail (who changed what, who was denied), newest first.
+        Rows with ``attempts`` > 1 stand for requests the rate limit coalesced."""
+        ctx.audit.flush()
+        return ctx.audit.entries(limit=limit, offset=offset, action=action, outcome=outcome)
 
     @app.get(
         f"{API}/audit-log/ledger",
@@ -699,6 +846,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     def audit_ledger_file(who: authm.Principal = Depends(principal)) -> Response:
         """The service's signed, hash-chained audit ledger (verify it with the public key)."""
+        ctx.audit.flush()
         path = ctx.settings.audit_dir / authm.AUDIT_LEDGER_FILE
         if not path.is_file():
             raise ProblemError(404, "Not Found", "this service keeps no signed audit ledger yet")

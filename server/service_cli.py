@@ -17,10 +17,12 @@ from typing import List, Optional
 import httpx
 import typer
 
-from restwise.common.cli_errors import cli_errors, fail
+from restwise.common.cli_errors import cli_errors, emit_json, error_line, fail
 from restwise.common.exit_codes import ExitCode
 from restwise.server.errors import TokenError
 from restwise.server.runstatus import TERMINAL_STATUSES
+
+WATCH_POLL_S = 1.0  # `runs show --watch` asks the service this often
 
 DATA_DIR_HELP = "The service's data folder (database, run folders, audit key). Also RESTWISE_SERVER_DIR. Default: ~/.restwise/server"
 DB_URL_HELP = (
@@ -74,8 +76,32 @@ class _ApiClient:
             except ValueError:
                 problem, message = {}, r.reason_phrase
             budget = problem.get("type") == "urn:restwise:problem:budget-exceeded"
+            errors = problem.get("errors") if isinstance(problem, dict) else None
+            if isinstance(errors, list) and errors:
+                # Every problem on a line of its own (a 422 lists them all at once).
+                error_line(f"({r.status_code}) {problem.get('title') or 'invalid request'}: {len(errors)} problem(s)")
+                for e in errors:
+                    typer.echo(f"  - {e.get('field')}: {e.get('message')}", err=True)
+                raise typer.Exit(code=int(ExitCode.FAILURE))
             raise fail(f"({r.status_code}) {message}", ExitCode.BUDGET_EXCEEDED if budget else ExitCode.FAILURE)
         return r
+
+
+def write_secret_file(path: Path, text: str) -> None:
+    """Create ``path`` mode 0600 and write ``text``: never over an existing file or through a
+    symlink (O_EXCL), never readable by others, not even for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 def _print_run(run: dict) -> None:
@@ -143,18 +169,43 @@ def register(app: typer.Typer) -> None:
     @runs_app.command("show")
     def runs_show(
         run_id: str,
-        watch: bool = typer.Option(False, "--watch", help="Keep printing until the run ends."),
+        watch: bool = typer.Option(
+            False, "--watch",
+            help="Follow the run round by round and stage by stage until it ends; the last line is its outcome "
+            "(exit 0 only if it completed).",
+        ),
         url: str = Url,
         token_file: Optional[Path] = TokenFile,
     ) -> None:
         """A run's status and per-round metrics."""
         client = _ApiClient(url, token_file)
-        while True:
-            run = client.call("GET", f"/runs/{run_id}").json()
+        run = client.call("GET", f"/runs/{run_id}").json()
+        if not watch:
             _print_run(run)
-            if not watch or run["status"] in TERMINAL_STATUSES:
-                return
-            time.sleep(2)
+            return
+        # The progress renderer reads run folders too (Flower's run-directory contract, about
+        # 0.4 s): loaded by --watch only.
+        from rich.console import Console
+
+        from restwise.server.progress import ProgressReporter, RunView, outcome_line
+
+        console = Console(highlight=False)
+        typer.echo(f"{run['id']}  {run['name']}  {run['planned_rounds']} rounds")
+        reporter = ProgressReporter(console)
+        try:
+            while True:
+                view = RunView.from_api(run)
+                reporter.update(view)
+                if run["status"] in TERMINAL_STATUSES:
+                    break
+                time.sleep(WATCH_POLL_S)
+                run = client.call("GET", f"/runs/{run_id}").json()
+        finally:
+            reporter.close()
+        line = outcome_line(view, name=run["id"])
+        if run["status"] != "completed":
+            raise fail(line)
+        typer.echo(line)
 
     @runs_app.command("bundle")
     def runs_bundle(
@@ -193,6 +244,15 @@ def register(app: typer.Typer) -> None:
         ),
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Serve HTTPS with this certificate (PEM)."),
         tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Private key for --tls-cert."),
+        audit_burst: int = typer.Option(
+            30, "--audit-burst", min=1, max=100_000,
+            help="Audit rate limit per token: this many recorded changes (or denied attempts) at once ...",
+        ),
+        audit_per_minute: float = typer.Option(
+            30.0, "--audit-per-minute", min=0.01, max=100_000.0,
+            help="... refilled at this many a minute. Beyond it, changes get 429 and denied attempts are counted in one coalesced entry.",
+        ),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show uvicorn's log, one line per request."),
     ) -> None:
         """Run the operator/auditor API and dashboard (uvicorn)."""
         # the service stack: see the module docstring
@@ -211,15 +271,24 @@ def register(app: typer.Typer) -> None:
                 person_epsilon_cap=person_epsilon_cap,
                 runner_command=tuple(shlex.split(runner_command)) if runner_command else (),
                 secure_cookies=tls_cert is not None,
+                audit_burst=audit_burst,
+                audit_per_minute=audit_per_minute,
             )
             application = create_app(settings)
         if host not in ("127.0.0.1", "localhost", "::1") and tls_cert is None:
             typer.echo("Warning: serving plain HTTP beyond this machine; tokens would travel in clear text. Use --tls-cert/--tls-key.", err=True)
+        scheme = "https" if tls_cert is not None else "http"
+        typer.echo(
+            f"Restwise service on {scheme}://{host}:{port} (data folder {settings.data_dir}); Ctrl-C stops it"
+            + ("." if verbose else "; --verbose shows each request."),
+            err=True,
+        )
         uvicorn.run(
             application,
             host=host,
             port=port,
-            log_level="info",
+            log_level="info" if verbose else "warning",
+            access_log=verbose,
             server_header=False,
             ssl_certfile=str(tls_cert) if tls_cert else None,
             ssl_keyfile=str(tls_key) if tls_key else None,
@@ -229,22 +298,47 @@ def register(app: typer.Typer) -> None:
     def token_create(
         role: str = typer.Option(..., "--role", help="operator or auditor"),
         name: str = typer.Option(..., "--name", help="Who holds this token (shown in the audit log)."),
+        out: Optional[Path] = typer.Option(
+            None, "--out",
+            help="Write the token to this new file (mode 0600; an existing file is never overwritten) "
+            "instead of printing it.",
+            show_default=False,
+        ),
         data_dir: Optional[Path] = DataDir,
         database_url: Optional[str] = DbUrl,
-        as_json: bool = typer.Option(False, "--json", help="Print one JSON line."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON line (with --out: without the token)."),
     ) -> None:
-        """Create a token and print it once. Only its hash is kept."""
+        """Create a token and print it once (or write it to --out). Only its hash is kept."""
         from restwise.server.auth import SYSTEM_PRINCIPAL, TOKEN_ROLES  # the service stack: see above
 
         if role not in {r.value for r in TOKEN_ROLES}:
             raise typer.BadParameter("role must be operator or auditor", param_hint="--role")
+        if out is not None:
+            out = out.expanduser()
+            # Checked before the token exists, so a refusal leaves no token behind.
+            if out.exists() or out.is_symlink():
+                raise fail(f"{out} already exists; a token file is never overwritten (choose a new name)", ExitCode.USAGE)
+            if not out.parent.is_dir():
+                raise fail(f"{out.parent} is not a folder", ExitCode.USAGE)
         store, audit = _token_store(data_dir, database_url)
         try:
             info, token = store.create(role, name)
         except TokenError as exc:
             raise typer.BadParameter(str(exc), param_hint="--name") from None
+        if out is not None:
+            try:
+                write_secret_file(out, token + "\n")
+            except OSError as exc:
+                store.revoke(info.id)  # the token was never handed to anyone: it must not stay valid
+                audit.record(SYSTEM_PRINCIPAL, "token.create", info.id, "revoked", {"role": info.role.value, "reason": "token file not written"})
+                raise fail(f"cannot write {out}: {exc.strerror}; the token was revoked") from None
         audit.record(SYSTEM_PRINCIPAL, "token.create", info.id, "ok", {"role": info.role.value})
-        if as_json:
+        if out is not None:
+            if as_json:
+                emit_json({"id": info.id, "name": info.name, "role": info.role.value, "file": str(out)})
+            else:
+                typer.echo(f"Token {info.id} ({info.role.value}, {info.name}) written to {out} (mode 0600).")
+        elif as_json:
             typer.echo(json.dumps({"id": info.id, "name": info.name, "role": info.role.value, "token": token}))
         else:
             typer.echo(f"Token {info.id} ({info.role.value}, {info.name}). Store it now; it is not shown again:")

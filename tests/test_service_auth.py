@@ -61,11 +61,15 @@ def test_old_database_is_upgraded_step_by_step(tmp_path):
         db.MIGRATIONS[0].apply(conn)
         conn.execute(db.schema_migrations.insert().values(version=1, description="x", applied_at="t"))
         conn.execute(sa.text("INSERT INTO tokens (id, name, role, token_hash, created_at) VALUES ('abcd', 'n', 'auditor', 'h', 't')"))
+        conn.execute(sa.text("INSERT INTO audit_log (at, actor_token_id, actor_role, action, outcome) "
+                             "VALUES ('t', 'abcd', 'operator', 'run.create', 'ok')"))
     engine.dispose()
     database = db.Database.open(url, migrate=False)
-    assert database.migrate() == [2, 3]
+    assert database.migrate() == [2, 3, 4]
     with database.engine.connect() as conn:
         assert conn.execute(sa.select(db.tokens.c.name)).scalar() == "n"  # data kept
+        # Migration 4: every existing audit row stood for one request.
+        assert conn.execute(sa.select(db.audit_log.c.action, db.audit_log.c.attempts)).all() == [("run.create", 1)]
 
 
 def test_newer_database_is_refused(tmp_path):
@@ -253,8 +257,17 @@ def test_cookie_session_reads_but_cannot_change_state(service):
     assert r.status_code == 303 and r.headers["location"] == "/login"
     client.cookies.clear()
     assert client.post("/logout").status_code == 401
-    actions = [e["action"] for e in ctx.audit.entries()]
-    assert actions[:2] == ["dashboard.logout", "dashboard.login"]
+    log = [(e["action"], e["outcome"], e["actor_token_id"], e["detail"].get("reason"), e["detail"].get("route"))
+           for e in ctx.audit.entries()]
+    op_id = token.split("_")[1]
+    assert log == [
+        ("auth.denied", "denied", "anonymous", "no credentials", "POST /logout"),
+        ("dashboard.logout", "ok", op_id, None, None),
+        ("auth.denied", "denied", ctx.audit.label("rw_nope"), "malformed token", "POST /login"),
+        ("auth.denied", "denied", ctx.audit.label(cookie.split(";")[0].split("=", 1)[1], "cookie"),
+         "a session cookie cannot authorize a change", "POST /api/v1/runs"),
+        ("dashboard.login", "ok", op_id, None, None),
+    ]
 
 
 def test_dashboard_pages_need_a_session(service):
@@ -300,14 +313,18 @@ def test_state_changes_are_in_the_signed_audit_ledger(service, tmp_path):
     client, ctx, op, au = service
     run_id = client.post("/api/v1/runs", json=VALID_RUN, headers=op).json()["id"]
     client.post(f"/api/v1/runs/{run_id}/stop", headers=op)
-    client.post("/api/v1/runs", json=VALID_RUN, headers=au)  # refused: not in the ledger (no change)
+    client.post("/api/v1/runs", json=VALID_RUN, headers=au)  # refused (403): recorded as denied
     pem = client.get("/api/v1/public-key", headers=au).content
     raw = client.get("/api/v1/audit-log/ledger", headers=au).content
     ledger_file = tmp_path / "audit.jsonl"
     ledger_file.write_bytes(raw)
     entries, _ = verify_ledger_file(ledger_file, load_public_key(pem))
     actions = [(e.payload["action"], e.payload["target"], e.payload["details"]["outcome"]) for e in entries]
-    assert actions == [("run.create", run_id, "ok"), ("run.stop", run_id, "ok")]
+    assert actions == [("run.create", run_id, "ok"), ("run.stop", run_id, "ok"), ("auth.denied", None, "denied")]
+    au_id = au["Authorization"].split("_")[1]
+    assert entries[2].payload["actor"] == f"auditor:{au_id}"
+    assert entries[2].payload["details"] == {"outcome": "denied", "status": 403, "reason": "needs the operator role",
+                                             "route": "POST /api/v1/runs"}
     actor = entries[0].payload["actor"]
     assert actor.startswith("operator:") and op["Authorization"].split("_", 2)[2] not in raw.decode()
     tampered = raw.replace(b"run.stop", b"run.stap")
