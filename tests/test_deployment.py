@@ -388,3 +388,13 @@ def test_device_join_refuses_plaintext_and_checks_the_store(tmp_path, fast_argon
     res = run("join", "--superlink", "127.0.0.1:9093", "--root-cert", str(tmp_path / "ca.crt"),
               "--store", str(tmp_path / "store"), "--dry-run")
     assert res.exit_code == 2 and "--auth-key" in res.output
+
+
+def test_flower_log_is_quiet_unless_verbose(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("FLWR_LOG_LEVEL", raising=False)
+    res = cli("server", "superlink", "--insecure", "--no-node-auth", "--dry-run")
+    assert res.exit_code == 0 and res.output.startswith("FLWR_LOG_LEVEL=WARNING ")
+    res = cli("server", "superlink", "--insecure", "--no-node-auth", "--dry-run", "--verbose")
+    assert res.exit_code == 0 and "FLWR_LOG_LEVEL" not in res.output
+    assert D.flower_log_env({"FLWR_LOG_LEVEL": "DEBUG"}) == {"FLWR_LOG_LEVEL": "DEBUG"}  # an explicit choice is kept
+    assert D.flower_log_env({}, verbose=True) == {}

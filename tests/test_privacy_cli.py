@@ -128,3 +128,92 @@ def test_audit_report_from_server_data_dir(tmp_path):
     assert report["secure_aggregation"]["num_shares"] == 4
     assert run("audit", "verify", str(run_dir), "--public-key", str(run_dir / "public_key.pem")).exit_code == 0
     assert run("audit", "report", "../etc", "--data-dir", str(data_dir)).exit_code == 2
+
+
+# -- `audit report --bundle`: the auditor's, with no private key -----------------------------
+def _issued_bundle(tmp_path):
+    """A bundle as the service serves it: report.json, report.html, ledger.jsonl and
+    public_key.pem, issued with the operator's key (which the auditor never sees)."""
+    key, ledger = _ledger(tmp_path / "server")
+    out = tmp_path / "bundle" / "run-cli"
+    r = run("audit", "report", "run-cli", "--ledger", str(ledger.path), "--key", str(tmp_path / "server" / "keys" / "audit.pem"),
+            "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    pub = export_public_key(key, tmp_path / "published.pem")  # the key the operator publishes
+    return out, pub
+
+
+def test_audit_report_rebuilds_text_and_html_from_a_bundle_without_a_private_key(tmp_path):
+    import zipfile
+
+    bundle, pub = _issued_bundle(tmp_path)
+    issued = json.loads((bundle / "report.json").read_text())
+    r = run("audit", "report", "--bundle", str(bundle.parent), "--public-key", str(pub), "--out", str(tmp_path / "rebuilt"))
+    assert r.exit_code == 0, r.output
+    eps = f"{issued['epsilon']:.4g}"
+    text = (tmp_path / "rebuilt" / "report.txt").read_text()
+    assert text in r.stdout and f"{eps} at delta = 1e-05" in text and "Rebuilt by the auditor from a verified bundle" in text
+    assert [line.split()[0] for line in text.split("Releases (from the ledger)\n")[1].splitlines()[1:4]] == ["1", "2", "3"]
+    page = (tmp_path / "rebuilt" / "report.html").read_text()
+    assert f'<strong id="epsilon">{eps}</strong>' in page and 'id="notice"' in page
+    # The same from the zip the service serves, as JSON.
+    zipped = tmp_path / "run-cli-verification.zip"
+    with zipfile.ZipFile(zipped, "w") as zf:
+        for f in bundle.iterdir():
+            zf.write(f, f"run-cli/{f.name}")
+        zf.writestr("../../evil.txt", "a path the archive chose")  # never written anywhere
+    r = run("audit", "report", "--bundle", str(zipped), "--public-key", str(pub), "--json")
+    assert r.exit_code == 0, r.output
+    made = one_json_line(r)
+    assert made["epsilon"] == issued["epsilon"] and made["source"] == "report" and made["files"] == {}
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_audit_report_from_a_bundle_fails_closed(tmp_path):
+    bundle, pub = _issued_bundle(tmp_path)
+    out = tmp_path / "rebuilt"
+
+    def rebuild(*extra):
+        return run("audit", "report", "--bundle", str(bundle), "--out", str(out), *extra)
+
+    assert rebuild().exit_code == 8  # no key pinned and none trusted: nothing is rebuilt
+    other = export_public_key(generate_audit_key(tmp_path / "other.pem"), tmp_path / "other.pub")
+    r = rebuild("--public-key", str(other))
+    assert r.exit_code == 8 and "does not verify" in r.output
+    shipped = rebuild("--trust-shipped-key")
+    assert shipped.exit_code == 0 and "fingerprint" in shipped.output
+    (out / "report.html").unlink()
+    (out / "report.txt").unlink()
+    # One changed byte in the ledger: it does not verify, nothing is written.
+    ledger = (bundle / "ledger.jsonl").read_bytes()
+    i = ledger.index(b'"noise_multiplier":') + len(b'"noise_multiplier":')
+    (bundle / "ledger.jsonl").write_bytes(ledger[:i] + (b"9" if ledger[i:i + 1] != b"9" else b"8") + ledger[i + 1:])
+    r = rebuild("--public-key", str(pub))
+    assert r.exit_code == 8 and "the ledger does not verify" in r.output
+    assert not (out / "report.html").exists() and not (out / "report.txt").exists()
+    (bundle / "ledger.jsonl").write_bytes(ledger)
+    # A report.json that is not the one the ledger records.
+    report = json.loads((bundle / "report.json").read_text())
+    report["epsilon"] = report["epsilon"] / 4
+    (bundle / "report.json").write_text(json.dumps(report))
+    r = rebuild("--public-key", str(pub))
+    assert r.exit_code == 8 and "not recorded in the ledger" in r.output and not (out / "report.html").exists()
+
+
+def test_audit_report_from_a_bundle_with_no_report_rebuilds_it_from_the_ledger(tmp_path):
+    """A run stopped before its report: the ledger and the key alone give its ε."""
+    from restwise.privacy.accountant import PrivacyAccountant
+
+    key, ledger = _ledger(tmp_path / "server", run_id="run-stopped")
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "ledger.jsonl").write_bytes(ledger.path.read_bytes())
+    pub = export_public_key(key, bundle / "public_key.pem")
+    r = run("audit", "report", "--bundle", str(bundle), "--public-key", str(pub), "--out", str(tmp_path / "rebuilt"), "--json")
+    assert r.exit_code == 0, r.output
+    made = one_json_line(r)
+    expected = PrivacyAccountant().epsilon(ledger.releases("run-stopped"), 1e-5).epsilon
+    assert made["source"] == "ledger" and made["run_id"] == "run-stopped"
+    assert made["epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert "from the signed ledger alone" in (tmp_path / "rebuilt" / "report.txt").read_text()
+    assert run("audit", "report", "run-other", "--bundle", str(bundle), "--public-key", str(pub)).exit_code == 1

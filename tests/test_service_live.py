@@ -116,11 +116,15 @@ def test_tokens_and_roles_on_every_route(live):
         "operator": server.client(operator),
     }
     failures = []
+    server_paths = (str(server.data_dir), "audit_key_path")  # shown to no role, on no route
     for (method, path), access in sorted(ACCESS.items()):
         url = _fill(path, run_id)
         body = VALID_RUN if (method, path) == ("POST", "/api/v1/runs") else None
         for who, client in clients.items():
-            status = _call(client, method, url, body).status_code
+            response = _call(client, method, url, body)
+            status = response.status_code
+            if path != "/api/v1/runs/{run_id}/bundle":  # a zip (its files are checked in test_service_flow)
+                failures += [f"{who:8} {method} {path} shows {p!r}" for p in server_paths if p in response.text]
             if access == "public":
                 ok = status != 403 and status < 500 and (path != "/login" or method == "GET" or status == 401)
             elif access == "session" or who in ("none", "garbage", "forged", "revoked"):
@@ -134,6 +138,18 @@ def test_tokens_and_roles_on_every_route(live):
     for c in clients.values():
         c.close()
     assert not failures, "\n".join(failures)
+    # Every denied attempt above is in the audit log: 401s with a token id or a label, 403s
+    # with the auditor's id (within the default rate limit: a burst of 30 per key).
+    with server.client(auditor) as au:
+        denied = au.get("/api/v1/audit-log", params={"action": "auth.denied", "limit": 500}).json()
+        coalesced = au.get("/api/v1/audit-log", params={"action": "audit.coalesced", "limit": 500}).json()
+    forbidden = [e for e in denied if e["detail"]["status"] == 403]
+    assert {e["actor_token_id"] for e in forbidden} == {auditor.split("_")[1]}
+    assert {e["detail"]["route"] for e in forbidden} == {f"{m} {p}" for (m, p), a in ACCESS.items() if a == "operator"}
+    by_actor = {e["actor_token_id"] for e in denied if e["detail"]["status"] == 401}
+    assert revoked_id in by_actor and "anonymous" in by_actor
+    assert {"revoked token", "wrong secret", "malformed token", "no credentials"} <= {e["detail"]["reason"] for e in denied}
+    assert not any(t in json.dumps(denied + coalesced) for t in (operator, auditor, revoked, "not-a-token"))
 
 
 def test_unknown_run_path_tricks_and_body_limit_on_the_wire(live):
@@ -201,12 +217,19 @@ def test_schemathesis_finds_no_server_errors(live, tmp_path):
     print("\n".join(line for line in out.stdout.splitlines()[-40:] if line.strip()))  # the summary, with -s
     server_log = server.log.read_text()
     assert "Traceback" not in server_log, server_log[-3000:]
+    # Without --verbose: one line saying where the service is, no uvicorn INFO lines.
+    assert server_log.startswith(f"Restwise service on http://127.0.0.1:{server.port} ")
+    assert "INFO" not in server_log, server_log[:2000]
 
 
 def test_runs_cli_talks_to_the_service(live, tmp_path):
     from test_service_support import cli
 
-    server, operator, auditor, _ = live
+    server, _, auditor, _ = live
+    # A token of its own: the fuzzing above may have used up the other's audit rate limit.
+    from restwise.server import auth, db
+
+    _, operator = auth.TokenStore(db.Database.open(db.default_database_url(server.data_dir))).create("operator", "olga-cli")
     (tmp_path / "op.token").write_text(operator + "\n")
     (tmp_path / "au.token").write_text(auditor + "\n")
     (tmp_path / "run.json").write_text(json.dumps({**VALID_RUN, "name": "from-cli"}))
@@ -216,54 +239,108 @@ def test_runs_cli_talks_to_the_service(live, tmp_path):
     assert "from-cli" in out.stdout and "status=created" in out.stdout
     out = cli("server", "runs", "stop", run_id, "--url", server.base, "--token-file", str(tmp_path / "au.token"))
     assert out.returncode == 1 and "403" in out.stderr and "operator role" in out.stderr
-    (tmp_path / "bad.json").write_text(json.dumps({**VALID_RUN, "secagg_threshold": 9}))
+    (tmp_path / "bad.json").write_text(json.dumps({**VALID_RUN, "secagg_threshold": 9, "rounds": 0, "noise_multiplier": None}))
     out = cli("server", "runs", "create", str(tmp_path / "bad.json"), "--url", server.base, "--token-file", str(tmp_path / "op.token"))
-    assert out.returncode == 1 and "422" in out.stderr and "secagg_threshold" in out.stderr
+    assert out.returncode == 1 and "(422) Invalid run configuration: 3 problem(s)" in out.stderr
+    listed = [line.strip() for line in out.stderr.splitlines() if line.startswith("  - ")]
+    assert listed == [  # every problem at once, one a line
+        "- rounds: Input should be greater than or equal to 1",
+        "- secagg_threshold: threshold (9) is above the number of shares (secagg_num_neighbours = 3)",
+        "- target_epsilon: give exactly one of target_epsilon and noise_multiplier",
+    ]
 
 
-SLOW_CONTRACT_RUNNER = """
+PROGRESS_CONTRACT_RUNNER = """
 import json, os, signal, sys, time
 from pathlib import Path
+from restwise.server.rundir import append_progress
 run_dir = Path(sys.argv[sys.argv.index("--run-dir") + 1])
+rounds = json.loads((run_dir / "config.json").read_text())["rounds"]
 stop = {"now": False}
 signal.signal(signal.SIGTERM, lambda *a: stop.update(now=True))
 def state(status, rnd):
     (run_dir / "state.tmp").write_text(json.dumps({"status": status, "current_round": rnd, "reason": None}))
     os.replace(run_dir / "state.tmp", run_dir / "state.json")
-for rnd in range(1, 1000):
-    if stop["now"] or (run_dir / "STOP").exists():
-        state("stopped", rnd - 1); sys.exit(0)
+state("running", 0)
+for rnd in range(1, rounds + 1):
+    for stage in ("hello", "collect-masked"):
+        if stop["now"] or (run_dir / "STOP").exists():
+            state("stopped", rnd - 1); sys.exit(0)
+        append_progress(run_dir, stage, rnd=rnd, expected=3, received=2)
+        time.sleep(1.0)
     with open(run_dir / "rounds.jsonl", "a") as f:
-        f.write(json.dumps({"round": rnd, "sampled": 2, "survived": 2, "epsilon": 0.1 * rnd, "status": "completed"}) + "\\n")
+        f.write(json.dumps({"round": rnd, "sampled": 3, "survived": 2, "dropped": 1, "epsilon": 0.1 * rnd,
+                            "delta": 1e-5, "status": "completed"}) + "\\n")
     state("running", rnd)
-    time.sleep(0.3)
+state("completed", rounds)
 """
 
 
-def test_operator_stops_a_running_run_on_the_wire(tmp_path):
-    """`--runner-command` swaps the executor; the service's stop reaches the running process."""
-    from test_service_support import LiveServer as _Live
-
-    script = tmp_path / "slow_runner.py"
-    script.write_text(SLOW_CONTRACT_RUNNER)
-    data_dir = tmp_path / "srv"
+@pytest.fixture(scope="module")
+def contract_server(tmp_path_factory):
+    """`--runner-command` swaps the executor for a small script that follows the runner's file
+    contract, progress file included (written with the round's own helper)."""
+    root = tmp_path_factory.mktemp("contract")
+    script = root / "progress_runner.py"
+    script.write_text(PROGRESS_CONTRACT_RUNNER)
+    data_dir = root / "srv"
     operator = create_token(data_dir, "operator", "olga")
-    server = _Live(data_dir, runner_command=(sys.executable, str(script)))
+    server = LiveServer(data_dir, runner_command=(sys.executable, str(script)))
     try:
-        with server.client(operator) as op:
-            run_id = op.post("/api/v1/runs", json=VALID_RUN).json()["id"]
-            assert op.post(f"/api/v1/runs/{run_id}/start").status_code == 200
-            deadline = time.monotonic() + 30
-            while op.get(f"/api/v1/runs/{run_id}").json()["current_round"] < 2:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-            assert op.post(f"/api/v1/runs/{run_id}/stop").status_code == 200
-            while (run := op.get(f"/api/v1/runs/{run_id}").json())["status"] not in ("stopped", "failed", "completed"):
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
-            assert run["status"] == "stopped"
-            assert 2 <= run["current_round"] == len(run["rounds"]) < 999
-            actions = [e["action"] for e in op.get("/api/v1/audit-log").json()]
-            assert actions[:3] == ["run.stop", "run.start", "run.create"]
+        yield server, operator
     finally:
         server.stop()
+
+
+def test_operator_stops_a_running_run_on_the_wire(contract_server):
+    """The service's stop reaches the running process."""
+    server, operator = contract_server
+    with server.client(operator) as op:
+        run_id = op.post("/api/v1/runs", json={**VALID_RUN, "rounds": 999}).json()["id"]
+        assert op.post(f"/api/v1/runs/{run_id}/start").status_code == 200
+        deadline = time.monotonic() + 60
+        while op.get(f"/api/v1/runs/{run_id}").json()["current_round"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert op.post(f"/api/v1/runs/{run_id}/stop").status_code == 200
+        while (run := op.get(f"/api/v1/runs/{run_id}").json())["status"] not in ("stopped", "failed", "completed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert run["status"] == "stopped"
+        assert 1 <= run["current_round"] == len(run["rounds"]) < 999
+        assert run["progress"] is None  # a run that ended has no current stage
+        actions = [e["action"] for e in op.get("/api/v1/audit-log").json()]
+        assert actions[:3] == ["run.stop", "run.start", "run.create"]
+
+
+def test_runs_show_watch_follows_rounds_and_stages_to_one_outcome_line(contract_server, tmp_path):
+    from test_service_support import cli
+
+    server, operator = contract_server
+    with server.client(operator) as op:
+        run_id = op.post("/api/v1/runs", json={**VALID_RUN, "name": "watched", "rounds": 2}).json()["id"]
+        assert op.post(f"/api/v1/runs/{run_id}/start").status_code == 200
+        deadline = time.monotonic() + 30
+        while (run := op.get(f"/api/v1/runs/{run_id}").json())["progress"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # The API shows where the round is: counts and the stage name only.
+        assert set(run["progress"]) == {"at", "round", "attempt", "stage", "expected", "received", "dropped"}
+        assert (run["progress"]["round"], run["progress"]["stage"]) == (1, "hello")
+    (tmp_path / "op.token").write_text(operator + "\n")
+    out = cli("server", "runs", "show", run_id, "--watch", "--url", server.base, "--token-file", str(tmp_path / "op.token"),
+              timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{run_id}  watched  2 rounds"
+    assert lines[-1] == f"completed ({run_id}): 2 of 2 rounds released, ε = 0.2 at δ = 1e-05"
+    released = [f"round {rnd}/2 released: 3 sampled, 2 survived, ε = {0.1 * rnd:.4g}" for rnd in (1, 2)]
+    assert [line for line in lines if "released:" in line] == released
+    # Stages as they were seen (each lasts about one poll of the watch; a loaded machine may
+    # skip one): in order, each belonging before its round's line.
+    stages = [line for line in lines if line.startswith("round ") and ": " in line and "released" not in line]
+    order = [f"round {r}/2: {s}, 2 of 3 replies" for r in (1, 2) for s in ("hello", "collect-masked")]
+    assert stages and stages == [line for line in order if line in stages]
+    for line in stages:
+        rnd = int(line.split()[1].split("/")[0])
+        assert lines.index(line) < lines.index(released[rnd - 1])
