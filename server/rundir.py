@@ -12,6 +12,8 @@ it. Every JSON file is replaced atomically::
     DIR/ledger.jsonl    the run's signed privacy ledger (restwise.privacy.ledger); audit key
                         from config.audit_key_path or DIR/../audit_key.pem (created 0600 if
                         absent); DIR/public_key.pem its public half
+    DIR/progress.jsonl  where the current round is, one line per stage (append_progress, at
+                        the end of this module: the format is documented there)
     DIR/checkpoint      the global shared model after the last completed round (npz)
     DIR/report.json, DIR/report.html   at the end (restwise.privacy.report)
     DIR/STOP            create it (or send the runner SIGTERM) to stop after the round in progress

@@ -186,7 +186,6 @@ def register(app: typer.Typer) -> None:
         # The progress renderer reads run folders too (Flower's run-directory contract, about
         # 0.4 s): loaded by --watch only.
         from rich.console import Console
-
         from restwise.server.progress import ProgressReporter, RunView, outcome_line
 
         console = Console(highlight=False)

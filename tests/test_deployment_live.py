@@ -254,7 +254,7 @@ def deployment(tmp_path_factory):
         run_cli = D.start_process(
             "restwise-server-run",
             [*RESTWISE, "server", "run", "--run-dir", str(run_dir), "--config", str(root / "run.json"),
-             *link_args, "--timeout", str(RUN_TIMEOUT_S)],
+             *link_args, "--timeout", str(RUN_TIMEOUT_S), "--json"],
             run_cli_out,
         )
         procs.append(run_cli)
@@ -304,7 +304,8 @@ def deployment(tmp_path_factory):
             raise AssertionError("`restwise server run` did not return") from None
         text = run_cli.log_text()
         result["run_cli_output"] = text
-        result["outcome"] = json.loads(text[text.index("{"):text.rindex("}") + 1])
+        result["outcome"] = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+        result["nodes_cli"] = restwise("server", "nodes", *link_args)
         result["seconds"] = time.monotonic() - started
         result["wire"] = read_wire_dump(wire_dump)
         yield result
@@ -326,6 +327,18 @@ def test_run_completes_with_secure_aggregation_and_dp(deployment):
     assert outcome["flower_status"] == "finished:completed"
     assert outcome["status"] == "completed" and outcome["completed_rounds"] == ROUNDS
     assert outcome["released_rounds"] == list(range(1, ROUNDS + 1)) and outcome["failed_rounds"] == []
+    # What the operator saw while waiting: every round, then the outcome in one line; and no
+    # Flower INFO lines (no --verbose).
+    text = deployment["run_cli_output"]
+    for rnd in range(1, ROUNDS + 1):
+        assert f"round {rnd}/{ROUNDS} released: " in text
+    assert outcome["summary"].startswith(f"completed (Flower run {outcome['flower_run_id']}): {ROUNDS} of {ROUNDS} rounds released, ε = ")
+    assert "INFO" not in text
+
+
+def test_server_nodes_shows_the_names_given_at_registration(deployment):
+    rows = {line.split()[0]: line.split()[1] for line in deployment["nodes_cli"].splitlines()[1:]}
+    assert rows == {str(node_id): f"device-{i}" for i, node_id in enumerate(deployment["node_ids"])}
     run_dir = deployment["run_dir"]
     assert json.loads((run_dir / "config.json").read_text())["rounds"] == ROUNDS
 
