@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_service_support import LiveServer, create_token  # noqa: E402
@@ -344,3 +345,30 @@ def test_runs_show_watch_follows_rounds_and_stages_to_one_outcome_line(contract_
     for line in stages:
         rnd = int(line.split()[1].split("/")[0])
         assert lines.index(line) < lines.index(released[rnd - 1])
+
+
+def test_a_flood_of_junk_tokens_on_the_wire_adds_a_bounded_number_of_entries(tmp_path):
+    """A real uvicorn service with a tiny audit limit (2 at once, practically no refill): 40
+    requests with junk tokens give 2 entries while it runs, and one coalesced entry counting
+    the other 38 when it shuts down; the signed ledger holds exactly those 3."""
+    from restwise.privacy.ledger import load_public_key, verify_ledger_file
+    from restwise.server import auth, db
+
+    data_dir = tmp_path / "srv"
+    server = LiveServer(data_dir, "--audit-burst", "2", "--audit-per-minute", "0.01")
+    try:
+        with server.client() as c:
+            for i in range(40):
+                assert c.get("/api/v1/runs", headers={"Authorization": f"Bearer junk-{i}"}).status_code == 401
+        database = db.Database.open(db.default_database_url(data_dir))
+        with database.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(db.audit_log)).scalar() == 2
+    finally:
+        server.stop()
+    rows = auth.AuditTrail(database, auth.open_audit_ledger(data_dir / "audit")[0]).entries()
+    assert [(r["action"], r["attempts"]) for r in rows] == [("audit.coalesced", 38), ("auth.denied", 1), ("auth.denied", 1)]
+    assert rows[0]["detail"]["by_reason"] == {"malformed token": 38}
+    assert all(f"junk-{i}" not in json.dumps(rows) for i in range(40))
+    pem = (data_dir / "audit" / auth.AUDIT_PUBLIC_KEY_FILE).read_bytes()
+    entries, _ = verify_ledger_file(data_dir / "audit" / auth.AUDIT_LEDGER_FILE, load_public_key(pem))
+    assert [e.payload["action"] for e in entries] == ["auth.denied", "auth.denied", "audit.coalesced"]
