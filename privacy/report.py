@@ -598,7 +598,7 @@ def render_text(report: dict, *, notice: str | None = None) -> str:
         f"  sampling                                         {', '.join(samp.get('methods', [])) or 'n/a'}"
         + (f" at rate(s) {', '.join(_fmt(r) for r in samp.get('rates', []))}" if samp.get("rates") else ""),
         f"  releases                                         {len(releases)}",
-        f"  budget                                           "
+        "  budget                                           "
         + (f"epsilon {_fmt(budget.get('epsilon'))}, delta {_fmt(budget.get('delta'))}" if budget else "none given"),
         f"  accountant                                       {acc.get('accountant', 'dp_accounting')} ({acc.get('accountant_version', 'n/a')})",
     ]

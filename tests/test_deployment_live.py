@@ -334,11 +334,6 @@ def test_run_completes_with_secure_aggregation_and_dp(deployment):
         assert f"round {rnd}/{ROUNDS} released: " in text
     assert outcome["summary"].startswith(f"completed (Flower run {outcome['flower_run_id']}): {ROUNDS} of {ROUNDS} rounds released, ε = ")
     assert "INFO" not in text
-
-
-def test_server_nodes_shows_the_names_given_at_registration(deployment):
-    rows = {line.split()[0]: line.split()[1] for line in deployment["nodes_cli"].splitlines()[1:]}
-    assert rows == {str(node_id): f"device-{i}" for i, node_id in enumerate(deployment["node_ids"])}
     run_dir = deployment["run_dir"]
     assert json.loads((run_dir / "config.json").read_text())["rounds"] == ROUNDS
 
@@ -362,6 +357,11 @@ def test_server_nodes_shows_the_names_given_at_registration(deployment):
     for e, r in zip(releases, rounds):
         assert e.survivors == r["survived"]
         assert e.noise_std_total == pytest.approx(r["noise_std_total"])
+
+
+def test_server_nodes_shows_the_names_given_at_registration(deployment):
+    rows = {line.split()[0]: line.split()[1] for line in deployment["nodes_cli"].splitlines()[1:]}
+    assert rows == {str(node_id): f"device-{i}" for i, node_id in enumerate(deployment["node_ids"])}
 
 
 def test_the_deployment_run_folder_holds_no_store(deployment):
