@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Optional
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import typer
 
@@ -129,13 +130,14 @@ def linear_head_methods(kind: str, cohort: Mapping, target: str, *, prior_path: 
 
 
 def import_cohort_days(kind: str, data_path: Path | str, work: Path, *, persons: int | None = None,
-                       log: Callable[[str], None]) -> tuple[dict, float]:
+                       log: Callable[[str], None], tz: str | None = None) -> tuple[dict, float]:
     """Every person of the cohort into their own encrypted store under ``work`` (keys in a
-    file keystore there), read back as the coach reads it: (person -> DailyData, seconds)."""
+    file keystore there), read back as the coach reads it: (person -> DailyData, seconds).
+    ``tz``: the cohort folder's time zone (local-time files, ISO timestamps to local days)."""
     keystore = FileKeystore(work / "keys")
     t0 = time.perf_counter()
     people = import_cohort(
-        kind, data_path, work / "stores", keystore=keystore, persons=persons,
+        kind, data_path, work / "stores", keystore=keystore, persons=persons, tz=tz,
         on_person=lambda i, n, _p: log(f"importing person {i + 1}/{n}") if (i + 1) % 10 == 0 or i + 1 == n else None,
     )
     for p in people:
@@ -208,6 +210,7 @@ def run_evaluation(
     linear: bool = True,
     prior_path: Path | str | None = None,
     public_data: Path | str | None = None,
+    tz: str | None = None,
 ):
     """Import ``data_path`` (``kind``: soccermon, lifesnaps or folder) one store per person,
     evaluate, and write results into ``out_dir`` (when given). Returns the EvaluationResult.
@@ -220,7 +223,7 @@ def run_evaluation(
     rows = dict(methods) if methods is not None else default_methods(config, NeuralConfig(threads=threads))
     with tempfile.TemporaryDirectory(prefix="restwise-eval-") as tmp:
         cohort, t_import = import_cohort_days(kind, data_path, Path(workdir) if workdir is not None else Path(tmp),
-                                              persons=persons, log=log)
+                                              persons=persons, log=log, tz=tz)
         if linear:
             rows.update(linear_head_methods(kind, cohort, config.target, prior_path=prior_path,
                                             public_data=public_data, log=log))
@@ -243,6 +246,7 @@ def run_warning_evaluation(
     persons: int | None = None, seed: int = 0, target: str | None = None, min_train: int = 28, min_test: int = 14,
     bootstrap: int = 2000, prior_path: Path | str | None = None, public_data: Path | str | None = None,
     epsilons=(1.0, 4.0, 8.0), command: str | None = None, log: Callable[[str], None] | None = None,
+    tz: str | None = None,
 ):
     """``--task early-warning``: import ``data_path`` one store per person, evaluate the 7-day
     warning (:mod:`restwise.models.warning_evaluation`, rows from
@@ -260,7 +264,7 @@ def run_warning_evaluation(
     report_days = None if reports is None else reports.days
     with tempfile.TemporaryDirectory(prefix="restwise-warning-") as tmp:
         cohort, t_import = import_cohort_days(kind, data_path, Path(workdir) if workdir is not None else Path(tmp),
-                                              persons=persons, log=log)
+                                              persons=persons, log=log, tz=tz)
     t1 = time.perf_counter()
     prepared = split_cohort(cohort, protocol, report_days)  # who can be evaluated, before any prior is fitted
     extra = []
@@ -322,6 +326,11 @@ def evaluate(
         None, "--public-data", help="Folder of the other public datasets (soccermon/, lifesnaps/) "
         "added to the cross-fitted prior where they have the target series."
     ),
+    tz: Optional[str] = typer.Option(
+        None, "--tz", help="Cohort folder: the persons' IANA time zone (e.g. Europe/Oslo). Local-time "
+        "files are read in it and ISO timestamps with Z or an offset become its local days; "
+        "without it UTC is assumed and said once."
+    ),
     task: str = typer.Option(
         "next-day", "--task", help="next-day: tomorrow's readiness (the table above); early-warning: "
         "a 7-day warning of a low week (and of an injury or illness report on SoccerMon), the "
@@ -343,6 +352,13 @@ def evaluate(
         kind, path = "folder", cohort
     if task not in TASKS:
         raise typer.BadParameter(f"--task must be one of {', '.join(TASKS)}")
+    if tz is not None:
+        if kind != "folder":
+            raise typer.BadParameter("--tz belongs to --cohort (the public datasets carry their own days)")
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise typer.BadParameter(f"unknown time zone {tz!r} (use an IANA name such as Europe/Oslo)") from None
     min_test = DEFAULT_MIN_TEST[task] if min_test is None else min_test
     command = "restwise evaluate " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "evaluate" else None
@@ -366,11 +382,12 @@ def evaluate(
         if task == "early-warning":
             result = run_warning_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
                                             target=target, min_train=min_train, min_test=min_test,
-                                            prior_path=prior, public_data=public_data, command=command, log=log)
+                                            prior_path=prior, public_data=public_data, command=command, log=log,
+                                            tz=tz)
         else:
             result = run_evaluation(kind, path, out, workdir=workdir, persons=persons, seed=seed,
                                     target=target, min_train=min_train, min_test=min_test, threads=threads,
                                     extra_methods=extra, command=command, log=log, linear=linear,
-                                    prior_path=prior, public_data=public_data)
+                                    prior_path=prior, public_data=public_data, tz=tz)
     typer.echo(result.to_markdown())
     typer.echo(f"Results written to {out}/results.json, results.md, results.png")

@@ -7,8 +7,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from restwise.cli import app
 from restwise.client.cohort import import_cohort
-from restwise.simulation.evaluate_cli import run_evaluation
+from restwise.simulation.evaluate_cli import import_cohort_days, run_evaluation
 from restwise.client.keys import FileKeystore
 from restwise.models.evaluation import LastValue, PersonMean
 
@@ -84,3 +87,29 @@ def test_every_person_of_a_real_shaped_cohort_is_imported_and_evaluated(tmp_path
     assert all(p["n_train"] >= 28 and p["n_test"] >= 7 for p in result.persons)
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["n_persons"] == 4
+
+
+def test_evaluate_tz_places_utc_timestamps_on_the_cohorts_local_days(tmp_path):
+    # 23:30 UTC on 1 March is already 2 March in Tokyo: with --tz the check-in moves a day.
+    person = tmp_path / "cohort" / "p1"
+    person.mkdir(parents=True)
+    (person / "wellness.csv").write_text(
+        "effective_time_frame,fatigue,mood,readiness,sleep_duration_h,sleep_quality,soreness,soreness_area,stress\n"
+        '2021-03-01T23:30:00.000Z,5,5,3,7,5,4,"[1]",5\n'
+        '2021-03-03T07:47:05.145Z,1,5,10,6,5,4,"[1]",4\n'
+    )
+    utc, _ = import_cohort_days("folder", tmp_path / "cohort", tmp_path / "utc", log=lambda _m: None)
+    tokyo, _ = import_cohort_days("folder", tmp_path / "cohort", tmp_path / "tokyo", log=lambda _m: None,
+                                  tz="Asia/Tokyo")
+    assert utc["p1"].days[0] == "2021-03-01"
+    assert tokyo["p1"].days[0] == "2021-03-02"
+    assert tokyo["p1"].days[-1] == "2021-03-03"
+
+
+def test_evaluate_refuses_an_unknown_time_zone(tmp_path):
+    (tmp_path / "cohort" / "p1").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["evaluate", "--cohort", str(tmp_path / "cohort"), "--tz", "Not/AZone",
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unknown time zone 'Not/AZone'" in result.output
+    assert not (tmp_path / "out").exists()
