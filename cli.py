@@ -14,6 +14,7 @@ Exit codes: restwise.common.exit_codes (the README's table is generated from it)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -51,28 +52,46 @@ def demo(
     persons: int = typer.Option(
         6, "--persons", min=3, max=200, help="Simulated devices (one encrypted store each)."
     ),
-    rounds: int = typer.Option(3, "--rounds", min=1, max=50, help="Federated rounds."),
+    model: str = typer.Option(
+        "linear-head", "--model", help="linear-head (the public prior + one DP release of statistics) or "
+        "recovery-mlp (the network by DP-FedAvg; the planner refuses it on a few devices unless --force)."
+    ),
+    rounds: Optional[int] = typer.Option(
+        None, "--rounds", min=1, max=50, help="Federated rounds of a FedAvg model (default 3); a one-release model has one."
+    ),
+    force: bool = typer.Option(False, "--force", help="Run a plan the planner refuses (recorded in the run's ledger)."),
 ) -> None:
-    """The built-in demo: generated persons, each with their own encrypted store, train the
+    """The built-in demo: generated persons, each with their own encrypted store, learn a
     recovery model together with secure aggregation and distributed differential privacy.
-    Prints the privacy spent and one person's coach output."""
-    # Deferred: the demo loads Flower's simulation engine and torch, which `restwise --help`
-    # and every other command must not pay for.
+    Prints the privacy spent, on how many devices the coach used the learned model, and one
+    person's coach output."""
+    # Deferred: the demo loads Flower's simulation engine (and torch for the network), which
+    # `restwise --help` and every other command must not pay for.
+    from restwise.common.cli_errors import cli_errors
+    from restwise.server.rundir import RunFiles
     from restwise.simulation.demo import demo_outcome, run_demo_federation
 
     console = Console()
-    summary = run_demo_federation(workdir, persons=persons, rounds=rounds)
-    shown = demo_outcome(summary, person=0)
+    with cli_errors():
+        summary = run_demo_federation(workdir, persons=persons, rounds=rounds, model=model, force=force)
+    if summary.status == "refused":
+        console.print(f"The demo's run was refused: {summary.reason}")
+        raise typer.Exit(code=ExitCode.FAILURE)
+    shown = demo_outcome(summary, person=0, persons=persons)
     eps = "n/a" if shown["epsilon"] is None else f"{shown['epsilon']:.3f}"
+    planned = RunFiles(summary.run_dir).read_config().rounds
     console.print(
-        f"Federated run {shown['run_id']}: {shown['status']}, {shown['rounds_completed']} of "
-        f"{rounds} rounds, {persons} devices."
+        f"Federated run {shown['run_id']} ({model}): {shown['status']}, {shown['rounds_completed']} of "
+        f"{planned} rounds, {persons} devices."
     )
     console.print(
         f"Privacy spent: epsilon = {eps} at delta = {shown['delta']:.0e} (noise multiplier "
         f"{shown['noise_multiplier']:.3g}); signed ledger and report in {summary.run_dir}."
     )
     console.print(f"{shown['person']} sent {shown['messages_sent']} messages (restwise device history).")
+    if shown["delivered"]:
+        console.print(f"The released model was delivered to {shown['delivered']['devices']} of {persons} devices.")
+    console.print(shown["coach_line"], markup=False, highlight=False)
     console.print(
         f"An auditor checks it independently: restwise audit verify {summary.run_dir / 'report.json'}"
     )

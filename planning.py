@@ -1,10 +1,11 @@
 """Will a DP run of model M on N devices at epsilon help? ``restwise privacy plan`` and the
 check run creation calls (``plan_run``).
 
-The glue between the model side (what an architecture shares: numbers estimated on public
-data and stored with the prior, or the network's size and training plan) and the privacy side
-(:mod:`restwise.privacy.utility`: calibration with the project's accountant and the verdict).
-It sits at the top of the package because it needs both (privacy/ never imports models/).
+The glue between the model side (what an architecture shares, from the registry:
+``Architecture.release_shape`` - numbers estimated on public data and stored with the prior,
+or the network's size and round plan) and the privacy side (:mod:`restwise.privacy.utility`:
+calibration with the project's accountant and the verdict). It sits at the top of the package
+because it needs both; run creation asks the same two functions through ``RunConfig.plan``.
 
     restwise privacy plan --cohort 47 --epsilon 4 --model linear-head
     restwise privacy plan --cohort 42 --epsilon 4 --model early-warning
@@ -24,97 +25,64 @@ from typing import Optional
 import typer
 
 from restwise.common.cli_errors import exit_with
+from restwise.common.errors import ModelError
 from restwise.common.exit_codes import ExitCode
-from restwise.models import linear_head as lh
 from restwise.models.linear_head import LinearHeadError
-from restwise.models.prior import PriorError, load_prior
-from restwise.models.recovery_mlp import NAME as RECOVERY_MLP
-from restwise.models import warning as wn
-from restwise.models.registry import get_architecture
+from restwise.models.prior import PriorError
+from restwise.models.registry import FEDAVG, get_architecture, known_models
 from restwise.privacy.errors import PrivacyError
-from restwise.privacy.utility import (
-    FedAvgShape,
-    StatisticsReleaseShape,
-    UtilityVerdict,
-    assess_fedavg,
-    assess_statistics_release,
-)
+from restwise.privacy.utility import UtilityVerdict, assess_release
 
-LINEAR_HEAD_MODEL = lh.ARCHITECTURE_NAME
-NETWORK_MODEL = RECOVERY_MLP
-WARNING_MODEL = wn.ARCHITECTURE_NAME
-MODELS = (LINEAR_HEAD_MODEL, NETWORK_MODEL, WARNING_MODEL)
+LINEAR_HEAD_MODEL = "linear-head"
 
 
-def statistics_shape(name: str, statistics_length: int, sensitivity: float, target_bound: float,
-                     target_prior) -> StatisticsReleaseShape:
-    """A one-release architecture's shape, its signal and prior taken from a fitted
-    ``models.prior.TargetPrior`` (public data)."""
-    tp = target_prior
-    return StatisticsReleaseShape(
-        name=name, statistics_length=statistics_length, sensitivity=sensitivity, target_bound=target_bound,
-        mean_second_moment=tp.mean_A, prior_tau2=tp.tau2, prior_weights_norm2=float(tp.weights @ tp.weights),
-        person_variance=tp.person_variance, mean_statistics_norm=tp.mean_statistics_norm)
-
-
-def linear_head_shape(prior_path: Path | str | None = None, target: str = "readiness") -> StatisticsReleaseShape:
-    """The linear head's release, its signal and prior taken from the (shipped) prior."""
-    return statistics_shape(lh.ARCHITECTURE_NAME, lh.STATISTICS_LENGTH, lh.SENSITIVITY, lh.TARGET_BOUND,
-                            load_prior(prior_path).target(target))
-
-
-def warning_shape(prior_path: Path | str | None = None, target: str = "readiness") -> StatisticsReleaseShape:
-    """The early-warning model's release (350 numbers, sensitivity sqrt 2, bound 1), its signal
-    and prior taken from the (shipped) warning prior."""
-    return statistics_shape(wn.ARCHITECTURE_NAME, wn.STATISTICS_LENGTH, wn.SENSITIVITY, wn.TARGET_BOUND,
-                            load_prior(prior_path, spec=wn.WARNING_PRIOR).target(target))
-
-
-def network_shape(*, rounds: int | None = None, clip_norm: float = 1.0, sampling_rate: float = 1.0) -> FedAvgShape:
-    """The recovery network under DP-FedAvg: its shared size, the evaluation's round plan."""
+def default_rounds(model: str) -> int:
+    """Rounds assumed when none are given: 1 for a one-release model, the evaluation's round
+    plan for a FedAvg network."""
+    if get_architecture(model).protocol != FEDAVG:
+        return 1
     # Deferred: the network's training recipe lives with torch, which only this model needs.
     from restwise.models.training import FEDERATED_ROUNDS
 
-    network = get_architecture(NETWORK_MODEL)
-    d = network.contribution_size(network.initial_shared(network.model_config(seed=0)))
-    return FedAvgShape(NETWORK_MODEL, d, clip_norm, int(rounds or FEDERATED_ROUNDS), sampling_rate)
+    return int(FEDERATED_ROUNDS)
 
 
 def plan_run(model: str, cohort: int, epsilon: float, delta: float = 1e-5, *, rounds: int | None = None,
              sampling_rate: float = 1.0, clip_norm: float = 1.0, prior_path: Path | str | None = None,
              target: str = "readiness", force: bool = False) -> UtilityVerdict:
-    """The verdict run creation uses: refuse (unless ``force``) a DP plan whose noise is
-    expected to make the model worse than the prior; ``message`` carries the numbers."""
-    if model == LINEAR_HEAD_MODEL:
-        return assess_statistics_release(linear_head_shape(prior_path, target), cohort, epsilon, delta, force=force)
-    if model == WARNING_MODEL:
-        return assess_statistics_release(warning_shape(prior_path, target), cohort, epsilon, delta, force=force)
-    if model == NETWORK_MODEL:
-        shape = network_shape(rounds=rounds, clip_norm=clip_norm, sampling_rate=sampling_rate)
-        return assess_fedavg(shape, cohort, epsilon, delta, force=force)
-    raise ValueError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+    """The verdict run creation uses (``RunConfig.plan`` asks the same two functions with the
+    run's own numbers): the architecture's release shape (``Architecture.release_shape``,
+    registry-driven: no model is named here) assessed by ``privacy.utility.assess_release``.
+    Refused (unless ``force``) when the DP noise is expected to make the model worse than the
+    prior; ``message`` carries the numbers. ModelError for an unknown model."""
+    architecture = get_architecture(model)
+    shape = architecture.release_shape(rounds=int(rounds or default_rounds(model)), clip_norm=clip_norm,
+                                       sampling_rate=sampling_rate,
+                                       prior_path=None if prior_path is None else str(prior_path), target=target)
+    return assess_release(shape, cohort, epsilon, delta, force=force)
 
 
 def plan_command(
     cohort: int = typer.Option(..., "--cohort", min=2, help="Devices taking part (N)."),
     epsilon: float = typer.Option(..., "--epsilon", help="Target epsilon of the run."),
-    model: str = typer.Option(LINEAR_HEAD_MODEL, "--model", help=f"Model: {', '.join(MODELS)}."),
+    model: str = typer.Option(LINEAR_HEAD_MODEL, "--model", help=f"Model: {', '.join(known_models())}."),
     delta: float = typer.Option(1e-5, "--delta", help="Target delta."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Network: federated rounds (default 10)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Network: federated rounds (default 10; "
+                                         "one-release models: 1)."),
     rate: float = typer.Option(1.0, "--rate", help="Network: Poisson sampling rate per round (1 = everyone)."),
     clip: float = typer.Option(1.0, "--clip", help="Network: clip norm of an update."),
-    prior: Optional[Path] = typer.Option(None, "--prior", help="Linear head / early warning: prior file "
-                                         "(default: the model's shipped prior)."),
+    prior: Optional[Path] = typer.Option(None, "--prior", help="One-release models (linear head, early warning): "
+                                         "prior file (default: the model's shipped prior)."),
     force: bool = typer.Option(False, "--force", help="Accept a plan that would be refused (exit 0)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line on stdout."),
 ) -> None:
     """Expected noise-to-signal of a DP run and whether it is expected to beat the public prior."""
-    if model not in MODELS:
-        raise typer.BadParameter(f"--model must be one of {', '.join(MODELS)}")
+    if model not in known_models():
+        raise typer.BadParameter(f"--model must be one of {', '.join(known_models())}")
     try:
         verdict = plan_run(model, cohort, epsilon, delta, rounds=rounds, sampling_rate=rate, clip_norm=clip,
                            prior_path=prior, force=force)
-    except (ValueError, PriorError, LinearHeadError, PrivacyError) as exc:
+    except (ValueError, PriorError, LinearHeadError, PrivacyError, ModelError) as exc:
         raise exit_with(exc, code=ExitCode.FAILURE, as_json=as_json) from None
     if as_json:
         typer.echo(json.dumps({"ok": verdict.allowed, **verdict.to_dict()}, sort_keys=True, default=float))
@@ -126,5 +94,4 @@ def plan_command(
         raise typer.Exit(code=ExitCode.FAILURE)
 
 
-__all__ = ["plan_run", "plan_command", "linear_head_shape", "warning_shape", "statistics_shape", "network_shape",
-           "MODELS", "WARNING_MODEL"]
+__all__ = ["plan_run", "plan_command", "default_rounds", "LINEAR_HEAD_MODEL"]

@@ -34,6 +34,7 @@ from restwise.client.keys import FileKeystore
 from restwise.models import linear_head as lh
 from restwise.models.evaluation import windowed_examples
 from restwise.models.features import DailyData, compute_features
+from restwise.models.linear_head_architecture import ARCHITECTURE as LINEAR_HEAD
 from restwise.models.synthetic import synthetic_person
 from restwise.simulation.evaluate_cli import load_cohort_days
 
@@ -57,7 +58,7 @@ def person_year(seed: int = 7) -> DailyData:
 def statistics_from_frame(frame, data: DailyData, target: str = "readiness") -> np.ndarray:
     ex = windowed_examples(frame, data.series[target], lh.WINDOW, lh.HISTORY_DAYS)
     personal = lh.PersonalScale.fit(ex.y)
-    return lh.LINEAR_HEAD.device_statistics(ex.X, ex.history, ex.y, personal)
+    return LINEAR_HEAD.device_statistics(ex.X, ex.history, ex.y, personal)
 
 
 def cpu(fn, repeats: int) -> float:

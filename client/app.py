@@ -4,7 +4,11 @@ Composition (outermost first)::
 
     ClientApp(mods=[egress_guard, secagg_mod, dp_mod])
         query "restwise_hello"  -> consent (and enough data?) -> participate: bool
-        train                   -> open the store, features, train locally, reply the update
+        train                   -> open the store, features, train locally (or compute the
+                                   architecture's statistics), reply the raw vector
+        query "restwise_model"  -> a run's released model (a model computed on the server from
+                                   one release): checked and kept with the person's own part;
+                                   the reply is empty whatever happened
 
 * The store is opened with a key that never comes from the server: from the device's keystore
   (``FileKeystore`` for simulated devices and trials; the OS keyring or a key file on a real
@@ -23,24 +27,30 @@ Composition (outermost first)::
 * Consent: ``store.consents(run_id)`` is checked when the device is greeted for a round and
   again before training; a person who opted out (``restwise device consent``) sends only
   ``participate = false``.
+* No metric leaves the device: its training loss (if any) stays on the device (issue 15).
+* A delivered model (``adopt_model``) is kept only when its arrays hash to the hash the
+  release's ledger entry names, the person consents to the run and the architecture accepts
+  it (its feature spec); the person's own part (scale, threshold) stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from restwise.client import unlock
-from restwise.client.dataset import MIN_TRAINING_EXAMPLES, NoDataError, daily_data
+from restwise.client.dataset import NoDataError, daily_data
 from restwise.client.store import DeviceStore
+from restwise.common.arrays import arrays_sha256
+from restwise.common.errors import ModelError
 from restwise.models.features import Examples
 from restwise.models.registry import Architecture, LocalTraining, get_architecture, round_seed
 from restwise.privacy import egress as E
@@ -123,14 +133,16 @@ def person_examples(store: DeviceStore, architecture: Architecture) -> Examples:
 
 
 def has_enough_data(store: DeviceStore, architecture: Architecture) -> bool:
-    """Could this device train? Decided from counts first (cheap), features only when close."""
+    """Could this device take part (``architecture.min_examples`` examples)? Decided from
+    counts first (cheap), features only when close."""
+    needed = architecture.min_examples
     (answered,) = store.conn.execute("SELECT count(*) FROM checkins WHERE readiness IS NOT NULL").fetchone()
-    if answered < MIN_TRAINING_EXAMPLES:
+    if answered < needed:
         return False  # every example needs a readiness answer as its target
-    if answered - architecture.window >= MIN_TRAINING_EXAMPLES:
+    if answered - architecture.window >= needed:
         return True  # only answers within the first `window` days lack a full input window
     try:
-        return len(person_examples(store, architecture)) >= MIN_TRAINING_EXAMPLES
+        return len(person_examples(store, architecture)) >= needed
     except (NoDataError, ValueError):
         return False
 
@@ -148,13 +160,14 @@ def _single_thread_torch() -> None:
 def local_update(store: DeviceStore, global_arrays: list[np.ndarray], params: ConfigRecord, *, run_id: str,
                  round_: int) -> tuple[np.ndarray, float]:
     """Train on this person's data from the global shared part (the architecture the train
-    message names); keep the model, personal part included, in the encrypted store; return
-    (the raw vector to share, mean training loss)."""
+    message names), or compute its statistics; keep the model, personal part included, in
+    the encrypted store; return (the raw vector to share, mean training loss - which stays on
+    the device)."""
     architecture = get_architecture(str(params["model"]))
     _single_thread_torch()
     examples = person_examples(store, architecture)
-    if len(examples) < MIN_TRAINING_EXAMPLES:
-        raise NoDataError("not enough check-ins to train on")
+    if len(examples) < architecture.min_examples:
+        raise NoDataError("not enough check-ins to take part")
     stored = store.load_model_state(architecture.state_name)
     training = LocalTraining(
         epochs=int(params["local_epochs"]), learning_rate=float(params["learning_rate"]),
@@ -163,8 +176,31 @@ def local_update(store: DeviceStore, global_arrays: list[np.ndarray], params: Co
     contribution = architecture.contribute(str(params["model_config"]), global_arrays, examples, training,
                                            None if stored is None else stored[0])
     store.save_model_state(architecture.state_name, contribution.state,
-                           {"trained": "federated", "run_id": run_id, "round": round_})
+                           {"trained": "federated", "run_id": run_id, "round": round_, "stored_at": int(time.time())})
     return contribution.vector, contribution.loss
+
+
+def adopt_model(store: DeviceStore, architecture: Architecture, arrays: list[np.ndarray], record: ConfigRecord, *,
+                run_id: str, round_: int) -> str | None:
+    """Keep a delivered model: None when kept, else why not (for the device's own log; never
+    sent). Kept only when the arrays hash to the hash the release's ledger entry names, the
+    person consents to the run and the architecture accepts it."""
+    if not architecture.delivers_model:
+        return "this model is not delivered"
+    if arrays_sha256(arrays) != str(record.get("model_hash", "")):
+        return "the arrays do not match the released model's hash"
+    if not store.consents(run_id):
+        return "the person has not consented to this run"
+    stored = store.load_model_state(architecture.state_name)
+    try:
+        state = architecture.adopt(str(record["model_config"]), arrays, None if stored is None else stored[0])
+    except ModelError as exc:
+        return str(exc)
+    store.save_model_state(architecture.state_name, state, {
+        "trained": "released", "run_id": run_id, "round": round_, "model_hash": str(record["model_hash"]),
+        "ledger_seq": int(record.get("ledger_seq", -1)), "ledger_hash": str(record.get("ledger_hash", "")),
+        "stored_at": int(time.time())})
+    return None
 
 
 # -- the app ----------------------------------------------------------------------------
@@ -234,6 +270,24 @@ def make_client_app(
             participate = bool(store.consents(run_id)) and has_enough_data(store, architecture)
         return Message(RecordDict({wire.CONSENT_RECORD: ConfigRecord({"participate": participate})}), reply_to=msg)
 
+    @app.query("restwise_model")
+    def model_delivery(msg: Message, context: Context) -> Message:
+        """A run's released model. The reply is the same empty message whether the device kept
+        it or not: the server learns nothing from it."""
+        try:
+            run_id, round_ = _run_record(msg)
+            record = msg.content.config_records[wire.MODEL_RECORD]
+            arrays = wire.arrays_from_record(msg.content.array_records[wire.GLOBAL_RECORD])
+            architecture = get_architecture(str(record["model"]))
+        except (KeyError, ValueError, TypeError, ModelError):
+            _log.warning("a malformed model delivery was ignored")
+        else:
+            with device_store(context) as store:
+                why_not = adopt_model(store, architecture, arrays, record, run_id=run_id, round_=round_)
+            if why_not:
+                _log.warning("the delivered %s model was not kept: %s", architecture.name, why_not)
+        return Message(RecordDict(), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         try:
@@ -246,13 +300,11 @@ def make_client_app(
             if not store.consents(run_id):
                 return Message(Error(code=wire.ERROR_CODE_NO_CONSENT, reason="the person has not consented to this run"), reply_to=msg)
             try:
-                update, loss = local_update(store, global_arrays, params, run_id=run_id, round_=round_)
+                update, _loss = local_update(store, global_arrays, params, run_id=run_id, round_=round_)
             except NoDataError:
                 return Message(Error(code=wire.ERROR_CODE_NOT_ENOUGH_DATA, reason="not enough data to train"), reply_to=msg)
-        content = RecordDict({wire.UPDATE_RECORD: ArrayRecord({wire.UPDATE_VECTOR: Array(update)})})
-        if math.isfinite(loss):
-            content[wire.METRICS_RECORD] = MetricRecord({"train_loss": E.TRAIN_LOSS.coarsen(loss)})
-        return Message(content, reply_to=msg)
+        # The loss stays on the device: no per-device number travels in the clear.
+        return Message(RecordDict({wire.UPDATE_RECORD: ArrayRecord({wire.UPDATE_VECTOR: Array(update)})}), reply_to=msg)
 
     return app
 
@@ -262,5 +314,5 @@ app = make_client_app()
 
 __all__ = [
     "app", "make_client_app", "DeviceLocator", "DeviceLocation", "open_device_store", "device_folder_name",
-    "local_update", "person_examples", "has_enough_data", "SIM_KEYSTORE_DIR",
+    "local_update", "person_examples", "has_enough_data", "adopt_model", "SIM_KEYSTORE_DIR",
 ]

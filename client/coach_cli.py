@@ -16,10 +16,11 @@ from rich.panel import Panel
 from rich.text import Text
 
 from restwise.client.cli_support import KeystoreOpt, PassFileOpt, StoreOpt, console, device_errors, open_store
-from restwise.client.dataset import daily_data, load_model, train_local_model
+from restwise.client.dataset import daily_data, train_local_model
 from restwise.common.errors import ModelError
 from restwise.models.coach import CoachError, coach_today
 from restwise.models.metrics import CHECKIN_FIELDS
+from restwise.models.registry import WARNING, get_architecture, known_models
 
 BAND_STYLE = {"green": "bold green", "yellow": "bold yellow", "red": "bold red"}
 CHECKIN_SOURCE = "restwise_coach"
@@ -32,6 +33,36 @@ def _parse_day(value: Optional[str], option: str) -> Optional[str]:
         return dt.date.fromisoformat(value).isoformat()
     except ValueError:
         raise typer.BadParameter(f"{option} must be a day written YYYY-MM-DD") from None
+
+
+def stored_models(store):
+    """(readiness model, its status, warning weights) from the models the store holds, by the
+    registry (``Architecture.coach_model``): of the readiness models (the network trained in
+    a federated run, a linear head delivered after a release) the most recently stored one;
+    an unreadable stored model is skipped and said so."""
+    readiness, warning, unreadable = [], None, []
+    for name in known_models():
+        architecture = get_architecture(name)
+        row = store.load_model_state(architecture.state_name)
+        if row is None:
+            continue
+        blob, meta = row
+        try:
+            model = architecture.coach_model(blob)
+        except ModelError:
+            unreadable.append(name)
+            continue
+        if model is None:
+            continue
+        if architecture.coach_role == WARNING:
+            warning = model
+        else:
+            readiness.append((int((meta or {}).get("stored_at", 0)), name, model, meta or {}))
+    if not readiness:
+        status = "stored model unreadable: using rules only" if unreadable else "none"
+        return None, status, warning
+    _, name, model, meta = max(readiness, key=lambda item: item[0])
+    return model, "stored ({}): {}".format(meta.get("trained", "unknown origin"), name), warning
 
 
 def advise(store, day: Optional[str] = None, *, train_local: bool = False):
@@ -49,25 +80,18 @@ def advise(store, day: Optional[str] = None, *, train_local: bool = False):
         else:
             day = data.days[-1]
             note = f"Your latest data is from {day}; showing the advice for that day."
-    model_status = "none"
+    model, model_status, warning_weights = stored_models(store)
     if train_local:
         model, n = train_local_model(store)
         model_status = f"trained on this device ({n} days)"
-    else:
-        try:
-            model, meta = load_model(store)
-            if model is not None:
-                model_status = "stored ({})".format((meta or {}).get("trained", "unknown origin"))
-        except ModelError:
-            model, model_status = None, "stored model unreadable: using rules only"
 
     override = any(r["day"] == day and r["is_override"] for r in store.checkins())
     try:
-        advice = coach_today(data, model, today=day, override=override)
+        advice = coach_today(data, model, today=day, override=override, warning_weights=warning_weights)
     except CoachError as exc:
         if model is None:
             raise
-        advice = coach_today(data, None, today=day, override=override)
+        advice = coach_today(data, None, today=day, override=override, warning_weights=warning_weights)
         model_status = f"not used ({exc})"
     return advice, note, model_status
 
@@ -201,4 +225,4 @@ def register(app: typer.Typer) -> None:
         )
 
 
-__all__ = ["register", "advise", "print_advice", "warning_text"]
+__all__ = ["register", "advise", "print_advice", "warning_text", "stored_models"]

@@ -29,6 +29,7 @@ Which stored value becomes a day's value:
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -215,7 +216,7 @@ def train_local_model(store, *, seed: int = 0, epochs: int | None = None):
         )
     model = train_person_model(examples, seed=seed, epochs=epochs or DEFAULT_EPOCHS)
     save_model(store, model, {"trained": "local", "n_examples": len(examples),
-                              "last_day": examples.target_days[-1]})
+                              "last_day": examples.target_days[-1], "stored_at": int(time.time())})
     return model, len(examples)
 
 

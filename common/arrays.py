@@ -4,6 +4,7 @@ and the in-process evaluation all use these two functions."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,4 +31,13 @@ def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray
     return out
 
 
-__all__ = ["flatten", "unflatten"]
+def arrays_sha256(arrays: Sequence[np.ndarray]) -> str:
+    """The hash that names a model's shared arrays wherever they are released, checkpointed or
+    delivered: SHA-256 of every array as float32 (what the wire carries), in order."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+__all__ = ["flatten", "unflatten", "arrays_sha256"]

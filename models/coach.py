@@ -53,7 +53,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -61,6 +63,7 @@ from restwise.models.features import (
     DEFAULT_FEATURE_CONFIG,
     DailyData,
     FeatureConfig,
+    FeatureFrame,
     compute_raw_features,
     make_inputs,
     model_features_from_raw,
@@ -206,12 +209,17 @@ def coach_today(
     config: CoachConfig = DEFAULT_COACH_CONFIG,
     feature_config: FeatureConfig = DEFAULT_FEATURE_CONFIG,
     override: bool = False,
+    warning_weights: np.ndarray | None = None,
 ) -> CoachAdvice:
     """Today's advice from the person's days (``today`` defaults to the last day of ``data``;
-    a later day extends the data with empty days). ``model``: a trained
+    a later day extends the data with empty days). ``model``: a :class:`Forecaster` (e.g. the
+    released linear head, ``models.linear_head_architecture.LinearHeadForecaster``), a trained
     :class:`~restwise.models.network.RecoveryNet` whose personal part was fitted, or None.
-    ``override``: today's readiness answer was the person's correction of the coach; it then
-    sets the number alone (the person knows best)."""
+    Either way it is blended in only when it beats "same as your last answer" on the person's
+    recent days (:func:`model_earns_trust`). ``override``: today's readiness answer was the
+    person's correction of the coach; it then sets the number alone (the person knows best).
+    ``warning_weights``: a released early-warning model the device holds (default: the
+    shipped prior's)."""
     if not isinstance(data, DailyData) or len(data) == 0:
         raise CoachError("the coach needs at least one day of data")
     today = today or data.days[-1]
@@ -341,24 +349,17 @@ def coach_today(
     model_note = None
     z = z_rules
     model_weight = config.model_weight * (0.5 if "checkin" in comps else 1.0)
-    if model is not None and baseline_days >= config.min_baseline_days and t >= 1:
-        from restwise.models.training import predict  # late: torch only when a model is used
-
-        if float(model.personal.fitted.item()) > 0:
-            frame = model_features_from_raw(raw, feature_config)
-            if frame.n_features != model.config.n_features:
-                raise CoachError(
-                    "the stored model was trained on a different feature set; retrain it"
-                )
-            trusted, model_note = model_earns_trust(model, frame, data.series.get("readiness"), t, config)
+    forecaster = as_forecaster(model)
+    if forecaster is not None and baseline_days >= config.min_baseline_days and t >= 1:
+        frame = model_features_from_raw(raw, feature_config)
+        not_usable = forecaster.unusable(frame)
+        if not_usable is None:
+            trusted, model_note = model_earns_trust(forecaster, data, frame, t, config)
         else:
-            trusted, model_note = False, "the model's personal part is not fitted yet"
-        if trusted:
-            x = make_inputs(frame, t - 1, model.config.window)
-            pred, _p_low = predict(model, x, snap=False)
-            model_readiness = float(pred[0])
-            mean = float(model.personal.target_mean.item())
-            scale = float(model.personal.target_scale.item())
+            trusted, model_note = False, not_usable
+        today_forecast = forecaster.forecast(data, frame, [t])[0] if trusted else None
+        if today_forecast is not None:
+            model_readiness, mean, scale = today_forecast
             z_model = float(np.clip((model_readiness - mean) / scale, -3, 3))
             comps["model"] = z_model
             z = (1 - model_weight) * z_rules + model_weight * z_model
@@ -381,7 +382,7 @@ def coach_today(
     recommendation = recommendation_for(band)  # the rule is a reason below, not a verdict
     warning = None
     if np.isfinite(s["readiness"][: t + 1]).any():
-        warning = warning_today(data, today=today, raw=raw).to_dict()
+        warning = warning_today(data, today=today, raw=raw, weights=warning_weights).to_dict()
 
     # --- confidence
     history = min(1.0, baseline_days / config.full_confidence_days)
@@ -420,7 +421,57 @@ def coach_today(
     )
 
 
-def model_earns_trust(model, frame, readiness, t: int, config: CoachConfig) -> tuple[bool, str]:
+class Forecaster(Protocol):
+    """A model as the coach uses it: the forecast of day j's readiness made on day j-1."""
+
+    label: str
+
+    def unusable(self, frame: FeatureFrame) -> str | None:
+        """Why the model cannot be used for this person (None: it can); CoachError when it
+        was made for other features."""
+
+    def forecast(self, data: DailyData, frame: FeatureFrame,
+                 targets: Sequence[int]) -> list[tuple[float, float, float] | None]:
+        """Per target day index j: (forecast on the 0-10 scale, the person's mean, their
+        scale), from the days before j only; None when none can be made."""
+
+
+@dataclass(frozen=True)
+class NetworkForecaster:
+    """The recovery network (shared part + the person's fitted personal part)."""
+
+    model: Any
+    label: str = "recovery network"
+
+    def unusable(self, frame: FeatureFrame) -> str | None:
+        if frame.n_features != self.model.config.n_features:
+            raise CoachError("the stored model was trained on a different feature set; retrain it")
+        if float(self.model.personal.fitted.item()) <= 0:
+            return "the model's personal part is not fitted yet"
+        return None
+
+    def forecast(self, data: DailyData, frame: FeatureFrame,
+                 targets: Sequence[int]) -> list[tuple[float, float, float] | None]:
+        from restwise.models.training import predict  # late: torch only when a network is used
+
+        if not targets:
+            return []
+        x = np.concatenate([make_inputs(frame, j - 1, self.model.config.window) for j in targets])
+        pred, _ = predict(self.model, x, snap=False)
+        mean = float(self.model.personal.target_mean.item())
+        scale = float(self.model.personal.target_scale.item())
+        return [(float(p), mean, scale) for p in pred]
+
+
+def as_forecaster(model) -> Forecaster | None:
+    """``model`` as the coach uses it: a Forecaster as it is, a recovery network wrapped."""
+    if model is None or hasattr(model, "forecast"):
+        return model
+    return NetworkForecaster(model)
+
+
+def model_earns_trust(forecaster: Forecaster, data: DailyData, frame: FeatureFrame, t: int,
+                      config: CoachConfig) -> tuple[bool, str]:
     """Does the model forecast this person's readiness better than their own last answer?
 
     A backtest on the person's recent days (up to ``trust_window`` days before today, each
@@ -429,22 +480,21 @@ def model_earns_trust(model, frame, readiness, t: int, config: CoachConfig) -> t
     than "tomorrow = the last answer". A federated model early in training, or one wrecked by
     privacy noise on a tiny cohort, then cannot move anyone's advice.
     """
-    from restwise.models.training import predict
-
+    readiness = data.series.get("readiness")
     if readiness is None:
         return False, "no readiness answers to check the model against"
     r = np.asarray(readiness, dtype=float)
     days = [j for j in range(max(1, t - config.trust_window), t) if np.isfinite(r[j])]
     last = [r[: j][np.isfinite(r[: j])] for j in days]
     pairs = [(j, lv[-1]) for j, lv in zip(days, last) if lv.size]
-    if len(pairs) < config.trust_min_days:
-        return False, (f"model not used yet: {len(pairs)} of {config.trust_min_days} recent "
+    forecasts = forecaster.forecast(data, frame, [j for j, _ in pairs]) if pairs else []
+    scored = [(f[0], lv, r[j]) for (j, lv), f in zip(pairs, forecasts) if f is not None]
+    if len(scored) < config.trust_min_days:
+        return False, (f"model not used yet: {len(scored)} of {config.trust_min_days} recent "
                        "answered days to check it against")
-    x = np.concatenate([make_inputs(frame, j - 1, model.config.window) for j, _ in pairs])
-    pred, _ = predict(model, x, snap=False)
-    truth = np.array([r[j] for j, _ in pairs])
+    pred, last_values, truth = (np.array(v, dtype=float) for v in zip(*scored))
     mae_model = float(np.mean(np.abs(pred - truth)))
-    mae_last = float(np.mean(np.abs(np.array([lv for _, lv in pairs]) - truth)))
+    mae_last = float(np.mean(np.abs(last_values - truth)))
     if mae_model <= mae_last:
         return True, (f"model used: recent error {mae_model:.2f} vs {mae_last:.2f} for "
                       "'same as your last answer'")
@@ -455,5 +505,6 @@ def model_earns_trust(model, frame, readiness, t: int, config: CoachConfig) -> t
 __all__ = [
     "CoachAdvice", "CoachConfig", "CoachError", "DEFAULT_COACH_CONFIG", "BANDS", "RECOMMENDATIONS",
     "AS_PLANNED", "LIGHTER", "REST", "OVERREACHING", "band_for", "recommendation_for",
-    "score_from_z", "overreaching_risk", "coach_today",
+    "score_from_z", "overreaching_risk", "coach_today", "Forecaster", "NetworkForecaster", "as_forecaster",
+    "model_earns_trust",
 ]

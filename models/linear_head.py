@@ -476,67 +476,6 @@ class LinearHead:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
 
-# ------------------------------------------------------------------------------ the architecture
-@dataclass(frozen=True)
-class LinearHeadArchitecture:
-    """Everything a model registry and a release workflow need to know (phase 2 registers
-    this object under ``name``):
-
-    * ``name``, ``feature_spec_version``/``feature_spec_sha256()``, ``window``,
-      ``history_days``: what the device computes;
-    * what it shares: one vector of ``statistics_length`` numbers per device, L2 norm at most
-      ``sensitivity`` (:meth:`device_statistics`), released **once** per run;
-    * :meth:`server_model`: the released noisy sum -> the model (PSD projection + ridge solve
-      shrunk toward the prior);
-    * :meth:`predict`: the device's forecast; ``LinearHead.to_bytes``/``from_bytes``;
-    * what stays on the device: :class:`PersonalScale` (mean, scale, step, range, low
-      threshold) and the person's own days.
-    """
-
-    name: str = ARCHITECTURE_NAME
-    feature_spec_version: int = FEATURE_SPEC_VERSION
-    window: int = WINDOW
-    history_days: int = HISTORY_DAYS
-    shared_length: int = N_FEATURES
-    statistics_length: int = STATISTICS_LENGTH
-    sensitivity: float = SENSITIVITY
-    releases_per_run: int = 1
-    min_examples: int = MIN_EXAMPLES
-    personal_state: tuple[str, ...] = ("mean", "scale", "step", "low_threshold", "lo", "hi")
-
-    @staticmethod
-    def feature_spec_sha256() -> str:
-        return feature_spec_sha256()
-
-    @staticmethod
-    def device_statistics(window_features: np.ndarray, history: np.ndarray, targets: np.ndarray,
-                          personal: PersonalScale) -> np.ndarray:
-        inputs = head_inputs(window_features, history, personal)
-        return device_statistics(inputs.x, target_delta(targets, inputs.anchor, personal))
-
-    @staticmethod
-    def server_model(noisy_sum: np.ndarray, *, noise_std: float, devices: int,
-                     prior: PriorWeights) -> LinearHead:
-        A, b = unpack_statistics(noisy_sum)
-        return LinearHead(solve_with_prior(A, b, prior, noise_std=noise_std, devices=devices))
-
-    @staticmethod
-    def predict(model: LinearHead, window_features: np.ndarray, history: np.ndarray,
-                personal: PersonalScale) -> tuple[np.ndarray, np.ndarray]:
-        return model.predict(head_inputs(window_features, history, personal), personal)
-
-    @staticmethod
-    def serialise(model: LinearHead) -> bytes:
-        return model.to_bytes()
-
-    @staticmethod
-    def deserialise(blob: bytes) -> LinearHead:
-        return LinearHead.from_bytes(blob)
-
-
-LINEAR_HEAD = LinearHeadArchitecture()
-
-
 def sum_statistics(vectors: Sequence[np.ndarray]) -> np.ndarray:
     """Exact float64 sum of devices' vectors (what secure aggregation releases, noise aside)."""
     if not vectors:
@@ -550,6 +489,6 @@ __all__ = [
     "SENSITIVITY", "TARGET_BOUND", "MIN_EXAMPLES", "WINDOW", "HISTORY_DAYS", "LinearHeadError",
     "NotEnoughDataError", "PersonalScale", "HeadInputs", "head_inputs", "target_delta", "moments",
     "pack_statistics", "unpack_statistics", "device_statistics", "project_psd", "PriorWeights",
-    "solve_with_prior", "LinearHead", "LinearHeadArchitecture", "LINEAR_HEAD", "feature_spec",
+    "solve_with_prior", "LinearHead", "feature_spec",
     "feature_spec_sha256", "sum_statistics",
 ]

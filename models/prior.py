@@ -397,6 +397,19 @@ def load_prior(path: Path | str | None = None, *, expected_sha256: str | None = 
     return parse_prior(text, expected_sha256=expected_sha256, spec=spec)
 
 
+def statistics_release_shape(name: str, statistics_length: int, sensitivity: float, target_bound: float,
+                             target_prior: TargetPrior) -> dict:
+    """What one release of a bounded-statistics architecture shares, for the planner
+    (``Architecture.release_shape``; the fields of ``privacy.utility.StatisticsReleaseShape``):
+    its signal and prior taken from a fitted prior (public data)."""
+    tp = target_prior
+    return {"mechanism": "statistics", "name": name, "statistics_length": int(statistics_length),
+            "sensitivity": float(sensitivity), "target_bound": float(target_bound),
+            "mean_second_moment": tp.mean_A, "prior_tau2": tp.tau2,
+            "prior_weights_norm2": float(tp.weights @ tp.weights), "person_variance": float(tp.person_variance),
+            "mean_statistics_norm": float(tp.mean_statistics_norm)}
+
+
 # ------------------------------------------------------------------------------ evaluation
 @dataclass
 class PriorAssignment:
@@ -491,5 +504,5 @@ __all__ = [
     "fit_prior", "fit_target_prior", "load_prior", "parse_prior", "cross_fitted_priors", "cross_fit_halves",
     "shipped_assignment", "person_moments", "predict_split", "split_inputs", "PUBLIC_DATASETS",
     "SHIPPED_PRIOR_SHA256", "check_history", "PriorSpec", "LINEAR_HEAD_PRIOR", "PersonMoments",
-    "ridge_from_moments",
+    "ridge_from_moments", "statistics_release_shape",
 ]

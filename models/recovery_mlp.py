@@ -22,6 +22,7 @@ from restwise.common.errors import ModelError
 from restwise.models.features import DailyData, Examples, compute_features, make_examples, model_feature_names
 from restwise.models.registry import (
     FEDAVG,
+    READINESS,
     Contribution,
     LocalTraining,
     ReleasedSum,
@@ -32,6 +33,19 @@ from restwise.models.registry import (
 NAME = "recovery-mlp"
 STATE_NAME = "recovery_model"  # the device store's slot for the person's model (the coach reads it)
 WINDOW = 7
+MIN_EXAMPLES = 14  # days with a next-day readiness answer a device needs to train
+HIDDEN = (32, 16)  # network.ModelConfig's default hidden layers (a test checks they agree)
+
+
+def shared_parameter_count(n_features: int, window: int = WINDOW, hidden: tuple[int, ...] = HIDDEN) -> int:
+    """The number of shared values of the network (``network.SharedPart``: the body's linear
+    layers, the head and the wide linear path), without building it (no torch)."""
+    size = n_features * window
+    count, prev = 0, size
+    for h in hidden:
+        count += prev * h + h
+        prev = h
+    return count + prev * 2 + 2 + size * 2 + 2
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,9 @@ class RecoveryMLP:
     window: int = WINDOW
     state_name: str = STATE_NAME
     l2_sensitivity: float | None = None  # FedAvg: the run's clip norm bounds an update
+    min_examples: int = MIN_EXAMPLES
+    delivers_model: bool = False  # each device keeps the model it trained in its last round
+    coach_role: str = READINESS
 
     def feature_names(self) -> Sequence[str]:
         return tuple(model_feature_names())
@@ -83,10 +100,26 @@ class RecoveryMLP:
                                         batch_size=training.batch_size, seed=training.seed)
         return Contribution(vector, loss, model_to_bytes(model))
 
-    def apply_release(self, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
+    def apply_release(self, model_config: str, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
         return fedavg_apply(shared, released.total, released.divisor)
+
+    def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
+        raise ModelError("recovery-mlp devices keep the model they trained; nothing is delivered")
+
+    def coach_model(self, state: bytes):
+        """The stored network (the coach wraps it: ``models.coach.NetworkForecaster``)."""
+        from restwise.models.network import model_from_bytes  # torch: only when a network is read
+
+        return model_from_bytes(state)
+
+    def release_shape(self, *, rounds: int, clip_norm: float, sampling_rate: float,
+                      prior_path: str | None = None, target: str = "readiness") -> dict:
+        """DP-FedAvg of the shared part (``privacy.utility.FedAvgShape``)."""
+        return {"mechanism": "fedavg", "name": self.name,
+                "shared_length": shared_parameter_count(len(model_feature_names()), self.window),
+                "clip_norm": float(clip_norm), "rounds": int(rounds), "sampling_rate": float(sampling_rate)}
 
 
 ARCHITECTURE = RecoveryMLP()
 
-__all__ = ["RecoveryMLP", "ARCHITECTURE", "NAME", "STATE_NAME", "WINDOW"]
+__all__ = ["RecoveryMLP", "ARCHITECTURE", "NAME", "STATE_NAME", "WINDOW", "MIN_EXAMPLES", "shared_parameter_count"]

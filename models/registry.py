@@ -13,6 +13,8 @@ An architecture knows everything the federation needs about a model, so nothing 
 * **serialisation**: ``model_config(seed)`` is the configuration the server sends (a JSON
   string), the device keeps its whole model (shared and personal part) as bytes in its store
   under ``state_name``;
+* **who may take part**: ``min_examples``, the fewest examples a device needs (fewer: it
+  answers the round's hello with "no" and sends nothing);
 * **shared/personal split and the federated protocol** (``protocol``):
 
   - ``FEDAVG``: rounds of FedAvg. ``initial_shared`` gives the server's starting shared
@@ -27,6 +29,18 @@ An architecture knows everything the federation needs about a model, so nothing 
     (documented in its module; the release clips to it and calibrates the noise to it);
     ``apply_release`` turns the released sum into the shared arrays of the model (e.g. solves
     the normal equations, shrunk with the sum's known noise: :class:`ReleasedSum`).
+
+* **delivery** (``delivers_model``): when set, the server sends the run's final shared arrays
+  to every device after the run (one message, the device replies nothing), and the device's
+  ``adopt`` keeps them with its personal part in its store: a one-release model is computed on
+  the server, so this is how it reaches the coach. FedAvg devices keep the model they trained.
+* **the coach** (``coach_role``, ``coach_model(state)``): what the device's coach takes from
+  the stored state - a readiness model (tomorrow's forecast, checked by the trust gate) or the
+  7-day warning's weights.
+* **planning** (``release_shape(...)``): what one run of the model shares, as the plain numbers
+  the planner (``privacy.utility.assess_release``) reads: ``mechanism`` "statistics" (the
+  fields of ``privacy.utility.StatisticsReleaseShape``) or "fedavg" (``FedAvgShape``). It must
+  not load torch (the service plans runs).
 
 The privacy side never sees any of this: it releases "a Gaussian mechanism over a secure sum
 of vectors of L2 norm <= C" (``privacy/release.py``), with C = ``l2_sensitivity`` when the
@@ -51,10 +65,15 @@ from restwise.models.features import DailyData, Examples
 FEDAVG = "fedavg"  # rounds of FedAvg of the shared arrays
 ONE_RELEASE = "one-release"  # one release of bounded sufficient statistics
 PROTOCOLS = (FEDAVG, ONE_RELEASE)
+READINESS = "readiness"  # the coach's forecast of tomorrow's readiness
+WARNING = "warning"  # the coach's 7-day warning of a low week
+COACH_ROLES = (READINESS, WARNING)
 
 # name -> "module:attribute" of its ARCHITECTURE object. One line per architecture.
 ARCHITECTURES: dict[str, str] = {
     "recovery-mlp": "restwise.models.recovery_mlp:ARCHITECTURE",
+    "linear-head": "restwise.models.linear_head_architecture:ARCHITECTURE",
+    "early-warning": "restwise.models.warning_architecture:ARCHITECTURE",
 }
 DEFAULT_MODEL = "recovery-mlp"
 # A device trains round r with seed + ROUND_SEED_STRIDE x r (a prime: rounds never share a seed).
@@ -91,7 +110,7 @@ class Contribution:
     """What a device computed in one round."""
 
     vector: np.ndarray  # what it shares: raw (the DP mod clips and noises it, SecAgg masks it)
-    loss: float  # its mean training loss (NaN when there is none): the coarse train_loss metric
+    loss: float  # its mean training loss (NaN when there is none); stays on the device
     state: bytes  # its whole model afterwards (personal part included), kept in its store
 
 
@@ -102,10 +121,14 @@ class Architecture(Protocol):
     window: int  # days of input per example
     state_name: str  # the store slot that holds the device's model
     l2_sensitivity: float | None  # ONE_RELEASE: the bound of a contribution's L2 norm
+    min_examples: int  # fewer examples: the device does not take part
+    delivers_model: bool  # the server sends the final shared arrays to the devices (adopt)
+    coach_role: str  # what the device's coach uses it for: READINESS (tomorrow) or WARNING (7 days)
 
     def feature_names(self) -> Sequence[str]: ...
 
-    def examples(self, data: DailyData) -> Examples: ...
+    def examples(self, data: DailyData) -> Examples:
+        """The person's examples (any object ``contribute`` reads; ``len()`` counts them)."""
 
     def model_config(self, seed: int) -> str: ...
 
@@ -116,7 +139,21 @@ class Architecture(Protocol):
     def contribute(self, model_config: str, shared: list[np.ndarray], examples: Examples,
                    training: LocalTraining, state: bytes | None) -> Contribution: ...
 
-    def apply_release(self, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]: ...
+    def apply_release(self, model_config: str, shared: list[np.ndarray],
+                      released: ReleasedSum) -> list[np.ndarray]: ...
+
+    def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
+        """On the device: its model state holding the delivered shared arrays (its personal
+        part kept); ModelError when the delivered model is not one it can use."""
+
+    def release_shape(self, *, rounds: int, clip_norm: float, sampling_rate: float,
+                      prior_path: str | None = None, target: str = "readiness") -> dict: ...
+
+    def coach_model(self, state: bytes):
+        """What the device's coach uses from a stored state: a readiness model
+        (``models.coach.Forecaster`` or a recovery network) or warning weights; None when the
+        state holds no usable model yet (e.g. before a release was delivered). ModelError when
+        the state is unreadable."""
 
 
 _loaded: dict[str, Architecture] = {}
@@ -136,6 +173,10 @@ def check_architecture(arch: object, name: str) -> Architecture:
         raise ModelError(f"{name!r}: protocol must be one of {', '.join(PROTOCOLS)}")
     if not isinstance(arch.window, int) or arch.window < 1:
         raise ModelError(f"{name!r}: window must be a positive integer")
+    if arch.coach_role not in COACH_ROLES:
+        raise ModelError(f"{name!r}: coach_role must be one of {', '.join(COACH_ROLES)}")
+    if not isinstance(arch.min_examples, int) or arch.min_examples < 1:
+        raise ModelError(f"{name!r}: min_examples must be a positive integer")
     bound = arch.l2_sensitivity
     if arch.protocol == ONE_RELEASE and not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
         raise ModelError(f"{name!r}: a one-release architecture must declare a positive l2_sensitivity")
@@ -193,7 +234,7 @@ def fedavg_apply(shared: list[np.ndarray], released_sum: np.ndarray, divisor: fl
 
 
 __all__ = [
-    "FEDAVG", "ONE_RELEASE", "PROTOCOLS", "ARCHITECTURES", "DEFAULT_MODEL", "Architecture", "LocalTraining",
+    "FEDAVG", "ONE_RELEASE", "PROTOCOLS", "READINESS", "WARNING", "COACH_ROLES", "ARCHITECTURES", "DEFAULT_MODEL", "Architecture", "LocalTraining",
     "Contribution", "ReleasedSum", "known_models", "get_architecture", "check_architecture", "register", "unregister",
     "registered", "fedavg_apply", "fedavg_contribution_size", "round_seed", "ROUND_SEED_STRIDE",
 ]

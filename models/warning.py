@@ -103,6 +103,7 @@ from restwise.models.prior import (
     PersonMoments,
     PriorSpec,
     PublicCohort,
+    TargetPrior,
     load_prior,
     ridge_from_moments,
 )
@@ -798,10 +799,12 @@ _REASON_TEXT = {
 
 
 def warning_today(data: DailyData, *, today: str | None = None, target: str = "readiness", raw=None,
-                  prior=None, record: WarningRecord | None = None) -> WarningAdvice:
+                  prior=None, record: WarningRecord | None = None, weights: np.ndarray | None = None) -> WarningAdvice:
     """The 7-day risk of a low week for ``today`` (default: the last day), with the shipped
     warning prior's weights and operating point (or ``prior``, a loaded warning prior) and the
-    shipped record. ``raw``: the raw feature frame of ``data`` when the caller has it."""
+    shipped record. ``raw``: the raw feature frame of ``data`` when the caller has it.
+    ``weights``: a released model the device holds (``models.warning_architecture``), scored
+    at the prior's operating point; the record quoted is then still the prior's (said so)."""
     prior = prior or load_prior(spec=WARNING_PRIOR)
     record = record or load_record()
     tp = prior.target(target)
@@ -809,6 +812,10 @@ def warning_today(data: DailyData, *, today: str | None = None, target: str = "r
     today = today or data.days[-1]
     t = data.index_of(today)
     model_name = f"public prior (sha256 {prior.sha256[:12]}...), operating point {point:.2f}"
+    if weights is not None:
+        model_name = (f"released model (one DP release, shrunk toward the public prior {prior.sha256[:12]}...), "
+                      f"the prior's operating point {point:.2f}; the record below is the prior's")
+        tp = TargetPrior(**{**tp.__dict__, "weights": WarningModel(weights).weights})
     person = PersonDays.from_daily(data, target, raw)
     rules = rule_reasons(person.raw, t, record)
     scored = device_scores(person, [t], tp.weights)

@@ -20,17 +20,25 @@ The allow-list contract (one place: the guard, the server workflow and the audit
 information-leakage section read it from here)::
 
     query "restwise.hello" reply   ConfigRecord "restwise.consent"  participate (bool)
+    query "restwise.model" reply   nothing (the device keeps a delivered model or not; its
+                                   reply is the same empty message either way)
     secure-aggregation stages      the records of privacy/secagg/records.py CLIENT_REPLY_RECORDS
                                    (public keys, encrypted shares, the masked update as uint64
-                                   ring elements, bad-share senders, refusals), and MetricRecord
-                                   "metrics" with only the coarse metrics below
+                                   ring elements, bad-share senders, refusals); MetricRecord
+                                   "metrics" only with a policy's metrics - none by default
     plain train reply              ArrayRecord "update" -> "vector" (1-D float), ONLY when the
                                    run is server-trusted without secure aggregation
-                                   (``EgressPolicy.allow_unmasked_update``), + coarse metrics
-    coarse metrics                 train_loss: a number in [0, 100] rounded to 2 decimals
+                                   (``EgressPolicy.allow_unmasked_update``)
 
-Counts such as the number of training examples are never sent in the clear: they say how much
-data a person has (and a weighted average would need them); Restwise averages updates
+**No per-device metric in the clear** (``DEFAULT_METRICS`` is empty): a device's training loss
+is one number about one person, outside the DP accounting - even coarsened to two decimals it
+can equal a stored answer. A metric may travel only inside the masked vector (summed securely
+and noised with it) or not at all; until secure aggregation carries such a slot, none is sent
+and a round's training loss is "not collected". No reply carries a float in the clear: config
+values may not be floats, arrays must be the masked uint64 ring elements (except a
+server-trusted plain update), and a metric record is refused unless a policy lists its key.
+Counts such as the number of training examples are never sent in the clear either: they say
+how much data a person has (and a weighted average would need them); Restwise averages updates
 unweighted. ``FORBIDDEN_METRIC_KEYS`` are refused even if a policy lists them.
 """
 
@@ -53,6 +61,7 @@ from restwise.privacy.secagg import records as SR
 from restwise.privacy.wire import (
     CONSENT_RECORD,
     DEVICE_STATE,
+    MODEL_MESSAGE_TYPE,
     ERROR_CODE_APP_FAILED,
     ERROR_CODE_LOG_FAILED,
     ERROR_CODE_REFUSED,
@@ -70,8 +79,9 @@ FORBIDDEN_METRIC_KEYS = frozenset(
 )
 
 
+# The coarse training loss a policy *may* allow (benchmarks); not sent by default (see above).
 TRAIN_LOSS = MetricSpec("train_loss", "loss", 0.0, 100.0, decimals=2, description="mean training loss of the round")
-DEFAULT_METRICS = (TRAIN_LOSS,)
+DEFAULT_METRICS: tuple[MetricSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,8 @@ class EgressPolicy:
         mtype = incoming.metadata.message_type
         if mtype == HELLO_MESSAGE_TYPE:
             return {CONSENT_RECORD: ("config", ("participate",))}
+        if mtype == MODEL_MESSAGE_TYPE:
+            return {}  # the reply to a delivered model carries nothing
         if mtype != SR.MESSAGE_TYPE or incoming.has_error():
             return {}
         server = incoming.content.config_records.get(SR.SERVER_RECORD)
@@ -340,12 +352,14 @@ def allow_list_summary(policy: EgressPolicy | None = None) -> dict[str, Any]:
     }
     return {
         "hello_reply": {CONSENT_RECORD: {"kind": "config", "keys": ["participate"]}},
+        "model_delivery_reply": {},
         "secure_aggregation": stages,
         "unmasked_update": {UPDATE_RECORD: {"kind": "array", "keys": [UPDATE_VECTOR]}} if policy.allow_unmasked_update else None,
         "coarse_metrics": [
             {"name": m.name, "range": [m.lo, m.hi], "decimals": m.decimals} for m in policy.metrics
         ],
-        "never_sent": sorted(FORBIDDEN_METRIC_KEYS) + ["raw observations", "check-in answers", "personal model part"],
+        "never_sent": sorted(FORBIDDEN_METRIC_KEYS) + ["raw observations", "check-in answers", "personal model part",
+                                                       "any per-device metric in the clear (e.g. training loss)"],
     }
 
 

@@ -422,7 +422,8 @@ class Release:
     published: Any = None
     accounting: AccountingResult | None = None
     event: GaussianRoundEvent | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # none today: no metric leaves a device in the clear
+    entry: Any = None  # the ledger entry of the release (seq, hash, signature): what a device receipt names
 
     @property
     def noise_multiplier_effective(self) -> float | None:
@@ -512,8 +513,8 @@ class ReleaseWorkflow:
         released, std = add_noise(self.plan, params.dp, result.total, survivors, self._noise_rng())
         published = publish(released, survivors, sum_noise_std(self.plan, params.dp, survivors))
         event = self.release_event(round_, attempt, sampled, survivors, std, published.model_hash())
-        self.ledger.append(event)  # the ledger first: a computed release is accounted whatever happens next
-        return Release(True, None, survivors, std, published, self.epsilon(), event, dict(result.metrics))
+        entry = self.ledger.append(event)  # the ledger first: a computed release is accounted whatever happens next
+        return Release(True, None, survivors, std, published, self.epsilon(), event, dict(result.metrics), entry)
 
     # 3 ----------------------------------------------------------------------------------------
     def secure_sum(self, grid: Grid, participants: list[int], content: RecordDict, params: RoundParameters,
@@ -533,6 +534,29 @@ class ReleaseWorkflow:
         if not releases:
             return None
         return self.plan.accountant().epsilon(releases, self.plan.delta)
+
+    def release_entry(self, model_hash: str):
+        """The ledger entry of this run's release that produced ``model_hash`` (its receipt),
+        or None."""
+        for entry in reversed(self.ledger.entries()):
+            ev = entry.event
+            if isinstance(ev, GaussianRoundEvent) and ev.run_id == self.run_id and ev.model_hash == model_hash:
+                return entry
+        return None
+
+    # the planner's verdict, overridden ------------------------------------------------------------
+    def record_forced_plan(self, message: str, numbers: dict[str, Any]) -> bool:
+        """Record (once per run, before its first release) that the operator forced a plan
+        the planner refuses: ledger AuditEvent ``plan.forced`` with the planner's message and
+        numbers. Returns False when the ledger already holds it."""
+        for e in self.ledger.events():
+            if isinstance(e, AuditEvent) and e.action == "plan.forced" and e.target == self.run_id:
+                return False
+        kept = {k: v for k, v in numbers.items() if isinstance(v, (int, float, str, bool)) and
+                (not isinstance(v, float) or math.isfinite(v))}
+        self.ledger.append(AuditEvent(actor=SERVER_ACTOR, action="plan.forced", target=self.run_id,
+                                      details={"message": message[:2000], **kept}))
+        return True
 
     # a release that did not happen --------------------------------------------------------------
     def fail(self, round_: int, attempt: int, reason: str, **counts: int) -> float:

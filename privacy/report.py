@@ -230,8 +230,11 @@ def build_report(
     claim_amplification: bool = True,
     pld: PLDParameters | None = None,
     public_key=None,
+    model: dict | None = None,
 ) -> dict[str, Any]:
-    """The report for ``run_id`` from the ledger's events alone (plus the given context)."""
+    """The report for ``run_id`` from the ledger's events alone (plus the given context).
+    ``model``: what was released and to whom (the orchestrator's description: architecture,
+    release mechanism and its sensitivity, the released model's hash, its delivery)."""
     if not (isinstance(delta, (int, float)) and 0 < delta < 1):
         raise ReportError("delta must be in (0, 1)")
     entries = ledger.entries()
@@ -317,6 +320,7 @@ def build_report(
             "public_key_file": PUBLIC_KEY_FILE if public_key is not None else None,
             "public_key_fingerprint": key_fingerprint(public_key) if public_key is not None else None,
         },
+        "model": model,
     }
 
 
@@ -373,6 +377,7 @@ def write_run_report(
     out_dir: str | os.PathLike | None = None,
     egress_allow_list: Any = None,
     signing_key=None,
+    model: dict | None = None,
 ) -> dict[str, Path]:
     """Report for a server run folder (``<data_dir>/runs/<run_id>/``: config.json,
     ledger.jsonl signed with the key at config ``audit_key_path`` or ``../audit_key.pem``).
@@ -422,6 +427,7 @@ def write_run_report(
         delta=float(config.get("delta") or 1e-5),
         egress_allow_list=egress_allow_list if egress_allow_list is not None else default_allow_list(),
         budget=budget,
+        model=model,
     )
     return write_report(report, out_dir if out_dir is not None else run_dir, ledger=ledger)
 
@@ -483,6 +489,16 @@ def _svg_curve(curve: list[dict], budget_eps: float | None) -> str:
         )
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _model_html(model: dict | None) -> str:
+    """The released model: what it is, how it was released, whether it reached the devices."""
+    if not model:
+        return ""
+    e = html.escape
+    rows = "".join(f"<tr><th>{e(str(k).replace('_', ' '))}</th><td>{e(_fmt(v) if not isinstance(v, dict) else json.dumps(v, sort_keys=True))}</td></tr>"
+                   for k, v in model.items())
+    return f"<h2>The released model</h2><table id=\"released-model\">{rows}</table>"
 
 
 def render_html(report: dict, *, notice: str | None = None) -> str:
@@ -556,6 +572,7 @@ th{{background:#f3f3f3}}code,pre{{background:#f6f6f6;padding:.2rem;overflow-x:au
 <h3>What leaves a device</h3>{leaves_html}
 <h3>What the server can learn</h3><ul>{''.join(f'<li>{e(t)}</li>' for t in report['information_leakage']['server_learns'])}</ul>
 <h2>Budget refusals</h2>{f'<ul>{refusals}</ul>' if refusals else '<p>None.</p>'}
+{_model_html(report.get('model'))}
 <h2>Releases (from the ledger)</h2>
 <table><tr><th>round</th><th>attempt</th><th>sampling</th><th>rate</th><th>cohort</th><th>planned</th><th>survivors</th>
 <th>noise multiplier (effective)</th><th>noise std</th><th>clip</th><th>ledger seq</th></tr>{rows}</table>

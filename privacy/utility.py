@@ -38,7 +38,9 @@ last answer (docs/evaluation.md). Below that, a DP run is refused unless forced.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -119,9 +121,16 @@ def min_survivors(cohort: int, max_dropout_fraction: float = DEFAULT_MAX_DROPOUT
 
 
 def statistics_release_noise(epsilon: float, delta: float, cohort: int, sensitivity: float,
-                             max_dropout_fraction: float = DEFAULT_MAX_DROPOUT_FRACTION) -> tuple[float, float]:
-    """(z, std of the noise actually in the sum with all ``cohort`` devices present)."""
-    z = calibrate_noise_multiplier(epsilon, delta, 1, sampling="full", adjacency="add_remove").noise_multiplier
+                             max_dropout_fraction: float = DEFAULT_MAX_DROPOUT_FRACTION, *,
+                             noise_multiplier: float | None = None,
+                             distributed: bool = True) -> tuple[float, float]:
+    """(z, std of the noise actually in the sum with all ``cohort`` devices present). z is
+    calibrated for one release at ``epsilon`` unless the run's own ``noise_multiplier`` is
+    given; central noise is exactly z Delta."""
+    z = noise_multiplier if noise_multiplier is not None else calibrate_noise_multiplier(
+        epsilon, delta, 1, sampling="full", adjacency="add_remove").noise_multiplier
+    if not distributed:
+        return z, z * sensitivity
     counted_min = min_survivors(cohort, max_dropout_fraction) - 1  # add/remove: own share not counted
     if counted_min < 1:
         raise ValueError("distributed noise needs at least 2 surviving devices")
@@ -144,9 +153,11 @@ def statistics_release_benefit(shape: StatisticsReleaseShape, cohort: int, noise
 
 def assess_statistics_release(shape: StatisticsReleaseShape, cohort: int, epsilon: float, delta: float = 1e-5,
                               *, max_dropout_fraction: float = DEFAULT_MAX_DROPOUT_FRACTION,
+                              noise_multiplier: float | None = None, distributed: bool = True,
                               force: bool = False) -> UtilityVerdict:
     _check(cohort, epsilon, delta)
-    z, sigma = statistics_release_noise(epsilon, delta, cohort, shape.sensitivity, max_dropout_fraction)
+    z, sigma = statistics_release_noise(epsilon, delta, cohort, shape.sensitivity, max_dropout_fraction,
+                                        noise_multiplier=noise_multiplier, distributed=distributed)
     nsr = sigma * math.sqrt(shape.statistics_length) / (cohort * max(shape.mean_statistics_norm, 1e-300))
     benefit = statistics_release_benefit(shape, cohort, sigma)
     beats = benefit["reduction"] >= MIN_USEFUL_REDUCTION
@@ -165,18 +176,23 @@ def assess_statistics_release(shape: StatisticsReleaseShape, cohort: int, epsilo
 
 
 def assess_fedavg(shape: FedAvgShape, cohort: int, epsilon: float, delta: float = 1e-5, *,
-                  force: bool = False) -> UtilityVerdict:
+                  noise_multiplier: float | None = None, force: bool = False) -> UtilityVerdict:
+    """``noise_multiplier``: the run's own z (run creation); else calibrated for ``rounds``
+    releases at ``epsilon`` with Poisson rate ``sampling_rate`` (``restwise privacy plan``)."""
     _check(cohort, epsilon, delta)
     q = float(shape.sampling_rate)
     if not 0 < q <= 1:
         raise ValueError("sampling_rate must be in (0, 1]")
     sampling = "full" if q == 1.0 else "poisson"
-    try:
-        z = calibrate_noise_multiplier(epsilon, delta, int(shape.rounds), sampling=sampling,
-                                       adjacency="add_remove",
-                                       sampling_rate=None if sampling == "full" else q).noise_multiplier
-    except CalibrationError as exc:
-        raise ValueError(str(exc)) from None
+    if noise_multiplier is not None:
+        z = float(noise_multiplier)
+    else:
+        try:
+            z = calibrate_noise_multiplier(epsilon, delta, int(shape.rounds), sampling=sampling,
+                                           adjacency="add_remove",
+                                           sampling_rate=None if sampling == "full" else q).noise_multiplier
+        except CalibrationError as exc:
+            raise ValueError(str(exc)) from None
     expected = q * cohort
     noise_avg = z * shape.clip_norm / expected
     nsr = z * math.sqrt(shape.shared_length) / (shape.signal_fraction * expected)
@@ -201,6 +217,30 @@ def assess_fedavg(shape: FedAvgShape, cohort: int, epsilon: float, delta: float 
                            "devices_needed": needed})
 
 
-__all__ = ["StatisticsReleaseShape", "FedAvgShape", "UtilityVerdict", "assess_statistics_release",
+MECHANISMS = {"statistics": StatisticsReleaseShape, "fedavg": FedAvgShape}
+
+
+def assess_release(shape: Mapping[str, Any], cohort: int, epsilon: float, delta: float = 1e-5, *,
+                   noise_multiplier: float | None = None,
+                   max_dropout_fraction: float = DEFAULT_MAX_DROPOUT_FRACTION, distributed: bool = True,
+                   force: bool = False) -> UtilityVerdict:
+    """The verdict for an architecture's release shape (``Architecture.release_shape``: plain
+    numbers, ``mechanism`` "statistics" or "fedavg"): the one check behind both ``restwise
+    privacy plan`` and run creation."""
+    fields_ = dict(shape)
+    kind = fields_.pop("mechanism", None)
+    if kind not in MECHANISMS:
+        raise ValueError(f"unknown release mechanism {kind!r}; known: {', '.join(MECHANISMS)}")
+    try:
+        typed = MECHANISMS[kind](**fields_)
+    except TypeError as exc:
+        raise ValueError(f"a {kind} release shape is malformed ({exc})") from None
+    if kind == "statistics":
+        return assess_statistics_release(typed, cohort, epsilon, delta, max_dropout_fraction=max_dropout_fraction,
+                                         noise_multiplier=noise_multiplier, distributed=distributed, force=force)
+    return assess_fedavg(typed, cohort, epsilon, delta, noise_multiplier=noise_multiplier, force=force)
+
+
+__all__ = ["StatisticsReleaseShape", "FedAvgShape", "UtilityVerdict", "assess_statistics_release", "assess_release",
            "assess_fedavg", "statistics_release_noise", "statistics_release_benefit", "min_survivors",
            "MIN_USEFUL_REDUCTION", "MAX_FEDAVG_NOISE_TO_SIGNAL"]

@@ -16,13 +16,21 @@ Server -> device::
                                                   local_epochs, learning_rate, batch_size, seed
                                    DP_RECORD      ConfigRecord: clip_norm, noise_multiplier,
                                                   placement, noise_divisor (privacy.dp_mods)
+    query "query.restwise_model"   RUN_RECORD     as above (round: the release's)
+      (after a run whose model     GLOBAL_RECORD  the run's released shared arrays
+      is computed on the server)   MODEL_RECORD   ConfigRecord: model, model_config, model_hash
+                                                  (common.arrays.arrays_sha256 of the arrays: the
+                                                  ledger event's), ledger_seq, ledger_hash (the
+                                                  release's signed ledger entry)
 
 Device -> server::
 
     hello reply                    CONSENT_RECORD ConfigRecord participate (bool)
-    secure-aggregation stages      privacy/secagg/records.py CLIENT_REPLY_RECORDS
+    model delivery reply           nothing (an empty message, whatever the device did with it)
+    secure-aggregation stages      privacy/secagg/records.py CLIENT_REPLY_RECORDS (no metric:
+                                                  nothing per device travels in the clear)
     plain train reply (benchmark   UPDATE_RECORD  ArrayRecord "vector" (1-D float), only for
-      baseline, server-trusted)                   server-trusted runs; METRICS_RECORD coarse metrics
+      baseline, server-trusted)                   server-trusted runs
 
 Device-internal (never sent): ``DEVICE_STATE`` in ``context.state``.
 
@@ -39,6 +47,7 @@ from restwise.privacy.secagg import records as SR
 
 # -- message types ---------------------------------------------------------------------------
 HELLO_MESSAGE_TYPE = "query.restwise_hello"
+MODEL_MESSAGE_TYPE = "query.restwise_model"
 TRAIN_MESSAGE_TYPE = SR.MESSAGE_TYPE  # "train": every secure-aggregation stage travels as train
 
 # -- server -> device ------------------------------------------------------------------------
@@ -46,6 +55,7 @@ RUN_RECORD = "restwise.run"
 GLOBAL_RECORD = "restwise.global"
 TRAIN_RECORD = "restwise.train"
 DP_RECORD = "restwise.dp"
+MODEL_RECORD = "restwise.model"
 
 # -- device -> server ------------------------------------------------------------------------
 CONSENT_RECORD = "restwise.consent"
@@ -82,7 +92,8 @@ def arrays_from_record(record: ArrayRecord) -> list[np.ndarray]:
 
 
 __all__ = [
-    "HELLO_MESSAGE_TYPE", "TRAIN_MESSAGE_TYPE", "RUN_RECORD", "GLOBAL_RECORD", "TRAIN_RECORD", "DP_RECORD",
+    "HELLO_MESSAGE_TYPE", "TRAIN_MESSAGE_TYPE", "MODEL_MESSAGE_TYPE", "RUN_RECORD", "GLOBAL_RECORD", "TRAIN_RECORD",
+    "DP_RECORD", "MODEL_RECORD",
     "CONSENT_RECORD", "UPDATE_RECORD", "UPDATE_VECTOR", "METRICS_RECORD", "DEVICE_STATE",
     "ERROR_CODE_REFUSED", "ERROR_CODE_APP_FAILED", "ERROR_CODE_NO_CONSENT", "ERROR_CODE_LOG_FAILED",
     "ERROR_CODE_NON_FINITE", "ERROR_CODE_BAD_PARAMS", "ERROR_CODE_NO_UPDATE", "ERROR_CODE_NOT_ENOUGH_DATA",

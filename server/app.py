@@ -8,6 +8,13 @@ the server wraps around its rounds as Flower wraps a strategy in its DP strategy
 model is - its initial shared arrays, how a released sum becomes the next model - is the
 architecture's that ``RunConfig.model`` names (``models/registry.py``).
 
+Before the first round (``FederatedServer.check_plan``): the planner's verdict on the run
+(``RunConfig.plan``, the check of ``restwise privacy plan``). A DP run whose noise is expected
+to swamp what it learns is refused (status refused, the numbers in the reason) unless the
+configuration says ``force``; a forced plan is recorded in the ledger (AuditEvent
+``plan.forced``). A plan that cannot be made (e.g. a prior file failing its checks) fails the
+run before any device is contacted.
+
 One round (``FederatedServer.run_round``)::
 
     release.check_budget                        refuse -> ledger BudgetRefusalEvent, status refused
@@ -17,8 +24,18 @@ One round (``FederatedServer.run_round``)::
                                                 clipped (and noise-shared) vectors, noise,
                                                 ledger GaussianRoundEvent BEFORE the checkpoint
         aborted (too many dropouts)             nothing released; ledger AuditEvent round.failed
-    model = architecture.apply_release(model, released sum, expected cohort)   (fixed denominator)
+    model = architecture.apply_release(model_config, model, released sum)   (FedAvg: / expected
+                                                cohort, a fixed denominator; statistics: a solve)
     checkpoint (atomic), rounds.jsonl, state.json
+
+After the last round, for an architecture whose model is computed on the server
+(``delivers_model``: the one-release linear head), the released model goes to every connected
+device in one message (``deliver``: the arrays, the model configuration, the model hash and the
+release's ledger entry); each device checks the hash, keeps the model with its own personal
+part and replies with an empty message, so the server learns nothing it did not know (which
+devices are connected). ``state.json`` records ``delivered``. No per-device metric is
+collected: a round's ``train_loss`` is null ("not collected") until secure aggregation sums a
+loss slot inside the masked vector.
 
 Privacy analysis: ``privacy/release.py`` and docs/federated.md. Sampling randomness comes from
 the OS (``secrets``), never from the run's seed. The survivor count is released (ledger, round
@@ -43,6 +60,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from restwise.common.errors import ModelError
 from restwise.common.fsutil import atomic_write_bytes
 from restwise.models.registry import ReleasedSum
 from restwise.privacy import wire
@@ -54,11 +72,28 @@ from restwise.server.runconfig import RunConfig
 
 _log = logging.getLogger(__name__)
 
+def plan_refusal(config: RunConfig) -> str | None:
+    """Why the planner refuses ``config`` (the check of ``restwise privacy plan``), or None
+    when it is allowed or forced. Run creation (service, ``restwise server run``, the
+    simulation runner) and the ServerApp's start all ask this. PlanError when no plan can be
+    made."""
+    verdict = config.plan()
+    return None if verdict.allowed else refusal_reason(verdict.message)
+
+
+def refusal_reason(message: str) -> str:
+    return f"the planner refuses this run (set force to override): {message}"
+
+
 def initial_checkpoint(config: RunConfig) -> Checkpoint:
-    """Round 0: the architecture's initial shared arrays for the run's seed."""
+    """Round 0: the architecture's initial shared arrays for the run's seed. PlanError when
+    the architecture cannot set its model up (e.g. its shipped prior fails its checks)."""
     architecture = config.architecture
-    model_config = architecture.model_config(config.seed)
-    return Checkpoint(0, architecture.initial_shared(model_config), config.model, model_config, {})
+    try:
+        model_config = architecture.model_config(config.seed)
+        return Checkpoint(0, architecture.initial_shared(model_config), config.model, model_config, {})
+    except (ValueError, ModelError) as exc:  # PriorError is a ValueError
+        raise PlanError(f"the {config.model} model cannot be set up: {exc}") from None
 
 
 # -- messaging helpers --------------------------------------------------------------------
@@ -104,7 +139,7 @@ class RoundOutcome:
     participants: int = 0
     survived: int = 0
     dropped: int = 0
-    train_loss: float | None = None
+    train_loss: float | None = None  # None: not collected (no per-device metric leaves a device)
     epsilon: float | None = None
     epsilon_no_amplification: float | None = None
     delta: float | None = None
@@ -131,6 +166,7 @@ class RunSummary:
     delta: float
     noise_multiplier: float
     rounds: list[RoundOutcome] = field(default_factory=list)
+    delivered: dict[str, Any] | None = None  # the released model's delivery (one-release models)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -185,10 +221,32 @@ class FederatedServer:
         return ckpt
 
     # -- the run --------------------------------------------------------------------------
+    def check_plan(self) -> str | None:
+        """The planner's verdict before anything is sent: the reason when it refuses the run
+        (not forced); a forced refusal is recorded in the ledger. PlanError when no plan can
+        be made."""
+        if self.release is None:
+            return None  # plain FedAvg (benchmarks): no DP, nothing to plan
+        verdict = self.config.plan()
+        if not verdict.refused:
+            return None
+        if not verdict.forced:
+            return refusal_reason(verdict.message)
+        if self.release.record_forced_plan(verdict.message, {**verdict.numbers, "noise_to_signal": verdict.noise_to_signal,
+                                                             "cohort": verdict.cohort, "epsilon": verdict.epsilon}):
+            _log.warning("run %s: the operator forced a plan the planner refuses: %s", self.run_id, verdict.message)
+        return None
+
     def run(self, grid: Grid) -> RunSummary:
         ckpt = self.load_checkpoint()
         # Rounds are numbered 1..rounds; failed rounds use up their number (nothing released).
         next_round = self._next_round(ckpt)
+        if next_round <= self.config.rounds:
+            refusal = self.check_plan()
+            if refusal is not None:
+                _log.warning("run %s refused: %s", self.run_id, refusal)
+                self.files.write_state("refused", reason=refusal[:2000], current_round=next_round - 1, run_id=self.run_id)
+                return self.summary("refused", refusal, ckpt)
         self.files.write_state("running", current_round=next_round - 1, run_id=self.run_id)
         status, reason = "completed", None
         for rnd in range(next_round, self.config.rounds + 1):
@@ -205,9 +263,17 @@ class FederatedServer:
         else:
             if not any(o.status == "released" for o in self._all_outcomes()):
                 status, reason = "failed", "no round could be released"
+        delivered = self.files.read_state().get("delivered")
+        if status == "completed" and self.release is not None and self.architecture.delivers_model and ckpt.round >= 1 \
+                and not (isinstance(delivered, dict) and delivered.get("model_hash") == ckpt.model_hash()):
+            delivered = self.deliver(grid, ckpt)
+        extra = {"delivered": delivered} if isinstance(delivered, dict) else {}
         done = ckpt.round
-        self.files.write_state(status, reason=reason, current_round=self._last_round_number(), run_id=self.run_id, completed_rounds=done)
-        return self.summary(status, reason, ckpt)
+        self.files.write_state(status, reason=reason, current_round=self._last_round_number(), run_id=self.run_id,
+                               completed_rounds=done, **extra)
+        summary = self.summary(status, reason, ckpt)
+        summary.delivered = extra.get("delivered")
+        return summary
 
     def _all_outcomes(self) -> list[RoundOutcome]:
         seen = [RoundOutcome(**{k: v for k, v in d.items() if k in RoundOutcome.__dataclass_fields__}) for d in self.files.round_lines()]
@@ -285,10 +351,34 @@ class FederatedServer:
     def _next_checkpoint(self, rnd: int, ckpt: Checkpoint, total: np.ndarray, survivors: int,
                          noise_std: float) -> Checkpoint:
         """The model after a release: the architecture turns the released sum into shared
-        arrays (FedAvg: divided by the expected cohort, a fixed denominator)."""
+        arrays (FedAvg: divided by the expected cohort, a fixed denominator; statistics: the
+        solve with the sum's known noise)."""
         released = ReleasedSum(total, survivors, noise_std, max(self.config.expected_cohort, 1.0))
-        arrays = self.architecture.apply_release(ckpt.arrays, released)
+        arrays = self.architecture.apply_release(ckpt.model_config, ckpt.arrays, released)
         return Checkpoint(rnd, arrays, ckpt.model, ckpt.model_config, {"run_id": self.run_id})
+
+    # -- the released model to the devices ------------------------------------------------
+    def deliver(self, grid: Grid, ckpt: Checkpoint) -> dict[str, Any]:
+        """Send the released model to every connected device (see the module docstring);
+        returns what state.json records. The replies are empty: only their arrival counts."""
+        model_hash = ckpt.model_hash()
+        entry = self.release.release_entry(model_hash) if self.release is not None else None
+        nodes = sorted(int(n) for n in grid.get_node_ids())
+        content = RecordDict({
+            wire.RUN_RECORD: self.run_record(ckpt.round),
+            wire.GLOBAL_RECORD: wire.arrays_record(ckpt.arrays),
+            wire.MODEL_RECORD: ConfigRecord({
+                "model": ckpt.model, "model_config": ckpt.model_config, "model_hash": model_hash,
+                "ledger_seq": -1 if entry is None else int(entry.seq), "ledger_hash": "" if entry is None else entry.hash,
+            }),
+        })
+        started = time.perf_counter()
+        replies = exchange(grid, {n: content for n in nodes}, wire.MODEL_MESSAGE_TYPE, f"model-{ckpt.round}",
+                           self.hello_timeout_s)
+        answered = sum(1 for r in replies.values() if not r.has_error())
+        _log.info("released model %s... delivered to %d of %d devices", model_hash[:12], answered, len(nodes))
+        return {"round": ckpt.round, "model_hash": model_hash, "devices": answered, "connected": len(nodes),
+                "seconds": round(time.perf_counter() - started, 3)}
 
     def _fail(self, outcome: RoundOutcome, ckpt: Checkpoint, reason: str, started: float) -> tuple[RoundOutcome, Checkpoint]:
         outcome.status, outcome.reason = "failed", reason
@@ -341,7 +431,7 @@ class FederatedServer:
             return self._fail(outcome, ckpt, "no devices sampled", started)
         content = self.train_content(rnd, ckpt, None)
         replies = exchange(grid, {n: content for n in cohort}, wire.TRAIN_MESSAGE_TYPE, f"plain-{rnd}", self.config.round_timeout_s)
-        vectors, losses = [], []
+        vectors = []
         for reply in replies.values():
             if reply.has_error():
                 continue
@@ -349,19 +439,15 @@ class FederatedServer:
             if arrays is None or wire.UPDATE_VECTOR not in arrays:
                 continue
             vectors.append(arrays[wire.UPDATE_VECTOR].numpy())
-            metrics = reply.content.metric_records.get(wire.METRICS_RECORD)
-            if metrics is not None and "train_loss" in metrics:
-                losses.append(float(metrics["train_loss"]))
         if not vectors:
             return self._fail(outcome, ckpt, "no device replied", started)
         # The plain mean of the replies (the sum over as many as replied; no noise).
         released = ReleasedSum(np.sum(np.stack(vectors), axis=0), len(vectors), 0.0, float(len(vectors)))
-        new_arrays = self.architecture.apply_release(ckpt.arrays, released)
+        new_arrays = self.architecture.apply_release(ckpt.model_config, ckpt.arrays, released)
         new_ckpt = Checkpoint(rnd, new_arrays, ckpt.model, ckpt.model_config, {})
         atomic_write_bytes(self.files.checkpoint, new_ckpt.to_bytes())
         outcome.status, outcome.survived = "released", len(vectors)
         outcome.dropped = len(cohort) - len(vectors)
-        outcome.train_loss = float(np.mean(losses)) if losses else None
         outcome.seconds = time.perf_counter() - started
         return outcome, new_ckpt
 
@@ -431,5 +517,6 @@ def _main(grid: Grid, context: Context) -> None:
 
 __all__ = [
     "app", "make_server_app", "run_in_directory", "run_dir_from", "FederatedServer", "RunSummary", "RoundOutcome",
+    "plan_refusal",
     "initial_checkpoint", "wait_for_nodes", "exchange",
 ]

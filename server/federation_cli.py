@@ -25,7 +25,7 @@ from restwise.common.cli_errors import cli_errors, emit_json, fail
 from restwise.common.errors import UsageError
 from restwise.common.exit_codes import ExitCode
 from restwise.server import deploy as D
-from restwise.server.errors import RunFilesError
+from restwise.server.errors import PlanError, RunFilesError
 
 
 def _connection(home: Path, superlink: str, root_cert: Optional[Path], insecure: bool, verbose: bool = False) -> D.FlwrConnection:
@@ -178,12 +178,17 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(3600.0, "--timeout", min=1.0, help="Seconds to wait for the run to finish."),
         as_json: bool = typer.Option(False, "--json", help="Print the outcome as one JSON line on stdout (progress stays on stderr)."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+        force: bool = typer.Option(
+            False, "--force", help="Run a plan the planner refuses (e.g. the network under DP on a small cohort); "
+            "recorded in the run's ledger."),
     ) -> None:
         """Submit a Restwise run to a SuperLink, follow it round by round and stage by stage, and
         say how it ended in one line.
 
-        Exit 0 only if Flower reports the run finished:completed AND the run folder's state is
-        completed; otherwise 1 (the reason is in the line). The ServerApp runs on the
+        First the planner's check (as `restwise privacy plan`): a DP run whose noise is
+        expected to swamp what it learns is refused (exit 1, the numbers printed) unless
+        --force. Exit 0 only if Flower reports the run finished:completed AND the run folder's
+        state is completed; otherwise 1 (the reason is in the line). The ServerApp runs on the
         SuperLink's machine, so --run-dir is a path on that machine (progress is read from it)."""
         # The progress renderer reads the run directory (Flower's run-directory contract, about
         # 0.4 s): loaded by `run` only.
@@ -191,9 +196,10 @@ def register(app: typer.Typer) -> None:
 
         run_dir = Path(run_dir).resolve()
         with cli_errors():
-            planned = _prepare_run_dir(run_dir, config)
+            planned, plan_message = _prepare_run_dir(run_dir, config, force=force)
         reporter = ProgressReporter(Console(stderr=True, highlight=False))
         try:
+            reporter.say(plan_message)
             with tempfile.TemporaryDirectory(prefix="restwise-flwr-") as home, cli_errors():
                 conn = _connection(Path(home), superlink, root_cert, insecure, verbose)
                 app_dir = D.write_app_dir(Path(home) / "app")
@@ -221,9 +227,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(line)
 
 
-def _prepare_run_dir(run_dir: Path, config: Optional[Path]) -> int:
-    """Write ``--config`` into the run folder (validated), or check the folder has one;
-    returns the planned rounds. Raises UsageError naming the problem (exit 2)."""
+def _prepare_run_dir(run_dir: Path, config: Optional[Path], *, force: bool = False) -> tuple[int, str]:
+    """Write ``--config`` into the run folder (validated, planned), or check the folder has
+    one and plan it. Returns the planned rounds and the planner's message. Raises UsageError
+    naming the problem (exit 2), PlanError when the planner refuses the run and ``force`` is
+    not given (exit 1)."""
     # The run directory's contract brings Flower (about 0.4 s): loaded by `run` only.
     from restwise.server.rundir import RunFiles
     from restwise.server.runconfig import RunConfig
@@ -236,10 +244,19 @@ def _prepare_run_dir(run_dir: Path, config: Optional[Path]) -> int:
             raise UsageError(f"cannot read {config}: {exc.strerror}") from None
         except json.JSONDecodeError:
             raise UsageError(f"{config} is not JSON") from None
-        files.write_config(RunConfig.from_dict(data))  # RunConfigError names the bad field
-    elif not files.config.is_file():
+        cfg = RunConfig.from_dict(data)  # RunConfigError names the bad field
+    elif files.config.is_file():
+        cfg = files.read_config()
+    else:
         raise UsageError(f"{files.config} does not exist: give --config or create the run with the service")
-    return files.read_config().rounds
+    if force and not cfg.force:
+        cfg = cfg.replace(force=True)
+    verdict = cfg.plan()
+    if not verdict.allowed:
+        raise PlanError(f"{verdict.message} Refused: give --force (or \"force\": true) to run it anyway.")
+    if config is not None or cfg.force:
+        files.write_config(cfg)
+    return cfg.rounds, "plan: " + verdict.message
 
 
 def check_run_outcome(status, run_dir: Path) -> dict:

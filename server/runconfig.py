@@ -34,6 +34,9 @@ Privacy-relevant fields, in the words of the analysis (docs/federated.md):
     max_dropout_fraction  the largest fraction of a round's sampled devices that may be lost;
                      more and the round fails and releases nothing. It also fixes the minimum
                      surviving cohort the distributed noise is sized for.
+    force            the operator accepts a plan the planner refuses (:meth:`RunConfig.plan`:
+                     a DP run whose noise is expected to swamp what it learns, e.g. the network
+                     on a small cohort). Recorded in the run's ledger and the service's audit log.
 """
 
 from __future__ import annotations
@@ -46,10 +49,17 @@ from typing import Any, Mapping
 from restwise.common.errors import ModelError
 from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE, Architecture, get_architecture, known_models
 from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
-from restwise.privacy.release import NOISE_PLACEMENTS, SAMPLING_METHODS, ReleasePolicy, SecureAggregationPolicy
+from restwise.privacy.release import (
+    NOISE_PLACEMENTS,
+    SAMPLING_METHODS,
+    ReleasePolicy,
+    SecureAggregationPolicy,
+    plan_release,
+)
 from restwise.privacy.secagg.config import SecAggConfig
 from restwise.privacy.secagg.errors import SecAggConfigError
-from restwise.server.errors import RunConfigError
+from restwise.privacy.utility import UtilityVerdict, assess_release
+from restwise.server.errors import PlanError, RunConfigError
 
 KNOWN_DATASETS = ("demo", "synthetic", "soccermon", "lifesnaps")
 
@@ -82,6 +92,7 @@ class RunConfig:
     noise: str = "distributed"
     secure_aggregation: bool = True
     audit_key_path: str | None = None
+    force: bool = False
 
     def __post_init__(self) -> None:
         _check_str(self, "name", max_len=100)
@@ -163,6 +174,8 @@ class RunConfig:
             self._check_secagg()
         if self.audit_key_path is not None:
             _check_str(self, "audit_key_path", max_len=4096)
+        if not isinstance(self.force, bool):
+            raise RunConfigError("force", "must be true or false")
         if self.expected_cohort < 1:
             raise RunConfigError("sampling_rate", "the expected cohort (rate x population) is below one device")
 
@@ -207,6 +220,25 @@ class RunConfig:
                 max_dropout_fraction=self.max_dropout_fraction, timeout_s=self.round_timeout_s,
             ),
         )
+
+    def plan(self) -> UtilityVerdict:
+        """The planner's verdict on this run (``privacy.utility.assess_release`` on the
+        architecture's release shape: the check behind ``restwise privacy plan``), with the
+        run's own noise multiplier, cohort and dropout allowance. ``refused`` and not
+        ``allowed`` when a DP run's noise is expected to swamp what it learns, unless
+        ``force``. Raises PlanError when the plan cannot be made (e.g. a prior file that
+        fails its checks)."""
+        plan = plan_release(self.release_policy())
+        try:
+            shape = self.architecture.release_shape(rounds=self.rounds, clip_norm=self.clip_norm,
+                                                    sampling_rate=self.sampling_probability)
+            cohort = max(2, int(round(self.expected_cohort))) if self.architecture.protocol == ONE_RELEASE \
+                else max(2, int(self.population))
+            return assess_release(shape, cohort, plan.budget_epsilon, self.delta,
+                                  noise_multiplier=plan.noise_multiplier, max_dropout_fraction=self.max_dropout_fraction,
+                                  distributed=self.noise == "distributed", force=self.force)
+        except (ValueError, ModelError) as exc:  # PriorError is a ValueError
+            raise PlanError(f"the {self.model} run cannot be planned: {exc}") from None
 
     @property
     def expected_cohort(self) -> float:

@@ -4,9 +4,12 @@ it. Every JSON file is replaced atomically::
 
     DIR/config.json     RunConfig.to_dict()                        (written by the creator)
     DIR/state.json      {"status": pending|running|completed|failed|stopped|refused,
-                         "reason": str|null, "current_round": int, ...}
+                         "reason": str|null, "current_round": int, ..., "delivered":
+                         {"round", "model_hash", "devices", "connected", "seconds"} once a
+                         model computed on the server went to the devices}
     DIR/rounds.jsonl    one line per round: round, attempt, status (completed|failed|refused),
-                        sampled, participants, survived, dropped, train_loss, epsilon,
+                        sampled, participants, survived, dropped, train_loss (null: not
+                        collected - no per-device metric leaves a device), epsilon,
                         epsilon_no_amplification, delta, noise_multiplier_effective,
                         noise_std_total, reason, seconds
     DIR/ledger.jsonl    the run's signed privacy ledger (restwise.privacy.ledger); audit key
@@ -15,7 +18,8 @@ it. Every JSON file is replaced atomically::
     DIR/progress.jsonl  where the current round is, one line per stage (append_progress, at
                         the end of this module: the format is documented there)
     DIR/checkpoint      the global shared model after the last completed round (npz)
-    DIR/report.json, DIR/report.html   at the end (restwise.privacy.report)
+    DIR/report.json, DIR/report.html   at the end (restwise.privacy.report), with the released
+                        model's account (``model``: architecture, release, hash, delivery)
     DIR/STOP            create it (or send the runner SIGTERM) to stop after the round in progress
 
 A simulation adds ``DIR/fleet/`` (its generated devices' stores, ``restwise.simulation``); a
@@ -39,8 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from restwise.common.arrays import arrays_sha256
 from restwise.common.fsutil import atomic_write_bytes
-from restwise.models.registry import DEFAULT_MODEL
+from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE
 from restwise.privacy.ledger import PrivacyLedger, export_public_key, load_or_create_audit_key
 from restwise.privacy.report import write_run_report
 from restwise.server.errors import RunFilesError
@@ -171,10 +176,7 @@ class Checkpoint:
         return cls(int(header["round"]), arrays, model, str(header["model_config"]), dict(header.get("meta", {})))
 
     def model_hash(self) -> str:
-        h = hashlib.sha256()
-        for a in self.arrays:
-            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-        return h.hexdigest()
+        return arrays_sha256(self.arrays)
 
 
 def open_ledger(run_dir: Path, config: RunConfig) -> PrivacyLedger:
@@ -188,9 +190,43 @@ def open_ledger(run_dir: Path, config: RunConfig) -> PrivacyLedger:
     return PrivacyLedger(Path(run_dir) / "ledger.jsonl", signing_key=key)
 
 
+def model_section(run_dir: Path) -> dict[str, Any] | None:
+    """The report's account of the released model: the architecture, how it was released
+    (rounds of DP-FedAvg, or one release of bounded statistics with its documented L2
+    sensitivity), the hash the ledger names, and its delivery to the devices."""
+    files = RunFiles(Path(run_dir))
+    try:
+        config = files.read_config()
+        state = files.read_state()
+    except (RunFilesError, ValueError):
+        return None  # no readable configuration: the report stands on the ledger alone
+    architecture = config.architecture
+    one_release = architecture.protocol == ONE_RELEASE
+    out: dict[str, Any] = {
+        "architecture": config.model,
+        "release": ("one release of bounded sufficient statistics (L2 sensitivity per person, add/remove: "
+                    f"{config.sensitivity:.6g}), solved on the server toward the public prior"
+                    if one_release else f"DP-FedAvg over {config.rounds} rounds (clip norm {config.sensitivity:.6g})"),
+        "sensitivity": config.sensitivity,
+        "training_loss": "not collected (no per-device metric leaves a device in the clear)",
+    }
+    if files.checkpoint.exists():
+        blob = files.checkpoint.read_bytes()
+        ckpt = Checkpoint.from_bytes(blob)
+        out.update(released_model_hash=ckpt.model_hash(), shared_numbers=int(sum(np.asarray(a).size for a in ckpt.arrays)),
+                   checkpoint_sha256=hashlib.sha256(blob).hexdigest(), rounds_completed=ckpt.round)
+    delivered = state.get("delivered")
+    if architecture.delivers_model:
+        out["delivered"] = delivered if isinstance(delivered, dict) else "not delivered"
+    if config.force:
+        out["forced_plan"] = "the operator forced a plan the planner refuses (ledger: plan.forced)"
+    return out
+
+
 def write_report(run_dir: Path) -> dict[str, Path]:
-    """report.json and report.html of the run (restwise.privacy.report), anchored in its ledger."""
-    return write_run_report(Path(run_dir))
+    """report.json and report.html of the run (restwise.privacy.report), anchored in its ledger,
+    with the released model's account (:func:`model_section`)."""
+    return write_run_report(Path(run_dir), model=model_section(Path(run_dir)))
 
 
 __all__ = [

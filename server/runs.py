@@ -421,6 +421,11 @@ class RunManager:
                         values["status"] = final
                         if isinstance(state.get("reason"), str):
                             values["reason"] = state["reason"][:2000]
+                        # The first read may predate the runner's last rounds: the final
+                        # state's round is the one that counts (the run never refreshes again).
+                        current = _num(state.get("current_round"), int)
+                        if current is not None:
+                            values["current_round"] = current
                     elif (run_dir / "STOP").exists():
                         values["status"] = "stopped"
                         values.setdefault("reason", "stopped on request")

@@ -55,9 +55,11 @@ from restwise.server import dashboard
 from restwise.server import db as dbm
 from restwise.server import runs as runsm
 from restwise.server.auth import SESSION_COOKIE
+from restwise.privacy.utility import UtilityVerdict
 from restwise.server.errors import (
     AccountingRefusedError,
     BudgetRefusedError,
+    PlanError,
     ProblemError,
     RunConfigError,
     RunError,
@@ -167,6 +169,11 @@ class RunConfigIn(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     noise: Literal[NOISE_PLACEMENTS] = "distributed"
     secure_aggregation: bool = True
+    force: bool = Field(
+        default=False,
+        description="Create the run even though the planner refuses it (a DP run whose noise is expected to "
+        "swamp what it learns). Recorded in the audit log and the run's ledger.",
+    )
 
 
 class FieldProblem(BaseModel):
@@ -386,6 +393,31 @@ def validate_run_config(cfg: RunConfigIn, audit_key_path: str) -> dict[str, Any]
         return RunConfig.from_dict(data).to_dict()
     except RunConfigError as exc:
         raise invalid_run_config([{"field": exc.field, "message": exc.message}]) from None
+
+
+def plan_run_config(canonical: dict[str, Any]) -> UtilityVerdict:
+    """The planner's verdict on a validated configuration (``RunConfig.plan``, the check of
+    ``restwise privacy plan``). Raises ProblemError 409 (type ``plan-refused``, the numbers
+    attached) when it refuses and the configuration does not say ``force``; 422 when no plan
+    can be made."""
+    try:
+        verdict = RunConfig.from_dict(canonical).plan()
+    except PlanError as exc:
+        raise ProblemError(422, "The run cannot be planned", str(exc)) from None
+    if not verdict.allowed:
+        raise ProblemError(
+            409, "The planner refuses this run", f"{verdict.message} Set \"force\": true to create it anyway.",
+            type_="urn:restwise:problem:plan-refused", extra=plan_summary(verdict),
+        )
+    return verdict
+
+
+def plan_summary(verdict: UtilityVerdict) -> dict[str, Any]:
+    """The verdict's numbers for a problem detail or an audit entry."""
+    return {"model": verdict.model, "mechanism": verdict.mechanism, "cohort": verdict.cohort,
+            "epsilon": verdict.epsilon, "noise_multiplier": verdict.noise_multiplier,
+            "noise_to_signal": verdict.noise_to_signal, "expected_to_beat_prior": verdict.expected_to_beat_prior,
+            "refused": verdict.refused, "forced": verdict.forced, "message": verdict.message}
 
 
 # ---------------------------------------------------------------------------------------
@@ -738,8 +770,16 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
         except ProblemError as exc:
             ctx.audit.record(who, "run.create", None, "invalid", {"errors": exc.errors or []})
             raise
+        try:
+            verdict = plan_run_config(canonical)
+        except ProblemError as exc:
+            ctx.audit.record(who, "run.create", None, "refused", {"name": config.name, "plan": exc.extra or exc.detail})
+            raise
         run = ctx.runs.create(config.name, canonical, who.token_id)
-        ctx.audit.record(who, "run.create", run["id"], "ok", {"name": config.name})
+        detail: dict[str, Any] = {"name": config.name}
+        if verdict.refused and verdict.forced:
+            detail["forced_plan"] = plan_summary(verdict)
+        ctx.audit.record(who, "run.create", run["id"], "forced" if "forced_plan" in detail else "ok", _json_safe(detail))
         return run
 
     @app.get(f"{API}/runs/{{run_id}}", response_model=RunDetailOut, tags=["runs"], responses=read_problems)

@@ -115,7 +115,7 @@ def _print_run(run: dict) -> None:
         loss = rnd.get("train_loss")
         typer.echo(
             f"  round {rnd['round']:>3}: sampled {rnd.get('sampled')}, survived {rnd.get('survived')}, "
-            f"loss {'—' if loss is None else f'{loss:.4f}'}, ε {'—' if eps is None else f'{eps:.4g}'}"
+            f"loss {'not collected' if loss is None else f'{loss:.4f}'}, ε {'—' if eps is None else f'{eps:.4g}'}"
         )
 
 
@@ -136,14 +136,22 @@ def register(app: typer.Typer) -> None:
     def runs_create(
         config: Path = typer.Argument(..., help="A JSON file with the run configuration (see docs/service.md)."),
         start: bool = typer.Option(False, "--start", help="Start the run right after creating it."),
+        force: bool = typer.Option(
+            False, "--force", help="Create it even though the planner refuses it (recorded in the audit log)."),
         url: str = Url,
         token_file: Optional[Path] = TokenFile,
     ) -> None:
-        """Create a run from a JSON configuration (operators)."""
+        """Create a run from a JSON configuration (operators). The service plans it first (as
+        `restwise privacy plan`): a DP run whose noise is expected to swamp what it learns is
+        refused (exit 1, the numbers printed) unless --force."""
         try:
             body = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise typer.BadParameter(f"cannot read a JSON configuration from {config}: {exc}") from None
+        if not isinstance(body, dict):
+            raise typer.BadParameter(f"{config} must hold a JSON object")
+        if force:
+            body["force"] = True
         client = _ApiClient(url, token_file)
         run = client.call("POST", "/runs", json=body).json()
         if start:

@@ -1,6 +1,14 @@
 """``restwise demo``: a small private federation of generated persons, each with their own
-encrypted store, then one person's coach output - computed on that person's device from their
-store and the federated model."""
+encrypted store, then what the coach made of the learned model on every device and one
+person's coach output - computed on that person's device from their store and the model.
+
+By default the model is the linear head (``linear-head``): the shipped public prior plus ONE
+distributed-DP release of the devices' sufficient statistics (epsilon 4), delivered to every
+device. Each device's coach blends it in only where it beat "same as your last answer" on that
+person's recent days (the trust gate, unchanged); the demo prints for how many persons it did,
+in exactly one line: ``coach used the learned model for K of N persons``. ``--model
+recovery-mlp`` runs the network by DP-FedAvg instead (the planner refuses it on a handful of
+devices unless ``--force``)."""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ from typing import Any
 
 from restwise.client.app import SIM_KEYSTORE_DIR, DeviceLocation, device_folder_name, open_device_store
 from restwise.client.coach_cli import advise
+from restwise.models.registry import ONE_RELEASE, get_architecture
 from restwise.server.app import RunSummary
 from restwise.server.rundir import RunFiles
 from restwise.server.runstatus import TERMINAL_STATUSES
@@ -17,40 +26,64 @@ from restwise.server.runconfig import RunConfig
 from restwise.simulation.fleet import FLEET_DIR
 from restwise.simulation.runner import run_federation
 
-DEMO_TARGET_EPSILON = 8.0
+DEMO_MODEL = "linear-head"
+DEMO_TARGET_EPSILON = {"linear-head": 4.0}  # one statistics release; any other model: 8 over its rounds
+DEFAULT_TARGET_EPSILON = 8.0
+DEMO_NETWORK_ROUNDS = 3
 DEMO_CLIP_NORM = 1.0
 DEMO_LEARNING_RATE = 0.003
 
 
-def demo_config(persons: int, rounds: int, *, seed: int = 0) -> RunConfig:
-    """The demo's run: every person in every round, distributed noise, epsilon 8 in total."""
+def demo_config(persons: int, rounds: int | None = None, *, seed: int = 0, model: str = DEMO_MODEL,
+                force: bool = False) -> RunConfig:
+    """The demo's run: every person in every round, distributed noise; a one-release model
+    has exactly one round."""
+    one_release = get_architecture(model).protocol == ONE_RELEASE
     return RunConfig(
-        name="demo", rounds=rounds, population=persons, sampling="poisson", sampling_rate=1.0,
-        target_epsilon=DEMO_TARGET_EPSILON, delta=min(1e-5, 0.1 / persons), clip_norm=DEMO_CLIP_NORM,
+        name="demo", model=model, rounds=1 if one_release else int(rounds or DEMO_NETWORK_ROUNDS), population=persons,
+        sampling="poisson", sampling_rate=1.0, target_epsilon=DEMO_TARGET_EPSILON.get(model, DEFAULT_TARGET_EPSILON),
+        delta=min(1e-5, 0.1 / persons), clip_norm=DEMO_CLIP_NORM,
         secagg_num_neighbours=max(2, min(4, persons - 1)), secagg_threshold=0.6, max_dropout_fraction=0.3,
         local_epochs=1, learning_rate=DEMO_LEARNING_RATE, round_timeout_s=120.0, dataset="demo", seed=seed,
-        noise="distributed",
+        noise="distributed", force=force,
     )
 
 
-def run_demo_federation(workdir: Path, persons: int = 6, rounds: int = 3) -> RunSummary:
+def run_demo_federation(workdir: Path, persons: int = 6, rounds: int | None = None, *, model: str = DEMO_MODEL,
+                        force: bool = False) -> RunSummary:
     """``restwise demo``: a small federation on generated persons, in ``workdir/run-demo``."""
     if persons < 3:
         raise ValueError("the demo needs at least 3 persons (secure aggregation needs 3 devices)")
+    config = demo_config(persons, rounds, model=model, force=force)  # RunConfigError before anything is made
     run_dir = Path(workdir) / "run-demo"
     if run_dir.exists() and RunFiles(run_dir).read_state().get("status") in TERMINAL_STATUSES:
         shutil.rmtree(run_dir)  # a finished demo is run afresh
-    return run_federation(run_dir, demo_config(persons, rounds), node_wait_s=60.0)
+    return run_federation(run_dir, config, node_wait_s=60.0)
 
 
-def demo_outcome(summary: RunSummary, person: int = 0) -> dict[str, Any]:
-    """What the demo prints: the privacy spent and one person's coach output (computed on
-    that person's device from their store and their federated model)."""
+def coach_line(used: int, persons: int) -> str:
+    """The demo's one line about the learned model (its exact form is documented)."""
+    return f"coach used the learned model for {used} of {persons} persons"
+
+
+def demo_outcome(summary: RunSummary, person: int = 0, persons: int | None = None) -> dict[str, Any]:
+    """What the demo prints: the privacy spent, on how many devices the coach used the learned
+    model (each computed on that person's device from their store), and one person's coach
+    output."""
     fleet = Path(summary.run_dir) / FLEET_DIR
-    location = DeviceLocation(fleet / device_folder_name(person), fleet / SIM_KEYSTORE_DIR)
-    with open_device_store(location) as store:
-        advice, note, model_status = advise(store)
-        history = store.egress_history()
+    n = persons if persons is not None else RunFiles(Path(summary.run_dir)).read_config().population
+    used, notes, shown = 0, [], None
+    for i in range(n):
+        location = DeviceLocation(fleet / device_folder_name(i), fleet / SIM_KEYSTORE_DIR)
+        with open_device_store(location) as store:
+            advice, note, model_status = advise(store)
+            if i == person:
+                shown = (advice, note, model_status, store.egress_history())
+        used += int(not advice.rules_only)
+        notes.append(advice.model_note or model_status)
+    if shown is None:
+        raise ValueError(f"person {person} is not one of the demo's {n} persons")
+    advice, note, model_status, history = shown
     return {
         "run_id": summary.run_id,
         "status": summary.status,
@@ -63,7 +96,12 @@ def demo_outcome(summary: RunSummary, person: int = 0) -> dict[str, Any]:
         "note": note,
         "model_status": model_status,
         "messages_sent": len(history),
+        "learned_model_used": used,
+        "persons": n,
+        "coach_line": coach_line(used, n),
+        "model_notes": notes,
+        "delivered": summary.delivered,
     }
 
 
-__all__ = ["demo_config", "run_demo_federation", "demo_outcome"]
+__all__ = ["demo_config", "run_demo_federation", "demo_outcome", "coach_line", "DEMO_MODEL"]

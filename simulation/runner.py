@@ -3,12 +3,14 @@
     python -m restwise.simulation.runner run --run-dir DIR       # the API service starts this
     python -m restwise.simulation.runner prepare --run-dir DIR   # only build the simulated fleet
 
-It reads ``DIR/config.json``, builds the simulated fleet (``DIR/fleet/``, one encrypted store
+It reads ``DIR/config.json``, checks the plan (``server.app.plan_refusal``: a DP run the
+planner refuses is refused before any store is made, unless the config says ``force``), builds
+the simulated fleet (``DIR/fleet/``, one encrypted store
 per person: ``restwise.simulation.fleet``), and runs the server's ServerApp
 (``restwise.server.app``) against the real ClientApp (``restwise.client.app``) on Flower's
 simulation engine. It writes the run directory's file contract (``restwise.server.rundir``);
 ``DIR/STOP`` or SIGTERM stops it after the round in progress. Exit code 0 when the run
-completed or was stopped, 1 otherwise (state.json says why).
+completed or was stopped, 1 otherwise (refused, failed: state.json says why).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 from restwise.client.app import DeviceLocator, make_client_app
 from restwise.common.errors import RestwiseError
 from restwise.common.exit_codes import ExitCode
-from restwise.server.app import RunSummary, make_server_app
+from restwise.server.app import RunSummary, make_server_app, plan_refusal
 from restwise.server.errors import RunFilesError
 from restwise.server.rundir import RunFiles, write_report
 from restwise.server.runstatus import TERMINAL_STATUSES
@@ -62,6 +64,14 @@ def run_federation(
     state = files.read_state()
     if state.get("status") in TERMINAL_STATUSES:
         raise RunFilesError(f"run {run_dir.name} is already {state['status']}")
+    try:
+        refusal = plan_refusal(config)  # before any store is made (the ServerApp checks again)
+    except Exception as exc:  # noqa: BLE001 - recorded in state.json, then re-raised
+        files.write_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500], current_round=_current_round(files))
+        raise
+    if refusal is not None:
+        files.write_state("refused", reason=refusal[:2000], current_round=_current_round(files))
+        return RunSummary(run_dir.name, run_dir, "refused", refusal, 0, None, config.delta, 0.0)
     files.write_state("running", reason="preparing the simulated devices", current_round=int(state.get("current_round", 0)))
     summaries: list[RunSummary] = []
     try:
@@ -137,7 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.FAILURE)
     eps = "n/a" if summary.epsilon is None else f"{summary.epsilon:.4g}"
     print(f"run {summary.run_id}: {summary.status}; {summary.rounds_completed} rounds; epsilon {eps} at delta {summary.delta:g}")
-    return int(ExitCode.SUCCESS if summary.status in ("completed", "stopped") else ExitCode.FAILURE)
+    if summary.delivered:
+        print(f"released model delivered to {summary.delivered['devices']} of {summary.delivered['connected']} devices")
+    if summary.status not in ("completed", "stopped"):
+        print(f"Error: {summary.reason}", file=sys.stderr)
+        return int(ExitCode.FAILURE)
+    return int(ExitCode.SUCCESS)
 
 
 if __name__ == "__main__":

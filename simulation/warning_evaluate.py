@@ -36,7 +36,8 @@ from restwise.models.warning_evaluation import (
     coach_record,
     rule_rows,
 )
-from restwise.planning import WARNING_MODEL, plan_run
+from restwise.models.warning import ARCHITECTURE_NAME as WARNING_MODEL
+from restwise.planning import plan_run
 from restwise.simulation.warning_statistics import DEFAULT_EPSILONS, row_name, warning_statistics_methods
 
 PRIOR_ROW = "warning model, public prior"  # what a device runs today (the shipped prior)

@@ -45,6 +45,9 @@ class LinearStats:
     window: int = 1
     state_name: str = "linear_stats_test"
     l2_sensitivity: float = math.sqrt(5.0)
+    min_examples: int = 14
+    delivers_model: bool = False
+    coach_role: str = "readiness"
 
     def feature_names(self):
         return ("readiness_today",)
@@ -72,8 +75,20 @@ class LinearStats:
         stats = statistics(examples)
         return Contribution(stats, float("nan"), json.dumps({"days": len(examples)}).encode())
 
-    def apply_release(self, shared, released: ReleasedSum):
+    def apply_release(self, model_config, shared, released: ReleasedSum):
         return [solve(np.asarray(released.total, dtype=np.float64) / released.divisor).astype(np.float32)]
+
+    def adopt(self, model_config, shared, state):
+        return json.dumps({"weights": [float(w) for w in shared[0]]}).encode()
+
+    def coach_model(self, state):
+        return None  # a test model: the coach never uses it
+
+    def release_shape(self, *, rounds, clip_norm, sampling_rate, prior_path=None, target="readiness"):
+        return {"mechanism": "statistics", "name": self.name, "statistics_length": 5,
+                "sensitivity": self.l2_sensitivity, "target_bound": 1.0,
+                "mean_second_moment": np.array([[1.0, 0.5], [0.5, 0.3]]), "prior_tau2": np.ones(2),
+                "prior_weights_norm2": 0.0, "person_variance": 0.01, "mean_statistics_norm": 1.5}
 
 
 ARCHITECTURE = LinearStats()

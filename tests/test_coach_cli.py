@@ -63,7 +63,7 @@ def test_train_local_then_the_stored_model_is_blended(demo_store):
     assert trained["rules_only"] is False and trained["model_readiness"] is not None
     assert trained["model"].startswith("trained on this device")
     again = today_json(folder, passfile)
-    assert again["model"] == "stored (local)"
+    assert again["model"] == "stored (local): recovery-mlp"
     assert again["model_readiness"] == trained["model_readiness"]
 
 

@@ -128,18 +128,28 @@ def test_damaged_store_exits_5(tmp_path, passfile):
 
 @pytest.mark.slow
 def test_demo_command_runs_a_private_federation(tmp_path):
-    """README's main command: generated persons -> encrypted stores -> a federated run with
-    secure aggregation and distributed DP -> privacy spent and one person's coach output."""
+    """README's main command, on Flower's simulation engine with the real apps and stores:
+    generated persons -> encrypted stores -> the linear head from ONE secure distributed-DP
+    release of statistics -> delivered to every device -> the coach uses it where it beats
+    "same as your last answer" (issue 12: K >= 4 of 6), in exactly one line."""
     import re
 
-    r = run(["demo", "--workdir", str(tmp_path / "demo"), "--persons", "3", "--rounds", "1"])
+    r = run(["demo", "--workdir", str(tmp_path / "demo")])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "completed, 1 of 1 rounds, 3 devices" in r.stdout
+    assert "(linear-head): completed, 1 of 1 rounds, 6 devices" in r.stdout
     eps = float(re.search(r"epsilon = ([0-9.]+)", r.stdout).group(1))
-    assert 0 < eps < 100
+    assert 0 < eps <= 4.0
+    lines = [line for line in r.stdout.splitlines() if "learned model" in line]
+    assert len(lines) == 1
+    used = re.fullmatch(r"coach used the learned model for (\d+) of 6 persons", lines[0].strip())
+    assert used is not None and int(used.group(1)) >= 4, lines[0]
+    assert "The released model was delivered to 6 of 6 devices." in r.stdout
     assert "Readiness for" in r.stdout
     run_dir = tmp_path / "demo" / "run-demo"
-    ledger = (run_dir / "ledger.jsonl").read_text().splitlines()
-    assert any('"gaussian_round"' in line or "gaussian" in line for line in ledger)
+    releases = [json.loads(line)["payload"] for line in (run_dir / "ledger.jsonl").read_text().splitlines()
+                if '"gaussian_round"' in line]
+    assert len(releases) == 1 and releases[0]["clip_norm"] == pytest.approx(2 ** 0.5)
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["status"] == "completed"
+    assert state["status"] == "completed" and state["delivered"]["devices"] == 6
+    verify = run(["audit", "verify", str(run_dir / "report.json"), "--public-key", str(run_dir / "public_key.pem")])
+    assert verify.returncode == 0, verify.stderr

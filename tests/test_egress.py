@@ -52,7 +52,6 @@ def test_allow_listed_masked_update_passes_and_is_logged_without_values():
     guard(_hello(), ctx, _reply(None, RecordDict({wire.CONSENT_RECORD: ConfigRecord({"participate": True})})))
     msg = _stage_msg(SR.STAGE_COLLECT)
     content = _masked()
-    content[SR.METRICS] = MetricRecord({"train_loss": 0.42})
     reply = guard(msg, ctx, _reply(msg, content))
     assert not reply.has_error()
     hello_entry, entry = log.entries
@@ -61,12 +60,44 @@ def test_allow_listed_masked_update_passes_and_is_logged_without_values():
     assert entry["run_id"] == "run-abc" and entry["round"] == 2
     assert entry["message_type"] == f"train:{SR.STAGE_COLLECT}"
     names = {r["name"]: r for r in entry["records"]}
-    assert set(names) == {SR.MASKED_INPUT, SR.MASKED_STATUS, SR.METRICS}
+    assert set(names) == {SR.MASKED_INPUT, SR.MASKED_STATUS}
     assert names[SR.MASKED_INPUT]["kind"] == "array" and names[SR.MASKED_INPUT]["bytes"] > 16 * 8
     assert entry["n_bytes"] == sum(r["bytes"] for r in entry["records"])
     assert entry["n_bytes"] <= len(E.content_bytes(reply.content))  # that adds the envelope
     assert len(entry["sha256"]) == 64
-    assert "0.42" not in repr(entry)  # sizes and names only
+    assert "[0, 1, 2" not in repr(entry)  # sizes and names only
+
+
+@pytest.mark.parametrize(
+    "name, record",
+    [
+        (SR.METRICS, MetricRecord({"train_loss": 0.42})),  # a coarse loss is still one person's number
+        (SR.METRICS, MetricRecord({"train_loss": 1})),
+        (SR.MASKED_STATUS, ConfigRecord({"bad_share_senders": [], "note": 6.0})),
+        (SR.MASKED_STATUS, ConfigRecord({"bad_share_senders": [1.5]})),
+        (SR.MASKED_INPUT, ArrayRecord({SR.MASKED_ARRAY: Array(np.array([6.0, 7.0, 5.0]))})),
+    ],
+)
+def test_no_clear_float_leaves_a_device_by_default(name, record):
+    """Issue 15: no per-device number in the clear - a float (or any metric) anywhere in a
+    reply makes the default guard refuse the whole reply."""
+    guard, _ = _guard()
+    msg = _stage_msg(SR.STAGE_COLLECT)
+    content = _masked()
+    content[name] = record
+    reply = guard(msg, _ctx(), _reply(msg, content))
+    assert reply.has_error() and reply.error.code == wire.ERROR_CODE_REFUSED
+    assert E.EgressPolicy().metric_keys == () and E.allow_list_summary()["coarse_metrics"] == []
+
+
+def test_the_reply_to_a_delivered_model_carries_nothing():
+    guard, log = _guard()
+    delivery = Message(RecordDict({wire.RUN_RECORD: ConfigRecord({"run_id": "run-abc", "round": 1})}), dst_node_id=3,
+                       message_type=wire.MODEL_MESSAGE_TYPE)
+    assert not guard(delivery, _ctx(), _reply(delivery, RecordDict())).has_error()
+    assert log.entries[-1]["records"] == [] and log.entries[-1]["message_type"] == wire.MODEL_MESSAGE_TYPE
+    anything = RecordDict({wire.CONSENT_RECORD: ConfigRecord({"participate": True})})
+    assert guard(delivery, _ctx(), _reply(delivery, anything)).has_error()
 
 
 @pytest.mark.parametrize(
@@ -95,7 +126,7 @@ def test_example_counts_are_never_sent_in_the_clear(key):
     guard, _ = _guard()
     msg = _stage_msg(SR.STAGE_COLLECT)
     content = _masked()
-    content[SR.METRICS] = MetricRecord({"train_loss": 0.4, key: 137})
+    content[SR.METRICS] = MetricRecord({key: 137})
     reply = guard(msg, _ctx(), _reply(msg, content))
     assert reply.has_error() and key in reply.error.reason
     with pytest.raises(ValueError):
@@ -103,8 +134,8 @@ def test_example_counts_are_never_sent_in_the_clear(key):
 
 
 @pytest.mark.parametrize("loss", [0.123456, 250.0, float("nan")])
-def test_metrics_must_be_coarse_and_in_range(loss):
-    guard, _ = _guard()
+def test_metrics_a_policy_allows_must_be_coarse_and_in_range(loss):
+    guard, _ = _guard(E.EgressPolicy(metrics=(E.TRAIN_LOSS,)))
     msg = _stage_msg(SR.STAGE_COLLECT)
     content = _masked()
     content[SR.METRICS] = MetricRecord({"train_loss": loss})

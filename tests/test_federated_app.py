@@ -47,6 +47,7 @@ def _config(**changes) -> RunConfig:
         name="test", rounds=2, population=8, sampling="poisson", sampling_rate=1.0, noise_multiplier=1.0,
         delta=1e-3, clip_norm=1.0, secagg_num_neighbours=4, secagg_threshold=3, max_dropout_fraction=0.3,
         local_epochs=1, learning_rate=0.003, batch_size=32, round_timeout_s=30.0, dataset="demo", seed=3,
+        force=True,  # the network under DP on 8 devices: the planner refuses it (tested below)
     )
     base.update(changes)
     return RunConfig(**base)
@@ -137,10 +138,15 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
     assert lines[1]["epsilon"] == pytest.approx(acc.epsilon(releases, 1e-3).epsilon)
     assert lines[1]["epsilon"] > lines[0]["epsilon"] > 0
     assert summary.epsilon == pytest.approx(lines[1]["epsilon"])
-    assert all(l["train_loss"] is not None and 0 <= l["train_loss"] <= 100 for l in lines)
-    # The ledger is hash-chained and signed by the server's audit key.
-    _, verification = verify_ledger_file(fed.run_dir / "ledger.jsonl", load_public_key(fed.run_dir / "public_key.pem"))
-    assert verification.signed and verification.entries == 2
+    # No per-device metric leaves a device (issue 15): the round's training loss is not collected.
+    assert all(l["train_loss"] is None for l in lines)
+    # The ledger is hash-chained and signed by the server's audit key: the forced plan, then
+    # one release per round.
+    entries, verification = verify_ledger_file(fed.run_dir / "ledger.jsonl", load_public_key(fed.run_dir / "public_key.pem"))
+    assert verification.signed and verification.entries == 3
+    forced = entries[0].event
+    assert isinstance(forced, AuditEvent) and forced.action == "plan.forced" and forced.target == fed.run_dir.name
+    assert forced.details["noise_to_signal"] > 1 and "recovery-mlp" in forced.details["message"]
     state = json.loads((fed.run_dir / "state.json").read_text())
     assert state["status"] == "completed" and state["current_round"] == 2
     # Each device logged what it sent, under the run's id, and kept its personal model.
@@ -230,7 +236,7 @@ def test_a_round_losing_more_than_the_threshold_fails_cleanly(tmp_path, template
     assert summary.status == "failed"
     events = fed.ledger_events()
     assert not any(isinstance(e, GaussianRoundEvent) for e in events)
-    (failed,) = [e for e in events if isinstance(e, AuditEvent)]
+    (failed,) = [e for e in events if isinstance(e, AuditEvent) and e.action != "plan.forced"]
     assert failed.action == "round.failed" and failed.details["round"] == 1 and failed.details["released"] is False
     assert not fed.files.checkpoint.exists()  # nothing released, no model
     (line,) = fed.files.round_lines()
@@ -413,3 +419,200 @@ def test_a_new_architecture_is_one_module_and_one_registry_line(tmp_path, templa
             assert store.load_model_state(stats.ARCHITECTURE.state_name) is not None
     with pytest.raises(RunConfigError):
         _config(model=stats.ARCHITECTURE.name)  # unregistered again
+
+
+# -- the linear head: one release of statistics, solved toward the prior, delivered (issue 12) --
+def _few_days_device(fed: Federation, i: int, days: int = 12) -> None:
+    """Replace device ``i`` of the copied fleet with a person who has only ``days`` days."""
+    from restwise.client.importers import run_import
+    from restwise.client.keys import FileKeystore
+    from restwise.client.store import DeviceStore
+    from restwise.simulation.fleet import write_demo_export
+
+    folder = fed.fleet / device_folder_name(i)
+    shutil.rmtree(folder)
+    export = write_demo_export(9000 + i, fed.run_dir / "few-days.jsonl", days=days)
+    with DeviceStore.create(folder, keystore=FileKeystore(fed.fleet / SIM_KEYSTORE_DIR)) as store:
+        run_import(store, export)
+    export.unlink()
+
+
+def test_the_linear_head_is_one_release_solved_toward_the_prior_and_delivered(tmp_path, template_fleet, monkeypatch):
+    from typer.testing import CliRunner
+
+    from restwise.cli import app as restwise_app
+    from restwise.client.coach_cli import advise
+    from restwise.models.linear_head import SENSITIVITY, solve_with_prior, unpack_statistics
+    from restwise.models.linear_head_architecture import ARCHITECTURE as head, HeadState, shipped_prior
+    from restwise.privacy import wire
+    from restwise.privacy.release import plan_release
+    from restwise.server.rundir import write_report
+
+    class ZeroNoise:  # noise-free devices: the released sum can be checked exactly
+        def normal(self, loc, scale, size):
+            return np.zeros(size)
+
+    cfg = _config(model="linear-head", rounds=1, noise_multiplier=None, target_epsilon=4.0, force=False)
+    fed = Federation(tmp_path, template_fleet, cfg, dp_rng_factory=ZeroNoise)
+    _few_days_device(fed, 7)  # too few days: says no, sends nothing, not counted
+    nan_dev = str(fed.fleet / device_folder_name(0))
+    real_update = client_app_module.local_update
+
+    def nan_statistics(store, *args, **kwargs):  # a device whose statistics hold NaN
+        vector, loss = real_update(store, *args, **kwargs)
+        if str(store.folder) == nan_dev:
+            vector = vector.copy()
+            vector[5] = np.nan
+        return vector, loss
+
+    monkeypatch.setattr(client_app_module, "local_update", nan_statistics)
+    summary = fed.run()
+    assert summary.status == "completed", summary.reason
+    (line,) = fed.files.round_lines()
+    assert (line["sampled"], line["participants"], line["survived"]) == (8, 7, 6)
+    assert line["train_loss"] is None  # not collected
+
+    # One Gaussian event with the architecture's sensitivity (sqrt 2), not the clip norm.
+    (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    plan = plan_release(cfg.release_policy())
+    z, t_min = plan.noise_multiplier, 7 - math.floor(0.3 * 7)
+    assert release.clip_norm == pytest.approx(SENSITIVITY) and release.survivors == 6 and release.planned_clients == 8
+    # Shares sized for t_min - 1 = 4 others; with 6 survivors the other 5 protect each person.
+    assert release.noise_std_total == pytest.approx(z * SENSITIVITY * math.sqrt(5 / (t_min - 1)))
+    assert line["epsilon"] == pytest.approx(PrivacyAccountant().epsilon([release], cfg.delta).epsilon)
+    assert 0 < line["epsilon"] <= 4.0
+    assert not [e for e in fed.ledger_events() if isinstance(e, AuditEvent)]  # nothing forced, nothing failed
+
+    # The server solved toward the shipped prior with the known noise of the sum (all 6 shares).
+    total = np.zeros(head.statistics_length)
+    for i in range(1, 7):
+        with fed.store(i) as store:
+            contribution = head.contribute(head.model_config(0), [], head.examples(daily_data(store)), None, None)
+        total += contribution.vector
+    A, b = unpack_statistics(total)
+    share_std = z * SENSITIVITY / math.sqrt(t_min - 1)
+    expected = solve_with_prior(A, b, shipped_prior().weights_for("readiness"), noise_std=share_std * math.sqrt(6),
+                                devices=6)
+    (weights,) = fed.checkpoint().arrays
+    assert weights.dtype == np.float32 and weights.shape == (32,)
+    np.testing.assert_allclose(weights, expected, atol=2e-3)
+    assert np.linalg.norm(weights - shipped_prior().weights_for("readiness").weights) > 1e-3  # it moved
+    assert release.model_hash == fed.checkpoint().model_hash()
+
+    # Delivered to every connected device; each keeps it with its own personal part.
+    state = json.loads((fed.run_dir / "state.json").read_text())
+    assert state["delivered"]["devices"] == 8 and state["delivered"]["model_hash"] == release.model_hash
+    entry = [e for e in open_ledger(fed.run_dir, cfg).entries() if isinstance(e.event, GaussianRoundEvent)][0]
+    for i in range(8):
+        with fed.store(i) as store:
+            blob, meta = store.load_model_state(head.state_name)
+            kinds = [h["message_type"] for h in store.egress_history()]
+        kept = HeadState.from_bytes(blob)
+        np.testing.assert_array_equal(kept.weights, weights.astype(np.float64))
+        assert meta["trained"] == "released" and meta["model_hash"] == release.model_hash
+        assert (meta["ledger_seq"], meta["ledger_hash"]) == (entry.seq, entry.hash)
+        assert kinds[-1] == wire.MODEL_MESSAGE_TYPE
+        if i == 7:
+            assert kinds == [wire.HELLO_MESSAGE_TYPE, wire.MODEL_MESSAGE_TYPE] and kept.personal is None
+        else:
+            assert kept.personal is not None  # computed on the device, never sent
+    with fed.store(0) as store:
+        collect = [h for h in store.egress_history() if h["message_type"] == "train:collect-masked-input"]
+        delivery = [h for h in store.egress_history() if h["message_type"] == wire.MODEL_MESSAGE_TYPE]
+    # The NaN device's vector was refused on the device, before masking: its secure-aggregation
+    # reply is a refusal, no masked input.
+    assert [r["name"] for r in collect[0]["records"]] == ["secagg.refused"]
+    assert delivery[0]["records"] == []  # the reply to a delivery carries nothing
+    with fed.store(1) as store:
+        advice, _, status = advise(store)
+    assert status == "stored (released): linear-head" and advice.model_note.startswith("model ")
+
+    # Checkpointed, reported and verified: `restwise audit verify` recomputes epsilon.
+    fed.files.write_config(cfg)  # what the runner writes before a run
+    write_report(fed.run_dir)
+    report = json.loads((fed.run_dir / "report.json").read_text())
+    assert report["model"]["architecture"] == "linear-head"
+    assert report["model"]["released_model_hash"] == release.model_hash and report["model"]["sensitivity"] == SENSITIVITY
+    assert report["model"]["delivered"]["devices"] == 8
+    r = CliRunner().invoke(restwise_app, ["audit", "verify", str(fed.run_dir / "report.json"),
+                                          "--public-key", str(fed.run_dir / "public_key.pem")])
+    assert r.exit_code == 0, r.output
+    assert "1 release(s)" in r.output
+
+
+def test_a_device_keeps_only_a_delivered_model_that_matches_its_hash_and_spec(tmp_path, template_fleet):
+    from flwr.app import ConfigRecord
+
+    from restwise.client.app import adopt_model
+    from restwise.common.errors import ModelError
+    from restwise.models.linear_head_architecture import ARCHITECTURE as head
+
+    fed = Federation(tmp_path, template_fleet, _config(model="linear-head", rounds=1))
+    arrays = [np.linspace(-0.1, 0.1, 32).astype(np.float32)]
+    from restwise.common.arrays import arrays_sha256
+
+    good = {"model": "linear-head", "model_config": head.model_config(0), "model_hash": arrays_sha256(arrays)}
+    with fed.store(0) as store:
+        assert adopt_model(store, head, arrays, ConfigRecord({**good, "model_hash": "0" * 64}), run_id="r", round_=1) \
+            == "the arrays do not match the released model's hash"
+        other_spec = good["model_config"].replace('"feature_spec_version": 1', '"feature_spec_version": 2')
+        assert "feature spec" in adopt_model(store, head, arrays, ConfigRecord({**good, "model_config": other_spec}),
+                                             run_id="r", round_=1)
+        assert store.load_model_state(head.state_name) is None  # nothing kept
+        store.set_consent("r", False)
+        assert "consented" in adopt_model(store, head, arrays, ConfigRecord(good), run_id="r", round_=1)
+        assert adopt_model(store, head, arrays, ConfigRecord(good), run_id="r2", round_=1) is None
+        assert store.load_model_state(head.state_name)[1]["model_hash"] == good["model_hash"]
+    with pytest.raises(ModelError, match="32 weights"):
+        head.adopt(head.model_config(0), [np.zeros(5, dtype=np.float32)], None)
+
+
+def test_the_planner_refuses_the_network_on_a_small_cohort_before_anything_is_sent(tmp_path, template_fleet):
+    cfg = _config(rounds=1, force=False)
+    verdict = cfg.plan()
+    assert verdict.refused and not verdict.allowed and verdict.noise_to_signal > 1
+    fed = Federation(tmp_path, template_fleet, cfg)
+    summary = fed.run()
+    assert summary.status == "refused" and "noise-to-signal" in summary.reason and "force" in summary.reason
+    state = json.loads((fed.run_dir / "state.json").read_text())
+    assert state["status"] == "refused" and f"{verdict.noise_to_signal:.2f}" in state["reason"]
+    assert all(_history(fed, i) == [] for i in range(cfg.population))  # no device was asked anything
+    assert not (fed.run_dir / "ledger.jsonl").exists() or fed.ledger_events() == []
+
+
+def test_a_run_whose_prior_fails_its_checks_never_contacts_a_device(tmp_path, template_fleet, monkeypatch):
+    import restwise.models.linear_head_architecture as lha
+    from restwise.models.prior import SHIPPED_PRIOR_SHA256, load_prior
+    from restwise.server.errors import PlanError
+
+    tampered = tmp_path / "prior.json"
+    data = json.loads(lha.shipped_prior().to_json())
+    data["targets"]["readiness"]["weights"][0] += 0.5  # edited after it was hashed
+    tampered.write_text(json.dumps(data))
+    monkeypatch.setattr(lha, "shipped_prior", lambda: load_prior(tampered, expected_sha256=SHIPPED_PRIOR_SHA256))
+    cfg = _config(model="linear-head", rounds=1)
+    fed = Federation(tmp_path, template_fleet, cfg)
+    with pytest.raises(PlanError, match="sha256 does not match its content"):
+        fed.run()
+    assert all(_history(fed, i) == [] for i in range(cfg.population))
+
+
+def test_the_early_warning_is_learnt_from_one_release_and_used_by_the_coach(tmp_path, template_fleet):
+    from restwise.client.coach_cli import advise
+    from restwise.models.warning import SENSITIVITY
+    from restwise.models.warning_architecture import ARCHITECTURE as warning_arch, WarningState
+
+    cfg = _config(model="early-warning", rounds=1, noise_multiplier=None, target_epsilon=4.0, force=False)
+    fed = Federation(tmp_path, template_fleet, cfg)
+    summary = fed.run()
+    assert summary.status == "completed", summary.reason
+    (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert release.clip_norm == pytest.approx(SENSITIVITY) and release.survivors == 8
+    (weights,) = fed.checkpoint().arrays
+    assert weights.shape == (25,)
+    with fed.store(2) as store:
+        kept = WarningState.from_bytes(store.load_model_state(warning_arch.state_name)[0])
+        advice, _, _ = advise(store)
+    np.testing.assert_array_equal(kept.weights, weights.astype(np.float64))
+    assert kept.personal is not None and set(kept.personal) == {"low_threshold", "scale", "base_rate"}
+    assert advice.warning["model"].startswith("released model") and "the record below is the prior's" in advice.warning["model"]

@@ -24,6 +24,7 @@ def _config(**changes) -> RunConfig:
         name="sim", rounds=2, population=10, sampling="poisson", sampling_rate=1.0, noise_multiplier=1.0,
         delta=1e-3, clip_norm=1.0, secagg_num_neighbours=9, secagg_threshold=5, max_dropout_fraction=0.4,
         local_epochs=1, learning_rate=0.003, round_timeout_s=60.0, dataset="demo", seed=1,
+        force=True,  # the network under DP on 10 devices: the planner refuses it unless forced
     )
     base.update(changes)
     return RunConfig(**base)

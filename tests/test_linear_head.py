@@ -247,9 +247,12 @@ def test_model_serialisation_and_spec_check():
 
 
 def test_architecture_object_wires_device_server_and_prediction():
-    arch = lh.LINEAR_HEAD
-    assert (arch.name, arch.shared_length, arch.statistics_length, arch.releases_per_run) == \
-        ("linear-head", 32, 560, 1)
+    from restwise.models.linear_head_architecture import ARCHITECTURE as arch
+    from restwise.models.registry import ONE_RELEASE, get_architecture
+
+    assert get_architecture("linear-head") is arch
+    assert (arch.name, lh.N_FEATURES, arch.statistics_length, arch.protocol, arch.l2_sensitivity) == \
+        ("linear-head", 32, 560, ONE_RELEASE, lh.SENSITIVITY)
     rng = np.random.default_rng(6)
     n = 30
     X = np.concatenate([window(n=n, readiness=0.5)] * 1)
@@ -257,7 +260,7 @@ def test_architecture_object_wires_device_server_and_prediction():
     H = np.stack([history({0: float(v)})[0] for v in rng.integers(3, 9, n)])
     y = rng.integers(3, 9, n).astype(float)
     v = arch.device_statistics(X, H, y, PERSON)
-    assert v.shape == (560,) and np.linalg.norm(v) <= arch.sensitivity
+    assert v.shape == (560,) and np.linalg.norm(v) <= arch.l2_sensitivity
     model = arch.server_model(v * 5, noise_std=0.0, devices=5,
                               prior=lh.PriorWeights(np.zeros(32), np.full(32, 0.01), 0.01))
     value, _ = arch.predict(model, X, H, PERSON)

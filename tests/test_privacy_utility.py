@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from restwise.planning import linear_head_shape, plan_run
+from restwise.common.errors import ModelError
+from restwise.planning import plan_run
 from restwise.privacy.calibration import calibrate_noise_multiplier
 from restwise.privacy.utility import (
     FedAvgShape,
@@ -66,13 +67,16 @@ def test_bad_plans_are_refused_with_a_reason():
         assess_statistics_release(_toy_shape(), 1, 4.0)
     with pytest.raises(ValueError, match="epsilon"):
         assess_fedavg(FedAvgShape("net", 10, 1.0, 10), 10, -1.0)
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ModelError, match="unknown model"):
         plan_run("transformer", 10, 1.0)
 
 
 def test_plan_run_uses_the_architectures_numbers():
-    shape = linear_head_shape()
-    assert (shape.statistics_length, shape.sensitivity) == (560, pytest.approx(math.sqrt(2)))
+    from restwise.models.registry import get_architecture
+
+    shape = get_architecture("linear-head").release_shape(rounds=1, clip_norm=1.0, sampling_rate=1.0)
+    assert shape["mechanism"] == "statistics"
+    assert (shape["statistics_length"], shape["sensitivity"]) == (560, pytest.approx(math.sqrt(2)))
     v = plan_run("linear-head", 47, 4.0)
     assert v.mechanism == "statistics" and v.allowed and not v.expected_to_beat_prior
     assert plan_run("linear-head", 5000, 4.0).expected_to_beat_prior

@@ -87,7 +87,7 @@ def test_service_runs_on_postgresql(postgres_url, tmp_path):
     _, op = ctx.tokens.create("operator", "olga")
     _, au = ctx.tokens.create("auditor", "arne")
     body = {"name": "pg", "rounds": 2, "population": 4, "sampling": "poisson", "sampling_rate": 0.5,
-            "noise_multiplier": 1.0, "secagg_num_neighbours": 3, "secagg_threshold": 2}
+            "noise_multiplier": 1.0, "secagg_num_neighbours": 3, "secagg_threshold": 2, "force": True}
     with TestClient(app) as client:
         created = client.post("/api/v1/runs", json=body, headers={"Authorization": f"Bearer {op}"})
         assert created.status_code == 201, created.text
