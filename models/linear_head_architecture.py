@@ -28,10 +28,8 @@ Planning: ``release_shape``
     One statistics release: sensitivity sqrt 2, 560 numbers, the prior's signal and spread
     (``privacy.utility.assess_release``).
 
-The model configuration names the feature spec (version and sha256), the target series and
-the sha256 of the prior the server solves toward; the server refuses to solve toward another
-prior than the one named (a run cannot silently change its prior), a device refuses a model of
-another feature spec.
+The model configuration, the prior check, the solve and the check of a delivered model are
+those of every one-release model (:mod:`restwise.models.one_release`, ``HEAD``).
 """
 
 from __future__ import annotations
@@ -44,7 +42,6 @@ from functools import lru_cache
 
 import numpy as np
 
-from restwise.common.arrays import arrays_sha256
 from restwise.common.errors import ModelError
 from restwise.models.evaluation import ExampleSet, windowed_examples
 from restwise.models.features import DailyData, FeatureFrame, compute_features
@@ -60,7 +57,6 @@ from restwise.models.linear_head import (
     TARGET_BOUND,
     WINDOW,
     LinearHead,
-    LinearHeadError,
     PersonalScale,
     PriorWeights,
     device_statistics,
@@ -70,6 +66,7 @@ from restwise.models.linear_head import (
     target_delta,
     unpack_statistics,
 )
+from restwise.models.one_release import StatisticsModel
 from restwise.models.prior import PublicPrior, load_prior, statistics_release_shape
 from restwise.models.registry import ONE_RELEASE, READINESS, Contribution, LocalTraining, ReleasedSum
 
@@ -85,30 +82,12 @@ def shipped_prior() -> PublicPrior:
     return load_prior()
 
 
-def model_config_for(prior: PublicPrior, target: str = TARGET) -> str:
-    """The configuration a run sends: the feature spec, the target and the prior's hash."""
-    prior.target(target)  # PriorError when the prior has no weights for it
-    return json.dumps({"architecture": NAME, "feature_spec_version": FEATURE_SPEC_VERSION,
-                       "feature_spec_sha256": feature_spec_sha256(), "target": target,
-                       "prior_sha256": prior.sha256}, sort_keys=True)
+HEAD = StatisticsModel(NAME, FEATURE_SPEC_VERSION, feature_spec_sha256, N_FEATURES, TARGET_BOUND, shipped_prior)
 
 
 def parse_model_config(model_config: str) -> dict:
-    """The run's configuration; ModelError when it is not this architecture's or its feature
-    spec is not the one this code computes."""
-    try:
-        cfg = json.loads(model_config)
-        ok = isinstance(cfg, dict) and cfg.get("architecture") == NAME and isinstance(cfg.get("target"), str) \
-            and isinstance(cfg.get("prior_sha256"), str)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ModelError("not a linear-head model configuration")
-    if cfg.get("feature_spec_version") != FEATURE_SPEC_VERSION or cfg.get("feature_spec_sha256") != feature_spec_sha256():
-        raise ModelError(f"the run's linear head uses feature spec {cfg.get('feature_spec_version')!r} "
-                         f"(sha256 {str(cfg.get('feature_spec_sha256'))[:12]}...); this Restwise computes version "
-                         f"{FEATURE_SPEC_VERSION} ({feature_spec_sha256()[:12]}...): refusing it")
-    return cfg
+    """The run's configuration (``one_release.StatisticsModel.parse``)."""
+    return HEAD.parse(model_config)
 
 
 # ------------------------------------------------------------------------------ device state
@@ -223,20 +202,10 @@ class LinearHeadArchitecture:
 
     def model_config(self, seed: int) -> str:
         """Deterministic (no seed): the feature spec, the target and the shipped prior."""
-        return model_config_for(shipped_prior())
+        return HEAD.model_config(TARGET)
 
     def initial_shared(self, model_config: str) -> list[np.ndarray]:
-        return [self.prior_for(model_config).weights.astype(np.float32)]
-
-    def prior_for(self, model_config: str) -> PriorWeights:
-        """The prior the run names, which must be the shipped one (PriorError when the shipped
-        file fails its checks; ModelError when the run names another prior)."""
-        cfg = parse_model_config(model_config)
-        prior = shipped_prior()
-        if prior.sha256 != cfg["prior_sha256"]:
-            raise ModelError(f"the run was configured with the prior {cfg['prior_sha256'][:12]}...; this server ships "
-                             f"{prior.sha256[:12]}...: refusing to solve toward another prior")
-        return prior.weights_for(cfg["target"])
+        return [HEAD.prior_weights(model_config).weights.astype(np.float32)]
 
     def contribution_size(self, shared: list[np.ndarray]) -> int:
         return STATISTICS_LENGTH
@@ -254,23 +223,11 @@ class LinearHeadArchitecture:
         return Contribution(vector, math.nan, kept.to_bytes())
 
     def apply_release(self, model_config: str, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
-        prior = self.prior_for(model_config)
-        A, b = unpack_statistics(released.total)
-        weights = solve_with_prior(A, b, prior, noise_std=released.noise_std, devices=released.survivors,
-                                   target_bound=TARGET_BOUND)
-        return [weights.astype(np.float32)]
+        return HEAD.solve(model_config, released)
 
     def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
-        cfg = parse_model_config(model_config)
-        if len(shared) != 1 or np.asarray(shared[0]).shape != (N_FEATURES,):
-            raise ModelError(f"a delivered linear head is one array of {N_FEATURES} weights")
-        try:
-            model = LinearHead(np.asarray(shared[0], dtype=np.float32).astype(np.float64))
-        except LinearHeadError as exc:
-            raise ModelError(f"the delivered linear head is unusable ({exc})") from None
-        previous = self.stored_state(state)
-        return HeadState(previous.personal, model.weights, arrays_sha256([np.asarray(shared[0], dtype=np.float32)]),
-                         cfg["prior_sha256"]).to_bytes()
+        weights, model_hash, cfg = HEAD.delivered(model_config, shared)
+        return HeadState(self.stored_state(state).personal, weights, model_hash, cfg["prior_sha256"]).to_bytes()
 
     @staticmethod
     def stored_state(state: bytes | None) -> HeadState:
@@ -322,4 +279,4 @@ class LinearHeadArchitecture:
 ARCHITECTURE = LinearHeadArchitecture()
 
 __all__ = ["ARCHITECTURE", "LinearHeadArchitecture", "HeadState", "LinearHeadForecaster", "NAME", "STATE_NAME",
-           "TARGET", "model_config_for", "parse_model_config", "shipped_prior", "forecast_inputs"]
+           "TARGET", "HEAD", "parse_model_config", "shipped_prior", "forecast_inputs"]

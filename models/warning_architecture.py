@@ -25,10 +25,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from restwise.common.arrays import arrays_sha256
 from restwise.common.errors import ModelError
 from restwise.models.features import DailyData
-from restwise.models.linear_head import solve_with_prior, unpack_statistics
+from restwise.models.one_release import StatisticsModel
 from restwise.models.prior import PublicPrior, load_prior, statistics_release_shape
 from restwise.models.registry import ONE_RELEASE, WARNING, Contribution, LocalTraining, ReleasedSum
 from restwise.models.warning import (
@@ -62,18 +61,8 @@ def shipped_warning_prior() -> PublicPrior:
     return load_prior(spec=WARNING_PRIOR)
 
 
-def parse_model_config(model_config: str) -> dict:
-    try:
-        cfg = json.loads(model_config)
-        ok = isinstance(cfg, dict) and cfg.get("architecture") == NAME and isinstance(cfg.get("prior_sha256"), str) \
-            and isinstance(cfg.get("target"), str)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ModelError("not an early-warning model configuration")
-    if cfg.get("feature_spec_version") != FEATURE_SPEC_VERSION or cfg.get("feature_spec_sha256") != feature_spec_sha256():
-        raise ModelError("the run's early-warning model uses another feature spec than this Restwise: refusing it")
-    return cfg
+WARNING_MODEL = StatisticsModel(NAME, FEATURE_SPEC_VERSION, feature_spec_sha256, N_FEATURES, TARGET_BOUND,
+                                shipped_warning_prior)
 
 
 @dataclass(frozen=True)
@@ -137,28 +126,17 @@ class WarningArchitecture:
         return WarningExamples(person, labelled_rows(person))
 
     def model_config(self, seed: int) -> str:
-        prior = shipped_warning_prior()
-        prior.target(TARGET)
-        return json.dumps({"architecture": NAME, "feature_spec_version": FEATURE_SPEC_VERSION,
-                           "feature_spec_sha256": feature_spec_sha256(), "target": TARGET,
-                           "prior_sha256": prior.sha256}, sort_keys=True)
-
-    def prior_for(self, model_config: str):
-        cfg = parse_model_config(model_config)
-        prior = shipped_warning_prior()
-        if prior.sha256 != cfg["prior_sha256"]:
-            raise ModelError("the run names another early-warning prior than the one this server ships: refusing it")
-        return prior.weights_for(cfg["target"])
+        return WARNING_MODEL.model_config(TARGET)
 
     def initial_shared(self, model_config: str) -> list[np.ndarray]:
-        return [self.prior_for(model_config).weights.astype(np.float32)]
+        return [WARNING_MODEL.prior_weights(model_config).weights.astype(np.float32)]
 
     def contribution_size(self, shared: list[np.ndarray]) -> int:
         return STATISTICS_LENGTH
 
     def contribute(self, model_config: str, shared: list[np.ndarray], examples: WarningExamples,
                    training: LocalTraining, state: bytes | None) -> Contribution:
-        parse_model_config(model_config)
+        WARNING_MODEL.parse(model_config)
         personal, inputs, labels = fit_person(examples.person, examples.rows)
         vector = device_statistics(inputs, labels, examples.rows)
         previous = self.stored_state(state)
@@ -167,22 +145,11 @@ class WarningArchitecture:
         return Contribution(vector, float("nan"), kept.to_bytes())
 
     def apply_release(self, model_config: str, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
-        prior = self.prior_for(model_config)
-        A, b = unpack_statistics(released.total, N_FEATURES, TARGET_BOUND)
-        w = solve_with_prior(A, b, prior, noise_std=released.noise_std, devices=released.survivors,
-                             target_bound=TARGET_BOUND)
-        return [w.astype(np.float32)]
+        return WARNING_MODEL.solve(model_config, released)
 
     def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
-        parse_model_config(model_config)
-        if len(shared) != 1 or np.asarray(shared[0]).shape != (N_FEATURES,):
-            raise ModelError(f"a delivered early-warning model is one array of {N_FEATURES} weights")
-        released = np.asarray(shared[0], dtype=np.float32)
-        try:
-            weights = WarningModel(released.astype(np.float64)).weights
-        except WarningError as exc:
-            raise ModelError(f"the delivered early-warning model is unusable ({exc})") from None
-        return WarningState(self.stored_state(state).personal, weights, arrays_sha256([released])).to_bytes()
+        weights, model_hash, _ = WARNING_MODEL.delivered(model_config, shared)
+        return WarningState(self.stored_state(state).personal, weights, model_hash).to_bytes()
 
     @staticmethod
     def stored_state(state: bytes | None) -> WarningState:
@@ -207,4 +174,4 @@ class WarningArchitecture:
 ARCHITECTURE = WarningArchitecture()
 
 __all__ = ["ARCHITECTURE", "WarningArchitecture", "WarningExamples", "WarningState", "NAME", "STATE_NAME",
-           "shipped_warning_prior", "parse_model_config"]
+           "shipped_warning_prior", "WARNING_MODEL"]

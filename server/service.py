@@ -779,7 +779,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
         detail: dict[str, Any] = {"name": config.name}
         if verdict.refused and verdict.forced:
             detail["forced_plan"] = plan_summary(verdict)
-        ctx.audit.record(who, "run.create", run["id"], "forced" if "forced_plan" in detail else "ok", _json_safe(detail))
+        ctx.audit.record(who, "run.create", run["id"], "ok", _json_safe(detail))
         return run
 
     @app.get(f"{API}/runs/{{run_id}}", response_model=RunDetailOut, tags=["runs"], responses=read_problems)

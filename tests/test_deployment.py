@@ -349,6 +349,21 @@ def test_cli_run_validates_the_run_config_before_submitting(cli, tmp_path):
     assert res.exit_code == 2 and "rounds" in res.output
     res = cli("server", "run", "--run-dir", str(tmp_path / "empty"), "--insecure")
     assert res.exit_code == 2 and "config.json" in res.output
+    # The planner before submitting (issue 12): the network under DP on 8 devices is refused
+    # with its numbers (exit 1, nothing written); a one-release linear head is planned and
+    # allowed (it then fails only for want of a SuperLink here).
+    network = {"name": "net", "rounds": 3, "population": 8, "sampling_rate": 1.0, "target_epsilon": 8.0}
+    (tmp_path / "net.json").write_text(json.dumps(network))
+    res = cli("server", "run", "--run-dir", str(tmp_path / "net"), "--config", str(tmp_path / "net.json"), "--insecure")
+    assert res.exit_code == 1 and "noise-to-signal" in res.output and "--force" in res.output
+    assert not (tmp_path / "net" / "config.json").exists()
+    head = {"name": "head", "model": "linear-head", "rounds": 1, "population": 8, "sampling_rate": 1.0,
+            "target_epsilon": 4.0}
+    (tmp_path / "head.json").write_text(json.dumps(head))
+    res = cli("server", "run", "--run-dir", str(tmp_path / "head"), "--config", str(tmp_path / "head.json"),
+              "--insecure", "--superlink", "127.0.0.1:9", "--timeout", "5")
+    assert "plan: linear-head: one statistics release from 8 devices" in res.output
+    assert json.loads((tmp_path / "head" / "config.json").read_text())["model"] == "linear-head"
 
 
 def test_device_join_refuses_plaintext_and_checks_the_store(tmp_path, fast_argon2):

@@ -13,7 +13,11 @@ One scenario (module fixture ``deployment``), several tests asserting on what it
   the join's key agent). Device 2 the same, plus `device keystore add --backend file`, and
   joins without its passphrase. Afterwards `device history` on their stores shows what they
   sent.
-* Round 1: everyone takes part. Round 2: device 3 is SIGKILLed (with its ClientApp process)
+* First, a run of the linear head (issue 12): ONE release of the devices' bounded statistics
+  through secure aggregation with distributed noise shares, solved on the server toward the
+  shipped prior, then delivered to every device (`restwise server run` with its planner check).
+* Then the network (forced: the planner refuses DP-FedAvg of 17,732 numbers on 4 devices).
+  Round 1: everyone takes part. Round 2: device 3 is SIGKILLed (with its ClientApp process)
   right after it sent its key shares, before its masked input: the survivors' aggregate must
   be unmasked from shares. Round 3: the run continues without it.
 * While the run goes on, three intruders try to join: a node whose key was never
@@ -23,8 +27,8 @@ One scenario (module fixture ``deployment``), several tests asserting on what it
   protobuf-over-HTTP client): every Fleet API request body it hands to the TLS connection is
   recorded. The wire-level test decodes those requests with Flower's own protobuf classes,
   rebuilds every message the device sent, and checks record names against the egress
-  allow-list and the bytes against the device's stored values. (Flower 1.42's Fleet API is
-  protobuf over HTTP/1.1, not gRPC.)
+  allow-list, for any float in the clear, and the bytes against the device's stored values, over
+  both runs. (Flower 1.42's Fleet API is protobuf over HTTP/1.1, not gRPC.)
 
 Bounded everywhere (timeouts on every wait); every process is killed in the fixture's
 finaliser, also on failure.
@@ -238,6 +242,31 @@ def deployment(tmp_path_factory):
             90, "all four SuperNodes online", step=2.0,
         )
 
+        # The linear head first: one statistics release, delivered to the four devices.
+        head_dir = root / "run-linear-head"
+        head_config = dict(
+            name="deployment-linear-head", model="linear-head", rounds=1, population=N_DEVICES, sampling="poisson",
+            sampling_rate=1.0, target_epsilon=4.0, secagg_num_neighbours=3, secagg_threshold=2,
+            max_dropout_fraction=0.25, round_timeout_s=40.0, dataset="demo",
+        )
+        (root / "head.json").write_text(json.dumps(head_config), encoding="utf-8")
+        head_started = time.monotonic()
+        head_cli = D.start_process(
+            "restwise-server-run-linear-head",
+            [*RESTWISE, "server", "run", "--run-dir", str(head_dir), "--config", str(root / "head.json"),
+             *link_args, "--timeout", str(RUN_TIMEOUT_S)],
+            root / "run-linear-head-cli.out",
+        )
+        procs.append(head_cli)
+        try:
+            head_code = head_cli.popen.wait(timeout=RUN_TIMEOUT_S + 60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("`restwise server run` of the linear head did not return") from None
+        head_text = head_cli.log_text()
+        result["head"] = {"code": head_code, "output": head_text, "run_dir": head_dir, "config": head_config,
+                          "seconds": time.monotonic() - head_started,
+                          "outcome": json.loads(head_text[head_text.index("{"):head_text.rindex("}") + 1])}
+
         run_dir = root / "run"
         run_dir.mkdir()
         config = dict(
@@ -246,6 +275,7 @@ def deployment(tmp_path_factory):
             name="deployment-test", rounds=ROUNDS, population=N_DEVICES, sampling="poisson", sampling_rate=1.0,
             noise_multiplier=1.0, clip_norm=1.0, secagg_num_neighbours=3, secagg_threshold=2,
             max_dropout_fraction=0.25, round_timeout_s=40.0, dataset="demo",
+            force=True,  # the planner refuses DP-FedAvg of the network on 4 devices: forced, and recorded
         )
         (root / "run.json").write_text(json.dumps(config), encoding="utf-8")
         started = time.monotonic()
@@ -378,6 +408,51 @@ def test_the_deployment_run_folder_holds_no_store(deployment):
     assert {"config.json", "state.json", "rounds.jsonl", "ledger.jsonl", "checkpoint"} <= {p.name for p in paths}
 
 
+# -- 1b. the linear head: one release of statistics, delivered (issue 12) --------------------
+def test_the_linear_head_is_released_once_and_delivered_to_every_device(deployment):
+    import numpy as np
+
+    from restwise.models.linear_head import SENSITIVITY
+    from restwise.models.linear_head_architecture import STATE_NAME, HeadState
+    from restwise.privacy.accountant import PrivacyAccountant
+    from restwise.privacy.ledger import load_public_key, verify_ledger_file
+    from restwise.server.rundir import Checkpoint
+
+    head = deployment["head"]
+    assert head["code"] == 0, head["output"][-2000:]
+    assert "plan: linear-head: one statistics release from 4 devices" in head["output"]
+    outcome, run_dir = head["outcome"], head["run_dir"]
+    assert outcome["ok"] is True and outcome["released_rounds"] == [1] and outcome["failed_rounds"] == []
+    entries, verification = verify_ledger_file(run_dir / "ledger.jsonl", load_public_key(run_dir / "public_key.pem"))
+    (release,) = [e.event for e in entries if type(e.event).__name__ == "GaussianRoundEvent"]
+    assert release.clip_norm == pytest.approx(SENSITIVITY) and release.survivors == N_DEVICES
+    assert not [e for e in entries if type(e.event).__name__ == "AuditEvent"]  # not forced
+    (line,) = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
+    assert line["epsilon"] == pytest.approx(PrivacyAccountant().epsilon([release], 1e-5).epsilon) and line["epsilon"] <= 4.0
+    assert line["train_loss"] is None
+    ckpt = Checkpoint.from_bytes((run_dir / "checkpoint").read_bytes())
+    assert ckpt.model == "linear-head" and ckpt.model_hash() == release.model_hash
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["delivered"]["devices"] == N_DEVICES and state["delivered"]["model_hash"] == release.model_hash
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["model"]["released_model_hash"] == release.model_hash
+    verify = subprocess.run([*RESTWISE, "audit", "verify", str(run_dir / "report.json"), "--public-key",
+                             str(run_dir / "public_key.pem")], capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+    # Every device keeps the released weights beside its own personal part.
+    from restwise.client.keys import FileKeystore
+    from restwise.client.store import DeviceStore
+
+    store = DeviceStore.open(deployment["devices"][CAPTURED], keystore=FileKeystore(deployment["keystore"]))
+    try:
+        blob, meta = store.load_model_state(STATE_NAME)
+    finally:
+        store.close()
+    kept = HeadState.from_bytes(blob)
+    np.testing.assert_array_equal(kept.weights, ckpt.arrays[0].astype(np.float64))
+    assert kept.personal is not None and meta["model_hash"] == release.model_hash and meta["run_id"] == run_dir.name
+
+
 # -- 2. a node killed mid-round -------------------------------------------------------------
 def test_node_killed_mid_round_round_completes_from_survivors(deployment):
     run_dir = deployment["run_dir"]
@@ -499,7 +574,9 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
     assert len(captured) > 10_000, "the capture recorded (almost) nothing"
 
     paths, messages = decode_sent_messages(requests)
-    assert paths.get("/v1/fleet/push-messages", 0) >= 5 * ROUNDS  # hello + 4 stages per round
+    # hello + 4 stages per round of the network; hello + 4 stages + the delivery's empty reply
+    # for the linear head's one release
+    assert paths.get("/v1/fleet/push-messages", 0) >= 5 * ROUNDS + 6
     assert len(messages) == paths["/v1/fleet/push-messages"]
 
     allowed: dict[str, tuple[str, tuple[str, ...]]] = {wire.CONSENT_RECORD: ("config", ("participate",))}
@@ -509,24 +586,33 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
     kinds = {"ConfigRecord": "config", "ArrayRecord": "array", "MetricRecord": "metric"}
     seen_names = set()
     masked_lengths = []
+    empty_replies = 0
     for msg in messages:
         assert not msg.has_error(), f"device sent an error reply: code {msg.error.code}"
+        empty_replies += not list(msg.content.keys())
         for name, record in msg.content.items():
             seen_names.add(name)
             assert name in allowed, f"record {name!r} is not on the egress allow-list"
             kind, keys = allowed[name]
             assert kinds[type(record).__name__] == kind, name
-            if kind == "metric":
-                assert set(record.keys()) <= metric_keys, (name, sorted(record.keys()))
-            else:
-                assert set(record.keys()) <= set(keys), (name, sorted(record.keys()))
-            if name == SR.MASKED_INPUT:
+            # No clear float, no metric at all (issue 15): a coarsened loss can equal a stored answer.
+            assert kind != "metric", f"a metric record {name!r} left the device: {sorted(record.keys())}"
+            assert set(record.keys()) <= set(keys), (name, sorted(record.keys()))
+            if kind == "config":
+                for key, value in record.items():
+                    values = value if isinstance(value, list) else [value]
+                    assert not any(isinstance(v, float) for v in values), f"a float in the clear: {name}/{key}"
+            if kind == "array":
                 arr = record[SR.MASKED_ARRAY]
-                assert arr.dtype == "uint64"
+                assert arr.dtype == "uint64", f"a float array in the clear: {name}"
                 masked_lengths.append(arr.numpy().size)
+    assert metric_keys == set()
     # Every stage of every round the device took part in is there, the masked update included.
     assert {wire.CONSENT_RECORD, SR.PUBLIC_KEYS, SR.SHARES, SR.MASKED_INPUT, SR.UNMASK_SHARES} <= seen_names
-    assert len(masked_lengths) == ROUNDS and len(set(masked_lengths)) == 1
+    # The network's three masked updates, and the linear head's one masked statistics vector (560).
+    network = [n for n in masked_lengths if n != 560]
+    assert sorted(masked_lengths).count(560) == 1 and len(network) == ROUNDS and len(set(network)) == 1
+    assert empty_replies == 1  # the reply to the delivered linear head carries nothing
     assert SR.INNER_UPDATE not in seen_names  # no unmasked update ever left
 
     series, checkins = stored_values(deployment["devices"][CAPTURED], deployment["keystore"])
@@ -542,6 +628,7 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
 # -- 5. a person's own store: init -> import -> join -> a secure round -> history ---------
 def test_device_history_shows_what_the_persons_own_stores_sent(deployment):
     from restwise.privacy import egress as E
+    from restwise.privacy import wire
     from restwise.privacy.secagg import records as SR
 
     outcome = deployment["outcome"]
@@ -556,8 +643,13 @@ def test_device_history_shows_what_the_persons_own_stores_sent(deployment):
         (KEYSTORE_DEVICE, ["--keystore", str(deployment["own_keystore"])]),  # no passphrase
     ):
         out = restwise("device", "history", "--store", str(deployment["devices"][device]), *auth, "--json")
-        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
-        assert len({r["run_id"] for r in rows}) == 1, rows
+        everything = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert {r["run_id"] for r in everything} == {"run", "run-linear-head"}, everything
+        head = [r for r in everything if r["run_id"] == "run-linear-head"]
+        # the linear head: hello, the four stages, the delivered model (reply: nothing)
+        assert [r["message_type"] for r in head][0] == wire.HELLO_MESSAGE_TYPE and len(head) == 6
+        assert head[-1]["message_type"] == wire.MODEL_MESSAGE_TYPE and head[-1]["records"] == []
+        rows = [r for r in everything if r["run_id"] == "run"]
         # every round: the hello and the four secure-aggregation stages, each logged
         assert sorted({r["round"] for r in rows}) == list(range(1, ROUNDS + 1))
         assert len(rows) == 5 * ROUNDS, [(r["round"], r["message_type"]) for r in rows]

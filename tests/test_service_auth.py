@@ -308,6 +308,31 @@ def test_start_refused_over_budget_with_the_numbers(tmp_path):
         assert decision.budget_epsilon == 1.5
 
 
+def test_run_creation_uses_the_planner_and_records_a_forced_plan(service):
+    """Issue 12: POST /runs asks the planner of `restwise privacy plan`; a DP run of the
+    network on a cohort too small for it is refused with the numbers unless forced, and a
+    forced plan is in the audit log."""
+    client, ctx, op, au = service
+    refused = client.post("/api/v1/runs", json={**VALID_RUN, "force": False}, headers=op)
+    assert refused.status_code == 409, refused.text
+    problem = refused.json()
+    assert problem["type"] == "urn:restwise:problem:plan-refused"
+    assert problem["noise_to_signal"] > 1 and problem["model"] == "recovery-mlp" and problem["refused"] is True
+    assert "noise-to-signal" in problem["detail"] and '"force": true' in problem["detail"]
+    assert client.get("/api/v1/runs", headers=au).json() == []  # nothing was created
+    forced = client.post("/api/v1/runs", json=VALID_RUN, headers=op)
+    assert forced.status_code == 201 and forced.json()["config"]["force"] is True
+    head = {k: v for k, v in VALID_RUN.items() if k not in ("force", "noise_multiplier", "sampling_rate")}
+    linear = client.post("/api/v1/runs", json={**head, "name": "head", "model": "linear-head", "rounds": 1,
+                                               "sampling_rate": 1.0, "target_epsilon": 4.0}, headers=op)
+    assert linear.status_code == 201, linear.text  # never refused: it stays near its prior at worst
+    log = client.get("/api/v1/audit-log", headers=au).json()
+    creates = [(e["outcome"], e["detail"]) for e in reversed(log) if e["action"] == "run.create"]
+    assert [o for o, _ in creates] == ["refused", "ok", "ok"]
+    assert creates[0][1]["plan"]["noise_to_signal"] == problem["noise_to_signal"]
+    assert creates[1][1]["forced_plan"]["forced"] is True and "forced_plan" not in creates[2][1]
+
+
 def test_state_changes_are_in_the_signed_audit_ledger(service, tmp_path):
     from restwise.privacy.ledger import load_public_key, verify_ledger_file
 

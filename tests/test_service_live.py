@@ -250,6 +250,14 @@ def test_runs_cli_talks_to_the_service(live, tmp_path):
         "- secagg_threshold: threshold (9) is above the number of shares (secagg_num_neighbours = 3)",
         "- target_epsilon: give exactly one of target_epsilon and noise_multiplier",
     ]
+    # The planner at creation: the network under DP on 4 devices is refused with the numbers,
+    # unless the operator forces it (issue 12).
+    (tmp_path / "net.json").write_text(json.dumps({**VALID_RUN, "name": "net-small", "force": False}))
+    args = ("server", "runs", "create", str(tmp_path / "net.json"), "--url", server.base, "--token-file", str(tmp_path / "op.token"))
+    out = cli(*args)
+    assert out.returncode == 1 and "409" in out.stderr and "noise-to-signal" in out.stderr and "force" in out.stderr
+    out = cli(*args, "--force")
+    assert out.returncode == 0 and "net-small" in out.stdout, out.stderr
 
 
 PROGRESS_CONTRACT_RUNNER = """
