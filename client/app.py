@@ -52,7 +52,7 @@ from restwise.client.store import DeviceStore
 from restwise.common.arrays import arrays_sha256
 from restwise.common.errors import ModelError
 from restwise.models.features import Examples
-from restwise.models.registry import Architecture, LocalTraining, get_architecture, round_seed
+from restwise.models.registry import FEDAVG, Architecture, LocalTraining, get_architecture, round_seed
 from restwise.privacy import egress as E
 from restwise.privacy import wire
 from restwise.privacy.dp_mods import make_dp_mod
@@ -164,7 +164,8 @@ def local_update(store: DeviceStore, global_arrays: list[np.ndarray], params: Co
     the encrypted store; return (the raw vector to share, mean training loss - which stays on
     the device)."""
     architecture = get_architecture(str(params["model"]))
-    _single_thread_torch()
+    if architecture.protocol == FEDAVG:
+        _single_thread_torch()  # one-release models compute statistics with numpy: torch is not loaded
     examples = person_examples(store, architecture)
     if len(examples) < architecture.min_examples:
         raise NoDataError("not enough check-ins to take part")

@@ -93,11 +93,12 @@ PRIVACY_UNIT = (
     "update per round, so the guarantee covers everything a person contributes"
 )
 DEFAULT_LEAVES_DEVICE = (
-    "Per round, only the person's model update for the shared part of the model, clipped on the "
-    "device to L2 norm C, with the device's share of the Gaussian noise added, and masked by "
-    "secure aggregation; plus the protocol's own key and share records and a bounded set of "
-    "coarse metrics. Raw observations, check-in answers, the personal part of the model and "
-    "example counts are never sent. (No explicit allow-list was given to this report.)"
+    "Per round, only the person's vector - the update of the shared part of the model, or the "
+    "bounded statistics of a one-release model - clipped on the device to L2 norm C, with the "
+    "device's share of the Gaussian noise added, and masked by secure aggregation; plus the "
+    "protocol's own key and share records. No per-device metric (such as a training loss) is "
+    "sent. Raw observations, check-in answers, the personal part of the model and example "
+    "counts are never sent. (No explicit allow-list was given to this report.)"
 )
 
 
@@ -304,10 +305,12 @@ def build_report(
         "information_leakage": {
             "leaves_device": egress_allow_list if egress_allow_list is not None else DEFAULT_LEAVES_DEVICE,
             "server_learns": [
-                "each round's noised sum of clipped updates (the released model change), covered by epsilon",
+                "each round's noised sum of clipped vectors (the released model change, or the released "
+                "statistics the model is solved from), covered by epsilon",
                 "which devices took part in each round and which dropped out, when, and the sizes of their messages",
                 "the secure-aggregation protocol's public keys and encrypted shares (no plaintext update)",
-                "the allow-listed coarse metrics (bounded and rounded)",
+                "which connected devices answered the delivery of a released model (an empty reply; "
+                "whether a device kept the model is not sent)",
             ],
         },
         "ledger": {

@@ -72,6 +72,7 @@ from restwise.server.runconfig import RunConfig
 
 _log = logging.getLogger(__name__)
 
+
 def plan_refusal(config: RunConfig) -> str | None:
     """Why the planner refuses ``config`` (the check of ``restwise privacy plan``), or None
     when it is allowed or forced. Run creation (service, ``restwise server run``, the

@@ -98,6 +98,9 @@ def test_a_prior_that_does_not_match_is_refused(fitted, tmp_path):
     assert r.exit_code == 1 and "sha256 does not match" in r.output
     r = runner.invoke(app, ["model", "show", "--prior", str(tmp_path / "ok.json")])
     assert r.exit_code == 0 and "verified" in r.output
+    # The planner never loads a prior that fails its checks either (exit 1, the reason named).
+    r = runner.invoke(app, ["privacy", "plan", "--cohort", "47", "--epsilon", "4", "--prior", str(tmp_path / "b.json")])
+    assert r.exit_code == 1 and "feature spec version 2" in r.output
 
 
 def test_shipped_prior_is_pinned_packaged_and_complete():
