@@ -20,6 +20,7 @@ from restwise.server.service import Settings, create_app
 VALID_RUN = {
     "name": "pilot", "rounds": 2, "population": 4, "sampling": "poisson", "sampling_rate": 0.5,
     "noise_multiplier": 1.0, "secagg_num_neighbours": 3, "secagg_threshold": 2, "persons": 4,
+    "force": True,  # the network under DP on 4 devices: the planner refuses it unless forced
 }
 
 

@@ -25,7 +25,7 @@ VALID_RUN = {
     "secagg_num_neighbours": 3,
     "secagg_threshold": 2,
     "persons": 4,
-    "force": True,  # the network under DP on 4 devices: the planner refuses it (tested in test_private_release)
+    "force": True,  # the network under DP on 4 devices: the planner refuses it unless forced (tested below)
 }
 
 
