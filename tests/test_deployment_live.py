@@ -254,7 +254,7 @@ def deployment(tmp_path_factory):
         head_cli = D.start_process(
             "restwise-server-run-linear-head",
             [*RESTWISE, "server", "run", "--run-dir", str(head_dir), "--config", str(root / "head.json"),
-             *link_args, "--timeout", str(RUN_TIMEOUT_S)],
+             *link_args, "--timeout", str(RUN_TIMEOUT_S), "--json"],
             root / "run-linear-head-cli.out",
         )
         procs.append(head_cli)
@@ -265,7 +265,7 @@ def deployment(tmp_path_factory):
         head_text = head_cli.log_text()
         result["head"] = {"code": head_code, "output": head_text, "run_dir": head_dir, "config": head_config,
                           "seconds": time.monotonic() - head_started,
-                          "outcome": json.loads(head_text[head_text.index("{"):head_text.rindex("}") + 1])}
+                          "outcome": json.loads([line for line in head_text.splitlines() if line.startswith("{")][-1])}
 
         run_dir = root / "run"
         run_dir.mkdir()
