@@ -26,6 +26,13 @@ httpx's ``_exceptions.py``). The exit code is what a command ends with (the regi
     │   └── JoinConfigError              1  bad `device join` options or key file (also ValueError)  [client.join_cli]
     ├── ModelError                       1  a model configuration, array list or stored model is
     │                                       invalid, or no architecture has that name
+    │   ├── FeatureError                 1  feature input has the wrong shape or content  [models.features]
+    │   ├── EvaluationError              1  the evaluation cannot run as asked  [models.evaluation]
+    │   ├── LinearHeadError              1  the linear head's input or model file is unusable  [models.linear_head]
+    │   │   └── NotEnoughDataError       1  too few days to compute a device's statistics
+    │   ├── PriorError                   1  a prior cannot be fitted or loaded (hash, spec)  [models.prior]
+    │   ├── WarningError                 1  the early warning cannot be computed  [models.warning]
+    │   └── CoachError                   1  the coach cannot advise on this input  [models.coach]
     ├── PrivacyError                     1  anything restwise.privacy refuses to do  [privacy.errors]
     │   ├── EventError                   1  a privacy event is not valid data
     │   │   ├── EventValidationError     1  a field is missing, out of range or inconsistent

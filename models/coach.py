@@ -59,6 +59,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from restwise.common.errors import ModelError
 from restwise.models.features import (
     DEFAULT_FEATURE_CONFIG,
     DailyData,
@@ -78,7 +79,7 @@ OVERREACHING = "overreaching risk — talk to your coach"
 RECOMMENDATIONS = (AS_PLANNED, LIGHTER, REST, OVERREACHING)
 
 
-class CoachError(ValueError):
+class CoachError(ModelError):
     """The coach cannot give advice for this input (message says why)."""
 
 

@@ -42,10 +42,11 @@ from typing import Protocol
 
 import numpy as np
 
+from restwise.common.errors import ModelError
 from restwise.models.features import DailyData, Examples, FeatureFrame, compute_features
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ModelError):
     """The evaluation cannot run as asked (too few persons, a bad config, ...)."""
 
 

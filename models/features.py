@@ -63,6 +63,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from restwise.common.errors import ModelError
+
 # ------------------------------------------------------------------------------ data
 SERIES_KEYS: tuple[str, ...] = (
     "rmssd_ms",
@@ -86,7 +88,7 @@ LOAD_KEYS = ("load", "hr_load")
 CHECKIN_KEYS = ("readiness", "fatigue", "soreness", "stress", "mood", "sleep_quality", "sleep_hours")
 
 
-class FeatureError(ValueError):
+class FeatureError(ModelError):
     """Input to the feature pipeline has the wrong shape or content (message says which)."""
 
 

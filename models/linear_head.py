@@ -76,6 +76,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from restwise.common.errors import ModelError
 from restwise.models.features import model_feature_names
 
 ARCHITECTURE_NAME = "linear-head"
@@ -110,7 +111,7 @@ N_FEATURES = len(FEATURE_NAMES)  # 32: the shared numbers of the model (<= 64)
 STATISTICS_LENGTH = N_FEATURES * (N_FEATURES + 1) // 2 + N_FEATURES  # 560 (statistics_length)
 
 
-class LinearHeadError(ValueError):
+class LinearHeadError(ModelError):
     """Input to the linear head is unusable (NaN/inf, wrong shape, a bad model file...)."""
 
 

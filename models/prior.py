@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from restwise.common.errors import ModelError
 from restwise.models.evaluation import PersonSplit, Prediction, windowed_examples
 from restwise.models.features import DailyData, compute_features
 from restwise.models.linear_head import (
@@ -97,7 +98,7 @@ PUBLIC_DATASETS = {
 }
 
 
-class PriorError(ValueError):
+class PriorError(ModelError):
     """A prior cannot be fitted or loaded (a hash or spec mismatch, a missing target...)."""
 
 

@@ -82,6 +82,7 @@ from pathlib import Path
 
 import numpy as np
 
+from restwise.common.errors import ModelError
 from restwise.models.evaluation import chronological_positions
 from restwise.models.features import (
     DailyData,
@@ -139,7 +140,7 @@ N_FEATURES = len(FEATURE_NAMES)  # 25 shared numbers (<= 64)
 STATISTICS_LENGTH = statistics_length(N_FEATURES)  # 350
 
 
-class WarningError(ValueError):
+class WarningError(ModelError):
     """The warning cannot be computed for this input (too few answers, a bad model...)."""
 
 
