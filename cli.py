@@ -93,7 +93,9 @@ def demo(
         console.print(f"The released model was delivered to {shown['delivered']['devices']} of {persons} devices.")
     console.print(shown["coach_line"], markup=False, highlight=False)
     console.print(
-        f"An auditor checks it independently: restwise audit verify {summary.run_dir / 'report.json'}"
+        f"An auditor checks it independently, pinning the published key: restwise audit verify "
+        f"{summary.run_dir / 'report.json'} --public-key {shown['published_key']}",
+        soft_wrap=True,  # a command to copy: never wrapped
     )
     print_advice(console, shown["advice"], shown["note"], shown["model_status"])
     if shown["status"] != "completed":

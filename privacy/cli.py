@@ -7,7 +7,15 @@
     restwise privacy calibrate --target-epsilon E --rounds R [same sampling options] [--json]
     restwise audit report RUN  (--ledger FILE --key AUDIT_KEY | --data-dir SERVER_DIR) [--out DIR]
     restwise audit report --bundle DIR|ZIP (--public-key KEY | --trust-shipped-key) [--out DIR] [RUN]
-    restwise audit verify REPORT [--ledger FILE] [--public-key KEY] [--json]
+    restwise audit verify REPORT [--ledger FILE] (--public-key KEY | --trust-shipped-key) [--json]
+    restwise audit fingerprint KEY [--json]
+
+``audit verify`` fails closed: without a pinned key (--public-key, the operator's published
+audit key) it exits 8; --trust-shipped-key checks against the public_key.pem shipped beside the
+report instead, warns, and prints that key's fingerprint to compare with the published one.
+A key's fingerprint (``audit fingerprint``, the reports, the warnings) is ``sha256:`` and the
+SHA-256 of its 32 raw Ed25519 public-key bytes in lowercase hex; the command also prints it
+in groups of four for reading aloud.
 
 ``audit report --bundle`` is the auditor's: it needs no private key. It verifies the bundle
 first (every signature and the hash chain against the pinned key, and report.json against the
@@ -371,21 +379,33 @@ def _report_from_bundle(bundle: Path, run: Optional[str], public_key: Optional[P
 def verify_command(
     report: Path = typer.Argument(..., help="report.json, or the folder holding it."),
     ledger: Optional[Path] = typer.Option(None, "--ledger", help="The ledger (default: ledger.jsonl beside the report)."),
-    public_key: Optional[Path] = typer.Option(None, "--public-key", help="The server's audit public key (PEM) to pin."),
+    public_key: Optional[Path] = typer.Option(
+        None, "--public-key", help="The server's published audit public key (PEM), pinned. Required unless --trust-shipped-key."
+    ),
+    trust_shipped_key: bool = typer.Option(
+        False, "--trust-shipped-key",
+        help="No pinned key: check against the public_key.pem shipped beside the report (proves only that the "
+        "folder is self-consistent, not who signed it); warns and prints its fingerprint.",
+    ),
     as_json: bool = _JSON,
 ) -> None:
     """Check signatures and hash chain, recompute epsilon from the ledger alone, and compare with
-    the report. Exit 0 when everything matches, 8 on any mismatch or tampering."""
-    res = verify_report(report, ledger_path=ledger, public_key=public_key)
+    the report. Exit 0 when everything matches, 8 on any mismatch or tampering, or when no key is
+    pinned (--public-key) and --trust-shipped-key was not given."""
+    if public_key is not None and trust_shipped_key:
+        raise typer.BadParameter("give either --public-key or --trust-shipped-key, not both", param_hint="--trust-shipped-key")
+    res = verify_report(report, ledger_path=ledger, public_key=public_key, trust_shipped_key=trust_shipped_key)
     if as_json:
         emit_json(res.to_dict())
     else:
         for warning in res.warnings:
             typer.echo(f"warning: {warning}", err=True)
         if res.ok:
+            key = "pinned key" if res.key_pinned else "shipped key (not pinned)"
             typer.echo(
-                f"OK: run {res.run_id}: {res.ledger_entries} ledger entries, signatures and hash chain valid; "
-                f"epsilon = {res.epsilon_recomputed} at delta = {res.delta:g} recomputed from {res.releases} release(s) matches the report"
+                f"OK: run {res.run_id}: {res.ledger_entries} ledger entries, signatures ({key} "
+                f"{res.key_fingerprint}) and hash chain valid; epsilon = {res.epsilon_recomputed} at "
+                f"delta = {res.delta:g} recomputed from {res.releases} release(s) matches the report"
             )
         else:
             typer.echo(f"VERIFICATION FAILED ({len(res.problems)} problem(s)):", err=True)
@@ -393,3 +413,29 @@ def verify_command(
                 typer.echo(f"  - {problem}", err=True)
     if not res.ok:
         raise typer.Exit(code=ExitCode.VERIFICATION_FAILED)
+
+
+def grouped_fingerprint(fingerprint: str) -> str:
+    """``sha256:abcd...`` as ``abcd ef01 ...`` (16 groups of four hex digits) for reading aloud."""
+    digest = fingerprint.split(":", 1)[-1]
+    return " ".join(digest[i:i + 4] for i in range(0, len(digest), 4))
+
+
+@audit_app.command("fingerprint")
+def fingerprint_command(
+    key: Path = typer.Argument(..., help="An Ed25519 public key (PEM), e.g. the operator's published audit key."),
+    as_json: bool = _JSON,
+) -> None:
+    """Print a public key's fingerprint: sha256: + the SHA-256 of its 32 raw Ed25519 bytes (hex),
+    and the same digest in groups of four. Compare it with the one the operator published and
+    with the one `audit verify --trust-shipped-key` prints."""
+    try:
+        public = load_public_key(key)
+    except KeyFileError as exc:
+        raise exit_with(exc, code=ExitCode.USAGE, as_json=as_json) from None
+    fingerprint = key_fingerprint(public)
+    if as_json:
+        emit_json({"ok": True, "fingerprint": fingerprint, "grouped": grouped_fingerprint(fingerprint)})
+        return
+    typer.echo(fingerprint)
+    typer.echo(grouped_fingerprint(fingerprint))

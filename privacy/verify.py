@@ -3,10 +3,15 @@
 :func:`verify_report` checks, and lists every problem it finds:
 
 1. the ledger: canonical format, hash chain, and every Ed25519 signature against the public
-   key (the one given — pin the server's key — or else the ``public_key.pem`` shipped beside
-   the report, which only proves self-consistency and is flagged as such);
+   key. Fails closed: the key must be pinned (the server's published key, given by the
+   auditor). The ``public_key.pem`` shipped beside the report is used only when the caller
+   asks for it (``trust_shipped_key=True``, ``--trust-shipped-key``): it proves only that the
+   folder is self-consistent (anyone can sign a forged ledger with a fresh key and ship that
+   key), so it is flagged with its fingerprint, to be compared with the published one;
 2. that the ledger holds a ``report_issued`` entry with the SHA-256 of this exact
-   report.json (and of report.html when present): any changed byte is detected;
+   report.json (and of report.html when present): any changed byte is detected; and that no
+   entry follows it (a release appended after the report was issued, even correctly signed,
+   is a release the report does not describe: each such entry is named);
 3. that the report's recorded ledger head (seq, hash, signature) is in the ledger;
 4. that every number of the report is what the accountant computes again from the ledger's
    release events alone: epsilon, its RDP bound, the no-amplification epsilon, each release
@@ -53,6 +58,7 @@ class VerificationResult:
     releases: int = 0
     key_pinned: bool = False
     key_fingerprint: str | None = None
+    key_source: str | None = None  # "pinned", "shipped" (trusted on request) or None (no key)
 
     def raise_for_problems(self) -> "VerificationResult":
         if not self.ok:
@@ -83,6 +89,19 @@ def _recompute(releases, delta: float, accountant) -> tuple[dict, list]:
     return json.loads(json.dumps(accounting)), json.loads(json.dumps(curve))
 
 
+def _describe(entry) -> str:
+    """A ledger entry in a few words, for a problem line (no values beyond what it accounts)."""
+    payload = entry.payload if isinstance(entry.payload, dict) else {}
+    words = [entry.kind]
+    if payload.get("run_id") is not None:
+        words.append(f"run {payload.get('run_id')}")
+    if payload.get("round") is not None:
+        words.append(f"round {payload.get('round')}")
+    if entry.kind == "audit" and payload.get("action"):
+        words.append(f"action {payload.get('action')}")
+    return ", ".join(str(w) for w in words)
+
+
 def _close(a: Any, b: Any) -> bool:
     if a is None or b is None:
         return a is None and b is None
@@ -97,11 +116,13 @@ def verify_report(
     report_path: str | os.PathLike,
     ledger_path: str | os.PathLike | None = None,
     public_key: Any = None,
+    *,
+    trust_shipped_key: bool = False,
 ) -> VerificationResult:
     """Verify a report; see :func:`_verify`. A report whose structure is not what this
     verifier reads fails verification (never an exception)."""
     try:
-        return _verify(report_path, ledger_path, public_key)
+        return _verify(report_path, ledger_path, public_key, trust_shipped_key)
     except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:
         res = VerificationResult(ok=False, run_id=None)
         res.problems.append(f"the report's structure is not valid ({type(exc).__name__}); it was altered or is not a Restwise report")
@@ -112,9 +133,12 @@ def _verify(
     report_path: str | os.PathLike,
     ledger_path: str | os.PathLike | None = None,
     public_key: Any = None,
+    trust_shipped_key: bool = False,
 ) -> VerificationResult:
     """Verify a report (path to report.json or its folder). ``public_key``: an Ed25519 public
-    key object, PEM bytes, or a PEM file path. Never raises for a failed check: read
+    key object, PEM bytes, or a PEM file path (pinned). Without it verification fails unless
+    ``trust_shipped_key``, which checks against the folder's own public_key.pem and warns with
+    its fingerprint. Never raises for a failed check: read
     ``result.ok`` / ``result.problems``, or call ``result.raise_for_problems()``."""
     path = Path(report_path)
     if path.is_dir():
@@ -142,26 +166,33 @@ def _verify(
                 f"report_schema_version is {report.get('report_schema_version')!r}; this verifier reads {REPORT_SCHEMA_VERSION}"
             )
 
-    # -- the key ------------------------------------------------------------------------------
+    # -- the key: pinned, or the shipped one only when asked for (fail closed) -------------
     key = None
     try:
         if public_key is None:
             shipped = folder / PUBLIC_KEY_FILE
-            if shipped.exists():
+            if not trust_shipped_key:
+                res.problems.append(
+                    "no pinned public key: pass --public-key with the server's published audit key "
+                    "(a ledger signed with any fresh key verifies against a key shipped beside it); "
+                    "--trust-shipped-key checks only that the folder is self-consistent"
+                )
+            elif shipped.exists():
                 key = load_public_key(shipped)
+                res.key_source = "shipped"
                 res.warnings.append(
-                    "signatures were checked against the public key shipped with the report; pass "
-                    "--public-key with the server's published key to pin it (fingerprint "
-                    f"{key_fingerprint(key)})"
+                    "signatures were checked against the public key shipped with the report, not a pinned "
+                    f"one: this proves only that the folder is self-consistent. Its fingerprint is "
+                    f"{key_fingerprint(key)}: compare it with the one the operator published"
                 )
             else:
-                res.problems.append("no public key given and none shipped with the report: signatures cannot be checked")
+                res.problems.append("--trust-shipped-key, but no public_key.pem is shipped with the report")
         elif isinstance(public_key, (str, os.PathLike, bytes)):
             key = load_public_key(public_key)
-            res.key_pinned = True
+            res.key_pinned, res.key_source = True, "pinned"
         else:
             key = public_key
-            res.key_pinned = True
+            res.key_pinned, res.key_source = True, "pinned"
     except KeyFileError as exc:
         res.problems.append(str(exc))
     if key is not None:
@@ -194,6 +225,17 @@ def _verify(
         )
     else:
         attest = issued[-1]
+        # The report_issued entry closes the report's ledger: anything after it (a release
+        # appended and re-signed with the real key, a second report) is not described by
+        # this report, so the ledger is not this report's.
+        after = [e for e in entries if e.seq > attest.seq]
+        for e in after[:10]:
+            res.problems.append(
+                f"ledger entry seq {e.seq} ({_describe(e)}) comes after the report_issued entry "
+                f"(seq {attest.seq}) that anchors this report: nothing may follow it"
+            )
+        if len(after) > 10:
+            res.problems.append(f"... and {len(after) - 10} more entries after the report_issued entry")
         if attest.payload.get("run_id") != res.run_id:
             res.problems.append("the ledger records this report for a different run")
         html_path = folder / HTML_FILE

@@ -927,14 +927,17 @@ Files
 Verify it yourself (no access to the server needed):
 
   pip install restwise            # or use an existing installation
-  restwise audit verify report.json --ledger ledger.jsonl --public-key public_key.pem
+  restwise audit verify report.json --ledger ledger.jsonl --public-key OPERATOR-KEY.pem
+
+OPERATOR-KEY.pem is the audit public key the operator published out of band, not the copy
+in this bundle: anyone can sign a forged ledger with a fresh key and ship that key. Without
+--public-key, verify fails (exit 8). With --trust-shipped-key instead it checks against
+public_key.pem here, warns, and prints that key's fingerprint; compare it with the published
+one (`restwise audit fingerprint OPERATOR-KEY.pem` prints a key's fingerprint).
 
 `verify` checks every signature and the hash chain of the ledger, recomputes ε from the
 ledger's events alone and compares it with the report. Exit code 0 means everything
-matches; 8 means a mismatch or tampering (the message says where).
-
-Compare the public key's fingerprint with the one the operator published out of band:
-a bundle can only prove that the holder of that key signed it.
+matches; 8 means a mismatch or tampering, or no pinned key (the message says which).
 """
 
 

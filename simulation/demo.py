@@ -19,6 +19,7 @@ from typing import Any
 from restwise.client.app import SIM_KEYSTORE_DIR, DeviceLocation, device_folder_name, open_device_store
 from restwise.client.coach_cli import advise
 from restwise.models.registry import ONE_RELEASE, get_architecture
+from restwise.privacy.ledger import export_public_key, load_audit_key
 from restwise.server.app import RunSummary
 from restwise.server.rundir import RunFiles
 from restwise.server.runstatus import TERMINAL_STATUSES
@@ -32,6 +33,9 @@ DEMO_RELEASE_EPSILON = 4.0  # a one-release model: its one statistics release
 DEMO_NETWORK_ROUNDS = 3
 DEMO_CLIP_NORM = 1.0
 DEMO_LEARNING_RATE = 0.003
+# The demo operator's "published" audit public key, kept beside (not inside) the run folder, so
+# the verify command the demo prints pins it instead of trusting the copy shipped in the folder.
+DEMO_PUBLISHED_KEY = "audit-public-key.pem"
 
 
 def demo_config(persons: int, rounds: int | None = None, *, seed: int = 0, model: str = DEMO_MODEL,
@@ -64,6 +68,14 @@ def run_demo_federation(workdir: Path, persons: int = 6, rounds: int | None = No
 def coach_line(used: int, persons: int) -> str:
     """The demo's one line about the learned model (its exact form is documented)."""
     return f"coach used the learned model for {used} of {persons} persons"
+
+
+def publish_demo_key(run_dir: Path) -> Path:
+    """Write the public half of the demo's audit key (``run_dir/../audit_key.pem``, see
+    server.rundir.open_ledger) to ``run_dir/../audit-public-key.pem``: what an operator would
+    publish out of band, and what an auditor pins with ``--public-key``."""
+    run_dir = Path(run_dir).resolve()
+    return export_public_key(load_audit_key(run_dir.parent / "audit_key.pem"), run_dir.parent / DEMO_PUBLISHED_KEY)
 
 
 def demo_outcome(summary: RunSummary, person: int = 0, persons: int | None = None) -> dict[str, Any]:
@@ -101,7 +113,8 @@ def demo_outcome(summary: RunSummary, person: int = 0, persons: int | None = Non
         "coach_line": coach_line(used, n),
         "model_notes": notes,
         "delivered": summary.delivered,
+        "published_key": publish_demo_key(Path(summary.run_dir)),
     }
 
 
-__all__ = ["demo_config", "run_demo_federation", "demo_outcome", "coach_line", "DEMO_MODEL"]
+__all__ = ["demo_config", "run_demo_federation", "demo_outcome", "coach_line", "publish_demo_key", "DEMO_MODEL"]

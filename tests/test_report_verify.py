@@ -99,8 +99,11 @@ def test_verify_passes_from_the_files_alone(issued, tmp_path):
     assert res.key_pinned and res.releases == 6 and res.epsilon_recomputed == issued["report"]["epsilon"]
     pub = export_public_key(issued["key"], tmp_path / "server.pub")
     assert verify_report(dest, public_key=pub).ok
-    shipped = verify_report(dest)  # with the shipped key: passes, but says the key is not pinned
-    assert shipped.ok and not shipped.key_pinned and "pin" in shipped.warnings[0]
+    unpinned = verify_report(dest)  # no key pinned: fails closed
+    assert not unpinned.ok and not unpinned.key_pinned and any("no pinned public key" in p for p in unpinned.problems)
+    shipped = verify_report(dest, trust_shipped_key=True)  # asked for: passes, warns with the fingerprint
+    assert shipped.ok and not shipped.key_pinned and shipped.key_source == "shipped"
+    assert issued["report"]["ledger"]["public_key_fingerprint"] in shipped.warnings[0]
 
 
 def test_verify_fails_with_another_key(issued, tmp_path):
@@ -166,9 +169,13 @@ def test_missing_ledger_or_separate_ledger_path(issued, tmp_path):
     (dest / "ledger.jsonl").rename(moved)
     assert not verify_report(dest, public_key=issued["key"].public_key()).ok
     assert verify_report(dest, ledger_path=moved, public_key=issued["key"].public_key()).ok
-    # the live server ledger (which has grown since) also verifies the report
-    issued["ledger"].append(AuditEvent(actor="auditor:2", action="report.download", target="run-a"))
-    assert verify_report(dest, ledger_path=issued["ledger"].path, public_key=issued["key"].public_key()).ok
+    # a ledger that goes on after the report_issued entry is not the report's: fails, naming the entry
+    grown = tmp_path / "grown.jsonl"
+    shutil.copy(issued["ledger"].path, grown)
+    extra = PrivacyLedger(grown, issued["key"]).append(AuditEvent(actor="auditor:2", action="report.download", target="run-a"))
+    res = verify_report(dest, ledger_path=grown, public_key=issued["key"].public_key())
+    assert not res.ok
+    assert any(f"ledger entry seq {extra.seq} (audit" in p and "after the report_issued entry" in p for p in res.problems)
 
 
 def test_unknown_run_and_unaccountable_run(issued, tmp_path):
