@@ -19,10 +19,11 @@ full (q = 1)               Gaussian(z)                   Gaussian, shift 2C (PLD
 poisson (rate q < 1)       PoissonSampled(q, Gaussian)   PLD: the larger of the REPLACE_ONE pair
                                                          (u = -v) and the add/remove pair (v = 0);
                                                          RDP: no bound in dp_accounting (None)
-fixed (m of n, m < n)      refused (not defined)         refused: dp_accounting has no PLD for
-                                                         sampling without replacement; its RDP
-                                                         bound (Wang et al. 2019) is given in the
-                                                         error message
+fixed (m of n, m < n)      refused (not defined: the     PLD of C_q(G_{2/z}) (Dong, Roth & Su 2022,
+                           population size is public)    Thm 4.2): profile max(delta_R, delta_A) of
+                                                         ((1-q)N(0)+qN(2C), N(0)) and its swap, one
+                                                         symmetric PLD (valid under composition,
+                                                         Lebeda et al. 2024); RDP: Wang et al. 2019
 =========================  ============================  ==========================================
 
 ``claim_amplification=False`` accounts every release as if the adversary knew the cohort
@@ -111,6 +112,47 @@ def _base_pld(noise_multiplier: float, sampling_rate: float, adjacency: str, int
         use_connect_dots=params.use_connect_dots,
         neighboring_relation=_neighbor_relation(adjacency),
     )
+
+
+@lru_cache(maxsize=128)
+def _fixed_size_pld(noise_multiplier: float, sampling_rate: float, interval: float, params: PLDParameters):
+    """One release's PLD under fixed-size sampling without replacement (m of n, q = m/n) and
+    replace-one adjacency, as a symmetric PLD that composes validly.
+
+    Dong, Roth & Su (2022, Thm 4.2): if releasing the noised sum of a cohort is f-DP under
+    replace-one, sampling the cohort without replacement makes it C_q(f)-DP with
+    C_q(f) = min(f_q, f_q^-1)** and f_q = q f + (1 - q) Id. Here f = G_{2/z} (replacing one
+    person moves the clipped sum by up to 2C). By convex conjugacy its privacy profile is
+    delta(eps) = max(delta_R(eps), delta_A(eps)) for every eps, where R is the pair
+    ((1-q) N(0, z^2) + q N(2, z^2), N(0, z^2)) and A the same pair swapped (Zhu, Dong & Wang
+    2022). Composing R alone (or R and A apart) is the pitfall Lebeda et al. (2024) warn of;
+    a PLD of the symmetric C_q(f) itself composes. It is built from that profile by
+    dp_accounting's pessimistic connect-the-dots (Doroshenko et al. 2022) on the grid
+    spanning both pairs' truncated loss ranges, as dp_accounting does for its own mechanisms.
+    See docs/privacy-accounting.md, "Fixed-size sampling".
+    """
+    # deferred: dp_accounting loads scipy (see the module docstring)
+    from dp_accounting.pld import pld_pmf, privacy_loss_distribution, privacy_loss_mechanism
+
+    adjacency = privacy_loss_mechanism.AdjacencyType
+    pairs = [
+        privacy_loss_mechanism.GaussianPrivacyLoss(
+            noise_multiplier,
+            sensitivity=2.0,
+            pessimistic_estimate=params.pessimistic_estimate,
+            log_mass_truncation_bound=params.log_mass_truncation_bound,
+            sampling_prob=sampling_rate,
+            adjacency_type=direction,
+        )
+        for direction in (adjacency.REMOVE, adjacency.ADD)
+    ]
+    bounds = [pair.connect_dots_bounds() for pair in pairs]
+    lower = math.floor(min(b.epsilon_lower for b in bounds) / interval)
+    upper = math.ceil(max(b.epsilon_upper for b in bounds) / interval)
+    grid = np.arange(lower, upper + 1) * interval
+    deltas = np.maximum(pairs[0].get_delta_for_epsilon(grid), pairs[1].get_delta_for_epsilon(grid))
+    pmf = pld_pmf.create_pmf_pessimistic_connect_dots_fixed_gap(interval, lower, upper, deltas)
+    return privacy_loss_distribution.PrivacyLossDistribution(pmf)  # symmetric: C_q(f) is
 
 
 @dataclass(frozen=True)
@@ -240,18 +282,11 @@ class PrivacyAccountant:
                 f"{MIN_NOISE_MULTIPLIER} (noise this small gives no meaningful protection and "
                 "the numerical accountant is not trusted there)"
             )
-        if self.claim_amplification and spec.sampling == "fixed":
-            if spec.adjacency == "add_remove":
-                return (
-                    "fixed-size sampling without replacement is only defined under replace-one "
-                    "adjacency (the population size is public); use Poisson sampling, full "
-                    "participation, or account without amplification"
-                )
+        if self.claim_amplification and spec.sampling == "fixed" and spec.adjacency == "add_remove":
             return (
-                "fixed-size sampling without replacement (cohort < population) cannot be "
-                "accounted tightly: dp_accounting has no PLD for it (only an RDP bound, "
-                "Wang et al. 2019), and Poisson accounting would be wrong for it. Use Poisson "
-                "sampling, full participation, or account without amplification"
+                "fixed-size sampling without replacement is only defined under replace-one "
+                "adjacency (the population size is public, so a neighbouring population has the "
+                "same size); account it under replace-one, or use Poisson sampling"
             )
         return None
 
@@ -275,10 +310,6 @@ class PrivacyAccountant:
                 raise NoiseTooSmallError(
                     reason, noise_multiplier=spec.noise_multiplier, minimum=MIN_NOISE_MULTIPLIER, event=event
                 )
-            if spec.sampling == "fixed" and spec.adjacency == "replace_one":
-                rdp = self._rdp_epsilon(Counter([spec]), 1e-5, amplified=True)
-                if rdp is not None:
-                    reason += f" (for reference, its RDP bound for this one release at delta=1e-5 is {rdp:.4g})"
             where = ""
             if isinstance(event, GaussianRoundEvent):
                 where = f"run {event.run_id!r} round {event.round}: "
@@ -306,9 +337,12 @@ class PrivacyAccountant:
         interval = self.pld.interval_for(sum(groups.values()))
         composed = None
         for spec, count in sorted(groups.items(), key=lambda kv: repr(kv[0])):
-            if spec.sampling not in ("full", "poisson"):
-                raise AssertionError("unsupported specs are refused before this point")
-            base = _base_pld(spec.noise_multiplier, spec.sampling_rate, relation, interval, self.pld)
+            if spec.sampling == "fixed":
+                # replace-one only (add/remove is refused before this point); one symmetric
+                # PLD whatever ``relation`` the Poisson groups beside it are composed under
+                base = _fixed_size_pld(spec.noise_multiplier, spec.sampling_rate, interval, self.pld)
+            else:
+                base = _base_pld(spec.noise_multiplier, spec.sampling_rate, relation, interval, self.pld)
             part = base.self_compose(count) if count > 1 else base
             composed = part if composed is None else composed.compose(part)
         return float(composed.get_epsilon_for_delta(delta))
@@ -463,6 +497,7 @@ class PrivacyAccountant:
 def clear_caches() -> None:
     """Forget the cached release PLDs and RDP vectors (benchmarks time cold computations)."""
     _base_pld.cache_clear()
+    _fixed_size_pld.cache_clear()
     _rdp_vector.cache_clear()
 
 

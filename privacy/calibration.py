@@ -60,7 +60,8 @@ def calibrate_noise_multiplier(
     releases, to within ``rel_tolerance`` (relative).
 
     Raises CalibrationError when no multiplier up to 1e4 reaches the target, and
-    UnsupportedEventError for configurations the accountant refuses (e.g. fixed-size sampling).
+    UnsupportedEventError for configurations the accountant refuses (e.g. fixed-size sampling
+    under add/remove).
     """
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (0 < target_epsilon < math.inf):
         raise CalibrationError("target_epsilon must be a positive finite number")

@@ -153,14 +153,16 @@ class ReleasePolicy:
 
     @property
     def adjacency(self) -> str:
-        """Poisson sampling is accounted under add/remove-one-person adjacency (amplification
-        claimed); fixed-size sampling under replace-one (the population size is public)
-        without amplification: dp_accounting has no tight amplified analysis for it."""
+        """Poisson sampling is accounted under add/remove-one-person adjacency; fixed-size
+        sampling under replace-one (the population size is public), with the accountant's
+        dominating pair for sampling without replacement (docs/privacy-accounting.md)."""
         return "replace_one" if self.sampling == "fixed" else "add_remove"
 
     @property
     def claim_amplification(self) -> bool:
-        return self.sampling == "poisson"
+        """Amplification by sampling is claimed for both samplers (against third parties;
+        the value against the server, which knows each cohort, is reported beside it)."""
+        return True
 
     def sampling_plan(self) -> dict[str, Any]:
         """The sampling and adjacency of one release, as ``ReleaseSpec.plan`` and the

@@ -305,11 +305,14 @@ class FederatedServer:
         if cfg.sampling == "poisson":
             keep = self.rng.random(len(nodes)) < cfg.sampling_rate
             return [n for n, k in zip(nodes, keep) if k]
-        m = min(cfg.cohort_size, len(nodes))
-        # Pick indices, not ids: real node ids are unsigned 64-bit integers, and numpy would
-        # turn a list holding ids on both sides of 2**63 into float64, losing their low bits.
-        picked = self.rng.choice(len(nodes), size=m, replace=False)
-        return sorted(int(nodes[int(i)]) for i in picked)
+        # K of N, N the whole population: a device that is offline takes the place of an
+        # absent one and, if drawn, drops out. Drawing K of only the connected devices would
+        # raise each one's chance above the K/N the accountant claims.
+        slots = max(cfg.population, len(nodes))
+        picked = self.rng.choice(slots, size=min(cfg.cohort_size, slots), replace=False)
+        # Indices, not ids: real node ids are unsigned 64-bit integers, and numpy would turn a
+        # list holding ids on both sides of 2**63 into float64, losing their low bits.
+        return sorted(int(nodes[int(i)]) for i in picked if i < len(nodes))
 
     def run_round(self, grid: Grid, rnd: int, ckpt: Checkpoint) -> tuple[RoundOutcome, Checkpoint]:
         started = time.perf_counter()

@@ -102,15 +102,17 @@ def test_poisson_rate_from_cohort_over_population():
     assert a == b
 
 
-@pytest.mark.parametrize("adjacency", ["add_remove", "replace_one"])
-def test_fixed_size_sampling_below_population_is_refused_not_guessed(adjacency):
-    s = spec(1.0, "fixed", adjacency=adjacency, cohort_size=10, population=100)
+def test_fixed_size_sampling_under_add_remove_is_refused_not_guessed():
+    """K of N is accounted under replace-one (tests/test_fixed_size_sampling.py); under
+    add/remove it is not defined (the population size is public) and is refused."""
+    s = spec(1.0, "fixed", adjacency="add_remove", cohort_size=10, population=100)
     assert not acc.supports(s)
     with pytest.raises(UnsupportedEventError, match="fixed-size sampling"):
         acc.epsilon_for_rounds(s, 5, DELTA)
-    ev = release(sampling="fixed", cohort=10, population=100, adjacency=adjacency)
+    ev = release(sampling="fixed", cohort=10, population=100, adjacency="add_remove")
     with pytest.raises(UnsupportedEventError, match="round 1"):
         acc.epsilon([ev], DELTA)
+    assert acc.supports(spec(1.0, "fixed", adjacency="replace_one", cohort_size=10, population=100))
 
 
 def test_fixed_size_without_amplification_is_accounted_as_known_cohort():

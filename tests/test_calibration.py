@@ -47,9 +47,13 @@ def test_unreachable_target():
         calibrate_noise_multiplier(1e-9, DELTA, 1000, sampling="full", adjacency="add_remove")
 
 
-def test_fixed_size_sampling_refused():
+def test_fixed_size_sampling_calibrated_under_replace_one_and_refused_under_add_remove():
+    res = calibrate_noise_multiplier(3.0, DELTA, 10, sampling="fixed", cohort_size=5, population=50, adjacency="replace_one")
+    assert res.result.epsilon <= 3.0 and res.result.amplification_claimed
+    spec = ReleaseSpec.plan(noise_multiplier=res.noise_multiplier, sampling="fixed", cohort_size=5, population=50, adjacency="replace_one")
+    assert PrivacyAccountant().epsilon_for_rounds(spec, 10, DELTA).epsilon <= 3.0
     with pytest.raises(UnsupportedEventError):
-        calibrate_noise_multiplier(1.0, DELTA, 10, sampling="fixed", cohort_size=5, population=50, adjacency="replace_one")
+        calibrate_noise_multiplier(1.0, DELTA, 10, sampling="fixed", cohort_size=5, population=50, adjacency="add_remove")
 
 
 def test_no_amplification_calibration_needs_more_noise():

@@ -349,11 +349,30 @@ def test_fixed_size_sampling_is_accounted_as_such(tmp_path, template_fleet):
     (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
     assert release.sampling == "fixed" and release.cohort_size == 5 and release.population == 8
     assert release.sampling_rate == pytest.approx(5 / 8) and release.planned_clients == 5
-    # Replace-one adjacency, no amplification claimed (no tight amplified analysis exists).
+    # Replace-one adjacency, amplification by fixed-size sampling claimed (5 of 8), with the
+    # value against the server (which knows the cohort) larger.
     assert release.adjacency == "replace_one"
-    expected = PrivacyAccountant(claim_amplification=False).epsilon([release], cfg.delta).epsilon
+    result = PrivacyAccountant().epsilon([release], cfg.delta)
+    assert result.amplification_claimed and result.epsilon < result.epsilon_no_amplification
     (line,) = fed.files.round_lines()
-    assert line["epsilon"] == pytest.approx(expected) and line["sampled"] == 5
+    assert line["epsilon"] == pytest.approx(result.epsilon) and line["sampled"] == 5
+
+
+def test_k_of_n_draws_over_the_whole_population_when_devices_are_offline(tmp_path):
+    """5 of 8 with only 4 of the 8 devices connected: each connected device is drawn with the
+    accounted probability 5/8 (the offline ones drop out if drawn), never 5/4 of the 4."""
+    cfg = _config(sampling="fixed", sampling_rate=None, cohort_size=5)
+    run_dir = tmp_path / "run-sample"
+    run_dir.mkdir()
+    server = FederatedServer(cfg, run_dir, run_id=run_dir.name, ledger=open_ledger(run_dir, cfg),
+                             sampling_rng=np.random.default_rng(11))
+    online = [2**63 - 5, 2**63 + 7, 2**64 - 3, 12]  # real node ids are unsigned 64-bit
+    draws = [server.sample(online) for _ in range(4000)]
+    assert all(set(d) <= set(online) and len(d) <= 5 for d in draws)
+    for node in online:
+        assert sum(node in d for d in draws) / len(draws) == pytest.approx(5 / 8, abs=0.03)
+    everyone = list(range(100, 108))
+    assert all(len(server.sample(everyone)) == 5 for _ in range(50))
 
 
 def test_a_stop_file_stops_the_run_before_the_next_round(tmp_path, template_fleet):

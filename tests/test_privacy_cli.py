@@ -54,8 +54,12 @@ def test_refusals_and_usage_errors():
     r = run("privacy", "epsilon", "-z", "0.3", "--rounds", "2", "--sampling", "full", "--json")
     assert r.exit_code == 1 and one_json_line(r)["error_type"] == "NoiseTooSmallError"
     r = run("privacy", "epsilon", "-z", "1", "--rounds", "2", "--sampling", "fixed", "--cohort", "5", "--population", "50",
-            "--adjacency", "replace-one", "--json")
+            "--adjacency", "add-remove", "--json")
     assert r.exit_code == 1 and one_json_line(r)["error_type"] == "UnsupportedEventError"
+    r = run("privacy", "epsilon", "-z", "1", "--rounds", "2", "--sampling", "fixed", "--cohort", "5", "--population", "50",
+            "--adjacency", "replace-one", "--json")
+    assert r.exit_code == 0 and one_json_line(r)["amplification_claimed"] is True
+    assert one_json_line(r)["epsilon"] < one_json_line(r)["epsilon_no_amplification"]
     r = run("privacy", "epsilon", "-z", "1", "--rounds", "2", "--sampling", "fixed", "--cohort", "5", "--population", "50",
             "--adjacency", "replace-one", "--no-amplification", "--json")
     assert r.exit_code == 0 and one_json_line(r)["amplification_claimed"] is False

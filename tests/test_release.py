@@ -48,14 +48,18 @@ def test_one_planner_serves_the_server_and_the_service():
     assert decision.projected_epsilon <= config.target_epsilon  # without the cap: allowed
 
 
-def test_fixed_size_sampling_is_planned_under_replace_one_without_amplification():
+def test_fixed_size_sampling_is_planned_under_replace_one_with_amplification():
+    """K of N (Flower's default client selection): accounted, not refused."""
     config = RunConfig(**{**BASE, "sampling": "fixed", "sampling_rate": None, "cohort_size": 10,
                           "target_epsilon": None, "noise_multiplier": 2.0})
     plan = plan_release(config.release_policy())
     assert not plan.calibrated and plan.noise_multiplier == 2.0
-    assert plan.adjacency == "replace_one" and not plan.claim_amplification
-    expected = PrivacyAccountant(claim_amplification=False).epsilon_for_rounds(plan.spec, 20, 1e-5).epsilon
-    assert plan.budget_epsilon == pytest.approx(expected) == pytest.approx(plan.planned_epsilon)
+    assert plan.adjacency == "replace_one" and plan.claim_amplification
+    result = PrivacyAccountant().epsilon_for_rounds(plan.spec, 20, 1e-5)
+    assert plan.budget_epsilon == pytest.approx(result.epsilon) == pytest.approx(plan.planned_epsilon)
+    assert result.epsilon < result.epsilon_no_amplification
+    calibrated = plan_release(RunConfig(**{**BASE, "sampling": "fixed", "sampling_rate": None, "cohort_size": 10}).release_policy())
+    assert calibrated.calibrated and calibrated.planned_epsilon <= BASE["target_epsilon"]
 
 
 def test_person_budget_composes_with_earlier_releases():

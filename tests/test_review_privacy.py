@@ -120,13 +120,13 @@ def test_report_with_releases_of_other_runs_after_its_head_still_verifies(tmp_pa
 
 
 def test_verified_report_without_an_epsilon_warns(tmp_path):
-    """Fixed-size sampling with amplification claimed cannot be accounted: the report says so
-    (epsilon null) and verification must not present it as a plain success."""
+    """Fixed-size sampling under add/remove cannot be accounted: the report says so (epsilon
+    null) and verification must not present it as a plain success."""
     key = Ed25519PrivateKey.generate()
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl", key)
     ledger.append(GaussianRoundEvent.from_distributed_noise(
         run_id="run-f", round=1, clip_norm=1.0, planned_noise_multiplier=2.0, planned_clients=4,
-        survivors=4, sampling="fixed", cohort_size=4, population=40, adjacency="replace_one",
+        survivors=4, sampling="fixed", cohort_size=4, population=40, adjacency="add_remove",
         model_hash="%064x" % 5,
     ))
     report = build_report(ledger, "run-f", delta=DELTA)
