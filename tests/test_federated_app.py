@@ -26,7 +26,8 @@ from restwise.privacy.ledger import load_public_key, verify_ledger_file
 from restwise.privacy.secagg.harness import InProcessGrid
 from restwise.server import app as server_app_module
 from restwise.server.app import FederatedServer, initial_checkpoint
-from restwise.server.rundir import Checkpoint, RunFiles, open_ledger
+from restwise.privacy.verify import verify_report
+from restwise.server.rundir import Checkpoint, RunFiles, open_ledger, write_report
 from restwise.server.runconfig import RunConfig
 from restwise.simulation.fleet import prepare_fleet
 
@@ -356,6 +357,14 @@ def test_fixed_size_sampling_is_accounted_as_such(tmp_path, template_fleet):
     assert result.amplification_claimed and result.epsilon < result.epsilon_no_amplification
     (line,) = fed.files.round_lines()
     assert line["epsilon"] == pytest.approx(result.epsilon) and line["sampled"] == 5
+    # The run's report states that epsilon (it was null while K of N was refused) and verifies.
+    write_report(fed.run_dir)
+    report = json.loads((fed.run_dir / "report.json").read_text())
+    at_report_delta = PrivacyAccountant().epsilon([release], report["delta"])
+    assert report["epsilon"] == pytest.approx(at_report_delta.epsilon) and report["amplification_claimed"]
+    assert report["epsilon_no_amplification"] == pytest.approx(at_report_delta.epsilon_no_amplification)
+    assert report["epsilon"] < report["epsilon_no_amplification"]
+    assert verify_report(fed.run_dir, public_key=fed.run_dir / "public_key.pem").ok
 
 
 def test_k_of_n_draws_over_the_whole_population_when_devices_are_offline(tmp_path):
