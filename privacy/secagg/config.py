@@ -30,9 +30,13 @@ class SecAggConfig:
     timeout_s             seconds the server waits for replies in each stage.
     out_of_range          "reject": a device whose update leaves the declared range refuses
                           to contribute (and is excluded); "clip": it clips into the range.
-    metric_keys           names of MetricRecord "metrics" entries devices may send in the
-                          clear with their masked input (averaged over survivors); default
-                          none, because per-device metrics are not protected by masking.
+    metric_keys           names of the wrapped app's MetricRecord "metrics" entries each device
+                          contributes inside its masked vector (two extra slots per name
+                          after the update: the value mapped from ``metric_range`` into the
+                          encoding range, and a presence flag); the server learns only their
+                          sum and count over the survivors. No metric is ever sent in the
+                          clear. Default none.
+    metric_range          (lo, hi): the range each metric is clipped into on the device.
     """
 
     num_neighbours: int = 32
@@ -45,6 +49,7 @@ class SecAggConfig:
     timeout_s: float = 120.0
     out_of_range: str = "reject"
     metric_keys: tuple[str, ...] = field(default=())
+    metric_range: tuple[float, float] = (0.0, 100.0)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> SecAggConfigError:
@@ -72,18 +77,31 @@ class SecAggConfig:
             raise bad("timeout_s must be in (0, 86400]")
         if self.out_of_range not in ("reject", "clip"):
             raise bad('out_of_range must be "reject" or "clip"')
-        if not isinstance(self.metric_keys, tuple) or not all(isinstance(k, str) for k in self.metric_keys):
+        if not isinstance(self.metric_keys, tuple) or not all(isinstance(k, str) and k for k in self.metric_keys):
             raise bad("metric_keys must be a tuple of names")
+        if len(set(self.metric_keys)) != len(self.metric_keys):
+            raise bad("metric_keys must be distinct")
+        lo_hi = self.metric_range
+        if (not isinstance(lo_hi, tuple) or len(lo_hi) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lo_hi)
+                or not lo_hi[0] < lo_hi[1]):
+            raise bad("metric_range must be a pair (lo, hi) of finite numbers with lo < hi")
+        self.check_encoding(self.clip_range)
+        self.round_parameters(self.max_cohort)  # the nominal graph must be valid too
+        self.round_parameters(3)
+
+    def check_encoding(self, clip_range: float) -> None:
+        """Refuse a clip range whose sum over ``max_cohort`` clients could wrap the ring or
+        lose float64 exactness (a round may use its own clip range; see ``SecAggSession``)."""
+        if not isinstance(clip_range, (int, float)) or not math.isfinite(clip_range) or clip_range <= 0:
+            raise SecAggConfigError("invalid SecAggConfig: clip_range must be a positive finite number")
         limit = min(self.ring_bits - 1, _EXACT_FLOAT_BITS)
-        if self.max_cohort * self.max_abs_encoded >= 1 << limit:
-            raise bad(
-                f"the sum of {self.max_cohort} clients at clip_range {self.clip_range} with "
+        if self.max_cohort * math.ceil(clip_range * self.scale) >= 1 << limit:
+            raise SecAggConfigError(
+                f"invalid SecAggConfig: the sum of {self.max_cohort} clients at clip_range {clip_range} with "
                 f"frac_bits {self.frac_bits} needs more than {limit} bits: it would wrap in "
                 f"Z_2^{self.ring_bits} or lose float64 exactness; lower frac_bits, clip_range "
                 f"or max_cohort, or raise ring_bits"
             )
-        self.round_parameters(self.max_cohort)  # the nominal graph must be valid too
-        self.round_parameters(3)
 
     @property
     def scale(self) -> int:

@@ -1,12 +1,14 @@
 """Cryptographic primitives, all from ``cryptography`` (OpenSSL).
 
-- X25519 key agreement; two key pairs per client and round: ``c`` (encrypts the shares sent
-  to neighbours) and ``s`` (pairwise mask seeds). Private keys are raw 32-byte values held
-  only in memory (the node's ``context.state``), never logged or written to disk.
+- X25519 key agreement; two kinds of key pair per client: ``c`` (one per epoch: encrypts the
+  shares sent to neighbours) and ``s`` (one per round: the pairwise mask seeds). Private keys
+  are raw 32-byte values held only in memory (the node's ``context.state``), never logged or
+  written to disk.
 - HKDF-SHA256 derives every key from a raw X25519 secret, with ``info`` binding the
-  purpose, protocol version, round and the (ordered) pair of client indices.
-- AES-256-GCM encrypts shares; the associated data binds round, sender and receiver, so a
-  share cannot be replayed to another receiver, from another sender or into another round.
+  purpose, protocol version, session, epoch, round and the (ordered) pair of client indices.
+- AES-256-GCM encrypts shares; the associated data binds session, epoch, the round the
+  shares are for, sender and receiver, so a share cannot be replayed to another receiver,
+  from another sender, into another round or another session.
 - Masks are the ChaCha20 keystream under a 256-bit seed (one seed, one stream: the nonce
   is fixed), read as little-endian uint64 words and reduced to the ring Z_{2^bits} by
   masking the top bits (uniform, because the keystream bits are).
@@ -27,7 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import ShareAuthenticationError, ShareError
 
-PROTOCOL_TAG = b"restwise-secagg/v1"
+PROTOCOL_TAG = b"restwise-secagg/v2"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 _RAW = serialization.Encoding.Raw
@@ -58,9 +60,13 @@ def valid_public_key(public: bytes) -> bool:
     return True
 
 
-def _info(purpose: bytes, round_: int, a: int, b: int) -> bytes:
-    lo, hi = min(a, b), max(a, b)
-    return b"|".join([PROTOCOL_TAG, purpose, str(round_).encode(), str(lo).encode(), str(hi).encode()])
+def _fields(*values: object) -> bytes:
+    return b"|".join([PROTOCOL_TAG, *(v if isinstance(v, bytes) else str(v).encode() for v in values)])
+
+
+def key_info(purpose: bytes, session: str, epoch: int, round_: int, a: int, b: int) -> bytes:
+    """HKDF ``info`` of a pairwise key: purpose, session, epoch, round, the ordered pair."""
+    return _fields(purpose, session, epoch, round_, min(a, b), max(a, b))
 
 
 def private_key(private: bytes) -> X25519PrivateKey:
@@ -68,10 +74,9 @@ def private_key(private: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(private)
 
 
-def agree(
-    private: bytes | X25519PrivateKey, peer_public: bytes, purpose: bytes, round_: int, a: int, b: int
-) -> bytes:
-    """A 32-byte key shared by clients ``a`` and ``b`` for ``purpose`` in ``round_``.
+def agree(private: bytes | X25519PrivateKey, peer_public: bytes, info: bytes) -> bytes:
+    """A 32-byte key shared by the owners of ``private`` and ``peer_public``, derived with
+    HKDF ``info`` (see :func:`key_info`).
 
     Raises ShareError for a malformed or low-order peer key (all-zero shared secret)."""
     key = private if isinstance(private, X25519PrivateKey) else X25519PrivateKey.from_private_bytes(private)
@@ -80,12 +85,13 @@ def agree(
     except ValueError as exc:
         raise ShareError("a peer public key is invalid") from exc
     return HKDF(
-        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=_info(purpose, round_, a, b)
+        algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info
     ).derive(raw)
 
 
-def share_aad(round_: int, sender: int, receiver: int) -> bytes:
-    return b"|".join([PROTOCOL_TAG, b"share", str(round_).encode(), str(sender).encode(), str(receiver).encode()])
+def share_aad(session: str, epoch: int, round_: int, sender: int, receiver: int) -> bytes:
+    """Associated data of the shares ``sender`` deals to ``receiver`` for round ``round_``."""
+    return _fields(b"share", session, epoch, round_, sender, receiver)
 
 
 def encrypt(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -102,9 +108,9 @@ def decrypt(key: bytes, blob: bytes, aad: bytes) -> bytes:
         raise ShareAuthenticationError("an encrypted share failed authentication") from exc
 
 
-def commitment(round_: int, index: int, secret: bytes) -> bytes:
+def commitment(session: str, round_: int, index: int, secret: bytes) -> bytes:
     """Binding, hiding (secret is 256 random bits) commitment to a self-mask seed."""
-    return hashlib.sha256(b"|".join([PROTOCOL_TAG, b"commit", str(round_).encode(), str(index).encode(), secret])).digest()
+    return hashlib.sha256(_fields(b"commit", session, round_, index, secret)).digest()
 
 
 _ZERO_NONCE = bytes(16)

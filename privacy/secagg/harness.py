@@ -5,7 +5,10 @@ real Flower ``Message``/``RecordDict`` objects, with no SuperLink, Ray or thread
 (a ``flwr.clientapp.ClientApp`` or any callable with that signature) with a per-node
 ``Context`` that persists across messages, exactly as a SuperNode keeps it. Hooks:
 
-- ``drop_at``: node id -> stage name; from that stage on the node never answers.
+- ``drop_at``: node id -> stage name; from that stage on (in that round and every later
+  one) the node never answers.
+- ``offline``: ``fn(node_id, round, stage) -> bool``; True and the node does not answer that
+  message (a device that is away for a while and comes back).
 - ``tamper``: ``fn(node_id, stage, reply_content) -> RecordDict | list[RecordDict] | None``
   rewrites a reply (a list sends duplicates, None suppresses it).
 - ``transcript``: every (direction, node id, stage, serialized RecordDict bytes, record
@@ -33,6 +36,7 @@ class InProcessGrid(Grid):
         node_ids: Iterable[int],
         *,
         drop_at: dict[int, str] | None = None,
+        offline: Callable[[int, int, str], bool] | None = None,
         tamper: Callable[[int, str, RecordDict], object] | None = None,
         record_transcript: bool = False,
     ):
@@ -43,6 +47,7 @@ class InProcessGrid(Grid):
             for n in self.node_ids
         }
         self.drop_at = dict(drop_at or {})
+        self.offline = offline
         self.tamper = tamper
         self.record_transcript = record_transcript
         self.transcript: list[tuple[str, int, str, bytes, tuple[str, ...]]] = []
@@ -75,6 +80,8 @@ class InProcessGrid(Grid):
             if self.record_transcript:
                 self.transcript.append(("to-device", node, stage, content_bytes(msg.content), tuple(msg.content)))
             if node not in self.contexts or _stage_index(self.drop_at.get(node)) <= _stage_index(stage):
+                continue
+            if self.offline is not None and self.offline(node, _round(msg.content), stage):
                 continue
             reply = self.app(msg, self.contexts[node])
             contents: list[RecordDict | None] = [reply.content if not reply.has_error() else None]
@@ -119,7 +126,19 @@ def _stage(content: RecordDict) -> str:
     return str(record.get("stage", "")) if record is not None else ""
 
 
+def _round(content: RecordDict) -> int:
+    record = content.config_records.get(R.SERVER_RECORD)
+    value = record.get("round", -1) if record is not None else -1
+    return int(value) if isinstance(value, int) else -1
+
+
+# The order in which a device meets the stages; a node dropped "at" a stage stops answering
+# it and every later one (join sits with collect: both open a device's part of a round).
+_ORDER = {R.STAGE_SETUP: 0, R.STAGE_SHARE_KEYS: 1, R.STAGE_JOIN: 2, R.STAGE_COLLECT: 2, R.STAGE_UNMASK: 3,
+          R.STAGE_FINISH: 4}
+
+
 def _stage_index(stage: str | None) -> int:
     if stage is None:
-        return len(R.STAGES) + 1
-    return R.STAGES.index(stage) if stage in R.STAGES else len(R.STAGES)
+        return len(_ORDER) + 1
+    return _ORDER.get(stage, len(_ORDER))

@@ -1,30 +1,47 @@
-"""``secagg_mod``: the device side of Restwise SecAgg+ as a Flower ClientApp mod.
+"""``secagg_mod``: the device side of Restwise secure aggregation as a Flower ClientApp mod.
 
 Wrap the app's train function (``@app.train(mods=[..., secagg_mod])`` or
 ``ClientApp(mods=[secagg_mod])``). Messages without the ``records.SERVER_RECORD`` config
 record pass through untouched. For the collect stage the mod calls the wrapped app with a
-``"train"`` message holding only the train content; the app must reply with ArrayRecord
+``"train"`` message holding the train content; the app must reply with ArrayRecord
 ``"update"`` -> 1-D float array ``"vector"`` (already clipped and noised by the privacy
-mods inside) and optionally MetricRecord ``"metrics"``. The mod encodes, refuses
-non-finite or out-of-range values, masks and replies; the plaintext vector never leaves.
+mods inside) and optionally MetricRecord ``"metrics"`` (the values of the round's extras,
+e.g. the training loss: they are summed inside the masked vector, never sent in the clear).
+The mod encodes, refuses non-finite or out-of-range values, masks and replies; the plaintext
+vector never leaves.
 
-State between stages lives in ``context.state`` (Flower keeps it in the SuperNode's
-memory); secrets are removed from it as soon as they are no longer needed and are never
-logged or written to disk.
+``make_secagg_mod(take_part=..., on_finish=...)`` adds the device's own decisions:
+
+* ``take_part(msg, context) -> bool`` is asked at the first message of every round (setup,
+  join or collect: the message carries the server's announced records, e.g. the run record
+  and the signed receipt of the previous release). False - or any error - and the device
+  replies "not taking part" (``records.DECLINED``), the same reply whatever the reason.
+* ``on_finish(msg, context)`` receives the run's final message (the receipt of the last
+  release).
+
+State between messages lives in ``context.state`` (Flower keeps it in the SuperNode's
+memory; in deployment it crosses the local socket between the SuperNode and each ClientApp
+process); secrets are removed from it as soon as they are no longer needed and are never
+logged or written to disk (see ``device.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from . import records as R
+from .device import DeviceSession, declined, refusal
 from .errors import InputRefusedError, ProtocolViolationError, SecAggConfigError, SecAggError, ShareError
-from .protocol import ClientSession, refusal
 
 _log = logging.getLogger(__name__)
+
+TakePart = Callable[[Message, Context], bool]
+OnFinish = Callable[[Message, Context], None]
 
 
 def _code(exc: Exception) -> str:
@@ -39,59 +56,98 @@ def _code(exc: Exception) -> str:
     return "internal"
 
 
-def _inner_update(reply: Message) -> tuple[np.ndarray, object]:
+def _inner_update(reply: Message) -> tuple[np.ndarray, dict[str, float]] | None:
+    """(vector, metrics) of the wrapped app's reply; None when it replied with an error (a
+    device that will not or cannot contribute: not enough data, no consent, ...)."""
     if reply.has_error():
-        raise InputRefusedError("the wrapped app failed", code="train-failed")
+        return None
     arrays = reply.content.array_records.get(R.INNER_UPDATE)
     if arrays is None or R.INNER_VECTOR not in arrays:
         raise InputRefusedError("the wrapped app returned no update vector", code="no-update")
     vector = arrays[R.INNER_VECTOR].numpy()
-    metrics = reply.content.metric_records.get(R.INNER_METRICS)
+    record = reply.content.metric_records.get(R.INNER_METRICS)
+    metrics = {}
+    for key, value in (record.items() if record is not None else ()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            metrics[key] = float(value)
     return vector, metrics
 
 
-def secagg_mod(msg: Message, context: Context, call_next) -> Message:
-    if (
-        msg.has_error()
-        or msg.metadata.message_type != R.MESSAGE_TYPE
-        or R.SERVER_RECORD not in msg.content.config_records
-    ):
-        return call_next(msg, context)
-    server_record = msg.content.config_records[R.SERVER_RECORD]
-    stage = str(server_record.get("stage", ""))
-    state = context.state.config_records.get(R.CLIENT_STATE)
-    if state is None:
-        state = ConfigRecord()
-    session = ClientSession(state)
+def _wants_to_take_part(take_part: TakePart | None, msg: Message, context: Context) -> bool:
+    if take_part is None:
+        return True
     try:
-        if stage == R.STAGE_SETUP:
-            content = session.setup(server_record)
-        elif stage == R.STAGE_SHARE_KEYS:
-            content = session.share_keys(server_record)
-        elif stage == R.STAGE_COLLECT:
-            session.check_collect(server_record)
-            msg.content = RecordDict(
-                {name: record for name, record in msg.content.items() if name != R.SERVER_RECORD}
-            )
-            try:
-                inner_reply = call_next(msg, context)
-            except Exception as exc:  # the wrapped app failed: refuse, name no details
-                raise InputRefusedError("the wrapped app failed", code="train-failed") from exc
-            vector, metrics = _inner_update(inner_reply)
-            content = session.collect(server_record, vector, metrics)
-        elif stage == R.STAGE_UNMASK:
-            content = session.unmask(server_record)
-        else:
-            raise ProtocolViolationError("unknown secure-aggregation stage")
-    except Exception as exc:  # the device refuses and forgets the round; never crashes the node
-        code = _code(exc)
-        if code == "internal":
-            _log.warning("secure aggregation: internal error at stage %s (%s)", stage, type(exc).__name__)
-        state.clear()
-        state["stage"] = "done"
-        content = refusal(stage, code)
-    context.state[R.CLIENT_STATE] = state
-    return Message(content, reply_to=msg)
+        return bool(take_part(msg, context))
+    except Exception as exc:  # noqa: BLE001 - fail closed: a device that cannot decide does not take part
+        _log.warning("secure aggregation: the participation check failed (%s); not taking part", type(exc).__name__)
+        return False
 
 
-__all__ = ["secagg_mod", "SecAggError"]
+def make_secagg_mod(*, take_part: TakePart | None = None, on_finish: OnFinish | None = None):
+    """The device-side mod with the device's participation decision and receipt handler."""
+
+    def secagg_mod(msg: Message, context: Context, call_next) -> Message:
+        if (
+            msg.has_error()
+            or msg.metadata.message_type != R.MESSAGE_TYPE
+            or R.SERVER_RECORD not in msg.content.config_records
+        ):
+            return call_next(msg, context)
+        server_record = msg.content.config_records[R.SERVER_RECORD]
+        stage = str(server_record.get("stage", ""))
+        state = context.state.config_records.get(R.CLIENT_STATE)
+        if state is None:
+            state = ConfigRecord()
+            context.state[R.CLIENT_STATE] = state
+        session = DeviceSession(state)
+        collecting = False
+        try:
+            if stage in R.FIRST_STAGES and not _wants_to_take_part(take_part, msg, context):
+                if stage != R.STAGE_SETUP:
+                    session.decline_round()
+                content = declined()
+            elif stage == R.STAGE_SETUP:
+                content = session.setup(server_record)
+            elif stage == R.STAGE_SHARE_KEYS:
+                content = session.share_keys(server_record)
+            elif stage == R.STAGE_JOIN:
+                content = session.join(server_record)
+            elif stage == R.STAGE_COLLECT:
+                request = session.check_collect(server_record)
+                collecting = True
+                session.start_collect(request)
+                msg.content = RecordDict(
+                    {name: record for name, record in msg.content.items() if name != R.SERVER_RECORD}
+                )
+                try:
+                    inner = _inner_update(call_next(msg, context))
+                except Exception as exc:  # the wrapped app failed: refuse, name no details
+                    raise InputRefusedError("the wrapped app failed", code="train-failed") from exc
+                if inner is None:
+                    session.decline_round()
+                    content = declined()
+                else:
+                    content = session.collect(request, inner[0], inner[1])
+            elif stage == R.STAGE_UNMASK:
+                content = session.unmask(server_record)
+            elif stage == R.STAGE_FINISH:
+                if on_finish is not None:
+                    on_finish(msg, context)
+                content = session.finish(server_record)
+            else:
+                raise ProtocolViolationError("unknown secure-aggregation stage")
+        except Exception as exc:  # the device refuses; never crashes the node
+            code = _code(exc)
+            if code == "internal":
+                _log.warning("secure aggregation: internal error at stage %s (%s)", stage, type(exc).__name__)
+            if collecting:  # it cannot contribute to this round: its material for it is void
+                session.decline_round()
+            content = refusal(stage, code)
+        return Message(content, reply_to=msg)
+
+    return secagg_mod
+
+
+secagg_mod = make_secagg_mod()
+
+__all__ = ["secagg_mod", "make_secagg_mod", "SecAggError", "TakePart", "OnFinish"]

@@ -1,289 +1,93 @@
-"""Transport-free state machines of Restwise SecAgg+ (Bell et al., CCS 2020).
+"""The server's side of Restwise secure aggregation, as transport-free state machines.
 
-``ClientSession`` functions act on one device's state (a ConfigRecord kept in memory in
-``context.state``) and on the server's stage record; ``ServerRound`` holds the server's
-view of one round. Neither knows about Flower's Grid: ``workflow.py`` and ``mod.py`` move
-their RecordDicts, ``harness.py`` runs them in-process.
+``ServerSession`` is the server's memory of one run: the current epoch (who is in it, their
+indices, the neighbour graph, each device's share-encryption key), the shares each device
+has dealt for its next round, and who was involved in accusations. ``ServerRound`` is one
+round over a cohort; it builds each stage's RecordDicts and reads the replies. Neither
+knows about Flower's Grid: ``workflow.py`` moves the RecordDicts (``SecAggSession``),
+``device.py`` is the other side, ``harness.py`` runs both in-process.
 
-Round structure (U1 >= U2 >= U3 >= U4 are the clients still live after each stage):
+A round is a **setup round** (a new epoch; four messages per device) or a **fast round**
+(two messages per device), decided by :meth:`ServerSession.start_round`::
 
-1. setup: the server sends the parameters and each client's index; the client checks them
-   (it refuses unsafe ones) and advertises two fresh X25519 public keys (c_pk, s_pk).  -> U1
-2. share-keys: the server sends each client its live neighbours' public keys; the client
-   draws a self-mask seed b, Shamir-shares b and its s secret key among its neighbours
-   (threshold t), encrypts each neighbour's pair of shares with AES-GCM under a key agreed
-   from c keys, and commits to b (SHA-256).                                              -> U2
-3. collect-masked-input: the server forwards the encrypted shares and the train content;
-   the client trains (the wrapped app), encodes the clipped update into Z_2^bits and sends
-   y = x + PRG(b) + sum_j +-PRG(s_ij) over its live neighbours j.                       -> U3
-4. unmask: each survivor returns its shares of b_j for surviving neighbours and of s_sk_j
-   for neighbours that dropped after sharing, never both for the same j. The server
-   reconstructs b (checked against the commitment) and s_sk (checked against s_pk),
-   removes the masks, and releases the sum only if every reconstruction succeeded and at
-   least ``min_survivors`` inputs are in it.                                             -> U4
+    setup round                              fast round
+    1 setup      epoch parameters ->         (every device of the cohort must be ready:
+                 c_pk, s_pk (or declined)     it dealt shares for this round last round)
+    2 share-keys neighbours' c_pk ->
+                 shares of b and s_sk
+    3 collect    train content, neighbours' mask keys and their shares to this device,
+                 keys to deal to -> masked input, bad-share reports, NEXT round's mask key
+                 and shares (a device not ready gets ``join`` instead and deals for the next
+                 round only)
+    4 unmask     whose b / whose s_sk -> the shares; the server reconstructs, unmasks,
+                 decodes, and checks the sum is within survivors x clip range
+
+Every round uses a fresh mask key pair and self-mask seed per device, dealt one round ahead;
+what persists across rounds is the epoch (graph, indices, share-encryption keys). Why, and
+why no round's reveal exposes another round's input: docs/secure-aggregation.md.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import random
+import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, RecordDict
 
 from . import records as R
 from . import shamir
 from .config import SecAggConfig
-from .crypto import (
-    agree,
-    commitment,
-    decrypt,
-    encrypt,
-    expand_mask,
-    generate_keypair,
-    private_key,
-    public_from_private,
-    share_aad,
-    valid_public_key,
+from .crypto import agree, commitment, expand_mask, key_info, public_from_private, valid_public_key
+from .encoding import decode_sum, ring_mask
+from .errors import ProtocolViolationError, SecAggConfigError, SecAggError, ShareError
+from .fields import (
+    MAX_CT_BYTES,
+    PAIR_MASK_PURPOSE,
+    Extra,
+    bytes_list,
+    decode_extras,
+    epoch_fields,
+    int_list,
 )
-from .encoding import decode_sum, encode, ring_mask
-from .errors import InputRefusedError, ProtocolViolationError, SecAggConfigError, SecAggError, ShareError
 from .graph import harary_neighbours
-
-_SHARE_KEY = b"share-enc"
-_PAIR_MASK = b"pair-mask"
-_HEADER = 8  # sender and receiver index, 4 bytes each, inside the encrypted plaintext
-_MAX_CT_BYTES = _HEADER + 2 * shamir.SHARE_BYTES + 12 + 16
-
-
-# ----------------------------------------------------------------------------- device
-
-
-def refusal(stage: str, code: str) -> RecordDict:
-    return RecordDict({R.REFUSED: ConfigRecord({"code": code, "stage": stage})})
-
-
-def _int_list(value: object, what: str) -> list[int]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise ProtocolViolationError(f"{what} must be a list of integers")
-    return list(value)
-
-
-def _bytes_list(value: object, what: str) -> list[bytes]:
-    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
-        raise ProtocolViolationError(f"{what} must be a list of byte strings")
-    return list(value)
-
-
-class ClientSession:
-    """One device's side of a round; all state lives in ``state`` (memory only)."""
-
-    def __init__(self, state: ConfigRecord):
-        self.state = state
-
-    # -- stage 1
-    def setup(self, msg: ConfigRecord) -> RecordDict:
-        try:
-            config = SecAggConfig(
-                num_neighbours=int(msg["num_neighbours"]),
-                threshold=msg["threshold"],
-                max_dropout_fraction=float(msg["max_dropout_fraction"]),
-                clip_range=float(msg["clip_range"]),
-                frac_bits=int(msg["frac_bits"]),
-                ring_bits=int(msg["ring_bits"]),
-                max_cohort=int(msg["max_cohort"]),
-                out_of_range=str(msg["out_of_range"]),
-                metric_keys=tuple(msg.get("metric_keys", [])),
-            )
-            n, index, round_ = int(msg["n"]), int(msg["index"]), int(msg["round"])
-            vector_length = int(msg["vector_length"])
-        except KeyError as exc:
-            raise ProtocolViolationError("the setup message lacks a parameter") from exc
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, SecAggConfigError):
-                raise
-            raise ProtocolViolationError("the setup message has a malformed parameter") from exc
-        k, t, min_survivors = config.round_parameters(n)  # refuses unsafe parameters
-        if not 1 <= index <= n or vector_length < 1:
-            raise ProtocolViolationError("the setup message has an invalid index or length")
-        previous = self.state.get("round")
-        if previous is not None and int(previous) == round_ and self.state.get("stage") != "done":
-            raise ProtocolViolationError("a second setup for a round in progress", round=round_)
-        c_sk, c_pk = generate_keypair()
-        s_sk, s_pk = generate_keypair()
-        self.state.clear()
-        self.state.update(
-            {
-                "stage": R.STAGE_SETUP, "round": round_, "index": index, "n": n, "k": k, "t": t,
-                "min_survivors": min_survivors, "ring_bits": config.ring_bits,
-                "frac_bits": config.frac_bits, "clip_range": float(config.clip_range),
-                "clip": config.out_of_range == "clip", "metric_keys": list(config.metric_keys),
-                "vector_length": vector_length, "c_sk": c_sk, "s_sk": s_sk,
-            }
-        )
-        return RecordDict({R.PUBLIC_KEYS: ConfigRecord({"c_pk": c_pk, "s_pk": s_pk})})
-
-    def _expect(self, msg: ConfigRecord, stage: str, previous: str) -> tuple[int, int]:
-        if self.state.get("stage") != previous:
-            raise ProtocolViolationError(f"stage {stage} out of order or repeated", stage=stage)
-        if int(msg.get("round", -1)) != int(self.state["round"]):
-            raise ProtocolViolationError("a message for another round", stage=stage)
-        return int(self.state["round"]), int(self.state["index"])
-
-    # -- stage 2
-    def share_keys(self, msg: ConfigRecord) -> RecordDict:
-        round_, me = self._expect(msg, R.STAGE_SHARE_KEYS, R.STAGE_SETUP)
-        neighbours = _int_list(msg.get("neighbours"), "neighbours")
-        c_pks = _bytes_list(msg.get("c_pk"), "c_pk")
-        s_pks = _bytes_list(msg.get("s_pk"), "s_pk")
-        n, k, t = int(self.state["n"]), int(self.state["k"]), int(self.state["t"])
-        if not (len(neighbours) == len(c_pks) == len(s_pks)) or len(set(neighbours)) != len(neighbours):
-            raise ProtocolViolationError("neighbour lists are inconsistent")
-        if me in neighbours or any(not 1 <= j <= n for j in neighbours) or len(neighbours) > k:
-            raise ProtocolViolationError("the neighbour list is invalid")
-        if len(neighbours) < t:
-            raise ProtocolViolationError("fewer live neighbours than the threshold")
-        # the server validated every key at setup; a bad point still fails the agreement
-        if any(len(p) != 32 for p in c_pks + s_pks):
-            raise ProtocolViolationError("a neighbour public key is invalid")
-        own = {public_from_private(bytes(self.state["c_sk"])), public_from_private(bytes(self.state["s_sk"]))}
-        if own & set(c_pks + s_pks):
-            raise ProtocolViolationError("a neighbour advertises this device's own key")
-        b_seed = os.urandom(32)
-        b_shares = shamir.split(b_seed, neighbours, t)
-        sk_shares = shamir.split(bytes(self.state["s_sk"]), neighbours, t)
-        c_sk = private_key(bytes(self.state["c_sk"]))
-        cts, share_keys = [], []
-        for j, c_pk, b_share, sk_share in zip(neighbours, c_pks, b_shares, sk_shares):
-            key = agree(c_sk, c_pk, _SHARE_KEY, round_, me, j)
-            share_keys.append(key)  # the same key decrypts j's share to us (symmetric)
-            plaintext = me.to_bytes(4, "big") + j.to_bytes(4, "big") + b_share + sk_share
-            cts.append(encrypt(key, plaintext, share_aad(round_, me, j)))
-        self.state.update(
-            {"stage": R.STAGE_SHARE_KEYS, "neighbours": neighbours, "nb_s_pk": s_pks,
-             "nb_share_key": share_keys, "b_seed": b_seed}
-        )
-        del self.state["c_sk"]  # no longer needed: the pairwise share keys are derived
-        return RecordDict(
-            {R.SHARES: ConfigRecord({"dst": neighbours, "ct": cts, "b_commit": commitment(round_, me, b_seed)})}
-        )
-
-    # -- stage 3 (the update comes from the wrapped app; see mod.py)
-    def check_collect(self, msg: ConfigRecord) -> None:
-        """Validate the collect message before the (costly) local training."""
-        self._expect(msg, R.STAGE_COLLECT, R.STAGE_SHARE_KEYS)
-        src = _int_list(msg.get("src"), "src")
-        cts = _bytes_list(msg.get("ct"), "ct")
-        if len(src) != len(cts) or len(set(src)) != len(src):
-            raise ProtocolViolationError("the forwarded shares are inconsistent")
-        if not set(src) <= set(self.state["neighbours"]):
-            raise ProtocolViolationError("a forwarded share is not from a neighbour")
-        if len(src) < int(self.state["t"]):
-            raise ProtocolViolationError("fewer live neighbours than the threshold")
-
-    def collect(self, msg: ConfigRecord, update: np.ndarray, metrics: MetricRecord | None = None) -> RecordDict:
-        self.check_collect(msg)
-        round_, me = int(self.state["round"]), int(self.state["index"])
-        src, cts = list(msg["src"]), list(msg["ct"])
-        vector_length, ring_bits = int(self.state["vector_length"]), int(self.state["ring_bits"])
-        update = np.asarray(update)
-        if update.ndim != 1 or update.shape[0] != vector_length:
-            raise InputRefusedError("the update has the wrong length", code="bad-length")
-        encoded = encode(
-            update, clip_range=float(self.state["clip_range"]), frac_bits=int(self.state["frac_bits"]),
-            ring_bits=ring_bits, clip=bool(self.state["clip"]),
-        )
-        neighbours = list(self.state["neighbours"])
-        share_key = dict(zip(neighbours, self.state["nb_share_key"]))
-        s_pk = dict(zip(neighbours, self.state["nb_s_pk"]))
-        s_sk = private_key(bytes(self.state["s_sk"]))
-        held_owner, held_b, held_sk, bad = [], [], [], []
-        for j, ct in zip(src, cts):
-            try:
-                plaintext = decrypt(share_key[j], ct, share_aad(round_, j, me))
-                if len(plaintext) != _HEADER + 2 * shamir.SHARE_BYTES or plaintext[:4] != j.to_bytes(4, "big") or plaintext[4:8] != me.to_bytes(4, "big"):
-                    raise ShareError("a decrypted share has the wrong layout")
-                b_share = plaintext[_HEADER : _HEADER + shamir.SHARE_BYTES]
-                sk_share = plaintext[_HEADER + shamir.SHARE_BYTES :]
-                shamir.parse_share(b_share)
-                shamir.parse_share(sk_share)
-            except ShareError:
-                bad.append(j)
-                continue
-            held_owner.append(j)
-            held_b.append(b_share)
-            held_sk.append(sk_share)
-        masked = encoded.copy()
-        masked += expand_mask(bytes(self.state["b_seed"]), vector_length, 64)
-        for j in src:  # every live neighbour, also those whose share to us was bad
-            seed = agree(s_sk, s_pk[j], _PAIR_MASK, round_, me, j)
-            if me < j:
-                masked += expand_mask(seed, vector_length, 64)
-            else:
-                masked -= expand_mask(seed, vector_length, 64)
-        masked &= ring_mask(ring_bits)
-        # The round's secrets are no longer needed here: the server recovers them from shares.
-        for name in ("s_sk", "b_seed", "nb_share_key"):
-            del self.state[name]
-        self.state.update(
-            {"stage": R.STAGE_COLLECT, "held_owner": held_owner, "held_b": held_b, "held_sk": held_sk}
-        )
-        reply = RecordDict(
-            {
-                R.MASKED_INPUT: ArrayRecord({R.MASKED_ARRAY: Array(masked)}),
-                R.MASKED_STATUS: ConfigRecord({"bad_share_senders": bad}),
-            }
-        )
-        keys = list(self.state["metric_keys"])
-        if metrics is not None and keys:
-            kept = {k: metrics[k] for k in keys if k in metrics and isinstance(metrics[k], (int, float))}
-            if kept:
-                reply[R.METRICS] = MetricRecord(kept)
-        return reply
-
-    # -- stage 4
-    def unmask(self, msg: ConfigRecord) -> RecordDict:
-        self._expect(msg, R.STAGE_UNMASK, R.STAGE_COLLECT)
-        b_owners = _int_list(msg.get("b_owners"), "b_owners")
-        sk_owners = _int_list(msg.get("sk_owners"), "sk_owners")
-        n_survivors = int(msg.get("n_survivors", 0))
-        if set(b_owners) & set(sk_owners) or len(set(b_owners)) != len(b_owners) or len(set(sk_owners)) != len(sk_owners):
-            raise ProtocolViolationError("the server asked for both secrets of one client")
-        if n_survivors < int(self.state["min_survivors"]):
-            raise ProtocolViolationError("fewer survivors than the configured minimum")
-        held = {o: (b, s) for o, b, s in zip(self.state["held_owner"], self.state["held_b"], self.state["held_sk"])}
-        b_owner = [o for o in b_owners if o in held]
-        sk_owner = [o for o in sk_owners if o in held]
-        reply = ConfigRecord(
-            {
-                "b_owner": b_owner, "b_share": [held[o][0] for o in b_owner],
-                "sk_owner": sk_owner, "sk_share": [held[o][1] for o in sk_owner],
-            }
-        )
-        for name in ("held_owner", "held_b", "held_sk"):
-            del self.state[name]
-        self.state["stage"] = "done"
-        return RecordDict({R.UNMASK_SHARES: reply})
-
-
-# ----------------------------------------------------------------------------- server
 
 Reply = RecordDict | Error
 
 
+class RoundAborted(SecAggError):
+    pass
+
+
+# -- results -----------------------------------------------------------------------------------
 @dataclass
 class SecureSumResult:
-    """What one secure round released.
+    """What one secure round released, and everything that happened on the way.
 
-    total      decoded sum of the survivors' vectors (float64), None when aborted
-    survivors  node ids whose input is in ``total``
-    dropped    node id -> stage at which it stopped answering
-    excluded   node id -> why its input was refused (malformed, duplicate, refused, ...)
-    faults     node id -> a fault that did not remove its input (bad unmask shares)
-    aborted    True when nothing was released; ``reason`` says why
-    metrics    mean over survivors of the allow-listed metrics (config.metric_keys)
-    total_ring the ring value of the sum (uint64), for exact checks; None when aborted
+    total          decoded sum of the survivors' update vectors (float64); None when aborted
+    survivors      node ids whose input is in ``total``
+    dropped        node id -> stage at which it stopped answering (a node listed with stage
+                   ``unmask`` is *also* a survivor: its input had arrived)
+    declined       node ids that answered "not taking part" (no reason is ever given)
+    excluded       node id -> why its input was refused (malformed, refused, accused,
+                   accuser, banned, ...)
+    faults         node id -> a fault that did not remove its input (bad unmask shares)
+    aborted        True when nothing was released; ``reason`` says why, ``failure`` is a
+                   short code: too-few, unreachable, unmask-failed, sum-out-of-bounds
+    metrics        mean over the survivors who had one, of each extra (config.metric_keys),
+                   decoded from the masked sum (never sent in the clear)
+    extras         name -> (sum, count) of each extra over the survivors
+    total_ring     the ring value of the update part of the sum (uint64), for exact checks
+    out_of_bounds  when the decoded sum failed the bound: coordinates over it, the largest
+                   |value|, the bound (survivors x clip range)
+    mode           "setup" (4 messages) or "fast" (2 messages)
+    joined         node ids that were asked to join (they take part from the next round)
+    accusations    (accuser, accused) node id pairs of bad-share reports in this round
+    banned         node ids banned for the rest of the session after this round
+    messages       node id -> messages the server sent it in this round
     """
 
     total: np.ndarray | None
@@ -298,64 +102,221 @@ class SecureSumResult:
     round: int = 0
     num_sampled: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    declined: list[int] = field(default_factory=list)
+    failure: str | None = None
+    extras: dict[str, tuple[float, int]] = field(default_factory=dict)
+    out_of_bounds: dict[str, float] = field(default_factory=dict)
+    mode: str = "setup"
+    joined: list[int] = field(default_factory=list)
+    accusations: list[tuple[int, int]] = field(default_factory=list)
+    banned: list[int] = field(default_factory=list)
+    messages: dict[int, int] = field(default_factory=dict)
+    participants: int = 0
+    min_survivors: int = 0
 
 
-class RoundAborted(SecAggError):
-    pass
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the orchestrator learns before it builds the round's train content: how many
+    devices are asked for a masked input, and the fewest whose inputs a released sum can
+    hold (size each device's DP noise share for this many)."""
+
+    round: int
+    participants: int
+    min_survivors: int
+    mode: str
 
 
-class ServerRound:
-    """The server's view of one round over client indices 1..n (node ids mapped)."""
+@dataclass(frozen=True)
+class PendingUnmask:
+    """The round after every masked input is in and before any unmasking share is asked
+    for: the survivors are final (a survivor lost at unmask stays in the sum)."""
 
-    def __init__(self, config: SecAggConfig, node_ids: list[int], round_: int, vector_length: int):
-        if len(set(node_ids)) != len(node_ids):
-            raise SecAggConfigError("node ids must be distinct")
-        if not isinstance(vector_length, int) or vector_length < 1:
-            raise SecAggConfigError("vector_length must be a positive integer")
+    round: int
+    survivors: list[int]
+    participants: int
+    min_survivors: int
+    sampled: int
+
+
+@dataclass
+class Material:
+    """One device's shares for one round, as it dealt them: the round's mask public key,
+    the commitment to its self-mask seed, and one ciphertext per receiver index with the
+    version of the receiver's share-encryption key it was encrypted to."""
+
+    round: int
+    s_pk: bytes
+    b_commit: bytes
+    cts: dict[int, tuple[bytes, int]]
+
+
+# -- the session -------------------------------------------------------------------------------
+class ServerSession:
+    """The server's view of a run's secure aggregation (transport-free)."""
+
+    def __init__(self, config: SecAggConfig, session_id: str | None = None):
+        if not isinstance(config, SecAggConfig):
+            raise SecAggConfigError("config must be a SecAggConfig")
         self.config = config
-        self.round = int(round_)
+        self.session_id = session_id or secrets.token_hex(16)
+        self.epoch = 0
+        self.index_of: dict[int, int] = {}
+        self.node_of: dict[int, int] = {}
+        self.n_index = 0
+        self.n = 0
+        self.k = 0
+        self.t = 0
+        self.graph: dict[int, list[int]] = {}
+        self.c_pk: dict[int, bytes] = {}
+        self.c_version: dict[int, int] = {}
+        self.material: dict[int, Material] = {}
+        self.involved: dict[int, set[int]] = {}
+        self.banned: set[int] = set()
+
+    def start_round(self, node_ids: list[int], round_: int, vector_length: int, *,
+                    fixed_cohort: bool = False) -> "ServerRound":
+        """A round over ``node_ids`` (the sampled cohort). ``fixed_cohort``: the cohort's
+        size is what the round's minimum of survivors is computed from, and a device lost
+        at setup or share-keys counts as a dropout (for callers that built the train
+        content for that size beforehand); otherwise the round's participants are the
+        devices asked for a masked input."""
+        nodes = [int(n) for n in node_ids]
+        if len(set(nodes)) != len(nodes):
+            raise SecAggConfigError("node ids must be distinct")
+        if not isinstance(vector_length, int) or isinstance(vector_length, bool) or vector_length < 1:
+            raise SecAggConfigError("vector_length must be a positive integer")
+        self.config.round_parameters(len(nodes))  # at least 3, at most max_cohort
+        return ServerRound(self, nodes, int(round_), vector_length, fixed_cohort)
+
+    # -- readiness ----------------------------------------------------------------------------
+    def dealt_to(self, owner: int, receiver: int, round_: int) -> bool:
+        """``owner`` dealt shares for ``round_`` to ``receiver`` under its current key."""
+        material = self.material.get(owner)
+        if material is None or material.round != round_:
+            return False
+        got = material.cts.get(receiver)
+        return got is not None and got[1] == self.c_version.get(receiver)
+
+    def mask_neighbours(self, i: int, members: set[int], round_: int) -> list[int]:
+        """The neighbours ``i`` masks with in ``round_``: graph neighbours among ``members``
+        that dealt shares to it and to which it dealt (pairwise masks must be symmetric)."""
+        return [j for j in self.graph.get(i, []) if j in members
+                and self.dealt_to(j, i, round_) and self.dealt_to(i, j, round_)]
+
+    def ready(self, indices: set[int], round_: int) -> set[int]:
+        """The largest subset of ``indices`` in which every device dealt shares for
+        ``round_`` and shares masks with at least t others of the subset."""
+        ready = {i for i in indices if (m := self.material.get(i)) is not None and m.round == round_}
+        while True:
+            short = {i for i in ready if len(self.mask_neighbours(i, ready, round_)) < self.t}
+            if not short:
+                return ready
+            ready -= short
+
+    def record_accusation(self, node: int, round_: int) -> None:
+        self.involved.setdefault(node, set()).add(round_)
+
+    def apply_bans(self) -> list[int]:
+        """Devices involved in accusations in two rounds: excluded for the rest of the run."""
+        new = sorted(n for n, rounds in self.involved.items() if len(rounds) >= 2 and n not in self.banned)
+        self.banned.update(new)
+        return new
+
+
+# -- one round -----------------------------------------------------------------------------------
+class ServerRound:
+    """The server's view of one round (setup or fast), over client indices."""
+
+    def __init__(self, session: ServerSession, node_ids: list[int], round_: int, vector_length: int,
+                 fixed_cohort: bool):
+        self.s = session
+        self.config = session.config
+        self.round = round_
         self.vector_length = vector_length
-        self.n = len(node_ids)
-        self.k, self.t, self.min_survivors = config.round_parameters(self.n)
-        self.node_of = {i + 1: int(node) for i, node in enumerate(node_ids)}
-        self.index_of = {node: i for i, node in self.node_of.items()}
-        self.graph = harary_neighbours(list(self.node_of), self.k)
-        self.live: set[int] = set(self.node_of)
+        self.fixed_cohort = fixed_cohort
+        self.num_sampled = len(node_ids)
         self.dropped: dict[int, str] = {}
         self.excluded: dict[int, str] = {}
+        self.declined: list[int] = []
         self.faults: dict[int, str] = {}
-        self.c_pk: dict[int, bytes] = {}
-        self.s_pk: dict[int, bytes] = {}
-        self.b_commit: dict[int, bytes] = {}
-        self.cts: dict[int, dict[int, bytes]] = {}  # receiver -> sender -> ciphertext
-        self.active: dict[int, list[int]] = {}
-        self.held: dict[int, set[int]] = {}  # holder -> owners whose shares it holds
-        self.u2: set[int] = set()
-        self.u3: set[int] = set()
+        self.accusations: list[tuple[int, int]] = []
+        self.joined: list[int] = []
+        self.messages: dict[int, int] = {}
+        self.next_material: dict[int, Material] = {}
+        self.next_s_pk: dict[int, bytes] = {}
+        self.dealt_version: dict[tuple[int, int], int] = {}
+        self.deal_list: dict[int, list[int]] = {}
         self.masked: dict[int, np.ndarray] = {}
-        self.metric_sums: dict[str, float] = {}
-        self.metric_counts: dict[str, int] = {}
+        self.held: dict[int, set[int]] = {}
+        self.u3: set[int] = set()
+        self.clip_range = float(self.config.clip_range)
+        self.extras: tuple[Extra, ...] = ()
+        self.participants: set[int] = set()
+        self.joiners: list[int] = []
+        eligible = []
+        for node in node_ids:
+            if node in session.banned:
+                self.excluded[node] = "banned: involved in bad-share accusations in two rounds"
+            else:
+                eligible.append(node)
+        self.eligible = eligible
+        self.n_planned = len(node_ids) if fixed_cohort else 0
+        self.mode = self._choose_mode()
 
-    # -- bookkeeping
+    # -- mode ---------------------------------------------------------------------------------
+    def _choose_mode(self) -> str:
+        """Fast when the epoch covers the cohort and enough of it is ready (dealt shares for
+        this round, with at least t mutual neighbours); the rest of the cohort is asked to
+        join. Otherwise a setup round (a new epoch over the cohort)."""
+        s = self.s
+        if len(self.eligible) < 3 or s.epoch == 0 or any(n not in s.index_of for n in self.eligible):
+            return "setup"
+        outside = [n for n in self.eligible if s.index_of[n] not in s.graph]
+        cohort = {s.index_of[n] for n in self.eligible if n not in outside}
+        ready = s.ready(cohort, self.round)
+        if len(ready) < max(3, self.config.min_survivors(len(self.eligible))):
+            return "setup"
+        if self.fixed_cohort and (ready != cohort or outside):
+            return "setup"  # the cohort's size was promised to the caller: all of it, or a new epoch
+        for node in outside:  # it did not take part in this epoch's setup; a new epoch includes it
+            self.excluded[node] = "not in the current epoch (it did not complete the epoch's setup)"
+        self.participants = ready
+        self.joiners = sorted(cohort - ready)
+        return "fast"
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def node(self, i: int) -> int:
+        return self.s.node_of[i]
+
     def _drop(self, i: int, stage: str) -> None:
-        self.live.discard(i)
-        self.dropped[self.node_of[i]] = stage
+        self.participants.discard(i)
+        self.dropped[self.node(i)] = stage
 
     def _exclude(self, i: int, reason: str) -> None:
-        self.live.discard(i)
-        self.excluded.setdefault(self.node_of[i], reason)
+        self.participants.discard(i)
+        self.excluded.setdefault(self.node(i), reason)
 
-    def _sort_replies(self, stage: str, replies: dict[int, list[Reply]]) -> dict[int, RecordDict]:
-        """One valid content per live index; drops, duplicates, errors and refusals out."""
+    def _count(self, out: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        for node in out:
+            self.messages[node] = self.messages.get(node, 0) + 1
+        return out
+
+    def _sort_replies(self, stage: str, indices, replies: dict[int, list[Reply]], *, may_decline: bool
+                      ) -> dict[int, RecordDict]:
+        """One valid content per index; drops, duplicates, errors, refusals and declines out."""
         good: dict[int, RecordDict] = {}
-        for i in sorted(self.live):
-            got = replies.get(self.node_of[i], [])
+        for i in sorted(indices):
+            got = replies.get(self.node(i), [])
             if not got:
                 self._drop(i, stage)
             elif len(got) > 1:
                 self._exclude(i, f"{stage}: duplicate replies")
             elif isinstance(got[0], Error):
                 self._exclude(i, f"{stage}: the device reported an error")
+            elif R.DECLINED in got[0].config_records and may_decline:
+                self.participants.discard(i)
+                self.declined.append(self.node(i))
             elif R.REFUSED in got[0].config_records:
                 code = got[0].config_records[R.REFUSED].get("code", "unknown")
                 self._exclude(i, f"{stage}: the device refused ({str(code)[:40]})")
@@ -363,111 +324,200 @@ class ServerRound:
                 good[i] = got[0]
         return good
 
+    @property
+    def n(self) -> int:
+        return self.n_planned or len(self.participants)
+
+    @property
+    def min_survivors(self) -> int:
+        n = self.n
+        return n - math.floor(self.config.max_dropout_fraction * n)
+
     def _require(self, count: int, stage: str) -> None:
-        if count < self.min_survivors:
+        if count < 3:
             raise RoundAborted(
-                f"round aborted at {stage}: {count} of {self.n} clients remain, fewer than "
+                f"round aborted at {stage}: {count} clients remain, fewer than the 3 secure "
+                f"aggregation needs; nothing was released", failure="too-few")
+        if self.n_planned and count < self.min_survivors:
+            raise RoundAborted(
+                f"round aborted at {stage}: {count} of {self.n_planned} clients remain, fewer than "
                 f"the {self.min_survivors} needed (max_dropout_fraction "
-                f"{self.config.max_dropout_fraction}); nothing was released"
-            )
+                f"{self.config.max_dropout_fraction}); nothing was released", failure="too-few")
 
-    def _base(self, stage: str) -> dict:
-        return {"stage": stage, "round": self.round}
+    def _deal_to(self, i: int, neighbours: list[int]) -> list[int]:
+        """Whom ``i`` deals its next shares to (and which key version of each it was sent)."""
+        self.deal_list[i] = list(neighbours)
+        for j in neighbours:
+            self.dealt_version[(i, j)] = self.s.c_version[j]
+        return neighbours
 
-    # -- stage 1
-    def setup_messages(self) -> dict[int, RecordDict]:
-        c = self.config
+    def _base(self, stage: str, epoch: int | None = None) -> dict:
+        return {"stage": stage, "session": self.s.session_id,
+                "epoch": self.s.epoch if epoch is None else epoch, "round": self.round}
+
+    def plan(self) -> RoundPlan:
+        return RoundPlan(self.round, self.n, self.min_survivors, self.mode)
+
+    # -- setup round: stage 1 -----------------------------------------------------------------
+    def setup_messages(self, announce: RecordDict | None = None) -> dict[int, RecordDict]:
+        """A new epoch over the eligible cohort: fresh indices 1..n."""
+        self.new_epoch = self.s.epoch + 1
+        self.setup_index = {node: i + 1 for i, node in enumerate(self.eligible)}
+        self.setup_node = {i: node for node, i in self.setup_index.items()}
+        n = len(self.eligible)
         out = {}
-        for i in sorted(self.live):
-            rec = ConfigRecord(
-                {
-                    **self._base(R.STAGE_SETUP), "index": i, "n": self.n,
-                    "num_neighbours": c.num_neighbours, "threshold": c.threshold,
-                    "max_dropout_fraction": float(c.max_dropout_fraction),
-                    "clip_range": float(c.clip_range), "frac_bits": c.frac_bits,
-                    "ring_bits": c.ring_bits, "max_cohort": c.max_cohort,
-                    "out_of_range": c.out_of_range, "metric_keys": list(c.metric_keys),
-                    "vector_length": self.vector_length,
-                }
-            )
-            out[self.node_of[i]] = RecordDict({R.SERVER_RECORD: rec})
-        return out
+        for node, i in self.setup_index.items():
+            rec = ConfigRecord({**self._base(R.STAGE_SETUP, self.new_epoch), "index": i, "n": n,
+                                **epoch_fields(self.config)})
+            out[node] = _with(announce, rec)
+        return self._count(out)
 
     def receive_setup(self, replies: dict[int, list[Reply]]) -> None:
-        for i, content in self._sort_replies(R.STAGE_SETUP, replies).items():
+        s = self.s
+        # The new epoch replaces the old one from here on (the old epoch's material is void).
+        s.epoch, s.index_of, s.node_of = self.new_epoch, dict(self.setup_index), dict(self.setup_node)
+        s.n_index, s.material, s.c_pk, s.c_version, s.graph = len(self.setup_index), {}, {}, {}, {}
+        self.participants = set(s.node_of)
+        s_pk: dict[int, bytes] = {}
+        for i, content in self._sort_replies(R.STAGE_SETUP, set(s.node_of), replies, may_decline=True).items():
             rec = content.config_records.get(R.PUBLIC_KEYS)
             c_pk = rec.get("c_pk") if rec is not None else None
-            s_pk = rec.get("s_pk") if rec is not None else None
-            if not (valid_public_key(c_pk) and valid_public_key(s_pk)) or c_pk == s_pk:
+            pk = rec.get("s_pk") if rec is not None else None
+            if not (valid_public_key(c_pk) and valid_public_key(pk)) or c_pk == pk:
                 self._exclude(i, "setup: malformed public keys")
                 continue
-            self.c_pk[i], self.s_pk[i] = c_pk, s_pk
+            s.c_pk[i], s.c_version[i], s_pk[i] = c_pk, 1, pk
         seen: dict[bytes, int] = {}
-        for i in sorted(self.live):  # a key advertised twice is a replay: refuse both
-            for key in (self.c_pk[i], self.s_pk[i]):
+        for i in sorted(self.participants):  # a key advertised twice is a replay: refuse both
+            for key in (s.c_pk[i], s_pk[i]):
                 if key in seen and seen[key] != i:
                     self._exclude(i, "setup: public key reused by another client")
                     self._exclude(seen[key], "setup: public key reused by another client")
                 seen[key] = i
-        self._require(len(self.live), R.STAGE_SETUP)
+        self.setup_s_pk = {i: s_pk[i] for i in self.participants}
+        self._require(len(self.participants), R.STAGE_SETUP)
+        s.n = len(self.participants)
+        s.k, s.t, _ = self.config.round_parameters(s.n)
+        s.graph = harary_neighbours(sorted(self.participants), s.k)
 
-    # -- stage 2
+    # -- setup round: stage 2 -----------------------------------------------------------------
     def share_keys_messages(self) -> dict[int, RecordDict]:
+        s = self.s
         out = {}
-        for i in sorted(self.live):
-            nb = [j for j in self.graph[i] if j in self.live]
-            rec = ConfigRecord(
-                {
-                    **self._base(R.STAGE_SHARE_KEYS), "neighbours": nb,
-                    "c_pk": [self.c_pk[j] for j in nb], "s_pk": [self.s_pk[j] for j in nb],
-                }
-            )
-            self.active[i] = nb
-            out[self.node_of[i]] = RecordDict({R.SERVER_RECORD: rec})
-        return out
+        for i in sorted(self.participants):
+            nb = self._deal_to(i, [j for j in s.graph[i] if j in s.c_pk])
+            rec = ConfigRecord({**self._base(R.STAGE_SHARE_KEYS), "n": s.n, "neighbours": nb,
+                                "c_pk": [s.c_pk[j] for j in nb]})
+            out[self.node(i)] = RecordDict({R.SERVER_RECORD: rec})
+        return self._count(out)
 
     def receive_share_keys(self, replies: dict[int, list[Reply]]) -> None:
-        for i, content in self._sort_replies(R.STAGE_SHARE_KEYS, replies).items():
-            rec = content.config_records.get(R.SHARES)
+        s = self.s
+        for i, content in self._sort_replies(R.STAGE_SHARE_KEYS, set(self.participants), replies,
+                                             may_decline=False).items():
             try:
-                if rec is None:
-                    raise ProtocolViolationError("no shares")
-                dst = _int_list(rec.get("dst"), "dst")
-                cts = _bytes_list(rec.get("ct"), "ct")
-                commit = rec.get("b_commit")
-                if dst != self.active[i] or len(cts) != len(dst):
-                    raise ProtocolViolationError("shares for the wrong neighbours")
-                if any(len(ct) > _MAX_CT_BYTES for ct in cts) or not isinstance(commit, bytes) or len(commit) != 32:
-                    raise ProtocolViolationError("oversized shares or a malformed commitment")
+                material = self._material(i, content.config_records.get(R.SHARES), self.round, self.setup_s_pk[i])
             except ProtocolViolationError as exc:
                 self._exclude(i, f"share-keys: {exc}")
                 continue
-            self.b_commit[i] = commit
-            for j, ct in zip(dst, cts):
-                self.cts.setdefault(j, {})[i] = ct
-        self.u2 = set(self.live)
-        self._require(len(self.u2), R.STAGE_SHARE_KEYS)
+            s.material[i] = material
+        for i in set(self.participants) - set(s.material):
+            self.participants.discard(i)
+        self._prune_unready(R.STAGE_SHARE_KEYS)
 
-    # -- stage 3
-    def collect_messages(self, train_content: RecordDict) -> dict[int, RecordDict]:
+    def _prune_unready(self, stage: str) -> None:
+        ready = self.s.ready(set(self.participants), self.round)
+        for i in sorted(set(self.participants) - ready):
+            self._exclude(i, f"{stage}: fewer than {self.s.t} neighbours dealt it shares")
+        self._require(len(self.participants), stage)
+
+    def _material(self, i: int, rec: ConfigRecord | None, for_round: int, s_pk: bytes) -> Material:
+        """The shares ``i`` dealt (a SHARES record), checked for form: for the neighbours it
+        was told to deal to, ciphertexts of the right size, a 32-byte commitment."""
+        if rec is None:
+            raise ProtocolViolationError("no shares")
+        dst = int_list(rec.get("dst"), "dst")
+        cts = bytes_list(rec.get("ct"), "ct")
+        commit = rec.get("b_commit")
+        if dst != self.deal_list.get(i) or len(cts) != len(dst):
+            raise ProtocolViolationError("shares for the wrong neighbours")
+        if any(len(ct) > MAX_CT_BYTES for ct in cts) or not isinstance(commit, bytes) or len(commit) != 32:
+            raise ProtocolViolationError("oversized shares or a malformed commitment")
+        return Material(for_round, s_pk, commit, {j: (ct, self.dealt_version[(i, j)]) for j, ct in zip(dst, cts)})
+
+    # -- collect (both modes) and join (fast mode) ----------------------------------------------
+    def collect_messages(self, content: RecordDict, *, clip_range: float | None = None,
+                         extras: tuple[Extra, ...] = (), announce: RecordDict | None = None) -> dict[int, RecordDict]:
+        s = self.s
+        if clip_range is not None:
+            self.config.check_encoding(clip_range)
+            self.clip_range = float(clip_range)
+        self.extras = tuple(extras)
+        self.n_planned = self.n  # fixed from here on: the train content was built for it
+        members = set(self.participants)
+        self.mask_nb = {i: s.mask_neighbours(i, members, self.round) for i in members}
+        self.current = {i: s.material[i] for i in members}
         out = {}
-        for i in sorted(self.live):
-            src = [j for j in self.active[i] if j in self.u2]
-            self.active[i] = src
-            rec = ConfigRecord(
-                {**self._base(R.STAGE_COLLECT), "src": src, "ct": [self.cts[i][j] for j in src]}
-            )
-            content = RecordDict(dict(train_content.items()))
-            content[R.SERVER_RECORD] = rec
-            out[self.node_of[i]] = content
-        self.cts.clear()
-        return out
+        for i in sorted(members):
+            src = self.mask_nb[i]
+            deal = self._deal_to(i, [j for j in s.graph[i] if j in s.c_pk and s.node_of[j] not in s.banned])
+            rec = ConfigRecord({
+                **self._base(R.STAGE_COLLECT), "n": self.n, "min_survivors": self.min_survivors,
+                "clip_range": self.clip_range, "vector_length": self.vector_length,
+                "extras": [x.name for x in self.extras], "extras_lo": [x.lo for x in self.extras],
+                "extras_hi": [x.hi for x in self.extras],
+                "src": src, "s_pk": [self.current[j].s_pk for j in src],
+                "ct": [self.current[j].cts[i][0] for j in src],
+                "neighbours": deal, "c_pk": [s.c_pk[j] for j in deal],
+            })
+            message = RecordDict(dict(content.items()))
+            if self.mode == "fast" and announce is not None:
+                for name, record in announce.items():
+                    message[name] = record
+            message[R.SERVER_RECORD] = rec
+            out[self.node(i)] = message
+        return self._count(out)
+
+    def join_messages(self, announce: RecordDict | None = None) -> dict[int, RecordDict]:
+        s = self.s
+        out = {}
+        for i in self.joiners:
+            deal = self._deal_to(i, [j for j in s.graph[i] if j in s.c_pk and s.node_of[j] not in s.banned])
+            rec = ConfigRecord({**self._base(R.STAGE_JOIN), "index": i, "n_index": s.n_index, "n": s.n,
+                                **epoch_fields(self.config), "neighbours": deal, "c_pk": [s.c_pk[j] for j in deal]})
+            out[self.node(i)] = _with(announce, rec)
+        self.joined = [self.node(i) for i in self.joiners]
+        return self._count(out)
+
+    def receive_join(self, replies: dict[int, list[Reply]]) -> None:
+        s = self.s
+        for i in self.joiners:
+            got = replies.get(self.node(i), [])
+            if len(got) != 1 or isinstance(got[0], Error) or R.DECLINED in got[0].config_records \
+                    or R.REFUSED in got[0].config_records:
+                if len(got) == 1 and not isinstance(got[0], Error) and R.DECLINED in got[0].config_records:
+                    self.declined.append(self.node(i))
+                continue  # not ready next round: it is asked to join again
+            content = got[0]
+            keys = content.config_records.get(R.PUBLIC_KEYS)
+            c_pk = keys.get("c_pk") if keys is not None else None
+            pk = keys.get("s_pk") if keys is not None else None
+            if not (valid_public_key(c_pk) and valid_public_key(pk)) or c_pk == pk:
+                continue
+            try:
+                material = self._material(i, content.config_records.get(R.SHARES), self.round + 1, pk)
+            except ProtocolViolationError:
+                continue
+            if s.c_pk.get(i) != c_pk:  # a new share-encryption key: older shares to it are void
+                s.c_pk[i], s.c_version[i] = c_pk, s.c_version.get(i, 0) + 1
+            self.next_material[i] = material
 
     def receive_collect(self, replies: dict[int, list[Reply]]) -> None:
+        s = self.s
         mask = ring_mask(self.config.ring_bits)
-        reported: dict[int, int] = {}
-        metrics_of: dict[int, MetricRecord | None] = {}
-        good = self._sort_replies(R.STAGE_COLLECT, replies)
+        length = self.vector_length + 2 * len(self.extras)
+        good = self._sort_replies(R.STAGE_COLLECT, set(self.participants), replies, may_decline=True)
+        reported: list[tuple[int, int]] = []
         for i, content in good.items():
             try:
                 arrays = content.array_records.get(R.MASKED_INPUT)
@@ -476,13 +526,13 @@ class ServerRound:
                 y = arrays[R.MASKED_ARRAY].numpy()
                 if y.dtype != np.uint64 or y.ndim != 1:
                     raise ProtocolViolationError("the masked input is not a uint64 vector")
-                if y.shape[0] != self.vector_length:
+                if y.shape[0] != length:
                     raise ProtocolViolationError("the masked input has the wrong length")
                 if self.config.ring_bits < 64 and np.any(y > mask):
                     raise ProtocolViolationError("the masked input has values outside the ring")
                 status = content.config_records.get(R.MASKED_STATUS)
-                bad = _int_list(status.get("bad_share_senders") if status is not None else None, "bad_share_senders")
-                if not set(bad) <= set(self.active[i]):
+                bad = int_list(status.get("bad_share_senders") if status is not None else None, "bad_share_senders")
+                if len(set(bad)) != len(bad) or not set(bad) <= set(self.mask_nb[i]):
                     raise ProtocolViolationError("a share report names a non-neighbour")
             except ProtocolViolationError as exc:
                 self._exclude(i, f"collect-masked-input: {exc}")
@@ -491,75 +541,85 @@ class ServerRound:
                 self._exclude(i, "collect-masked-input: the masked input cannot be decoded")
                 continue
             self.masked[i] = y
-            self.held[i] = set(self.active[i]) - set(bad)
-            for j in bad:
-                reported.setdefault(j, i)
-            metrics_of[i] = content.metric_records.get(R.METRICS)
-        for j, reporter in reported.items():
-            if j in self.live:  # a reported client that also dropped is simply dropped
-                self._exclude(j, f"share-keys: its share to client {self.node_of[reporter]} was malformed or failed authentication")
-        for j in list(self.masked):
-            if j not in self.live:
-                self.masked.pop(j)
-        self.u3 = set(self.masked)
-        for i in self.u3:  # only survivors' allow-listed metrics are averaged
-            metrics = metrics_of.get(i)
-            for key in self.config.metric_keys if metrics is not None else ():
-                value = metrics.get(key)
-                if isinstance(value, (int, float)) and np.isfinite(value):
-                    self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(value)
-                    self.metric_counts[key] = self.metric_counts.get(key, 0) + 1
+            self.held[i] = set(self.mask_nb[i]) - set(bad)
+            reported += [(i, j) for j in bad]
+            self._take_next_material(i, content)
+        # An accusation of bad shares excludes both the accuser and the accused from the round
+        # (a false accuser cannot get honest devices excluded for free), and counts as an
+        # involvement of both: two rounds with one, and a device is out for the rest of the run.
+        for accuser, accused in reported:
+            self.accusations.append((self.node(accuser), self.node(accused)))
+            s.record_accusation(self.node(accuser), self.round)
+            s.record_accusation(self.node(accused), self.round)
+            if self.node(accused) in self.dropped:
+                continue  # it sent no masked input: it is simply dropped
+            self._exclude(accuser, f"collect-masked-input: it reported client {self.node(accused)}'s shares as "
+                                   f"malformed or failing authentication (an accusation excludes both)")
+            self._exclude(accused, f"share-keys: its share to client {self.node(accuser)} was reported as "
+                                   f"malformed or failing authentication (an accusation excludes both)")
+        self.u3 = {i for i in self.masked if i in self.participants}
+        for i in list(self.masked):
+            if i not in self.u3:
+                self.masked.pop(i)
         self._require(len(self.u3), R.STAGE_COLLECT)
 
-    # -- stage 4
-    def _needed_sk_owners(self) -> set[int]:
-        """Clients that dropped after sharing and whose pairwise mask is in some
-        survivor's input (only their mask keys are reconstructed)."""
-        dropped_after_sharing = self.u2 - self.u3
-        return {j for i in self.u3 for j in self.active[i] if j in dropped_after_sharing}
+    def _take_next_material(self, i: int, content: RecordDict) -> None:
+        """The next round's shares a device dealt with its masked input (absent: it joins
+        before it takes part again)."""
+        keys = content.config_records.get(R.PUBLIC_KEYS)
+        rec = content.config_records.get(R.SHARES)
+        if keys is None or rec is None:
+            return
+        pk = keys.get("s_pk")
+        if not valid_public_key(pk):
+            return
+        try:
+            self.next_material[i] = self._material(i, rec, self.round + 1, pk)
+        except ProtocolViolationError:
+            return
 
-    def _check_reachable(self, dropped_after_sharing: set[int]) -> None:
-        """Abort *before* any share is requested if some needed secret is held by fewer
-        than t survivors: asking for shares of a round that cannot complete would only
-        hand the server self-mask seeds for nothing."""
-        holders: dict[int, int] = {}
-        for l in self.u3:
-            for j in self.held[l]:
-                holders[j] = holders.get(j, 0) + 1
-        for j in sorted(self.u3 | dropped_after_sharing):
-            if holders.get(j, 0) < self.t:
-                what = "self-mask seed" if j in self.u3 else "mask key"
-                raise RoundAborted(
-                    f"round aborted before unmask: the {what} of client {self.node_of[j]} is "
-                    f"held by {holders.get(j, 0)} surviving neighbours, fewer than the {self.t} "
-                    f"needed (too many dropouts in one neighbourhood); no shares were requested "
-                    f"and nothing was released"
-                )
+    # -- unmask ---------------------------------------------------------------------------------
+    def _needed_sk_owners(self) -> set[int]:
+        """Participants whose input is not in the sum but whose pairwise masks are in a
+        survivor's: their round key is reconstructed (it is used in no other round)."""
+        return {j for i in self.u3 for j in self.mask_nb[i] if j not in self.u3}
+
+    def pending(self) -> PendingUnmask:
+        return PendingUnmask(self.round, sorted(self.node(i) for i in self.u3), self.n, self.min_survivors,
+                             self.num_sampled)
 
     def unmask_messages(self) -> dict[int, RecordDict]:
+        """Checks every needed secret is held by at least t survivors *before* any share is
+        asked for (a round that cannot complete hands out no seeds), then asks."""
+        needed = self._needed_sk_owners()
+        holders: dict[int, int] = {}
+        for w in self.u3:
+            for j in self.held[w]:
+                holders[j] = holders.get(j, 0) + 1
+        for j in sorted(self.u3 | needed):
+            if holders.get(j, 0) < self.s.t:
+                what = "self-mask seed" if j in self.u3 else "mask key"
+                raise RoundAborted(
+                    f"round aborted before unmask: the {what} of client {self.node(j)} is held by "
+                    f"{holders.get(j, 0)} surviving neighbours, fewer than the {self.s.t} needed (too many "
+                    f"dropouts in one neighbourhood); no shares were requested and nothing was released",
+                    failure="unreachable")
         out = {}
-        dropped_after_sharing = self._needed_sk_owners()
-        self._check_reachable(dropped_after_sharing)
-        for i in sorted(self.u3):
-            held = self.held[i]
-            rec = ConfigRecord(
-                {
-                    **self._base(R.STAGE_UNMASK),
-                    "b_owners": sorted(j for j in held if j in self.u3),
-                    "sk_owners": sorted(j for j in held if j in dropped_after_sharing),
-                    "n_survivors": len(self.u3),
-                }
-            )
-            out[self.node_of[i]] = RecordDict({R.SERVER_RECORD: rec})
-        return out
+        for w in sorted(self.u3):
+            rec = ConfigRecord({
+                **self._base(R.STAGE_UNMASK), "b_owners": sorted(self.held[w] & self.u3),
+                "sk_owners": sorted(self.held[w] & needed), "n_survivors": len(self.u3),
+            })
+            out[self.node(w)] = RecordDict({R.SERVER_RECORD: rec})
+        return self._count(out)
 
     def receive_unmask(self, replies: dict[int, list[Reply]]) -> None:
         """Reconstruct the secrets; raises RoundAborted if any is out of reach."""
-        dropped_after_sharing = self._needed_sk_owners()
+        needed = self._needed_sk_owners()
         b_parts: dict[int, list[tuple[int, bytes]]] = {j: [] for j in self.u3}
-        sk_parts: dict[int, list[tuple[int, bytes]]] = {j: [] for j in dropped_after_sharing}
-        for i in sorted(self.u3):
-            node = self.node_of[i]
+        sk_parts: dict[int, list[tuple[int, bytes]]] = {j: [] for j in needed}
+        for w in sorted(self.u3):
+            node = self.node(w)
             got = replies.get(node, [])
             if len(got) != 1 or isinstance(got[0], Error):
                 if not got:
@@ -571,39 +631,42 @@ class ServerRound:
             try:
                 if rec is None:
                     raise ProtocolViolationError("no shares")
-                b_owner = _int_list(rec.get("b_owner"), "b_owner")
-                sk_owner = _int_list(rec.get("sk_owner"), "sk_owner")
-                b_share = _bytes_list(rec.get("b_share"), "b_share")
-                sk_share = _bytes_list(rec.get("sk_share"), "sk_share")
+                b_owner = int_list(rec.get("b_owner"), "b_owner")
+                sk_owner = int_list(rec.get("sk_owner"), "sk_owner")
+                b_share = bytes_list(rec.get("b_share"), "b_share")
+                sk_share = bytes_list(rec.get("sk_share"), "sk_share")
                 if len(b_owner) != len(b_share) or len(sk_owner) != len(sk_share):
                     raise ProtocolViolationError("owner and share lists differ in length")
-                if not set(b_owner) <= self.held[i] & self.u3 or not set(sk_owner) <= self.held[i] & dropped_after_sharing:
+                if not set(b_owner) <= self.held[w] & self.u3 or not set(sk_owner) <= self.held[w] & needed:
                     raise ProtocolViolationError("shares for owners that were not asked for")
                 if len(set(b_owner)) != len(b_owner) or len(set(sk_owner)) != len(sk_owner):
                     raise ProtocolViolationError("duplicate shares")
-                for s in b_share + sk_share:
-                    shamir.parse_share(s)
+                for share in b_share + sk_share:
+                    shamir.parse_share(share)
             except (ProtocolViolationError, ShareError) as exc:
                 self.faults[node] = f"unmask: {exc}; its shares were not used"
                 continue
-            for j, s in zip(b_owner, b_share):
-                b_parts[j].append((i, s))
-            for j, s in zip(sk_owner, sk_share):
-                sk_parts[j].append((i, s))
-        self.b_seed: dict[int, bytes] = {}
-        self.sk: dict[int, bytes] = {}
-        for j, parts in b_parts.items():
-            self.b_seed[j] = self._reconstruct(j, parts, lambda s, j=j: commitment(self.round, j, s) == self.b_commit[j], "self-mask seed")
-        for j, parts in sk_parts.items():
-            self.sk[j] = self._reconstruct(j, parts, lambda s, j=j: _pk_matches(s, self.s_pk[j]), "mask key")
+            for j, share in zip(b_owner, b_share):
+                b_parts[j].append((w, share))
+            for j, share in zip(sk_owner, sk_share):
+                sk_parts[j].append((w, share))
+        session, rnd = self.s.session_id, self.round
+        self.b_seed = {
+            j: self._reconstruct(j, parts, lambda sec, j=j: commitment(session, rnd, j, sec) == self.current[j].b_commit,
+                                 "self-mask seed")
+            for j, parts in b_parts.items()
+        }
+        self.sk = {
+            j: self._reconstruct(j, parts, lambda sec, j=j: _pk_matches(sec, self.current[j].s_pk), "mask key")
+            for j, parts in sk_parts.items()
+        }
 
-    def _reconstruct(self, owner: int, parts: list[tuple[int, bytes]], verify, what: str) -> bytes:
-        t = self.t
+    def _reconstruct(self, owner: int, parts: list[tuple[int, bytes]], verify: Callable[[bytes], bool], what: str) -> bytes:
+        t = self.s.t
         if len(parts) < t:
             raise RoundAborted(
-                f"round aborted at unmask: the {what} of client {self.node_of[owner]} has "
-                f"{len(parts)} of the {t} shares needed; nothing was released"
-            )
+                f"round aborted at unmask: the {what} of client {self.node(owner)} has "
+                f"{len(parts)} of the {t} shares needed; nothing was released", failure="unmask-failed")
         rng = random.Random(owner)  # which subsets to try is not secret
 
         def candidates():
@@ -613,50 +676,89 @@ class ServerRound:
 
         for attempt, subset in enumerate(candidates()):
             try:
-                secret = shamir.reconstruct([x for x, _ in subset], [s for _, s in subset])
+                secret = shamir.reconstruct([x for x, _ in subset], [sh for _, sh in subset])
             except ShareError:
                 continue
             if verify(secret):
-                # the first t shares almost always verify; only after a failure is it
-                # worth finding which holders returned wrong shares
-                bad = _inconsistent_holders(subset, parts) if attempt else []
-                for holder in bad:
-                    self.faults.setdefault(self.node_of[holder], "unmask: returned a wrong share")
+                # the first t shares almost always verify; only after a failure is it worth
+                # finding which holders returned wrong shares
+                for holder in (_inconsistent_holders(subset, parts) if attempt else []):
+                    self.faults.setdefault(self.node(holder), "unmask: returned a wrong share")
                 return secret
         raise RoundAborted(
-            f"round aborted at unmask: the shares of client {self.node_of[owner]}'s {what} "
-            f"do not reconstruct it (tampered shares); nothing was released"
-        )
+            f"round aborted at unmask: the shares of client {self.node(owner)}'s {what} "
+            f"do not reconstruct it (tampered shares); nothing was released", failure="unmask-failed")
 
     def aggregate(self) -> np.ndarray:
-        """The unmasked ring sum of the survivors' inputs (uint64)."""
-        d, bits = self.vector_length, self.config.ring_bits
+        """The unmasked ring sum of the survivors' inputs (uint64, update then extras)."""
+        d = self.vector_length + 2 * len(self.extras)
+        session, epoch, rnd = self.s.session_id, self.s.epoch, self.round
         total = np.zeros(d, dtype=np.uint64)
         for i in sorted(self.u3):
             total += self.masked[i]
             total -= expand_mask(self.b_seed[i], d, 64)
-        for j, sk in self.sk.items():  # pairwise masks of survivors with clients that dropped
+        for j, sk in self.sk.items():  # pairwise masks of survivors with participants not in the sum
             for i in sorted(self.u3):
-                if j in self.active[i]:
-                    seed = agree(sk, self.s_pk[i], _PAIR_MASK, self.round, i, j)
+                if j in self.mask_nb[i]:
+                    seed = agree(sk, self.current[i].s_pk, key_info(PAIR_MASK_PURPOSE, session, epoch, rnd, i, j))
                     if i < j:
                         total -= expand_mask(seed, d, 64)
                     else:
                         total += expand_mask(seed, d, 64)
-        total &= ring_mask(bits)
+        total &= ring_mask(self.config.ring_bits)
         return total
 
-    def result(self, aborted_reason: str | None = None) -> SecureSumResult:
-        survivors = sorted(self.node_of[i] for i in self.u3)
-        metrics = {k: self.metric_sums[k] / self.metric_counts[k] for k in self.metric_sums}
-        if aborted_reason is not None:
-            return SecureSumResult(None, [], self.dropped, self.excluded, True, aborted_reason,
-                                   faults=self.faults, round=self.round, num_sampled=self.n)
-        ring_total = self.aggregate()
-        total = decode_sum(ring_total, frac_bits=self.config.frac_bits, ring_bits=self.config.ring_bits)
-        return SecureSumResult(total, survivors, self.dropped, self.excluded, False, None,
-                               faults=self.faults, metrics=metrics, total_ring=ring_total,
-                               round=self.round, num_sampled=self.n)
+    # -- the end of the round -------------------------------------------------------------------
+    def finish(self) -> list[int]:
+        """Keep what the devices dealt for the next round (unless two of them announced the
+        same key: a replay, both void) and apply bans. Call once, whatever the outcome."""
+        seen: dict[bytes, int] = {}
+        void: set[int] = set()
+        for i, material in self.next_material.items():
+            if material.s_pk in seen:
+                void |= {i, seen[material.s_pk]}
+            seen[material.s_pk] = i
+        for i, material in self.next_material.items():
+            if i not in void:
+                self.s.material[i] = material
+        return self.s.apply_bans()
+
+    def result(self, aborted: RoundAborted | None = None) -> SecureSumResult:
+        common = dict(faults=self.faults, round=self.round, num_sampled=self.num_sampled, declined=sorted(self.declined),
+                      mode=self.mode, joined=self.joined, accusations=self.accusations, messages=self.messages,
+                      participants=self.n, min_survivors=self.min_survivors if self.n else 0)
+        if aborted is not None:
+            return SecureSumResult(None, [], self.dropped, self.excluded, True, str(aborted),
+                                   failure=aborted.context.get("failure"), **common)
+        survivors = sorted(self.node(i) for i in self.u3)
+        ring = self.aggregate()
+        decoded = decode_sum(ring, frac_bits=self.config.frac_bits, ring_bits=self.config.ring_bits)
+        # A device can lie about its own vector only within the encoding range on its own
+        # side; one that adds to its masked vector directly can move the sum anywhere. No
+        # honest sum of m survivors leaves [-m C, m C]: refuse one that does.
+        bound = len(survivors) * self.clip_range
+        over = np.abs(decoded) > bound
+        if np.any(over):
+            reason = (f"round refused after unmask: {int(np.count_nonzero(over))} coordinates of the decoded "
+                      f"sum exceed survivors x clip range = {len(survivors)} x {self.clip_range:g} (largest "
+                      f"|value| {float(np.max(np.abs(decoded))):.6g}): some device added to its masked "
+                      f"vector outside the protocol; nothing was released")
+            out = SecureSumResult(None, [], self.dropped, self.excluded, True, reason, failure="sum-out-of-bounds",
+                                  **common)
+            out.out_of_bounds = {"coordinates": float(np.count_nonzero(over)),
+                                 "max_abs": float(np.max(np.abs(decoded))), "bound": float(bound)}
+            return out
+        d = self.vector_length
+        extras = decode_extras(self.extras, decoded[d:], self.clip_range)
+        metrics = {name: total / count for name, (total, count) in extras.items() if count > 0}
+        return SecureSumResult(decoded[:d], survivors, self.dropped, self.excluded, False, None, metrics=metrics,
+                               total_ring=ring[:d], extras=extras, **common)
+
+
+def _with(announce: RecordDict | None, rec: ConfigRecord) -> RecordDict:
+    out = RecordDict({} if announce is None else dict(announce.items()))
+    out[R.SERVER_RECORD] = rec
+    return out
 
 
 def _pk_matches(secret: bytes, public: bytes) -> bool:
@@ -669,16 +771,16 @@ def _pk_matches(secret: bytes, public: bytes) -> bool:
 def _inconsistent_holders(subset: list[tuple[int, bytes]], parts: list[tuple[int, bytes]]) -> list[int]:
     """Holders whose share is off the polynomial through the verified ``subset``."""
     chosen = {x for x, _ in subset}
-    rest = [(x, s) for x, s in parts if x not in chosen]
+    rest = [(x, sh) for x, sh in parts if x not in chosen]
     if not rest:
         return []
     xs = [x for x, _ in subset]
-    vals = [shamir.parse_share(s) for _, s in subset]
+    vals = [shamir.parse_share(sh) for _, sh in subset]
     bad = []
-    for x, s in rest:
+    for x, sh in rest:
         coeffs = _lagrange_at(xs, x)
         expected = [sum(c * v[ch] for c, v in zip(coeffs, vals)) % shamir.PRIME for ch in range(3)]
-        if expected != shamir.parse_share(s):
+        if expected != shamir.parse_share(sh):
             bad.append(x)
     return bad
 

@@ -1,27 +1,47 @@
-"""``secure_sum``: the server side of Restwise SecAgg+ over Flower's Message API (Grid).
+"""The server side of Restwise secure aggregation over Flower's Message API (a ``Grid``).
 
 Flower moves the messages (transport, node identity, TLS, scheduling); this module only
-builds each stage's RecordDicts (protocol.ServerRound) and collects the replies with
+builds each stage's RecordDicts (``protocol.ServerRound``) and collects the replies with
 ``grid.push_messages`` / ``grid.pull_messages`` under a per-stage deadline.
 
-    result = secure_sum(grid, node_ids, content, config, round=r)
-    if result.aborted: ...            # nothing released; result.reason says why
-    mean = result.total / len(result.survivors)
+A run keeps one :class:`SecAggSession`; each round is one call::
+
+    session = SecAggSession(config)
+    for r in rounds:
+        result = session.round(grid, cohort, content_for, round=r, vector_length=d,
+                               announce=run_and_receipt_records, before_unmask=write_ahead)
+        if result.aborted: ...        # nothing released; result.reason / result.failure
+        else: mean = result.total / len(result.survivors)
+    session.finish(grid, last_participants, announce=last_receipt)
+
+The first round of an epoch is a setup round (four messages per device); every later round
+over a cohort that took part in the previous one is a fast round (two messages per device).
+``content_for(plan)`` builds the train content once the round's participants are known
+(``plan.participants``, ``plan.min_survivors``: size DP noise shares for this many).
+``before_unmask(pending)`` runs after every masked input is in and before any unmasking
+share is requested: the place to write a release to the ledger as spent. ``announce``
+records go to every device in the first message of its round (the run record, the signed
+receipt of the previous release) and in ``finish``.
+
+``secure_sum`` is one round of a one-off session (a setup round): what the server's release
+path calls until it keeps a session per run.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from . import records as R
 from .config import SecAggConfig
 from .errors import SecAggConfigError
-from .protocol import Reply, RoundAborted, SecureSumResult, ServerRound
+from .fields import Extra, extras_of
+from .protocol import PendingUnmask, Reply, RoundAborted, RoundPlan, SecureSumResult, ServerSession
 
 
 def vector_length_of(content: RecordDict) -> int:
@@ -35,14 +55,15 @@ def vector_length_of(content: RecordDict) -> int:
 
 
 def exchange(
-    grid: Grid, contents: dict[int, RecordDict], group_id: str, timeout_s: float
+    grid: Grid, contents: Mapping[int, RecordDict], group_ids: Mapping[int, str] | str, timeout_s: float
 ) -> dict[int, list[Reply]]:
     """Send one RecordDict per node and collect replies until all arrived or the deadline.
 
     Replies are keyed by the sending node; more than one reply from a node is kept (the
     protocol treats it as a duplicate)."""
     messages = [
-        Message(content, dst_node_id=node, message_type=R.MESSAGE_TYPE, group_id=group_id, ttl=timeout_s + 30.0)
+        Message(content, dst_node_id=node, message_type=R.MESSAGE_TYPE,
+                group_id=group_ids if isinstance(group_ids, str) else group_ids[node], ttl=timeout_s + 30.0)
         for node, content in contents.items()
     ]
     # a grid returns None for a message it could not push (e.g. too large): never answered
@@ -66,6 +87,123 @@ def exchange(
     return replies
 
 
+@dataclass(frozen=True)
+class RoundInput:
+    """The train content of a round and, optionally, its own clip range (the largest |value|
+    per coordinate; e.g. sized from the round's DP noise shares)."""
+
+    content: RecordDict
+    clip_range: float | None = None
+
+
+ContentFor = Callable[[RoundPlan], "RoundInput | RecordDict"]
+
+
+class SecAggSession:
+    """A run's secure aggregation over a Grid: an epoch of key agreement, then rounds."""
+
+    def __init__(self, config: SecAggConfig, *, session_id: str | None = None, group_prefix: str = "secagg"):
+        self.server = ServerSession(config, session_id)
+        self.group_prefix = group_prefix
+
+    @property
+    def config(self) -> SecAggConfig:
+        return self.server.config
+
+    @property
+    def banned(self) -> set[int]:
+        return set(self.server.banned)
+
+    def round(
+        self,
+        grid: Grid,
+        node_ids: list[int],
+        content: RecordDict | ContentFor,
+        *,
+        round: int,  # noqa: A002 - the name callers use
+        vector_length: int | None = None,
+        announce: RecordDict | None = None,
+        before_unmask: Callable[[PendingUnmask], None] | None = None,
+        extras: tuple[Extra, ...] | None = None,
+        fixed_cohort: bool = False,
+    ) -> SecureSumResult:
+        """One secure round over the sampled ``node_ids``; returns the decoded sum of the
+        survivors' update vectors (``vector_length`` long; the extras are decoded apart).
+
+        ``content`` is the train content each device's wrapped app receives, or a function
+        of the round's :class:`RoundPlan` returning it (a RecordDict or a RoundInput).
+        ``extras`` (default: the config's ``metric_keys`` over ``metric_range``) are per-
+        device numbers summed in slots after the update. ``fixed_cohort``: the round's
+        minimum of survivors is computed from ``len(node_ids)`` and any device lost before
+        its masked input counts against it (for callers that sized the content for the
+        whole cohort beforehand). Never raises for client faults: drops, refusals,
+        exclusions and aborts are in the result. Raises SecAggConfigError for an invalid
+        call (fewer than 3 nodes, more than ``max_cohort``, no vector length), and whatever
+        ``before_unmask`` raises (no share has been requested then)."""
+        if vector_length is None:
+            if callable(content):
+                raise SecAggConfigError("give vector_length when the content is built per round")
+            vector_length = vector_length_of(content)
+        rnd = self.server.start_round(node_ids, round, vector_length, fixed_cohort=fixed_cohort)
+        extras = extras_of(self.config) if extras is None else tuple(extras)
+        timings: dict[str, float] = {}
+
+        def run(stage: str, outgoing: dict[int, RecordDict], groups: dict[int, str] | None = None):
+            start = time.perf_counter()
+            replies = exchange(grid, outgoing, groups or f"{self.group_prefix}-{round}-{stage}", self.config.timeout_s)
+            timings[stage] = time.perf_counter() - start
+            return replies
+
+        try:
+            try:
+                if rnd.mode == "setup":
+                    rnd.receive_setup(run(R.STAGE_SETUP, rnd.setup_messages(announce)))
+                    rnd.receive_share_keys(run(R.STAGE_SHARE_KEYS, rnd.share_keys_messages()))
+                built = content(rnd.plan()) if callable(content) else content
+                inp = built if isinstance(built, RoundInput) else RoundInput(built)
+                outgoing = rnd.collect_messages(inp.content, clip_range=inp.clip_range, extras=extras, announce=announce)
+                groups = {node: f"{self.group_prefix}-{round}-{R.STAGE_COLLECT}" for node in outgoing}
+                joins = rnd.join_messages(announce) if rnd.mode == "fast" else {}
+                groups.update({node: f"{self.group_prefix}-{round}-{R.STAGE_JOIN}" for node in joins})
+                replies = run(R.STAGE_COLLECT, {**outgoing, **joins}, groups)
+                rnd.receive_join(replies)
+                rnd.receive_collect(replies)
+                unmask = rnd.unmask_messages()  # aborts here if some secret is out of reach
+                if before_unmask is not None:
+                    before_unmask(rnd.pending())
+                rnd.receive_unmask(run(R.STAGE_UNMASK, unmask))
+                start = time.perf_counter()
+                result = rnd.result()
+                timings["aggregate"] = time.perf_counter() - start
+            except RoundAborted as exc:
+                result = rnd.result(aborted=exc)
+        finally:
+            banned = rnd.finish()
+        result.banned = banned
+        result.stage_seconds = timings
+        return result
+
+    def finish(self, grid: Grid, node_ids: list[int], *, announce: RecordDict | None = None,
+               round: int = 0) -> dict[int, bool]:  # noqa: A002
+        """The run's last message to ``node_ids`` (members of the current epoch): the
+        ``announce`` records (the receipt of the last release); each device acknowledges and
+        forgets the session's secrets. Returns node id -> acknowledged."""
+        s = self.server
+        nodes = [int(n) for n in node_ids if int(n) in s.index_of]
+        base = {"stage": R.STAGE_FINISH, "session": s.session_id, "epoch": s.epoch, "round": int(round)}
+        outgoing = {}
+        for node in nodes:
+            message = RecordDict({} if announce is None else dict(announce.items()))
+            message[R.SERVER_RECORD] = ConfigRecord(dict(base))
+            outgoing[node] = message
+        replies = exchange(grid, outgoing, f"{self.group_prefix}-{round}-{R.STAGE_FINISH}", self.config.timeout_s)
+        return {
+            node: len(replies.get(node, [])) == 1 and isinstance(replies[node][0], RecordDict)
+            and R.ACK in replies[node][0].config_records
+            for node in nodes
+        }
+
+
 def secure_sum(
     grid: Grid,
     node_ids: list[int],
@@ -76,38 +214,15 @@ def secure_sum(
     run_config_key_prefix: str = "secagg",
     vector_length: int | None = None,
 ) -> SecureSumResult:
-    """One secure round over ``node_ids``; returns the decoded sum of survivors' updates.
-
-    ``content`` is the train content each device's wrapped app receives (global model and
-    config). ``vector_length`` defaults to the number of parameters in ``content``'s
-    ArrayRecords. Message group ids are ``f"{run_config_key_prefix}-{round}-{stage}"``.
-    Never raises for client faults: drops, exclusions and aborts are in the result.
-    Raises SecAggConfigError for an invalid call (too few or too many nodes, bad length).
-    """
+    """One secure round over ``node_ids`` in a one-off session (a setup round, four messages
+    per device; the cohort's size fixes the round's minimum of survivors). What the server's
+    release path calls until it keeps a :class:`SecAggSession` per run. Message group ids are
+    ``f"{run_config_key_prefix}-{round}-{stage}"``. Never raises for client faults; raises
+    SecAggConfigError for an invalid call (too few or too many nodes, bad length)."""
     if not isinstance(config, SecAggConfig):
         raise SecAggConfigError("config must be a SecAggConfig")
-    d = vector_length if vector_length is not None else vector_length_of(content)
-    server = ServerRound(config, [int(n) for n in node_ids], round, d)
-    timings: dict[str, float] = {}
-
-    def run(stage: str, outgoing: dict[int, RecordDict]) -> dict[int, list[Reply]]:
-        start = time.perf_counter()
-        replies = exchange(grid, outgoing, f"{run_config_key_prefix}-{round}-{stage}", config.timeout_s)
-        timings[stage] = time.perf_counter() - start
-        return replies
-
-    try:
-        server.receive_setup(run(R.STAGE_SETUP, server.setup_messages()))
-        server.receive_share_keys(run(R.STAGE_SHARE_KEYS, server.share_keys_messages()))
-        server.receive_collect(run(R.STAGE_COLLECT, server.collect_messages(content)))
-        server.receive_unmask(run(R.STAGE_UNMASK, server.unmask_messages()))
-        start = time.perf_counter()
-        result = server.result()
-        timings["aggregate"] = time.perf_counter() - start
-    except RoundAborted as exc:
-        result = server.result(aborted_reason=str(exc))
-    result.stage_seconds = timings
-    return result
+    session = SecAggSession(config, group_prefix=run_config_key_prefix)
+    return session.round(grid, node_ids, content, round=round, vector_length=vector_length, fixed_cohort=True)
 
 
 def config_from_run_config(run_config: Mapping[str, object], prefix: str = "secagg") -> SecAggConfig:
@@ -132,3 +247,7 @@ def config_from_run_config(run_config: Mapping[str, object], prefix: str = "seca
             except (TypeError, ValueError) as exc:
                 raise SecAggConfigError(f"run config {full} is malformed") from exc
     return SecAggConfig(**kwargs)
+
+
+__all__ = ["SecAggSession", "RoundInput", "RoundPlan", "PendingUnmask", "SecureSumResult", "secure_sum",
+           "config_from_run_config", "exchange", "vector_length_of"]
