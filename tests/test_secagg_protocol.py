@@ -1,6 +1,8 @@
-"""Restwise SecAgg+ end to end in-process: the real workflow (secure_sum), the real client
-mod inside a real flwr ClientApp, real Flower Message/RecordDict objects; only the
-transport is the in-process grid (the Flower-simulation test is test_secagg_flower.py)."""
+"""Restwise secure aggregation, one round at a time, end to end in-process: the real workflow
+(``secure_sum``: a one-off session, i.e. a setup round), the real client mod inside a real
+flwr ClientApp, real Flower Message/RecordDict objects; only the transport is the in-process
+grid (the Flower-simulation test is test_secagg_flower.py; rounds over a run, dropouts
+across rounds, returning devices and malicious devices: test_secagg_rounds.py)."""
 
 from __future__ import annotations
 
@@ -188,7 +190,10 @@ def test_transcript_contains_no_plaintext_update_and_only_allow_listed_records()
     for node, stage, _, names in from_device:  # each stage's reply names are on the allow-list
         assert set(names) <= set(R.CLIENT_REPLY_RECORDS[stage]), (stage, names)
     assert b"secret" not in everything  # a metric not in metric_keys is never sent
-    assert result.metrics == pytest.approx({"loss": float(np.mean([n % 7 for n in updates]))})
+    # the loss is summed inside the masked vector (fixed point: 100 / 2^20 per device)
+    assert result.metrics == pytest.approx({"loss": float(np.mean([n % 7 for n in updates]))}, abs=1e-3)
+    assert result.extras["loss"][1] == len(updates)
+    assert not [names for d, _, _, _, names in grid.transcript if d == "from-device" and R.METRICS in names]
 
 
 # --------------------------------------------------------------------------- faults
@@ -199,9 +204,10 @@ def _flip(blob: bytes, at: int) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["tampered", "truncated", "swapped"])
-def test_bad_encrypted_share_excludes_its_sender(how):
+def test_bad_encrypted_share_excludes_its_sender_and_the_reporter(how):
     updates = make_updates(12)
     culprit = FIRST_NODE + 3
+    receivers: list[int] = []
 
     def tamper(node, stage, content):
         if node == culprit and stage == R.STAGE_SHARE_KEYS:
@@ -214,12 +220,15 @@ def test_bad_encrypted_share_excludes_its_sender(how):
             else:  # a valid ciphertext replayed to another receiver fails the AAD check
                 cts[0], cts[1] = cts[1], cts[0]
             rec["ct"] = cts
+            receivers.extend(FIRST_NODE + j - 1 for j in rec["dst"][: 2 if how == "swapped" else 1])
         return content
 
     result, _ = run(updates, SecAggConfig(), tamper=tamper)
-    assert culprit in result.excluded
-    assert "malformed or failed authentication" in result.excluded[culprit]
-    assert_exact(result, updates, [n for n in updates if n != culprit], SecAggConfig())
+    assert "reported as malformed or failing authentication" in result.excluded[culprit]
+    for reporter in receivers:  # an accusation excludes both sides
+        assert "it reported client" in result.excluded[reporter]
+        assert (reporter, culprit) in result.accusations
+    assert_exact(result, updates, [n for n in updates if n != culprit and n not in receivers], SecAggConfig())
 
 
 @pytest.mark.parametrize("how", ["tampered", "truncated"])

@@ -1,5 +1,5 @@
-"""Building blocks of Restwise SecAgg+: parameters, Shamir, crypto, encoding, graph, and
-the device's refusals of unsafe or out-of-order requests."""
+"""Building blocks of Restwise secure aggregation: parameters, Shamir, crypto, encoding,
+graph, extra slots, and the device's refusals of unsafe, replayed or out-of-order requests."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from restwise.privacy.secagg.crypto import (
     encrypt,
     expand_mask,
     generate_keypair,
+    key_info,
     share_aad,
 )
 from restwise.privacy.secagg.encoding import decode_sum, encode
@@ -28,9 +29,13 @@ from restwise.privacy.secagg.errors import (
     ShareAuthenticationError,
     ShareError,
 )
+from restwise.privacy.secagg.device import DeviceSession
+from restwise.privacy.secagg.fields import Extra, decode_extras, epoch_fields, extra_slots
 from restwise.privacy.secagg.graph import harary_neighbours
-from restwise.privacy.secagg.protocol import ClientSession, ServerRound
+from restwise.privacy.secagg.protocol import ServerSession
 from restwise.privacy.secagg.workflow import config_from_run_config, secure_sum
+
+SESSION = "ab" * 16
 
 # ----------------------------------------------------------------------------- config
 
@@ -98,7 +103,9 @@ def test_secure_sum_refuses_an_invalid_call():
     with pytest.raises(SecAggConfigError, match="at least 3"):
         secure_sum(None, [1, 2], RecordDict(), SecAggConfig(), round=1, vector_length=4)
     with pytest.raises(SecAggConfigError, match="distinct"):
-        ServerRound(SecAggConfig(), [1, 1, 2], 1, 4)
+        ServerSession(SecAggConfig()).start_round([1, 1, 2], 1, 4)
+    with pytest.raises(SecAggConfigError, match="vector_length"):
+        ServerSession(SecAggConfig()).start_round([1, 2, 3], 1, 0)
 
 
 # ----------------------------------------------------------------------------- shamir
@@ -133,22 +140,28 @@ def test_shamir_rejects_malformed_shares():
 # ----------------------------------------------------------------------------- crypto
 
 
-def test_share_encryption_binds_sender_receiver_and_round():
+def test_share_encryption_binds_session_epoch_round_sender_and_receiver():
     a_sk, a_pk = generate_keypair()
     b_sk, b_pk = generate_keypair()
-    key_ab = agree(a_sk, b_pk, b"share-enc", 4, 1, 2)
-    assert key_ab == agree(b_sk, a_pk, b"share-enc", 4, 2, 1)  # symmetric
-    assert key_ab != agree(a_sk, b_pk, b"share-enc", 5, 1, 2)  # per round
-    assert key_ab != agree(a_sk, b_pk, b"pair-mask", 4, 1, 2)  # per purpose
-    blob = encrypt(key_ab, b"share", share_aad(4, 1, 2))
-    assert decrypt(key_ab, blob, share_aad(4, 1, 2)) == b"share"
-    for aad in (share_aad(4, 2, 1), share_aad(5, 1, 2), share_aad(4, 1, 3)):
+    info = key_info(b"share-enc", SESSION, 1, 0, 1, 2)
+    key_ab = agree(a_sk, b_pk, info)
+    assert key_ab == agree(b_sk, a_pk, key_info(b"share-enc", SESSION, 1, 0, 2, 1))  # symmetric
+    assert key_ab != agree(a_sk, b_pk, key_info(b"share-enc", SESSION, 2, 0, 1, 2))  # per epoch
+    assert key_ab != agree(a_sk, b_pk, key_info(b"share-enc", "cd" * 16, 1, 0, 1, 2))  # per session
+    assert key_ab != agree(a_sk, b_pk, key_info(b"pair-mask", SESSION, 1, 0, 1, 2))  # per purpose
+    assert agree(a_sk, b_pk, key_info(b"pair-mask", SESSION, 1, 4, 1, 2)) != agree(
+        a_sk, b_pk, key_info(b"pair-mask", SESSION, 1, 5, 1, 2))  # per round
+    aad = share_aad(SESSION, 1, 4, 1, 2)
+    blob = encrypt(key_ab, b"share", aad)
+    assert decrypt(key_ab, blob, aad) == b"share"
+    for other in (share_aad(SESSION, 1, 4, 2, 1), share_aad(SESSION, 1, 5, 1, 2), share_aad(SESSION, 1, 4, 1, 3),
+                  share_aad(SESSION, 2, 4, 1, 2), share_aad("cd" * 16, 1, 4, 1, 2)):
         with pytest.raises(ShareAuthenticationError):
-            decrypt(key_ab, blob, aad)
+            decrypt(key_ab, blob, other)
     with pytest.raises(ShareAuthenticationError, match="truncated"):
-        decrypt(key_ab, blob[:20], share_aad(4, 1, 2))
+        decrypt(key_ab, blob[:20], aad)
     with pytest.raises(ShareError, match="invalid"):
-        agree(a_sk, bytes(32), b"share-enc", 4, 1, 2)  # low-order point
+        agree(a_sk, bytes(32), info)  # low-order point
 
 
 def test_mask_stream_is_deterministic_per_seed_and_spans_the_ring():
@@ -194,16 +207,27 @@ def test_harary_graph_is_symmetric_and_k_regular():
     assert complete[1] == [2, 3, 4, 5]
 
 
+# ----------------------------------------------------------------------------- extra slots
+
+
+def test_extra_slots_round_trip_sum_and_count_and_clip_into_the_range():
+    extras = (Extra("train_loss", 0.0, 100.0), Extra("other", -1.0, 1.0))
+    devices = [{"train_loss": 2.5, "other": 0.5}, {"train_loss": 250.0}, {"train_loss": float("nan"), "other": -3.0}]
+    slots = sum(extra_slots(extras, values, 1.5) for values in devices)
+    decoded = decode_extras(extras, slots, 1.5)
+    assert decoded["train_loss"][1] == 2 and decoded["train_loss"][0] == pytest.approx(2.5 + 100.0)
+    assert decoded["other"][1] == 2 and decoded["other"][0] == pytest.approx(0.5 - 1.0)
+    assert np.all((slots >= 0) & (slots <= 3 * 1.5))
+    with pytest.raises(SecAggConfigError):
+        Extra("x", 1.0, 1.0)
+
+
 # ----------------------------------------------------------------------------- device refusals
 
 
 def _setup_record(**over) -> ConfigRecord:
-    fields = {
-        "stage": R.STAGE_SETUP, "round": 1, "index": 1, "n": 10, "num_neighbours": 16,
-        "threshold": 0.6, "max_dropout_fraction": 0.3, "clip_range": 1.0, "frac_bits": 20,
-        "ring_bits": 64, "max_cohort": 100, "out_of_range": "reject", "metric_keys": [],
-        "vector_length": 4,
-    }
+    fields = {"stage": R.STAGE_SETUP, "session": SESSION, "epoch": 1, "round": 1, "index": 1, "n": 10,
+              **epoch_fields(SecAggConfig(num_neighbours=16, max_cohort=100))}
     fields.update(over)
     return ConfigRecord(fields)
 
@@ -216,36 +240,62 @@ def _setup_record(**over) -> ConfigRecord:
         ({"frac_bits": 60}, SecAggConfigError),  # the sum would wrap
         ({"index": 11}, ProtocolViolationError),
         ({"ring_bits": "sixty-four"}, ProtocolViolationError),
+        ({"session": "short"}, ProtocolViolationError),
+        ({"epoch": "1"}, ProtocolViolationError),
     ],
 )
 def test_device_refuses_unsafe_setup(over, error):
-    with pytest.raises(error):
-        ClientSession(ConfigRecord()).setup(_setup_record(**over))
-
-
-def test_device_refuses_out_of_order_and_both_secrets_of_one_client():
     state = ConfigRecord()
-    session = ClientSession(state)
+    with pytest.raises(error):
+        DeviceSession(state).setup(_setup_record(**over))
+    assert len(state) == 0  # a refused message changes nothing
+
+
+def _unmask(**over) -> ConfigRecord:
+    return ConfigRecord({"stage": R.STAGE_UNMASK, "session": SESSION, "epoch": 1, "round": 1, "b_owners": [],
+                         "sk_owners": [], "n_survivors": 10, **over})
+
+
+def test_device_refuses_out_of_order_replayed_and_both_secrets_of_one_client():
+    state = ConfigRecord()
+    session = DeviceSession(state)
     session.setup(_setup_record())
     with pytest.raises(ProtocolViolationError, match="out of order"):
-        session.unmask(ConfigRecord({"stage": R.STAGE_UNMASK, "round": 1, "b_owners": [], "sk_owners": [], "n_survivors": 10}))
-    with pytest.raises(ProtocolViolationError, match="second setup"):
-        session.setup(_setup_record())
+        session.unmask(_unmask())
+    with pytest.raises(ProtocolViolationError, match="already knows"):
+        session.setup(_setup_record())  # a replayed setup
+    with pytest.raises(ProtocolViolationError, match="another session"):
+        session.unmask(_unmask(session="cd" * 16))
     # jump the state to after collect, then ask for both secrets of client 2
-    state.update({"stage": R.STAGE_COLLECT, "held_owner": [2], "held_b": [b"x" * 48], "held_sk": [b"y" * 48]})
+    state.update({"phase": "collected", "cur_round": 1, "cur_min_survivors": 7, "held_owner": [2],
+                  "held_b": [b"x" * 48], "held_sk": [b"y" * 48]})
+    before = dict(state)
     with pytest.raises(ProtocolViolationError, match="both secrets"):
-        session.unmask(ConfigRecord({"stage": R.STAGE_UNMASK, "round": 1, "b_owners": [2], "sk_owners": [2], "n_survivors": 10}))
+        session.unmask(_unmask(b_owners=[2], sk_owners=[2]))
     with pytest.raises(ProtocolViolationError, match="fewer survivors"):
-        session.unmask(ConfigRecord({"stage": R.STAGE_UNMASK, "round": 1, "b_owners": [2], "sk_owners": [], "n_survivors": 6}))
+        session.unmask(_unmask(b_owners=[2], n_survivors=6))
+    with pytest.raises(ProtocolViolationError, match="another round"):
+        session.unmask(_unmask(round=2, b_owners=[2]))
+    assert dict(state) == before
+    reply = session.unmask(_unmask(b_owners=[2]))
+    assert reply.config_records[R.UNMASK_SHARES]["b_share"] == [b"x" * 48]
+    with pytest.raises(ProtocolViolationError, match="out of order"):
+        session.unmask(_unmask(b_owners=[2]))  # answered once, never twice
 
 
 def test_device_refuses_neighbour_lists_that_cannot_work():
-    session = ClientSession(ConfigRecord())
+    session = DeviceSession(ConfigRecord())
     session.setup(_setup_record())
     keys = [generate_keypair()[1] for _ in range(9)]
-    few = ConfigRecord({"stage": R.STAGE_SHARE_KEYS, "round": 1, "neighbours": [2, 3], "c_pk": keys[:2], "s_pk": keys[2:4]})
+    base = {"stage": R.STAGE_SHARE_KEYS, "session": SESSION, "epoch": 1, "round": 1, "n": 10}
     with pytest.raises(ProtocolViolationError, match="threshold"):
-        session.share_keys(few)
-    self_listed = ConfigRecord({"stage": R.STAGE_SHARE_KEYS, "round": 1, "neighbours": list(range(1, 10)), "c_pk": keys, "s_pk": keys})
+        session.share_keys(ConfigRecord({**base, "neighbours": [2, 3], "c_pk": keys[:2]}))
     with pytest.raises(ProtocolViolationError, match="invalid"):
-        session.share_keys(self_listed)
+        session.share_keys(ConfigRecord({**base, "neighbours": list(range(1, 10)), "c_pk": keys}))
+    with pytest.raises(ProtocolViolationError, match="own"):
+        own = [bytes(session.state["c_pk"])] + keys[1:]
+        session.share_keys(ConfigRecord({**base, "neighbours": list(range(2, 11)), "c_pk": own}))
+    reply = session.share_keys(ConfigRecord({**base, "neighbours": list(range(2, 11)), "c_pk": keys}))
+    assert len(reply.config_records[R.SHARES]["ct"]) == 9
+    with pytest.raises(ProtocolViolationError, match="out of order"):
+        session.share_keys(ConfigRecord({**base, "neighbours": list(range(2, 11)), "c_pk": keys}))

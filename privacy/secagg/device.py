@@ -65,7 +65,7 @@ from .fields import (
 
 # What a device forgets when it stops taking part in a round (material) or answers an unmask.
 MATERIAL_KEYS = ("mat_round", "mat_s_sk", "mat_s_pk", "mat_b")
-HELD_KEYS = ("cur_round", "held_owner", "held_b", "held_sk", "cur_min_survivors")
+HELD_KEYS = ("cur_round", "held_owner", "held_b", "held_sk", "cur_min_survivors", "last")
 SECRET_KEYS = ("c_sk", "ck_key", "mat_s_sk", "mat_b", "held_b", "held_sk")
 
 
@@ -89,11 +89,11 @@ class CollectRequest:
     """A validated collect-masked-input message (checked before the costly local training)."""
 
     def __init__(self, round_: int, n: int, min_survivors: int, clip_range: float, vector_length: int,
-                 extras: tuple[Extra, ...], src: list[int], s_pk: list[bytes], ct: list[bytes],
-                 deal_to: list[int], deal_c_pk: list[bytes]):
-        self.round, self.n, self.min_survivors = round_, n, min_survivors
+                 extras: tuple[Extra, ...], src: list[int], src_c_pk: list[bytes], s_pk: list[bytes], ct: list[bytes],
+                 deal_to: list[int], deal_c_pk: list[bytes], last: bool):
+        self.round, self.n, self.min_survivors, self.last = round_, n, min_survivors, last
         self.clip_range, self.vector_length, self.extras = clip_range, vector_length, extras
-        self.src, self.s_pk, self.ct = src, s_pk, ct
+        self.src, self.src_c_pk, self.s_pk, self.ct = src, src_c_pk, s_pk, ct
         self.deal_to, self.deal_c_pk = deal_to, deal_c_pk
 
 
@@ -312,9 +312,10 @@ class DeviceSession:
         extras = tuple(Extra(x, a, b) for x, a, b in zip(names, lo, hi))
         graph = set(self.state["graph"])
         src = distinct(int_list(msg.get("src"), "src"), "src")
+        src_c_pk = bytes_list(msg.get("src_c_pk"), "src_c_pk")
         s_pk = bytes_list(msg.get("s_pk"), "s_pk")
         ct = bytes_list(msg.get("ct"), "ct")
-        if not len(src) == len(s_pk) == len(ct) or not set(src) <= graph:
+        if not len(src) == len(src_c_pk) == len(s_pk) == len(ct) or not set(src) <= graph:
             raise ProtocolViolationError("the forwarded shares are inconsistent or not from neighbours")
         if len(src) < int(self.state["t"]):
             raise ProtocolViolationError("fewer live neighbours than the threshold")
@@ -322,10 +323,13 @@ class DeviceSession:
             raise ProtocolViolationError("a neighbour's mask key is invalid or this device's own")
         deal_to = distinct(int_list(msg.get("neighbours"), "neighbours"), "neighbours")
         deal_c_pk = bytes_list(msg.get("c_pk"), "c_pk")
-        if len(deal_to) != len(deal_c_pk) or not set(src) <= set(deal_to) <= graph:
+        last = msg.get("last", False)
+        if not isinstance(last, bool):
+            raise ProtocolViolationError("last must be a boolean")
+        if not set(deal_to) <= graph or len(deal_to) != len(deal_c_pk):
             raise ProtocolViolationError("the neighbours to deal to are inconsistent")
-        return CollectRequest(round_, n, min_survivors, float(clip_range), vector_length, extras, src, s_pk, ct,
-                              deal_to, deal_c_pk)
+        return CollectRequest(round_, n, min_survivors, float(clip_range), vector_length, extras, src, src_c_pk, s_pk,
+                              ct, deal_to, deal_c_pk, last)
 
     def collect(self, request: CollectRequest, update: np.ndarray, metrics: dict[str, float] | None = None) -> RecordDict:
         """Mask the (clipped, noised) update and the extras with this round's pairwise masks
@@ -343,10 +347,8 @@ class DeviceSession:
         ring_bits, frac_bits = int(self.state["ring_bits"]), int(self.state["frac_bits"])
         encoded = encode(vector, clip_range=request.clip_range, frac_bits=frac_bits, ring_bits=ring_bits,
                          clip=self.state["out_of_range"] == "clip")
-        c_pk_of = dict(zip(request.deal_to, request.deal_c_pk))
         c_sk, own_c_pk = bytes(self.state["c_sk"]), bytes(self.state["c_pk"])
-        keys, cache = self._share_keys(request.src, [c_pk_of[j] for j in request.src], self._cache(), c_sk, own_c_pk,
-                                       session, epoch, me)
+        keys, cache = self._share_keys(request.src, request.src_c_pk, self._cache(), c_sk, own_c_pk, session, epoch, me)
         held_owner, held_b, held_sk, bad = [], [], [], []
         for j, key, ct in zip(request.src, keys, request.ct):
             try:
@@ -376,7 +378,7 @@ class DeviceSession:
         # (fewer than t: none; the server then asks this device to join before it takes part).
         state: dict = self._cache_fields(cache)
         forget: tuple[str, ...] = MATERIAL_KEYS
-        if len(request.deal_to) >= t:
+        if not request.last and len(request.deal_to) >= t:
             state, shares = self._deal(round_ + 1, request.deal_to, request.deal_c_pk, t, cache=cache, c_sk=c_sk,
                                        own_c_pk=own_c_pk, session=session, epoch=epoch, me=me)
             forget = ()
@@ -388,6 +390,7 @@ class DeviceSession:
         self.state.update({
             **state, "phase": "collected", "answered_round": round_, "cur_round": round_,
             "cur_min_survivors": request.min_survivors, "held_owner": held_owner, "held_b": held_b, "held_sk": held_sk,
+            "last": request.last,
         })
         return reply
 
@@ -399,6 +402,20 @@ class DeviceSession:
             self._forget(HELD_KEYS)
             self.state["phase"] = "ready"
         self.state["min_survivors"] = request.min_survivors
+
+    def decided(self, msg: ConfigRecord) -> bool:
+        """Whether this device already decided to take part in the message's round (the
+        collect of a setup round follows the setup, where it decided)."""
+        try:
+            session, epoch, round_ = _ids(msg)
+        except ProtocolViolationError:
+            return False
+        return (self.state.get("session"), self.state.get("epoch"), self.state.get("decided_round")) == (
+            session, epoch, round_)
+
+    def mark_decided(self, msg: ConfigRecord) -> None:
+        if "session" in self.state:
+            self.state["decided_round"] = int(msg.get("round", -1))
 
     def decline_round(self) -> None:
         """The device does not take part in the round it was asked into: its material for it
@@ -426,13 +443,19 @@ class DeviceSession:
             "b_owner": b_owner, "b_share": [held[o][0] for o in b_owner],
             "sk_owner": sk_owner, "sk_share": [held[o][1] for o in sk_owner],
         })
-        self._forget(HELD_KEYS)
-        self.state["phase"] = "ready" if "mat_round" in self.state else "idle"
+        if self.state.get("last"):
+            self.state.clear()  # the session's last round: nothing of it is needed any more
+        else:
+            self._forget(HELD_KEYS)
+            self.state["phase"] = "ready" if "mat_round" in self.state else "idle"
         return RecordDict({R.UNMASK_SHARES: reply})
 
     # -- the end of a run -------------------------------------------------------------------
     def finish(self, msg: ConfigRecord) -> RecordDict:
-        """The run is over: acknowledge, and forget every secret of the session."""
-        self._round_of(msg, R.STAGE_FINISH)
+        """The run is over: acknowledge, and forget every secret of the session (a device
+        that already forgot it, after the last round's unmask, acknowledges too)."""
+        session, _, _ = _ids(msg)
+        if self.state.get("session") not in (None, session):
+            raise ProtocolViolationError("a finish message for another session", stage=R.STAGE_FINISH)
         self.state.clear()
         return RecordDict({R.ACK: ConfigRecord({})})

@@ -11,8 +11,11 @@ real Flower ``Message``/``RecordDict`` objects, with no SuperLink, Ray or thread
   message (a device that is away for a while and comes back).
 - ``tamper``: ``fn(node_id, stage, reply_content) -> RecordDict | list[RecordDict] | None``
   rewrites a reply (a list sends duplicates, None suppresses it).
-- ``transcript``: every (direction, node id, stage, serialized RecordDict bytes, record
-  names) that crossed, for leak and allow-list checks.
+- ``transcript`` (with ``record_transcript``): every (direction, node id, stage, serialized
+  RecordDict bytes, record names) that crossed, for leak and allow-list checks; and
+  ``delivered``: every (message as sent, reply content or None) pair, for replays.
+- ``current_round`` / ``current_message``: the round and the message being answered (a
+  ``tamper`` function may read them).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class InProcessGrid(Grid):
         self.tamper = tamper
         self.record_transcript = record_transcript
         self.transcript: list[tuple[str, int, str, bytes, tuple[str, ...]]] = []
+        self.delivered: list[tuple[Message, RecordDict | None]] = []
+        self.current_round = -1
+        self.current_message: Message | None = None
         self._replies: dict[str, list[Message]] = {}
         self._run = None
         ensure_task_identity()
@@ -79,11 +85,21 @@ class InProcessGrid(Grid):
             stage = _stage(msg.content)
             if self.record_transcript:
                 self.transcript.append(("to-device", node, stage, content_bytes(msg.content), tuple(msg.content)))
-            if node not in self.contexts or _stage_index(self.drop_at.get(node)) <= _stage_index(stage):
+            self.current_round = _round(msg.content)
+            # the mod rewrites the content it hands to the wrapped app: keep what was sent
+            sent = msg
+            if self.record_transcript or self.tamper is not None:
+                sent = Message(RecordDict(dict(msg.content.items())), dst_node_id=node,
+                               message_type=msg.metadata.message_type, group_id=msg.metadata.group_id)
+            if node not in self.contexts or _stage_index(self.drop_at.get(node)) <= _stage_index(stage) or (
+                    self.offline is not None and self.offline(node, self.current_round, stage)):
+                if self.record_transcript:
+                    self.delivered.append((sent, None))
                 continue
-            if self.offline is not None and self.offline(node, _round(msg.content), stage):
-                continue
+            self.current_message = sent
             reply = self.app(msg, self.contexts[node])
+            if self.record_transcript:
+                self.delivered.append((sent, None if reply.has_error() else reply.content))
             contents: list[RecordDict | None] = [reply.content if not reply.has_error() else None]
             if self.tamper is not None and not reply.has_error():
                 changed = self.tamper(node, stage, reply.content)

@@ -12,9 +12,9 @@ vector never leaves.
 
 ``make_secagg_mod(take_part=..., on_finish=...)`` adds the device's own decisions:
 
-* ``take_part(msg, context) -> bool`` is asked at the first message of every round (setup,
-  join or collect: the message carries the server's announced records, e.g. the run record
-  and the signed receipt of the previous release). False - or any error - and the device
+* ``take_part(msg, context) -> bool`` is asked once per round, at the device's first message
+  of it (setup, join, or the collect of a fast round: the message carries the server's
+  announced records, e.g. the run record and the signed receipt of the previous release). False - or any error - and the device
   replies "not taking part" (``records.DECLINED``), the same reply whatever the reason.
 * ``on_finish(msg, context)`` receives the run's final message (the receipt of the last
   release).
@@ -101,8 +101,9 @@ def make_secagg_mod(*, take_part: TakePart | None = None, on_finish: OnFinish | 
             context.state[R.CLIENT_STATE] = state
         session = DeviceSession(state)
         collecting = False
+        asks = stage in R.FIRST_STAGES and not session.decided(server_record)
         try:
-            if stage in R.FIRST_STAGES and not _wants_to_take_part(take_part, msg, context):
+            if asks and not _wants_to_take_part(take_part, msg, context):
                 if stage != R.STAGE_SETUP:
                     session.decline_round()
                 content = declined()
@@ -143,6 +144,9 @@ def make_secagg_mod(*, take_part: TakePart | None = None, on_finish: OnFinish | 
             if collecting:  # it cannot contribute to this round: its material for it is void
                 session.decline_round()
             content = refusal(stage, code)
+        else:
+            if asks:
+                session.mark_decided(server_record)
         return Message(content, reply_to=msg)
 
     return secagg_mod

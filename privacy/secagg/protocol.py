@@ -447,7 +447,10 @@ class ServerRound:
 
     # -- collect (both modes) and join (fast mode) ----------------------------------------------
     def collect_messages(self, content: RecordDict, *, clip_range: float | None = None,
-                         extras: tuple[Extra, ...] = (), announce: RecordDict | None = None) -> dict[int, RecordDict]:
+                         extras: tuple[Extra, ...] = (), announce: RecordDict | None = None,
+                         last: bool = False) -> dict[int, RecordDict]:
+        """``last``: the session's last round; devices deal nothing for a next round and
+        forget the session once they answered the unmask."""
         s = self.s
         if clip_range is not None:
             self.config.check_encoding(clip_range)
@@ -460,15 +463,16 @@ class ServerRound:
         out = {}
         for i in sorted(members):
             src = self.mask_nb[i]
-            deal = self._deal_to(i, [j for j in s.graph[i] if j in s.c_pk and s.node_of[j] not in s.banned])
+            deal = [] if last else [j for j in s.graph[i] if j in s.c_pk and s.node_of[j] not in s.banned]
+            self._deal_to(i, deal)
             rec = ConfigRecord({
                 **self._base(R.STAGE_COLLECT), "n": self.n, "min_survivors": self.min_survivors,
                 "clip_range": self.clip_range, "vector_length": self.vector_length,
                 "extras": [x.name for x in self.extras], "extras_lo": [x.lo for x in self.extras],
                 "extras_hi": [x.hi for x in self.extras],
-                "src": src, "s_pk": [self.current[j].s_pk for j in src],
+                "src": src, "src_c_pk": [s.c_pk[j] for j in src], "s_pk": [self.current[j].s_pk for j in src],
                 "ct": [self.current[j].cts[i][0] for j in src],
-                "neighbours": deal, "c_pk": [s.c_pk[j] for j in deal],
+                "neighbours": deal, "c_pk": [s.c_pk[j] for j in deal], "last": bool(last),
             })
             message = RecordDict(dict(content.items()))
             if self.mode == "fast" and announce is not None:
@@ -476,6 +480,8 @@ class ServerRound:
                     message[name] = record
             message[R.SERVER_RECORD] = rec
             out[self.node(i)] = message
+        for i in members:  # forwarded: the server keeps no ciphertext it no longer needs
+            self.current[i] = Material(self.current[i].round, self.current[i].s_pk, self.current[i].b_commit, {})
         return self._count(out)
 
     def join_messages(self, announce: RecordDict | None = None) -> dict[int, RecordDict]:

@@ -30,11 +30,13 @@ Server -> device, ConfigRecord ``SERVER_RECORD`` ("secagg.server"), always with 
                           clip_range (float), vector_length (int: the update's length),
                           extras (list[str]: names summed in slots after the update),
                           extras_lo, extras_hi (list[float]: each extra's range),
-                          src (list[int]) with s_pk (list[bytes]: their mask keys for this
-                          round) and ct (list[bytes]: their encrypted shares to this device),
+                          src (list[int]: the neighbours it masks with) with src_c_pk (their
+                          share-encryption keys), s_pk (their mask keys for this round) and ct
+                          (their encrypted shares to this device; all list[bytes]),
                           neighbours (list[int]) with c_pk (list[bytes]): whom to deal the
-                          next round's shares to; the message also carries the train content
-                          (global model, config) under its own names
+                          next round's shares to, last (bool: the session's last round, deal
+                          nothing); the message also carries the train content (global
+                          model, config) under its own names
     unmask                b_owners (list[int]), sk_owners (list[int]), n_survivors (int)
     finish                (nothing: the message carries only the announced records)
 

@@ -126,6 +126,7 @@ class SecAggSession:
         before_unmask: Callable[[PendingUnmask], None] | None = None,
         extras: tuple[Extra, ...] | None = None,
         fixed_cohort: bool = False,
+        last: bool = False,
     ) -> SecureSumResult:
         """One secure round over the sampled ``node_ids``; returns the decoded sum of the
         survivors' update vectors (``vector_length`` long; the extras are decoded apart).
@@ -136,7 +137,8 @@ class SecAggSession:
         device numbers summed in slots after the update. ``fixed_cohort``: the round's
         minimum of survivors is computed from ``len(node_ids)`` and any device lost before
         its masked input counts against it (for callers that sized the content for the
-        whole cohort beforehand). Never raises for client faults: drops, refusals,
+        whole cohort beforehand). ``last``: the session's last round (devices deal nothing
+        for a next one and forget the session after the unmask). Never raises for client faults: drops, refusals,
         exclusions and aborts are in the result. Raises SecAggConfigError for an invalid
         call (fewer than 3 nodes, more than ``max_cohort``, no vector length), and whatever
         ``before_unmask`` raises (no share has been requested then)."""
@@ -161,7 +163,8 @@ class SecAggSession:
                     rnd.receive_share_keys(run(R.STAGE_SHARE_KEYS, rnd.share_keys_messages()))
                 built = content(rnd.plan()) if callable(content) else content
                 inp = built if isinstance(built, RoundInput) else RoundInput(built)
-                outgoing = rnd.collect_messages(inp.content, clip_range=inp.clip_range, extras=extras, announce=announce)
+                outgoing = rnd.collect_messages(inp.content, clip_range=inp.clip_range, extras=extras, announce=announce,
+                                                last=last)
                 groups = {node: f"{self.group_prefix}-{round}-{R.STAGE_COLLECT}" for node in outgoing}
                 joins = rnd.join_messages(announce) if rnd.mode == "fast" else {}
                 groups.update({node: f"{self.group_prefix}-{round}-{R.STAGE_JOIN}" for node in joins})
@@ -222,7 +225,8 @@ def secure_sum(
     if not isinstance(config, SecAggConfig):
         raise SecAggConfigError("config must be a SecAggConfig")
     session = SecAggSession(config, group_prefix=run_config_key_prefix)
-    return session.round(grid, node_ids, content, round=round, vector_length=vector_length, fixed_cohort=True)
+    return session.round(grid, node_ids, content, round=round, vector_length=vector_length, fixed_cohort=True,
+                         last=True)
 
 
 def config_from_run_config(run_config: Mapping[str, object], prefix: str = "secagg") -> SecAggConfig:
