@@ -2,13 +2,25 @@
 
 Composition (outermost first)::
 
-    ClientApp(mods=[egress_guard, secagg_mod, dp_mod])
+    ClientApp(mods=[egress_guard, secagg_mod(take_part=participates), dp_mod])
         query "restwise_hello"  -> consent (and enough data?) -> participate: bool
         train                   -> open the store, features, train locally (or compute the
                                    architecture's statistics), reply the raw vector
         query "restwise_model"  -> a run's released model (a model computed on the server from
                                    one release): checked and kept with the person's own part;
                                    the reply is empty whatever happened
+
+The secure-aggregation mod asks the same question (``participates``) at the first message
+of every round it is asked into, from the run record the server announces there; a "no" is
+the protocol's "not taking part", the same reply whatever the reason. (The hello query
+remains while the server still sends it; a server that folds it into the first stage of a
+round needs only the mod's question.)
+
+Cheap start: Flower 1.42 starts a fresh ClientApp process for every message, and most
+messages of a round only do cryptography. Importing this module loads Flower, NumPy,
+``cryptography`` and the store (SQLCipher) - no torch. torch is imported at the first
+training (``_single_thread_torch``), i.e. only in the process that answers a collect stage;
+``tests/test_client_cold_start.py`` checks that the other stages never load it.
 
 * The store is opened with a key that never comes from the server: from the device's keystore
   (``FileKeystore`` for simulated devices and trials; the OS keyring or a key file on a real
@@ -56,7 +68,7 @@ from restwise.models.registry import FEDAVG, Architecture, LocalTraining, get_ar
 from restwise.privacy import egress as E
 from restwise.privacy import wire
 from restwise.privacy.dp_mods import make_dp_mod
-from restwise.privacy.secagg.mod import secagg_mod
+from restwise.privacy.secagg.mod import make_secagg_mod
 
 _log = logging.getLogger(__name__)
 
@@ -181,6 +193,12 @@ def local_update(store: DeviceStore, global_arrays: list[np.ndarray], params: Co
     return contribution.vector, contribution.loss
 
 
+def participates(store: DeviceStore, run_id: str, architecture: Architecture) -> bool:
+    """Will this device take part in a round of ``run_id``? Its owner's consent, and enough
+    data to train ``architecture`` on. The device never says which of the two failed."""
+    return bool(store.consents(run_id)) and has_enough_data(store, architecture)
+
+
 def adopt_model(store: DeviceStore, architecture: Architecture, arrays: list[np.ndarray], record: ConfigRecord, *,
                 run_id: str, round_: int) -> str | None:
     """Keep a delivered model: None when kept, else why not (for the device's own log; never
@@ -259,8 +277,17 @@ def make_client_app(
     def egress_guard(msg: Message, context: Context, call_next) -> Message:
         return E.make_egress_guard(policy_for(context), open_log)(msg, context, call_next)
 
+    def take_part(msg: Message, context: Context) -> bool:
+        """The secure-aggregation mod's question at the start of a round (the run record is
+        announced there). No run record: the device cannot tell which run asks - no."""
+        run_id, _ = _run_record(msg)
+        architecture = get_architecture(str(msg.content.config_records[wire.RUN_RECORD].get("model", "")))
+        with device_store(context) as store:
+            return participates(store, run_id, architecture)
+
     dp = make_dp_mod(dp_rng_factory) if dp_rng_factory is not None else make_dp_mod()
-    mods = ([egress_guard, secagg_mod, dp] if private else []) + list(extra_mods)
+    secagg = make_secagg_mod(take_part=take_part)
+    mods = ([egress_guard, secagg, dp] if private else []) + list(extra_mods)
     app = ClientApp(mods=mods)
 
     @app.query("restwise_hello")
@@ -268,7 +295,7 @@ def make_client_app(
         run_id, _ = _run_record(msg)
         architecture = get_architecture(str(msg.content.config_records[wire.RUN_RECORD].get("model", "")))
         with device_store(context) as store:
-            participate = bool(store.consents(run_id)) and has_enough_data(store, architecture)
+            participate = participates(store, run_id, architecture)
         return Message(RecordDict({wire.CONSENT_RECORD: ConfigRecord({"participate": participate})}), reply_to=msg)
 
     @app.query("restwise_model")
@@ -315,5 +342,5 @@ app = make_client_app()
 
 __all__ = [
     "app", "make_client_app", "DeviceLocator", "DeviceLocation", "open_device_store", "device_folder_name",
-    "local_update", "person_examples", "has_enough_data", "adopt_model", "SIM_KEYSTORE_DIR",
+    "local_update", "person_examples", "has_enough_data", "participates", "adopt_model", "SIM_KEYSTORE_DIR",
 ]

@@ -90,6 +90,18 @@ def test_no_clear_float_leaves_a_device_by_default(name, record):
     assert E.EgressPolicy().metric_keys == () and E.allow_list_summary()["coarse_metrics"] == []
 
 
+@pytest.mark.parametrize("stage", SR.ALL_STAGES)
+def test_no_metric_and_no_float_leaves_in_the_clear_at_any_secure_aggregation_stage(stage):
+    """Per-device numbers (the training loss) travel inside the masked vector or not at all."""
+    guard, _ = _guard()
+    msg = _stage_msg(stage)
+    for extra in (MetricRecord({"train_loss": 0.42}), ConfigRecord({"bad_share_senders": [0.5]})):
+        content = _masked() if stage == SR.STAGE_COLLECT else RecordDict()
+        content[SR.METRICS if isinstance(extra, MetricRecord) else SR.MASKED_STATUS] = extra
+        reply = guard(msg, _ctx(), _reply(msg, content))
+        assert reply.has_error() and reply.error.code == wire.ERROR_CODE_REFUSED
+
+
 def test_the_reply_to_a_delivered_model_carries_nothing():
     guard, log = _guard()
     delivery = Message(RecordDict({wire.RUN_RECORD: ConfigRecord({"run_id": "run-abc", "round": 1})}), dst_node_id=3,
@@ -121,11 +133,22 @@ def test_a_record_not_on_the_allow_list_is_refused(extra_name, extra_record):
     assert log.entries[-1]["records"][0]["kind"] == "error"
 
 
+def _plain_train() -> Message:
+    return Message(RecordDict({wire.RUN_RECORD: ConfigRecord({"run_id": "run-abc", "round": 1})}), dst_node_id=3,
+                   message_type="train")
+
+
+def _plain_update() -> RecordDict:
+    return RecordDict({wire.UPDATE_RECORD: ArrayRecord({wire.UPDATE_VECTOR: Array(np.zeros(8))})})
+
+
 @pytest.mark.parametrize("key", ["num_examples", "num-examples", "n_samples"])
 def test_example_counts_are_never_sent_in_the_clear(key):
-    guard, _ = _guard()
-    msg = _stage_msg(SR.STAGE_COLLECT)
-    content = _masked()
+    # Even where a metrics record may be sent (a server-trusted plain reply whose policy
+    # allows the loss); a secure-aggregation stage has no metrics record at all.
+    guard, _ = _guard(E.EgressPolicy(metrics=(E.TRAIN_LOSS,), allow_unmasked_update=True))
+    msg = _plain_train()
+    content = _plain_update()
     content[SR.METRICS] = MetricRecord({key: 137})
     reply = guard(msg, _ctx(), _reply(msg, content))
     assert reply.has_error() and key in reply.error.reason

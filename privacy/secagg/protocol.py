@@ -742,7 +742,9 @@ class ServerRound:
         # A device can lie about its own vector only within the encoding range on its own
         # side; one that adds to its masked vector directly can move the sum anywhere. No
         # honest sum of m survivors leaves [-m C, m C]: refuse one that does.
-        bound = len(survivors) * self.clip_range
+        # (in ring units: each honest coordinate encodes to at most ceil(C 2^f))
+        scale = float(1 << self.config.frac_bits)
+        bound = len(survivors) * math.ceil(self.clip_range * scale) / scale
         over = np.abs(decoded) > bound
         if np.any(over):
             reason = (f"round refused after unmask: {int(np.count_nonzero(over))} coordinates of the decoded "

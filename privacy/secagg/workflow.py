@@ -218,15 +218,19 @@ def secure_sum(
     vector_length: int | None = None,
 ) -> SecureSumResult:
     """One secure round over ``node_ids`` in a one-off session (a setup round, four messages
-    per device; the cohort's size fixes the round's minimum of survivors). What the server's
+    per device; the cohort's size fixes the round's minimum of survivors; the setup message
+    announces ``content``'s config records). What the server's
     release path calls until it keeps a :class:`SecAggSession` per run. Message group ids are
     ``f"{run_config_key_prefix}-{round}-{stage}"``. Never raises for client faults; raises
     SecAggConfigError for an invalid call (too few or too many nodes, bad length)."""
     if not isinstance(config, SecAggConfig):
         raise SecAggConfigError("config must be a SecAggConfig")
     session = SecAggSession(config, group_prefix=run_config_key_prefix)
+    # The setup message announces the round's configuration (the content's config records,
+    # not its arrays): a device decides there whether it takes part, e.g. from the run record.
+    announce = RecordDict(dict(content.config_records.items()))
     return session.round(grid, node_ids, content, round=round, vector_length=vector_length, fixed_cohort=True,
-                         last=True)
+                         last=True, announce=announce)
 
 
 def config_from_run_config(run_config: Mapping[str, object], prefix: str = "secagg") -> SecAggConfig:
