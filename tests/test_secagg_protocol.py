@@ -16,7 +16,7 @@ from restwise.privacy.secagg.config import SecAggConfig as _SecAggConfig
 from restwise.privacy.secagg.encoding import decode_sum, encode, ring_mask
 from restwise.privacy.secagg.harness import InProcessGrid
 from restwise.privacy.secagg.mod import secagg_mod
-from restwise.privacy.secagg.workflow import secure_sum
+from restwise.privacy.secagg.workflow import SecAggSession, secure_sum
 
 D = 64
 
@@ -353,7 +353,7 @@ def test_plain_train_messages_pass_the_mod_untouched():
 
 
 def test_demo_apps_release_the_exact_sum_of_survivors(tmp_path):
-    """The ServerApp/ClientApp pair the deployment test runs, here in-process."""
+    """The ServerApp/ClientApp pair for deployment trials, here in-process: one session."""
     import json
 
     from flwr.app import Context
@@ -368,9 +368,10 @@ def test_demo_apps_release_the_exact_sum_of_survivors(tmp_path):
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["round"] for line in lines] == [1, 2]
     config = _SecAggConfig()
-    for line in lines:
+    assert [line["mode"] for line in lines] == ["setup", "fast"]
+    for line, stage in zip(lines, (R.STAGE_COLLECT, R.STAGE_JOIN)):  # round 2: asked to join, still away
         survivors = [n for n in nodes if n != nodes[2]]
-        assert line["survivors"] == survivors and line["dropped"] == {str(nodes[2]): R.STAGE_COLLECT}
+        assert line["survivors"] == survivors and line["dropped"] == {str(nodes[2]): stage}
         ring = np.zeros(50, dtype=np.uint64)
         for n in survivors:
             ring += encode(demo_apps.demo_update(n, line["round"], 50), clip_range=1.0, frac_bits=config.frac_bits, ring_bits=64)
@@ -392,7 +393,8 @@ def test_secure_fedavg_round_applies_the_mean_update_of_survivors():
         return Message(RecordDict({R.INNER_UPDATE: ArrayRecord({R.INNER_VECTOR: Array(update)})}), reply_to=msg)
 
     grid = InProcessGrid(app, steps, drop_at={FIRST_NODE + 9: R.STAGE_COLLECT})
-    new, result = secure_fedavg_round(grid, list(steps), arrays, ConfigRecord({"lr": 0.1}), SecAggConfig(), round=1)
+    session = SecAggSession(SecAggConfig())
+    new, result = secure_fedavg_round(grid, session, list(steps), arrays, ConfigRecord({"lr": 0.1}), round=1)
     assert result.survivors == list(steps)[:9]
     expected = np.mean([0.01 * (i + 1) for i in range(9)])  # float32 steps as the device saw them
     np.testing.assert_allclose(new["w"].numpy(), np.full((3, 4), expected), atol=1e-6)

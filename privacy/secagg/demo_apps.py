@@ -1,5 +1,6 @@
-"""A ready-made ServerApp / ClientApp pair that runs Restwise secure aggregation alone, for
-deployment tests (real SuperLink + SuperNodes) and demos. Import paths:
+"""A ready-made ServerApp / ClientApp pair that runs Restwise secure aggregation alone (one
+session: a setup round, then rounds of two messages per device), for deployment tests
+(real SuperLink + SuperNodes) and demos. Import paths:
 
     restwise.privacy.secagg.demo_apps:server_app
     restwise.privacy.secagg.demo_apps:client_app
@@ -36,7 +37,7 @@ from . import records as R
 from .errors import SecAggConfigError
 from .mod import secagg_mod
 from .protocol import SecureSumResult
-from .workflow import config_from_run_config, secure_sum
+from .workflow import SecAggSession, config_from_run_config
 
 
 def demo_update(node_id: int, round_: int, length: int) -> np.ndarray:
@@ -71,6 +72,7 @@ def _main(grid: Grid, context: Context) -> None:
     deadline = time.monotonic() + float(run_config.get("secagg-wait-s", 120.0))
     while len(nodes := sorted(grid.get_node_ids())) < min_nodes and time.monotonic() < deadline:
         time.sleep(0.2)
+    session = SecAggSession(config)
     for round_ in range(1, rounds + 1):
         content = RecordDict(
             {
@@ -82,7 +84,7 @@ def _main(grid: Grid, context: Context) -> None:
         )
         nodes = sorted(grid.get_node_ids())
         try:
-            result = secure_sum(grid, nodes, content, config, round=round_, vector_length=length)
+            result = session.round(grid, nodes, content, round=round_, vector_length=length, last=round_ == rounds)
         except SecAggConfigError as exc:  # e.g. fewer than 3 nodes connected
             result = SecureSumResult(None, [], {}, {}, True, str(exc))
         if result_path:
@@ -90,7 +92,7 @@ def _main(grid: Grid, context: Context) -> None:
                 "round": round_, "sampled": nodes, "survivors": result.survivors,
                 "dropped": {str(k): v for k, v in result.dropped.items()},
                 "excluded": {str(k): v for k, v in result.excluded.items()},
-                "aborted": result.aborted, "reason": result.reason,
+                "aborted": result.aborted, "reason": result.reason, "mode": result.mode,
                 "total": None if result.total is None else result.total.tolist(),
             }
             with open(str(result_path), "a", encoding="utf-8") as fh:

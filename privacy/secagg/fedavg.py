@@ -3,9 +3,10 @@
 The update a device contributes is the flattened difference between its locally trained
 model and the global one, in the order of ``flatten_arrays`` (record order, then array
 order, each array C-order). The server releases only the sum of the survivors' updates and
-applies their mean:
+applies their mean; one ``SecAggSession`` serves the run's rounds:
 
-    new_arrays, result = secure_fedavg_round(grid, nodes, arrays, train_config, config, round=r)
+    session = SecAggSession(config)
+    new_arrays, result = secure_fedavg_round(grid, session, nodes, arrays, train_config, round=r)
     if new_arrays is None: ...       # aborted: model unchanged, result.reason says why
 
 Device side (inside the wrapped app, before the privacy mods clip and noise it):
@@ -21,9 +22,8 @@ from flwr.serverapp import Grid
 
 from restwise.common.arrays import flatten, unflatten
 
-from .config import SecAggConfig
 from .protocol import SecureSumResult
-from .workflow import secure_sum
+from .workflow import SecAggSession
 
 MODEL_RECORD = "arrays"
 CONFIG_RECORD = "config"
@@ -42,10 +42,10 @@ def unflatten_like(vector: np.ndarray, like: ArrayRecord) -> ArrayRecord:
 
 def secure_fedavg_round(
     grid: Grid,
+    session: SecAggSession,
     node_ids: list[int],
     arrays: ArrayRecord,
     train_config: ConfigRecord,
-    config: SecAggConfig,
     *,
     round: int,  # noqa: A002
 ) -> tuple[ArrayRecord | None, SecureSumResult]:
@@ -55,7 +55,7 @@ def secure_fedavg_round(
     with their update vector (see module docstring). Returns the new global arrays (the
     mean update over survivors applied) or None when the round aborted."""
     content = RecordDict({MODEL_RECORD: arrays, CONFIG_RECORD: train_config})
-    result = secure_sum(grid, node_ids, content, config, round=round)
+    result = session.round(grid, node_ids, content, round=round)
     if result.aborted or not result.survivors:
         return None, result
     mean_update = result.total / len(result.survivors)

@@ -499,6 +499,8 @@ class ServerRound:
         s = self.s
         for i in self.joiners:
             got = replies.get(self.node(i), [])
+            if not got:
+                self.dropped[self.node(i)] = R.STAGE_JOIN
             if len(got) != 1 or isinstance(got[0], Error) or R.DECLINED in got[0].config_records \
                     or R.REFUSED in got[0].config_records:
                 if len(got) == 1 and not isinstance(got[0], Error) and R.DECLINED in got[0].config_records:
