@@ -1,6 +1,8 @@
-"""Restwise SecAgg+ under Flower's own simulation runtime (`run_simulation`: SuperLink
-state, InMemoryGrid, Ray-backed SuperNodes): a ServerApp whose main calls ``secure_sum``
-and a ClientApp with ``secagg_mod``; one node's app fails, the round still completes."""
+"""Restwise secure aggregation under Flower's own simulation runtime (`run_simulation`:
+SuperLink state, InMemoryGrid, Ray-backed SuperNodes): a ServerApp whose main runs three
+rounds of one ``SecAggSession`` (a setup round, then fast rounds: the device state lives in
+Flower's node contexts between messages and rounds) and a ClientApp with ``secagg_mod``;
+one node's app fails in every round, the rounds still complete."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from restwise.privacy.secagg import records as R
 from restwise.privacy.secagg.config import SecAggConfig
 from restwise.privacy.secagg.encoding import decode_sum, encode, ring_mask
 from restwise.privacy.secagg.mod import secagg_mod
-from restwise.privacy.secagg.workflow import secure_sum
+from restwise.privacy.secagg.workflow import SecAggSession
 
 D = 32
 NUM_NODES = 6
@@ -55,7 +57,8 @@ def test_secure_sum_in_flower_simulation():
         )
         outcome["nodes"] = nodes
         outcome["failing"] = [nodes[0]]
-        outcome["rounds"] = [secure_sum(grid, nodes, content, config, round=r) for r in (1, 2)]
+        session = SecAggSession(config)
+        outcome["rounds"] = [session.round(grid, nodes, content, round=r) for r in (1, 2, 3)]
 
     run_simulation(
         server_app=server_app,
@@ -64,12 +67,18 @@ def test_secure_sum_in_flower_simulation():
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
     )
     assert len(outcome["nodes"]) == NUM_NODES
+    assert [r.mode for r in outcome["rounds"]] == ["setup", "fast", "fast"]
+    failing = outcome["failing"][0]
+    # the failing node re-keys (join) each round after a failure: one message, no input
+    assert outcome["rounds"][1].joined == [failing] and outcome["rounds"][1].messages[failing] == 1
     for result in outcome["rounds"]:
         assert not result.aborted, result.reason
         expected = [n for n in outcome["nodes"] if n not in outcome["failing"]]
         assert result.survivors == expected
-        assert set(result.excluded) == set(outcome["failing"])
-        assert "train-failed" in result.excluded[outcome["failing"][0]]
+        if result.mode == "setup":
+            assert set(result.excluded) == {failing} and "train-failed" in result.excluded[failing]
+        else:
+            assert failing not in result.survivors and max(result.messages.values()) <= 2
         ring = np.zeros(D, dtype=np.uint64)
         for node in expected:
             ring += encode(update_of(node), clip_range=1.0, frac_bits=config.frac_bits, ring_bits=config.ring_bits)
