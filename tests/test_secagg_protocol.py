@@ -340,7 +340,7 @@ def test_a_second_round_on_the_same_nodes_uses_fresh_state():
         assert_exact(result, updates, list(updates), SecAggConfig())
     for context in grid.contexts.values():  # no secret outlives a round in the node state
         state = context.state.config_records[R.CLIENT_STATE]
-        assert not {"c_sk", "s_sk", "b_seed", "nb_share_key", "held_b", "held_sk"} & set(state)
+        assert len(state) == 0  # a one-off session: the device forgot it after its unmask
 
 
 def test_plain_train_messages_pass_the_mod_untouched():

@@ -267,8 +267,8 @@ def test_device_refuses_out_of_order_replayed_and_both_secrets_of_one_client():
     with pytest.raises(ProtocolViolationError, match="another session"):
         session.unmask(_unmask(session="cd" * 16))
     # jump the state to after collect, then ask for both secrets of client 2
-    state.update({"phase": "collected", "cur_round": 1, "cur_min_survivors": 7, "held_owner": [2],
-                  "held_b": [b"x" * 48], "held_sk": [b"y" * 48]})
+    state.update({"phase": "collected", "cur_round": 1, "cur_min_survivors": 7,
+                  "held": (2).to_bytes(4, "big") + b"x" * 48 + b"y" * 48})
     before = dict(state)
     with pytest.raises(ProtocolViolationError, match="both secrets"):
         session.unmask(_unmask(b_owners=[2], sk_owners=[2]))

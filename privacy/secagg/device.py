@@ -65,8 +65,36 @@ from .fields import (
 
 # What a device forgets when it stops taking part in a round (material) or answers an unmask.
 MATERIAL_KEYS = ("mat_round", "mat_s_sk", "mat_s_pk", "mat_b")
-HELD_KEYS = ("cur_round", "held_owner", "held_b", "held_sk", "cur_min_survivors", "last")
-SECRET_KEYS = ("c_sk", "ck_key", "mat_s_sk", "mat_b", "held_b", "held_sk")
+HELD_KEYS = ("cur_round", "held", "cur_min_survivors", "last")
+SECRET_KEYS = ("c_sk", "share_keys", "mat_s_sk", "mat_b", "held")
+# Packed layouts (one bytes value each: Flower validates a ConfigRecord list element by
+# element, and copies the state with every message).
+_CACHE_ENTRY = 4 + 32 + 32  # peer index, its share-encryption public key, the agreed AES key
+_HELD_ENTRY = 4 + 2 * shamir.SHARE_BYTES  # owner index, share of its b, share of its s_sk
+
+
+def _pack_cache(cache: dict[int, tuple[bytes, bytes]]) -> bytes:
+    return b"".join(p.to_bytes(4, "big") + pub + key for p, (pub, key) in sorted(cache.items()))
+
+
+def _unpack_cache(blob: bytes) -> dict[int, tuple[bytes, bytes]]:
+    out = {}
+    for at in range(0, len(blob), _CACHE_ENTRY):
+        entry = blob[at:at + _CACHE_ENTRY]
+        out[int.from_bytes(entry[:4], "big")] = (entry[4:36], entry[36:68])
+    return out
+
+
+def _pack_held(held: dict[int, tuple[bytes, bytes]]) -> bytes:
+    return b"".join(o.to_bytes(4, "big") + b + sk for o, (b, sk) in sorted(held.items()))
+
+
+def _unpack_held(blob: bytes) -> dict[int, tuple[bytes, bytes]]:
+    out, n = {}, shamir.SHARE_BYTES
+    for at in range(0, len(blob), _HELD_ENTRY):
+        entry = blob[at:at + _HELD_ENTRY]
+        out[int.from_bytes(entry[:4], "big")] = (entry[4:4 + n], entry[4 + n:4 + 2 * n])
+    return out
 
 
 def refusal(stage: str, code: str) -> RecordDict:
@@ -129,8 +157,7 @@ class DeviceSession:
     # -- the share channel ------------------------------------------------------------------
     def _cache(self) -> dict[int, tuple[bytes, bytes]]:
         """peer -> (its share-encryption public key, the AES key agreed with it)."""
-        return {p: (bytes(pub), bytes(key)) for p, pub, key in zip(
-            self.state.get("ck_peer", []), self.state.get("ck_pub", []), self.state.get("ck_key", []))}
+        return _unpack_cache(bytes(self.state.get("share_keys", b"")))
 
     @staticmethod
     def _share_keys(peers: list[int], publics: list[bytes], cache: dict[int, tuple[bytes, bytes]], c_sk: bytes,
@@ -153,8 +180,7 @@ class DeviceSession:
 
     @staticmethod
     def _cache_fields(cache: dict[int, tuple[bytes, bytes]]) -> dict:
-        peers = sorted(cache)
-        return {"ck_peer": peers, "ck_pub": [cache[p][0] for p in peers], "ck_key": [cache[p][1] for p in peers]}
+        return {"share_keys": _pack_cache(cache)}
 
     def _deal(self, for_round: int, peers: list[int], publics: list[bytes], t: int, *, cache: dict, c_sk: bytes,
               own_c_pk: bytes, session: str, epoch: int, me: int,
@@ -349,16 +375,13 @@ class DeviceSession:
                          clip=self.state["out_of_range"] == "clip")
         c_sk, own_c_pk = bytes(self.state["c_sk"]), bytes(self.state["c_pk"])
         keys, cache = self._share_keys(request.src, request.src_c_pk, self._cache(), c_sk, own_c_pk, session, epoch, me)
-        held_owner, held_b, held_sk, bad = [], [], [], []
+        held: dict[int, tuple[bytes, bytes]] = {}
+        bad = []
         for j, key, ct in zip(request.src, keys, request.ct):
             try:
-                b_share, sk_share = split_plaintext(decrypt(key, ct, share_aad(session, epoch, round_, j, me)), j, me)
+                held[j] = split_plaintext(decrypt(key, ct, share_aad(session, epoch, round_, j, me)), j, me)
             except ShareError:
                 bad.append(j)
-                continue
-            held_owner.append(j)
-            held_b.append(b_share)
-            held_sk.append(sk_share)
         d = vector.shape[0]
         masked = encoded.copy()
         masked += expand_mask(bytes(self.state["mat_b"]), d, 64)
@@ -389,8 +412,7 @@ class DeviceSession:
         self._forget(HELD_KEYS + forget)
         self.state.update({
             **state, "phase": "collected", "answered_round": round_, "cur_round": round_,
-            "cur_min_survivors": request.min_survivors, "held_owner": held_owner, "held_b": held_b, "held_sk": held_sk,
-            "last": request.last,
+            "cur_min_survivors": request.min_survivors, "held": _pack_held(held), "last": request.last,
         })
         return reply
 
@@ -436,7 +458,7 @@ class DeviceSession:
             raise ProtocolViolationError("the server asked for both secrets of one client")
         if n_survivors < int(self.state["cur_min_survivors"]):
             raise ProtocolViolationError("fewer survivors than the configured minimum")
-        held = {o: (b, s) for o, b, s in zip(self.state["held_owner"], self.state["held_b"], self.state["held_sk"])}
+        held = _unpack_held(bytes(self.state["held"]))
         b_owner = [o for o in b_owners if o in held]
         sk_owner = [o for o in sk_owners if o in held]
         reply = ConfigRecord({

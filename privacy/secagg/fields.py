@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from . import shamir
 from .config import SecAggConfig
@@ -23,6 +23,18 @@ SHARE_HEADER = 8
 SHARE_PLAINTEXT = SHARE_HEADER + 2 * shamir.SHARE_BYTES
 MAX_CT_BYTES = SHARE_PLAINTEXT + 12 + 16  # nonce + GCM tag
 SESSION_CHARS = 32  # a session id: 16 random bytes, hex
+
+
+def config(content: RecordDict, name: str) -> ConfigRecord | None:
+    """The ConfigRecord ``name`` of ``content``, or None (RecordDict.config_records would
+    copy every config record of the message on each call)."""
+    record = content.get(name)
+    return record if isinstance(record, ConfigRecord) else None
+
+
+def arrays(content: RecordDict, name: str) -> ArrayRecord | None:
+    record = content.get(name)
+    return record if isinstance(record, ArrayRecord) else None
 
 
 def int_value(value: object, what: str) -> int:

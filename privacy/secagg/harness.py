@@ -30,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from restwise.privacy.egress import content_bytes
 
 from . import records as R
+from .fields import config
 
 
 class InProcessGrid(Grid):
@@ -138,12 +139,12 @@ def ensure_task_identity() -> None:
 
 
 def _stage(content: RecordDict) -> str:
-    record = content.config_records.get(R.SERVER_RECORD)
+    record = config(content, R.SERVER_RECORD)
     return str(record.get("stage", "")) if record is not None else ""
 
 
 def _round(content: RecordDict) -> int:
-    record = content.config_records.get(R.SERVER_RECORD)
+    record = config(content, R.SERVER_RECORD)
     value = record.get("round", -1) if record is not None else -1
     return int(value) if isinstance(value, int) else -1
 

@@ -37,6 +37,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from . import records as R
 from .device import DeviceSession, declined, refusal
 from .errors import InputRefusedError, ProtocolViolationError, SecAggConfigError, SecAggError, ShareError
+from .fields import config
 
 _log = logging.getLogger(__name__)
 
@@ -87,15 +88,12 @@ def make_secagg_mod(*, take_part: TakePart | None = None, on_finish: OnFinish | 
     """The device-side mod with the device's participation decision and receipt handler."""
 
     def secagg_mod(msg: Message, context: Context, call_next) -> Message:
-        if (
-            msg.has_error()
-            or msg.metadata.message_type != R.MESSAGE_TYPE
-            or R.SERVER_RECORD not in msg.content.config_records
-        ):
+        server_record = None if msg.has_error() or msg.metadata.message_type != R.MESSAGE_TYPE \
+            else config(msg.content, R.SERVER_RECORD)
+        if server_record is None:
             return call_next(msg, context)
-        server_record = msg.content.config_records[R.SERVER_RECORD]
         stage = str(server_record.get("stage", ""))
-        state = context.state.config_records.get(R.CLIENT_STATE)
+        state = config(context.state, R.CLIENT_STATE)
         if state is None:
             state = ConfigRecord()
             context.state[R.CLIENT_STATE] = state

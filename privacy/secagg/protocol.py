@@ -48,7 +48,9 @@ from .fields import (
     MAX_CT_BYTES,
     PAIR_MASK_PURPOSE,
     Extra,
+    arrays,
     bytes_list,
+    config,
     decode_extras,
     epoch_fields,
     int_list,
@@ -314,11 +316,11 @@ class ServerRound:
                 self._exclude(i, f"{stage}: duplicate replies")
             elif isinstance(got[0], Error):
                 self._exclude(i, f"{stage}: the device reported an error")
-            elif R.DECLINED in got[0].config_records and may_decline:
+            elif config(got[0], R.DECLINED) is not None and may_decline:
                 self.participants.discard(i)
                 self.declined.append(self.node(i))
-            elif R.REFUSED in got[0].config_records:
-                code = got[0].config_records[R.REFUSED].get("code", "unknown")
+            elif config(got[0], R.REFUSED) is not None:
+                code = config(got[0], R.REFUSED).get("code", "unknown")
                 self._exclude(i, f"{stage}: the device refused ({str(code)[:40]})")
             else:
                 good[i] = got[0]
@@ -380,7 +382,7 @@ class ServerRound:
         self.participants = set(s.node_of)
         s_pk: dict[int, bytes] = {}
         for i, content in self._sort_replies(R.STAGE_SETUP, set(s.node_of), replies, may_decline=True).items():
-            rec = content.config_records.get(R.PUBLIC_KEYS)
+            rec = config(content, R.PUBLIC_KEYS)
             c_pk = rec.get("c_pk") if rec is not None else None
             pk = rec.get("s_pk") if rec is not None else None
             if not (valid_public_key(c_pk) and valid_public_key(pk)) or c_pk == pk:
@@ -416,7 +418,7 @@ class ServerRound:
         for i, content in self._sort_replies(R.STAGE_SHARE_KEYS, set(self.participants), replies,
                                              may_decline=False).items():
             try:
-                material = self._material(i, content.config_records.get(R.SHARES), self.round, self.setup_s_pk[i])
+                material = self._material(i, config(content, R.SHARES), self.round, self.setup_s_pk[i])
             except ProtocolViolationError as exc:
                 self._exclude(i, f"share-keys: {exc}")
                 continue
@@ -501,19 +503,19 @@ class ServerRound:
             got = replies.get(self.node(i), [])
             if not got:
                 self.dropped[self.node(i)] = R.STAGE_JOIN
-            if len(got) != 1 or isinstance(got[0], Error) or R.DECLINED in got[0].config_records \
-                    or R.REFUSED in got[0].config_records:
-                if len(got) == 1 and not isinstance(got[0], Error) and R.DECLINED in got[0].config_records:
+            if len(got) != 1 or isinstance(got[0], Error) or config(got[0], R.DECLINED) is not None \
+                    or config(got[0], R.REFUSED) is not None:
+                if len(got) == 1 and not isinstance(got[0], Error) and config(got[0], R.DECLINED) is not None:
                     self.declined.append(self.node(i))
                 continue  # not ready next round: it is asked to join again
             content = got[0]
-            keys = content.config_records.get(R.PUBLIC_KEYS)
+            keys = config(content, R.PUBLIC_KEYS)
             c_pk = keys.get("c_pk") if keys is not None else None
             pk = keys.get("s_pk") if keys is not None else None
             if not (valid_public_key(c_pk) and valid_public_key(pk)) or c_pk == pk:
                 continue
             try:
-                material = self._material(i, content.config_records.get(R.SHARES), self.round + 1, pk)
+                material = self._material(i, config(content, R.SHARES), self.round + 1, pk)
             except ProtocolViolationError:
                 continue
             if s.c_pk.get(i) != c_pk:  # a new share-encryption key: older shares to it are void
@@ -528,17 +530,17 @@ class ServerRound:
         reported: list[tuple[int, int]] = []
         for i, content in good.items():
             try:
-                arrays = content.array_records.get(R.MASKED_INPUT)
-                if arrays is None or R.MASKED_ARRAY not in arrays:
+                masked = arrays(content, R.MASKED_INPUT)
+                if masked is None or R.MASKED_ARRAY not in masked:
                     raise ProtocolViolationError("no masked input")
-                y = arrays[R.MASKED_ARRAY].numpy()
+                y = masked[R.MASKED_ARRAY].numpy()
                 if y.dtype != np.uint64 or y.ndim != 1:
                     raise ProtocolViolationError("the masked input is not a uint64 vector")
                 if y.shape[0] != length:
                     raise ProtocolViolationError("the masked input has the wrong length")
                 if self.config.ring_bits < 64 and np.any(y > mask):
                     raise ProtocolViolationError("the masked input has values outside the ring")
-                status = content.config_records.get(R.MASKED_STATUS)
+                status = config(content, R.MASKED_STATUS)
                 bad = int_list(status.get("bad_share_senders") if status is not None else None, "bad_share_senders")
                 if len(set(bad)) != len(bad) or not set(bad) <= set(self.mask_nb[i]):
                     raise ProtocolViolationError("a share report names a non-neighbour")
@@ -574,8 +576,8 @@ class ServerRound:
     def _take_next_material(self, i: int, content: RecordDict) -> None:
         """The next round's shares a device dealt with its masked input (absent: it joins
         before it takes part again)."""
-        keys = content.config_records.get(R.PUBLIC_KEYS)
-        rec = content.config_records.get(R.SHARES)
+        keys = config(content, R.PUBLIC_KEYS)
+        rec = config(content, R.SHARES)
         if keys is None or rec is None:
             return
         pk = keys.get("s_pk")
@@ -635,7 +637,7 @@ class ServerRound:
                 else:
                     self.faults[node] = "unmask: duplicate or error reply; its shares were not used"
                 continue
-            rec = got[0].config_records.get(R.UNMASK_SHARES)
+            rec = config(got[0], R.UNMASK_SHARES)
             try:
                 if rec is None:
                     raise ProtocolViolationError("no shares")
