@@ -1,0 +1,301 @@
+"""Seconds per round of a real deployment: Flower's plain FedAvg vs Restwise secure rounds.
+
+    python benchmarks/deployment.py                      # 4 SuperNodes, 4 rounds per variant
+    python benchmarks/deployment.py --nodes 4 --rounds 6 --superexec-poll 0.05
+    python benchmarks/deployment.py --cold-start-only    # the ClientApp cold start per stage
+
+Everything runs on 127.0.0.1 and is started by this script: a trial CA and server certificate
+(``server/deploy.py``), a SuperLink with TLS and SuperNode authentication, one EC key per
+SuperNode registered through the Control API, and N SuperNodes (``--isolation subprocess``:
+Flower's default, a fresh ``flwr-clientapp`` process per message), each with its own
+encrypted store of a generated person (``simulation.fleet``). Each variant is one
+``flwr run`` of a throw-away app folder holding ``benchmarks/deployment_apps.py``:
+
+    plain     Flower's ``FedAvg`` strategy (Message API, ``fraction_evaluate=0``: one train
+              message per device per round), a ClientApp that trains the same Restwise model
+              on the same store and replies its arrays. No privacy.
+    restwise  secure aggregation over one ``SecAggSession`` (round 1: setup, 4 messages per
+              device; later rounds: 2), DP-FedAvg with distributed noise, the real Restwise
+              ClientApp (egress guard + secure-aggregation mod + DP mod, ``restwise.client.app:app``).
+              The ServerApp is benchmark-only (``deployment_apps.restwise_server``): it calls
+              the Grid driver directly with the release workflow's parameters but writes no
+              ledger; the integrated ServerApp comes with the server's release path.
+
+Output as ``benchmarks/secagg.py``: a header, then one row per variant
+(``nodes variant s/round x-plain``). s/round is the mean of rounds 2..R (round 1 is each
+variant's warm-up; for restwise it is the setup round, reported in the note). Then the cold
+start of a ClientApp process per stage: a fresh interpreter that imports what
+``flwr-clientapp`` imports, loads the Restwise ClientApp and answers one captured message of
+that stage on a real store (Flower's Runtime API round trips and FAB install excluded).
+
+Flower 1.42 costs that no Restwise change removes (read from its source): an idle SuperNode
+sleeps 3 s between polls of the SuperLink (``start_client_internal.py``, hard-coded); the
+SuperExec looks for new tasks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1.0,
+``--superexec-poll`` sets it for every SuperNode); the SuperNode checks for the ClientApp's
+reply every 0.5 s; Flower's ``Grid.send_and_receive`` (used by its strategies) pulls replies
+every 3 s, where Restwise's driver pulls every <= 0.1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # deployment_apps, beside this file
+
+from restwise.server import deploy as D  # noqa: E402
+
+APP_PYPROJECT = """\
+# Written by benchmarks/deployment.py: a throw-away Flower app directory.
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "restwise-deployment-benchmark-{variant}"
+version = "0.1.0"
+description = "Restwise deployment benchmark ({variant})"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "restwise"
+
+[tool.flwr.app.components]
+serverapp = "{serverapp}"
+clientapp = "{clientapp}"
+
+[tool.flwr.app.config]
+bench-nodes = 0
+bench-rounds = 0
+bench-result = ""
+bench-wait-s = 120.0
+"""
+
+VARIANTS = {
+    "plain": ("deployment_apps:plain_server", "deployment_apps:plain_client"),
+    "restwise": ("deployment_apps:restwise_server", "restwise.client.app:app"),
+}
+
+
+def write_app(folder: Path, variant: str) -> Path:
+    serverapp, clientapp = VARIANTS[variant]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(
+        APP_PYPROJECT.format(variant=variant, serverapp=serverapp, clientapp=clientapp), encoding="utf-8")
+    (folder / "deployment_apps.py").write_text((HERE / "deployment_apps.py").read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
+
+
+class Deployment:
+    """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node auth, each node with a store."""
+
+    def __init__(self, root: Path, nodes: int, rounds: int, superexec_poll: float | None):
+        from deployment_apps import bench_config
+
+        from restwise.simulation.fleet import prepare_fleet
+
+        self.root, self.n = root, nodes
+        self.procs: list[D.ManagedProcess] = []
+        t0 = time.perf_counter()
+        self.fleet = root / "fleet"
+        prepare_fleet(self.fleet, bench_config(nodes, rounds), demo_days=90)
+        pki = D.make_trial_pki(root / "pki")
+        keys = [D.make_node_keys(root / "keys", f"node-{i}") for i in range(nodes)]
+        port = D.free_port()
+        self.procs.append(D.start_superlink(D.SuperLinkConfig(port=port, tls=pki, node_auth=True), root / "superlink.log"))
+        self.conn = D.FlwrConnection(root / "flwr-home", f"127.0.0.1:{port}", root_cert=pki.ca_cert)
+        for i, key in enumerate(keys):
+            D.register_node(self.conn, key.public_key, name=f"node-{i}")
+        env = dict(os.environ)
+        if superexec_poll is not None:
+            env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll)
+        for i, key in enumerate(keys):
+            cfg = D.SuperNodeConfig(
+                f"127.0.0.1:{port}", root_cert=pki.ca_cert, auth_key=key.private_key, runtime_port=D.free_port(),
+                node_config={"store": str(self.fleet / f"device-{i:05d}"), "keystore": str(self.fleet / "keystore")},
+            )
+            self.procs.append(D.start_supernode(f"node-{i}", cfg, root / f"node-{i}.log", env=env))
+        deadline = time.monotonic() + 120
+        while sum(n.get("status") == "online" for n in D.list_nodes(self.conn)) < nodes:
+            if time.monotonic() > deadline:
+                raise SystemExit("the SuperNodes did not come online within 120 s; logs in " + str(root))
+            time.sleep(1.0)
+        self.setup_s = time.perf_counter() - t0
+
+    def run(self, variant: str, rounds: int, timeout_s: float) -> list[dict]:
+        app = write_app(self.root / f"app-{variant}", variant)
+        result = self.root / f"result-{variant}.jsonl"
+        result.unlink(missing_ok=True)
+        run_id = D.submit_run(self.conn, app, {"bench-nodes": self.n, "bench-rounds": rounds,
+                                               "bench-result": str(result), "bench-wait-s": 120.0})
+
+        def lines() -> list[dict]:
+            try:
+                return [json.loads(x) for x in result.read_text(encoding="utf-8").splitlines() if x.strip()]
+            except OSError:
+                return []
+
+        status = D.wait_for_run(self.conn, run_id, timeout_s=timeout_s, poll_s=5.0, wake=lambda: len(lines()) >= rounds)
+        got = lines()
+        if len(got) < rounds:
+            raise SystemExit(f"{variant}: the run ended {status.status} after {len(got)} of {rounds} rounds; "
+                             f"logs in {self.root}")
+        return got
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(timeout_s=5)
+
+
+# -- the cold start of a ClientApp process, per stage ------------------------------------------
+CHILD = r"""
+import json, pickle, sys, time
+start = time.perf_counter()
+import flwr.supernode.runtime.run_clientapp  # what `flwr-clientapp` imports before it loads an app
+flower = time.perf_counter()
+from restwise.client.app import app
+loaded = time.perf_counter()
+from flwr.supercore.task_identity import TaskIdentity
+with open(sys.argv[1], "rb") as fh:
+    message, context = pickle.load(fh)
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = context.run_id, context.node_id, 1
+reply = app(message, context)
+done = time.perf_counter()
+print(json.dumps({"flower_import_s": flower - start, "app_import_s": loaded - flower, "handle_s": done - loaded,
+                  "torch": "torch" in sys.modules, "error": reply.has_error(),
+                  "records": [] if reply.has_error() else sorted(reply.content.keys())}))
+"""
+
+
+def cold_start(root: Path, fleet: Path, nodes: int, repeats: int) -> list[dict]:
+    """Capture one device's (message, context) at every stage of a setup round and a fast
+    round of an in-process session over real stores, then answer each in a fresh process."""
+    from deployment_apps import RestwiseRounds, bench_config
+    from flwr.app import Context, RecordDict
+
+    from restwise.client.app import make_client_app
+    from restwise.privacy.secagg.harness import InProcessGrid, ensure_task_identity
+
+    ensure_task_identity()
+    app = make_client_app()
+    node_ids = [7000 + i for i in range(nodes)]
+    captured: dict[str, bytes] = {}
+
+    def capturing(message, context):
+        record = message.content.get("secagg.server")
+        if context.node_id == node_ids[0] and record is not None:
+            label = f"{record['stage']} (round {record['round']})"
+            captured.setdefault(label, pickle.dumps((message, context)))  # before the mod changes either
+        return app(message, context)
+
+    grid = InProcessGrid(capturing, node_ids)
+    for i, node in enumerate(node_ids):
+        grid.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={}, node_config={
+            "store": str(fleet / f"device-{i:05d}"), "keystore": str(fleet / "keystore")})
+    rounds = RestwiseRounds(bench_config(nodes, 3), node_ids, root)
+    for r in (1, 2):
+        result = rounds.round(grid, r)
+        if result.aborted:
+            raise SystemExit(f"cold start capture: round {r} aborted: {result.reason}")
+    rows = []
+    for label, blob in captured.items():
+        path = root / "cold.pkl"
+        path.write_bytes(blob)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, timeout=300)
+            wall = time.perf_counter() - start
+            if out.returncode != 0:
+                raise SystemExit(f"cold start of {label} failed: {out.stderr[-2000:]}")
+            samples.append({**json.loads(out.stdout.strip().splitlines()[-1]), "wall_s": wall})
+        rows.append({"stage": label, **{k: statistics.median(s[k] for s in samples) for k in
+                                        ("wall_s", "flower_import_s", "app_import_s", "handle_s")},
+                     "torch": samples[0]["torch"], "error": samples[0]["error"], "records": samples[0]["records"]})
+    path.unlink(missing_ok=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per variant; the first is not counted")
+    parser.add_argument("--variants", nargs="*", default=["plain", "restwise"], choices=sorted(VARIANTS))
+    parser.add_argument("--superexec-poll", type=float, default=None,
+                        help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every SuperNode (Flower's default: 1.0 s)")
+    parser.add_argument("--cold-start-repeats", type=int, default=3)
+    parser.add_argument("--cold-start-only", action="store_true")
+    parser.add_argument("--timeout", type=float, default=900.0, help="per variant")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the deployment's folder (logs) here")
+    args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the first round is not counted)")
+    root = Path(tempfile.mkdtemp(prefix="restwise-deploy-bench-")) if args.keep is None else args.keep
+    root.mkdir(parents=True, exist_ok=True)
+    poll = "Flower's default 1.0 s" if args.superexec_poll is None else f"{args.superexec_poll} s"
+    rows: dict[str, list[dict]] = {}
+    deployment = None
+    try:
+        if not args.cold_start_only:
+            deployment = Deployment(root, args.nodes, args.rounds, args.superexec_poll)
+            print(f"SuperLink (TLS, node auth) + {args.nodes} SuperNodes on 127.0.0.1 ready in "
+                  f"{deployment.setup_s:.1f} s; SuperExec task poll {poll}; isolation subprocess (a process per message); "
+                  f"mean of rounds 2..{args.rounds}")
+            for variant in args.variants:
+                rows[variant] = deployment.run(variant, args.rounds, args.timeout)
+            print(f"{'nodes':>6} {'variant':>9} {'s/round':>9} {'x plain':>8}  note")
+            base = statistics.mean(r["seconds"] for r in rows["plain"][1:]) if "plain" in rows else None
+            for variant, lines in rows.items():
+                sec = statistics.mean(r["seconds"] for r in lines[1:])
+                ratio = f"{sec / base:.2f}" if base else "-"
+                note = f"round 1 {lines[0]['seconds']:.1f} s"
+                if variant == "restwise":
+                    stages = lines[-1]["stages"]
+                    note = (f"ServerApp: benchmark-only Grid driver (no ledger); round 1 = setup "
+                            f"{lines[0]['seconds']:.1f} s ({lines[0]['messages']} messages), then "
+                            f"{'/'.join(sorted({r['mode'] for r in lines[1:]}))} rounds of "
+                            f"{max(r['messages'] for r in lines[1:])} messages; last stages {json.dumps(stages)}"
+                            + ("; ABORTED rounds" if any(r["aborted"] for r in lines) else ""))
+                print(f"{args.nodes:>6} {variant:>9} {sec:>9.2f} {ratio:>8}  {note}", flush=True)
+            if "restwise" in rows:
+                sec = statistics.mean(r["seconds"] for r in rows["restwise"][1:])
+                verdicts = [f"<= 10 s per secure round with {args.nodes} SuperNodes: {sec:.2f} s -> "
+                            + ("met" if sec <= 10 else "NOT met")]
+                if base:
+                    verdicts.append(f"<= 1.5 x plain: {sec / base:.2f} x -> " + ("met" if sec / base <= 1.5 else "NOT met"))
+                print("targets: " + "; ".join(verdicts))
+        fleet = deployment.fleet if deployment is not None else root / "fleet"
+        if deployment is None:
+            from deployment_apps import bench_config
+
+            from restwise.simulation.fleet import prepare_fleet
+
+            prepare_fleet(fleet, bench_config(args.nodes, 3), demo_days=90)
+        if deployment is not None:
+            deployment.stop()
+            deployment = None
+        print(f"\nClientApp cold start per stage (fresh interpreter; median of {args.cold_start_repeats}; "
+              f"Flower's Runtime API round trips and FAB install excluded)")
+        print(f"{'stage':>30} {'wall s':>7} {'flower':>7} {'app':>6} {'handle':>7} torch")
+        for row in cold_start(root, fleet, args.nodes, args.cold_start_repeats):
+            print(f"{row['stage']:>30} {row['wall_s']:>7.2f} {row['flower_import_s']:>7.2f} {row['app_import_s']:>6.2f} "
+                  f"{row['handle_s']:>7.2f} {'yes' if row['torch'] else 'no'}"
+                  + ("  (error reply)" if row["error"] else ""), flush=True)
+    finally:
+        if deployment is not None:
+            deployment.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
