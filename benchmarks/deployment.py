@@ -61,7 +61,7 @@ requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
-name = "restwise-deployment-benchmark-{variant}"
+name = "restwise-bench-{variant}"
 version = "0.1.0"
 description = "Restwise deployment benchmark ({variant})"
 license = "Apache-2.0"
