@@ -524,3 +524,39 @@ def test_extras_are_summed_inside_the_masked_vector_and_never_sent_in_the_clear(
             assert R.METRICS not in names
             if stage == R.STAGE_COLLECT:
                 assert names and set(names) <= set(R.CLIENT_REPLY_RECORDS[R.STAGE_COLLECT])
+
+
+def test_the_unmask_stage_ends_once_the_shares_suffice_and_waits_for_all_after_a_wrong_one():
+    """The server stops waiting once every needed secret has t shares (the slowest device is
+    not waited for); if a share among those turns out wrong, it waits for the rest."""
+    config = SecAggConfig()  # 6 devices: complete graph, k = 5, t = 3
+    liar, slow = FIRST + 1, [FIRST + 4, FIRST + 5]
+
+    def tamper(node, stage, content):
+        if node == liar and stage == R.STAGE_UNMASK and fleet.grid.current_round == 2:
+            rec = content.config_records[R.UNMASK_SHARES]
+            rec["b_share"] = [bytes(48 - 1) + b"\x01" for _ in rec["b_share"]]  # valid form, wrong values
+        return content
+
+    class SlowGrid(InProcessGrid):
+        held: list = []
+
+        def pull_messages(self, message_ids):
+            got = list(super().pull_messages(message_ids))
+            keep = [m for m in got if m.metadata.src_node_id in slow and self.current_round == 2
+                    and R.UNMASK_SHARES in m.content and not SlowGrid.held_once]
+            SlowGrid.held.extend(keep)
+            if keep:
+                SlowGrid.held_once = True
+                return [m for m in got if m not in keep]
+            out, SlowGrid.held = list(SlowGrid.held), []
+            return got + out
+
+    SlowGrid.held_once = False
+    fleet = Fleet(6, tamper=tamper)
+    fleet.grid.__class__ = SlowGrid
+    session = SecAggSession(config)
+    r1, r2 = run_rounds(fleet, session, [1, 2])
+    assert_exact(r1, fleet.nodes, 1, config)
+    assert_exact(r2, fleet.nodes, 2, config)  # the wrong shares were found once all were in
+    assert liar in r2.faults

@@ -623,8 +623,28 @@ class ServerRound:
             out[self.node(w)] = RecordDict({R.SERVER_RECORD: rec})
         return self._count(out)
 
+    def unmask_enough(self, replies: dict[int, list[Reply]]) -> bool:
+        """Whether the replies so far hold t shares of every needed secret (counted, not yet
+        checked: a wrong share makes the caller wait for the rest)."""
+        needed = self.u3 | self._needed_sk_owners()
+        count = dict.fromkeys(needed, 0)
+        for w in self.u3:
+            got = replies.get(self.node(w), [])
+            rec = config(got[0], R.UNMASK_SHARES) if len(got) == 1 and not isinstance(got[0], Error) else None
+            if rec is None:
+                continue
+            for key in ("b_owner", "sk_owner"):
+                owners = rec.get(key)
+                for j in owners if isinstance(owners, list) else []:
+                    if j in count:
+                        count[j] += 1
+        return all(c >= self.s.t for c in count.values())
+
     def receive_unmask(self, replies: dict[int, list[Reply]]) -> None:
-        """Reconstruct the secrets; raises RoundAborted if any is out of reach."""
+        """Reconstruct the secrets; raises RoundAborted if any is out of reach. A survivor
+        without a reply is recorded as dropped at unmask - lost, or only slower than the
+        shares the server needed (it stops waiting once it has them); its input is in the
+        sum either way."""
         needed = self._needed_sk_owners()
         b_parts: dict[int, list[tuple[int, bytes]]] = {j: [] for j in self.u3}
         sk_parts: dict[int, list[tuple[int, bytes]]] = {j: [] for j in needed}
@@ -633,7 +653,7 @@ class ServerRound:
             got = replies.get(node, [])
             if len(got) != 1 or isinstance(got[0], Error):
                 if not got:
-                    self.dropped[node] = R.STAGE_UNMASK  # its input is still in the sum
+                    self.dropped[node] = R.STAGE_UNMASK
                 else:
                     self.faults[node] = "unmask: duplicate or error reply; its shares were not used"
                 continue

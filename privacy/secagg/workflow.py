@@ -54,40 +54,55 @@ def vector_length_of(content: RecordDict) -> int:
     return total
 
 
-def exchange(
-    grid: Grid, contents: Mapping[int, RecordDict], group_ids: Mapping[int, str] | str, timeout_s: float
-) -> dict[int, list[Reply]]:
-    """Send one RecordDict per node and collect replies until all arrived or the deadline.
+class Exchange:
+    """One RecordDict per node pushed; replies pulled until all arrived, the deadline, or
+    (``wait(enough=...)``) the caller has what it needs - the rest may still be waited for.
 
     Replies are keyed by the sending node; more than one reply from a node is kept (the
     protocol treats it as a duplicate)."""
-    messages = [
-        Message(content, dst_node_id=node, message_type=R.MESSAGE_TYPE,
-                group_id=group_ids if isinstance(group_ids, str) else group_ids[node], ttl=timeout_s + 30.0)
-        for node, content in contents.items()
-    ]
-    # a grid returns None for a message it could not push (e.g. too large): never answered
-    pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
-    del messages
-    replies: dict[int, list[Reply]] = {}
-    deadline = time.monotonic() + timeout_s
-    # Poll gently: a pull walks the SuperLink's state under its lock (in simulation, in this
-    # process, competing with the threads that deliver the messages); every 5 ms slowed a
-    # 100-device stage by about a third.
-    wait = 0.01
-    while pending:
-        got = list(grid.pull_messages(pending))
-        for reply in got:
-            node = int(reply.metadata.src_node_id)
-            if node not in contents:
-                continue
-            replies.setdefault(node, []).append(reply.error if reply.has_error() else reply.content)
-            pending.discard(reply.metadata.reply_to_message_id)
-        if not pending or time.monotonic() >= deadline:
-            break
-        time.sleep(wait)
-        wait = min(wait * 1.5, 0.1)
-    return replies
+
+    def __init__(self, grid: Grid, contents: Mapping[int, RecordDict], group_ids: Mapping[int, str] | str,
+                 timeout_s: float):
+        self.grid = grid
+        self.nodes = set(contents)
+        messages = [
+            Message(content, dst_node_id=node, message_type=R.MESSAGE_TYPE,
+                    group_id=group_ids if isinstance(group_ids, str) else group_ids[node], ttl=timeout_s + 30.0)
+            for node, content in contents.items()
+        ]
+        # a grid returns None for a message it could not push (e.g. too large): never answered
+        self.pending = {msg_id for msg_id in grid.push_messages(messages) if msg_id}
+        self.replies: dict[int, list[Reply]] = {}
+        self.deadline = time.monotonic() + timeout_s
+
+    @property
+    def finished(self) -> bool:
+        """Every reply is in, or the deadline passed."""
+        return not self.pending or time.monotonic() >= self.deadline
+
+    def wait(self, enough: Callable[[dict[int, list[Reply]]], bool] | None = None) -> dict[int, list[Reply]]:
+        # Poll gently: a pull walks the SuperLink's state under its lock (in simulation, in
+        # this process, competing with the threads that deliver the messages).
+        wait = 0.01
+        while True:
+            got = list(self.grid.pull_messages(self.pending)) if self.pending else []
+            for reply in got:
+                node = int(reply.metadata.src_node_id)
+                if node not in self.nodes:
+                    continue
+                self.replies.setdefault(node, []).append(reply.error if reply.has_error() else reply.content)
+                self.pending.discard(reply.metadata.reply_to_message_id)
+            if self.finished or (enough is not None and enough(self.replies)):
+                return self.replies
+            time.sleep(wait)
+            wait = min(wait * 1.5, 0.1)
+
+
+def exchange(
+    grid: Grid, contents: Mapping[int, RecordDict], group_ids: Mapping[int, str] | str, timeout_s: float
+) -> dict[int, list[Reply]]:
+    """Send one RecordDict per node and collect replies until all arrived or the deadline."""
+    return Exchange(grid, contents, group_ids, timeout_s).wait()
 
 
 @dataclass(frozen=True)
@@ -177,7 +192,19 @@ class SecAggSession:
                 unmask = rnd.unmask_messages()  # aborts here if some secret is out of reach
                 if before_unmask is not None:
                     before_unmask(rnd.pending())
-                rnd.receive_unmask(run(R.STAGE_UNMASK, unmask))
+                # The unmask stage ends as soon as every needed secret has t shares: the
+                # slowest device (often the last one to send its masked input, which then
+                # waits out a whole idle poll of its SuperNode) is not waited for.
+                start = time.perf_counter()
+                pending = Exchange(grid, unmask, f"{self.group_prefix}-{round}-{R.STAGE_UNMASK}", self.config.timeout_s)
+                try:
+                    rnd.receive_unmask(pending.wait(enough=rnd.unmask_enough))
+                except RoundAborted as exc:
+                    if pending.finished or exc.context.get("failure") != "unmask-failed":
+                        raise
+                    rnd.dropped = {n: st for n, st in rnd.dropped.items() if st != R.STAGE_UNMASK}
+                    rnd.receive_unmask(pending.wait())  # wrong shares among the first: wait for all
+                timings[R.STAGE_UNMASK] = time.perf_counter() - start
                 start = time.perf_counter()
                 result = rnd.result()
                 timings["aggregate"] = time.perf_counter() - start
