@@ -560,3 +560,19 @@ def test_the_unmask_stage_ends_once_the_shares_suffice_and_waits_for_all_after_a
     assert_exact(r1, fleet.nodes, 1, config)
     assert_exact(r2, fleet.nodes, 2, config)  # the wrong shares were found once all were in
     assert liar in r2.faults
+
+
+def test_a_device_that_missed_the_epochs_setup_waits_for_the_next_epoch():
+    config = SecAggConfig()
+    late = FIRST + 2
+    fleet = Fleet(7, offline=lambda node, r, stage: node == late and r == 1)
+    session = SecAggSession(config)
+    r1, r2 = run_rounds(fleet, session, [1, 2])
+    assert r1.dropped == {late: R.STAGE_SETUP} and r2.mode == "fast"
+    assert "not in the current epoch" in r2.excluded[late]
+    assert_exact(r2, [n for n in fleet.nodes if n != late], 2, config)
+    session.restart_epoch()
+    r3, r4 = run_rounds(fleet, session, [3, 4])
+    assert (r3.mode, r4.mode) == ("setup", "fast")
+    assert_exact(r3, fleet.nodes, 3, config)
+    assert_exact(r4, fleet.nodes, 4, config)

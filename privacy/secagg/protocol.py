@@ -175,6 +175,7 @@ class ServerSession:
         self.material: dict[int, Material] = {}
         self.involved: dict[int, set[int]] = {}
         self.banned: set[int] = set()
+        self.epoch_expired = False
 
     def start_round(self, node_ids: list[int], round_: int, vector_length: int, *,
                     fixed_cohort: bool = False) -> "ServerRound":
@@ -272,7 +273,7 @@ class ServerRound:
         this round, with at least t mutual neighbours); the rest of the cohort is asked to
         join. Otherwise a setup round (a new epoch over the cohort)."""
         s = self.s
-        if len(self.eligible) < 3 or s.epoch == 0 or any(n not in s.index_of for n in self.eligible):
+        if len(self.eligible) < 3 or s.epoch == 0 or s.epoch_expired or any(n not in s.index_of for n in self.eligible):
             return "setup"
         outside = [n for n in self.eligible if s.index_of[n] not in s.graph]
         cohort = {s.index_of[n] for n in self.eligible if n not in outside}
@@ -378,6 +379,7 @@ class ServerRound:
         s = self.s
         # The new epoch replaces the old one from here on (the old epoch's material is void).
         s.epoch, s.index_of, s.node_of = self.new_epoch, dict(self.setup_index), dict(self.setup_node)
+        s.epoch_expired = False
         s.n_index, s.material, s.c_pk, s.c_version, s.graph = len(self.setup_index), {}, {}, {}, {}
         self.participants = set(s.node_of)
         s_pk: dict[int, bytes] = {}

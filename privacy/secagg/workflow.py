@@ -132,6 +132,11 @@ class SecAggSession:
     def banned(self) -> set[int]:
         return set(self.server.banned)
 
+    def restart_epoch(self) -> None:
+        """Make the next round a setup round (a new epoch over its cohort): e.g. to let in
+        devices that did not complete the current epoch's setup. Bans stay."""
+        self.server.epoch_expired = True
+
     def round(
         self,
         grid: Grid,
