@@ -52,7 +52,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # deployment_apps, beside this file
 
+from deployment_apps import RestwiseRounds, bench_config  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
+
+from restwise.client.app import make_client_app  # noqa: E402
+from restwise.privacy.secagg.harness import InProcessGrid, ensure_task_identity  # noqa: E402
 from restwise.server import deploy as D  # noqa: E402
+from restwise.simulation.fleet import prepare_fleet  # noqa: E402
 
 APP_PYPROJECT = """\
 # Written by benchmarks/deployment.py: a throw-away Flower app directory.
@@ -100,10 +106,6 @@ class Deployment:
     """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node auth, each node with a store."""
 
     def __init__(self, root: Path, nodes: int, rounds: int, superexec_poll: float | None):
-        from deployment_apps import bench_config
-
-        from restwise.simulation.fleet import prepare_fleet
-
         self.root, self.n = root, nodes
         self.procs: list[D.ManagedProcess] = []
         t0 = time.perf_counter()
@@ -180,12 +182,6 @@ print(json.dumps({"flower_import_s": flower - start, "app_import_s": loaded - fl
 def cold_start(root: Path, fleet: Path, nodes: int, repeats: int) -> list[dict]:
     """Capture one device's (message, context) at every stage of a setup round and a fast
     round of an in-process session over real stores, then answer each in a fresh process."""
-    from deployment_apps import RestwiseRounds, bench_config
-    from flwr.app import Context, RecordDict
-
-    from restwise.client.app import make_client_app
-    from restwise.privacy.secagg.harness import InProcessGrid, ensure_task_identity
-
     ensure_task_identity()
     app = make_client_app()
     node_ids = [7000 + i for i in range(nodes)]
@@ -276,10 +272,6 @@ def main(argv: list[str] | None = None) -> int:
                 print("targets: " + "; ".join(verdicts))
         fleet = deployment.fleet if deployment is not None else root / "fleet"
         if deployment is None:
-            from deployment_apps import bench_config
-
-            from restwise.simulation.fleet import prepare_fleet
-
             prepare_fleet(fleet, bench_config(args.nodes, 3), demo_days=90)
         if deployment is not None:
             deployment.stop()
