@@ -3,6 +3,7 @@
     python benchmarks/deployment.py                      # 4 SuperNodes, 4 rounds per variant
     python benchmarks/deployment.py --nodes 4 --rounds 6 --superexec-poll 0.05
     python benchmarks/deployment.py --cold-start-only    # the ClientApp cold start per stage
+    python benchmarks/deployment.py --in-process 100     # both variants' CPU, no transport
 
 Everything runs on 127.0.0.1 and is started by this script: a trial CA and server certificate
 (``server/deploy.py``), a SuperLink with TLS and SuperNode authentication, one EC key per
@@ -27,6 +28,10 @@ variant's warm-up; for restwise it is the setup round, reported in the note). Th
 start of a ClientApp process per stage: a fresh interpreter that imports what
 ``flwr-clientapp`` imports, loads the Restwise ClientApp and answers one captured message of
 that stage on a real store (Flower's Runtime API round trips and FAB install excluded).
+
+``--in-process N`` runs the same two variants (the same apps, stores and training) over the
+in-process Grid (``privacy/secagg/harness.py``) with N devices and reports process CPU seconds
+per round (every device runs in this process): the cost of privacy without Flower's transport.
 
 Flower 1.42 costs that no Restwise change removes (read from its source): an idle SuperNode
 sleeps 3 s between polls of the SuperLink (``start_client_internal.py``, hard-coded); the
@@ -222,6 +227,45 @@ def cold_start(root: Path, fleet: Path, nodes: int, repeats: int) -> list[dict]:
     return rows
 
 
+def in_process(root: Path, nodes: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall s, CPU s) per round of each variant over the in-process Grid, N real devices."""
+    import deployment_apps as A  # noqa: PLC0415 - the same module the Flower apps load, here in-process
+
+    ensure_task_identity()
+    fleet = root / "fleet"
+    prepare_fleet(fleet, bench_config(nodes, rounds), demo_days=90)
+    node_ids = [9000 + i for i in range(nodes)]
+
+    def grid_for(app) -> InProcessGrid:
+        grid = InProcessGrid(app, node_ids)
+        for i, node in enumerate(node_ids):
+            grid.contexts[node] = Context(run_id=1, node_id=node, state=RecordDict(), run_config={}, node_config={
+                "store": str(fleet / f"device-{i:05d}"), "keystore": str(fleet / "keystore")})
+        return grid
+
+    out: dict[str, list[tuple[float, float]]] = {"plain": [], "restwise": []}
+    config = bench_config(nodes, rounds)
+    grid = grid_for(A.plain_client)
+    ckpt = A.initial_checkpoint(config)
+    arrays = A.wire.arrays_record(ckpt.arrays)
+    train = A.ConfigRecord({"model": ckpt.model, "model_config": ckpt.model_config, "local_epochs": config.local_epochs,
+                            "learning_rate": config.learning_rate, "batch_size": config.batch_size, "seed": 7})
+    strategy = A.FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes)
+    for _ in range(rounds):
+        wall, cpu = time.perf_counter(), time.process_time()
+        arrays = strategy.start(grid, arrays, num_rounds=1, train_config=train, timeout=600.0).arrays
+        out["plain"].append((time.perf_counter() - wall, time.process_time() - cpu))
+    grid = grid_for(make_client_app())
+    restwise = RestwiseRounds(config, node_ids, root)
+    for r in range(1, rounds + 1):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = restwise.round(grid, r)
+        if result.aborted:
+            raise SystemExit(f"in-process restwise round {r} aborted: {result.reason}")
+        out["restwise"].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=4)
@@ -233,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-start-only", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="per variant")
     parser.add_argument("--keep", type=Path, default=None, help="keep the deployment's folder (logs) here")
+    parser.add_argument("--in-process", type=int, default=None, metavar="N",
+                        help="instead of a deployment: both variants over the in-process Grid with N devices (CPU)")
     args = parser.parse_args(argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the first round is not counted)")
@@ -241,6 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     poll = "Flower's default 1.0 s" if args.superexec_poll is None else f"{args.superexec_poll} s"
     rows: dict[str, list[dict]] = {}
     deployment = None
+    if args.in_process:
+        runs = in_process(root, args.in_process, args.rounds)
+        print(f"in-process Grid, {args.in_process} devices with real stores; CPU = process CPU seconds (every device "
+              f"runs in this process); mean of rounds 2..{args.rounds}")
+        print(f"{'nodes':>6} {'variant':>9} {'s/round':>9} {'x plain':>8} {'CPU s':>7} {'x plain':>8}  note")
+        base_wall = statistics.mean(w for w, _ in runs["plain"][1:])
+        base_cpu = statistics.mean(c for _, c in runs["plain"][1:])
+        for variant, values in runs.items():
+            wall = statistics.mean(w for w, _ in values[1:])
+            cpu = statistics.mean(c for _, c in values[1:])
+            note = "round 1 (setup) not counted" if variant == "restwise" else ""
+            print(f"{args.in_process:>6} {variant:>9} {wall:>9.2f} {wall / base_wall:>8.2f} {cpu:>7.2f} "
+                  f"{cpu / base_cpu:>8.2f}  {note}")
+        return 0
     try:
         if not args.cold_start_only:
             deployment = Deployment(root, args.nodes, args.rounds, args.superexec_poll)
