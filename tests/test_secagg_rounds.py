@@ -576,3 +576,28 @@ def test_a_device_that_missed_the_epochs_setup_waits_for_the_next_epoch():
     assert (r3.mode, r4.mode) == ("setup", "fast")
     assert_exact(r3, fleet.nodes, 3, config)
     assert_exact(r4, fleet.nodes, 4, config)
+
+
+def test_on_stage_reports_counts_per_stage_and_the_write_ahead_commitment_binds_the_masked_sum():
+    """Progress: every stage of a setup round and of a fast round is reported when it starts
+    and when it ends, with counts only (a lost device shows as dropped). The commitment the
+    write-ahead entry names is fixed by the masked inputs before any share is asked for."""
+    config = SecAggConfig()
+    lost = FIRST + 2
+    fleet = Fleet(6, offline=lambda node, r, stage: node == lost and r == 2 and stage == R.STAGE_COLLECT)
+    session = SecAggSession(config)
+    seen: list[tuple] = []
+    commitments: list[str] = []
+    for r in (1, 2):
+        result = session.round(fleet.grid, fleet.nodes, fleet.content(r), round=r, vector_length=D,
+                               on_stage=lambda *a, r=r: seen.append((r, *a)),
+                               before_unmask=lambda p: commitments.append(p.commitment))
+        assert not result.aborted
+    starts = [(r, stage, expected) for r, stage, expected, received, _ in seen if received == 0]
+    assert starts == [(1, R.STAGE_SETUP, 6), (1, R.STAGE_SHARE_KEYS, 6), (1, R.STAGE_COLLECT, 6), (1, R.STAGE_UNMASK, 6),
+                      (2, R.STAGE_COLLECT, 6), (2, R.STAGE_UNMASK, 5)]
+    ends = {(r, stage): (received, dropped) for r, stage, _, received, dropped in seen if received}
+    assert ends[(1, R.STAGE_SETUP)] == (6, 0) and ends[(2, R.STAGE_COLLECT)] == (5, 1)
+    assert all(isinstance(x, int) or x is None for row in seen for x in row[2:])
+    assert len(commitments) == 2 and len(set(commitments)) == 2
+    assert all(len(c) == 64 and int(c, 16) >= 0 for c in commitments)

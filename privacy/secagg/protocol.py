@@ -29,6 +29,7 @@ why no round's reveal exposes another round's input: docs/secure-aggregation.md.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import secrets
@@ -132,13 +133,19 @@ class RoundPlan:
 @dataclass(frozen=True)
 class PendingUnmask:
     """The round after every masked input is in and before any unmasking share is asked
-    for: the survivors are final (a survivor lost at unmask stays in the sum)."""
+    for: the survivors are final (a survivor lost at unmask stays in the sum).
+
+    ``commitment``: SHA-256 (hex) of the session, epoch, round and the ring sum of the
+    survivors' masked inputs - the one aggregate the unmasking can decode, fixed before any
+    share is asked for. A write-ahead ledger entry names it (it reveals nothing: the masked
+    sum is uniformly random to anyone without the masks)."""
 
     round: int
     survivors: list[int]
     participants: int
     min_survivors: int
     sampled: int
+    commitment: str = ""
 
 
 @dataclass
@@ -598,7 +605,20 @@ class ServerRound:
 
     def pending(self) -> PendingUnmask:
         return PendingUnmask(self.round, sorted(self.node(i) for i in self.u3), self.n, self.min_survivors,
-                             self.num_sampled)
+                             self.num_sampled, self.masked_commitment())
+
+    def masked_commitment(self) -> str:
+        """SHA-256 over (session, epoch, round, survivor indices, ring sum of their masked
+        inputs): see :class:`PendingUnmask`."""
+        total = np.zeros(self.vector_length + 2 * len(self.extras), dtype=np.uint64)
+        for i in sorted(self.u3):
+            total += self.masked[i]
+        total &= ring_mask(self.config.ring_bits)
+        h = hashlib.sha256()
+        h.update(f"restwise-secagg-masked-sum|{self.s.session_id}|{self.s.epoch}|{self.round}|".encode())
+        h.update(",".join(str(i) for i in sorted(self.u3)).encode() + b"|")
+        h.update(total.astype("<u8").tobytes())
+        return h.hexdigest()
 
     def unmask_messages(self) -> dict[int, RecordDict]:
         """Checks every needed secret is held by at least t survivors *before* any share is

@@ -44,6 +44,14 @@ from .fields import Extra, config, extras_of
 from .protocol import PendingUnmask, Reply, RoundAborted, RoundPlan, SecureSumResult, ServerSession
 
 
+# How often, at most, a stage reports replies coming in (``on_stage``).
+PROGRESS_EVERY_S = 1.0
+
+# on_stage(stage, expected, received, dropped): a stage began (received 0), replies came in,
+# or it ended (dropped: expected - received). Counts only: no node id, no content.
+OnStage = Callable[[str, int, int, "int | None"], None]
+
+
 def vector_length_of(content: RecordDict) -> int:
     """Number of parameters in all ArrayRecords of ``content`` (the default update length:
     the update is the flattened model, in record and array order)."""
@@ -80,10 +88,14 @@ class Exchange:
         """Every reply is in, or the deadline passed."""
         return not self.pending or time.monotonic() >= self.deadline
 
-    def wait(self, enough: Callable[[dict[int, list[Reply]]], bool] | None = None) -> dict[int, list[Reply]]:
+    def wait(self, enough: Callable[[dict[int, list[Reply]]], bool] | None = None,
+             on_progress: Callable[[int], None] | None = None) -> dict[int, list[Reply]]:
+        """``on_progress(replied)``: the number of nodes that replied so far, when it changed
+        (at most every PROGRESS_EVERY_S seconds while replies come in)."""
         # Poll gently: a pull walks the SuperLink's state under its lock (in simulation, in
         # this process, competing with the threads that deliver the messages).
         wait = 0.01
+        told, told_at = len(self.replies), time.monotonic()
         while True:
             got = list(self.grid.pull_messages(self.pending)) if self.pending else []
             for reply in got:
@@ -92,17 +104,23 @@ class Exchange:
                     continue
                 self.replies.setdefault(node, []).append(reply.error if reply.has_error() else reply.content)
                 self.pending.discard(reply.metadata.reply_to_message_id)
-            if self.finished or (enough is not None and enough(self.replies)):
+            done = self.finished or (enough is not None and enough(self.replies))
+            if on_progress is not None and len(self.replies) != told \
+                    and (done or time.monotonic() - told_at >= PROGRESS_EVERY_S):
+                told, told_at = len(self.replies), time.monotonic()
+                on_progress(told)
+            if done:
                 return self.replies
             time.sleep(wait)
             wait = min(wait * 1.5, 0.1)
 
 
 def exchange(
-    grid: Grid, contents: Mapping[int, RecordDict], group_ids: Mapping[int, str] | str, timeout_s: float
+    grid: Grid, contents: Mapping[int, RecordDict], group_ids: Mapping[int, str] | str, timeout_s: float,
+    on_progress: Callable[[int], None] | None = None,
 ) -> dict[int, list[Reply]]:
     """Send one RecordDict per node and collect replies until all arrived or the deadline."""
-    return Exchange(grid, contents, group_ids, timeout_s).wait()
+    return Exchange(grid, contents, group_ids, timeout_s).wait(on_progress=on_progress)
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,7 @@ class SecAggSession:
         extras: tuple[Extra, ...] | None = None,
         fixed_cohort: bool = False,
         last: bool = False,
+        on_stage: OnStage | None = None,
     ) -> SecureSumResult:
         """One secure round over the sampled ``node_ids``; returns the decoded sum of the
         survivors' update vectors (``vector_length`` long; the extras are decoded apart).
@@ -173,9 +192,25 @@ class SecAggSession:
         extras = extras_of(self.config) if extras is None else tuple(extras)
         timings: dict[str, float] = {}
 
+        def tell(stage: str, expected: int) -> Callable[[int], None] | None:
+            if on_stage is None:
+                return None
+            on_stage(stage, expected, 0, None)
+            return lambda received: on_stage(stage, expected, received, None)
+
+        def told(stage: str, expected: int, replies: dict[int, list[Reply]]) -> None:
+            if on_stage is not None:
+                received = sum(1 for node in replies if node in outgoing_of[stage])
+                on_stage(stage, expected, received, expected - received)
+
+        outgoing_of: dict[str, set[int]] = {}
+
         def run(stage: str, outgoing: dict[int, RecordDict], groups: dict[int, str] | None = None):
             start = time.perf_counter()
-            replies = exchange(grid, outgoing, groups or f"{self.group_prefix}-{round}-{stage}", self.config.timeout_s)
+            outgoing_of[stage] = set(outgoing)
+            replies = exchange(grid, outgoing, groups or f"{self.group_prefix}-{round}-{stage}", self.config.timeout_s,
+                               on_progress=tell(stage, len(outgoing)))
+            told(stage, len(outgoing), replies)
             timings[stage] = time.perf_counter() - start
             return replies
 
@@ -201,14 +236,19 @@ class SecAggSession:
                 # slowest device (often the last one to send its masked input, which then
                 # waits out a whole idle poll of its SuperNode) is not waited for.
                 start = time.perf_counter()
+                outgoing_of[R.STAGE_UNMASK] = set(unmask)
+                progress = tell(R.STAGE_UNMASK, len(unmask))
                 pending = Exchange(grid, unmask, f"{self.group_prefix}-{round}-{R.STAGE_UNMASK}", self.config.timeout_s)
                 try:
-                    rnd.receive_unmask(pending.wait(enough=rnd.unmask_enough))
+                    rnd.receive_unmask(pending.wait(enough=rnd.unmask_enough, on_progress=progress))
                 except RoundAborted as exc:
                     if pending.finished or exc.context.get("failure") != "unmask-failed":
                         raise
                     rnd.dropped = {n: st for n, st in rnd.dropped.items() if st != R.STAGE_UNMASK}
-                    rnd.receive_unmask(pending.wait())  # wrong shares among the first: wait for all
+                    # wrong shares among the first: wait for all
+                    rnd.receive_unmask(pending.wait(on_progress=progress))
+                if on_stage is not None:  # the stage ends once the shares suffice: nobody counted as dropped
+                    on_stage(R.STAGE_UNMASK, len(unmask), len(pending.replies), None)
                 timings[R.STAGE_UNMASK] = time.perf_counter() - start
                 start = time.perf_counter()
                 result = rnd.result()
@@ -292,5 +332,5 @@ def config_from_run_config(run_config: Mapping[str, object], prefix: str = "seca
     return SecAggConfig(**kwargs)
 
 
-__all__ = ["SecAggSession", "RoundInput", "RoundPlan", "PendingUnmask", "SecureSumResult", "secure_sum",
+__all__ = ["SecAggSession", "RoundInput", "OnStage", "PROGRESS_EVERY_S", "RoundPlan", "PendingUnmask", "SecureSumResult", "secure_sum",
            "config_from_run_config", "exchange", "vector_length_of"]
