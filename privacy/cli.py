@@ -407,6 +407,9 @@ def verify_command(
                 f"{res.key_fingerprint}) and hash chain valid; epsilon = {res.epsilon_recomputed} at "
                 f"delta = {res.delta:g} recomputed from {res.releases} release(s) matches the report"
             )
+            for row in res.spent_not_applied:
+                typer.echo(f"  spent, not applied: round {row['round']} attempt {row['attempt']} "
+                           f"(release at ledger seq {row['release_seq']}; counted in epsilon): {row['reason']}")
         else:
             typer.echo(f"VERIFICATION FAILED ({len(res.problems)} problem(s)):", err=True)
             for problem in res.problems:

@@ -67,7 +67,7 @@ from typing import Any, Sequence
 from restwise.common.fsutil import atomic_write_bytes
 from restwise.privacy.accountant import PLDParameters, PrivacyAccountant
 from restwise.privacy.errors import AccountingError, ReportError
-from restwise.privacy.events import BudgetRefusalEvent, GaussianRoundEvent, ReportIssuedEvent, utc_now
+from restwise.privacy.events import AuditEvent, BudgetRefusalEvent, GaussianRoundEvent, ReportIssuedEvent, utc_now
 from restwise.privacy.ledger import LedgerEntry, PrivacyLedger, key_fingerprint, load_audit_key, public_key_pem
 
 REPORT_SCHEMA_VERSION = 1
@@ -162,6 +162,28 @@ def release_row(seq: int, ev: GaussianRoundEvent) -> dict[str, Any]:
         "clip_norm": ev.clip_norm,
         "model_hash": ev.model_hash,
     }
+
+
+# The AuditEvent a server writes when a release it accounted ahead (before any unmasking
+# share) produced no stored model (privacy/release.py NOT_APPLIED_ACTION; named here too so
+# that reading a report needs no part of the release machinery).
+NOT_APPLIED_ACTION = "release.not-applied"
+
+
+def spent_not_applied(entries: Sequence[LedgerEntry], run_id: str, limit_seq: int | None = None) -> list[dict[str, Any]]:
+    """The releases of ``run_id`` that were spent (counted in epsilon) but produced no model:
+    one row per ``release.not-applied`` entry (up to ``limit_seq``), from the ledger alone.
+    What the report lists and verification recomputes."""
+    out = []
+    for entry in entries:
+        ev = entry.event
+        if limit_seq is not None and entry.seq > limit_seq:
+            break
+        if isinstance(ev, AuditEvent) and ev.action == NOT_APPLIED_ACTION and ev.target == run_id:
+            d = ev.details
+            out.append({"release_seq": d.get("release_seq"), "round": d.get("round"), "attempt": d.get("attempt"),
+                        "ledger_seq": entry.seq, "reason": d.get("reason")})
+    return out
 
 
 def _threat_model(secagg: dict | None, amplified: bool) -> list[str]:
@@ -297,6 +319,8 @@ def build_report(
             },
         },
         "releases": [release_row(seq, ev) for seq, ev in releases],
+        # Releases accounted before the aggregate existed that produced no model: in epsilon.
+        "spent_not_applied": spent_not_applied(entries, run_id),
         "epsilon_curve": curve,
         "budget": budget,
         "refusals": refusals,
@@ -529,6 +553,14 @@ def render_html(report: dict, *, notice: str | None = None) -> str:
     )
     notes = "".join(f"<li>{e(n)}</li>" for n in acc.get("notes", []))
     error = f"<p class=warn>Accounting refused: {e(acc['error'])}</p>" if acc.get("error") else ""
+    not_applied = "".join(
+        f"<li>round {e(str(r.get('round')))} attempt {e(str(r.get('attempt')))} (release at ledger seq "
+        f"{e(str(r.get('release_seq')))}): {e(str(r.get('reason')))}</li>"
+        for r in report.get("spent_not_applied") or []
+    )
+    if not_applied:
+        not_applied = ("<h2>Spent, not applied</h2><p>Accounted before the aggregate existed (counted in "
+                       f"&epsilon;); no model was built from them.</p><ul>{not_applied}</ul>\n")
     refusals = "".join(
         f"<li>round {e(str(r['round']))}: {e(r['scope'])} budget {e(_fmt(r['budget_epsilon']))}, "
         f"projected {e(_fmt(r['projected_epsilon']))} (spent {e(_fmt(r['spent_epsilon']))})</li>"
@@ -579,7 +611,7 @@ th{{background:#f3f3f3}}code,pre{{background:#f6f6f6;padding:.2rem;overflow-x:au
 <h2>Releases (from the ledger)</h2>
 <table><tr><th>round</th><th>attempt</th><th>sampling</th><th>rate</th><th>cohort</th><th>planned</th><th>survivors</th>
 <th>noise multiplier (effective)</th><th>noise std</th><th>clip</th><th>ledger seq</th></tr>{rows}</table>
-<h2>Ledger</h2>
+{not_applied}<h2>Ledger</h2>
 <table>
 <tr><th>file</th><td>{e(str(led.get('file')))}</td></tr>
 <tr><th>entries at report time</th><td>{e(str(led.get('entries')))}</td></tr>
@@ -637,6 +669,11 @@ def render_text(report: dict, *, notice: str | None = None) -> str:
         lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     else:
         lines.append("  none: nothing about any person was released")
+    not_applied = report.get("spent_not_applied") or []
+    if not_applied:
+        lines += ["", "Spent, not applied (counted in epsilon; no model was built from them)"]
+        lines += [f"  round {r.get('round')} attempt {r.get('attempt')} (release at ledger seq {r.get('release_seq')}): "
+                  f"{r.get('reason')}" for r in not_applied]
     refusals = report.get("refusals") or []
     lines += ["", "Budget refusals"] + (
         [f"  round {r.get('round')}: {r.get('scope')} budget {_fmt(r.get('budget_epsilon'))}, projected "

@@ -15,7 +15,8 @@
 3. that the report's recorded ledger head (seq, hash, signature) is in the ledger;
 4. that every number of the report is what the accountant computes again from the ledger's
    release events alone: epsilon, its RDP bound, the no-amplification epsilon, each release
-   row, the epsilon curve (relative tolerance 1e-9).
+   row, the epsilon curve (relative tolerance 1e-9), and the releases that were spent but not
+   applied (``release.not-applied``: counted in epsilon, no model built).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from restwise.privacy.report import (
     accountant_from,
     release_row,
     run_accounting,
+    spent_not_applied,
 )
 
 REL_TOLERANCE = 1e-9
@@ -59,6 +61,7 @@ class VerificationResult:
     key_pinned: bool = False
     key_fingerprint: str | None = None
     key_source: str | None = None  # "pinned", "shipped" (trusted on request) or None (no key)
+    spent_not_applied: list[dict] = field(default_factory=list)
 
     def raise_for_problems(self) -> "VerificationResult":
         if not self.ok:
@@ -316,6 +319,9 @@ def _verify(
                 for a, b in zip(curve, report.get("epsilon_curve") or [])
             ):
                 res.problems.append("epsilon_curve does not match the curve recomputed from the ledger")
+    res.spent_not_applied = spent_not_applied(entries, res.run_id, limit)
+    if (report.get("spent_not_applied") or []) != res.spent_not_applied:
+        res.problems.append("spent_not_applied: the report's list differs from the ledger's release.not-applied entries")
     rows = [release_row(seq, ev) for seq, ev in releases]
     reported_rows = report.get("releases") or []
     if len(rows) != len(reported_rows):
