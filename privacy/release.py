@@ -23,23 +23,35 @@ change of the release lands in one place)::
     1. check_budget(round)           before anything is sent: refuse the release if its worst
                                      case (noise exactly z C) would exceed the run's budget;
                                      ledger BudgetRefusalEvent
-    2. round_parameters(n)           the secure-aggregation configuration for n devices and the
-                                     DP parameters their mods apply (clip C, z, noise divisor)
-                                     -- a write-ahead ledger entry (issue 17) belongs here,
-                                        before any device sends anything
-    3. secure_sum(...)               masked vectors in, the exact sum of the survivors out
+    2. round_input(plan)             once the round's participants are known: the DP parameters
+                                     the devices' mods apply (clip C, z, noise shares sized for
+                                     the fewest survivors a released sum can hold) and the
+                                     round's encoding range
+    3. the secure round              one round of the run's SecAggSession (privacy/secagg): the
+                                     first message of a device's round carries the announced run
+                                     record (consent is asked there), masked vectors in, then
+       5. release_event(...)         -- write-ahead (issue 17), in the session's before_unmask
+       6. ledger.append(event)          hook: every masked input is in, no unmasking share has
+                                        been asked for. GaussianRoundEvent with the actual
+                                        survivors and noise, naming the commitment to the masked
+                                        sum (model_hash). From here the release is SPENT.
+                                     unmask, decode, the sum bound (fails closed)
     4. add_noise(...)                central: N(0, (z C)^2) added here; either way the standard
                                      deviation of the noise that protects one person
-    5. release_event(...)            GaussianRoundEvent: actual survivors, actual noise, the hash
-                                     of what the caller publishes (the model built from the sum)
-    6. ledger.append(event)          signed, hash-chained, BEFORE the caller stores its model
-                                     -- device receipts of the release (issue 15) belong here
+       publish(...)                  the caller builds its model from the released sum
     7. epsilon()                     the accountant's epsilon over the run's releases, read
                                      back from the ledger (what an auditor recomputes)
+    8. applied(release, hash)        after the caller stored its model: AuditEvent
+                                     ``release.applied`` naming the release and the model hash
 
-``ReleaseWorkflow.release`` runs steps 2-7 in that order; the orchestrator calls step 1 before
-it contacts the cohort. A release that cannot complete is recorded by :meth:`ReleaseWorkflow.fail`
-(ledger AuditEvent ``round.failed``; nothing released, nothing accounted).
+A spent release that produces no model (the secure round aborted after the write-ahead entry,
+the decoded sum failed its bound, the model could not be built) is recorded by
+:meth:`ReleaseWorkflow.release` as AuditEvent ``release.not-applied``: it stays counted, and a
+retry of the round is a new release (attempt + 1). A release the server crashed in the middle
+of is settled at the next start (:meth:`ReleaseWorkflow.reconcile`). A round that ends before
+the write-ahead entry released nothing and spent nothing: :meth:`ReleaseWorkflow.fail` records
+it (AuditEvent ``round.failed``). The order of writes, and why no crash point under-counts:
+docs/privacy-accounting.md.
 """
 
 from __future__ import annotations
@@ -67,10 +79,11 @@ from restwise.privacy.events import (
     counted_noise_shares,
     event_from_dict,
 )
+from restwise.privacy.report import NOT_APPLIED_ACTION
 from restwise.privacy.secagg.config import SecAggConfig
 from restwise.privacy.secagg.errors import SecAggConfigError
-from restwise.privacy.secagg.protocol import SecureSumResult
-from restwise.privacy.secagg.workflow import secure_sum
+from restwise.privacy.secagg.protocol import PendingUnmask, RoundPlan
+from restwise.privacy.secagg.workflow import OnStage, RoundInput, SecAggSession
 
 SAMPLING_METHODS = ("poisson", "fixed")
 NOISE_PLACEMENTS = ("distributed", "central")
@@ -78,6 +91,10 @@ MIN_COHORT = 3  # secure aggregation needs at least 3 devices
 # The fixed-point encoding range holds this many per-device noise standard deviations.
 ENCODING_NOISE_SDS = 12.0
 SERVER_ACTOR = "restwise-server"
+# Ledger AuditEvent actions of a release's fate (after its GaussianRoundEvent, which is
+# written ahead: spent) and of a round that spent nothing.
+APPLIED_ACTION = "release.applied"
+FAILED_ACTION = "round.failed"
 
 
 # -- the policy: what a run may release --------------------------------------------------------
@@ -415,7 +432,12 @@ class RoundParameters:
 
 @dataclass
 class Release:
-    """The outcome of :meth:`ReleaseWorkflow.release`."""
+    """The outcome of :meth:`ReleaseWorkflow.release`.
+
+    released   a model may be built: the sum was decoded, checked and noised
+    spent      the release is in the ledger (written ahead, before any unmasking share):
+               counted in epsilon whether or not it was released
+    failure    the secure round's failure code when it aborted (``sum-out-of-bounds``, ...)"""
 
     released: bool
     reason: str | None = None
@@ -426,6 +448,11 @@ class Release:
     event: GaussianRoundEvent | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # none today: no metric leaves a device in the clear
     entry: Any = None  # the ledger entry of the release (seq, hash, signature): what a device receipt names
+    spent: bool = False
+    failure: str | None = None
+    participants: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    mode: str = ""
 
     @property
     def noise_multiplier_effective(self) -> float | None:
@@ -486,42 +513,130 @@ class ReleaseWorkflow:
         t_min = secagg.min_survivors(n)
         return RoundParameters(secagg, dp_parameters(self.policy, z, t_min), t_min)
 
+    def session_config(self) -> SecAggConfig:
+        """The configuration of the run's :class:`SecAggSession`: the policy's settings, with
+        the widest encoding range any round may use (the smallest cohort's noise shares are
+        the largest); each round sets its own range (:meth:`round_input`)."""
+        return self.round_parameters(MIN_COHORT).secagg
+
+    # 2 (per round, in the session) -------------------------------------------------------------
+    def round_input(self, plan_: RoundPlan, content_for: Callable[[DPRoundParams], RecordDict]
+                    ) -> tuple[RoundInput, DPRoundParams]:
+        """The round's train content and encoding range once its participants are known:
+        noise shares sized for ``plan_.min_survivors`` (the fewest inputs a released sum can
+        hold), the range holding ENCODING_NOISE_SDS of them."""
+        dp = dp_parameters(self.policy, self.plan.noise_multiplier, plan_.min_survivors)
+        clip_range = self.policy.sensitivity + ENCODING_NOISE_SDS * dp.share_std
+        return RoundInput(content_for(dp), clip_range=float(clip_range * (1 + 1e-6))), dp
+
     # 2-7 --------------------------------------------------------------------------------------
     def release(
         self,
         grid: Grid,
-        participants: list[int],
+        session: SecAggSession,
+        cohort: list[int],
         content_for: Callable[[DPRoundParams], RecordDict],
         *,
         round_: int,
         attempt: int,
-        sampled: int,
         vector_length: int,
         publish: Callable[[np.ndarray, int, float], Published],
+        announce: RecordDict | None = None,
+        last: bool = False,
+        on_stage: OnStage | None = None,
     ) -> Release:
-        """One release over ``participants``: ``content_for(dp_params)`` is what each device's
-        app receives; ``publish(released_sum, survivors, noise_std_of_the_sum)`` builds what
-        the orchestrator will store (its ``model_hash()`` goes into the ledger event). Nothing
-        is published or accounted when the secure round aborts (the caller then calls
-        :meth:`fail`)."""
+        """One release over the sampled ``cohort`` through one round of the run's ``session``:
+        ``content_for(dp_params)`` is what each device's app receives; ``announce`` goes with
+        the first message of each device's round (the run record: the device decides there
+        whether it takes part); ``publish(released_sum, survivors, noise_std_of_the_sum)``
+        builds what the orchestrator will store. The release is written to the ledger as spent
+        before any unmasking share is asked for; what happens after is in the result (and,
+        for a spent release that produced nothing, in the ledger: ``release.not-applied``).
+        The caller records a stored model with :meth:`applied`, and a round that spent nothing
+        with :meth:`fail`. What ``publish`` raises propagates (the release stays spent)."""
+        sampled = len(cohort)
+        chosen: dict[str, Any] = {}
+
+        def build(plan_: RoundPlan) -> RoundInput:
+            round_input, chosen["dp"] = self.round_input(plan_, content_for)
+            return round_input
+
+        def write_ahead(pending: PendingUnmask) -> None:
+            survivors = len(pending.survivors)
+            std = released_noise_std(self.plan, chosen["dp"], survivors)
+            event = self.release_event(round_, attempt, sampled, survivors, std, pending.commitment)
+            chosen["event"], chosen["entry"] = event, self.ledger.append(event)
+
         try:
-            params = self.round_parameters(len(participants))
+            result = session.round(grid, cohort, build, round=round_, vector_length=vector_length, announce=announce,
+                                   before_unmask=write_ahead, last=last, on_stage=on_stage)
         except SecAggConfigError as exc:
             return Release(False, f"secure aggregation refused the round: {exc}")
-        result = self.secure_sum(grid, participants, content_for(params.dp), params, round_, vector_length)
+        common = dict(failure=result.failure, participants=result.participants, stage_seconds=dict(result.stage_seconds),
+                      mode=result.mode)
+        if "entry" not in chosen:  # ended before any unmasking share was asked for: nothing revealed
+            return Release(False, f"secure aggregation aborted: {result.reason}", survivors=len(result.survivors),
+                           **common)
+        event, entry, dp = chosen["event"], chosen["entry"], chosen["dp"]
+        spent = dict(spent=True, event=event, entry=entry, survivors=event.survivors, **common)
         if result.aborted or result.total is None:
-            return Release(False, f"secure aggregation aborted: {result.reason}", survivors=len(result.survivors))
+            reason = f"secure aggregation aborted after the release was accounted (spent, not applied): {result.reason}"
+            self.not_applied(entry, reason, failure=result.failure)
+            return Release(False, reason, accounting=self.epsilon(), **spent)
         survivors = len(result.survivors)
-        released, std = add_noise(self.plan, params.dp, result.total, survivors, self._noise_rng())
-        published = publish(released, survivors, sum_noise_std(self.plan, params.dp, survivors))
-        event = self.release_event(round_, attempt, sampled, survivors, std, published.model_hash())
-        entry = self.ledger.append(event)  # the ledger first: a computed release is accounted whatever happens next
-        return Release(True, None, survivors, std, published, self.epsilon(), event, dict(result.metrics), entry)
+        released, std = add_noise(self.plan, dp, result.total, survivors, self._noise_rng())
+        try:
+            published = publish(released, survivors, sum_noise_std(self.plan, dp, survivors))
+        except Exception as exc:  # noqa: BLE001 - recorded, then re-raised
+            self.not_applied(entry, f"the model could not be built from the released sum: {type(exc).__name__}")
+            raise
+        return Release(True, None, noise_std=std, published=published, accounting=self.epsilon(),
+                       metrics=dict(result.metrics), **spent)
 
-    # 3 ----------------------------------------------------------------------------------------
-    def secure_sum(self, grid: Grid, participants: list[int], content: RecordDict, params: RoundParameters,
-                   round_: int, vector_length: int) -> SecureSumResult:
-        return secure_sum(grid, participants, content, params.secagg, round=round_, vector_length=vector_length)
+    # 8 ----------------------------------------------------------------------------------------
+    def applied(self, release: Release, model_hash: str):
+        """Record that the caller stored the model built from ``release`` (after it wrote it):
+        AuditEvent ``release.applied`` naming the release's ledger entry and the model hash."""
+        return self._settle(release.entry, APPLIED_ACTION, model_hash=model_hash)
+
+    def not_applied(self, entry, reason: str, failure: str | None = None):
+        """Record that a spent release produced no stored model (it stays counted)."""
+        extra = {"failure": failure} if failure else {}
+        return self._settle(entry, NOT_APPLIED_ACTION, reason=reason[:500], **extra)
+
+    def _settle(self, entry, action: str, **details: Any):
+        ev = entry.event
+        return self.ledger.append(AuditEvent(
+            actor=SERVER_ACTOR, action=action, target=self.run_id,
+            details={"round": ev.round, "attempt": ev.attempt, "release_seq": entry.seq, "release_hash": entry.hash,
+                     **details},
+        ))
+
+    def reconcile(self, stored_round: int, stored_model_hash: str | None) -> list[str]:
+        """At a run's (re)start: settle the releases a crash left unsettled (spent, neither
+        applied nor not-applied). The orchestrator writes its checkpoint before
+        ``release.applied``, so the last unsettled release of the stored checkpoint's round is
+        the one that built it (applied); every other was spent and never stored (not applied:
+        its round is re-run as a new release). Only releases of the stored round or later are
+        looked at: an earlier one was settled when the run went past it (or predates
+        write-ahead accounting). Returns the actions written."""
+        entries = self.ledger.entries()
+        settled = {int(e.event.details.get("release_seq", -1)) for e in entries
+                   if isinstance(e.event, AuditEvent) and e.event.target == self.run_id
+                   and e.event.action in (APPLIED_ACTION, NOT_APPLIED_ACTION)}
+        orphans = [e for e in entries if isinstance(e.event, GaussianRoundEvent) and e.event.run_id == self.run_id
+                   and e.seq not in settled and e.event.round >= stored_round]
+        built = max((e.seq for e in orphans if e.event.round == stored_round), default=None)
+        written = []
+        for e in orphans:
+            if e.seq == built and stored_round >= 1 and stored_model_hash:
+                self._settle(e, APPLIED_ACTION, model_hash=stored_model_hash, settled_at_restart=True)
+                written.append(APPLIED_ACTION)
+            else:
+                self.not_applied(e, "the server stopped after the release was accounted and before its model was "
+                                    "stored; the round is re-run as a new release")
+                written.append(NOT_APPLIED_ACTION)
+        return written
 
     # 5 ----------------------------------------------------------------------------------------
     def release_event(self, round_: int, attempt: int, sampled: int, survivors: int, noise_std: float,
@@ -539,9 +654,15 @@ class ReleaseWorkflow:
 
     def release_entry(self, model_hash: str):
         """The ledger entry of this run's release that produced ``model_hash`` (its receipt),
-        or None."""
-        for entry in reversed(self.ledger.entries()):
+        or None: the release a ``release.applied`` entry names with that hash (a release
+        written ahead names the masked sum), or a release event naming it directly."""
+        entries = self.ledger.entries()
+        by_seq = {e.seq: e for e in entries}
+        for entry in reversed(entries):
             ev = entry.event
+            if isinstance(ev, AuditEvent) and ev.action == APPLIED_ACTION and ev.target == self.run_id \
+                    and ev.details.get("model_hash") == model_hash:
+                return by_seq.get(int(ev.details.get("release_seq", -1)))
             if isinstance(ev, GaussianRoundEvent) and ev.run_id == self.run_id and ev.model_hash == model_hash:
                 return entry
         return None
@@ -565,7 +686,7 @@ class ReleaseWorkflow:
         """Record a round that released nothing (ledger AuditEvent ``round.failed``); returns
         the epsilon spent so far."""
         self.ledger.append(AuditEvent(
-            actor=SERVER_ACTOR, action="round.failed", target=self.run_id,
+            actor=SERVER_ACTOR, action=FAILED_ACTION, target=self.run_id,
             details={"round": round_, "attempt": attempt, **counts, "released": False, "reason": reason[:500]},
         ))
         spent = self.epsilon()
@@ -576,5 +697,5 @@ __all__ = [
     "ReleasePolicy", "SecureAggregationPolicy", "ReleasePlan", "plan_release", "BudgetDecision", "check_plan",
     "dp_parameters", "released_noise_std", "sum_noise_std", "add_noise", "release_event", "expected_epsilon", "ReleaseWorkflow",
     "Release",
-    "RoundParameters", "Published", "MIN_COHORT", "SERVER_ACTOR",
+    "RoundParameters", "Published", "MIN_COHORT", "SERVER_ACTOR", "APPLIED_ACTION", "NOT_APPLIED_ACTION", "FAILED_ACTION",
 ]

@@ -19,14 +19,29 @@ One round (``FederatedServer.run_round``)::
 
     release.check_budget                        refuse -> ledger BudgetRefusalEvent, status refused
     wait for nodes (bounded), sample a cohort   Poisson(q) or fixed-size m of N
-    hello: run id + round + model -> participate?   consent and enough data, decided on the device
-    release.release                             DP parameters, secure sum of the participants'
-                                                clipped (and noise-shared) vectors, noise,
-                                                ledger GaussianRoundEvent BEFORE the checkpoint
-        aborted (too many dropouts)             nothing released; ledger AuditEvent round.failed
+    release.release: one round of the run's     the first message of a device's round carries the
+      secure-aggregation session                run record: consent and enough data are decided
+      (privacy/secagg, docs/secure-             there, on the device ("not taking part" otherwise);
+      aggregation.md)                           a setup round (4 messages per device) when the
+                                                cohort is new, else a fast round (2 messages)
+        every masked input in                   ledger GaussianRoundEvent: SPENT (write-ahead,
+                                                before any unmasking share is asked for)
+        unmask, decode, sum bound, noise        aborted before the write-ahead entry: nothing
+                                                spent; ledger AuditEvent round.failed. After it:
+                                                ledger AuditEvent release.not-applied (counted)
     model = architecture.apply_release(model_config, model, released sum)   (FedAvg: / expected
                                                 cohort, a fixed denominator; statistics: a solve)
-    checkpoint (atomic), rounds.jsonl, state.json
+    checkpoint (atomic), then ledger AuditEvent release.applied, rounds.jsonl, state.json
+
+The session lives as long as this server object (the run, or its resumption): a resumed run
+starts a new session with a setup round. At start, releases a crash left unsettled are settled
+(``ReleaseWorkflow.reconcile``). One-release architectures (``delivers_model``) take the same
+path: their one round is a one-round session (a setup round; devices forget it after unmask).
+
+Progress (``progress.jsonl`` in the run folder, ``rundir.append_progress``; ``restwise server
+run`` and ``runs show --watch`` render it): waiting-for-nodes, each secure-aggregation stage as
+replies come in (setup, share-keys, collect-masked-input, unmask), release, deliver, report.
+Counts only.
 
 After the last round, for an architecture whose model is computed on the server
 (``delivers_model``: the one-release linear head), the released model goes to every connected
@@ -66,8 +81,10 @@ from restwise.models.registry import ReleasedSum
 from restwise.privacy import wire
 from restwise.privacy.dp_mods import DPRoundParams
 from restwise.privacy.release import MIN_COHORT, ReleaseWorkflow, plan_release
+from restwise.privacy.secagg.errors import SecAggConfigError
+from restwise.privacy.secagg.workflow import SecAggSession
 from restwise.server.errors import PlanError
-from restwise.server.rundir import Checkpoint, RunFiles, open_ledger, write_report
+from restwise.server.rundir import Checkpoint, RunFiles, append_progress, open_ledger, write_report
 from restwise.server.runconfig import RunConfig
 
 _log = logging.getLogger(__name__)
@@ -98,13 +115,19 @@ def initial_checkpoint(config: RunConfig) -> Checkpoint:
 
 
 # -- messaging helpers --------------------------------------------------------------------
-def wait_for_nodes(grid: Grid, want: int, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> list[int]:
-    """Node ids once ``want`` are connected or ``timeout_s`` passed (never waits forever)."""
+def wait_for_nodes(grid: Grid, want: int, timeout_s: float, should_stop: Callable[[], bool] = lambda: False,
+                   on_count: Callable[[int], None] | None = None) -> list[int]:
+    """Node ids once ``want`` are connected or ``timeout_s`` passed (never waits forever).
+    ``on_count(connected)``: at the start and whenever the number changes."""
     deadline = time.monotonic() + timeout_s
     nodes = sorted(int(n) for n in grid.get_node_ids())
+    if on_count is not None:
+        on_count(len(nodes))
     while len(nodes) < want and time.monotonic() < deadline and not should_stop():
         time.sleep(0.1)
-        nodes = sorted(int(n) for n in grid.get_node_ids())
+        before, nodes = len(nodes), sorted(int(n) for n in grid.get_node_ids())
+        if on_count is not None and len(nodes) != before:
+            on_count(len(nodes))
     return nodes
 
 
@@ -141,6 +164,8 @@ class RoundOutcome:
     survived: int = 0
     dropped: int = 0
     train_loss: float | None = None  # None: not collected (no per-device metric leaves a device)
+    spent: bool = False  # the release is in the ledger (written ahead) whether or not it was applied
+    mode: str | None = None  # the secure round: setup | fast
     epsilon: float | None = None
     epsilon_no_amplification: float | None = None
     delta: float | None = None
@@ -207,7 +232,11 @@ class FederatedServer:
         self.mode = mode
         self.hello_timeout_s = hello_timeout_s or min(config.round_timeout_s, 120.0)
         self.release = ReleaseWorkflow(plan_release(config.release_policy()), ledger, run_id) if mode == "private" else None
+        # The run's secure-aggregation session: key agreement once per epoch, then two
+        # messages per device and round (privacy/secagg/workflow.py).
+        self.session: SecAggSession | None = None  # created at the first private round
         self.outcomes: list[RoundOutcome] = []
+        self._progress_failed = False
 
     # -- control --------------------------------------------------------------------------
     def should_stop(self) -> bool:
@@ -238,8 +267,25 @@ class FederatedServer:
             _log.warning("run %s: the operator forced a plan the planner refuses: %s", self.run_id, verdict.message)
         return None
 
+    def progress(self, stage: str, rnd: int, attempt: int = 0, *, expected: int | None = None,
+                 received: int | None = None, dropped: int | None = None) -> None:
+        """One progress line (counts only). A progress file that cannot be written is logged
+        once and does not stop the run: the round's own files say what happened."""
+        try:
+            append_progress(self.files.run_dir, stage, rnd=rnd, attempt=attempt, expected=expected,
+                            received=received, dropped=dropped)
+        except OSError as exc:
+            if not self._progress_failed:
+                _log.warning("the progress file of run %s cannot be written (%s); the run goes on", self.run_id,
+                             exc.strerror)
+            self._progress_failed = True
+
     def run(self, grid: Grid) -> RunSummary:
         ckpt = self.load_checkpoint()
+        if self.release is not None:
+            # A crash may have left a release spent (written ahead) and unsettled.
+            for action in self.release.reconcile(ckpt.round, ckpt.model_hash() if ckpt.round >= 1 else None):
+                _log.warning("run %s: a release left by an interrupted round was recorded as %s", self.run_id, action)
         # Rounds are numbered 1..rounds; failed rounds use up their number (nothing released).
         next_round = self._next_round(ckpt)
         if next_round <= self.config.rounds:
@@ -323,27 +369,46 @@ class FederatedServer:
             if refusal is not None:
                 outcome.status, outcome.reason = "refused", refusal
                 return outcome, ckpt
-        nodes = wait_for_nodes(grid, self.config.device_count, self.node_wait_s, self.should_stop)
+        want, attempt = self.config.device_count, outcome.attempt
+        nodes = wait_for_nodes(grid, want, self.node_wait_s, self.should_stop,
+                               lambda n: self.progress("waiting-for-nodes", rnd, attempt, expected=want, received=n))
         cohort = self.sample(nodes)
         outcome.sampled = len(cohort)
         if self.release is None:
             return self._plain_round(grid, rnd, ckpt, cohort, outcome, started)
-        participants = self._hello(grid, rnd, cohort)
-        outcome.participants = len(participants)
-        if len(participants) < MIN_COHORT:
-            return self._fail(outcome, ckpt, f"only {len(participants)} of {len(cohort)} sampled devices can take part (at least {MIN_COHORT} needed)", started)
+        if len(cohort) < MIN_COHORT:
+            return self._fail(outcome, ckpt, f"only {len(cohort)} devices sampled of {len(nodes)} connected "
+                                             f"(at least {MIN_COHORT} needed)", started)
+
+        try:
+            if self.session is None:
+                self.session = SecAggSession(self.release.session_config())
+        except SecAggConfigError as exc:
+            return self._fail(outcome, ckpt, f"secure aggregation refused the run's configuration: {exc}", started)
+
+        def on_stage(stage: str, expected: int, received: int, dropped: int | None) -> None:
+            self.progress(stage, rnd, attempt, expected=expected, received=received, dropped=dropped)
+
         release = self.release.release(
-            grid, participants, lambda params: self.train_content(rnd, ckpt, params),
-            round_=rnd, attempt=outcome.attempt, sampled=len(cohort),
-            vector_length=self.architecture.contribution_size(ckpt.arrays),
+            grid, self.session, cohort, lambda params: self.train_content(rnd, ckpt, params),
+            round_=rnd, attempt=attempt, vector_length=self.architecture.contribution_size(ckpt.arrays),
             publish=lambda total, survivors, noise_std: self._next_checkpoint(rnd, ckpt, total, survivors, noise_std),
+            announce=RecordDict({wire.RUN_RECORD: self.run_record(rnd)}), last=rnd == self.config.rounds,
+            on_stage=on_stage,
         )
+        outcome.participants, outcome.mode = release.participants, release.mode or None
+        outcome.survived = release.survivors
         outcome.dropped = len(cohort) - release.survivors
         if not release.released:
+            if release.spent:  # counted in epsilon; the ledger says release.not-applied
+                return self._spent_not_applied(outcome, ckpt, release, started)
             return self._fail(outcome, ckpt, release.reason or "nothing released", started)
+        self.progress("release", rnd, attempt, expected=len(cohort), received=release.survivors,
+                      dropped=outcome.dropped)
         new_ckpt = release.published
-        atomic_write_bytes(self.files.checkpoint, new_ckpt.to_bytes())  # after the ledger entry
-        outcome.status, outcome.survived = "released", release.survivors
+        atomic_write_bytes(self.files.checkpoint, new_ckpt.to_bytes())  # after the write-ahead ledger entry
+        self.release.applied(release, new_ckpt.model_hash())  # after the checkpoint (see reconcile)
+        outcome.status, outcome.spent = "released", True
         outcome.epsilon = release.accounting.epsilon
         outcome.epsilon_no_amplification = release.accounting.epsilon_no_amplification
         outcome.noise_multiplier_effective, outcome.noise_std_total = release.noise_multiplier_effective, release.noise_std
@@ -351,6 +416,18 @@ class FederatedServer:
         outcome.seconds = time.perf_counter() - started
         _log.info("round %d released: %d of %d sampled survived, epsilon %.4g", rnd, release.survivors, len(cohort), outcome.epsilon)
         return outcome, new_ckpt
+
+    def _spent_not_applied(self, outcome: RoundOutcome, ckpt: Checkpoint, release, started: float
+                           ) -> tuple[RoundOutcome, Checkpoint]:
+        """A round whose release was accounted (written ahead) and then produced no model: the
+        sum failed its bound, or the unmasking failed. Recorded as failed and spent."""
+        outcome.status, outcome.reason, outcome.spent = "failed", release.reason, True
+        outcome.epsilon = release.accounting.epsilon if release.accounting is not None else None
+        outcome.epsilon_no_amplification = release.accounting.epsilon_no_amplification if release.accounting else None
+        outcome.noise_multiplier_effective = release.noise_multiplier_effective
+        outcome.seconds = time.perf_counter() - started
+        _log.warning("round %d failed after its release was accounted: %s", outcome.round, release.reason)
+        return outcome, ckpt
 
     def _next_checkpoint(self, rnd: int, ckpt: Checkpoint, total: np.ndarray, survivors: int,
                          noise_std: float) -> Checkpoint:
@@ -377,9 +454,11 @@ class FederatedServer:
             }),
         })
         started = time.perf_counter()
+        self.progress("deliver", ckpt.round, expected=len(nodes), received=0)
         replies = exchange(grid, {n: content for n in nodes}, wire.MODEL_MESSAGE_TYPE, f"model-{ckpt.round}",
                            self.hello_timeout_s)
         answered = sum(1 for r in replies.values() if not r.has_error())
+        self.progress("deliver", ckpt.round, expected=len(nodes), received=answered, dropped=len(nodes) - answered)
         _log.info("released model %s... delivered to %d of %d devices", model_hash[:12], answered, len(nodes))
         return {"round": ckpt.round, "model_hash": model_hash, "devices": answered, "connected": len(nodes),
                 "seconds": round(time.perf_counter() - started, 3)}
@@ -416,18 +495,6 @@ class FederatedServer:
         if params is not None:
             content[wire.DP_RECORD] = params.to_record()
         return content
-
-    def _hello(self, grid: Grid, rnd: int, cohort: list[int]) -> list[int]:
-        contents = {n: RecordDict({wire.RUN_RECORD: self.run_record(rnd)}) for n in cohort}
-        replies = exchange(grid, contents, wire.HELLO_MESSAGE_TYPE, f"hello-{rnd}", self.hello_timeout_s)
-        out = []
-        for node, reply in replies.items():
-            if reply.has_error():
-                continue
-            rec = reply.content.config_records.get(wire.CONSENT_RECORD)
-            if rec is not None and rec.get("participate") is True:
-                out.append(node)
-        return sorted(out)
 
     # -- plain FedAvg (benchmark baseline only) -------------------------------------------
     def _plain_round(self, grid, rnd, ckpt, cohort, outcome, started):
@@ -505,6 +572,10 @@ def run_in_directory(grid: Grid, run_dir: Path, *, node_wait_s: float = 60.0) ->
     except Exception as exc:  # noqa: BLE001 - recorded in state.json, then re-raised
         files.write_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
         raise
+    try:
+        append_progress(run_dir, "report", rnd=summary.rounds_completed)
+    except OSError:
+        _log.warning("the progress file of run %s cannot be written", run_dir.name)
     write_report(run_dir)
     return summary
 

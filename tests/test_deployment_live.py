@@ -17,9 +17,11 @@ One scenario (module fixture ``deployment``), several tests asserting on what it
   through secure aggregation with distributed noise shares, solved on the server toward the
   shipped prior, then delivered to every device (`restwise server run` with its planner check).
 * Then the network (forced: the planner refuses DP-FedAvg of 17,732 numbers on 4 devices).
-  Round 1: everyone takes part. Round 2: device 3 is SIGKILLed (with its ClientApp process)
-  right after it sent its key shares, before its masked input: the survivors' aggregate must
-  be unmasked from shares. Round 3: the run continues without it.
+  One secure-aggregation session: round 1 is its setup round, everyone takes part. Device 3 is
+  SIGKILLed (with its ClientApp process) right after its round-1 unmask reply: it dealt its
+  round-2 key shares with its round-1 masked input, so it is a participant of the fast round
+  2 that never sends its masked input: the survivors' aggregate must be unmasked from shares
+  (its round-2 mask key reconstructed). Round 3: the run continues without it.
 * While the run goes on, three intruders try to join: a node whose key was never
   registered, a node that speaks plaintext to the TLS port, and a node that trusts another
   CA. None of them may get work.
@@ -156,9 +158,9 @@ def wait_until(predicate, timeout_s: float, what: str, step: float = 0.25):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def sent_share_keys(log_text: str, rnd: int) -> bool:
-    """The SuperNode's own log says it sent its reply to round ``rnd``'s share-keys stage."""
-    marker = f"ROUND secagg-{rnd}-share-keys]"
+def sent_stage(log_text: str, rnd: int, stage: str) -> bool:
+    """The SuperNode's own log says it sent its reply to round ``rnd``'s ``stage``."""
+    marker = f"ROUND secagg-{rnd}-{stage}]"
     idx = [m.start() for m in re.finditer(re.escape(marker), log_text)]
     return any("Sent successfully" in log_text[i:i + 600] and "Sending:" in log_text[i:i + 600] for i in idx)
 
@@ -314,13 +316,14 @@ def deployment(tmp_path_factory):
             procs.append(proc)
             result["intruders"][name] = proc
 
-        # Kill the victim mid-round: after its key shares went out, before its masked input.
+        # Kill the victim between rounds: its key shares for round KILL_ROUND went out with its
+        # masked input of the round before; it will never send round KILL_ROUND's masked input.
         victim = nodes[VICTIM]
         run_over = D.run_dir_finished(run_dir)
-        wait_until(lambda: sent_share_keys(victim.log_text(), KILL_ROUND) or run_over() or not run_cli.alive(), RUN_TIMEOUT_S,
-                   f"device {VICTIM} to send its round-{KILL_ROUND} key shares")
+        wait_until(lambda: sent_stage(victim.log_text(), KILL_ROUND - 1, "unmask") or run_over() or not run_cli.alive(),
+                   RUN_TIMEOUT_S, f"device {VICTIM} to send its round-{KILL_ROUND - 1} unmask reply")
         if run_over() or not run_cli.alive():
-            raise AssertionError(f"the run ended before round {KILL_ROUND}'s key shares: {run_cli.log_text()[-3000:]}")
+            raise AssertionError(f"the run ended before round {KILL_ROUND - 1}'s unmask: {run_cli.log_text()[-3000:]}")
         victim.kill()  # SIGKILL: the SuperNode and the ClientApp process it runs
         result["killed_at"] = time.monotonic() - started
 
@@ -426,16 +429,19 @@ def test_the_linear_head_is_released_once_and_delivered_to_every_device(deployme
     entries, verification = verify_ledger_file(run_dir / "ledger.jsonl", load_public_key(run_dir / "public_key.pem"))
     (release,) = [e.event for e in entries if type(e.event).__name__ == "GaussianRoundEvent"]
     assert release.clip_norm == pytest.approx(SENSITIVITY) and release.survivors == N_DEVICES
-    assert not [e for e in entries if type(e.event).__name__ == "AuditEvent"]  # not forced
+    # Not forced; the release (written ahead of the unmasking), then the model built from it.
+    applied = [e.event for e in entries if type(e.event).__name__ == "AuditEvent"]
+    assert [a.action for a in applied] == ["release.applied"]
+    model_hash = applied[0].details["model_hash"]
     (line,) = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
     assert line["epsilon"] == pytest.approx(PrivacyAccountant().epsilon([release], 1e-5).epsilon) and line["epsilon"] <= 4.0
     assert line["train_loss"] is None
     ckpt = Checkpoint.from_bytes((run_dir / "checkpoint").read_bytes())
-    assert ckpt.model == "linear-head" and ckpt.model_hash() == release.model_hash
+    assert ckpt.model == "linear-head" and ckpt.model_hash() == model_hash
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["delivered"]["devices"] == N_DEVICES and state["delivered"]["model_hash"] == release.model_hash
+    assert state["delivered"]["devices"] == N_DEVICES and state["delivered"]["model_hash"] == model_hash
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["model"]["released_model_hash"] == release.model_hash
+    assert report["model"]["released_model_hash"] == model_hash
     verify = subprocess.run([*RESTWISE, "audit", "verify", str(run_dir / "report.json"), "--public-key",
                              str(run_dir / "public_key.pem")], capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stderr
@@ -450,7 +456,7 @@ def test_the_linear_head_is_released_once_and_delivered_to_every_device(deployme
         store.close()
     kept = HeadState.from_bytes(blob)
     np.testing.assert_array_equal(kept.weights, ckpt.arrays[0].astype(np.float64))
-    assert kept.personal is not None and meta["model_hash"] == release.model_hash and meta["run_id"] == run_dir.name
+    assert kept.personal is not None and meta["model_hash"] == model_hash and meta["run_id"] == run_dir.name
 
 
 # -- 2. a node killed mid-round -------------------------------------------------------------
@@ -458,7 +464,7 @@ def test_node_killed_mid_round_round_completes_from_survivors(deployment):
     run_dir = deployment["run_dir"]
     rounds = {r["round"]: r for r in map(json.loads, (run_dir / "rounds.jsonl").read_text().splitlines())}
     killed = rounds[KILL_ROUND]
-    # The victim had shared its keys, so it was a participant; it never sent a masked input.
+    # The victim had dealt its round keys, so it was a participant; it never sent a masked input.
     assert killed["participants"] == N_DEVICES
     assert killed["survived"] == N_DEVICES - 1 and killed["dropped"] == 1
     assert killed["status"] in ("released", "completed")
@@ -574,9 +580,9 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
     assert len(captured) > 10_000, "the capture recorded (almost) nothing"
 
     paths, messages = decode_sent_messages(requests)
-    # hello + 4 stages per round of the network; hello + 4 stages + the delivery's empty reply
-    # for the linear head's one release
-    assert paths.get("/v1/fleet/push-messages", 0) >= 5 * ROUNDS + 6
+    # one session for the network: 4 stages in round 1, then 2 per round; the linear head's
+    # one-round session (4 stages) + the delivery's empty reply
+    assert paths.get("/v1/fleet/push-messages", 0) >= 4 + 2 * (ROUNDS - 1) + 5
     assert len(messages) == paths["/v1/fleet/push-messages"]
 
     allowed: dict[str, tuple[str, tuple[str, ...]]] = {wire.CONSENT_RECORD: ("config", ("participate",))}
@@ -608,7 +614,7 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
                 masked_lengths.append(arr.numpy().size)
     assert metric_keys == set()
     # Every stage of every round the device took part in is there, the masked update included.
-    assert {wire.CONSENT_RECORD, SR.PUBLIC_KEYS, SR.SHARES, SR.MASKED_INPUT, SR.UNMASK_SHARES} <= seen_names
+    assert {SR.PUBLIC_KEYS, SR.SHARES, SR.MASKED_INPUT, SR.UNMASK_SHARES} <= seen_names
     # The network's three masked updates, and the linear head's one masked statistics vector (560).
     network = [n for n in masked_lengths if n != 560]
     assert sorted(masked_lengths).count(560) == 1 and len(network) == ROUNDS and len(set(network)) == 1
@@ -646,13 +652,13 @@ def test_device_history_shows_what_the_persons_own_stores_sent(deployment):
         everything = [json.loads(line) for line in out.splitlines() if line.strip()]
         assert {r["run_id"] for r in everything} == {"run", "run-linear-head"}, everything
         head = [r for r in everything if r["run_id"] == "run-linear-head"]
-        # the linear head: hello, the four stages, the delivered model (reply: nothing)
-        assert [r["message_type"] for r in head][0] == wire.HELLO_MESSAGE_TYPE and len(head) == 6
+        # the linear head: the four stages of a one-round session, the delivered model (reply: nothing)
+        assert [r["message_type"] for r in head][0] == f"train:{SR.STAGE_SETUP}" and len(head) == 5
         assert head[-1]["message_type"] == wire.MODEL_MESSAGE_TYPE and head[-1]["records"] == []
         rows = [r for r in everything if r["run_id"] == "run"]
-        # every round: the hello and the four secure-aggregation stages, each logged
+        # one session: a setup round (four stages), then two messages per round, each logged
         assert sorted({r["round"] for r in rows}) == list(range(1, ROUNDS + 1))
-        assert len(rows) == 5 * ROUNDS, [(r["round"], r["message_type"]) for r in rows]
+        assert len(rows) == 4 + 2 * (ROUNDS - 1), [(r["round"], r["message_type"]) for r in rows]
         names = {rec["name"] for r in rows for rec in r["records"]}
         assert SR.MASKED_INPUT in names and names <= allowed, names
         assert all(len(r["sha256"]) == 64 and r["n_bytes"] > 0 for r in rows)

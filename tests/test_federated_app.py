@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+from flwr.app import Array, Context, RecordDict
 
 import restwise.client.app as client_app_module
 from restwise.client.app import DeviceLocation, DeviceLocator, SIM_KEYSTORE_DIR, device_folder_name, make_client_app, open_device_store
@@ -26,8 +26,9 @@ from restwise.privacy.ledger import load_public_key, verify_ledger_file
 from restwise.privacy.secagg.harness import InProcessGrid
 from restwise.server import app as server_app_module
 from restwise.server.app import FederatedServer, initial_checkpoint
+from restwise.privacy.secagg import records as SR
 from restwise.privacy.verify import verify_report
-from restwise.server.rundir import Checkpoint, RunFiles, open_ledger, write_report
+from restwise.server.rundir import Checkpoint, RunFiles, open_ledger, read_progress, write_report
 from restwise.server.runconfig import RunConfig
 from restwise.simulation.fleet import prepare_fleet
 
@@ -89,6 +90,11 @@ class Federation:
         return Checkpoint.from_bytes(self.files.checkpoint.read_bytes())
 
 
+def _applied(fed: Federation) -> list[AuditEvent]:
+    """The ledger's release.applied entries (written after the checkpoint, naming its hash)."""
+    return [e for e in fed.ledger_events() if isinstance(e, AuditEvent) and e.action == "release.applied"]
+
+
 def _flat(ckpt: Checkpoint) -> np.ndarray:
     return np.concatenate([a.astype(np.float64).reshape(-1) for a in ckpt.arrays])
 
@@ -130,8 +136,11 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
         # never counts); with 8 survivors the 7 others protect them -> std z C sqrt(7/5).
         assert e.noise_std_total == pytest.approx(1.0 * math.sqrt(7 / (t_min - 1)))
         assert e.noise_multiplier == pytest.approx(e.noise_std_total)
-        assert e.model_hash
-    assert releases[1].model_hash == fed.checkpoint().model_hash()
+        assert len(e.model_hash) == 64  # written ahead: the commitment to the masked sum
+    # The model each release built is named after the checkpoint was stored.
+    applied = _applied(fed)
+    assert [(a.details["round"], a.details["attempt"]) for a in applied] == [(1, 0), (2, 0)]
+    assert applied[1].details["model_hash"] == fed.checkpoint().model_hash()
     lines = fed.files.round_lines()
     assert [l["round"] for l in lines] == [1, 2] and all(l["status"] == "completed" for l in lines)
     acc = PrivacyAccountant()
@@ -142,9 +151,12 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
     # No per-device metric leaves a device (issue 15): the round's training loss is not collected.
     assert all(l["train_loss"] is None for l in lines)
     # The ledger is hash-chained and signed by the server's audit key: the forced plan, then
-    # one release per round.
+    # per round the release (spent, before any unmasking share) and its model (applied).
     entries, verification = verify_ledger_file(fed.run_dir / "ledger.jsonl", load_public_key(fed.run_dir / "public_key.pem"))
-    assert verification.signed and verification.entries == 3
+    assert verification.signed and verification.entries == 5
+    assert [getattr(e.event, "action", e.event.kind) for e in entries[1:]] == \
+        ["gaussian_round", "release.applied", "gaussian_round", "release.applied"]
+    assert [a.details["release_seq"] for a in applied] == [entries[1].seq, entries[3].seq]
     forced = entries[0].event
     assert isinstance(forced, AuditEvent) and forced.action == "plan.forced" and forced.target == fed.run_dir.name
     assert forced.details["noise_to_signal"] > 1 and "recovery-mlp" in forced.details["message"]
@@ -155,7 +167,9 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
         history = store.egress_history()
         model_row = store.load_model_state("recovery_model")
     kinds = [h["message_type"] for h in history]
-    assert kinds.count("train:collect-masked-input") == 2 and kinds.count("query.restwise_hello") == 2
+    # One session: a setup round (4 messages), then a fast round (2); no separate hello.
+    assert kinds == ["train:setup", "train:share-keys", "train:collect-masked-input", "train:unmask",
+                     "train:collect-masked-input", "train:unmask"]
     assert {h["run_id"] for h in history} == {fed.run_dir.name}
     sent = {r["name"] for h in history for r in h["records"]}
     assert "update" not in sent and "secagg.masked-input" in sent
@@ -293,6 +307,10 @@ def test_a_crash_after_a_release_reruns_the_round_as_a_new_accounted_attempt(tmp
     # Round 2's first release was computed, so it stays accounted; its re-run is attempt 1.
     assert releases == [(1, 0), (2, 0), (2, 1)]
     assert fed.checkpoint().round == 2
+    # The restart settled the interrupted release: spent, not applied; the re-run was applied.
+    settled = [(e.action, e.details["round"], e.details["attempt"]) for e in fed.ledger_events()
+               if isinstance(e, AuditEvent) and e.action.startswith("release.")]
+    assert settled == [("release.applied", 1, 0), ("release.not-applied", 2, 0), ("release.applied", 2, 1)]
     # The crash cost a release: the planned budget of 3 releases leaves no room for round 3.
     assert summary.status == "refused"
     refusals = [e for e in fed.ledger_events() if isinstance(e, BudgetRefusalEvent)]
@@ -329,8 +347,9 @@ def test_a_person_who_opted_out_sends_only_a_no(tmp_path, template_fleet):
     (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
     assert release.survivors == 7
     history = _history(fed, 2)
-    assert [h["message_type"] for h in history] == ["query.restwise_hello"]
-    assert [r["name"] for r in history[0]["records"]] == ["restwise.consent"]
+    # Consent is asked at the round's first message; the "no" is the protocol's "not taking part".
+    assert [h["message_type"] for h in history] == ["train:setup"]
+    assert [r["name"] for r in history[0]["records"]] == ["secagg.not-taking-part"]
     with fed.store(2) as store:
         assert store.load_model_state("recovery_model") is None  # never trained
 
@@ -433,7 +452,7 @@ def test_a_new_architecture_is_one_module_and_one_registry_line(tmp_path, templa
         (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
         # The release is calibrated to the architecture's documented bound, not the clip norm.
         assert release.clip_norm == pytest.approx(math.sqrt(5.0)) and release.survivors == cfg.population
-        assert release.model_hash == fed.checkpoint().model_hash()
+        assert [a.details["model_hash"] for a in _applied(fed)] == [fed.checkpoint().model_hash()]
         # The model is the ridge solution of the devices' mean statistics.
         arch = get_architecture(stats.ARCHITECTURE.name)
         total = np.zeros(5)
@@ -509,7 +528,8 @@ def test_the_linear_head_is_one_release_solved_toward_the_prior_and_delivered(tm
     assert release.noise_std_total == pytest.approx(z * SENSITIVITY * math.sqrt(5 / (t_min - 1)))
     assert line["epsilon"] == pytest.approx(PrivacyAccountant().epsilon([release], cfg.delta).epsilon)
     assert 0 < line["epsilon"] <= 4.0
-    assert not [e for e in fed.ledger_events() if isinstance(e, AuditEvent)]  # nothing forced, nothing failed
+    # Nothing forced, nothing failed: the one release, then its model.
+    assert [e.action for e in fed.ledger_events() if isinstance(e, AuditEvent)] == ["release.applied"]
 
     # The server solved toward the shipped prior with the known noise of the sum (all 6 shares).
     total = np.zeros(head.statistics_length)
@@ -525,11 +545,12 @@ def test_the_linear_head_is_one_release_solved_toward_the_prior_and_delivered(tm
     assert weights.dtype == np.float32 and weights.shape == (32,)
     np.testing.assert_allclose(weights, expected, atol=2e-3)
     assert np.linalg.norm(weights - shipped_prior().weights_for("readiness").weights) > 1e-3  # it moved
-    assert release.model_hash == fed.checkpoint().model_hash()
+    model_hash = fed.checkpoint().model_hash()
+    assert [a.details["model_hash"] for a in _applied(fed)] == [model_hash]
 
     # Delivered to every connected device; each keeps it with its own personal part.
     state = json.loads((fed.run_dir / "state.json").read_text())
-    assert state["delivered"]["devices"] == 8 and state["delivered"]["model_hash"] == release.model_hash
+    assert state["delivered"]["devices"] == 8 and state["delivered"]["model_hash"] == model_hash
     entry = [e for e in open_ledger(fed.run_dir, cfg).entries() if isinstance(e.event, GaussianRoundEvent)][0]
     for i in range(8):
         with fed.store(i) as store:
@@ -537,19 +558,19 @@ def test_the_linear_head_is_one_release_solved_toward_the_prior_and_delivered(tm
             kinds = [h["message_type"] for h in store.egress_history()]
         kept = HeadState.from_bytes(blob)
         np.testing.assert_array_equal(kept.weights, weights.astype(np.float64))
-        assert meta["trained"] == "released" and meta["model_hash"] == release.model_hash
+        assert meta["trained"] == "released" and meta["model_hash"] == model_hash
         assert (meta["ledger_seq"], meta["ledger_hash"]) == (entry.seq, entry.hash)
         assert kinds[-1] == wire.MODEL_MESSAGE_TYPE
         if i == 7:
-            assert kinds == [wire.HELLO_MESSAGE_TYPE, wire.MODEL_MESSAGE_TYPE] and kept.personal is None
+            assert kinds == ["train:setup", wire.MODEL_MESSAGE_TYPE] and kept.personal is None  # said no at setup
         else:
             assert kept.personal is not None  # computed on the device, never sent
     with fed.store(0) as store:
         collect = [h for h in store.egress_history() if h["message_type"] == "train:collect-masked-input"]
         delivery = [h for h in store.egress_history() if h["message_type"] == wire.MODEL_MESSAGE_TYPE]
-    # The NaN device's vector was refused on the device, before masking: its secure-aggregation
-    # reply is a refusal, no masked input.
-    assert [r["name"] for r in collect[0]["records"]] == ["secagg.refused"]
+    # The NaN device's vector was refused on the device (its DP mod), before masking: its
+    # secure-aggregation reply is "not taking part", no masked input.
+    assert [r["name"] for r in collect[0]["records"]] == ["secagg.not-taking-part"]
     assert delivery[0]["records"] == []  # the reply to a delivery carries nothing
     with fed.store(1) as store:
         advice, _, status = advise(store)
@@ -560,7 +581,7 @@ def test_the_linear_head_is_one_release_solved_toward_the_prior_and_delivered(tm
     write_report(fed.run_dir)
     report = json.loads((fed.run_dir / "report.json").read_text())
     assert report["model"]["architecture"] == "linear-head"
-    assert report["model"]["released_model_hash"] == release.model_hash and report["model"]["sensitivity"] == SENSITIVITY
+    assert report["model"]["released_model_hash"] == model_hash and report["model"]["sensitivity"] == SENSITIVITY
     assert report["model"]["delivered"]["devices"] == 8
     r = CliRunner().invoke(restwise_app, ["audit", "verify", str(fed.run_dir / "report.json"),
                                           "--public-key", str(fed.run_dir / "public_key.pem")])
@@ -644,3 +665,129 @@ def test_the_early_warning_is_learnt_from_one_release_and_used_by_the_coach(tmp_
     np.testing.assert_array_equal(kept.weights, weights.astype(np.float64))
     assert kept.personal is not None and set(kept.personal) == {"low_threshold", "scale", "base_rate"}
     assert advice.warning["model"].startswith("released model") and "the record below is the prior's" in advice.warning["model"]
+
+
+# -- the run's secure-aggregation session in the real round (issues 14, 15, 17) ----------------
+def test_each_release_is_accounted_before_any_unmasking_share_and_every_stage_is_in_the_progress(
+        tmp_path, template_fleet):
+    """Write-ahead accounting: the release's ledger entry exists before the server asks any
+    device for an unmasking share, i.e. before it can compute the aggregate. Progress: every
+    stage of a setup round and of a fast round, counts only."""
+    fed = Federation(tmp_path, template_fleet, _config(rounds=2))
+    fed.grid.record_transcript = True
+    server = fed.server()
+    ledger_append = server.release.ledger.append
+    at_append: list[tuple[str, int, int]] = []
+
+    def spy(event):
+        rnd = fed.grid.current_round
+        sent = [(stage, d) for d, _, stage, _, _ in fed.grid.transcript]
+        at_append.append((event.kind if not isinstance(event, AuditEvent) else event.action,
+                          sum(1 for stage, d in sent if d == "to-device" and stage == SR.STAGE_UNMASK),
+                          rnd))
+        return ledger_append(event)
+
+    server.release.ledger.append = spy
+    unmask_before: dict[int, int] = {}
+    real_round = server.run_round
+
+    def counting_round(grid, rnd, ckpt):
+        unmask_before[rnd] = sum(1 for d, _, stage, _, _ in fed.grid.transcript if d == "to-device" and stage == SR.STAGE_UNMASK)
+        return real_round(grid, rnd, ckpt)
+
+    server.run_round = counting_round
+    assert server.run(fed.grid).status == "completed"
+    spent = [(unmasks, rnd) for kind, unmasks, rnd in at_append if kind == "gaussian_round"]
+    assert [rnd for _, rnd in spent] == [1, 2]
+    for unmasks, rnd in spent:  # no unmasking share of this round had been asked for
+        assert unmasks == unmask_before[rnd]
+    assert [k for k, _, _ in at_append if k != "plan.forced"] == ["gaussian_round", "release.applied"] * 2
+
+    lines = read_progress(fed.run_dir)
+    stages = [(l["round"], l["stage"]) for l in lines]
+    first = [st for r, st in dict.fromkeys(stages) if r == 1]
+    second = [st for r, st in dict.fromkeys(stages) if r == 2]
+    assert first == ["waiting-for-nodes", "setup", "share-keys", "collect-masked-input", "unmask", "release"]
+    assert second == ["waiting-for-nodes", "collect-masked-input", "unmask", "release"]
+    ends = {(l["round"], l["stage"]): l for l in lines}
+    assert (ends[(2, "collect-masked-input")]["expected"], ends[(2, "collect-masked-input")]["received"]) == (8, 8)
+    assert (ends[(1, "release")]["received"], ends[(1, "release")]["dropped"]) == (8, 0)
+    assert all(set(l) == {"at", "stage", "round", "attempt", "expected", "received", "dropped"} for l in lines)
+
+
+def _shift_masked_input(node: int, rnd: int, delta: int):
+    def tamper(n, stage, content):
+        if n == node and stage == SR.STAGE_COLLECT and SR.MASKED_INPUT in content.array_records:
+            grid_round = tamper.grid.current_round
+            if grid_round == rnd:
+                y = content.array_records[SR.MASKED_INPUT][SR.MASKED_ARRAY].numpy().copy()
+                y += np.uint64(delta % 2**64)
+                content.array_records[SR.MASKED_INPUT][SR.MASKED_ARRAY] = Array(y)
+        return content
+    return tamper
+
+
+def test_a_device_adding_2_to_the_40_fails_its_round_closed_spent_not_applied(tmp_path, template_fleet):
+    """Issue 15: the server refuses a decoded sum with a coordinate beyond survivors x clip
+    range. The release was accounted ahead, so the round stays counted ("spent, not
+    applied" in the ledger, the report and `audit verify`); the next round goes on."""
+    from typer.testing import CliRunner
+
+    from restwise.cli import app as restwise_app
+
+    cfg = _config(rounds=2)
+    fed = Federation(tmp_path, template_fleet, cfg)
+    fed.grid.tamper = tamper = _shift_masked_input(NODE_BASE + 2, 1, 2**40)
+    tamper.grid = fed.grid
+    summary = fed.run()
+    assert summary.status == "completed" and summary.rounds_completed == 2
+    first, second = fed.files.round_lines()
+    assert first["status"] == "failed" and first["spent"] is True and "exceed survivors x clip range" in first["reason"]
+    assert first["epsilon"] > 0 and second["status"] == "completed"
+    releases = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    assert [(e.round, e.attempt) for e in releases] == [(1, 0), (2, 0)]
+    assert summary.epsilon == pytest.approx(PrivacyAccountant().epsilon(releases, cfg.delta).epsilon)
+    (not_applied,) = [e for e in fed.ledger_events() if isinstance(e, AuditEvent) and e.action == "release.not-applied"]
+    assert not_applied.details["failure"] == "sum-out-of-bounds" and not_applied.details["round"] == 1
+    # The model moved once (round 2), from the initial model: round 1 changed nothing.
+    assert [a.details["round"] for a in _applied(fed)] == [2]
+
+    fed.files.write_config(cfg)
+    write_report(fed.run_dir)
+    report = json.loads((fed.run_dir / "report.json").read_text())
+    assert [(r["round"], r["attempt"]) for r in report["spent_not_applied"]] == [(1, 0)]
+    assert len(report["releases"]) == 2
+    r = CliRunner().invoke(restwise_app, ["audit", "verify", str(fed.run_dir / "report.json"),
+                                          "--public-key", str(fed.run_dir / "public_key.pem")])
+    assert r.exit_code == 0, r.output
+    assert "2 release(s)" in r.output and "spent, not applied: round 1 attempt 0" in r.output
+
+
+@pytest.mark.parametrize("accused, released", [(1, True), (3, False), (4, False)])
+def test_a_false_accuser_is_excluded_with_its_victims_and_the_round_stays_exact_or_spends_nothing(
+        tmp_path, template_fleet, accused, released):
+    """An accusation of bad shares excludes accuser and accused. Accusing 1 of 7 neighbours:
+    6 of 8 remain, the minimum - released over them. Accusing 3: 4 remain, fewer than the
+    minimum (and 4: 3) - the round aborts before the write-ahead entry: nothing spent."""
+    cfg = _config(rounds=1, secagg_num_neighbours=7, secagg_threshold=5)  # complete graph of 8
+    fed = Federation(tmp_path, template_fleet, cfg)
+    liar = NODE_BASE + 5
+
+    def tamper(node, stage, content):
+        if node == liar and stage == SR.STAGE_COLLECT and SR.MASKED_STATUS in content.config_records:
+            record = fed.grid.current_message.content.config_records[SR.SERVER_RECORD]
+            content.config_records[SR.MASKED_STATUS]["bad_share_senders"] = list(record["src"])[:accused]
+        return content
+
+    fed.grid.tamper = tamper
+    summary = fed.run()
+    releases = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
+    (line,) = fed.files.round_lines()
+    if released:
+        assert summary.status == "completed"
+        (release,) = releases
+        assert release.survivors == 6 and line["survived"] == 6
+    else:
+        assert summary.status == "failed" and not releases and line["spent"] is False and line["epsilon"] == 0.0
+        (failed,) = [e for e in fed.ledger_events() if isinstance(e, AuditEvent) and e.action == "round.failed"]
+        assert failed.details["released"] is False

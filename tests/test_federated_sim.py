@@ -78,7 +78,7 @@ def test_simulated_run_with_thirty_percent_failing_devices(tmp_path):
     assert shown["epsilon"] == pytest.approx(lines[1]["epsilon"]) and shown["delta"] == config.delta
     assert shown["advice"].band in ("green", "yellow", "red")
     assert shown["model_status"].startswith("stored (federated)")
-    assert shown["messages_sent"] == 2 * 5  # hello + 4 secure-aggregation stages per round
+    assert shown["messages_sent"] == 4 + 2  # one session: a setup round (4 stages), then a fast round (2)
 
 
 def test_runner_command_line_runs_a_run_directory(tmp_path):

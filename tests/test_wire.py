@@ -118,7 +118,7 @@ def test_no_stored_value_crosses_the_wire(captured):
     outgoing, values, _ = captured
     assert len(values) > 100  # the device really holds data
     needles = _needles(values)
-    assert {stage for stage, _ in outgoing} == {wire.HELLO_MESSAGE_TYPE, *SR.STAGES}
+    assert [stage for stage, _ in outgoing] == list(SR.STAGES)  # consent is asked at setup: no hello
     total_bytes = 0
     for stage, reply in outgoing:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -147,9 +147,6 @@ def test_only_allow_listed_records_leave_and_the_update_is_masked(captured):
     outgoing, _, history = captured
     for stage, reply in outgoing:
         names = set(reply.content.keys())
-        if stage == wire.HELLO_MESSAGE_TYPE:
-            assert names == {wire.CONSENT_RECORD}
-            continue
         allowed = set(SR.CLIENT_REPLY_RECORDS[stage])
         assert names <= allowed, f"{stage}: {names - allowed}"
         assert wire.UPDATE_RECORD not in names
@@ -161,9 +158,7 @@ def test_only_allow_listed_records_leave_and_the_update_is_masked(captured):
     # Uniform ring elements: about half of the top bits set (a float update would not be).
     assert 0.4 < np.mean(masked >> np.uint64(63)) < 0.6
     # The device's own log lists exactly what was captured, message for message.
-    assert [h["message_type"] for h in history] == [
-        wire.HELLO_MESSAGE_TYPE, *(f"train:{s}" for s in SR.STAGES)
-    ]
+    assert [h["message_type"] for h in history] == [f"train:{s}" for s in SR.STAGES]
     for (stage, reply), entry in zip(outgoing, history):
         records, n_bytes, digest = E.describe(reply)
         assert entry["records"] == records and entry["n_bytes"] == n_bytes and entry["sha256"] == digest

@@ -196,7 +196,14 @@ class SecAggSession:
             if on_stage is None:
                 return None
             on_stage(stage, expected, 0, None)
-            return lambda received: on_stage(stage, expected, received, None)
+            told_count[stage] = 0
+
+            def progress(received: int) -> None:
+                told_count[stage] = received
+                on_stage(stage, expected, received, None)
+            return progress
+
+        told_count: dict[str, int] = {}
 
         def told(stage: str, expected: int, replies: dict[int, list[Reply]]) -> None:
             if on_stage is not None:
@@ -247,7 +254,8 @@ class SecAggSession:
                     rnd.dropped = {n: st for n, st in rnd.dropped.items() if st != R.STAGE_UNMASK}
                     # wrong shares among the first: wait for all
                     rnd.receive_unmask(pending.wait(on_progress=progress))
-                if on_stage is not None:  # the stage ends once the shares suffice: nobody counted as dropped
+                if on_stage is not None and told_count.get(R.STAGE_UNMASK) != len(pending.replies):
+                    # the stage ends once the shares suffice: nobody counted as dropped
                     on_stage(R.STAGE_UNMASK, len(unmask), len(pending.replies), None)
                 timings[R.STAGE_UNMASK] = time.perf_counter() - start
                 start = time.perf_counter()
