@@ -15,12 +15,15 @@ encrypted store of a generated person (``simulation.fleet``). Each variant is on
     plain     Flower's ``FedAvg`` strategy (Message API, ``fraction_evaluate=0``: one train
               message per device per round), a ClientApp that trains the same Restwise model
               on the same store and replies its arrays. No privacy.
-    restwise  secure aggregation over one ``SecAggSession`` (round 1: setup, 4 messages per
-              device; later rounds: 2), DP-FedAvg with distributed noise, the real Restwise
-              ClientApp (egress guard + secure-aggregation mod + DP mod, ``restwise.client.app:app``).
-              The ServerApp is benchmark-only (``deployment_apps.restwise_server``): it calls
-              the Grid driver directly with the release workflow's parameters but writes no
-              ledger; the integrated ServerApp comes with the server's release path.
+    restwise  what an operator runs: ``restwise server run --run-dir DIR --config ... --force``
+              with the real ServerApp (``restwise.server.app:app``) and ClientApp
+              (``restwise.client.app:app``: egress guard + secure-aggregation mod + DP mod):
+              DP-FedAvg with distributed noise through the run's secure-aggregation session
+              (round 1: setup, 4 messages per device; later rounds: 2), the write-ahead signed
+              ledger entry, the checkpoint, progress, and the report at the end. s/round is
+              each round's own time from ``rounds.jsonl`` (budget check to the applied entry).
+    driver    (informational) the same rounds through the session driver alone
+              (``deployment_apps.restwise_server``): no ledger, no checkpoint, no report.
 
 Output as ``benchmarks/secagg.py``: a header, then one row per variant
 (``nodes variant s/round x-plain``). s/round is the mean of rounds 2..R (round 1 is each
@@ -63,6 +66,7 @@ from flwr.app import Context, RecordDict  # noqa: E402
 from restwise.client.app import make_client_app  # noqa: E402
 from restwise.privacy.secagg.harness import InProcessGrid, ensure_task_identity  # noqa: E402
 from restwise.server import deploy as D  # noqa: E402
+from restwise.server.rundir import read_progress  # noqa: E402
 from restwise.simulation.fleet import prepare_fleet  # noqa: E402
 
 APP_PYPROJECT = """\
@@ -94,8 +98,10 @@ bench-wait-s = 120.0
 
 VARIANTS = {
     "plain": ("deployment_apps:plain_server", "deployment_apps:plain_client"),
-    "restwise": ("deployment_apps:restwise_server", "restwise.client.app:app"),
+    "restwise": ("restwise.server.app:app", "restwise.client.app:app"),  # through `restwise server run`
+    "driver": ("deployment_apps:restwise_server", "restwise.client.app:app"),
 }
+RESTWISE_CLI = [sys.executable, "-c", "import sys; from restwise.cli import main; sys.argv[0] = 'restwise'; main()"]
 
 
 def write_app(folder: Path, variant: str) -> Path:
@@ -121,6 +127,7 @@ class Deployment:
         port = D.free_port()
         self.procs.append(D.start_superlink(D.SuperLinkConfig(port=port, tls=pki, node_auth=True), root / "superlink.log"))
         self.conn = D.FlwrConnection(root / "flwr-home", f"127.0.0.1:{port}", root_cert=pki.ca_cert)
+        self.superlink, self.ca_cert = f"127.0.0.1:{port}", pki.ca_cert
         for i, key in enumerate(keys):
             D.register_node(self.conn, key.public_key, name=f"node-{i}")
         env = dict(os.environ)
@@ -139,7 +146,37 @@ class Deployment:
             time.sleep(1.0)
         self.setup_s = time.perf_counter() - t0
 
+    def server_run(self, rounds: int, timeout_s: float) -> list[dict]:
+        """``restwise server run`` of a fresh run folder; one dict per round (rounds.jsonl,
+        plus the round's stages from progress.jsonl)."""
+        run_dir = self.root / "runs" / "run-deploybench01"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = self.root / "run-config.json"
+        config.write_text(json.dumps(bench_config(self.n, rounds).to_dict()), encoding="utf-8")
+        started = time.perf_counter()
+        out = subprocess.run([*RESTWISE_CLI, "server", "run", "--run-dir", str(run_dir), "--config", str(config),
+                              "--superlink", self.superlink, "--root-cert", str(self.ca_cert), "--force", "--json",
+                              "--timeout", str(timeout_s)], capture_output=True, text=True, timeout=timeout_s + 60)
+        self.server_run_s = time.perf_counter() - started
+        (self.root / "server-run.log").write_text(out.stderr, encoding="utf-8")
+        lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()] \
+            if (run_dir / "rounds.jsonl").exists() else []
+        if out.returncode != 0 or len(lines) < rounds:
+            raise SystemExit(f"restwise server run exited {out.returncode} after {len(lines)} of {rounds} rounds: "
+                             f"{out.stdout.strip()[-500:]} (progress in {self.root / 'server-run.log'})")
+        progress = read_progress(run_dir)
+        for line in lines:
+            marks = [p for p in progress if p["round"] == line["round"]]
+            starts = [p for i, p in enumerate(marks) if i == 0 or marks[i - 1]["stage"] != p["stage"]]
+            # a stage lasts from its first line to the first line of the next stage
+            line["stages"] = {here["stage"]: round(after["at"] - here["at"], 3) for here, after in zip(starts, starts[1:])}
+            line["aborted"] = line["status"] != "completed"
+            line["messages"] = 4 if line.get("mode") == "setup" else 2
+        return lines
+
     def run(self, variant: str, rounds: int, timeout_s: float) -> list[dict]:
+        if variant == "restwise":
+            return self.server_run(rounds, timeout_s)
         app = write_app(self.root / f"app-{variant}", variant)
         result = self.root / f"result-{variant}.jsonl"
         result.unlink(missing_ok=True)
@@ -316,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = f"{sec / base:.2f}" if base else "-"
                 note = f"round 1 {lines[0]['seconds']:.1f} s"
                 if variant == "restwise":
+                    note = (f"`restwise server run` (ledger, checkpoint, progress; report after the rounds; "
+                            f"{deployment.server_run_s:.0f} s in all); round 1 = setup {lines[0]['seconds']:.1f} s, "
+                            f"then {'/'.join(sorted({str(r.get('mode')) for r in lines[1:]}))} rounds; last round's stages "
+                            f"{json.dumps(lines[-1]['stages'])}"
+                            + ("; FAILED rounds" if any(r["aborted"] for r in lines) else ""))
+                elif variant == "driver":
                     stages = lines[-1]["stages"]
                     note = (f"ServerApp: benchmark-only Grid driver (no ledger); round 1 = setup "
                             f"{lines[0]['seconds']:.1f} s ({lines[0]['messages']} messages), then "
