@@ -281,6 +281,8 @@ def deployment(tmp_path_factory):
         )
         (root / "run.json").write_text(json.dumps(config), encoding="utf-8")
         started = time.monotonic()
+        # The victim's log so far holds the linear head's run (its own round 1): look after it.
+        victim_log_from = len(nodes[VICTIM].log_text())
         # `restwise server run`: writes config.json, submits, waits, checks the outcome.
         run_cli_out = root / "run-cli.out"
         run_cli = D.start_process(
@@ -320,7 +322,8 @@ def deployment(tmp_path_factory):
         # masked input of the round before; it will never send round KILL_ROUND's masked input.
         victim = nodes[VICTIM]
         run_over = D.run_dir_finished(run_dir)
-        wait_until(lambda: sent_stage(victim.log_text(), KILL_ROUND - 1, "unmask") or run_over() or not run_cli.alive(),
+        wait_until(lambda: sent_stage(victim.log_text()[victim_log_from:], KILL_ROUND - 1, "unmask") or run_over()
+                   or not run_cli.alive(),
                    RUN_TIMEOUT_S, f"device {VICTIM} to send its round-{KILL_ROUND - 1} unmask reply")
         if run_over() or not run_cli.alive():
             raise AssertionError(f"the run ended before round {KILL_ROUND - 1}'s unmask: {run_cli.log_text()[-3000:]}")
@@ -566,6 +569,12 @@ def decode_sent_messages(requests: list[tuple[str, bytes]]):
         elif path.endswith("/push-messages"):
             req = PushMessagesRequest.FromString(body)
             message_ids += [tree.object_id for tree in req.message_object_trees]
+    # The SuperLink keeps one copy of identical objects: the empty reply to a delivered model is
+    # the same object on every device, so only the first device to answer pushes it.
+    from flwr.app import RecordDict
+
+    empty = RecordDict()
+    objects.setdefault(empty.object_id, empty.deflate())
     messages = [inflate_object_from_contents(mid, dict(objects), keep_object_contents=True) for mid in message_ids]
     return paths, messages
 
