@@ -9,9 +9,11 @@ Files written by :func:`write_report` into ``out_dir``::
     ledger.jsonl     the signed ledger up to and including the entry that attests the report
     public_key.pem   the server's Ed25519 audit public key (pin it: compare its fingerprint)
 
-Anchoring: after writing report.json and report.html, :func:`write_report` appends a
-``report_issued`` event to the ledger holding their SHA-256 digests. Any change to either
-file, or to the ledger, is then detected by verification.
+Anchoring: :func:`write_report` writes report.json and report.html to ``.partial-*`` files,
+appends a ``report_issued`` event holding their SHA-256 digests to the ledger, and only then
+renames them into place: a report.json in the folder is always one the ledger attests, whatever
+moment a crash hits (docs/privacy-accounting.md, "Write order"). Any change to either file, or
+to the ledger, is then detected by verification.
 
 An auditor rebuilds the human-readable report from those files with no private key
 (``restwise audit report --bundle DIR``): after the ledger and report verify, the page
@@ -62,9 +64,9 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from restwise.common.fsutil import atomic_write_bytes
+from restwise.common.fsutil import atomic_write_bytes, fsync_dir
 from restwise.privacy.accountant import PLDParameters, PrivacyAccountant
 from restwise.privacy.errors import AccountingError, ReportError
 from restwise.privacy.events import AuditEvent, BudgetRefusalEvent, GaussianRoundEvent, ReportIssuedEvent, utc_now
@@ -356,37 +358,131 @@ def report_bytes(report: dict) -> bytes:
     return (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
 
-def write_report(report: dict, out_dir: str | os.PathLike, *, ledger: PrivacyLedger | None = None) -> dict[str, Path]:
+PARTIAL_PREFIX = ".partial-"  # report files written but not yet anchored and renamed
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(PARTIAL_PREFIX + path.name)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _issued_entries(ledger: PrivacyLedger, run_id: str) -> list[LedgerEntry]:
+    return [e for e in ledger.entries() if e.kind == ReportIssuedEvent.kind and e.payload.get("run_id") == run_id]
+
+
+def write_report(
+    report: dict,
+    out_dir: str | os.PathLike,
+    *,
+    ledger: PrivacyLedger | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
     """Write report.json and report.html; with ``ledger``, anchor both in it (a
     ``report_issued`` entry with their SHA-256) and copy the ledger and public key beside them,
-    so the folder verifies on its own. Returns the written paths by name."""
+    so the folder verifies on its own. Returns the written paths by name.
+
+    Write order (a crash at any point leaves either no report.json or an anchored one, never
+    a report.json the ledger does not attest): both files to ``.partial-*`` files (fsync), the
+    anchoring ledger entry (fsync), then the renames - the old report.json (if any) removed
+    first, report.html, report.json last - and the folder fsync. :func:`finish_partial_report`
+    completes the renames after a crash between anchor and rename. ``on_step`` is called with
+    "report-written" and "report-anchored" (the crash test's hook points)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = report_bytes(report)
     page = render_html(report).encode("utf-8")
     paths = {"report": out / REPORT_FILE, "html": out / HTML_FILE}
-    atomic_write_bytes(paths["report"], data)
-    atomic_write_bytes(paths["html"], page)
-    if ledger is not None:
-        entry = ledger.append(
-            ReportIssuedEvent(
-                run_id=report["run_id"],
-                report_sha256=hashlib.sha256(data).hexdigest(),
-                html_sha256=hashlib.sha256(page).hexdigest(),
-                report_schema_version=REPORT_SCHEMA_VERSION,
-            )
+    if ledger is None:
+        atomic_write_bytes(paths["report"], data)
+        atomic_write_bytes(paths["html"], page)
+        return paths
+    _write_durable(_partial(paths["html"]), page)
+    _write_durable(_partial(paths["report"]), data)
+    fsync_dir(out)
+    if on_step is not None:
+        on_step("report-written")
+    entry = ledger.append(
+        ReportIssuedEvent(
+            run_id=report["run_id"],
+            report_sha256=hashlib.sha256(data).hexdigest(),
+            html_sha256=hashlib.sha256(page).hexdigest(),
+            report_schema_version=REPORT_SCHEMA_VERSION,
         )
-        dest = out / LEDGER_FILE
-        if dest.resolve() == ledger.path.resolve():
-            paths["ledger"] = ledger.path  # writing beside the live ledger: it is the copy
-        else:
-            paths["ledger"] = ledger.copy_to(dest, upto_seq=entry.seq)
-        if ledger.signing_key is not None:
-            paths["public_key"] = out / PUBLIC_KEY_FILE
-            pem = public_key_pem(ledger.signing_key)
-            if not paths["public_key"].exists() or paths["public_key"].read_bytes() != pem:
-                atomic_write_bytes(paths["public_key"], pem)
+    )
+    if on_step is not None:
+        on_step("report-anchored")
+    _rename_partials(out)
+    dest = out / LEDGER_FILE
+    if dest.resolve() == ledger.path.resolve():
+        paths["ledger"] = ledger.path  # writing beside the live ledger: it is the copy
+    else:
+        paths["ledger"] = ledger.copy_to(dest, upto_seq=entry.seq)
+    if ledger.signing_key is not None:
+        paths["public_key"] = out / PUBLIC_KEY_FILE
+        pem = public_key_pem(ledger.signing_key)
+        if not paths["public_key"].exists() or paths["public_key"].read_bytes() != pem:
+            atomic_write_bytes(paths["public_key"], pem)
     return paths
+
+
+def _rename_partials(out: Path) -> None:
+    # An older report.json goes first: with it gone, a crash between the two renames leaves
+    # no report.json (the run is then finished again), never an old report beside a new page.
+    (out / REPORT_FILE).unlink(missing_ok=True)
+    os.replace(_partial(out / HTML_FILE), out / HTML_FILE)
+    os.replace(_partial(out / REPORT_FILE), out / REPORT_FILE)
+    fsync_dir(out)
+
+
+def finish_partial_report(out_dir: str | os.PathLike, ledger: PrivacyLedger, run_id: str) -> bool:
+    """After a crash inside :func:`write_report`: when the ``.partial-*`` files are the ones
+    the ledger's last ``report_issued`` entry of ``run_id`` attests, rename them into place
+    (True). Otherwise (never anchored, or already renamed) remove the partial files: they
+    attest nothing (False)."""
+    out = Path(out_dir)
+    partial_json, partial_html = _partial(out / REPORT_FILE), _partial(out / HTML_FILE)
+    if not partial_json.exists() or not partial_html.exists():
+        partial_json.unlink(missing_ok=True)
+        partial_html.unlink(missing_ok=True)
+        return False
+    issued = _issued_entries(ledger, run_id)
+    last = issued[-1].payload if issued else {}
+    if (last.get("report_sha256") == hashlib.sha256(partial_json.read_bytes()).hexdigest()
+            and last.get("html_sha256") == hashlib.sha256(partial_html.read_bytes()).hexdigest()):
+        _rename_partials(out)
+        return True
+    partial_json.unlink()
+    partial_html.unlink()
+    return False
+
+
+def report_is_current(out_dir: str | os.PathLike, ledger: PrivacyLedger, run_id: str) -> bool:
+    """Whether ``out_dir/report.json`` is attested by a ``report_issued`` entry of ``run_id``
+    and covers every release of the run in the ledger (its head is at or after the last one)."""
+    path = Path(out_dir) / REPORT_FILE
+    try:
+        data = path.read_bytes()
+        report = json.loads(data)
+    except (OSError, ValueError):
+        return False
+    digest = hashlib.sha256(data).hexdigest()
+    entries = ledger.entries()
+    if not any(e.kind == ReportIssuedEvent.kind and e.payload.get("report_sha256") == digest for e in entries):
+        return False
+    head = (report.get("ledger") or {}).get("head_seq") if isinstance(report, dict) else None
+    last_release = max((e.seq for e in entries if e.kind == GaussianRoundEvent.kind and e.payload.get("run_id") == run_id),
+                       default=0)
+    return isinstance(head, int) and head >= last_release
 
 
 def default_allow_list() -> dict[str, Any]:
@@ -405,6 +501,7 @@ def write_run_report(
     egress_allow_list: Any = None,
     signing_key=None,
     model: dict | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Report for a server run folder (``<data_dir>/runs/<run_id>/``: config.json,
     ledger.jsonl signed with the key at config ``audit_key_path`` or ``../audit_key.pem``).
@@ -456,7 +553,7 @@ def write_run_report(
         budget=budget,
         model=model,
     )
-    return write_report(report, out_dir if out_dir is not None else run_dir, ledger=ledger)
+    return write_report(report, out_dir if out_dir is not None else run_dir, ledger=ledger, on_step=on_step)
 
 
 # --- HTML ------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ from restwise.privacy.release import MIN_COHORT, ReleaseWorkflow, plan_release
 from restwise.privacy.secagg.errors import SecAggConfigError
 from restwise.privacy.secagg.workflow import SecAggSession
 from restwise.server.errors import PlanError
-from restwise.server.rundir import Checkpoint, RunFiles, append_progress, open_ledger, write_report
+from restwise.server.rundir import (Checkpoint, RunFiles, RunnerLock, append_progress, finish_failed, finish_run,
+                                     note_interruption, open_ledger)
 from restwise.server.runconfig import RunConfig
 
 _log = logging.getLogger(__name__)
@@ -316,8 +317,10 @@ class FederatedServer:
             delivered = self.deliver(grid, ckpt)
         extra = {"delivered": delivered} if isinstance(delivered, dict) else {}
         done = ckpt.round
-        self.files.write_state(status, reason=reason, current_round=self._last_round_number(), run_id=self.run_id,
-                               completed_rounds=done, **extra)
+        # Not the outcome yet: the run has that status once its report is anchored
+        # (rundir.finish_run, which the runner calls next).
+        self.files.write_state("finishing", reason=reason, current_round=self._last_round_number(), run_id=self.run_id,
+                               completed_rounds=done, outcome=status, outcome_reason=reason, **extra)
         summary = self.summary(status, reason, ckpt)
         summary.delivered = extra.get("delivered")
         return summary
@@ -562,21 +565,24 @@ def run_dir_from(context: Context) -> Path:
 
 
 def run_in_directory(grid: Grid, run_dir: Path, *, node_wait_s: float = 60.0) -> RunSummary:
-    """Run (or resume) the run of ``run_dir`` on ``grid`` and write its report. A failure is
-    written to state.json before it propagates (``flwr run`` exits 0 on a failed run)."""
+    """Run (or resume) the run of ``run_dir`` on ``grid`` and write its report, holding the
+    run's lock (``rundir.RunnerLock``). A failure ends the run as failed, with its report when
+    it released anything, before it propagates (``flwr run`` exits 0 on a failed run)."""
     files = RunFiles(run_dir)
-    try:
-        config = files.read_config()
-        summary = FederatedServer(config, run_dir, run_id=run_dir.name, ledger=open_ledger(run_dir, config),
-                                  node_wait_s=node_wait_s).run(grid)
-    except Exception as exc:  # noqa: BLE001 - recorded in state.json, then re-raised
-        files.write_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500])
-        raise
-    try:
-        append_progress(run_dir, "report", rnd=summary.rounds_completed)
-    except OSError:
-        _log.warning("the progress file of run %s cannot be written", run_dir.name)
-    write_report(run_dir)
+    with RunnerLock(run_dir):
+        note_interruption(files, found_by="the ServerApp at start")
+        try:
+            config = files.read_config()
+            summary = FederatedServer(config, run_dir, run_id=run_dir.name, ledger=open_ledger(run_dir, config),
+                                      node_wait_s=node_wait_s).run(grid)
+        except Exception as exc:  # noqa: BLE001 - recorded in state.json, then re-raised
+            finish_failed(run_dir, f"{type(exc).__name__}: {exc}"[:500])
+            raise
+        try:
+            append_progress(run_dir, "report", rnd=summary.rounds_completed)
+        except OSError:
+            _log.warning("the progress file of run %s cannot be written", run_dir.name)
+        finish_run(run_dir)
     return summary
 
 

@@ -27,6 +27,7 @@ from restwise.server import auth as authm
 from restwise.server.auth import SESSION_COOKIE
 from restwise.server.errors import ProblemError
 from restwise.server.runs import RUN_ID_RE
+from restwise.server.runstatus import ACTIVE_STATUSES
 
 HERE = Path(__file__).resolve().parent
 _env = jinja2.Environment(
@@ -318,7 +319,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
         for r in runs:
             r["budget"] = run_budget(r, ctx.settings.epsilon_cap)
             r["epsilon_spent"] = spent.get(r["id"])
-        refresh = any(r["status"] in ("pending", "running") for r in runs)
+        refresh = any(r["status"] in ACTIVE_STATUSES for r in runs)
         return render("runs.html", runs=runs, refresh=refresh, **common(request, who))
 
     @app.get("/runs/{run_id}", response_class=HTMLResponse, tags=["dashboard"], responses={200: html_only})
@@ -347,7 +348,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
             budget=budget,
             summary=summary,
             has_report=(run_dir / "report.json").is_file(),
-            refresh=run["status"] in ("pending", "running"),
+            refresh=run["status"] in ACTIVE_STATUSES,
             config_json=json.dumps(run["config"], indent=2, sort_keys=True),
             **common(request, who),
         )

@@ -71,6 +71,10 @@ runs = sa.Table(
     sa.Column("run_dir", sa.Text, nullable=False),
     sa.Column("pid", sa.Integer, nullable=True),
     sa.Column("projected_epsilon", sa.Float, nullable=True),
+    # Reconciled from the run's signed ledger (the truth; this is its cache): the releases it
+    # records for the run and ε composed over them at the run's δ.
+    sa.Column("releases", sa.Integer, nullable=True),
+    sa.Column("epsilon_spent", sa.Float, nullable=True),
 )
 
 rounds = sa.Table(
@@ -224,11 +228,17 @@ def _m4_audit_attempts(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE audit_log ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1"))
 
 
+def _m5_reconciled_epsilon(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN releases INTEGER"))
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN epsilon_spent FLOAT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, rounds, ledger mirror, tokens, audit log", _m1_core),
     Migration(2, "dashboard sessions", _m2_sessions),
     Migration(3, "runs.projected_epsilon (budget check result)", _m3_projected_epsilon),
     Migration(4, "audit_log.attempts (coalesced denied and rate-limited requests)", _m4_audit_attempts),
+    Migration(5, "runs.releases, runs.epsilon_spent (reconciled from the signed ledger)", _m5_reconciled_epsilon),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

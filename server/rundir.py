@@ -20,22 +20,37 @@ it. Every JSON file is replaced atomically::
     DIR/checkpoint      the global shared model after the last completed round (npz)
     DIR/report.json, DIR/report.html   at the end (restwise.privacy.report), with the released
                         model's account (``model``: architecture, release, hash, delivery)
-    DIR/STOP            create it (or send the runner SIGTERM) to stop after the round in progress
+    DIR/STOP            create it to stop after the round in progress (the service does; SIGTERM
+                        works for the deployed ServerApp, not under Ray's simulation engine)
+    DIR/runner.lock     the runner holds an exclusive flock on it for as long as it runs: the
+                        one liveness test (``runner_alive``; never a PID alone - after a reboot
+                        or a crash the PID may belong to any other process). It also holds the
+                        runner's PID and start time, for people.
 
 A simulation adds ``DIR/fleet/`` (its generated devices' stores, ``restwise.simulation``); a
 deployment's run directory never holds a store.
 
 A run directory whose state is not terminal resumes from its checkpoint: rounds already
 completed are not repeated (a round that was released but not checkpointed is re-run as a new,
-separately accounted attempt).
+separately accounted attempt). A runner that finds state "running" but no lock held marks the
+run "interrupted" (with what it saw) before it resumes.
+
+Ending a run (``finish_run``), in this order: state "finishing" with the ``outcome``; the
+report to ``.partial-*`` files; its anchoring ledger entry; the renames; state = the outcome.
+A run whose state says "finishing" (or ended without a current, anchored report: written by an
+older Restwise) is finished again from its ledger by whoever opens it next - the runner, or
+the service when no runner holds the lock.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import fcntl
 import hashlib
 import io
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +62,11 @@ from restwise.common.arrays import arrays_sha256
 from restwise.common.fsutil import atomic_write_bytes
 from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE
 from restwise.privacy.ledger import PrivacyLedger, export_public_key, load_or_create_audit_key
-from restwise.privacy.report import write_run_report
+from restwise.privacy.ledger import verify_ledger_file
+from restwise.privacy.report import finish_partial_report, report_is_current, write_run_report
 from restwise.server.errors import RunFilesError
 from restwise.server.runconfig import RunConfig
-from restwise.server.runstatus import ACTIVE_STATUSES, STATUSES, TERMINAL_STATUSES
+from restwise.server.runstatus import ACTIVE_STATUSES, RESUMABLE_STATUSES, STATUSES, TERMINAL_STATUSES
 
 CHECKPOINT_FORMAT = "restwise-checkpoint-2"  # -1: the same without "model" (always recovery-mlp)
 
@@ -226,12 +242,209 @@ def model_section(run_dir: Path) -> dict[str, Any] | None:
 def write_report(run_dir: Path) -> dict[str, Path]:
     """report.json and report.html of the run (restwise.privacy.report), anchored in its ledger,
     with the released model's account (:func:`model_section`)."""
-    return write_run_report(Path(run_dir), model=model_section(Path(run_dir)))
+    return write_run_report(Path(run_dir), model=model_section(Path(run_dir)), on_step=crash_point)
+
+
+# -- test-only crash points ------------------------------------------------------------------
+CRASH_ENV = "RESTWISE_TEST_CRASH_AT"
+CRASH_POINTS = ("before-setup", "report-written", "report-anchored", "report-renamed")
+
+
+def crash_point(name: str) -> None:
+    """TEST ONLY: when ``$RESTWISE_TEST_CRASH_AT`` names this point, the process kills itself
+    with SIGKILL here - no handler, no cleanup, exactly as a power cut or the OOM killer would
+    (tests/test_crash_matrix.py). Unset in any real deployment: then this does nothing."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- liveness: the runner's lock ---------------------------------------------------------------
+RUNNER_LOCK_FILE = "runner.lock"
+
+
+class RunnerLock:
+    """An exclusive ``flock`` on ``DIR/runner.lock``, held by the runner for as long as it runs
+    the run (or finishes it). The kernel drops it when the process dies, however it dies, so
+    "someone holds the lock" is true exactly while a runner lives - unlike a PID, which another
+    process may own after a crash or a reboot. Two runners never run one run at once."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / RUNNER_LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self, *, wait_s: float = 3.0, record: bool = True) -> "RunnerLock":
+        """Take the lock (waiting up to ``wait_s`` for a prober to let go); RunFilesError when
+        another runner holds it. ``record``: write this process's PID and start time into the
+        file (a runner does; the service, settling a run briefly, keeps the last runner's)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise RunFilesError(
+                        f"another runner is running {self.path.parent.name} ({runner_info(self.path.parent) or 'unknown'})",
+                        path=self.path,
+                    ) from None
+                time.sleep(0.02)
+        if record:
+            os.ftruncate(fd, 0)
+            started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            os.write(fd, f"pid {os.getpid()} started {started}\n".encode("ascii"))
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "RunnerLock":
+        return self.acquire() if self._fd is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def runner_alive(run_dir: str | os.PathLike) -> bool:
+    """Whether a runner holds the run's lock now (a shared probe, let go at once)."""
+    try:
+        fd = os.open(Path(run_dir) / RUNNER_LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: no runner ever started here (or not yet)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops our probe's shared lock
+    return False
+
+
+def runner_info(run_dir: str | os.PathLike) -> str | None:
+    """What the last runner wrote into the lock file ("pid N started T"), for messages only."""
+    try:
+        return (Path(run_dir) / RUNNER_LOCK_FILE).read_text(encoding="ascii").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def note_interruption(files: RunFiles, *, found_by: str, statuses: tuple[str, ...] = ("running",)) -> str | None:
+    """With the run's lock held: when state.json still says "running" (or one of
+    ``statuses``), its runner vanished without recording an end. Record "interrupted" with
+    what was seen; returns the reason (None when the state was something else)."""
+    try:
+        state = files.read_state()
+    except RunFilesError:
+        return None
+    if state.get("status") not in statuses:
+        return None
+    rnd = int(state.get("current_round", 0) or 0)
+    reason = (f"interrupted: its runner ({runner_info(files.run_dir) or 'unknown process'}) ended without recording "
+              f"an end after round {rnd} (found by {found_by})")
+    if files.stop_requested():
+        reason += "; a stop had been requested"
+    files.write_state("interrupted", reason=reason, current_round=rnd,
+                      **{k: v for k, v in state.items() if k not in ("status", "reason", "current_round", "updated_at")})
+    return reason
+
+
+# -- ending a run ------------------------------------------------------------------------------
+_STATE_KEYS = ("status", "reason", "current_round", "updated_at", "outcome", "outcome_reason", "report_sha256")
+
+
+def _released_anything(files: RunFiles, run_id: str) -> bool:
+    """Whether the ledger holds any entry of the run (read-only, no repair)."""
+    if not files.ledger.exists():
+        return False
+    try:
+        entries, _ = verify_ledger_file(files.ledger)
+    except Exception:  # noqa: BLE001 - a torn ledger is repaired when the report is written
+        return True
+    return any(e.payload.get("run_id") == run_id or e.payload.get("target") == run_id for e in entries)
+
+
+def needs_finishing(run_dir: str | os.PathLike) -> bool:
+    """A run whose end is not complete: state "finishing", or ended (not refused) with an
+    entry in its ledger but no current, anchored report (e.g. a crash of an older Restwise)."""
+    files = RunFiles(Path(run_dir))
+    try:
+        state = files.read_state()
+    except RunFilesError:
+        return False
+    status = state.get("status")
+    if status == "finishing":
+        return True
+    if status not in TERMINAL_STATUSES or status == "refused":
+        return False
+    run_id = str(state.get("run_id") or files.run_dir.name)
+    if not _released_anything(files, run_id):
+        return False
+    # Read only, without the signing key: a missing key is never replaced by a new one here
+    # (the report's own writer loads the key and fails closed without it).
+    return not report_is_current(files.run_dir, PrivacyLedger(files.ledger), run_id)
+
+
+def finish_run(run_dir: str | os.PathLike, status: str | None = None, reason: str | None = None) -> dict[str, Any]:
+    """End the run as ``status`` (default: the ``outcome`` recorded in a "finishing" state):
+    state "finishing", then its report (``.partial-*`` files, anchoring ledger entry, renames:
+    ``privacy.report.write_report``), then state = ``status``. Safe to call again after a
+    crash at any point: partial files the ledger attests are renamed, others rebuilt from the
+    ledger. A run with no ledger entry released nothing and gets no report. Call it with the
+    run's lock held. Returns the final state."""
+    files = RunFiles(Path(run_dir))
+    state = files.read_state()
+    if status is None:
+        status = state.get("outcome") or state.get("status")
+        reason = state.get("outcome_reason", state.get("reason"))
+    if status not in TERMINAL_STATUSES:
+        raise RunFilesError(f"cannot finish run {files.run_dir.name} as {status!r}", path=files.state)
+    keep = {k: v for k, v in state.items() if k not in _STATE_KEYS}
+    current = int(state.get("current_round", 0) or 0)
+    files.write_state("finishing", reason=f"writing the report of the {status} run", current_round=current,
+                      outcome=status, outcome_reason=reason, **keep)
+    run_id = str(state.get("run_id") or files.run_dir.name)
+    digest = None
+    if _released_anything(files, run_id):
+        ledger = PrivacyLedger(files.ledger)  # reading and renaming need no key; write_report loads it
+        finish_partial_report(files.run_dir, ledger, run_id)
+        if not report_is_current(files.run_dir, ledger, run_id):
+            write_report(files.run_dir)
+        crash_point("report-renamed")
+        digest = hashlib.sha256((files.run_dir / "report.json").read_bytes()).hexdigest()
+    files.write_state(status, reason=reason, current_round=current, report_sha256=digest, **keep)
+    return files.read_state()
+
+
+def finish_failed(run_dir: str | os.PathLike, reason: str) -> None:
+    """End the run as failed with ``reason`` - with its report when it released anything. If
+    even that fails (no key, unreadable configuration), state.json still says failed and why."""
+    try:
+        finish_run(run_dir, "failed", reason)
+    except Exception as exc:  # noqa: BLE001 - the run's failure is what must be recorded
+        files = RunFiles(Path(run_dir))
+        files.write_state("failed", reason=f"{reason}; its report could not be written: {type(exc).__name__}: {exc}"[:1000],
+                          current_round=_state_round(files))
+
+
+def _state_round(files: RunFiles) -> int:
+    try:
+        return int(files.read_state().get("current_round", 0) or 0)
+    except (RunFilesError, TypeError, ValueError):
+        return 0
 
 
 __all__ = [
-    "STATUSES", "TERMINAL_STATUSES", "ACTIVE_STATUSES", "RunFiles", "Checkpoint", "open_ledger", "write_report",
-    "dump_json",
+    "finish_failed", "STATUSES", "TERMINAL_STATUSES", "ACTIVE_STATUSES", "RESUMABLE_STATUSES", "RunFiles", "Checkpoint", "open_ledger",
+    "write_report", "dump_json", "RunnerLock", "runner_alive", "runner_info", "note_interruption", "needs_finishing",
+    "finish_run", "crash_point", "CRASH_ENV", "CRASH_POINTS", "RUNNER_LOCK_FILE",
 ]
 
 

@@ -63,12 +63,13 @@ from restwise.server.errors import (
     ProblemError,
     RunConfigError,
     RunError,
+    RunFilesError,
     RunNotFoundError,
     RunStateError,
 )
 from restwise.server.runconfig import KNOWN_DATASETS, RunConfig
 from restwise.server.rundir import read_progress
-from restwise.server.runstatus import STATUSES
+from restwise.server.runstatus import STATUSES, TERMINAL_STATUSES
 
 API = "/api/v1"
 RUN_ID_PATTERN = runsm.RUN_ID_RE.pattern
@@ -204,6 +205,12 @@ class RunOut(BaseModel):
     started_at: str | None
     finished_at: str | None
     projected_epsilon: float | None
+    releases: int | None = Field(
+        default=None, description="Releases the run's signed ledger records (reconciled from the run folder)."
+    )
+    epsilon_spent: float | None = Field(
+        default=None, description="ε composed over every release in the run's signed ledger (null: none yet, or not accountable)."
+    )
     config: dict[str, Any]
 
     @field_validator("config")
@@ -817,6 +824,24 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
         ctx.audit.record(who, "run.stop", run_id, "ok", {})
         return run
 
+    @app.post(f"{API}/runs/{{run_id}}/resume", response_model=RunOut, tags=["runs"], responses=write_problems)
+    def resume_run(run_id: str = RunId, who: authm.Principal = Depends(operator)) -> dict:
+        """Continue an interrupted or failed run from its last checkpoint (operators). Rounds
+        already released are not run again; a round released but not checkpointed is re-run
+        as a new, separately accounted attempt. The budget is checked again first (409)."""
+        try:
+            run = ctx.runs.resume(run_id)
+        except BudgetRefusedError as exc:
+            ctx.audit.record(who, "run.resume", run_id, "refused", exc.decision.to_dict())
+            raise
+        except (RunError, RunFilesError) as exc:
+            ctx.audit.record(who, "run.resume", run_id, "rejected", {"reason": type(exc).__name__})
+            if isinstance(exc, RunFilesError):
+                raise ProblemError(409, "Conflict", f"run {run_id} cannot be resumed: {exc}") from None
+            raise
+        ctx.audit.record(who, "run.resume", run_id, "ok", {"reason": run.get("reason")})
+        return run
+
     @app.get(f"{API}/runs/{{run_id}}/rounds", response_model=list[RoundOut], tags=["runs"], responses=read_problems)
     def get_rounds(run_id: str = RunId, who: authm.Principal = Depends(principal)) -> list[dict]:
         """Per-round metrics: sampled, survived, dropped, training loss, ε spent so far."""
@@ -944,6 +969,13 @@ matches; 8 means a mismatch or tampering, or no pinned key (the message says whi
 def build_bundle(ctx: ServiceContext, run_id: str) -> bytes:
     run = ctx.runs.get(run_id)
     run_dir = ctx.runs.run_dir(run_id)
+    if run["status"] not in TERMINAL_STATUSES:
+        # Before the end, the folder may hold an older report than the ledger: never a bundle
+        # that covers fewer rounds than the run will have released.
+        raise ProblemError(
+            409, "No report yet",
+            f"run {run_id} is {run['status']}; the bundle exists once the run has ended (its report is anchored then)",
+        )
     missing = [n for n in ("report.json", "ledger.jsonl") if not (run_dir / n).is_file()]
     if missing:
         raise ProblemError(

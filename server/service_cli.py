@@ -165,8 +165,15 @@ def register(app: typer.Typer) -> None:
 
     @runs_app.command("stop")
     def runs_stop(run_id: str, url: str = Url, token_file: Optional[Path] = TokenFile) -> None:
-        """Ask a run to stop (operators)."""
+        """Ask a run to stop (operators). An interrupted run (its runner is gone) is ended at
+        once as stopped, with its report over the rounds it released."""
         _print_run(_ApiClient(url, token_file).call("POST", f"/runs/{run_id}/stop").json())
+
+    @runs_app.command("resume")
+    def runs_resume(run_id: str, url: str = Url, token_file: Optional[Path] = TokenFile) -> None:
+        """Continue an interrupted or failed run from its last checkpoint (operators). Rounds
+        already released are not run again; the budget is checked again first (exit 7)."""
+        _print_run(_ApiClient(url, token_file).call("POST", f"/runs/{run_id}/resume").json())
 
     @runs_app.command("list")
     def runs_list(url: str = Url, token_file: Optional[Path] = TokenFile) -> None:
@@ -203,7 +210,7 @@ def register(app: typer.Typer) -> None:
             while True:
                 view = RunView.from_api(run)
                 reporter.update(view)
-                if run["status"] in TERMINAL_STATUSES:
+                if run["status"] in TERMINAL_STATUSES or run["status"] == "interrupted":
                     break
                 time.sleep(WATCH_POLL_S)
                 run = client.call("GET", f"/runs/{run_id}").json()

@@ -12,7 +12,6 @@ devices unless ``--force``)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from restwise.client.coach_cli import advise
 from restwise.models.registry import ONE_RELEASE, get_architecture
 from restwise.privacy.ledger import export_public_key, load_audit_key
 from restwise.server.app import RunSummary
-from restwise.server.rundir import RunFiles
+from restwise.server.rundir import RunFiles, needs_finishing
 from restwise.server.runstatus import TERMINAL_STATUSES
 from restwise.server.runconfig import RunConfig
 from restwise.simulation.fleet import FLEET_DIR
@@ -59,10 +58,23 @@ def run_demo_federation(workdir: Path, persons: int = 6, rounds: int | None = No
     if persons < 3:
         raise ValueError("the demo needs at least 3 persons (secure aggregation needs 3 devices)")
     config = demo_config(persons, rounds, model=model, force=force)  # RunConfigError before anything is made
-    run_dir = Path(workdir) / "run-demo"
-    if run_dir.exists() and RunFiles(run_dir).read_state().get("status") in TERMINAL_STATUSES:
-        shutil.rmtree(run_dir)  # a finished demo is run afresh
-    return run_federation(run_dir, config, node_wait_s=60.0)
+    return run_federation(demo_run_dir(workdir), config, node_wait_s=60.0)
+
+
+def demo_run_dir(workdir: Path) -> Path:
+    """Where the demo runs: ``workdir/run-demo``, continued while it has not ended (an
+    interrupted demo resumes; one that stopped while writing its report is finished); once it
+    has ended, a new run beside it (``run-demo-2``, ``run-demo-3``, ...). An earlier run - its
+    signed ledger above all - is never deleted: it is the evidence of what its persons spent."""
+    n = 1
+    while True:
+        run_dir = Path(workdir) / ("run-demo" if n == 1 else f"run-demo-{n}")
+        if not run_dir.exists():
+            return run_dir
+        files = RunFiles(run_dir)
+        if files.read_state().get("status") not in TERMINAL_STATUSES or needs_finishing(run_dir):
+            return run_dir
+        n += 1
 
 
 def coach_line(used: int, persons: int) -> str:
@@ -117,4 +129,5 @@ def demo_outcome(summary: RunSummary, person: int = 0, persons: int | None = Non
     }
 
 
-__all__ = ["demo_config", "run_demo_federation", "demo_outcome", "coach_line", "publish_demo_key", "DEMO_MODEL"]
+__all__ = ["demo_config", "run_demo_federation", "demo_run_dir", "demo_outcome", "coach_line", "publish_demo_key",
+           "DEMO_MODEL"]

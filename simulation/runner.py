@@ -9,13 +9,17 @@ the simulated fleet (``DIR/fleet/``, one encrypted store
 per person: ``restwise.simulation.fleet``), and runs the server's ServerApp
 (``restwise.server.app``) against the real ClientApp (``restwise.client.app``) on Flower's
 simulation engine. It writes the run directory's file contract (``restwise.server.rundir``);
-``DIR/STOP`` or SIGTERM stops it after the round in progress. Exit code 0 when the run
-completed or was stopped, 1 otherwise (refused, failed: state.json says why).
+``DIR/STOP`` stops it after the round in progress (SIGTERM too, outside Ray). It holds the run's lock
+(``DIR/runner.lock``) while it runs; started on a run whose runner vanished, it records the
+interruption and resumes from the checkpoint, or only finishes a run that stopped while
+writing its report. Exit code 0 when the run completed or was stopped, 1 otherwise (refused, failed:
+state.json says why).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -30,7 +34,8 @@ from restwise.common.errors import RestwiseError
 from restwise.common.exit_codes import ExitCode
 from restwise.server.app import RunSummary, make_server_app, plan_refusal
 from restwise.server.errors import RunFilesError
-from restwise.server.rundir import RunFiles, write_report
+from restwise.server.rundir import (RunFiles, RunnerLock, crash_point, finish_failed, finish_run, needs_finishing,
+                                     note_interruption)
 from restwise.server.runstatus import TERMINAL_STATUSES
 from restwise.server.runconfig import RunConfig
 from restwise.simulation.fleet import FLEET_DIR, prepare_fleet
@@ -52,26 +57,45 @@ def run_federation(
     client_app=None,
 ) -> RunSummary:
     """Run (or resume) the federation of ``config`` in ``run_dir`` with Flower's simulation
-    engine, one simulated device per person. Writes the run directory's files."""
+    engine, one simulated device per person. Writes the run directory's files, holding the
+    run's lock throughout (``rundir.RunnerLock``: RunFilesError if another runner has it).
+
+    A run left "running" by a runner that vanished is recorded as interrupted, then resumed
+    from its checkpoint; a run left "finishing" (or ended without its anchored report) is only
+    finished; an ended run is refused."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunnerLock(run_dir):
+        files = RunFiles(run_dir)
+        if not files.config.exists():
+            files.write_config(config)
+        crash_point("before-setup")
+        interrupted = note_interruption(files, found_by="the runner at start")
+        if interrupted:
+            _log.warning("run %s %s; resuming from its checkpoint", run_dir.name, interrupted)
+        if needs_finishing(run_dir):
+            _log.warning("run %s ended without its anchored report: finishing it from its ledger", run_dir.name)
+            return _summary_from_files(files, config, finish_run(run_dir))
+        state = files.read_state()
+        if state.get("status") in TERMINAL_STATUSES:
+            raise RunFilesError(f"run {run_dir.name} is already {state['status']}")
+        current = int(state.get("current_round", 0) or 0)
+        try:
+            refusal = plan_refusal(config)  # before any store is made (the ServerApp checks again)
+        except Exception as exc:  # noqa: BLE001 - recorded in state.json, then re-raised
+            files.write_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500], current_round=current)
+            raise
+        if refusal is not None:
+            files.write_state("refused", reason=refusal[:2000], current_round=current)
+            return RunSummary(run_dir.name, run_dir, "refused", refusal, 0, None, config.delta, 0.0)
+        return _run_simulation(run_dir, files, config, state, should_stop, backend_config, node_wait_s, client_app)
+
+
+def _run_simulation(run_dir, files, config, state, should_stop, backend_config, node_wait_s, client_app) -> RunSummary:
     # Flower's simulation engine starts Ray: imported only when a simulation runs, so that
     # the CLI and the runner's `prepare` stay fast.
     from flwr.simulation import run_simulation
 
-    run_dir = Path(run_dir)
-    files = RunFiles(run_dir)
-    if not files.config.exists():
-        files.write_config(config)
-    state = files.read_state()
-    if state.get("status") in TERMINAL_STATUSES:
-        raise RunFilesError(f"run {run_dir.name} is already {state['status']}")
-    try:
-        refusal = plan_refusal(config)  # before any store is made (the ServerApp checks again)
-    except Exception as exc:  # noqa: BLE001 - recorded in state.json, then re-raised
-        files.write_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500], current_round=_current_round(files))
-        raise
-    if refusal is not None:
-        files.write_state("refused", reason=refusal[:2000], current_round=_current_round(files))
-        return RunSummary(run_dir.name, run_dir, "refused", refusal, 0, None, config.delta, 0.0)
     files.write_state("running", reason="preparing the simulated devices", current_round=int(state.get("current_round", 0)))
     summaries: list[RunSummary] = []
     try:
@@ -93,20 +117,32 @@ def run_federation(
             backend_config=backend_config or default_backend_config(),
         )
     except Exception as exc:  # noqa: BLE001 - recorded in state.json, then re-raised
-        files.write_state("failed", reason=f"{type(exc).__name__}: {exc}"[:500], current_round=_current_round(files))
+        finish_failed(run_dir, f"{type(exc).__name__}: {exc}"[:500])
         raise
     if not summaries:
-        files.write_state("failed", reason="the server app ended without a result", current_round=_current_round(files))
+        finish_failed(run_dir, "the server app ended without a result")
         raise RunFilesError("the federation ended without a result")
-    write_report(run_dir)
-    return summaries[0]
+    final = finish_run(run_dir)
+    summary = summaries[0]
+    summary.status, summary.reason = final["status"], final.get("reason")
+    return summary
 
 
-def _current_round(files: RunFiles) -> int:
+def _summary_from_files(files: RunFiles, config: RunConfig, state: dict[str, Any]) -> RunSummary:
+    """The summary of a run that was only finished (no round ran in this process)."""
+    report = read_report(files.run_dir)
+    return RunSummary(
+        run_id=files.run_dir.name, run_dir=files.run_dir, status=state["status"], reason=state.get("reason"),
+        rounds_completed=int(state.get("completed_rounds", state.get("current_round", 0)) or 0),
+        epsilon=report.get("epsilon") if report else None, delta=config.delta, noise_multiplier=0.0,
+    )
+
+
+def read_report(run_dir: Path) -> dict[str, Any] | None:
     try:
-        return int(files.read_state().get("current_round", 0))
-    except RunFilesError:
-        return 0
+        return json.loads((Path(run_dir) / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 class _StopFlag:

@@ -161,7 +161,9 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
     assert isinstance(forced, AuditEvent) and forced.action == "plan.forced" and forced.target == fed.run_dir.name
     assert forced.details["noise_to_signal"] > 1 and "recovery-mlp" in forced.details["message"]
     state = json.loads((fed.run_dir / "state.json").read_text())
-    assert state["status"] == "completed" and state["current_round"] == 2
+    # The rounds are over; "completed" is the status only once the report is anchored
+    # (rundir.finish_run, which the runner calls after the ServerApp).
+    assert state["status"] == "finishing" and state["outcome"] == "completed" and state["current_round"] == 2
     # Each device logged what it sent, under the run's id, and kept its personal model.
     with fed.store(0) as store:
         history = store.egress_history()
@@ -276,7 +278,7 @@ def test_a_stopped_run_resumes_from_the_last_completed_round(tmp_path, template_
     fed = Federation(tmp_path, template_fleet, _config(rounds=2))
     summary = _stop_after_first_round(fed.server()).run(fed.grid)
     assert summary.status == "stopped" and fed.checkpoint().round == 1
-    assert json.loads((fed.run_dir / "state.json").read_text())["status"] == "stopped"
+    assert json.loads((fed.run_dir / "state.json").read_text())["outcome"] == "stopped"
     summary = fed.run()
     assert summary.status == "completed" and fed.checkpoint().round == 2
     releases = [(e.round, e.attempt) for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
@@ -330,7 +332,7 @@ def test_a_round_that_would_exceed_the_budget_is_refused_before_anything_is_sent
     refusals = [e for e in fed.ledger_events() if isinstance(e, BudgetRefusalEvent)]
     assert len(refusals) == 1 and refusals[0].budget_epsilon >= 3.0 and refusals[0].projected_epsilon > 3.0
     assert [len(_history(fed, i)) for i in range(cfg.population)] == sent_before
-    assert json.loads((fed.run_dir / "state.json").read_text())["status"] == "refused"
+    assert json.loads((fed.run_dir / "state.json").read_text())["outcome"] == "refused"
 
 
 def _history(fed: Federation, i: int) -> list[dict]:
@@ -408,7 +410,7 @@ def test_a_stop_file_stops_the_run_before_the_next_round(tmp_path, template_flee
     (fed.run_dir / "STOP").touch()
     summary = fed.run()
     assert summary.status == "stopped" and summary.rounds_completed == 0
-    assert json.loads((fed.run_dir / "state.json").read_text())["status"] == "stopped"
+    assert json.loads((fed.run_dir / "state.json").read_text())["outcome"] == "stopped"
     assert _history(fed, 0) == []  # nothing was asked of any device
     (fed.run_dir / "STOP").unlink()
     assert fed.run().status == "completed"

@@ -66,7 +66,7 @@ def test_old_database_is_upgraded_step_by_step(tmp_path):
                              "VALUES ('t', 'abcd', 'operator', 'run.create', 'ok')"))
     engine.dispose()
     database = db.Database.open(url, migrate=False)
-    assert database.migrate() == [2, 3, 4]
+    assert database.migrate() == [2, 3, 4, 5]
     with database.engine.connect() as conn:
         assert conn.execute(sa.select(db.tokens.c.name)).scalar() == "n"  # data kept
         # Migration 4: every existing audit row stood for one request.
@@ -216,9 +216,9 @@ def test_malformed_huge_and_tricky_requests_are_4xx(service):
         r = client.get(f"/api/v1/runs/{run_id}/files/{name}", headers=au)
         assert 400 <= r.status_code < 500, (name, r.status_code)
     assert client.get(f"/api/v1/runs/{run_id}/files/report.json", headers=au).json() == {"x": 1}
-    # The bundle needs the ledger too: until the run has ended, 409 with the reason.
+    # No bundle until the run has ended (its report is anchored then): 409 with the reason.
     r = client.get(f"/api/v1/runs/{run_id}/bundle", headers=au)
-    assert r.status_code == 409 and "ledger.jsonl" in r.json()["detail"]
+    assert r.status_code == 409 and "is created; the bundle exists once the run has ended" in r.json()["detail"]
 
 
 def test_cors_closed_by_default_and_security_headers(service):

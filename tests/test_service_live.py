@@ -45,6 +45,7 @@ ACCESS = {
     ("GET", "/api/v1/runs/{run_id}"): "read",
     ("POST", "/api/v1/runs/{run_id}/start"): "operator",
     ("POST", "/api/v1/runs/{run_id}/stop"): "operator",
+    ("POST", "/api/v1/runs/{run_id}/resume"): "operator",
     ("GET", "/api/v1/runs/{run_id}/rounds"): "read",
     ("GET", "/api/v1/runs/{run_id}/ledger"): "read",
     ("GET", "/api/v1/runs/{run_id}/files/{name}"): "read",

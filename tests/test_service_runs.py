@@ -6,6 +6,7 @@ The real Flower runner is exercised end to end in test_service_flow.py."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 import time
@@ -106,20 +107,29 @@ def test_stop_ends_a_running_run(manager, monkeypatch):
     assert done["status"] == "stopped" and 1 <= done["current_round"] < 50
 
 
-def test_runner_crash_is_reported_as_failed(manager):
+def test_runner_crash_is_reported_as_interrupted_with_what_was_seen(manager):
     manager.mode["value"] = "crash"
     run_id = _create(manager)
     manager.start(run_id)
     done = manager.wait(run_id, 20)
-    assert done["status"] == "failed"
-    assert "code 3" in done["reason"]
+    assert done["status"] == "interrupted"
+    assert "exited with code 3" in done["reason"] and "after round 0" in done["reason"]
+    # The run folder says so too (not "running" forever).
+    state = json.loads((manager.run_dir(run_id) / "state.json").read_text())
+    assert state["status"] == "interrupted" and state["reason"] == done["reason"]
 
 
-def test_restarted_service_marks_orphaned_runs(manager, tmp_path):
+def test_restarted_service_marks_orphaned_runs_interrupted(manager, tmp_path):
     run_id = _create(manager)
-    manager._update(run_id, status="running", pid=2**22 + 12345)  # a pid that does not exist
+    run_dir = manager.run_dir(run_id)
+    (run_dir / "state.json").write_text(json.dumps({"status": "running", "current_round": 2, "reason": None}))
+    manager._update(run_id, status="running", pid=os.getpid())  # a live PID owned by another process
     fresh = RunManager(manager.db, manager.runs_dir, budget_check=within_any_budget)
-    assert fresh.get(run_id)["status"] == "failed"
+    assert fresh.reconcile_all() == 1
+    run = fresh.get(run_id, refresh=False)
+    assert run["status"] == "interrupted" and "after round 2" in run["reason"]
+    assert "stopped on request" not in run["reason"]
+    assert json.loads((run_dir / "state.json").read_text())["status"] == "interrupted"
 
 
 def test_unknown_and_malformed_run_ids(manager):
@@ -160,10 +170,14 @@ class _FakeAlive:
         return None
 
 
-def test_latest_epsilon_per_run(manager):
+def test_latest_epsilon_is_the_ledgers_not_the_round_metrics(manager):
+    """The contract runner's round lines claim ε 0.5 per round, but its ledger lines are no
+    signed releases: what a run spent is composed from its ledger alone."""
     run_id = _create(manager, rounds=3)
     manager.start(run_id)
     manager.wait(run_id, 30)
     other = _create(manager)
-    assert manager.latest_epsilons([run_id, other]) == {run_id: 1.5}
+    assert [r["epsilon"] for r in manager.rounds(run_id)] == [0.5, 1.0, 1.5]
+    assert manager.get(run_id)["releases"] == 0
+    assert manager.latest_epsilons([run_id, other]) == {}
     assert manager.latest_epsilons([]) == {}
