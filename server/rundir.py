@@ -61,8 +61,8 @@ import numpy as np
 from restwise.common.arrays import arrays_sha256
 from restwise.common.fsutil import atomic_write_bytes
 from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE
-from restwise.privacy.ledger import PrivacyLedger, export_public_key, load_or_create_audit_key
-from restwise.privacy.ledger import verify_ledger_file
+from restwise.privacy.errors import LedgerError
+from restwise.privacy.ledger import PrivacyLedger, export_public_key, load_or_create_audit_key, parse_ledger_bytes
 from restwise.privacy.report import finish_partial_report, report_is_current, write_run_report
 from restwise.server.errors import RunFilesError
 from restwise.server.runconfig import RunConfig
@@ -361,13 +361,17 @@ _STATE_KEYS = ("status", "reason", "current_round", "updated_at", "outcome", "ou
 
 
 def _released_anything(files: RunFiles, run_id: str) -> bool:
-    """Whether the ledger holds any entry of the run (read-only, no repair)."""
-    if not files.ledger.exists():
+    """Whether the ledger holds any entry of the run (read-only: a torn last line, which the
+    report's writer moves aside, is not read). False for a file that is no ledger at all -
+    nothing can be reported from it (the run's report says so when it is written)."""
+    try:
+        data = files.ledger.read_bytes()
+    except OSError:
         return False
     try:
-        entries, _ = verify_ledger_file(files.ledger)
-    except Exception:  # noqa: BLE001 - a torn ledger is repaired when the report is written
-        return True
+        entries = parse_ledger_bytes(data[: data.rfind(b"\n") + 1])
+    except LedgerError:
+        return False
     return any(e.payload.get("run_id") == run_id or e.payload.get("target") == run_id for e in entries)
 
 

@@ -214,11 +214,14 @@ def test_an_ended_run_without_its_report_is_finished_by_the_service(manager):
     """"completed" written before the report (an older Restwise) and then a crash: the
     service rebuilds the report from the ledger and anchors it."""
     run_id, files = _launched(manager, 3, "completed", pid=None)
+    with open(files.ledger, "ab") as fh:
+        fh.write(b'{"seq": 4, "kind": "gaussian_r')  # and a torn last line from the crash
     assert needs_finishing(files.run_dir)
     run = manager.get(run_id)
     assert run["status"] == "completed"
     result = verify_report(files.run_dir / "report.json")
     assert result.ok and result.releases == 3
+    assert (files.run_dir / "ledger.jsonl.torn-1").read_bytes() == b'{"seq": 4, "kind": "gaussian_r'  # moved aside, kept
     expected = PrivacyAccountant().epsilon([_release(run_id, r) for r in (1, 2, 3)], 1e-5).epsilon
     assert run["epsilon_spent"] == pytest.approx(expected) and result.epsilon_recomputed == pytest.approx(expected)
 
