@@ -40,6 +40,8 @@ pytestmark = pytest.mark.slow
 RUN = {
     "name": "crash", "dataset": "demo", "rounds": 2, "population": 4, "persons": 4, "sampling": "poisson",
     "sampling_rate": 1.0, "target_epsilon": 3.0, "delta": 1e-5, "secagg_num_neighbours": 3, "secagg_threshold": 2,
+    # DP-FedAvg on 4 devices: the planner refuses it as useless; here only the crashes matter.
+    "force": True,
 }
 # The service launches this instead of the runner: it reads a one-shot crash point from
 # DATA_DIR/crash_at (so each launch can crash somewhere else), then runs the real runner.
