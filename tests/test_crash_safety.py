@@ -6,19 +6,17 @@ with SIGKILL. The same with the real runner and a real service: test_crash_matri
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from restwise.privacy.events import GaussianRoundEvent
-from restwise.privacy.ledger import load_or_create_audit_key
+from restwise.privacy.ledger import load_audit_key, load_or_create_audit_key
 from restwise.privacy.accountant import PrivacyAccountant
 from restwise.privacy.release import BudgetDecision
 from restwise.privacy.verify import verify_report
@@ -73,6 +71,12 @@ def _run_folder(runs_dir: Path, run_id: str, *, releases: int, status: str, **st
         ledger.append(_release(run_id, rnd))
     files.write_state(status, current_round=releases, run_id=run_id, **state)
     return files
+
+
+def _verify(run_dir: Path):
+    """`audit verify` of the run folder's report, pinned to the service's key (the private key
+    that signed the ledger: ``runs/audit_key.pem``)."""
+    return verify_report(run_dir / "report.json", public_key=load_audit_key(run_dir.parent / "audit_key.pem").public_key())
 
 
 def _holder(run_dir: Path) -> subprocess.Popen:
@@ -152,7 +156,7 @@ def test_stop_on_a_dead_run_ends_it_truthfully_with_its_report(manager):
     assert run["status"] == "stopped" and run["finished_at"]
     assert run["reason"].startswith("stopped on request while interrupted (no runner was running it;")
     assert "a stop had been requested" in run["reason"]
-    result = verify_report(files.run_dir / "report.json")
+    result = _verify(files.run_dir)
     assert result.ok, result.problems
     assert result.releases == 2 and result.epsilon_recomputed == pytest.approx(run["epsilon_spent"])
     with pytest.raises(RunStateError):
@@ -201,7 +205,7 @@ def test_a_crash_inside_the_report_never_leaves_an_unattested_report(tmp_path, p
     state = finish_run(files.run_dir)
     assert state["status"] == "completed" and state["report_sha256"]
     assert not list(files.run_dir.glob(".partial-*"))
-    result = verify_report(files.run_dir / "report.json")
+    result = _verify(files.run_dir)
     assert result.ok, result.problems
     assert result.releases == 3
     anchors = [e for e in open_ledger(files.run_dir, files.read_config()).entries() if e.kind == "report_issued"]
@@ -219,7 +223,7 @@ def test_an_ended_run_without_its_report_is_finished_by_the_service(manager):
     assert needs_finishing(files.run_dir)
     run = manager.get(run_id)
     assert run["status"] == "completed"
-    result = verify_report(files.run_dir / "report.json")
+    result = _verify(files.run_dir)
     assert result.ok and result.releases == 3
     assert (files.run_dir / "ledger.jsonl.torn-1").read_bytes() == b'{"seq": 4, "kind": "gaussian_r'  # moved aside, kept
     expected = PrivacyAccountant().epsilon([_release(run_id, r) for r in (1, 2, 3)], 1e-5).epsilon
@@ -235,7 +239,7 @@ def test_a_report_older_than_the_ledger_is_not_current(tmp_path):
     files.write_state("stopped", current_round=2, run_id="run-000000000002")
     assert needs_finishing(files.run_dir)
     finish_run(files.run_dir)
-    result = verify_report(files.run_dir / "report.json")
+    result = _verify(files.run_dir)
     assert result.ok and result.releases == 2
 
 
@@ -293,4 +297,4 @@ def test_finishing_without_the_audit_key_fails_closed(manager):
     assert not key.exists() and not (files.run_dir / "report.json").exists()
     key.with_suffix(".away").rename(key)  # the operator restores the key: stop ends it with its report
     assert manager.stop(run_id)["status"] == "stopped"
-    assert verify_report(files.run_dir / "report.json").ok
+    assert _verify(files.run_dir).ok
