@@ -544,6 +544,7 @@ class ReleaseWorkflow:
         announce: RecordDict | None = None,
         last: bool = False,
         on_stage: OnStage | None = None,
+        on_step: Callable[[str], None] | None = None,
     ) -> Release:
         """One release over the sampled ``cohort`` through one round of the run's ``session``:
         ``content_for(dp_params)`` is what each device's app receives; ``announce`` goes with
@@ -553,7 +554,9 @@ class ReleaseWorkflow:
         before any unmasking share is asked for; what happens after is in the result (and,
         for a spent release that produced nothing, in the ledger: ``release.not-applied``).
         The caller records a stored model with :meth:`applied`, and a round that spent nothing
-        with :meth:`fail`. What ``publish`` raises propagates (the release stays spent)."""
+        with :meth:`fail`. What ``publish`` raises propagates (the release stays spent).
+        ``on_step(name)`` is told ``"after-write-ahead"`` once the release's ledger entry is
+        appended and before any unmasking share is asked for (the crash matrix's hook)."""
         sampled = len(cohort)
         chosen: dict[str, Any] = {}
 
@@ -566,6 +569,8 @@ class ReleaseWorkflow:
             std = released_noise_std(self.plan, chosen["dp"], survivors)
             event = self.release_event(round_, attempt, sampled, survivors, std, pending.commitment)
             chosen["event"], chosen["entry"] = event, self.ledger.append(event)
+            if on_step is not None:
+                on_step("after-write-ahead")
 
         try:
             result = session.round(grid, cohort, build, round=round_, vector_length=vector_length, announce=announce,

@@ -84,8 +84,8 @@ from restwise.privacy.release import MIN_COHORT, ReleaseWorkflow, plan_release
 from restwise.privacy.secagg.errors import SecAggConfigError
 from restwise.privacy.secagg.workflow import SecAggSession
 from restwise.server.errors import PlanError
-from restwise.server.rundir import (Checkpoint, RunFiles, RunnerLock, append_progress, finish_failed, finish_run,
-                                     note_interruption, open_ledger)
+from restwise.server.rundir import (Checkpoint, RunFiles, RunnerLock, append_progress, crash_point, finish_failed,
+                                     finish_run, note_interruption, open_ledger)
 from restwise.server.runconfig import RunConfig
 
 _log = logging.getLogger(__name__)
@@ -391,13 +391,15 @@ class FederatedServer:
 
         def on_stage(stage: str, expected: int, received: int, dropped: int | None) -> None:
             self.progress(stage, rnd, attempt, expected=expected, received=received, dropped=dropped)
+            if dropped is not None:  # the stage ended (the unmask stage ends in the aggregate)
+                crash_point(f"after-stage-{stage}")
 
         release = self.release.release(
             grid, self.session, cohort, lambda params: self.train_content(rnd, ckpt, params),
             round_=rnd, attempt=attempt, vector_length=self.architecture.contribution_size(ckpt.arrays),
             publish=lambda total, survivors, noise_std: self._next_checkpoint(rnd, ckpt, total, survivors, noise_std),
             announce=RecordDict({wire.RUN_RECORD: self.run_record(rnd)}), last=rnd == self.config.rounds,
-            on_stage=on_stage,
+            on_stage=on_stage, on_step=crash_point,
         )
         outcome.participants, outcome.mode = release.participants, release.mode or None
         outcome.survived = release.survivors
@@ -409,7 +411,9 @@ class FederatedServer:
         self.progress("release", rnd, attempt, expected=len(cohort), received=release.survivors,
                       dropped=outcome.dropped)
         new_ckpt = release.published
+        crash_point("after-aggregate")  # the sum decoded and noised, the model built, nothing stored
         atomic_write_bytes(self.files.checkpoint, new_ckpt.to_bytes())  # after the write-ahead ledger entry
+        crash_point("after-checkpoint")
         self.release.applied(release, new_ckpt.model_hash())  # after the checkpoint (see reconcile)
         outcome.status, outcome.spent = "released", True
         outcome.epsilon = release.accounting.epsilon

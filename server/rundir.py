@@ -247,7 +247,13 @@ def write_report(run_dir: Path) -> dict[str, Path]:
 
 # -- test-only crash points ------------------------------------------------------------------
 CRASH_ENV = "RESTWISE_TEST_CRASH_AT"
-CRASH_POINTS = ("before-setup", "report-written", "report-anchored", "report-renamed")
+# In a round (server/app.py, privacy/release.py): after each secure-aggregation stage that
+# ends with its replies counted (the unmask stage ends in the aggregate), after the release's
+# write-ahead ledger entry (no unmasking share asked for yet), after the aggregate (model built,
+# nothing stored), after the checkpoint (before release.applied).
+ROUND_CRASH_POINTS = ("after-stage-setup", "after-stage-share-keys", "after-stage-collect-masked-input",
+                      "after-write-ahead", "after-aggregate", "after-checkpoint")
+CRASH_POINTS = ("before-setup", *ROUND_CRASH_POINTS, "report-written", "report-anchored", "report-renamed")
 
 
 def crash_point(name: str) -> None:
@@ -448,7 +454,7 @@ def _state_round(files: RunFiles) -> int:
 __all__ = [
     "finish_failed", "STATUSES", "TERMINAL_STATUSES", "ACTIVE_STATUSES", "RESUMABLE_STATUSES", "RunFiles", "Checkpoint", "open_ledger",
     "write_report", "dump_json", "RunnerLock", "runner_alive", "runner_info", "note_interruption", "needs_finishing",
-    "finish_run", "crash_point", "CRASH_ENV", "CRASH_POINTS", "RUNNER_LOCK_FILE",
+    "finish_run", "crash_point", "CRASH_ENV", "CRASH_POINTS", "ROUND_CRASH_POINTS", "RUNNER_LOCK_FILE",
 ]
 
 

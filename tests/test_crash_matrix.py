@@ -23,6 +23,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,10 @@ from test_service_support import LiveServer, cli, create_token  # noqa: E402
 from restwise.privacy.accountant import PrivacyAccountant  # noqa: E402
 from restwise.privacy.events import GaussianRoundEvent  # noqa: E402
 from restwise.privacy.ledger import verify_ledger_file  # noqa: E402
-from restwise.server.rundir import CRASH_ENV  # noqa: E402
+from restwise.client.app import SIM_KEYSTORE_DIR, DeviceLocation, open_device_store  # noqa: E402
+from restwise.privacy.secagg import records as SR  # noqa: E402
+from restwise.server.rundir import CRASH_ENV, ROUND_CRASH_POINTS  # noqa: E402
+from restwise.simulation.fleet import FLEET_DIR  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -196,5 +200,73 @@ def test_a_run_resumed_outside_the_service_counts_in_the_person_budget(tmp_path)
             spent = PrivacyAccountant().epsilon(releases, RUN["delta"]).epsilon
             assert problem["person_spent_epsilon"] == pytest.approx(spent, rel=1e-6)
             assert problem["projected_epsilon"] <= RUN["target_epsilon"] < cap < problem["person_projected_epsilon"]
+    finally:
+        server.stop()
+
+
+def _device_releases(fleet: Path, run_id: str) -> int:
+    """The most releases any one device of the run took part in, from the devices' own egress
+    logs (their encrypted stores): a device's masked input of round r counts once per attempt of
+    r whose unmasking some device answered (a masked input nobody unmasked reveals nothing)."""
+    collects: list[Counter] = []
+    unmasks: Counter = Counter()
+    for folder in sorted(fleet.glob("device-*")):
+        with open_device_store(DeviceLocation(folder, fleet / SIM_KEYSTORE_DIR)) as store:
+            rows = [h for h in store.egress_history() if h["run_id"] == run_id]
+        collects.append(Counter(h["round"] for h in rows if h["message_type"].endswith(SR.STAGE_COLLECT)))
+        for rnd, n in Counter(h["round"] for h in rows if h["message_type"].endswith(SR.STAGE_UNMASK)).items():
+            unmasks[rnd] = max(unmasks[rnd], n)
+    assert collects and any(collects), "no device logged a masked input"
+    return max(sum(min(n, unmasks[rnd]) for rnd, n in c.items()) for c in collects)
+
+
+def test_the_stage_crash_points_name_real_stages():
+    stages = [p.removeprefix("after-stage-") for p in ROUND_CRASH_POINTS if p.startswith("after-stage-")]
+    assert stages == [SR.STAGE_SETUP, SR.STAGE_SHARE_KEYS, SR.STAGE_COLLECT]
+
+
+# Two runs, each crashed at three points inside its rounds (one point per launch, resumed
+# through the service after each), so the two tests can share the CI's two workers.
+@pytest.mark.parametrize("points", [ROUND_CRASH_POINTS[:3], ROUND_CRASH_POINTS[3:]], ids=["stages", "release"])
+def test_crashes_inside_a_round_never_under_count(tmp_path, points):
+    cap = 4.0
+    server, operator, auditor = _service(tmp_path, "--person-epsilon-cap", str(cap))
+    try:
+        with server.client(operator) as op:
+            _crash_next_launch(server, points[0])
+            a = op.post("/api/v1/runs", json=RUN).json()["id"]
+            assert op.post(f"/api/v1/runs/{a}/start").status_code == 200
+            a_dir = server.data_dir / "runs" / a
+            for i, point in enumerate(points):
+                run = _wait(op, a, _ended)
+                log = (a_dir / "runner.log").read_text()[-2000:]
+                assert run["status"] == "interrupted" and "killed by SIGKILL" in run["reason"], (point, run, log)
+                releases = _ledger_releases(a_dir, a)
+                assert run["releases"] in (None, len(releases)), (point, run["releases"], len(releases))
+                assert len(releases) >= _device_releases(a_dir / FLEET_DIR, a), point
+                if i + 1 < len(points):
+                    _crash_next_launch(server, points[i + 1])
+                assert op.post(f"/api/v1/runs/{a}/resume").status_code == 200, point
+            run = _wait(op, a, lambda r: r["status"] in ("completed", "failed", "stopped", "refused"))
+            assert run["status"] in ("completed", "failed"), (run, (a_dir / "runner.log").read_text()[-2000:])
+            releases = _ledger_releases(a_dir, a)
+            took_part = _device_releases(a_dir / FLEET_DIR, a)
+            assert len(releases) >= took_part >= 1
+            accountant = PrivacyAccountant()
+            true_eps = accountant.epsilon(releases, RUN["delta"]).epsilon
+            # the releases are alike (every device sampled and surviving): the devices' ε is that
+            # of their count of releases
+            assert true_eps >= accountant.epsilon(releases[:took_part], RUN["delta"]).epsilon
+            assert run["epsilon_spent"] == pytest.approx(true_eps, rel=1e-9) and run["releases"] == len(releases)
+            report = _verified_bundle(server, auditor, a, tmp_path / "bundle")
+            assert report["epsilon"] == pytest.approx(true_eps, rel=1e-9)
+            print(f"{points}: {len(releases)} releases in the ledger, devices took part in {took_part}; "
+                  f"status {run['status']}; epsilon {true_eps:.4f}")
+
+            # the person-budget check reads what the ledgers hold
+            d = op.post("/api/v1/runs", json=RUN).json()["id"]
+            r = op.post(f"/api/v1/runs/{d}/start")
+            assert r.status_code == 409, r.text
+            assert r.json()["person_spent_epsilon"] == pytest.approx(true_eps, rel=1e-6)
     finally:
         server.stop()
