@@ -6,9 +6,14 @@ Built on Google's ``dp_accounting`` (pinned 0.6.0):
   pessimistic discretisation, so discretisation error can only make epsilon larger;
 * its RDP accountant gives a second, independent upper bound (``epsilon_rdp_bound``), cheap to
   compute and used as a monitor;
-* ``epsilon_no_amplification`` is the epsilon against an adversary who knows who was sampled
-  (the server picks the cohort, so against the server itself amplification by sampling does
-  not hold). It is always reported next to the amplified value.
+* the headline is the epsilon against an adversary who knows who was sampled: the server
+  picks each cohort, so against the server itself amplification by sampling does not hold.
+  ``PrivacyAccountant()`` claims no amplification (``claim_amplification=False``, the
+  default): its ``epsilon`` is that value, and every budget, calibration and report headline
+  uses it. :meth:`PrivacyAccountant.epsilon_amplified` gives the amplified value, valid only
+  for third parties who see just the released model, to stand beside it, labelled.
+  (``claim_amplification=True`` makes ``epsilon`` the amplified value: what schema-1 reports
+  headlined, kept so that they still verify.)
 
 What is accounted, and how (C = clip norm, z = noise std / C):
 
@@ -26,8 +31,8 @@ fixed (m of n, m < n)      refused (not defined: the     PLD of C_q(G_{2/z}) (Do
                                                          Lebeda et al. 2024); RDP: Wang et al. 2019
 =========================  ============================  ==========================================
 
-``claim_amplification=False`` accounts every release as if the adversary knew the cohort
-(no amplification): valid for any sampling scheme, including fixed-size sampling.
+``claim_amplification=False`` (the default) accounts every release as if the adversary knew
+the cohort (no amplification): valid for any sampling scheme, including fixed-size sampling.
 
 Identical releases are grouped and composed with ``SelfComposedDpEvent`` (one FFT
 self-composition per distinct mechanism, never one PLD per round), so 10,000 rounds cost
@@ -265,7 +270,7 @@ class PrivacyAccountant:
         self,
         *,
         pld: PLDParameters | None = None,
-        claim_amplification: bool = True,
+        claim_amplification: bool = False,
     ):
         self.pld = pld or PLDParameters()
         self.claim_amplification = claim_amplification
@@ -410,6 +415,22 @@ class PrivacyAccountant:
         groups = Counter(specs)
         amplified = against == "amplified" and self.claim_amplification and any(s.sampling != "full" for s in groups)
         return self._pld_epsilon(groups, delta, adjacency, amplified=amplified)
+
+    def epsilon_amplified(self, releases: Sequence[GaussianRoundEvent | ReleaseSpec], delta: float) -> float | None:
+        """The epsilon for third parties who see only the released model: amplified by
+        sampling (PLD), which holds only against someone who does not know each round's
+        cohort - never against the server, which drew it. Equal to the unamplified value when
+        every release used all devices; None where amplification is not defined (fixed-size
+        sampling under add/remove). Never a headline or a budget: it stands beside one."""
+        amplifying = PrivacyAccountant(pld=self.pld, claim_amplification=True)
+        try:
+            return amplifying.epsilon_value(releases, delta, against="amplified")
+        except UnsupportedEventError:
+            specs = _specs(list(releases))
+            if any(amplifying.why_unsupported(s) for s in specs) and not any(
+                    self.why_unsupported(s) for s in specs):
+                return None  # defined without amplification, not with it
+            raise
 
     def rdp_epsilon_for_rounds(
         self, spec: ReleaseSpec, rounds: int, delta: float, *, fast: bool = False

@@ -6,6 +6,11 @@ Two scopes:
 * ``person``: every release any person took part in, across runs. Runs over the same
   population compose, so the person-level check accounts all releases it is given.
 
+Every budget is charged the epsilon against the party that samples (no amplification by
+sampling claimed: the server draws each cohort and knows who took part), whatever accountant
+is passed in. The amplified value, for third parties who see only the model, is reported
+beside the headline and is never charged.
+
 The comparison is ``projected <= budget``: a release that lands exactly on the budget is
 allowed, anything above is refused with :class:`BudgetExceededError` (which carries the
 spent, projected and budget numbers). The caller logs the refusal to the ledger as a
@@ -25,20 +30,29 @@ from restwise.privacy.accountant import PrivacyAccountant
 from restwise.privacy.errors import BudgetExceededError, PrivacyError
 from restwise.privacy.events import BudgetRefusalEvent, GaussianRoundEvent, ReleaseSpec
 
+# The default cap on a run's epsilon (against the sampler, at the run's delta): a run whose
+# planned releases would spend more is refused at creation unless its operator raises the cap
+# explicitly (RunConfig.max_epsilon, --max-epsilon), which is recorded (ledger AuditEvent
+# ``cap.raised``, the service's audit log). 10 is where the literature's "reasonable" range
+# for a per-person guarantee ends (deployed systems publish single-digit epsilons; past 10 the
+# e^epsilon likelihood ratio exceeds 20,000 and the guarantee says little).
+DEFAULT_MAX_EPSILON = 10.0
 SCOPES = ("run", "person")
-AGAINST = ("amplified", "no_amplification")
+# Only the epsilon against the sampler is ever charged. ("amplified" was accepted before the
+# headline stopped claiming amplification against the server; it is refused, never honoured.)
+AGAINST = ("no_amplification",)
 
 
 @dataclass(frozen=True)
 class PrivacyBudget:
     """An (epsilon, delta) budget for one run (``scope="run"``) or for each person across runs
-    (``scope="person"``). ``against`` chooses which epsilon is charged: the reported one
-    (``amplified``), or the one against a server that knows the cohort (``no_amplification``)."""
+    (``scope="person"``). ``against`` names the epsilon charged: always the one against a
+    server that knows the cohort (``no_amplification``)."""
 
     epsilon: float
     delta: float
     scope: str = "run"
-    against: str = "amplified"
+    against: str = "no_amplification"
 
     def __post_init__(self) -> None:
         if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or not (0 < self.epsilon < float("inf")):
@@ -48,7 +62,10 @@ class PrivacyBudget:
         if self.scope not in SCOPES:
             raise PrivacyError(f"budget scope must be one of {', '.join(SCOPES)}")
         if self.against not in AGAINST:
-            raise PrivacyError(f"budget 'against' must be one of {', '.join(AGAINST)}")
+            raise PrivacyError(
+                f"budget 'against' must be {', '.join(AGAINST)}: a budget is charged the epsilon against the "
+                "server, which draws each cohort, never the one amplified by sampling"
+            )
 
     def _relevant(self, past_events: Iterable[object], run_id: str | None) -> list[GaussianRoundEvent]:
         releases = [e for e in past_events if isinstance(e, GaussianRoundEvent)]
@@ -61,7 +78,7 @@ class PrivacyBudget:
     def _charged(self, accountant: PrivacyAccountant, releases: Sequence[GaussianRoundEvent | ReleaseSpec]) -> float:
         if not releases:
             return 0.0
-        return accountant.epsilon_value(releases, self.delta, against=self.against)
+        return accountant.epsilon_value(releases, self.delta, against="no_amplification")
 
     def spent(self, past_events: Iterable[object], *, run_id: str | None = None, accountant: PrivacyAccountant | None = None) -> float:
         """Epsilon already charged to this budget."""

@@ -1,7 +1,8 @@
 """Calibration: the smallest noise multiplier whose epsilon meets a target (the inverse problem).
 
 A bracketed root search on the accountant itself (PLD, the same numbers that will be
-reported). The invariant is "epsilon(hi) <= target < epsilon(lo)"; the result is ``hi``, so it
+reported): the epsilon against the party that samples (no amplification by sampling claimed),
+so the target is met against the server too. The invariant is "epsilon(hi) <= target < epsilon(lo)"; the result is ``hi``, so it
 never exceeds the target and is within ``rel_tolerance`` of the smallest such multiplier.
 
 Speed: epsilon(z) is smooth and monotone, so the search interpolates in log-log space
@@ -69,7 +70,9 @@ def calibrate_noise_multiplier(
         raise CalibrationError("rel_tolerance must be in (0, 0.1)")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise CalibrationError("rounds must be a positive integer")
-    accountant = accountant or PrivacyAccountant()
+    # The target is met against the party that samples: only the caller's PLD parameters are
+    # taken from ``accountant``, never a claim of amplification.
+    accountant = PrivacyAccountant(pld=accountant.pld if accountant is not None else None)
     spec = ReleaseSpec.plan(
         noise_multiplier=1.0,
         sampling=sampling,

@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -66,7 +67,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER, AccountingResult, PrivacyAccountant
-from restwise.privacy.budget import PrivacyBudget
+from restwise.privacy.budget import DEFAULT_MAX_EPSILON, PrivacyBudget
 from restwise.privacy.calibration import calibrate_noise_multiplier
 from restwise.privacy.dp_mods import DPRoundParams, add_central_noise, noise_rng, total_noise_std
 from restwise.privacy.egress import EgressPolicy
@@ -177,9 +178,11 @@ class ReleasePolicy:
 
     @property
     def claim_amplification(self) -> bool:
-        """Amplification by sampling is claimed for both samplers (against third parties;
-        the value against the server, which knows each cohort, is reported beside it)."""
-        return True
+        """No amplification by sampling is claimed: the server draws every cohort, so the
+        headline epsilon, the budget, the calibration and every check hold against it. The
+        amplified value (third parties who see only the model) is computed beside it
+        (:attr:`ReleasePlan.planned_epsilon_amplified`), never charged."""
+        return False
 
     def sampling_plan(self) -> dict[str, Any]:
         """The sampling and adjacency of one release, as ``ReleaseSpec.plan`` and the
@@ -227,6 +230,12 @@ class ReleasePlan:
         """The worst release the plan allows (noise exactly z C)."""
         return self.policy.spec(self.noise_multiplier)
 
+    @property
+    def planned_epsilon_amplified(self) -> float | None:
+        """Epsilon after all planned releases for third parties who see only the released model
+        (amplified by sampling; None where undefined). Shown beside the headline, never charged."""
+        return self.accountant().epsilon_amplified([self.spec] * self.policy.releases, self.delta)
+
     def accountant(self) -> PrivacyAccountant:
         return PrivacyAccountant(claim_amplification=self.claim_amplification)
 
@@ -243,6 +252,68 @@ def plan_release(policy: ReleasePolicy) -> ReleasePlan:
     z = float(policy.noise_multiplier)
     planned = accountant.epsilon_for_rounds(policy.spec(z), policy.releases, policy.delta)
     return ReleasePlan(policy, z, planned.epsilon, planned, False)
+
+
+CAP_RAISED_ACTION = "cap.raised"
+
+
+@dataclass(frozen=True)
+class CapCheck:
+    """A planned run against its epsilon cap: the projected epsilon against the sampler (no
+    amplification claimed), the amplified value for third parties beside it (never checked),
+    and whether the cap is the default or was raised."""
+
+    plan: ReleasePlan
+    max_epsilon: float
+    default_max_epsilon: float = DEFAULT_MAX_EPSILON
+
+    @property
+    def projected_epsilon(self) -> float:
+        return float(self.plan.planned.epsilon)
+
+    @cached_property
+    def epsilon_amplified(self) -> float | None:
+        # a PLD composition: computed when a message or a record needs it, not for every check
+        return self.plan.planned_epsilon_amplified
+
+    @property
+    def delta(self) -> float:
+        return float(self.plan.delta)
+
+    @property
+    def rounds(self) -> int:
+        return int(self.plan.policy.releases)
+
+    @property
+    def allowed(self) -> bool:
+        return self.projected_epsilon <= self.max_epsilon
+
+    @property
+    def raised(self) -> bool:
+        return self.max_epsilon > self.default_max_epsilon
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"projected_epsilon": self.projected_epsilon, "epsilon_amplified": self.epsilon_amplified,
+                "max_epsilon": self.max_epsilon, "default_max_epsilon": self.default_max_epsilon,
+                "cap_raised": self.raised, "delta": self.delta, "rounds": self.rounds}
+
+    def message(self) -> str:
+        amp = ("" if self.epsilon_amplified is None or abs(self.epsilon_amplified - self.projected_epsilon) < 1e-9
+               else f" (for third parties who see only the model, amplified by sampling: {self.epsilon_amplified:.4g};"
+                    " not what a cap is checked against)")
+        head = (f"projected epsilon {self.projected_epsilon:.4g} against the server (no amplification by sampling "
+                f"claimed) after {self.rounds} round(s) at delta {self.delta:g}{amp}")
+        if self.allowed:
+            return f"{head} is within the run's epsilon cap {self.max_epsilon:g}"
+        return (f"{head} exceeds the run's epsilon cap {self.max_epsilon:g}"
+                + (" (the default)" if not self.raised else "")
+                + ": add noise or plan fewer rounds, or raise the cap explicitly (max_epsilon, --max-epsilon);"
+                " a raised cap is recorded in the run's ledger and the audit log")
+
+
+def check_cap(plan: ReleasePlan, max_epsilon: float, default_max_epsilon: float = DEFAULT_MAX_EPSILON) -> CapCheck:
+    """The planned run's epsilon after all its releases (against the sampler) against ``max_epsilon``."""
+    return CapCheck(plan, float(max_epsilon), float(default_max_epsilon))
 
 
 @dataclass(frozen=True)
@@ -344,7 +415,9 @@ def check_plan(
         accountant=f"{result.accountant} ({result.accountant_version})",
         detail={
             "noise_multiplier": float(plan.noise_multiplier),
-            "epsilon_no_amplification": float(result.epsilon_no_amplification),
+            # The headline (projected_epsilon) holds against the sampler; the amplified value
+            # only for third parties who see just the model, and is never checked against a cap.
+            "epsilon_amplified": plan.planned_epsilon_amplified,
             "amplification_claimed": bool(result.amplification_claimed),
             "adjacency": result.adjacency,
         },
@@ -657,6 +730,14 @@ class ReleaseWorkflow:
             return None
         return self.plan.accountant().epsilon(releases, self.plan.delta)
 
+    def epsilon_amplified(self) -> float | None:
+        """Epsilon over this run's releases for third parties who see only the released model
+        (amplified by sampling; None: no release, or undefined). Shown beside the headline."""
+        releases = self.ledger.releases(self.run_id)
+        if not releases:
+            return None
+        return self.plan.accountant().epsilon_amplified(releases, self.plan.delta)
+
     def release_entry(self, model_hash: str):
         """The ledger entry of this run's release that produced ``model_hash`` (its receipt),
         or None: the release a ``release.applied`` entry names with that hash (a release
@@ -673,6 +754,17 @@ class ReleaseWorkflow:
         return None
 
     # the planner's verdict, overridden ------------------------------------------------------------
+    def record_raised_cap(self, cap: CapCheck) -> bool:
+        """Record (once per run, before its first release) that the operator raised the run's
+        epsilon cap above the default: ledger AuditEvent ``cap.raised`` with the numbers.
+        Returns False when the ledger already holds it."""
+        for e in self.ledger.events():
+            if isinstance(e, AuditEvent) and e.action == CAP_RAISED_ACTION and e.target == self.run_id:
+                return False
+        self.ledger.append(AuditEvent(actor=SERVER_ACTOR, action=CAP_RAISED_ACTION, target=self.run_id,
+                                      details={k: v for k, v in cap.to_dict().items() if v is not None}))
+        return True
+
     def record_forced_plan(self, message: str, numbers: dict[str, Any]) -> bool:
         """Record (once per run, before its first release) that the operator forced a plan
         the planner refuses: ledger AuditEvent ``plan.forced`` with the planner's message and
@@ -700,6 +792,7 @@ class ReleaseWorkflow:
 
 __all__ = [
     "ReleasePolicy", "SecureAggregationPolicy", "ReleasePlan", "plan_release", "BudgetDecision", "check_plan",
+    "DEFAULT_MAX_EPSILON", "CAP_RAISED_ACTION", "CapCheck", "check_cap",
     "dp_parameters", "released_noise_std", "sum_noise_std", "add_noise", "release_event", "expected_epsilon", "ReleaseWorkflow",
     "Release",
     "RoundParameters", "Published", "MIN_COHORT", "SERVER_ACTOR", "APPLIED_ACTION", "NOT_APPLIED_ACTION", "FAILED_ACTION",

@@ -22,29 +22,37 @@ the verified report - or, when a bundle holds no report.json (a run that was sto
 its report), built from the verified ledger alone (:func:`build_report` over a
 :class:`LedgerSnapshot`) and labelled as rebuilt, not issued.
 
-report.json (schema 1), top-level keys:
+report.json (schema 2), top-level keys:
 
 =============================  =================================================================
-report_schema_version          1
+report_schema_version          2
 generated_at                   ISO-8601 UTC
 run_id                         the run
 privacy_unit                   "person", and what that means
 adjacency                      "add_remove" | "replace_one"; adjacency_description in words
 delta                          the delta epsilon is stated at
-epsilon                        the reported epsilon (PLD, pessimistic), or null if unaccountable
-epsilon_rdp_bound              independent RDP upper bound (null where none exists)
-epsilon_no_amplification       epsilon against a server that knows each round's cohort
-amplification_claimed          whether ``epsilon`` uses amplification by sampling
+epsilon                        THE HEADLINE: epsilon against the party that samples (the server
+                               draws each cohort, so no amplification by sampling is claimed);
+                               PLD, pessimistic; null if unaccountable
+epsilon_rdp_bound              independent RDP upper bound of ``epsilon``
+epsilon_amplified              epsilon for third parties who see only the released model
+                               (amplified by sampling): never valid against the server; equal
+                               to ``epsilon`` when every round used all devices; null where
+                               amplification is undefined (fixed-size under add/remove)
+epsilon_amplified_label        what ``epsilon_amplified`` is, in words (show it with the number)
+amplification_claimed          false: the headline claims no amplification
 accounting                     the accountant's full result: name, version, PLD parameters,
-                               composed groups, notes (or {"error": ...})
+                               composed groups, epsilon_amplified, notes (or {"error": ...})
 mechanism                      name, clip norms, effective noise multipliers, noise std
 sampling                       methods, rates, cohort sizes, population
 releases                       one row per release (from the ledger): round, attempt, sampling,
                                cohort, planned_clients, survivors, noise_multiplier,
                                noise_std_total, clip_norm, model_hash, ledger_seq
 epsilon_curve                  [{releases, round, epsilon, epsilon_rdp_bound,
-                               epsilon_no_amplification}], at most 25 points
-budget                         {epsilon, delta, scope} or null
+                               epsilon_amplified}], at most 25 points
+budget                         {epsilon, delta, scope, and for a run: target_epsilon,
+                               max_epsilon (the cap in force), default_max_epsilon,
+                               cap_raised} or null
 refusals                       budget refusals recorded for the run
 secure_aggregation             SecAgg+ parameters given by the caller (shares, threshold,
                                dropouts, ...) or null
@@ -54,6 +62,12 @@ information_leakage            {leaves_device: allow-list (given) or default tex
 ledger                         {file, entries, head_seq, head_hash, head_signature,
                                 public_key_file, public_key_fingerprint, signed}
 =============================  =================================================================
+
+Schema 1 (reports issued before the headline changed) headlined ``epsilon`` amplified by
+sampling wherever a round sampled, with ``epsilon_no_amplification`` (the value against the
+server) beside it and ``amplification_claimed`` true. ``restwise audit verify`` still checks
+schema-1 reports (:func:`run_accounting_v1` recomputes them) and says which schema it read and
+what the epsilon against the server is.
 """
 
 from __future__ import annotations
@@ -68,11 +82,13 @@ from typing import Any, Callable, Sequence
 
 from restwise.common.fsutil import atomic_write_bytes, fsync_dir
 from restwise.privacy.accountant import PLDParameters, PrivacyAccountant
+from restwise.privacy.budget import DEFAULT_MAX_EPSILON
 from restwise.privacy.errors import AccountingError, ReportError
 from restwise.privacy.events import AuditEvent, BudgetRefusalEvent, GaussianRoundEvent, ReportIssuedEvent, utc_now
 from restwise.privacy.ledger import LedgerEntry, PrivacyLedger, key_fingerprint, load_audit_key, public_key_pem
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # what verification reads (1: the amplified headline)
 REPORT_FILE = "report.json"
 HTML_FILE = "report.html"
 LEDGER_FILE = "ledger.jsonl"
@@ -90,6 +106,12 @@ ADJACENCY_WORDS = {
         "multiplier is half the recorded one"
     ),
 }
+AMPLIFIED_LABEL = (
+    "epsilon for third parties who see only the released model (amplified by sampling): it assumes "
+    "the observer does not know who took part in each round, so it never holds against the server, "
+    "which drew every cohort"
+)
+HEADLINE_LABEL = "epsilon against the server, which draws each cohort (no amplification by sampling claimed)"
 PRIVACY_UNIT = (
     "person: each device holds exactly one person's data and contributes at most one clipped "
     "update per round, so the guarantee covers everything a person contributes"
@@ -104,7 +126,7 @@ DEFAULT_LEAVES_DEVICE = (
 )
 
 
-def accountant_from(accounting: dict | None, claim_amplification: bool = True) -> PrivacyAccountant:
+def accountant_from(accounting: dict | None, claim_amplification: bool = False) -> PrivacyAccountant:
     pld = PLDParameters()
     if accounting and isinstance(accounting.get("pld_parameters"), dict):
         params = {k: v for k, v in accounting["pld_parameters"].items() if k != "interval_used"}
@@ -115,8 +137,58 @@ def accountant_from(accounting: dict | None, claim_amplification: bool = True) -
 def run_accounting(
     releases: list[GaussianRoundEvent], delta: float, accountant: PrivacyAccountant
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(accounting dict, epsilon curve) for a run's releases: exactly what build_report puts in
-    the report and what verification recomputes."""
+    """(accounting dict, epsilon curve) for a run's releases, schema 2: exactly what
+    build_report puts in the report and what verification recomputes. The headline
+    ``epsilon`` claims no amplification whatever ``accountant`` says (only its PLD parameters
+    are used); ``epsilon_amplified`` stands beside it."""
+    headline = PrivacyAccountant(pld=accountant.pld)
+    if not releases:
+        return (
+            {
+                "epsilon": 0.0,
+                "epsilon_rdp_bound": 0.0,
+                "epsilon_amplified": 0.0,
+                "amplification_claimed": False,
+                "pld_parameters": asdict(headline.pld),
+                "notes": ["no release was made: nothing about any person was revealed"],
+            },
+            [],
+        )
+    try:
+        result = headline.epsilon(releases, delta)
+        points = headline.epsilon_curve(releases, delta, max_points=CURVE_POINTS)
+    except AccountingError as exc:
+        return (
+            {
+                "epsilon": None,
+                "epsilon_rdp_bound": None,
+                "epsilon_amplified": None,
+                "amplification_claimed": False,
+                "pld_parameters": asdict(headline.pld),
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+            [],
+        )
+    accounting = result.to_dict()
+    accounting.pop("epsilon_no_amplification")  # the headline itself: no amplification claimed
+    accounting["epsilon_amplified"] = headline.epsilon_amplified(releases, delta)
+    accounting["epsilon_amplified_label"] = AMPLIFIED_LABEL
+    if accounting["epsilon_amplified"] is None:
+        accounting["notes"].append("no amplified value: amplification by sampling is not defined for these releases")
+    curve = []
+    for p in points:
+        point = {k: v for k, v in p.items() if k != "epsilon_no_amplification"}
+        point["epsilon_amplified"] = headline.epsilon_amplified(releases[: p["releases"]], delta)
+        curve.append(point)
+    return accounting, curve
+
+
+def run_accounting_v1(
+    releases: list[GaussianRoundEvent], delta: float, accountant: PrivacyAccountant
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(accounting dict, epsilon curve) as a schema-1 report holds them (``epsilon`` amplified
+    when ``accountant`` claims amplification): what verification recomputes for a report
+    issued before schema 2. Never used to issue a report."""
     if not releases:
         return (
             {
@@ -188,7 +260,7 @@ def spent_not_applied(entries: Sequence[LedgerEntry], run_id: str, limit_seq: in
     return out
 
 
-def _threat_model(secagg: dict | None, amplified: bool) -> list[str]:
+def _threat_model(secagg: dict | None, sampled: bool) -> list[str]:
     out = [
         "Adversary: anyone who sees the released models, including the server operator; they may "
         "know every other person's data. The guarantee is (epsilon, delta)-differential privacy "
@@ -213,15 +285,16 @@ def _threat_model(secagg: dict | None, amplified: bool) -> list[str]:
             "individual updates, the epsilon above holds against those who see only the released "
             "model, not against the server."
         )
-    if amplified:
+    out.append(
+        "No amplification by sampling is claimed in the headline: epsilon holds even against the "
+        "server, which draws each round's cohort and knows who took part."
+    )
+    if sampled:
         out.append(
-            "The reported epsilon uses privacy amplification by sampling: it holds against "
-            "anyone who does not know which devices took part in each round. The server chooses "
-            "the cohort, so against the server itself the applicable value is "
-            "epsilon_no_amplification."
+            "epsilon_amplified is smaller because each person took part in a round only with some "
+            "probability; it holds only for third parties who see just the released model and do "
+            "not know who took part in each round, never against the server."
         )
-    else:
-        out.append("No amplification by sampling is claimed: epsilon holds even against a party that knows each cohort.")
     out.append(
         "Not covered: a server that deviates from the protocol to add less noise than recorded, "
         "side channels (timing, message sizes), and what the released model reveals about the "
@@ -252,7 +325,6 @@ def build_report(
     delta: float,
     egress_allow_list: Any = None,
     budget: dict | None = None,
-    claim_amplification: bool = True,
     pld: PLDParameters | None = None,
     public_key=None,
     model: dict | None = None,
@@ -278,7 +350,7 @@ def build_report(
             mentioned = True
     if not releases and not refusals and not mentioned:
         raise ReportError(f"the ledger has no entry for run {run_id!r}")
-    accountant = PrivacyAccountant(pld=pld, claim_amplification=claim_amplification)
+    accountant = PrivacyAccountant(pld=pld)  # the headline claims no amplification
     events = [ev for _, ev in releases]
     accounting, curve = run_accounting(events, delta, accountant)
     adjacencies = sorted({ev.adjacency for ev in events}) or ["add_remove"]
@@ -295,8 +367,9 @@ def build_report(
         "delta": float(delta),
         "epsilon": accounting.get("epsilon"),
         "epsilon_rdp_bound": accounting.get("epsilon_rdp_bound"),
-        "epsilon_no_amplification": accounting.get("epsilon_no_amplification"),
-        "amplification_claimed": claim_amplification,
+        "epsilon_amplified": accounting.get("epsilon_amplified"),
+        "epsilon_amplified_label": AMPLIFIED_LABEL,
+        "amplification_claimed": False,
         "accounting": accounting,
         "mechanism": {
             "name": "gaussian",
@@ -327,7 +400,7 @@ def build_report(
         "budget": budget,
         "refusals": refusals,
         "secure_aggregation": secagg,
-        "threat_model": _threat_model(secagg, claim_amplification and any(ev.sampling != "full" for ev in events)),
+        "threat_model": _threat_model(secagg, any(ev.sampling != "full" for ev in events)),
         "information_leakage": {
             "leaves_device": egress_allow_list if egress_allow_list is not None else DEFAULT_LEAVES_DEVICE,
             "server_learns": [
@@ -494,6 +567,21 @@ def default_allow_list() -> dict[str, Any]:
     return allow_list_summary()
 
 
+def run_budget(config: dict[str, Any]) -> dict[str, Any] | None:
+    """A run's budget from its configuration: its target epsilon and its cap ``max_epsilon``
+    (the cap in force: config.json is written at creation and never changed), the smaller
+    being what the run may spend; None for a configuration that names neither. A
+    configuration from before the cap existed carries none (``max_epsilon`` null)."""
+    target, cap = config.get("target_epsilon"), config.get("max_epsilon")
+    limits = [float(v) for v in (target, cap) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not limits:
+        return None
+    default = config.get("default_max_epsilon", DEFAULT_MAX_EPSILON)
+    return {"epsilon": min(limits), "delta": config.get("delta", 1e-5), "scope": "run",
+            "target_epsilon": target, "max_epsilon": cap, "default_max_epsilon": default,
+            "cap_raised": isinstance(cap, (int, float)) and cap > default}
+
+
 def write_run_report(
     run_dir: str | os.PathLike,
     *,
@@ -541,9 +629,7 @@ def write_run_report(
             "noise": config.get("noise"),
             "dropped_devices_total": sum(ev.cohort_size - ev.survivors for ev in releases),
         }
-    budget = None
-    if config.get("target_epsilon") is not None:
-        budget = {"epsilon": config["target_epsilon"], "delta": config.get("delta", 1e-5), "scope": "run"}
+    budget = run_budget(config)
     report = build_report(
         ledger,
         run_id,
@@ -554,6 +640,28 @@ def write_run_report(
         model=model,
     )
     return write_report(report, out_dir if out_dir is not None else run_dir, ledger=ledger, on_step=on_step)
+
+
+# --- reading either schema ---------------------------------------------------------------------
+def headline_epsilons(report: dict) -> tuple[Any, Any]:
+    """(epsilon against the server - the headline -, epsilon for third parties who see only
+    the model) of a report of either schema. A schema-1 report headlined the amplified value;
+    its value against the server is its ``epsilon_no_amplification``."""
+    if report.get("report_schema_version") == 1:
+        against = report.get("epsilon_no_amplification")
+        return against, report.get("epsilon") if report.get("amplification_claimed") else against
+    return report.get("epsilon"), report.get("epsilon_amplified")
+
+
+def headline_lines(report: dict) -> list[tuple[str, str]]:
+    """(label, value) rows that lead every rendering of a report: the headline against the
+    server, then the amplified value, labelled."""
+    against, amplified = headline_epsilons(report)
+    rows = [(HEADLINE_LABEL, _fmt(against)), (AMPLIFIED_LABEL.split(":")[0], _fmt(amplified))]
+    if report.get("report_schema_version") == 1:
+        rows.append(("report schema 1", "its 'epsilon' field headlined the amplified value"
+                     if report.get("amplification_claimed") else "no amplification was claimed"))
+    return rows
 
 
 # --- HTML ------------------------------------------------------------------------------------
@@ -663,12 +771,12 @@ def render_html(report: dict, *, notice: str | None = None) -> str:
         f"projected {e(_fmt(r['projected_epsilon']))} (spent {e(_fmt(r['spent_epsilon']))})</li>"
         for r in report.get("refusals", [])
     )
+    against, amplified = headline_epsilons(report)
     summary = [
-        ("epsilon (PLD, reported)", _fmt(report.get("epsilon"))),
-        ("epsilon, RDP upper bound", _fmt(report.get("epsilon_rdp_bound"))),
-        ("epsilon against a server that knows the cohort", _fmt(report.get("epsilon_no_amplification"))),
+        *headline_lines(report),
+        ("epsilon (PLD), RDP upper bound", _fmt(report.get("epsilon_rdp_bound"))),
         ("delta", _fmt(report.get("delta"))),
-        ("amplification by sampling claimed", "yes" if report.get("amplification_claimed") else "no"),
+        ("amplification by sampling claimed in the headline", "yes" if report.get("amplification_claimed") else "no"),
         ("privacy unit", report.get("privacy_unit")),
         ("adjacency", f"{report.get('adjacency')}: {report.get('adjacency_description')}"),
         ("mechanism", "Gaussian noise on the sum of clipped updates"),
@@ -677,7 +785,7 @@ def render_html(report: dict, *, notice: str | None = None) -> str:
         ("effective noise multiplier (min..max)", f"{_fmt(report['mechanism']['effective_noise_multipliers']['min'])} .. {_fmt(report['mechanism']['effective_noise_multipliers']['max'])}"),
         ("sampling", ", ".join(report["sampling"]["methods"]) + " at rate(s) " + ", ".join(_fmt(r) for r in report["sampling"]["rates"])),
         ("releases", str(len(report.get("releases", [])))),
-        ("budget", f"epsilon {_fmt(budget.get('epsilon'))}, delta {_fmt(budget.get('delta'))}" if budget else "none given"),
+        ("budget", _budget_words(budget)),
         ("accountant", f"{acc.get('accountant', 'dp_accounting')} ({acc.get('accountant_version', 'n/a')})"),
         ("PLD parameters", json.dumps(acc.get("pld_parameters", {}), sort_keys=True)),
     ]
@@ -692,7 +800,10 @@ th{{background:#f3f3f3}}code,pre{{background:#f6f6f6;padding:.2rem;overflow-x:au
 .big{{font-size:1.6rem}}
 </style></head><body>
 <h1>Privacy report for run <code>{e(report['run_id'])}</code></h1>
-{notice_html}<p class="big">&epsilon; = <strong id="epsilon">{e(_fmt(report.get('epsilon')))}</strong> at &delta; = {e(_fmt(report.get('delta')))}</p>
+{notice_html}<p class="big">&epsilon; = <strong id="epsilon">{e(_fmt(against))}</strong> at &delta; = {e(_fmt(report.get('delta')))}
+<span class="label">against the server, which draws each cohort (no amplification by sampling claimed)</span></p>
+<p id="epsilon-amplified-line">{e(AMPLIFIED_LABEL.split(':')[0])}: <strong id="epsilon-amplified">{e(_fmt(amplified))}</strong>
+(valid only for someone who does not know who took part in each round)</p>
 {error}
 <p>Generated {e(report['generated_at'])}. Report schema {e(str(report['report_schema_version']))}.</p>
 <h2>Summary</h2><table>{summary_html}</table>
@@ -724,6 +835,17 @@ that this report and page are the ones recorded in the ledger).</p>
 """
 
 
+def _budget_words(budget: dict) -> str:
+    if not budget:
+        return "none given"
+    words = f"epsilon {_fmt(budget.get('epsilon'))}, delta {_fmt(budget.get('delta'))}"
+    if budget.get("max_epsilon") is not None:
+        words += (f" (target {_fmt(budget.get('target_epsilon'))}; cap in force {_fmt(budget.get('max_epsilon'))}"
+                  + (f", RAISED above the default {_fmt(budget.get('default_max_epsilon'))}" if budget.get("cap_raised") else
+                     ", the default") + ")")
+    return words
+
+
 # --- text ------------------------------------------------------------------------------------
 def render_text(report: dict, *, notice: str | None = None) -> str:
     """The report as plain text for a terminal or a mail: the same numbers as the page."""
@@ -736,19 +858,18 @@ def render_text(report: dict, *, notice: str | None = None) -> str:
     lines = [f"Privacy report for run {report.get('run_id')}"]
     if notice:
         lines.append(f"NOTE: {notice}")
+    lines.append("")
+    lines += [f"  {label}: {value}" for label, value in headline_lines(report)]
     lines += [
-        "",
-        f"  epsilon (PLD, reported)                          {_fmt(report.get('epsilon'))} at delta = {_fmt(report.get('delta'))}",
-        f"  epsilon, RDP upper bound                         {_fmt(report.get('epsilon_rdp_bound'))}",
-        f"  epsilon against a server that knows the cohort   {_fmt(report.get('epsilon_no_amplification'))}",
-        f"  amplification by sampling claimed                {'yes' if report.get('amplification_claimed') else 'no'}",
+        f"  delta                                            {_fmt(report.get('delta'))}",
+        f"  epsilon (PLD), RDP upper bound                   {_fmt(report.get('epsilon_rdp_bound'))}",
+        f"  amplification claimed in the headline            {'yes' if report.get('amplification_claimed') else 'no'}",
         f"  adjacency                                        {report.get('adjacency')}",
         f"  clip norm(s)                                     {', '.join(_fmt(c) for c in mech.get('clip_norms', [])) or 'n/a'}",
         f"  sampling                                         {', '.join(samp.get('methods', [])) or 'n/a'}"
         + (f" at rate(s) {', '.join(_fmt(r) for r in samp.get('rates', []))}" if samp.get("rates") else ""),
         f"  releases                                         {len(releases)}",
-        "  budget                                           "
-        + (f"epsilon {_fmt(budget.get('epsilon'))}, delta {_fmt(budget.get('delta'))}" if budget else "none given"),
+        "  budget                                           " + _budget_words(budget),
         f"  accountant                                       {acc.get('accountant', 'dp_accounting')} ({acc.get('accountant_version', 'n/a')})",
     ]
     if acc.get("error"):

@@ -14,9 +14,15 @@
    is a release the report does not describe: each such entry is named);
 3. that the report's recorded ledger head (seq, hash, signature) is in the ledger;
 4. that every number of the report is what the accountant computes again from the ledger's
-   release events alone: epsilon, its RDP bound, the no-amplification epsilon, each release
+   release events alone: epsilon, its RDP bound, the amplified epsilon beside it, each release
    row, the epsilon curve (relative tolerance 1e-9), and the releases that were spent but not
    applied (``release.not-applied``: counted in epsilon, no model built).
+
+It reads report schema 2 (the headline epsilon claims no amplification by sampling: it holds
+against the server, which draws each cohort; ``epsilon_amplified`` beside it) and schema 1
+(the headline was amplified wherever a round sampled): a schema-1 report is recomputed as it
+was issued, and the result says which schema was read and what the epsilon against the server
+is (``epsilon_against_server``), with a warning that its headline claimed amplification.
 """
 
 from __future__ import annotations
@@ -36,13 +42,19 @@ from restwise.privacy.report import (
     HTML_FILE,
     LEDGER_FILE,
     PUBLIC_KEY_FILE,
+    READABLE_SCHEMA_VERSIONS,
     REPORT_FILE,
-    REPORT_SCHEMA_VERSION,
     accountant_from,
+    headline_epsilons,
     release_row,
     run_accounting,
+    run_accounting_v1,
     spent_not_applied,
 )
+
+# The numbers recomputed and compared, per report schema.
+COMPARED = {1: ("epsilon", "epsilon_rdp_bound", "epsilon_no_amplification"),
+            2: ("epsilon", "epsilon_rdp_bound", "epsilon_amplified")}
 
 REL_TOLERANCE = 1e-9
 
@@ -62,6 +74,11 @@ class VerificationResult:
     key_fingerprint: str | None = None
     key_source: str | None = None  # "pinned", "shipped" (trusted on request) or None (no key)
     spent_not_applied: list[dict] = field(default_factory=list)
+    report_schema_version: int | None = None
+    # Recomputed from the ledger, whatever the schema: the headline (against the server, which
+    # drew each cohort) and the value for third parties who see only the model.
+    epsilon_against_server: float | None = None
+    epsilon_amplified: float | None = None
 
     def raise_for_problems(self) -> "VerificationResult":
         if not self.ok:
@@ -75,19 +92,19 @@ class VerificationResult:
 _MEMO: dict[str, tuple[dict, list]] = {}
 
 
-def _recompute(releases, delta: float, accountant) -> tuple[dict, list]:
+def _recompute(releases, delta: float, accountant, schema: int) -> tuple[dict, list]:
     """run_accounting, memoised on its exact inputs (verifying many copies of one report,
     e.g. in tests or for a batch of auditors, recomputes once)."""
     key = hashlib.sha256(
         json.dumps(
-            [[ev.to_dict() for ev in releases], delta, accountant.claim_amplification, accountant.pld.__dict__],
+            [[ev.to_dict() for ev in releases], delta, accountant.claim_amplification, accountant.pld.__dict__, schema],
             sort_keys=True,
         ).encode()
     ).hexdigest()
     if key not in _MEMO:
         if len(_MEMO) > 32:
             _MEMO.clear()
-        _MEMO[key] = run_accounting(releases, delta, accountant)
+        _MEMO[key] = (run_accounting_v1 if schema == 1 else run_accounting)(releases, delta, accountant)
     accounting, curve = _MEMO[key]
     return json.loads(json.dumps(accounting)), json.loads(json.dumps(curve))
 
@@ -164,10 +181,14 @@ def _verify(
         res.problems.append(f"{path.name} is not a JSON object (damaged or altered)")
     if report is not None:
         res.run_id = report.get("run_id") if isinstance(report.get("run_id"), str) else None
-        if report.get("report_schema_version") != REPORT_SCHEMA_VERSION:
+        version = report.get("report_schema_version")
+        if isinstance(version, bool) or version not in READABLE_SCHEMA_VERSIONS:
             res.problems.append(
-                f"report_schema_version is {report.get('report_schema_version')!r}; this verifier reads {REPORT_SCHEMA_VERSION}"
+                f"report_schema_version is {version!r}; this verifier reads "
+                f"{' and '.join(str(v) for v in READABLE_SCHEMA_VERSIONS)}"
             )
+        else:
+            res.report_schema_version = version
 
     # -- the key: pinned, or the shipped one only when asked for (fail closed) -------------
     key = None
@@ -289,17 +310,30 @@ def _verify(
     delta = report.get("delta")
     res.delta = delta
     res.epsilon_reported = report.get("epsilon")
+    schema = res.report_schema_version
+    if schema == 2 and report.get("amplification_claimed") is not False:
+        res.problems.append("a schema-2 report must claim no amplification in its headline (amplification_claimed false)")
     if not (isinstance(delta, (int, float)) and 0 < delta < 1):
         res.problems.append(f"the report's delta {delta!r} is not in (0, 1)")
-    else:
+    elif schema is not None:
         try:
-            accountant = accountant_from(report.get("accounting"), bool(report.get("amplification_claimed", True)))
+            # Schema 1 said whether its headline claimed amplification; schema 2 never does.
+            claimed = bool(report.get("amplification_claimed", True)) if schema == 1 else False
+            accountant = accountant_from(report.get("accounting"), claimed)
         except (PrivacyError, TypeError) as exc:
             res.problems.append(f"the report's accounting parameters are not acceptable: {exc}")
         else:
-            accounting, curve = _recompute([ev for _, ev in releases], float(delta), accountant)
+            accounting, curve = _recompute([ev for _, ev in releases], float(delta), accountant, schema)
             res.epsilon_recomputed = accounting.get("epsilon")
-            for name in ("epsilon", "epsilon_rdp_bound", "epsilon_no_amplification"):
+            res.epsilon_against_server, res.epsilon_amplified = headline_epsilons(
+                {"report_schema_version": schema, "amplification_claimed": claimed, **accounting})
+            if schema == 1 and claimed and res.epsilon_recomputed != res.epsilon_against_server:
+                res.warnings.append(
+                    f"this is a schema-1 report: its headline epsilon {res.epsilon_recomputed!r} claims amplification "
+                    f"by sampling, which does not hold against the server that drew each cohort; against the server "
+                    f"epsilon is {res.epsilon_against_server!r} (its epsilon_no_amplification)"
+                )
+            for name in COMPARED[schema]:
                 if not _close(report.get(name), accounting.get(name)):
                     res.problems.append(
                         f"{name}: the report says {report.get(name)!r}, the ledger's events give {accounting.get(name)!r}"

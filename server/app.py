@@ -92,12 +92,20 @@ _log = logging.getLogger(__name__)
 
 
 def plan_refusal(config: RunConfig) -> str | None:
-    """Why the planner refuses ``config`` (the check of ``restwise privacy plan``), or None
-    when it is allowed or forced. Run creation (service, ``restwise server run``, the
-    simulation runner) and the ServerApp's start all ask this. PlanError when no plan can be
-    made."""
+    """Why ``config`` is refused, or None when it may run: its epsilon cap first (the
+    projected epsilon against the sampler above ``max_epsilon``; ``force`` does not lift it),
+    then the planner (the check of ``restwise privacy plan``; unless forced). Run creation
+    (service, ``restwise server run``, the simulation runner) and the ServerApp's start all
+    ask this. PlanError when no plan can be made."""
+    cap = config.cap_check()
+    if not cap.allowed:
+        return cap_refusal_reason(cap.message())
     verdict = config.plan()
     return None if verdict.allowed else refusal_reason(verdict.message)
+
+
+def cap_refusal_reason(message: str) -> str:
+    return f"the run's epsilon cap refuses this run: {message}"
 
 
 def refusal_reason(message: str) -> str:
@@ -167,8 +175,8 @@ class RoundOutcome:
     train_loss: float | None = None  # None: not collected (no per-device metric leaves a device)
     spent: bool = False  # the release is in the ledger (written ahead) whether or not it was applied
     mode: str | None = None  # the secure round: setup | fast
-    epsilon: float | None = None
-    epsilon_no_amplification: float | None = None
+    epsilon: float | None = None  # against the server, which drew each cohort (no amplification)
+    epsilon_amplified: float | None = None  # third parties who see only the model (amplified by sampling)
     delta: float | None = None
     noise_multiplier_effective: float | None = None
     noise_std_total: float | None = None
@@ -258,6 +266,11 @@ class FederatedServer:
         be made."""
         if self.release is None:
             return None  # plain FedAvg (benchmarks): no DP, nothing to plan
+        cap = self.config.cap_check()
+        if not cap.allowed:
+            return cap_refusal_reason(cap.message())
+        if cap.raised and self.release.record_raised_cap(cap):
+            _log.warning("run %s: the operator raised the run's epsilon cap: %s", self.run_id, cap.message())
         verdict = self.config.plan()
         if not verdict.refused:
             return None
@@ -417,7 +430,7 @@ class FederatedServer:
         self.release.applied(release, new_ckpt.model_hash())  # after the checkpoint (see reconcile)
         outcome.status, outcome.spent = "released", True
         outcome.epsilon = release.accounting.epsilon
-        outcome.epsilon_no_amplification = release.accounting.epsilon_no_amplification
+        outcome.epsilon_amplified = self.release.epsilon_amplified()
         outcome.noise_multiplier_effective, outcome.noise_std_total = release.noise_multiplier_effective, release.noise_std
         outcome.train_loss = release.metrics.get("train_loss")
         outcome.seconds = time.perf_counter() - started
@@ -430,7 +443,7 @@ class FederatedServer:
         sum failed its bound, or the unmasking failed. Recorded as failed and spent."""
         outcome.status, outcome.reason, outcome.spent = "failed", release.reason, True
         outcome.epsilon = release.accounting.epsilon if release.accounting is not None else None
-        outcome.epsilon_no_amplification = release.accounting.epsilon_no_amplification if release.accounting else None
+        outcome.epsilon_amplified = self.release.epsilon_amplified() if release.accounting else None
         outcome.noise_multiplier_effective = release.noise_multiplier_effective
         outcome.seconds = time.perf_counter() - started
         _log.warning("round %d failed after its release was accounted: %s", outcome.round, release.reason)
@@ -603,5 +616,6 @@ def _main(grid: Grid, context: Context) -> None:
 __all__ = [
     "app", "make_server_app", "run_in_directory", "run_dir_from", "FederatedServer", "RunSummary", "RoundOutcome",
     "plan_refusal",
+    "cap_refusal_reason",
     "initial_checkpoint", "wait_for_nodes", "exchange",
 ]

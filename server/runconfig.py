@@ -34,6 +34,12 @@ Privacy-relevant fields, in the words of the analysis (docs/federated.md):
     max_dropout_fraction  the largest fraction of a round's sampled devices that may be lost;
                      more and the round fails and releases nothing. It also fixes the minimum
                      surviving cohort the distributed noise is sized for.
+    max_epsilon      the run's epsilon cap (default ``DEFAULT_MAX_EPSILON`` = 10): a run whose
+                     planned releases would spend more - against the server, which draws each
+                     cohort, so with no amplification by sampling claimed - is refused at
+                     creation with the numbers (:meth:`RunConfig.cap_check`). ``force`` does not
+                     lift it; only raising ``max_epsilon`` does, and a raised cap is recorded
+                     (ledger AuditEvent ``cap.raised``, the service's audit log, the report).
     force            the operator accepts a plan the planner refuses (:meth:`RunConfig.plan`:
                      a DP run whose noise is expected to swamp what it learns, e.g. the network
                      on a small cohort). Recorded in the run's ledger and the service's audit log.
@@ -50,10 +56,13 @@ from restwise.common.errors import ModelError
 from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE, Architecture, get_architecture, known_models
 from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
 from restwise.privacy.release import (
+    DEFAULT_MAX_EPSILON,
     NOISE_PLACEMENTS,
     SAMPLING_METHODS,
     ReleasePolicy,
+    CapCheck,
     SecureAggregationPolicy,
+    check_cap,
     plan_release,
 )
 from restwise.privacy.secagg.config import SecAggConfig
@@ -92,6 +101,7 @@ class RunConfig:
     noise: str = "distributed"
     secure_aggregation: bool = True
     audit_key_path: str | None = None
+    max_epsilon: float = DEFAULT_MAX_EPSILON
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -174,6 +184,7 @@ class RunConfig:
             self._check_secagg()
         if self.audit_key_path is not None:
             _check_str(self, "audit_key_path", max_len=4096)
+        _check_float(self, "max_epsilon", lo=0.0, hi=1000.0, lo_open=True)
         if not isinstance(self.force, bool):
             raise RunConfigError("force", "must be true or false")
         if self.expected_cohort < 1:
@@ -240,6 +251,12 @@ class RunConfig:
         except (ValueError, ModelError) as exc:  # PriorError is a ValueError
             raise PlanError(f"the {self.model} run cannot be planned: {exc}") from None
 
+    def cap_check(self) -> CapCheck:
+        """The run's planned epsilon (against the sampler, after all its rounds) against its
+        cap ``max_epsilon``. ``allowed`` False: the run is refused (``force`` does not lift
+        it). Raises the accountant's errors for a configuration it cannot account."""
+        return check_cap(plan_release(self.release_policy()), self.max_epsilon)
+
     @property
     def expected_cohort(self) -> float:
         """The expected number of devices sampled per round."""
@@ -294,7 +311,7 @@ _INT_FIELDS = {
     "rounds", "population", "cohort_size", "secagg_num_neighbours", "local_epochs", "batch_size", "persons", "seed",
 }
 _FLOAT_FIELDS = {
-    "sampling_rate", "target_epsilon", "delta", "noise_multiplier", "clip_norm",
+    "sampling_rate", "target_epsilon", "delta", "noise_multiplier", "clip_norm", "max_epsilon",
     "max_dropout_fraction", "learning_rate", "round_timeout_s",
 }
 

@@ -9,8 +9,9 @@ it. Every JSON file is replaced atomically::
                          model computed on the server went to the devices}
     DIR/rounds.jsonl    one line per round: round, attempt, status (completed|failed|refused),
                         sampled, participants, survived, dropped, train_loss (null: not
-                        collected - no per-device metric leaves a device), epsilon,
-                        epsilon_no_amplification, delta, noise_multiplier_effective,
+                        collected - no per-device metric leaves a device), epsilon (against
+                        the server: no amplification by sampling claimed), epsilon_amplified
+                        (third parties who see only the model), delta, noise_multiplier_effective,
                         noise_std_total, reason, seconds
     DIR/ledger.jsonl    the run's signed privacy ledger (restwise.privacy.ledger); audit key
                         from config.audit_key_path or DIR/../audit_key.pem (created 0600 if

@@ -45,7 +45,9 @@ def spec(z, sampling="full", adjacency="add_remove", **kw):
     return ReleaseSpec.plan(noise_multiplier=z, sampling=sampling, adjacency=adjacency, **kw)
 
 
-acc = PrivacyAccountant()
+# The amplified machinery (the value for third parties who see only the model); the default
+# accountant claims no amplification (test_default_claims_no_amplification).
+acc = PrivacyAccountant(claim_amplification=True)
 
 
 # --- published / exact values ---------------------------------------------------------------
@@ -265,3 +267,16 @@ def test_add_remove_never_counts_the_persons_own_noise_share():
     assert acc.epsilon([ar], DELTA).epsilon == pytest.approx(5.175, abs=2e-3)
     with pytest.raises(Exception, match="at least 2 survivors"):
         release(z=1.0, planned=1, survivors=1, adjacency="add_remove")
+
+
+def test_default_claims_no_amplification():
+    """The headline accountant holds against the server: Poisson sampling gives the same epsilon
+    as full participation, and the amplified value is only asked for explicitly."""
+    default = PrivacyAccountant()
+    poisson = spec(1.0, "poisson", sampling_rate=0.1)
+    r = default.epsilon_for_rounds(poisson, 10, DELTA)
+    assert r.amplification_claimed is False
+    assert r.epsilon == pytest.approx(default.epsilon_for_rounds(spec(1.0), 10, DELTA).epsilon, rel=1e-12)
+    amplified = default.epsilon_amplified([poisson] * 10, DELTA)
+    assert amplified == acc.epsilon_for_rounds(poisson, 10, DELTA).epsilon and amplified < 0.5 * r.epsilon
+    assert default.epsilon_amplified([spec(1.0, "fixed", adjacency="add_remove", cohort_size=10, population=100)], DELTA) is None

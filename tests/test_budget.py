@@ -77,11 +77,18 @@ def test_plan_before_start_and_refusal_event():
     assert ev.run_id == "run-z" and ev.round == 1 and ev.budget_epsilon == eps10 and ev.spent_epsilon == 0.0
 
 
-def test_no_amplification_budget_charges_more():
+def test_budget_charges_the_epsilon_against_the_sampler():
+    """Every budget is charged the unamplified epsilon, even when handed an accountant that
+    claims amplification; a budget 'against' the amplified value is refused."""
     past = [release(r) for r in range(1, 4)]
-    amp = PrivacyBudget(1000, DELTA).check_next_round(past, release(4))
-    no_amp = PrivacyBudget(1000, DELTA, against="no_amplification").check_next_round(past, release(4))
-    assert no_amp > amp
+    charged = PrivacyBudget(1000, DELTA).check_next_round(past, release(4))
+    claiming = PrivacyBudget(1000, DELTA).check_next_round(
+        past, release(4), accountant=PrivacyAccountant(claim_amplification=True))
+    unamplified = PrivacyAccountant().epsilon(past + [release(4)], DELTA)
+    assert charged == claiming == unamplified.epsilon == unamplified.epsilon_no_amplification
+    assert charged > PrivacyAccountant(claim_amplification=True).epsilon(past + [release(4)], DELTA).epsilon
+    with pytest.raises(PrivacyError, match="never the one amplified"):
+        PrivacyBudget(1000, DELTA, against="amplified")
 
 
 @pytest.mark.parametrize("eps, delta", [(0, 1e-5), (-1, 1e-5), (float("inf"), 1e-5), (1, 0), (1, 1), (True, 1e-5)])

@@ -100,7 +100,7 @@ def fixed(z: float, cohort: int, population: int) -> ReleaseSpec:
     [(1.0, 10, 100, 1), (2.0, 5, 50, 1), (1.0, 10, 100, 20), (2.0, 5, 50, 40)],
 )
 def test_never_below_the_independent_computation_and_close_to_it(z, cohort, population, rounds):
-    result = PrivacyAccountant().epsilon_for_rounds(fixed(z, cohort, population), rounds, DELTA)
+    result = PrivacyAccountant(claim_amplification=True).epsilon_for_rounds(fixed(z, cohort, population), rounds, DELTA)
     truth_at_least = independent_lower_bound(z, cohort / population, rounds)
     assert result.epsilon >= truth_at_least
     # Tight: one release is exact up to discretisation; over many, the symmetric bound that
@@ -115,7 +115,7 @@ def test_never_below_the_independent_computation_and_close_to_it(z, cohort, popu
 def test_one_release_known_value():
     """z = 1, 10 of 100, delta 1e-5: the largest pair's epsilon (independent: 6.575; pairs A
     and M give 0.105 and 1.79), which is the exact one for a single release."""
-    eps = PrivacyAccountant().epsilon_for_rounds(fixed(1.0, 10, 100), 1, DELTA).epsilon
+    eps = PrivacyAccountant(claim_amplification=True).epsilon_for_rounds(fixed(1.0, 10, 100), 1, DELTA).epsilon
     by_pair = {pair: independent_epsilon(1.0, 0.1, 1, pair) for pair in "RAM"}
     assert by_pair["R"] > 20 * by_pair["A"] and by_pair["R"] > 3 * by_pair["M"]
     assert by_pair["R"] <= eps <= by_pair["R"] + 0.005
@@ -124,7 +124,7 @@ def test_one_release_known_value():
 
 def test_k_of_n_is_accounted_not_refused_and_add_remove_still_is():
     spec = fixed(1.5, 8, 40)
-    accountant = PrivacyAccountant()
+    accountant = PrivacyAccountant(claim_amplification=True)
     assert accountant.supports(spec) and accountant.why_unsupported(spec) is None
     event = GaussianRoundEvent.from_distributed_noise(
         run_id="run-k-of-n", round=1, clip_norm=1.0, planned_noise_multiplier=1.5, planned_clients=8, survivors=8,
@@ -141,7 +141,7 @@ def test_k_of_n_is_accounted_not_refused_and_add_remove_still_is():
 
 def test_fixed_size_composes_with_full_participation_releases():
     """Mixed runs (K of N rounds and everyone rounds) compose: more than either alone."""
-    accountant = PrivacyAccountant()
+    accountant = PrivacyAccountant(claim_amplification=True)
     full = ReleaseSpec.plan(noise_multiplier=3.0, sampling="full", adjacency="replace_one")
     both = accountant.epsilon([fixed(1.5, 8, 40)] * 5 + [full] * 2, DELTA).epsilon
     assert both > accountant.epsilon_for_rounds(fixed(1.5, 8, 40), 5, DELTA).epsilon

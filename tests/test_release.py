@@ -35,7 +35,7 @@ def test_one_planner_serves_the_server_and_the_service():
     plan = plan_release(config.release_policy())
     # Calibrated: the smallest z whose epsilon over all planned rounds stays within the target.
     assert plan.calibrated and plan.planned_epsilon <= 3.0 and plan.planned_epsilon > 2.9
-    assert plan.adjacency == "add_remove" and plan.claim_amplification
+    assert plan.adjacency == "add_remove" and not plan.claim_amplification
     spec = ReleaseSpec.plan(noise_multiplier=plan.noise_multiplier, sampling="poisson", sampling_rate=0.2,
                             adjacency="add_remove")
     assert plan.spec == spec
@@ -48,16 +48,18 @@ def test_one_planner_serves_the_server_and_the_service():
     assert decision.projected_epsilon <= config.target_epsilon  # without the cap: allowed
 
 
-def test_fixed_size_sampling_is_planned_under_replace_one_with_amplification():
-    """K of N (Flower's default client selection): accounted, not refused."""
+def test_fixed_size_sampling_is_planned_under_replace_one_with_amplification_beside():
+    """K of N (Flower's default client selection): accounted, not refused; the plan charges the
+    epsilon against the sampler and shows the amplified (K-of-N) value beside it."""
     config = RunConfig(**{**BASE, "sampling": "fixed", "sampling_rate": None, "cohort_size": 10,
                           "target_epsilon": None, "noise_multiplier": 2.0})
     plan = plan_release(config.release_policy())
     assert not plan.calibrated and plan.noise_multiplier == 2.0
-    assert plan.adjacency == "replace_one" and plan.claim_amplification
+    assert plan.adjacency == "replace_one" and not plan.claim_amplification
     result = PrivacyAccountant().epsilon_for_rounds(plan.spec, 20, 1e-5)
     assert plan.budget_epsilon == pytest.approx(result.epsilon) == pytest.approx(plan.planned_epsilon)
-    assert result.epsilon < result.epsilon_no_amplification
+    amplified = PrivacyAccountant(claim_amplification=True).epsilon_for_rounds(plan.spec, 20, 1e-5)
+    assert plan.planned_epsilon_amplified == amplified.epsilon < result.epsilon == amplified.epsilon_no_amplification
     calibrated = plan_release(RunConfig(**{**BASE, "sampling": "fixed", "sampling_rate": None, "cohort_size": 10}).release_policy())
     assert calibrated.calibrated and calibrated.planned_epsilon <= BASE["target_epsilon"]
 

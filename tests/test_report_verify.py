@@ -58,7 +58,9 @@ def test_report_numbers_come_from_the_ledger(issued):
     assert rep["report_schema_version"] == REPORT_SCHEMA_VERSION
     assert rep["epsilon"] == acc.epsilon and rep["epsilon_rdp_bound"] == acc.epsilon_rdp_bound
     assert rep["epsilon_rdp_bound"] >= rep["epsilon"]
-    assert rep["epsilon_no_amplification"] > rep["epsilon"]
+    # The headline claims no amplification; the amplified value stands beside it, smaller.
+    assert rep["amplification_claimed"] is False and rep["epsilon_amplified"] < rep["epsilon"]
+    assert rep["epsilon_amplified"] == PrivacyAccountant(claim_amplification=True).epsilon(releases, DELTA).epsilon
     assert [r["round"] for r in rep["releases"]] == [1, 2, 3, 4, 5, 6]
     assert rep["releases"][3]["survivors"] == 6 and rep["releases"][3]["noise_multiplier"] < rep["releases"][0]["noise_multiplier"]
     full = rep["releases"][0]["noise_multiplier"]  # 8 survivors: 7 counted shares of 8 (add/remove)
@@ -71,7 +73,7 @@ def test_report_numbers_come_from_the_ledger(issued):
     assert rep["accounting"]["accountant_version"].startswith("dp-accounting")
     assert rep["epsilon_curve"][-1]["epsilon"] == rep["epsilon"]
     assert rep["ledger"]["signed"] and rep["ledger"]["public_key_fingerprint"].startswith("sha256:")
-    assert any("epsilon_no_amplification" in t for t in rep["threat_model"])
+    assert any("epsilon_amplified" in t and "never against the server" in t for t in rep["threat_model"])
 
 
 def test_html_is_self_contained_and_shows_the_numbers(issued):

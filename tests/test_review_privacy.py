@@ -46,7 +46,7 @@ def test_poisson_replace_one_is_the_larger_of_both_dp_accounting_pairs():
     from dp_accounting.pld import privacy_loss_distribution as pld
 
     q, z, rounds = 0.05, 1.2, 30
-    acc = PrivacyAccountant()
+    acc = PrivacyAccountant(claim_amplification=True)  # the amplified value (third parties)
     spec = ReleaseSpec.plan(noise_multiplier=z, sampling="poisson", sampling_rate=q, adjacency="replace_one")
     eps = acc.epsilon_value([spec] * rounds, DELTA)
     direct = []
@@ -69,7 +69,7 @@ def test_heterogeneous_rounds_compose_like_dp_accounting_pld_accountant():
 
     specs = [ReleaseSpec.plan(noise_multiplier=z, sampling="poisson", sampling_rate=q, adjacency="add_remove")
              for z, q in ((1.0, 0.02), (2.0, 0.1), (1.0, 0.02), (0.8, 0.01))]
-    eps = PrivacyAccountant().epsilon_value(specs, DELTA)
+    eps = PrivacyAccountant(claim_amplification=True).epsilon_value(specs, DELTA)
     reference = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
     for s in specs:
         reference.compose(dp_accounting.PoissonSampledDpEvent(s.sampling_rate, dp_accounting.GaussianDpEvent(s.noise_multiplier)))
@@ -120,8 +120,10 @@ def test_report_with_releases_of_other_runs_after_its_head_still_verifies(tmp_pa
 
 
 def test_verified_report_without_an_epsilon_warns(tmp_path):
-    """Fixed-size sampling under add/remove cannot be accounted: the report says so (epsilon
-    null) and verification must not present it as a plain success."""
+    """Noise below the accountant's minimum cannot be accounted: the report says so (epsilon
+    null) and verification must not present it as a plain success. Fixed-size sampling under
+    add/remove has a headline (against the server no amplification is claimed) but no
+    amplified value: amplification is not defined there."""
     key = Ed25519PrivateKey.generate()
     ledger = PrivacyLedger(tmp_path / "ledger.jsonl", key)
     ledger.append(GaussianRoundEvent.from_distributed_noise(
@@ -130,10 +132,17 @@ def test_verified_report_without_an_epsilon_warns(tmp_path):
         model_hash="%064x" % 5,
     ))
     report = build_report(ledger, "run-f", delta=DELTA)
-    assert report["epsilon"] is None
+    assert report["epsilon"] > 0 and report["epsilon_amplified"] is None
+    ledger.append(GaussianRoundEvent.from_distributed_noise(
+        run_id="run-t", round=1, clip_norm=1.0, planned_noise_multiplier=0.3, planned_clients=4,
+        survivors=4, sampling="poisson", sampling_rate=0.1, cohort_size=4, population=40,
+        adjacency="add_remove", model_hash="%064x" % 6,
+    ))
+    report = build_report(ledger, "run-t", delta=DELTA)
+    assert report["epsilon"] is None and report["epsilon_amplified"] is None
     write_report(report, tmp_path / "out", ledger=ledger)
     res = verify_report(tmp_path / "out", public_key=key.public_key())
-    assert any("no epsilon" in w for w in res.warnings), res.warnings
+    assert res.ok and any("no epsilon" in w for w in res.warnings), (res.problems, res.warnings)
 
 
 def test_html_escapes_every_operator_supplied_text(tmp_path):
