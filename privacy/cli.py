@@ -3,8 +3,13 @@
 
     restwise privacy epsilon   --noise-multiplier Z --rounds R [--sampling poisson|fixed|full]
                                [--rate Q | --cohort M --population N] [--adjacency add-remove|replace-one]
-                               [--delta D] [--no-amplification] [--json]
+                               [--delta D] [--json]
     restwise privacy calibrate --target-epsilon E --rounds R [same sampling options] [--json]
+
+Both headline epsilon against the server, which draws each round's cohort: no amplification by
+sampling is claimed (calibration meets the target against the server). The amplified value,
+valid only for third parties who see just the released model, is printed beside it, labelled
+(``epsilon_amplified`` in JSON).
     restwise audit report RUN  (--ledger FILE --key AUDIT_KEY | --data-dir SERVER_DIR) [--out DIR]
     restwise audit report --bundle DIR|ZIP (--public-key KEY | --trust-shipped-key) [--out DIR] [RUN]
     restwise audit verify REPORT [--ledger FILE] (--public-key KEY | --trust-shipped-key) [--json]
@@ -58,6 +63,7 @@ from restwise.privacy.report import (
     LedgerSnapshot,
     build_report,
     default_allow_list,
+    headline_epsilons,
     render_html,
     render_text,
     write_report,
@@ -111,7 +117,10 @@ _COHORT = typer.Option(None, "--cohort", min=1, help="Cohort size (fixed), or ex
 _POPULATION = typer.Option(None, "--population", min=1, help="Number of persons who could be sampled.")
 _ADJ = typer.Option(Adjacency.add_remove, "--adjacency", help="Neighbouring relation (replace-one doubles sensitivity).", case_sensitive=False)
 _DELTA = typer.Option(1e-5, "--delta", min=0.0, max=1.0, help="The delta epsilon is stated at.")
-_NO_AMP = typer.Option(False, "--no-amplification", help="Do not claim amplification by sampling (server knows the cohort).")
+_NO_AMP = typer.Option(
+    False, "--no-amplification", hidden=True,
+    help="Accepted for old scripts: no amplification by sampling is ever claimed in the headline.")
+AMPLIFIED_WORDS = "for third parties who see only the model (amplified by sampling)"
 _JSON = typer.Option(False, "--json", help="Print one machine-readable JSON line.")
 
 
@@ -135,17 +144,20 @@ def epsilon_command(
     except EventValidationError as exc:
         raise exit_with(exc, code=ExitCode.USAGE, as_json=as_json) from None
     try:
-        result = PrivacyAccountant(claim_amplification=not no_amplification).epsilon_for_rounds(spec, rounds, delta)
+        accountant = PrivacyAccountant()
+        result = accountant.epsilon_for_rounds(spec, rounds, delta)
+        amplified = accountant.epsilon_amplified([spec] * rounds, delta)
     except PrivacyError as exc:
         raise exit_with(exc, as_json=as_json) from None
     if as_json:
-        emit_json({"ok": True, "noise_multiplier": noise_multiplier, **result.to_dict()})
+        emit_json({"ok": True, "noise_multiplier": noise_multiplier, **result.to_dict(), "epsilon_amplified": amplified})
         return
-    typer.echo(f"epsilon = {result.epsilon:.4f} at delta = {delta:g} after {rounds} round(s) (PLD, pessimistic)")
+    typer.echo(f"epsilon = {result.epsilon:.4f} at delta = {delta:g} after {rounds} round(s), against the server "
+               "(no amplification by sampling claimed; PLD, pessimistic)")
     rdp = "none in dp_accounting for this configuration" if result.epsilon_rdp_bound is None else f"{result.epsilon_rdp_bound:.4f}"
-    typer.echo(f"  RDP upper bound:                           {rdp}")
-    typer.echo(f"  against a server that knows each cohort:   {result.epsilon_no_amplification:.4f}")
-    typer.echo(f"  adjacency {result.adjacency}, amplification claimed: {'yes' if result.amplification_claimed else 'no'}")
+    typer.echo(f"  RDP upper bound:  {rdp}")
+    typer.echo(f"  epsilon {AMPLIFIED_WORDS}: {_fmt_eps(amplified)}")
+    typer.echo(f"  adjacency {result.adjacency}")
     typer.echo(f"  accountant: {result.accountant} ({result.accountant_version})")
     for note in result.notes:
         typer.echo(f"  note: {note}")
@@ -167,23 +179,27 @@ def calibrate_command(
     """The smallest noise multiplier whose epsilon after ROUNDS stays within the target."""
     plan = _plan_kwargs(sampling, rate, cohort, population)
     try:
-        res = calibrate_noise_multiplier(
-            target_epsilon, delta, rounds, adjacency=_adjacency(adjacency),
-            accountant=PrivacyAccountant(claim_amplification=not no_amplification), **plan,
-        )
+        res = calibrate_noise_multiplier(target_epsilon, delta, rounds, adjacency=_adjacency(adjacency), **plan)
+        spec = ReleaseSpec.plan(noise_multiplier=res.noise_multiplier, adjacency=_adjacency(adjacency), **plan)
+        amplified = PrivacyAccountant().epsilon_amplified([spec] * rounds, delta)
     except EventValidationError as exc:
         raise exit_with(exc, code=ExitCode.USAGE, as_json=as_json) from None
     except PrivacyError as exc:
         raise exit_with(exc, as_json=as_json) from None
     if as_json:
-        emit_json({"ok": True, **res.to_dict()})
+        emit_json({"ok": True, **res.to_dict(), "epsilon_amplified": amplified})
         return
     r = res.result
     typer.echo(f"noise multiplier = {res.noise_multiplier:.4f} (noise std = {res.noise_multiplier:.4f} x clip norm per round)")
-    typer.echo(f"  gives epsilon = {r.epsilon:.4f} <= {target_epsilon:g} at delta = {delta:g} after {rounds} round(s)")
+    typer.echo(f"  gives epsilon = {r.epsilon:.4f} <= {target_epsilon:g} at delta = {delta:g} after {rounds} round(s), "
+               "against the server (no amplification by sampling claimed)")
     if r.epsilon_rdp_bound is not None:
         typer.echo(f"  RDP upper bound: {r.epsilon_rdp_bound:.4f}")
-    typer.echo(f"  against a server that knows each cohort: {r.epsilon_no_amplification:.4f}")
+    typer.echo(f"  epsilon {AMPLIFIED_WORDS}: {_fmt_eps(amplified)}")
+
+
+def _fmt_eps(value) -> str:
+    return "undefined for this sampling" if value is None else f"{value:.4f}"
 
 
 # --- audit ---------------------------------------------------------------------------------
@@ -252,10 +268,13 @@ def report_command(
         raise exit_with(exc, as_json=as_json) from None
     if as_json:
         emit_json({"ok": True, "run_id": report["run_id"], "epsilon": report["epsilon"], "delta": report["delta"],
+                    "epsilon_amplified": report.get("epsilon_amplified"),
                     "files": {k: str(v) for k, v in paths.items()}})
         return
     eps = "unaccountable" if report["epsilon"] is None else f"{report['epsilon']:.4f}"
-    typer.echo(f"run {report['run_id']}: epsilon = {eps} at delta = {report['delta']:g} over {len(report['releases'])} release(s)")
+    typer.echo(f"run {report['run_id']}: epsilon = {eps} at delta = {report['delta']:g} over {len(report['releases'])} "
+               "release(s), against the server (no amplification by sampling claimed)")
+    typer.echo(f"  epsilon {AMPLIFIED_WORDS}: {_fmt_eps(report.get('epsilon_amplified'))}")
     for name, path in paths.items():
         typer.echo(f"  {name}: {path}")
 
@@ -367,7 +386,9 @@ def _report_from_bundle(bundle: Path, run: Optional[str], public_key: Optional[P
         atomic_write_bytes(files["html"], page.encode("utf-8"))
         atomic_write_bytes(files["text"], text.encode("utf-8"))
     if as_json:
-        emit_json({"ok": True, "run_id": report["run_id"], "epsilon": report.get("epsilon"), "delta": report.get("delta"),
+        against, amplified = headline_epsilons(report)
+        emit_json({"ok": True, "run_id": report["run_id"], "epsilon": against, "epsilon_amplified": amplified,
+                   "report_schema_version": report.get("report_schema_version"), "delta": report.get("delta"),
                    "source": source, "key_fingerprint": key_fingerprint(key), "files": {k: str(v) for k, v in files.items()}})
         return
     typer.echo(text, nl=False)
@@ -404,9 +425,11 @@ def verify_command(
             key = "pinned key" if res.key_pinned else "shipped key (not pinned)"
             typer.echo(
                 f"OK: run {res.run_id}: {res.ledger_entries} ledger entries, signatures ({key} "
-                f"{res.key_fingerprint}) and hash chain valid; epsilon = {res.epsilon_recomputed} at "
-                f"delta = {res.delta:g} recomputed from {res.releases} release(s) matches the report"
+                f"{res.key_fingerprint}) and hash chain valid; report schema {res.report_schema_version}; "
+                f"epsilon = {res.epsilon_against_server} against the server (no amplification by sampling claimed) at "
+                f"delta = {res.delta:g}, recomputed from {res.releases} release(s), matches the report"
             )
+            typer.echo(f"  epsilon {AMPLIFIED_WORDS}: {_fmt_eps(res.epsilon_amplified)}")
             for row in res.spent_not_applied:
                 typer.echo(f"  spent, not applied: round {row['round']} attempt {row['attempt']} "
                            f"(release at ledger seq {row['release_seq']}; counted in epsilon): {row['reason']}")

@@ -657,7 +657,8 @@ def headline_lines(report: dict) -> list[tuple[str, str]]:
     """(label, value) rows that lead every rendering of a report: the headline against the
     server, then the amplified value, labelled."""
     against, amplified = headline_epsilons(report)
-    rows = [(HEADLINE_LABEL, _fmt(against)), (AMPLIFIED_LABEL.split(":")[0], _fmt(amplified))]
+    rows = [(HEADLINE_LABEL, f"{_fmt(against)} at delta = {_fmt(report.get('delta'))}"),
+            (AMPLIFIED_LABEL.split(":")[0], _fmt(amplified))]
     if report.get("report_schema_version") == 1:
         rows.append(("report schema 1", "its 'epsilon' field headlined the amplified value"
                      if report.get("amplification_claimed") else "no amplification was claimed"))
