@@ -414,6 +414,7 @@ def check_plan(
         rounds=rounds,
         accountant=f"{result.accountant} ({result.accountant_version})",
         detail={
+            "epsilon_cap": None if epsilon_cap is None else float(epsilon_cap),
             "noise_multiplier": float(plan.noise_multiplier),
             # The headline (projected_epsilon) holds against the sampler; the amplified value
             # only for third parties who see just the model, and is never checked against a cap.

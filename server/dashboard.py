@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from restwise.server import auth as authm
 from restwise.server.auth import SESSION_COOKIE
 from restwise.server.errors import ProblemError
-from restwise.server.runs import RUN_ID_RE
+from restwise.server.runs import RUN_ID_RE, read_jsonl
 from restwise.server.runstatus import ACTIVE_STATUSES
 
 HERE = Path(__file__).resolve().parent
@@ -131,11 +131,25 @@ def epsilon_chart_svg(
     return "\n".join(parts)
 
 
-def run_budget(run: dict[str, Any], epsilon_cap: float | None) -> float | None:
-    """The ε the run may spend: its target, else the service-wide cap."""
-    target = run.get("config", {}).get("target_epsilon")
-    candidates = [v for v in (target, epsilon_cap) if isinstance(v, (int, float))]
-    return min(candidates) if candidates else None
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def run_budget(run: dict[str, Any]) -> dict[str, Any]:
+    """What the run may spend, every ε against the server (no amplification claimed): its
+    target, the cap in force when it started (``epsilon_cap``, recorded by the service at
+    start - never today's settings), the smaller of the two as its budget, and what remains of
+    it after ``epsilon_spent``. A run not started yet shows its own cap (``max_epsilon``)."""
+    config = run.get("config") or {}
+    target = _number(config.get("target_epsilon"))
+    recorded = _number(run.get("epsilon_cap"))
+    cap = recorded if recorded is not None else _number(config.get("max_epsilon"))
+    limits = [v for v in (target, cap) if v is not None]
+    budget = min(limits) if limits else None
+    spent = _number(run.get("epsilon_spent"))
+    remaining = None if budget is None else max(0.0, budget - (spent or 0.0))
+    return {"budget": budget, "target": target, "cap": cap, "cap_recorded_at_start": recorded is not None,
+            "spent": spent, "remaining": remaining}
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,8 +176,11 @@ def error_page(request: Request, ctx: Any, status: int, title: str, detail: str 
 
 
 HEADLINE_KEYS = (
-    "run_id", "privacy_unit", "epsilon", "epsilon_rdp_bound", "epsilon_no_amplification", "delta",
-    "adjacency", "adjacency_description", "amplification_claimed", "generated_at", "report_schema_version",
+    # epsilon: against the server (schema 2); epsilon_amplified beside it, with its label.
+    # A schema-1 report's epsilon_no_amplification is its value against the server.
+    "run_id", "privacy_unit", "epsilon", "epsilon_amplified", "epsilon_amplified_label", "epsilon_no_amplification",
+    "epsilon_rdp_bound", "delta", "adjacency", "adjacency_description", "amplification_claimed", "generated_at",
+    "report_schema_version",
 )
 
 
@@ -317,8 +334,8 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
         runs = [{**r, "config": authm.public_run_config(r["config"])} for r in ctx.runs.list(limit=200)]
         spent = ctx.runs.latest_epsilons([r["id"] for r in runs])
         for r in runs:
-            r["budget"] = run_budget(r, ctx.settings.epsilon_cap)
             r["epsilon_spent"] = spent.get(r["id"])
+            r["budget"] = run_budget(r)
         refresh = any(r["status"] in ACTIVE_STATUSES for r in runs)
         return render("runs.html", runs=runs, refresh=refresh, **common(request, who))
 
@@ -328,14 +345,19 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
         run = ctx.runs.get(run_id)
         run["config"] = authm.public_run_config(run["config"])  # no server paths on a page
         rounds = ctx.runs.rounds(run_id)
-        budget = run_budget(run, ctx.settings.epsilon_cap)
         points = [(r["round"], r["epsilon"]) for r in rounds if r["epsilon"] is not None]
-        chart = epsilon_chart_svg(points, budget, run["planned_rounds"])
+        if run.get("epsilon_spent") is None and points:
+            run["epsilon_spent"] = points[-1][1]
+        budget = run_budget(run)
+        chart = epsilon_chart_svg(points, budget["budget"], run["planned_rounds"])
         completed = [r for r in rounds if (r["status"] or "completed") in ("completed", "ok", "success")]
         run_dir = ctx.runs.run_dir(run_id)
+        amplified = [line.get("epsilon_amplified") for line in read_jsonl(run_dir / "rounds.jsonl")
+                     if line.get("epsilon") is not None]
         summary = {
             "rounds_completed": len(completed),
-            "epsilon_spent": points[-1][1] if points else None,
+            "epsilon_spent": budget["spent"],
+            "epsilon_amplified": amplified[-1] if amplified else None,
             "sampled": sum(r["sampled"] or 0 for r in rounds),
             "survived": sum(r["survived"] or 0 for r in rounds),
             "last_loss": next((r["train_loss"] for r in reversed(rounds) if r["train_loss"] is not None), None),
@@ -366,7 +388,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
             except (OSError, ValueError):
                 report = None
         points = _report_curve(report)
-        budget = run_budget(run, ctx.settings.epsilon_cap)
+        budget = run_budget(run)["budget"]
         return render(
             "report.html",
             run=run,

@@ -75,6 +75,9 @@ runs = sa.Table(
     # records for the run and ε composed over them at the run's δ.
     sa.Column("releases", sa.Integer, nullable=True),
     sa.Column("epsilon_spent", sa.Float, nullable=True),
+    # The epsilon cap in force when the run was started (the smaller of its own max_epsilon and
+    # the service-wide cap at that moment), recorded then: never read from today's settings.
+    sa.Column("epsilon_cap", sa.Float, nullable=True),
 )
 
 rounds = sa.Table(
@@ -233,12 +236,17 @@ def _m5_reconciled_epsilon(conn: Connection) -> None:
     conn.execute(sa.text("ALTER TABLE runs ADD COLUMN epsilon_spent FLOAT"))
 
 
+def _m6_epsilon_cap(conn: Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN epsilon_cap FLOAT"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, rounds, ledger mirror, tokens, audit log", _m1_core),
     Migration(2, "dashboard sessions", _m2_sessions),
     Migration(3, "runs.projected_epsilon (budget check result)", _m3_projected_epsilon),
     Migration(4, "audit_log.attempts (coalesced denied and rate-limited requests)", _m4_audit_attempts),
     Migration(5, "runs.releases, runs.epsilon_spent (reconciled from the signed ledger)", _m5_reconciled_epsilon),
+    Migration(6, "runs.epsilon_cap (the cap in force when the run started)", _m6_epsilon_cap),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

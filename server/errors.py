@@ -55,6 +55,13 @@ class PlanError(FederationError):
     default_message = "the run cannot be started as given"
 
 
+class EpsilonCapError(PlanError):
+    """The run's projected epsilon (against the server: no amplification by sampling claimed)
+    exceeds its cap ``max_epsilon``; only raising the cap explicitly lifts it, not ``force``."""
+
+    exit_code = ExitCode.BUDGET_EXCEEDED
+
+
 # -- the service ------------------------------------------------------------------------------
 class ServiceError(RestwiseError):
     default_message = "the service refused"
@@ -82,8 +89,8 @@ class BudgetRefusedError(RunError):
         if not decision.run_allowed:
             message = (
                 f"run {run_id!r} would spend ε = {decision.projected_epsilon:.4g} over "
-                f"{decision.rounds} rounds at δ = {decision.delta:g}, above its budget "
-                f"ε = {decision.budget_epsilon:.4g}"
+                f"{decision.rounds} rounds at δ = {decision.delta:g} against the server (no amplification "
+                f"by sampling claimed), above its budget ε = {decision.budget_epsilon:.4g}"
             )
         else:
             message = (

@@ -25,7 +25,7 @@ from restwise.common.cli_errors import cli_errors, emit_json, fail
 from restwise.common.errors import UsageError
 from restwise.common.exit_codes import ExitCode
 from restwise.server import deploy as D
-from restwise.server.errors import PlanError, RunFilesError
+from restwise.server.errors import EpsilonCapError, PlanError, RunFilesError
 
 
 def _connection(home: Path, superlink: str, root_cert: Optional[Path], insecure: bool, verbose: bool = False) -> D.FlwrConnection:
@@ -181,13 +181,20 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(
             False, "--force", help="Run a plan the planner refuses (e.g. the network under DP on a small cohort); "
             "recorded in the run's ledger."),
+        max_epsilon: Optional[float] = typer.Option(
+            None, "--max-epsilon", min=0.0, help="The run's epsilon cap (default 10, or the config's max_epsilon): a "
+            "run whose projected epsilon against the server exceeds it is refused (exit 7). Raising it above the "
+            "default is recorded in the run's config and ledger; --force does not lift it."),
     ) -> None:
         """Submit a Restwise run to a SuperLink, follow it round by round and stage by stage, and
         say how it ended in one line.
 
-        First the planner's check (as `restwise privacy plan`): a DP run whose noise is
-        expected to swamp what it learns is refused (exit 1, the numbers printed) unless
-        --force. Exit 0 only if Flower reports the run finished:completed AND the run folder's
+        First the run's epsilon cap: a run whose projected epsilon after all its rounds -
+        against the server, which draws each cohort, so with no amplification by sampling
+        claimed - exceeds max_epsilon (default 10) is refused (exit 7, the numbers printed)
+        unless the cap is raised (--max-epsilon). Then the planner's check (as `restwise
+        privacy plan`): a DP run whose noise is expected to swamp what it learns is refused
+        (exit 1, the numbers printed) unless --force. Exit 0 only if Flower reports the run finished:completed AND the run folder's
         state is completed; otherwise 1 (the reason is in the line). The ServerApp runs on the
         SuperLink's machine, so --run-dir is a path on that machine (progress is read from it)."""
         # The progress renderer reads the run directory (Flower's run-directory contract, about
@@ -196,7 +203,7 @@ def register(app: typer.Typer) -> None:
 
         run_dir = Path(run_dir).resolve()
         with cli_errors():
-            planned, plan_message = _prepare_run_dir(run_dir, config, force=force)
+            planned, plan_message = _prepare_run_dir(run_dir, config, force=force, max_epsilon=max_epsilon)
         reporter = ProgressReporter(Console(stderr=True, highlight=False))
         try:
             reporter.say(plan_message)
@@ -227,10 +234,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(line)
 
 
-def _prepare_run_dir(run_dir: Path, config: Optional[Path], *, force: bool = False) -> tuple[int, str]:
-    """Write ``--config`` into the run folder (validated, planned), or check the folder has
-    one and plan it. Returns the planned rounds and the planner's message. Raises UsageError
-    naming the problem (exit 2), PlanError when the planner refuses the run and ``force`` is
+def _prepare_run_dir(run_dir: Path, config: Optional[Path], *, force: bool = False,
+                     max_epsilon: Optional[float] = None) -> tuple[int, str]:
+    """Write ``--config`` into the run folder (validated, capped, planned), or check the folder
+    has one and check it. Returns the planned rounds and the cap's and planner's message.
+    Raises UsageError naming the problem (exit 2), EpsilonCapError when the projected epsilon
+    exceeds the run's cap (exit 7), PlanError when the planner refuses the run and ``force`` is
     not given (exit 1)."""
     # The run directory's contract brings Flower (about 0.4 s): loaded by `run` only.
     from restwise.server.rundir import RunFiles
@@ -249,14 +258,21 @@ def _prepare_run_dir(run_dir: Path, config: Optional[Path], *, force: bool = Fal
         cfg = files.read_config()
     else:
         raise UsageError(f"{files.config} does not exist: give --config or create the run with the service")
+    changed = config is not None
     if force and not cfg.force:
-        cfg = cfg.replace(force=True)
+        cfg, changed = cfg.replace(force=True), True
+    if max_epsilon is not None and max_epsilon != cfg.max_epsilon:
+        cfg, changed = cfg.replace(max_epsilon=float(max_epsilon)), True
+    cap = cfg.cap_check()
+    if not cap.allowed:
+        raise EpsilonCapError(f"{cap.message()}. Refused.")
     verdict = cfg.plan()
     if not verdict.allowed:
         raise PlanError(f"{verdict.message} Refused: give --force (or \"force\": true) to run it anyway.")
-    if config is not None or cfg.force:
+    if changed:
         files.write_config(cfg)
-    return cfg.rounds, "plan: " + verdict.message
+    raised = f" (RAISED above the default {cap.default_max_epsilon:g}: recorded in the run's ledger)" if cap.raised else ""
+    return cfg.rounds, f"epsilon cap: {cap.message()}{raised}\nplan: " + verdict.message
 
 
 def check_run_outcome(status, run_dir: Path) -> dict:

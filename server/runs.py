@@ -103,8 +103,12 @@ class BudgetCheck:
         self.person_epsilon_cap = person_epsilon_cap
 
     def __call__(self, config: dict[str, Any], past_payloads: Sequence[dict[str, Any]] = ()) -> BudgetDecision:
+        run = RunConfig.from_dict(config)
+        # The cap in force: the run's own (max_epsilon; default DEFAULT_MAX_EPSILON) and the
+        # service's, the smaller winning. Both are charged the epsilon against the sampler.
+        caps = [float(v) for v in (self.epsilon_cap, run.max_epsilon) if v is not None]
         return check_plan(
-            RunConfig.from_dict(config).release_policy(), epsilon_cap=self.epsilon_cap,
+            run.release_policy(), epsilon_cap=min(caps),
             person_epsilon_cap=self.person_epsilon_cap, past_releases=past_payloads,
         )
 
@@ -327,7 +331,8 @@ class RunManager:
                 self._update(run_id, status="refused", reason=str(err)[:2000], finished_at=dbm.utcnow())
                 raise err from None
             finite = math.isfinite(decision.projected_epsilon)
-            self._update(run_id, projected_epsilon=decision.projected_epsilon if finite else None)
+            self._update(run_id, projected_epsilon=decision.projected_epsilon if finite else None,
+                         epsilon_cap=decision.detail.get("epsilon_cap"))  # the cap in force at start
             if not decision.allowed:
                 err = BudgetRefusedError(run_id, decision)
                 self._update(run_id, status="refused", reason=str(err), finished_at=dbm.utcnow())

@@ -49,7 +49,8 @@ from starlette.middleware.cors import CORSMiddleware
 from restwise.common.errors import ModelError
 from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE, get_architecture, known_models
 from restwise.privacy.accountant import MIN_NOISE_MULTIPLIER
-from restwise.privacy.release import NOISE_PLACEMENTS, SAMPLING_METHODS
+from restwise.privacy.errors import PrivacyError
+from restwise.privacy.release import DEFAULT_MAX_EPSILON, NOISE_PLACEMENTS, SAMPLING_METHODS, CapCheck
 from restwise.server import auth as authm
 from restwise.server import dashboard
 from restwise.server import db as dbm
@@ -170,6 +171,12 @@ class RunConfigIn(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     noise: Literal[NOISE_PLACEMENTS] = "distributed"
     secure_aggregation: bool = True
+    max_epsilon: float = Field(
+        default=DEFAULT_MAX_EPSILON, gt=0, le=1000, allow_inf_nan=False,
+        description="The run's epsilon cap: a run whose planned releases would spend more (against the server, "
+        "which draws each cohort: no amplification by sampling claimed) is refused with 409. Raising it above "
+        f"the default {DEFAULT_MAX_EPSILON:g} is recorded in the audit log and the run's ledger; force does not lift it.",
+    )
     force: bool = Field(
         default=False,
         description="Create the run even though the planner refuses it (a DP run whose noise is expected to "
@@ -209,7 +216,12 @@ class RunOut(BaseModel):
         default=None, description="Releases the run's signed ledger records (reconciled from the run folder)."
     )
     epsilon_spent: float | None = Field(
-        default=None, description="ε composed over every release in the run's signed ledger (null: none yet, or not accountable)."
+        default=None, description="ε composed over every release in the run's signed ledger, against the server "
+        "(no amplification by sampling claimed; null: none yet, or not accountable)."
+    )
+    epsilon_cap: float | None = Field(
+        default=None, description="The ε cap in force when the run was started (the smaller of its max_epsilon and "
+        "the service-wide cap then), recorded at start; null: not started by this service."
     )
     config: dict[str, Any]
 
@@ -400,6 +412,22 @@ def validate_run_config(cfg: RunConfigIn, audit_key_path: str) -> dict[str, Any]
         return RunConfig.from_dict(data).to_dict()
     except RunConfigError as exc:
         raise invalid_run_config([{"field": exc.field, "message": exc.message}]) from None
+
+
+def cap_check_run_config(canonical: dict[str, Any]) -> CapCheck:
+    """The run's projected epsilon (against the sampler) against its cap ``max_epsilon``.
+    Raises ProblemError 409 (type ``epsilon-cap``, the numbers attached) when it exceeds the
+    cap - ``force`` does not lift it -; 422 when the run cannot be accounted."""
+    try:
+        cap = RunConfig.from_dict(canonical).cap_check()
+    except PrivacyError as exc:
+        raise ProblemError(422, "The run cannot be accounted", str(exc)) from None
+    if not cap.allowed:
+        raise ProblemError(
+            409, "The run's epsilon cap refuses this run", cap.message(),
+            type_="urn:restwise:problem:epsilon-cap", extra=cap.to_dict(),
+        )
+    return cap
 
 
 def plan_run_config(canonical: dict[str, Any]) -> UtilityVerdict:
@@ -778,12 +806,20 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
             ctx.audit.record(who, "run.create", None, "invalid", {"errors": exc.errors or []})
             raise
         try:
+            cap = cap_check_run_config(canonical)
+        except ProblemError as exc:
+            ctx.audit.record(who, "run.create", None, "refused",
+                             _json_safe({"name": config.name, "epsilon_cap": exc.extra or exc.detail}))
+            raise
+        try:
             verdict = plan_run_config(canonical)
         except ProblemError as exc:
             ctx.audit.record(who, "run.create", None, "refused", {"name": config.name, "plan": exc.extra or exc.detail})
             raise
         run = ctx.runs.create(config.name, canonical, who.token_id)
         detail: dict[str, Any] = {"name": config.name}
+        if cap.raised:
+            detail["raised_epsilon_cap"] = cap.to_dict()
         if verdict.refused and verdict.forced:
             detail["forced_plan"] = plan_summary(verdict)
         ctx.audit.record(who, "run.create", run["id"], "ok", _json_safe(detail))

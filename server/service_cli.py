@@ -75,7 +75,7 @@ class _ApiClient:
                 message = problem.get("detail") or problem.get("title")
             except ValueError:
                 problem, message = {}, r.reason_phrase
-            budget = problem.get("type") == "urn:restwise:problem:budget-exceeded"
+            budget = problem.get("type") in ("urn:restwise:problem:budget-exceeded", "urn:restwise:problem:epsilon-cap")
             errors = problem.get("errors") if isinstance(problem, dict) else None
             if isinstance(errors, list) and errors:
                 # Every problem on a line of its own (a 422 lists them all at once).
@@ -106,8 +106,16 @@ def write_secret_file(path: Path, text: str) -> None:
 
 def _print_run(run: dict) -> None:
     typer.echo(f"{run['id']}  {run['name']}  status={run['status']}  round {run['current_round']}/{run['planned_rounds']}")
+    # Every ε here holds against the server, which draws each cohort (no amplification claimed).
     if run.get("projected_epsilon") is not None:
-        typer.echo(f"  projected ε for all rounds: {run['projected_epsilon']:.4g}")
+        typer.echo(f"  projected ε for all rounds (against the server): {run['projected_epsilon']:.4g}")
+    config = run.get("config") or {}
+    cap = run.get("epsilon_cap")
+    if cap is not None:
+        spent = run.get("epsilon_spent") or 0.0
+        typer.echo(f"  ε cap in force when started: {cap:.4g}; spent {spent:.4g}, remaining {max(0.0, cap - spent):.4g}")
+    elif config.get("max_epsilon") is not None:
+        typer.echo(f"  ε cap (max_epsilon): {config['max_epsilon']:.4g}")
     if run.get("reason"):
         typer.echo(f"  reason: {run['reason']}")
     for rnd in run.get("rounds", []):
@@ -115,7 +123,7 @@ def _print_run(run: dict) -> None:
         loss = rnd.get("train_loss")
         typer.echo(
             f"  round {rnd['round']:>3}: sampled {rnd.get('sampled')}, survived {rnd.get('survived')}, "
-            f"loss {'not collected' if loss is None else f'{loss:.4f}'}, ε {'—' if eps is None else f'{eps:.4g}'}"
+            f"loss {'not collected' if loss is None else f'{loss:.4f}'}, ε against the server {'—' if eps is None else f'{eps:.4g}'}"
         )
 
 
@@ -138,12 +146,17 @@ def register(app: typer.Typer) -> None:
         start: bool = typer.Option(False, "--start", help="Start the run right after creating it."),
         force: bool = typer.Option(
             False, "--force", help="Create it even though the planner refuses it (recorded in the audit log)."),
+        max_epsilon: Optional[float] = typer.Option(
+            None, "--max-epsilon", min=0.0, help="The run's epsilon cap (default 10): a run whose projected epsilon "
+            "against the server exceeds it is refused (exit 7). Raising it is recorded in the audit log and ledger."),
         url: str = Url,
         token_file: Optional[Path] = TokenFile,
     ) -> None:
         """Create a run from a JSON configuration (operators). The service plans it first (as
         `restwise privacy plan`): a DP run whose noise is expected to swamp what it learns is
-        refused (exit 1, the numbers printed) unless --force."""
+        refused (exit 1, the numbers printed) unless --force; a run whose projected epsilon
+        against the server exceeds its cap (max_epsilon, default 10) is refused (exit 7)
+        unless the cap is raised (--max-epsilon)."""
         try:
             body = json.loads(config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -152,6 +165,8 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"{config} must hold a JSON object")
         if force:
             body["force"] = True
+        if max_epsilon is not None:
+            body["max_epsilon"] = max_epsilon
         client = _ApiClient(url, token_file)
         run = client.call("POST", "/runs", json=body).json()
         if start:
