@@ -371,20 +371,23 @@ def test_fixed_size_sampling_is_accounted_as_such(tmp_path, template_fleet):
     (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
     assert release.sampling == "fixed" and release.cohort_size == 5 and release.population == 8
     assert release.sampling_rate == pytest.approx(5 / 8) and release.planned_clients == 5
-    # Replace-one adjacency, amplification by fixed-size sampling claimed (5 of 8), with the
-    # value against the server (which knows the cohort) larger.
+    # Replace-one adjacency. The headline is against the server (which knows the cohort); the
+    # amplified K-of-N value (5 of 8), for third parties, stands beside it, smaller.
     assert release.adjacency == "replace_one"
     result = PrivacyAccountant().epsilon([release], cfg.delta)
-    assert result.amplification_claimed and result.epsilon < result.epsilon_no_amplification
+    amplified = PrivacyAccountant(claim_amplification=True).epsilon([release], cfg.delta)
+    assert not result.amplification_claimed and amplified.epsilon < result.epsilon == amplified.epsilon_no_amplification
     (line,) = fed.files.round_lines()
     assert line["epsilon"] == pytest.approx(result.epsilon) and line["sampled"] == 5
-    # The run's report states that epsilon (it was null while K of N was refused) and verifies.
+    assert line["epsilon_amplified"] == pytest.approx(amplified.epsilon)
+    # The run's report headlines that epsilon, with the K-of-N value beside it, and verifies.
     write_report(fed.run_dir)
     report = json.loads((fed.run_dir / "report.json").read_text())
     at_report_delta = PrivacyAccountant().epsilon([release], report["delta"])
-    assert report["epsilon"] == pytest.approx(at_report_delta.epsilon) and report["amplification_claimed"]
-    assert report["epsilon_no_amplification"] == pytest.approx(at_report_delta.epsilon_no_amplification)
-    assert report["epsilon"] < report["epsilon_no_amplification"]
+    assert report["epsilon"] == pytest.approx(at_report_delta.epsilon) and not report["amplification_claimed"]
+    assert report["epsilon_amplified"] == pytest.approx(
+        PrivacyAccountant(claim_amplification=True).epsilon([release], report["delta"]).epsilon)
+    assert report["epsilon_amplified"] < report["epsilon"]
     assert verify_report(fed.run_dir, public_key=fed.run_dir / "public_key.pem").ok
 
 

@@ -66,7 +66,7 @@ def test_old_database_is_upgraded_step_by_step(tmp_path):
                              "VALUES ('t', 'abcd', 'operator', 'run.create', 'ok')"))
     engine.dispose()
     database = db.Database.open(url, migrate=False)
-    assert database.migrate() == [2, 3, 4, 5]
+    assert database.migrate() == [2, 3, 4, 5, 6]
     with database.engine.connect() as conn:
         assert conn.execute(sa.select(db.tokens.c.name)).scalar() == "n"  # data kept
         # Migration 4: every existing audit row stood for one request.
@@ -286,6 +286,10 @@ def test_start_refused_over_budget_with_the_numbers(tmp_path):
     headers = {"Authorization": f"Bearer {op}"}
     body = {**VALID_RUN, "rounds": 50, "sampling_rate": 1.0, "noise_multiplier": 1.0}
     with TestClient(app) as client:
+        # Over the run's default cap (10) it is refused at creation; raised, the service cap decides.
+        capped = client.post("/api/v1/runs", json=body, headers=headers)
+        assert capped.status_code == 409 and capped.json()["type"] == "urn:restwise:problem:epsilon-cap"
+        body["max_epsilon"] = 100.0
         run_id = client.post("/api/v1/runs", json=body, headers=headers).json()["id"]
         r = client.post(f"/api/v1/runs/{run_id}/start", headers=headers)
         assert r.status_code == 409, r.text
@@ -301,6 +305,7 @@ def test_start_refused_over_budget_with_the_numbers(tmp_path):
         log = client.get("/api/v1/audit-log", headers=headers).json()
         assert log[0]["action"] == "run.start" and log[0]["outcome"] == "refused"
         assert log[0]["detail"]["projected_epsilon"] == problem["projected_epsilon"]
+        assert run["epsilon_cap"] == 2.0  # the cap in force at start: the service's, below the run's 100
         # A target epsilon calibrates the noise: its projection is within the target.
         ok = client.post("/api/v1/runs", json={**body, "noise_multiplier": None, "target_epsilon": 1.5}, headers=headers).json()
         decision = ctx.runs.check_budget(ok["id"])
