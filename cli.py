@@ -79,13 +79,15 @@ def demo(
         raise typer.Exit(code=ExitCode.FAILURE)
     shown = demo_outcome(summary, person=0, persons=persons)
     eps = "n/a" if shown["epsilon"] is None else f"{shown['epsilon']:.3f}"
-    planned = RunFiles(summary.run_dir).read_config().rounds
+    run_config = RunFiles(summary.run_dir).read_config()
+    planned = run_config.rounds
     console.print(
         f"Federated run {shown['run_id']} ({model}): {shown['status']}, {shown['rounds_completed']} of "
         f"{planned} rounds, {persons} devices."
     )
     console.print(
-        f"Privacy spent: epsilon = {eps} at delta = {shown['delta']:.0e} (noise multiplier "
+        f"Privacy spent: epsilon = {eps} at delta = {shown['delta']:.0e}, against the server (no amplification "
+        f"by sampling claimed; the run's cap {run_config.max_epsilon:g}; noise multiplier "
         f"{shown['noise_multiplier']:.3g}); signed ledger and report in {summary.run_dir}."
     )
     console.print(f"{shown['person']} sent {shown['messages_sent']} messages (restwise device history).")

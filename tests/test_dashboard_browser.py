@@ -75,6 +75,8 @@ def test_sign_in_open_finished_run_and_read_the_epsilon_curve(browser, finished_
         assert "arne" in page.inner_text("header")
         row = page.locator("table.runs tbody tr").first
         assert "completed" in row.inner_text() and f"{run['rounds'][-1]['epsilon']:.4g}" in row.inner_text()
+        assert row.locator(".epsilon-cap").inner_text() == "10"
+        assert row.locator(".epsilon-remaining").inner_text().startswith(f"{6 - run['epsilon_spent']:.4g} of 6")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-runs.png"), full_page=True)
         page.get_by_role("link", name="browser-pilot").click()
@@ -90,6 +92,12 @@ def test_sign_in_open_finished_run_and_read_the_epsilon_curve(browser, finished_
         last_eps = rounds[-1]["epsilon"]
         assert page.inner_text("#epsilon-spent") == f"{last_eps:.4g}"
         assert page.inner_text("#epsilon-budget") == "6"
+        # Full participation: nothing to amplify, the third-party value is the same number.
+        assert page.inner_text("#epsilon-amplified") == f"{last_eps:.4g}"
+        # What remains of the budget, and the cap in force when the run started (the default 10:
+        # the service sets none), recorded at start.
+        assert run["epsilon_cap"] == 10.0 and page.inner_text("#epsilon-cap") == "10"
+        assert page.inner_text("#epsilon-remaining") == f"{6 - run['epsilon_spent']:.4g}"
         sampled = sum(r["sampled"] for r in rounds)
         survived = sum(r["survived"] for r in rounds)
         assert page.inner_text("#clients") == f"{sampled} / {survived}"
