@@ -30,6 +30,7 @@ from restwise.common.exit_codes import ExitCode
 from restwise.models.linear_head import LinearHeadError
 from restwise.models.prior import PriorError
 from restwise.models.registry import FEDAVG, get_architecture, known_models
+from restwise.privacy.budget import DEFAULT_MAX_EPSILON
 from restwise.privacy.errors import PrivacyError
 from restwise.privacy.utility import UtilityVerdict, assess_release
 
@@ -64,7 +65,8 @@ def plan_run(model: str, cohort: int, epsilon: float, delta: float = 1e-5, *, ro
 
 def plan_command(
     cohort: int = typer.Option(..., "--cohort", min=2, help="Devices taking part (N)."),
-    epsilon: float = typer.Option(..., "--epsilon", help="Target epsilon of the run."),
+    epsilon: float = typer.Option(..., "--epsilon", help="Target epsilon of the run, against the server (no "
+                                  "amplification by sampling claimed: the noise is calibrated for it)."),
     model: str = typer.Option(LINEAR_HEAD_MODEL, "--model", help=f"Model: {', '.join(known_models())}."),
     delta: float = typer.Option(1e-5, "--delta", help="Target delta."),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Network: federated rounds (default 10; "
@@ -90,6 +92,9 @@ def plan_command(
         typer.echo(verdict.message)
         typer.echo(f"expected to beat the prior: {'yes' if verdict.expected_to_beat_prior else 'no'}; "
                    f"run creation: {'allowed' if not verdict.refused else ('forced' if verdict.forced else 'refused')}")
+        if epsilon > DEFAULT_MAX_EPSILON:
+            typer.echo(f"note: epsilon {epsilon:g} is above the default run cap {DEFAULT_MAX_EPSILON:g}: such a run is "
+                       "refused at creation unless its cap is raised explicitly (max_epsilon, --max-epsilon)")
     if not verdict.allowed:
         raise typer.Exit(code=ExitCode.FAILURE)
 
