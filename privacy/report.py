@@ -134,6 +134,26 @@ def accountant_from(accounting: dict | None, claim_amplification: bool = False) 
     return PrivacyAccountant(pld=pld, claim_amplification=claim_amplification)
 
 
+def _placeholder(accountant: PrivacyAccountant, second: str, value: float | None, **extra: Any) -> dict[str, Any]:
+    """The accounting dict when the accountant gives no result: no release (every epsilon 0.0)
+    or releases it refuses (None, with the error). ``second``: the number the schema puts
+    beside the headline."""
+    return {"epsilon": value, "epsilon_rdp_bound": value, second: value,
+            "amplification_claimed": accountant.claim_amplification, "pld_parameters": asdict(accountant.pld), **extra}
+
+
+def _accounted(releases: list[GaussianRoundEvent], delta: float, accountant: PrivacyAccountant,
+               second: str) -> tuple[Any, list[dict[str, Any]]]:
+    """(the accountant's result, its epsilon curve), or (a placeholder dict, []) when there is
+    no release or the accountant refuses them."""
+    if not releases:
+        return _placeholder(accountant, second, 0.0, notes=["no release was made: nothing about any person was revealed"]), []
+    try:
+        return accountant.epsilon(releases, delta), accountant.epsilon_curve(releases, delta, max_points=CURVE_POINTS)
+    except AccountingError as exc:
+        return _placeholder(accountant, second, None, error=f"{type(exc).__name__}: {exc}"), []
+
+
 def run_accounting(
     releases: list[GaussianRoundEvent], delta: float, accountant: PrivacyAccountant
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -142,33 +162,9 @@ def run_accounting(
     ``epsilon`` claims no amplification whatever ``accountant`` says (only its PLD parameters
     are used); ``epsilon_amplified`` stands beside it."""
     headline = PrivacyAccountant(pld=accountant.pld)
-    if not releases:
-        return (
-            {
-                "epsilon": 0.0,
-                "epsilon_rdp_bound": 0.0,
-                "epsilon_amplified": 0.0,
-                "amplification_claimed": False,
-                "pld_parameters": asdict(headline.pld),
-                "notes": ["no release was made: nothing about any person was revealed"],
-            },
-            [],
-        )
-    try:
-        result = headline.epsilon(releases, delta)
-        points = headline.epsilon_curve(releases, delta, max_points=CURVE_POINTS)
-    except AccountingError as exc:
-        return (
-            {
-                "epsilon": None,
-                "epsilon_rdp_bound": None,
-                "epsilon_amplified": None,
-                "amplification_claimed": False,
-                "pld_parameters": asdict(headline.pld),
-                "error": f"{type(exc).__name__}: {exc}",
-            },
-            [],
-        )
+    result, points = _accounted(releases, delta, headline, "epsilon_amplified")
+    if isinstance(result, dict):
+        return result, points
     accounting = result.to_dict()
     accounting.pop("epsilon_no_amplification")  # the headline itself: no amplification claimed
     accounting["epsilon_amplified"] = headline.epsilon_amplified(releases, delta)
@@ -189,34 +185,8 @@ def run_accounting_v1(
     """(accounting dict, epsilon curve) as a schema-1 report holds them (``epsilon`` amplified
     when ``accountant`` claims amplification): what verification recomputes for a report
     issued before schema 2. Never used to issue a report."""
-    if not releases:
-        return (
-            {
-                "epsilon": 0.0,
-                "epsilon_rdp_bound": 0.0,
-                "epsilon_no_amplification": 0.0,
-                "amplification_claimed": accountant.claim_amplification,
-                "pld_parameters": asdict(accountant.pld),
-                "notes": ["no release was made: nothing about any person was revealed"],
-            },
-            [],
-        )
-    try:
-        result = accountant.epsilon(releases, delta)
-        curve = accountant.epsilon_curve(releases, delta, max_points=CURVE_POINTS)
-    except AccountingError as exc:
-        return (
-            {
-                "epsilon": None,
-                "epsilon_rdp_bound": None,
-                "epsilon_no_amplification": None,
-                "amplification_claimed": accountant.claim_amplification,
-                "pld_parameters": asdict(accountant.pld),
-                "error": f"{type(exc).__name__}: {exc}",
-            },
-            [],
-        )
-    return result.to_dict(), curve
+    result, curve = _accounted(releases, delta, accountant, "epsilon_no_amplification")
+    return (result if isinstance(result, dict) else result.to_dict()), curve
 
 
 def release_row(seq: int, ev: GaussianRoundEvent) -> dict[str, Any]:
