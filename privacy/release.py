@@ -15,9 +15,12 @@ is accounted from what it actually carried. One workflow serves
 
 It reads a plain privacy-side :class:`ReleasePolicy` (nothing here imports ``server``). The
 planner :func:`plan_release` turns a policy into a :class:`ReleasePlan` (noise multiplier
-given or calibrated, adjacency, amplification, budget); :func:`check_plan` is the start-time
-check of a planned run against its budget, a service-wide cap and each person's budget across
-runs. :class:`ReleaseWorkflow` runs one release, step by step (each step is one method, so a
+given or calibrated, adjacency, budget); :func:`check_plan` is the start-time check of a
+planned run against its budget, a service-wide cap and each person's budget across runs, and
+:func:`check_cap` the creation-time check against the run's own cap (``max_epsilon``, default
+:data:`DEFAULT_MAX_EPSILON`). Every epsilon planned, calibrated or checked here holds against
+the server, which draws each cohort: no amplification by sampling is claimed; the amplified
+value (third parties who see only the model) is computed beside it and never charged. :class:`ReleaseWorkflow` runs one release, step by step (each step is one method, so a
 change of the release lands in one place)::
 
     1. check_budget(round)           before anything is sent: refuse the release if its worst
