@@ -62,6 +62,7 @@ httpx's ``_exceptions.py``). The exit code is what a command ends with (the regi
     ├── FederationError                  1  the server-side federation cannot go on  [server.errors]
     │   ├── RunFilesError                1  a run directory's files are inconsistent or unreadable
     │   └── PlanError                    1  the run cannot be started as given
+    │       └── EpsilonCapError          7  ...its projected epsilon exceeds the run's cap (max_epsilon)
     ├── ServiceError                     1  the operator/auditor service refuses  [server.errors]
     │   ├── RunError                     1  run management refuses
     │   │   ├── RunNotFoundError         1  no run with that id (HTTP 404)

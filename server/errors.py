@@ -5,6 +5,7 @@ and ``RunConfigError`` under ``UsageError``.
     FederationError                 the server-side federation cannot go on
     ├── RunFilesError               a run directory's files are inconsistent or unreadable
     └── PlanError                   the run cannot be started as given
+        └── EpsilonCapError         its projected epsilon exceeds the run's cap (max_epsilon)
     ServiceError                    the operator/auditor service refuses
     ├── RunError                    run management refuses
     │   ├── RunNotFoundError        no run with that id                         -> HTTP 404
@@ -179,7 +180,7 @@ class RunFailedError(DeploymentError):
 
 
 __all__ = [
-    "RunConfigError", "FederationError", "RunFilesError", "PlanError", "ServiceError", "RunError",
+    "RunConfigError", "FederationError", "RunFilesError", "PlanError", "EpsilonCapError", "ServiceError", "RunError",
     "RunNotFoundError", "RunStateError", "BudgetRefusedError", "AccountingRefusedError", "DatabaseError",
     "TokenError", "ProblemError", "DeploymentError", "DeploymentConfigError", "CertificateError",
     "FlowerCommandError", "ProcessStartError", "RunFailedError",
