@@ -69,48 +69,25 @@ from restwise.server import deploy as D  # noqa: E402
 from restwise.server.rundir import read_progress  # noqa: E402
 from restwise.simulation.fleet import prepare_fleet  # noqa: E402
 
-APP_PYPROJECT = """\
-# Written by benchmarks/deployment.py: a throw-away Flower app directory.
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "restwise-bench-{variant}"
-version = "0.1.0"
-description = "Restwise deployment benchmark ({variant})"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "restwise"
-
-[tool.flwr.app.components]
-serverapp = "{serverapp}"
-clientapp = "{clientapp}"
-
-[tool.flwr.app.config]
-bench-nodes = 0
-bench-rounds = 0
-bench-result = ""
-bench-wait-s = 120.0
-"""
-
 VARIANTS = {
     "plain": ("deployment_apps:plain_server", "deployment_apps:plain_client"),
     "restwise": ("restwise.server.app:app", "restwise.client.app:app"),  # through `restwise server run`
     "driver": ("deployment_apps:restwise_server", "restwise.client.app:app"),
 }
+# The run-config keys of the benchmark's apps and their defaults (deployment_apps.py reads them).
+APP_CONFIG = {"bench-nodes": 0, "bench-rounds": 0, "bench-result": "", "bench-wait-s": 120.0}
 RESTWISE_CLI = [sys.executable, "-c", "import sys; from restwise.cli import main; sys.argv[0] = 'restwise'; main()"]
 
 
 def write_app(folder: Path, variant: str) -> Path:
+    """A throw-away Flower app directory for ``variant`` (server/deploy.py's template), with
+    ``deployment_apps.py`` shipped in its FAB."""
     serverapp, clientapp = VARIANTS[variant]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(
-        APP_PYPROJECT.format(variant=variant, serverapp=serverapp, clientapp=clientapp), encoding="utf-8")
-    (folder / "deployment_apps.py").write_text((HERE / "deployment_apps.py").read_text(encoding="utf-8"), encoding="utf-8")
-    return folder
+    return D.write_app_dir(
+        folder, name=f"restwise-bench-{variant}", description=f"Restwise deployment benchmark ({variant})",
+        serverapp=serverapp, clientapp=clientapp, config=APP_CONFIG,
+        extra_files={"deployment_apps.py": (HERE / "deployment_apps.py").read_text(encoding="utf-8")},
+    )
 
 
 class Deployment:

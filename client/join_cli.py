@@ -96,6 +96,31 @@ def check_join_key(path: Path) -> None:
         raise JoinConfigError(f"{path}: not an EC private key (make one with `restwise device join-key`)")
 
 
+# Flower's settings for the SuperNode and what it starts (its SuperExec, the ClientApps): the
+# same as restwise.server.deploy.FLOWER_SETTINGS / flower_env (tests/test_deployment.py checks).
+# No runtime `uv sync`; no telemetry events or update checks sent to Flower from the device;
+# the SuperExec looks for a message to run every 0.1 s instead of 1 s (an
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL the person set is kept).
+FLOWER_SETTINGS = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+SUPEREXEC_TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_TASK_POLL_S = 0.1
+
+
+def supernode_join_env(base: dict[str, str]) -> dict[str, str]:
+    """The SuperNode's environment: ``base`` with the Flower settings, this interpreter's bin
+    folder first on PATH, and never the store's passphrase."""
+    env = dict(base)
+    env.update(FLOWER_SETTINGS)
+    env.setdefault(SUPEREXEC_TASK_POLL_ENV, str(SUPEREXEC_TASK_POLL_S))
+    env["PATH"] = _venv_path(env.get("PATH", ""))
+    env.pop("RESTWISE_PASSPHRASE", None)  # never handed on to the SuperNode and its apps
+    return env
+
+
 def _bin(name: str) -> str:
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else (shutil.which(name) or name)
@@ -273,7 +298,9 @@ def register(app: typer.Typer) -> None:
         except JoinConfigError as exc:
             raise exit_with(exc, code=ExitCode.USAGE) from None
         if dry_run:
-            typer.echo(" ".join(cmd))
+            env = supernode_join_env(dict(os.environ))
+            settings = [f"{k}={env[k]}" for k in (*FLOWER_SETTINGS, SUPEREXEC_TASK_POLL_ENV)]
+            typer.echo(" ".join(settings + cmd))
             return
         agent = None
         try:
@@ -295,11 +322,7 @@ def register(app: typer.Typer) -> None:
                 )
         except RestwiseDeviceError as exc:
             raise exit_with(exc) from None
-        env = dict(os.environ)
-        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        env["PATH"] = _venv_path(env.get("PATH", ""))
-        for name in ("RESTWISE_PASSPHRASE",):  # never handed on to the SuperNode and its apps
-            env.pop(name, None)
+        env = supernode_join_env(dict(os.environ))
         if agent is None:
             os.execvpe(cmd[0], cmd, env)  # the SuperNode replaces this process
         typer.echo("Store unlocked for this join: its key stays in this process's memory (key agent); "

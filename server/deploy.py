@@ -480,12 +480,41 @@ def flower_log_env(env: Mapping[str, str], *, verbose: bool = False) -> dict[str
     return out
 
 
-def flwr_env(conn: FlwrConnection, base: Mapping[str, str] | None = None) -> dict[str, str]:
+# Flower's settings for every Flower process Restwise starts (SuperLink, SuperNode, `flwr`),
+# inherited by the processes those start (SuperExec, ServerApp, ClientApp). Read from
+# Flower 1.42's source; see docs/deployment.md "Flower settings and round time".
+FLOWER_SETTINGS: Mapping[str, str] = {
+    # Restwise and its pinned dependencies are installed: no `uv sync` of a submitted app.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    # No usage events to Flower's telemetry server from any process (each one, ClientApps
+    # included, posts one when it starts and waits up to 4 s for it at exit), and no update
+    # check: a device or a SuperLink contacts nobody but the federation.
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+# How often the SuperExec (of a SuperNode: ClientApps; of the SuperLink: ServerApps) asks its
+# Runtime API for a task to start, in seconds. Flower's default, 1.0 s, is paid on every
+# message a device receives (a fresh ClientApp process each); 0.1 s costs a loopback request
+# every 0.1 s while idle. An FLWR_SUPEREXEC_TASK_POLL_INTERVAL set by the operator is kept.
+SUPEREXEC_TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_TASK_POLL_S = 0.1
+
+
+def flower_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this process's environment) with Restwise's Flower settings
+    (:data:`FLOWER_SETTINGS`, the SuperExec task poll) and this interpreter's bin folder
+    first on PATH."""
     env = dict(os.environ if base is None else base)
-    env["FLWR_HOME"] = str(Path(conn.flwr_home).resolve())
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.update(FLOWER_SETTINGS)
+    env.setdefault(SUPEREXEC_TASK_POLL_ENV, str(SUPEREXEC_TASK_POLL_S))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PATH"] = venv_path(env.get("PATH", ""))
+    return env
+
+
+def flwr_env(conn: FlwrConnection, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = flower_env(base)
+    env["FLWR_HOME"] = str(Path(conn.flwr_home).resolve())
     # Rich tables must not wrap JSON output.
     env["COLUMNS"] = "200"
     return env
@@ -611,9 +640,9 @@ requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
-name = "restwise-federation"
+name = "{name}"
 version = "0.1.0"
-description = "Restwise federated training (components come from the installed package)"
+description = "{description}"
 license = "Apache-2.0"
 dependencies = []
 
@@ -625,34 +654,63 @@ serverapp = "{serverapp}"
 clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
-run-dir = ""
-"""
+{config}"""
 
 RESTWISE_SERVERAPP = "restwise.server.app:app"
 RESTWISE_CLIENTAPP = "restwise.client.app:app"
+RESTWISE_APP_NAME = "restwise-federation"
+RESTWISE_APP_DESCRIPTION = "Restwise federated training (components come from the installed package)"
+RESTWISE_APP_CONFIG: Mapping[str, object] = {"run-dir": ""}
+
+
+def app_pyproject(
+    *,
+    name: str = RESTWISE_APP_NAME,
+    description: str = RESTWISE_APP_DESCRIPTION,
+    serverapp: str = RESTWISE_SERVERAPP,
+    clientapp: str = RESTWISE_CLIENTAPP,
+    config: Mapping[str, object] = RESTWISE_APP_CONFIG,
+) -> str:
+    """The ``pyproject.toml`` of a Flower app directory: its name, the installed components it
+    runs (``module:attr``) and its run-config keys with their defaults (TOML values as
+    ``--node-config`` writes them: strings quoted, numbers and booleans bare)."""
+    if not name or not all(c.isalnum() or c == "-" for c in name) or not name[0].isalpha():
+        raise DeploymentConfigError(f"not a Flower app name (letters, digits and '-'): {name!r}")
+    if any(c in description for c in ('"', "\\", "\n", "\r")):
+        raise DeploymentConfigError("an app description must not contain quotes, backslashes or newlines")
+    for ref in (serverapp, clientapp):
+        module, sep, attr = ref.partition(":")
+        if not sep or not module or not attr:
+            raise DeploymentConfigError(f"expected module:attribute, got {ref!r}")
+    lines = []
+    for key, value in config.items():
+        if not key or not all(c.isalnum() or c in "-_" for c in key):
+            raise DeploymentConfigError(f"not a run config key: {key!r}")
+        lines.append(f"{key} = {_node_config_value(value)}\n")
+    return APP_PYPROJECT.format(name=name, description=description, serverapp=serverapp, clientapp=clientapp,
+                                config="".join(lines))
 
 
 def write_app_dir(
     folder: Path,
     *,
+    name: str = RESTWISE_APP_NAME,
+    description: str = RESTWISE_APP_DESCRIPTION,
     serverapp: str = RESTWISE_SERVERAPP,
     clientapp: str = RESTWISE_CLIENTAPP,
+    config: Mapping[str, object] = RESTWISE_APP_CONFIG,
     extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """A minimal Flower app directory naming installed components (``module:attr``)."""
-    for ref in (serverapp, clientapp):
-        module, sep, attr = ref.partition(":")
-        if not sep or not module or not attr:
-            raise DeploymentConfigError(f"expected module:attribute, got {ref!r}")
+    """A minimal Flower app directory (:func:`app_pyproject`) naming installed components
+    (``module:attr``), plus ``extra_files`` (relative path -> text) shipped in its FAB."""
+    text = app_pyproject(name=name, description=description, serverapp=serverapp, clientapp=clientapp, config=config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(
-        APP_PYPROJECT.format(serverapp=serverapp, clientapp=clientapp), encoding="utf-8"
-    )
-    for rel, text in (extra_files or {}).items():
+    (folder / "pyproject.toml").write_text(text, encoding="utf-8")
+    for rel, content in (extra_files or {}).items():
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+        target.write_text(content, encoding="utf-8")
     return folder
 
 
@@ -854,10 +912,7 @@ def start_process(
 ) -> ManagedProcess:
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = dict(os.environ if env is None else env)
-    full_env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    full_env["PATH"] = venv_path(full_env.get("PATH", ""))
+    full_env = flower_env(env)
     with open(log_path, "ab") as log_fh:
         popen = subprocess.Popen(
             list(command),
@@ -914,7 +969,7 @@ __all__ = [
     "TlsFiles", "NodeKeyFiles", "make_trial_pki", "make_node_keys", "check_node_public_key",
     "check_node_private_key", "free_port", "venv_path", "descendant_pids",
     "SuperLinkConfig", "superlink_command", "SuperNodeConfig", "supernode_command", "node_config_arg",
-    "FlwrConnection", "flwr_env", "flower_log_env", "register_node", "list_nodes", "write_app_dir", "submit_run",
+    "FlwrConnection", "flower_env", "FLOWER_SETTINGS", "SUPEREXEC_TASK_POLL_S", "flwr_env", "flower_log_env", "register_node", "list_nodes", "app_pyproject", "write_app_dir", "submit_run",
     "RunStatus", "run_status", "wait_for_run", "run_dir_finished", "stop_run",
     "ManagedProcess", "start_process", "wait_for_port", "start_superlink", "start_supernode",
     "RESTWISE_SERVERAPP", "RESTWISE_CLIENTAPP",

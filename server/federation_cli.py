@@ -106,13 +106,12 @@ def register(app: typer.Typer) -> None:
             if tls is not None:
                 tls.check()
         cmd = D.superlink_command(cfg)
-        env = D.flower_log_env(os.environ, verbose=verbose)
+        env = D.flower_env(D.flower_log_env(os.environ, verbose=verbose))
         level = env.get("FLWR_LOG_LEVEL")
         if dry_run:
-            typer.echo(" ".join(([f"FLWR_LOG_LEVEL={level}"] if level else []) + cmd))
+            settings = {"FLWR_LOG_LEVEL": level, **D.FLOWER_SETTINGS, D.SUPEREXEC_TASK_POLL_ENV: env[D.SUPEREXEC_TASK_POLL_ENV]}
+            typer.echo(" ".join([f"{k}={v}" for k, v in settings.items() if v] + cmd))
             return
-        env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        env["PATH"] = D.venv_path(env.get("PATH", ""))
         security = "plaintext, NO node authentication" if insecure else ("TLS, " + ("SuperNode authentication" if cfg.node_auth else "NO node authentication"))
         typer.echo(
             f"SuperLink on {host}:{port} ({security}); Ctrl-C stops it. "

@@ -212,6 +212,27 @@ def test_device_join_command_matches_the_server_side_builder(tmp_path):
     assert device == server
 
 
+def test_flower_settings_are_the_same_for_the_operator_and_the_device(monkeypatch):
+    """Every Flower process Restwise starts gets the same Flower settings (the SuperLink's,
+    the benchmark's and `device join`'s SuperNodes): no runtime installs, no telemetry or
+    update check sent to Flower, the SuperExec task poll - read by Flower itself."""
+    from flwr.supercore.superexec import run_superexec
+
+    from restwise.client import join_cli
+
+    device = join_cli.supernode_join_env({"PATH": "/usr/bin", "RESTWISE_PASSPHRASE": "p"})
+    server = D.flower_env({"PATH": "/usr/bin"})
+    keys = (*D.FLOWER_SETTINGS, D.SUPEREXEC_TASK_POLL_ENV, "PATH")
+    assert {k: device[k] for k in keys} == {k: server[k] for k in keys}
+    assert "RESTWISE_PASSPHRASE" not in device
+    assert server["FLWR_TELEMETRY_ENABLED"] == "0" and server["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    monkeypatch.setenv(D.SUPEREXEC_TASK_POLL_ENV, server[D.SUPEREXEC_TASK_POLL_ENV])
+    assert run_superexec._get_task_poll_interval() == D.SUPEREXEC_TASK_POLL_S  # Flower accepts the value
+    # an operator's own choice is kept
+    assert D.flower_env({D.SUPEREXEC_TASK_POLL_ENV: "2.5"})[D.SUPEREXEC_TASK_POLL_ENV] == "2.5"
+    assert join_cli.supernode_join_env({D.SUPEREXEC_TASK_POLL_ENV: "2.5"})[D.SUPEREXEC_TASK_POLL_ENV] == "2.5"
+
+
 def test_flwr_connection_file_is_read_back_by_flower(tmp_path, monkeypatch):
     from flwr.cli.flower_config import read_superlink_connection
 
@@ -239,6 +260,17 @@ def test_app_dir_names_the_installed_components_and_passes_flowers_validation(tm
     assert "run-dir" in config["tool"]["flwr"]["app"]["config"]
     with pytest.raises(D.DeploymentConfigError):
         D.write_app_dir(tmp_path / "bad", serverapp="no-colon")
+    # the benchmark's apps come from the same template: another name and config keys
+    bench = D.write_app_dir(tmp_path / "bench", name="restwise-bench-plain",
+                            config={"bench-nodes": 4, "bench-result": "", "bench-wait-s": 120.0},
+                            extra_files={"deployment_apps.py": "x = 1\n"})
+    config, _ = load_and_validate(bench / "pyproject.toml")
+    assert config["project"]["name"] == "restwise-bench-plain"
+    assert config["tool"]["flwr"]["app"]["config"] == {"bench-nodes": 4, "bench-result": "", "bench-wait-s": 120.0}
+    assert (bench / "deployment_apps.py").read_text() == "x = 1\n"
+    for bad in ({"name": "1bad"}, {"config": {"a b": 1}}, {"config": {"k": 'say "hi"'}}):
+        with pytest.raises(D.DeploymentConfigError):
+            D.app_pyproject(**bad)
 
 
 def test_run_outcome_needs_both_flower_and_the_run_state(tmp_path):
