@@ -1,7 +1,7 @@
 """Seconds per round of a real deployment: Flower's plain FedAvg vs Restwise secure rounds.
 
     python benchmarks/deployment.py                      # 4 SuperNodes, 4 rounds per variant
-    python benchmarks/deployment.py --nodes 4 --rounds 6 --superexec-poll 0.05
+    python benchmarks/deployment.py --nodes 4 --rounds 6 --superexec-poll 1.0   # Flower's default poll
     python benchmarks/deployment.py --cold-start-only    # the ClientApp cold start per stage
     python benchmarks/deployment.py --in-process 100     # both variants' CPU, no transport
 
@@ -36,12 +36,22 @@ that stage on a real store (Flower's Runtime API round trips and FAB install exc
 in-process Grid (``privacy/secagg/harness.py``) with N devices and reports process CPU seconds
 per round (every device runs in this process): the cost of privacy without Flower's transport.
 
-Flower 1.42 costs that no Restwise change removes (read from its source): an idle SuperNode
-sleeps 3 s between polls of the SuperLink (``start_client_internal.py``, hard-coded); the
-SuperExec looks for new tasks every ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` seconds (default 1.0,
-``--superexec-poll`` sets it for every SuperNode); the SuperNode checks for the ClientApp's
-reply every 0.5 s; Flower's ``Grid.send_and_receive`` (used by its strategies) pulls replies
-every 3 s, where Restwise's driver pulls every <= 0.1 s.
+Flower settings: both variants run on the same SuperLink and SuperNodes, started as Restwise
+starts them (``server/deploy.py`` ``flower_env``): the SuperExec looks for a task every 0.25 s
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; Flower's default 1.0 s; ``--superexec-poll`` sets another
+value for the SuperLink and every SuperNode), no telemetry, no update check, no runtime installs.
+
+Flower 1.42 costs that no setting removes (read from its source): an idle SuperNode sleeps 3 s
+between polls of the SuperLink (``start_client_internal.py``, hard-coded), so every stage waits
+up to 3 s for its last device; a ``flwr-clientapp`` process serves one message and exits, with
+or without ``--isolation process`` (``run_clientapp.py``: one task token, one message); the
+SuperNode checks for the ClientApp's reply every 0.5 s; Flower's ``Grid.send_and_receive``
+(used by its strategies, so by ``plain``) pulls replies every 3 s, where Restwise's ServerApp
+pulls every <= 0.1 s.
+
+After the rows: each variant's round split into its stages (restwise: from ``progress.jsonl``;
+the rest is the budget check, ledger entries and checkpoint) and the load average of the
+machine before and after (other work on it slows every variant).
 """
 
 from __future__ import annotations
@@ -94,6 +104,10 @@ class Deployment:
     """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node auth, each node with a store."""
 
     def __init__(self, root: Path, nodes: int, rounds: int, superexec_poll: float | None):
+        env = D.flower_env()  # Restwise's Flower settings, for the SuperLink and every SuperNode
+        if superexec_poll is not None:
+            env[D.SUPEREXEC_TASK_POLL_ENV] = str(superexec_poll)
+        self.task_poll_s = float(env[D.SUPEREXEC_TASK_POLL_ENV])
         self.root, self.n = root, nodes
         self.procs: list[D.ManagedProcess] = []
         t0 = time.perf_counter()
@@ -102,14 +116,12 @@ class Deployment:
         pki = D.make_trial_pki(root / "pki")
         keys = [D.make_node_keys(root / "keys", f"node-{i}") for i in range(nodes)]
         port = D.free_port()
-        self.procs.append(D.start_superlink(D.SuperLinkConfig(port=port, tls=pki, node_auth=True), root / "superlink.log"))
+        self.procs.append(D.start_superlink(D.SuperLinkConfig(port=port, tls=pki, node_auth=True), root / "superlink.log",
+                                            env=env))
         self.conn = D.FlwrConnection(root / "flwr-home", f"127.0.0.1:{port}", root_cert=pki.ca_cert)
         self.superlink, self.ca_cert = f"127.0.0.1:{port}", pki.ca_cert
         for i, key in enumerate(keys):
             D.register_node(self.conn, key.public_key, name=f"node-{i}")
-        env = dict(os.environ)
-        if superexec_poll is not None:
-            env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll)
         for i, key in enumerate(keys):
             cfg = D.SuperNodeConfig(
                 f"127.0.0.1:{port}", root_cert=pki.ca_cert, auth_key=key.private_key, runtime_port=D.free_port(),
@@ -280,13 +292,27 @@ def in_process(root: Path, nodes: int, rounds: int) -> dict[str, list[tuple[floa
     return out
 
 
+def stage_means(variant: str, lines: list[dict]) -> dict[str, float]:
+    """Each stage's mean seconds over rounds 2..R, and what the stages leave of the round."""
+    counted = lines[1:]
+    if variant == "plain":
+        # one message per device: the node's poll, the ClientApp, Flower's 3-s reply poll, FedAvg
+        return {"train (one message per device)": statistics.mean(r["seconds"] for r in counted)}
+    names = list(dict.fromkeys(name for r in counted for name in r.get("stages", {})))
+    out = {name: statistics.mean(r.get("stages", {}).get(name, 0.0) for r in counted) for name in names}
+    out["rest (budget check, ledger, checkpoint)" if variant == "restwise" else "rest"] = statistics.mean(
+        r["seconds"] - sum(r.get("stages", {}).values()) for r in counted)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=4, help="rounds per variant; the first is not counted")
     parser.add_argument("--variants", nargs="*", default=["plain", "restwise"], choices=sorted(VARIANTS))
     parser.add_argument("--superexec-poll", type=float, default=None,
-                        help="FLWR_SUPEREXEC_TASK_POLL_INTERVAL for every SuperNode (Flower's default: 1.0 s)")
+                        help=f"FLWR_SUPEREXEC_TASK_POLL_INTERVAL for the SuperLink and every SuperNode (Restwise's "
+                             f"default: {D.SUPEREXEC_TASK_POLL_S} s; Flower's: 1.0 s)")
     parser.add_argument("--cold-start-repeats", type=int, default=3)
     parser.add_argument("--cold-start-only", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="per variant")
@@ -298,7 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 2 (the first round is not counted)")
     root = Path(tempfile.mkdtemp(prefix="restwise-deploy-bench-")) if args.keep is None else args.keep
     root.mkdir(parents=True, exist_ok=True)
-    poll = "Flower's default 1.0 s" if args.superexec_poll is None else f"{args.superexec_poll} s"
     rows: dict[str, list[dict]] = {}
     deployment = None
     if args.in_process:
@@ -317,9 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if not args.cold_start_only:
+            load_before = os.getloadavg()
             deployment = Deployment(root, args.nodes, args.rounds, args.superexec_poll)
             print(f"SuperLink (TLS, node auth) + {args.nodes} SuperNodes on 127.0.0.1 ready in "
-                  f"{deployment.setup_s:.1f} s; SuperExec task poll {poll}; isolation subprocess (a process per message); "
+                  f"{deployment.setup_s:.1f} s; Flower settings for both variants: SuperExec task poll "
+                  f"{deployment.task_poll_s:g} s, no telemetry, isolation subprocess (a process per message); "
                   f"mean of rounds 2..{args.rounds}")
             for variant in args.variants:
                 rows[variant] = deployment.run(variant, args.rounds, args.timeout)
@@ -332,8 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant == "restwise":
                     note = (f"`restwise server run` (ledger, checkpoint, progress; report after the rounds; "
                             f"{deployment.server_run_s:.0f} s in all); round 1 = setup {lines[0]['seconds']:.1f} s, "
-                            f"then {'/'.join(sorted({str(r.get('mode')) for r in lines[1:]}))} rounds; last round's stages "
-                            f"{json.dumps(lines[-1]['stages'])}"
+                            f"then {'/'.join(sorted({str(r.get('mode')) for r in lines[1:]}))} rounds"
                             + ("; FAILED rounds" if any(r["aborted"] for r in lines) else ""))
                 elif variant == "driver":
                     stages = lines[-1]["stages"]
@@ -350,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
                 if base:
                     verdicts.append(f"<= 1.5 x plain: {sec / base:.2f} x -> " + ("met" if sec / base <= 1.5 else "NOT met"))
                 print("targets: " + "; ".join(verdicts))
+            print(f"\nper stage, s (mean of rounds 2..{args.rounds}):")
+            for variant, lines in rows.items():
+                print(f"{variant:>9}  " + "  ".join(f"{name} {sec:.2f}" for name, sec in stage_means(variant, lines).items()))
+            load_after = os.getloadavg()
+            print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
+                  f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} cores")
         fleet = deployment.fleet if deployment is not None else root / "fleet"
         if deployment is None:
             prepare_fleet(fleet, bench_config(args.nodes, 3), demo_days=90)

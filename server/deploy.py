@@ -494,10 +494,12 @@ FLOWER_SETTINGS: Mapping[str, str] = {
 }
 # How often the SuperExec (of a SuperNode: ClientApps; of the SuperLink: ServerApps) asks its
 # Runtime API for a task to start, in seconds. Flower's default, 1.0 s, is paid on every
-# message a device receives (a fresh ClientApp process each); 0.1 s costs a loopback request
-# every 0.1 s while idle. An FLWR_SUPEREXEC_TASK_POLL_INTERVAL set by the operator is kept.
+# message a device receives (a fresh ClientApp process each; a stage waits for the slowest of
+# its devices: about 0.8 s of 1.0 with four). 0.25 s cuts that to about 0.2 s for about 2 % of
+# a core per idle SuperNode (measured: 0.1 s costs 5 %, 1.0 s under 1 %). An
+# FLWR_SUPEREXEC_TASK_POLL_INTERVAL set by the operator is kept.
 SUPEREXEC_TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_TASK_POLL_S = 0.1
+SUPEREXEC_TASK_POLL_S = 0.25
 
 
 def flower_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
