@@ -178,7 +178,9 @@ class Deployment:
             except OSError:
                 return []
 
-        status = D.wait_for_run(self.conn, run_id, timeout_s=timeout_s, poll_s=5.0, wake=lambda: len(lines()) >= rounds)
+        # `flwr list` (a CPU-second each) when the rounds are written, else every 30 s: the same
+        # as `restwise server run` does for the restwise variant: both variants pay the same for it.
+        status = D.wait_for_run(self.conn, run_id, timeout_s=timeout_s, poll_s=30.0, wake=lambda: len(lines()) >= rounds)
         got = lines()
         if len(got) < rounds:
             raise SystemExit(f"{variant}: the run ended {status.status} after {len(got)} of {rounds} rounds; "
