@@ -422,6 +422,7 @@ def test_device_join_refuses_plaintext_and_checks_the_store(tmp_path, fast_argon
     assert res.exit_code == 2 and "without TLS" in res.output
     res = run(*base, "--insecure", "--dry-run")
     assert res.exit_code == 0 and "--insecure" in res.output
+    assert "FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1" in res.output  # the device's Flower settings
     (tmp_path / "ca.crt").write_text("x")
     res = run(*base, "--root-cert", str(tmp_path / "ca.crt"))  # no store there
     assert res.exit_code == 4 and "no Restwise store" in res.output
@@ -441,6 +442,7 @@ def test_flower_log_is_quiet_unless_verbose(cli, tmp_path, monkeypatch):
     monkeypatch.delenv("FLWR_LOG_LEVEL", raising=False)
     res = cli("server", "superlink", "--insecure", "--no-node-auth", "--dry-run")
     assert res.exit_code == 0 and res.output.startswith("FLWR_LOG_LEVEL=WARNING ")
+    assert "FLWR_TELEMETRY_ENABLED=0 " in res.output and "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=" in res.output
     res = cli("server", "superlink", "--insecure", "--no-node-auth", "--dry-run", "--verbose")
     assert res.exit_code == 0 and "FLWR_LOG_LEVEL" not in res.output
     assert D.flower_log_env({"FLWR_LOG_LEVEL": "DEBUG"}) == {"FLWR_LOG_LEVEL": "DEBUG"}  # an explicit choice is kept
