@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -100,6 +101,52 @@ def write_app(folder: Path, variant: str) -> Path:
     )
 
 
+class CpuMeter:
+    """CPU seconds used by this benchmark's processes, by kind (ClientApps, ServerApp, SuperLink,
+    SuperNodes, SuperExecs, the rest), sampled from /proc every 0.25 s (Linux; elsewhere none).
+    A process's last < 0.25 s before it exits is not seen: ClientApps are slightly undercounted."""
+
+    KINDS = ("flwr-clientapp", "flwr-serverapp", "flower-superlink", "flower-supernode", "flower-superexec")
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self):
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._seen: dict[tuple[int, str], tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            for pid in D.descendant_pids(os.getpid()):
+                try:
+                    with open(f"/proc/{pid}/stat", "rb") as fh:
+                        stat = fh.read()
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                rest = stat[stat.rfind(b")") + 2:].split()
+                kind = next((k for k in self.KINDS if k in cmd), "other (flwr CLI, server run)")
+                self._seen[(pid, rest[19].decode())] = (kind, (int(rest[11]) + int(rest[12])) / self.TICK)
+            totals: dict[str, float] = {}
+            for kind, cpu in self._seen.values():
+                totals[kind] = totals.get(kind, 0.0) + cpu
+            self.samples.append((time.time(), totals))
+
+    def between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds per kind used between two wall-clock times (the nearest samples)."""
+        if not self.samples:
+            return {}
+        a = min(self.samples, key=lambda s: abs(s[0] - start))[1]
+        b = min(self.samples, key=lambda s: abs(s[0] - end))[1]
+        return {k: b.get(k, 0.0) - a.get(k, 0.0) for k in b}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class Deployment:
     """A SuperLink and N SuperNodes on 127.0.0.1, TLS and node auth, each node with a store."""
 
@@ -110,6 +157,7 @@ class Deployment:
         self.task_poll_s = float(env[D.SUPEREXEC_TASK_POLL_ENV])
         self.root, self.n = root, nodes
         self.procs: list[D.ManagedProcess] = []
+        self.windows: dict[str, tuple[float, float]] = {}  # variant -> wall-clock span of rounds 2..R
         t0 = time.perf_counter()
         self.fleet = root / "fleet"
         prepare_fleet(self.fleet, bench_config(nodes, rounds), demo_days=90)
@@ -154,6 +202,9 @@ class Deployment:
             raise SystemExit(f"restwise server run exited {out.returncode} after {len(lines)} of {rounds} rounds: "
                              f"{out.stdout.strip()[-500:]} (progress in {self.root / 'server-run.log'})")
         progress = read_progress(run_dir)
+        last = [p["at"] for p in progress if p["round"] == rounds and p["stage"] == "release"] \
+            or [p["at"] for p in progress if p["round"] == rounds]
+        self.windows["restwise"] = (min(p["at"] for p in progress if p["round"] == 2), max(last))
         for line in lines:
             marks = [p for p in progress if p["round"] == line["round"]]
             starts = [p for i, p in enumerate(marks) if i == 0 or marks[i - 1]["stage"] != p["stage"]]
@@ -182,6 +233,8 @@ class Deployment:
         # as `restwise server run` does for the restwise variant: both variants pay the same for it.
         status = D.wait_for_run(self.conn, run_id, timeout_s=timeout_s, poll_s=30.0, wake=lambda: len(lines()) >= rounds)
         got = lines()
+        if len(got) >= rounds:
+            self.windows[variant] = (got[0]["ended_at"], got[rounds - 1]["ended_at"])
         if len(got) < rounds:
             raise SystemExit(f"{variant}: the run ended {status.status} after {len(got)} of {rounds} rounds; "
                              f"logs in {self.root}")
@@ -345,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.cold_start_only:
             load_before = os.getloadavg()
+            meter = CpuMeter()
             deployment = Deployment(root, args.nodes, args.rounds, args.superexec_poll)
             print(f"SuperLink (TLS, node auth) + {args.nodes} SuperNodes on 127.0.0.1 ready in "
                   f"{deployment.setup_s:.1f} s; Flower settings for both variants: SuperExec task poll "
@@ -381,6 +435,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nper stage, s (mean of rounds 2..{args.rounds}):")
             for variant, lines in rows.items():
                 print(f"{variant:>9}  " + "  ".join(f"{name} {sec:.2f}" for name, sec in stage_means(variant, lines).items()))
+            meter.stop()
+            print(f"\nCPU s per round by process (rounds 2..{args.rounds}; all on this machine's "
+                  f"{os.cpu_count()} cores):")
+            for variant in rows:
+                if variant in deployment.windows:
+                    used = meter.between(*deployment.windows[variant])
+                    print(f"{variant:>9}  " + "  ".join(f"{k} {v / (args.rounds - 1):.1f}"
+                                                        for k, v in sorted(used.items(), key=lambda kv: -kv[1])))
             load_after = os.getloadavg()
             print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
                   f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} cores")

@@ -104,7 +104,8 @@ def _plain_main(grid: Grid, context: Context) -> None:
         start = time.perf_counter()
         result = strategy.start(grid, arrays, num_rounds=1, train_config=train, timeout=float(config.round_timeout_s))
         arrays = result.arrays
-        _write(out, {"variant": "plain", "round": r, "seconds": time.perf_counter() - start, "messages": 1})
+        _write(out, {"variant": "plain", "round": r, "seconds": time.perf_counter() - start, "messages": 1,
+                     "ended_at": time.time()})
 
 
 # -- restwise: the session driver with the release workflow's parameters ------------------------
