@@ -104,7 +104,7 @@ def write_app(folder: Path, variant: str) -> Path:
 class CpuMeter:
     """CPU seconds used by this benchmark's processes, by kind (ClientApps, ServerApp, SuperLink,
     SuperNodes, SuperExecs, the rest), sampled from /proc every 0.25 s (Linux; elsewhere none).
-    A process's last < 0.25 s before it exits is not seen: ClientApps are slightly undercounted."""
+    A process that lives less than 0.25 s may be missed."""
 
     KINDS = ("flwr-clientapp", "flwr-serverapp", "flower-superlink", "flower-supernode", "flower-superexec")
     TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -127,8 +127,12 @@ class CpuMeter:
                 except OSError:
                     continue
                 rest = stat[stat.rfind(b")") + 2:].split()
-                kind = next((k for k in self.KINDS if k in cmd), "other (flwr CLI, server run)")
-                self._seen[(pid, rest[19].decode())] = (kind, (int(rest[11]) + int(rest[12])) / self.TICK)
+                key = (pid, rest[19].decode())
+                # An exited ClientApp stays a zombie (its SuperExec does not wait for it) with an
+                # empty command line but its final CPU times: keep what it was seen as alive.
+                kind = next((k for k in self.KINDS if k in cmd), None) or \
+                    (self._seen[key][0] if key in self._seen else "other (flwr CLI, server run)")
+                self._seen[key] = (kind, (int(rest[11]) + int(rest[12])) / self.TICK)
             totals: dict[str, float] = {}
             for kind, cpu in self._seen.values():
                 totals[kind] = totals.get(kind, 0.0) + cpu
