@@ -39,7 +39,8 @@ training (``_single_thread_torch``), i.e. only in the process that answers a col
 * Consent: ``store.consents(run_id)`` is checked when the device is greeted for a round and
   again before training; a person who opted out (``restwise device consent``) sends only
   ``participate = false``.
-* No metric leaves the device: its training loss (if any) stays on the device (issue 15).
+* No metric leaves the device in the clear (issue 15): a FedAvg architecture carries the
+  training loss as one more value of the clipped, noised, masked vector (``models/loss_slot.py``).
 * A delivered model (``adopt_model``) is kept only when its arrays hash to the hash the
   release's ledger entry names, the person consents to the run and the architecture accepts
   it (its feature spec); the person's own part (scale, threshold) stays as it was.
@@ -173,8 +174,9 @@ def local_update(store: DeviceStore, global_arrays: list[np.ndarray], params: Co
                  round_: int) -> tuple[np.ndarray, float]:
     """Train on this person's data from the global shared part (the architecture the train
     message names), or compute its statistics; keep the model, personal part included, in
-    the encrypted store; return (the raw vector to share, mean training loss - which stays on
-    the device)."""
+    the encrypted store; return (the raw vector to share, mean training loss - which never
+    leaves the device on its own: a FedAvg architecture carries it inside the vector, within the
+    round's clip norm ``clip_norm`` of the train message, see ``models/loss_slot.py``)."""
     architecture = get_architecture(str(params["model"]))
     if architecture.protocol == FEDAVG:
         _single_thread_torch()  # one-release models compute statistics with numpy: torch is not loaded
@@ -185,6 +187,7 @@ def local_update(store: DeviceStore, global_arrays: list[np.ndarray], params: Co
     training = LocalTraining(
         epochs=int(params["local_epochs"]), learning_rate=float(params["learning_rate"]),
         batch_size=int(params["batch_size"]), seed=round_seed(int(params["seed"]), round_),
+        clip_norm=float(params["clip_norm"]) if "clip_norm" in params else None,
     )
     contribution = architecture.contribute(str(params["model_config"]), global_arrays, examples, training,
                                            None if stored is None else stored[0])

@@ -225,6 +225,9 @@ class LinearHeadArchitecture:
     def apply_release(self, model_config: str, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
         return HEAD.solve(model_config, released)
 
+    def release_metrics(self, model_config: str, released: ReleasedSum) -> dict[str, float]:
+        return {}  # one release of statistics: no rounds, no training loss
+
     def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
         weights, model_hash, cfg = HEAD.delivered(model_config, shared)
         return HeadState(self.stored_state(state).personal, weights, model_hash, cfg["prior_sha256"]).to_bytes()

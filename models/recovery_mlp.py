@@ -4,7 +4,10 @@ leaves the device.
 
 Features: the model features of ``models/features.py`` (z-scored against the person's own
 past), over a window of 7 days. The server sends the :class:`~restwise.models.network.ModelConfig`
-as JSON; the device keeps its whole model (``network.model_to_bytes``) in its store under
+as JSON, with the loss slot's constants (``"loss_slot"``: beta, max_loss; ``models/loss_slot.py``):
+a device's vector is its update, bounded by C sqrt(1 - beta^2), and one value carrying its
+training loss, so the round's mean training loss is released with the model (``release_metrics``)
+at no extra epsilon and no device's loss is ever sent on its own. The device keeps its whole model (``network.model_to_bytes``) in its store under
 ``recovery_model``, the slot the coach reads.
 
 torch is imported only where a network is built or trained: naming, validating and planning a
@@ -20,6 +23,7 @@ import numpy as np
 
 from restwise.common.errors import ModelError
 from restwise.models.features import DailyData, Examples, compute_features, make_examples, model_feature_names
+from restwise.models.loss_slot import LossSlot, split_loss_slot, with_loss_slot
 from restwise.models.registry import (
     FEDAVG,
     READINESS,
@@ -35,6 +39,7 @@ STATE_NAME = "recovery_model"  # the device store's slot for the person's model 
 WINDOW = 7
 MIN_EXAMPLES = 14  # days with a next-day readiness answer a device needs to train
 HIDDEN = (32, 16)  # network.ModelConfig's default hidden layers (a test checks they agree)
+LOSS_SLOT = LossSlot()  # the constants a new run records in its model configuration
 
 
 def shared_parameter_count(n_features: int, window: int = WINDOW, hidden: tuple[int, ...] = HIDDEN) -> int:
@@ -68,25 +73,32 @@ class RecoveryMLP:
     def model_config(self, seed: int) -> str:
         from restwise.models.network import ModelConfig  # torch: only when a model is configured
 
-        return ModelConfig(n_features=len(model_feature_names()), window=self.window, seed=int(seed) % (2**31)).to_json()
+        network = ModelConfig(n_features=len(model_feature_names()), window=self.window, seed=int(seed) % (2**31))
+        return with_loss_slot(network.to_json(), LOSS_SLOT)
 
     def initial_shared(self, model_config: str) -> list[np.ndarray]:
         from restwise.models.network import ModelConfig, build_model, shared_arrays  # torch, see above
 
-        return [a.astype(np.float32) for a in shared_arrays(build_model(ModelConfig.from_json(model_config)))]
+        network, _ = split_loss_slot(model_config)
+        return [a.astype(np.float32) for a in shared_arrays(build_model(ModelConfig.from_json(network)))]
 
     def contribution_size(self, shared: list[np.ndarray]) -> int:
-        return fedavg_contribution_size(shared)
+        return fedavg_contribution_size(shared) + 1  # the loss slot
 
     def contribute(self, model_config: str, shared: list[np.ndarray], examples: Examples,
                    training: LocalTraining, state: bytes | None) -> Contribution:
         """Train from the global shared part, keeping the person's personal part from earlier
-        rounds when their stored model has this configuration."""
+        rounds when their stored model has this configuration; the vector is the update
+        (bounded by C sqrt(1 - beta^2)) and the loss slot. ModelError when the round names no
+        clip norm (the slot is sized by it)."""
         # torch, see above
         from restwise.models.network import ModelConfig, build_model, model_from_bytes, model_to_bytes
         from restwise.models.training import federated_update
 
-        cfg = ModelConfig.from_json(model_config)
+        network, slot = split_loss_slot(model_config)
+        if training.clip_norm is None:
+            raise ModelError("the round names no clip norm: the loss slot cannot be sized")
+        cfg = ModelConfig.from_json(network)
         model = None
         if state is not None:
             try:
@@ -98,10 +110,21 @@ class RecoveryMLP:
             model = build_model(cfg)
         vector, loss = federated_update(model, shared, examples, epochs=training.epochs, lr=training.learning_rate,
                                         batch_size=training.batch_size, seed=training.seed)
-        return Contribution(vector, loss, model_to_bytes(model))
+        return Contribution(slot.append(vector, loss, training.clip_norm), loss, model_to_bytes(model))
 
     def apply_release(self, model_config: str, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
-        return fedavg_apply(shared, released.total, released.divisor)
+        """FedAvg of the update part; the last value (the loss slot) is not the model's."""
+        return fedavg_apply(shared, np.asarray(released.total)[:-1], released.divisor)
+
+    def release_metrics(self, model_config: str, released: ReleasedSum) -> dict[str, float]:
+        """The survivors' mean training loss (capped at the slot's max_loss) and its noise std,
+        from the loss slot of the released sum; {} without the run's clip norm."""
+        if released.clip_norm is None:
+            return {}
+        _, slot = split_loss_slot(model_config)
+        estimate = slot.decode(float(np.asarray(released.total)[-1]), released.survivors, released.noise_std,
+                               released.clip_norm)
+        return {"train_loss": estimate.mean, "train_loss_std": estimate.std}
 
     def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
         raise ModelError("recovery-mlp devices keep the model they trained; nothing is delivered")
@@ -122,4 +145,4 @@ class RecoveryMLP:
 
 ARCHITECTURE = RecoveryMLP()
 
-__all__ = ["RecoveryMLP", "ARCHITECTURE", "NAME", "STATE_NAME", "WINDOW", "MIN_EXAMPLES", "shared_parameter_count"]
+__all__ = ["RecoveryMLP", "ARCHITECTURE", "NAME", "STATE_NAME", "WINDOW", "MIN_EXAMPLES", "LOSS_SLOT", "shared_parameter_count"]

@@ -22,7 +22,10 @@ An architecture knows everything the federation needs about a model, so nothing 
     shared arrays (its personal part stays on the device) and returns the raw change of the
     shared arrays (``contribution_size``: their number of values); the server's
     ``apply_release`` adds the released (clipped, noised, securely summed) changes divided by
-    the expected cohort (:func:`fedavg_apply`).
+    the expected cohort (:func:`fedavg_apply`). A FedAvg architecture may carry the device's
+    training loss inside the vector (``models/loss_slot.py``: one more value, within the clip
+    norm ``LocalTraining.clip_norm``); ``release_metrics`` then decodes the round's mean loss
+    from the released sum - a DP release, never one device's loss.
   - ``ONE_RELEASE``: one release of bounded statistics (the run has exactly one round).
     ``contribute`` returns a device's statistics vector of ``contribution_size`` values (e.g.
     XᵀX/m and Xᵀy/m), whose L2 norm the architecture bounds by ``l2_sensitivity``
@@ -93,6 +96,7 @@ class LocalTraining:
     learning_rate: float
     batch_size: int
     seed: int  # this round's seed (round_seed)
+    clip_norm: float | None = None  # the round's C (what the DP mod clips to), when the server names it
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class ReleasedSum:
     survivors: int  # how many devices' vectors the sum holds
     noise_std: float  # std per coordinate of all the noise in ``total`` (what a solve should expect)
     divisor: float  # the expected cohort: FedAvg's fixed denominator
+    clip_norm: float | None = None  # the run's C (a loss slot is decoded with it)
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class Contribution:
     """What a device computed in one round."""
 
     vector: np.ndarray  # what it shares: raw (the DP mod clips and noises it, SecAgg masks it)
-    loss: float  # its mean training loss (NaN when there is none); stays on the device
+    loss: float  # its mean training loss (NaN when there is none); never sent on its own
     state: bytes  # its whole model afterwards (personal part included), kept in its store
 
 
@@ -141,6 +146,11 @@ class Architecture(Protocol):
 
     def apply_release(self, model_config: str, shared: list[np.ndarray],
                       released: ReleasedSum) -> list[np.ndarray]: ...
+
+    def release_metrics(self, model_config: str, released: ReleasedSum) -> dict[str, float]:
+        """What the released sum says besides the model, e.g. ``train_loss`` and
+        ``train_loss_std`` (the round's mean training loss from a loss slot and its noise
+        std); {} when the vector carries nothing else."""
 
     def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
         """On the device: its model state holding the delivered shared arrays (its personal

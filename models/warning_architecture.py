@@ -147,6 +147,9 @@ class WarningArchitecture:
     def apply_release(self, model_config: str, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
         return WARNING_MODEL.solve(model_config, released)
 
+    def release_metrics(self, model_config: str, released: ReleasedSum) -> dict[str, float]:
+        return {}  # one release of statistics: no rounds, no training loss
+
     def adopt(self, model_config: str, shared: list[np.ndarray], state: bytes | None) -> bytes:
         weights, model_hash, _ = WARNING_MODEL.delivered(model_config, shared)
         return WarningState(self.stored_state(state).personal, weights, model_hash).to_bytes()

@@ -49,8 +49,12 @@ device in one message (``deliver``: the arrays, the model configuration, the mod
 release's ledger entry); each device checks the hash, keeps the model with its own personal
 part and replies with an empty message, so the server learns nothing it did not know (which
 devices are connected). ``state.json`` records ``delivered``. No per-device metric is
-collected: a round's ``train_loss`` is null ("not collected") until secure aggregation sums a
-loss slot inside the masked vector.
+collected: a FedAvg architecture carries each device's training loss as one value of the
+clipped, noised, securely summed vector (``models/loss_slot.py``), and a round's ``train_loss``
+and ``train_loss_std`` are the survivors' mean decoded from the released sum
+(``architecture.release_metrics``; null for a model without one). After each round the
+released losses are tested for a rise (``server/loss_trend.py``); the first rise found is one
+``loss-rising`` warning in the run's events (``rundir.append_event``).
 
 Privacy analysis: ``privacy/release.py`` and docs/federated.md. Sampling randomness comes from
 the OS (``secrets``), never from the run's seed. The survivor count is released (ledger, round
@@ -84,8 +88,9 @@ from restwise.privacy.release import MIN_COHORT, ReleaseWorkflow, plan_release
 from restwise.privacy.secagg.errors import SecAggConfigError
 from restwise.privacy.secagg.workflow import SecAggSession
 from restwise.server.errors import PlanError
-from restwise.server.rundir import (Checkpoint, RunFiles, RunnerLock, append_progress, crash_point, finish_failed,
-                                     finish_run, note_interruption, open_ledger)
+from restwise.server.loss_trend import LOSS_RISING, loss_points, loss_rise
+from restwise.server.rundir import (Checkpoint, RunFiles, RunnerLock, append_event, append_progress, crash_point,
+                                     finish_failed, finish_run, note_interruption, open_ledger, read_events)
 from restwise.server.runconfig import RunConfig
 
 _log = logging.getLogger(__name__)
@@ -172,7 +177,8 @@ class RoundOutcome:
     participants: int = 0
     survived: int = 0
     dropped: int = 0
-    train_loss: float | None = None  # None: not collected (no per-device metric leaves a device)
+    train_loss: float | None = None  # the survivors' mean, released (loss slot); None: the model carries none
+    train_loss_std: float | None = None  # its noise std
     spent: bool = False  # the release is in the ledger (written ahead) whether or not it was applied
     mode: str | None = None  # the secure round: setup | fast
     epsilon: float | None = None  # against the server, which drew each cohort (no amplification)
@@ -317,6 +323,7 @@ class FederatedServer:
             outcome, ckpt = self.run_round(grid, rnd, ckpt)
             self.outcomes.append(outcome)
             self.files.append_round(outcome.line())
+            self.watch_loss(rnd)
             if outcome.status == "refused":
                 status, reason = "refused", outcome.reason
                 break
@@ -432,7 +439,7 @@ class FederatedServer:
         outcome.epsilon = release.accounting.epsilon
         outcome.epsilon_amplified = self.release.epsilon_amplified()
         outcome.noise_multiplier_effective, outcome.noise_std_total = release.noise_multiplier_effective, release.noise_std
-        outcome.train_loss = release.metrics.get("train_loss")
+        outcome.train_loss, outcome.train_loss_std = new_ckpt.meta.get("train_loss"), new_ckpt.meta.get("train_loss_std")
         outcome.seconds = time.perf_counter() - started
         _log.info("round %d released: %d of %d sampled survived, epsilon %.4g", rnd, release.survivors, len(cohort), outcome.epsilon)
         return outcome, new_ckpt
@@ -454,9 +461,24 @@ class FederatedServer:
         """The model after a release: the architecture turns the released sum into shared
         arrays (FedAvg: divided by the expected cohort, a fixed denominator; statistics: the
         solve with the sum's known noise)."""
-        released = ReleasedSum(total, survivors, noise_std, max(self.config.expected_cohort, 1.0))
+        released = ReleasedSum(total, survivors, noise_std, max(self.config.expected_cohort, 1.0), self.config.sensitivity)
         arrays = self.architecture.apply_release(ckpt.model_config, ckpt.arrays, released)
-        return Checkpoint(rnd, arrays, ckpt.model, ckpt.model_config, {"run_id": self.run_id})
+        metrics = self.architecture.release_metrics(ckpt.model_config, released)  # released aggregates only
+        return Checkpoint(rnd, arrays, ckpt.model, ckpt.model_config, {"run_id": self.run_id, **metrics})
+
+    def watch_loss(self, rnd: int) -> None:
+        """After round ``rnd``: the first significant rise of the released training loss is one
+        ``loss-rising`` warning in the run's events (logged too). An events file that cannot be
+        written is logged and does not stop the run."""
+        rise = loss_rise(loss_points(self.files.round_lines()))
+        if rise is None or any(e["kind"] == LOSS_RISING for e in read_events(self.files.run_dir)):
+            return
+        _log.warning("run %s: %s", self.run_id, rise.message())
+        try:
+            append_event(self.files.run_dir, LOSS_RISING, rnd=rnd, level="warning", message=rise.message(),
+                         details=rise.details())
+        except OSError as exc:
+            _log.warning("the events file of run %s cannot be written (%s)", self.run_id, exc.strerror)
 
     # -- the released model to the devices ------------------------------------------------
     def deliver(self, grid: Grid, ckpt: Checkpoint) -> dict[str, Any]:
@@ -508,6 +530,8 @@ class FederatedServer:
                         "model": ckpt.model, "model_config": ckpt.model_config, "local_epochs": cfg.local_epochs,
                         "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
                         "seed": int(cfg.seed % (2**31)),
+                        # C: what the DP mod clips to; a loss slot inside the vector is sized by it
+                        "clip_norm": float(params.clip_norm if params is not None else cfg.sensitivity),
                     }
                 ),
             }
@@ -533,11 +557,14 @@ class FederatedServer:
         if not vectors:
             return self._fail(outcome, ckpt, "no device replied", started)
         # The plain mean of the replies (the sum over as many as replied; no noise).
-        released = ReleasedSum(np.sum(np.stack(vectors), axis=0), len(vectors), 0.0, float(len(vectors)))
+        released = ReleasedSum(np.sum(np.stack(vectors), axis=0), len(vectors), 0.0, float(len(vectors)),
+                               self.config.sensitivity)
         new_arrays = self.architecture.apply_release(ckpt.model_config, ckpt.arrays, released)
-        new_ckpt = Checkpoint(rnd, new_arrays, ckpt.model, ckpt.model_config, {})
+        metrics = self.architecture.release_metrics(ckpt.model_config, released)
+        new_ckpt = Checkpoint(rnd, new_arrays, ckpt.model, ckpt.model_config, metrics)
         atomic_write_bytes(self.files.checkpoint, new_ckpt.to_bytes())
         outcome.status, outcome.survived = "released", len(vectors)
+        outcome.train_loss, outcome.train_loss_std = metrics.get("train_loss"), metrics.get("train_loss_std")
         outcome.dropped = len(cohort) - len(vectors)
         outcome.seconds = time.perf_counter() - started
         return outcome, new_ckpt

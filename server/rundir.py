@@ -8,11 +8,17 @@ it. Every JSON file is replaced atomically::
                          {"round", "model_hash", "devices", "connected", "seconds"} once a
                          model computed on the server went to the devices}
     DIR/rounds.jsonl    one line per round: round, attempt, status (completed|failed|refused),
-                        sampled, participants, survived, dropped, train_loss (null: not
-                        collected - no per-device metric leaves a device), epsilon (against
-                        the server: no amplification by sampling claimed), epsilon_amplified
-                        (third parties who see only the model), delta, noise_multiplier_effective,
+                        sampled, participants, survived, dropped, train_loss and
+                        train_loss_std (the survivors' mean training loss as a DP release
+                        from the loss slot of the securely summed vector, and its noise std;
+                        null when the model carries none - never one device's loss), epsilon
+                        (against the server: no amplification by sampling claimed),
+                        epsilon_amplified (third parties who see only the model), delta,
+                        noise_multiplier_effective,
                         noise_std_total, reason, seconds
+    DIR/events.jsonl    run events for operators, appended (append_event, at the end of this
+                        module): e.g. ``loss-rising``, the warning that the training loss rises
+                        over several rounds (server/loss_trend.py)
     DIR/ledger.jsonl    the run's signed privacy ledger (restwise.privacy.ledger); audit key
                         from config.audit_key_path or DIR/../audit_key.pem (created 0600 if
                         absent); DIR/public_key.pem its public half
@@ -61,6 +67,7 @@ import numpy as np
 
 from restwise.common.arrays import arrays_sha256
 from restwise.common.fsutil import atomic_write_bytes
+from restwise.models.loss_slot import recorded_loss_slot
 from restwise.models.registry import DEFAULT_MODEL, ONE_RELEASE
 from restwise.privacy.errors import LedgerError
 from restwise.privacy.ledger import PrivacyLedger, export_public_key, load_or_create_audit_key, parse_ledger_bytes
@@ -232,6 +239,15 @@ def model_section(run_dir: Path) -> dict[str, Any] | None:
         ckpt = Checkpoint.from_bytes(blob)
         out.update(released_model_hash=ckpt.model_hash(), shared_numbers=int(sum(np.asarray(a).size for a in ckpt.arrays)),
                    checkpoint_sha256=hashlib.sha256(blob).hexdigest(), rounds_completed=ckpt.round)
+        slot = recorded_loss_slot(ckpt.model_config)
+        if slot is not None:
+            out["training_loss"] = ("each round's mean over its survivors, released from a loss slot inside the clipped, "
+                                    "noised, securely summed vector (no extra epsilon; no device's loss is sent): "
+                                    "rounds.jsonl train_loss, train_loss_std")
+            out["loss_slot"] = slot.to_dict()
+    warnings = [e["message"] for e in read_events(run_dir) if e["level"] == "warning"]
+    if warnings:
+        out["warnings"] = warnings
     delivered = state.get("delivered")
     if architecture.delivers_model:
         out["delivered"] = delivered if isinstance(delivered, dict) else "not delivered"
@@ -580,3 +596,64 @@ def read_progress(run_dir: str | os.PathLike, *, last: int | None = None) -> lis
 
 
 __all__ += ["PROGRESS_FILE", "append_progress", "read_progress"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run events: DIR/events.jsonl, what an operator should be told about a run besides its rounds
+# (issue 14 item 7). Appended by the ServerApp, read by `restwise server run` / `runs show`
+# (server/progress.py), the service's API (`events` of GET /api/v1/runs/{id}) and the dashboard.
+#
+#     {"v": 1, "at": 1733312345.12, "round": 9, "kind": "loss-rising", "level": "warning",
+#      "message": "training loss rising over rounds 3-9: ...", "details": {...}}
+#
+#   kind      [a-z][a-z0-9-]{0,39} (loss-rising: server/loss_trend.py)
+#   level     info | warning
+#   message   one line for people
+#   details   numbers behind it (released aggregates only: never a device's value)
+EVENTS_FILE = "events.jsonl"
+EVENTS_VERSION = 1
+EVENT_LEVELS = ("info", "warning")
+
+
+def append_event(run_dir: str | os.PathLike, kind: str, *, rnd: int, level: str, message: str,
+                 details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Append one event to ``run_dir/events.jsonl`` and return it (ValueError for a kind or
+    level outside the format, OSError when the file cannot be written)."""
+    if not _progress_stage(kind):
+        raise ValueError(f"event kind must be [a-z][a-z0-9-]{{0,39}}, got {kind!r}")
+    if level not in EVENT_LEVELS:
+        raise ValueError(f"event level must be one of {', '.join(EVENT_LEVELS)}")
+    record = {"v": EVENTS_VERSION, "at": round(time.time(), 3), "round": _progress_count("round", rnd), "kind": kind,
+              "level": level, "message": str(message)[:500], "details": dict(details or {})}
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(Path(run_dir) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+    return record
+
+
+def read_events(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The run's events, oldest first ([] without an events file; lines not in the format, or
+    a last line still being written, are skipped)."""
+    try:
+        data = (Path(run_dir) / EVENTS_FILE).read_bytes()
+    except OSError:
+        return []
+    out = []
+    for raw in data.split(b"\n")[:-1]:
+        try:
+            item = json.loads(raw)
+        except ValueError:
+            continue
+        if (isinstance(item, dict) and item.get("v") == EVENTS_VERSION and _progress_stage(item.get("kind"))
+                and item.get("level") in EVENT_LEVELS and isinstance(item.get("message"), str)
+                and isinstance(item.get("round"), int) and not isinstance(item.get("round"), bool)):
+            out.append({"at": item.get("at"), "round": item["round"], "kind": item["kind"], "level": item["level"],
+                        "message": item["message"],
+                        "details": item["details"] if isinstance(item.get("details"), dict) else {}})
+    return out
+
+
+__all__ += ["EVENTS_FILE", "EVENT_LEVELS", "append_event", "read_events"]

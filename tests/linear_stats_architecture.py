@@ -78,6 +78,9 @@ class LinearStats:
     def apply_release(self, model_config, shared, released: ReleasedSum):
         return [solve(np.asarray(released.total, dtype=np.float64) / released.divisor).astype(np.float32)]
 
+    def release_metrics(self, model_config, released: ReleasedSum):
+        return {}
+
     def adopt(self, model_config, shared, state):
         return json.dumps({"weights": [float(w) for w in shared[0]]}).encode()
 
