@@ -19,6 +19,7 @@ from flwr.app import Array, Context, RecordDict
 import restwise.client.app as client_app_module
 from restwise.client.app import DeviceLocation, DeviceLocator, SIM_KEYSTORE_DIR, device_folder_name, make_client_app, open_device_store
 from restwise.client.dataset import daily_data
+from restwise.models.recovery_mlp import LOSS_SLOT
 from restwise.privacy.accountant import PrivacyAccountant
 from restwise.privacy.dp_mods import clip_update
 from restwise.privacy.events import AuditEvent, BudgetRefusalEvent, GaussianRoundEvent
@@ -148,8 +149,13 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
     assert lines[1]["epsilon"] == pytest.approx(acc.epsilon(releases, 1e-3).epsilon)
     assert lines[1]["epsilon"] > lines[0]["epsilon"] > 0
     assert summary.epsilon == pytest.approx(lines[1]["epsilon"])
-    # No per-device metric leaves a device (issue 15): the round's training loss is not collected.
-    assert all(l["train_loss"] is None for l in lines)
+    # No per-device metric leaves a device (issue 15): the round's training loss is the
+    # survivors' mean from the loss slot of the released sum, with its noise std (z C sqrt(8/5)
+    # of the whole sum, scaled by L / (2 beta C m)).
+    slot = LOSS_SLOT
+    for l in lines:
+        assert math.isfinite(l["train_loss"])
+        assert l["train_loss_std"] == pytest.approx(math.sqrt(8 / 5) * slot.max_loss / (2 * slot.beta * 8))
     # The ledger is hash-chained and signed by the server's audit key: the forced plan, then
     # per round the release (spent, before any unmasking share) and its model (applied).
     entries, verification = verify_ledger_file(fed.run_dir / "ledger.jsonl", load_public_key(fed.run_dir / "public_key.pem"))
@@ -233,11 +239,43 @@ def test_nan_and_huge_updates_cannot_move_the_aggregate_beyond_the_clip_bound(tm
     (release,) = [e for e in fed.ledger_events() if isinstance(e, GaussianRoundEvent)]
     assert release.survivors == 7  # the NaN device refused on the device and was excluded
     total = (_flat(fed.checkpoint()) - before) * cfg.expected_cohort
-    honest_sum = sum(clip_update(v, cfg.clip_norm)[0] for v in honest.values())
+    honest_sum = sum(clip_update(v, cfg.clip_norm)[0][:-1] for v in honest.values())  # [:-1]: not the loss slot
     intruder = total - honest_sum
     # The huge device moved the sum by exactly its clipped contribution: norm <= C.
     assert np.linalg.norm(intruder) <= cfg.clip_norm * (1 + 1e-3) + 1e-4
     assert np.linalg.norm(intruder) > 0.9 * cfg.clip_norm
+
+
+def test_the_released_training_loss_is_the_survivors_mean_loss_and_no_vector_exceeds_c(tmp_path, template_fleet,
+                                                                                       monkeypatch):
+    # Real secure aggregation of 8 devices, noise-free devices (zero-noise generator): the loss
+    # decoded from the released sum's slot equals the mean of the devices' own losses (to the
+    # fixed-point encoding), although no device sent its loss; every shared vector has norm <= C.
+    class ZeroNoise:
+        def normal(self, loc, scale, size):
+            return np.zeros(size)
+
+    cfg = _config(rounds=1, population=8, clip_norm=0.5)
+    fed = Federation(tmp_path, template_fleet, cfg, dp_rng_factory=ZeroNoise)
+    losses, norms = [], []
+    real_update = client_app_module.local_update
+
+    def recording_update(store, *args, **kwargs):
+        vector, loss = real_update(store, *args, **kwargs)
+        losses.append(loss)
+        norms.append(float(np.linalg.norm(vector)))
+        return vector, loss
+
+    monkeypatch.setattr(client_app_module, "local_update", recording_update)
+    assert fed.run().status == "completed"
+    (line,) = fed.files.round_lines()
+    assert len(losses) == line["survived"] == 8
+    assert max(norms) <= cfg.clip_norm and max(norms) > 0.9 * cfg.clip_norm  # updates are clipped: the slot fits
+    expected = float(np.mean(np.clip(losses, 0.0, LOSS_SLOT.max_loss)))
+    assert 0.05 < expected < LOSS_SLOT.max_loss
+    assert line["train_loss"] == pytest.approx(expected, abs=1e-5)
+    assert line["train_loss_std"] > 0  # the std of the noise the run accounts, whatever this test's devices drew
+    assert fed.checkpoint().meta["train_loss"] == line["train_loss"]
 
 
 def test_a_round_losing_more_than_the_threshold_fails_cleanly(tmp_path, template_fleet, monkeypatch):
