@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from restwise.server import auth as authm
 from restwise.server.auth import SESSION_COOKIE
 from restwise.server.errors import ProblemError
+from restwise.server.rundir import read_events
 from restwise.server.runs import RUN_ID_RE, read_jsonl
 from restwise.server.runstatus import ACTIVE_STATUSES
 
@@ -370,6 +371,7 @@ def install(app: FastAPI, ctx: Any, principal: Callable) -> None:
             budget=budget,
             summary=summary,
             has_report=(run_dir / "report.json").is_file(),
+            events=read_events(run_dir),
             refresh=run["status"] in ACTIVE_STATUSES,
             config_json=json.dumps(run["config"], indent=2, sort_keys=True),
             **common(request, who),

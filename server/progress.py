@@ -12,6 +12,7 @@ a :class:`ProgressReporter` turns successive views into lines on a rich console:
 * on a terminal, a spinner with the current stage, its counts and the seconds spent in it,
   redrawn continuously; elsewhere (a log file, a pipe) a heartbeat line whenever nothing was
   printed for ``heartbeat_s`` seconds;
+* one line per run event (``events.jsonl``, e.g. the ``loss-rising`` warning), when it appears;
 * :func:`outcome_line`: the final outcome in one line.
 
 Used by ``restwise server run`` (deployment), ``restwise server runs show --watch`` (the
@@ -30,7 +31,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from restwise.server.errors import RunFilesError
-from restwise.server.rundir import RunFiles, read_progress
+from restwise.server.rundir import RunFiles, read_events, read_progress
 from restwise.server.runstatus import TERMINAL_STATUSES
 
 HEARTBEAT_S = 5.0
@@ -48,6 +49,7 @@ class RunView:
     rounds          one dict per finished round (rounds.jsonl): round, status, sampled,
                     survived, dropped, epsilon, delta, reason, seconds
     stage           the last progress line (``rundir.read_progress``), or None
+    events          the run's events (``rundir.read_events``): round, kind, level, message
     """
 
     status: str | None = None
@@ -55,6 +57,7 @@ class RunView:
     planned_rounds: int | None = None
     rounds: tuple[Mapping[str, Any], ...] = ()
     stage: Mapping[str, Any] | None = None
+    events: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -86,6 +89,7 @@ class RunView:
             planned_rounds=planned_rounds,
             rounds=tuple(files.round_lines()),
             stage=latest[-1] if latest else None,
+            events=tuple(read_events(run_dir)),
         )
 
     @classmethod
@@ -98,6 +102,7 @@ class RunView:
             planned_rounds=run.get("planned_rounds"),
             rounds=tuple(run.get("rounds") or ()),
             stage=run.get("progress"),
+            events=tuple(run.get("events") or ()),
         )
 
 
@@ -126,10 +131,19 @@ def round_line(rec: Mapping[str, Any], planned: int | None) -> str:
     head = f"round {_of(rec.get('round'), planned)}"
     took = f" ({rec['seconds']:.1f} s)" if isinstance(rec.get("seconds"), (int, float)) and rec["seconds"] > 0 else ""
     if status in RELEASED:
+        loss, std = rec.get("train_loss"), rec.get("train_loss_std")
+        shown = ""
+        if isinstance(loss, (int, float)):  # the survivors' mean, a DP release (loss slot)
+            shown = f", training loss {loss:.3g}" + (f" ± {std:.2g}" if isinstance(std, (int, float)) and std > 0 else "")
         return (f"{head} released: {rec.get('sampled')} sampled, {rec.get('survived')} survived, "
-                f"ε = {_fmt_eps(rec.get('epsilon'))}{took}")
+                f"ε = {_fmt_eps(rec.get('epsilon'))}{shown}{took}")
     reason = f": {rec['reason']}" if rec.get("reason") else ""
     return f"{head} {status or 'ended'}{reason}{took}"
+
+
+def event_line(event: Mapping[str, Any], planned: int | None) -> str:
+    """One run event: ``warning (round 9/20): training loss rising over rounds 3-9: ...``."""
+    return f"{event.get('level', 'info')} (round {_of(event.get('round'), planned)}): {event.get('message')}"
 
 
 def stage_text(stage: Mapping[str, Any], planned: int | None) -> str:
@@ -168,6 +182,10 @@ def outcome_line(view: RunView, elapsed_s: float | None = None, *, name: str | N
         line += f", in {_duration(elapsed_s)}"
     if view.status != "completed" and view.reason:
         line += f" ({view.reason})"
+    warnings = [e for e in view.events if e.get("level") == "warning"]
+    if warnings:
+        line += f"; {len(warnings)} warning{'s' if len(warnings) > 1 else ''}: " + "; ".join(
+            str(e.get("kind")) for e in warnings)
     return line
 
 
@@ -187,6 +205,7 @@ class ProgressReporter:
     _stage_key: tuple | None = field(init=False, default=None)
     _stage_since: float = field(init=False)
     _rounds_seen: int = field(init=False, default=0)
+    _events_seen: int = field(init=False, default=0)
     _status: str | None = field(init=False, default=None)
     _view: RunView = field(init=False, default_factory=RunView)
     _spinner: Any = field(init=False, default=None)
@@ -227,6 +246,9 @@ class ProgressReporter:
             self.say(round_line(rec, view.planned_rounds))
             self._stage_since = now
         self._rounds_seen = max(self._rounds_seen, len(view.rounds))
+        for event in view.events[self._events_seen:]:
+            self.say(event_line(event, view.planned_rounds))
+        self._events_seen = max(self._events_seen, len(view.events))
         stage = view.stage
         key = (stage.get("round"), stage.get("attempt"), stage.get("stage")) if stage else None
         if key is not None and key != self._stage_key and not view.finished:
@@ -287,5 +309,6 @@ def watch_run_dir(
 
 
 __all__ = [
-    "RunView", "ProgressReporter", "watch_run_dir", "outcome_line", "round_line", "stage_text", "HEARTBEAT_S",
+    "RunView", "ProgressReporter", "watch_run_dir", "outcome_line", "round_line", "stage_text", "event_line",
+    "HEARTBEAT_S",
 ]

@@ -69,7 +69,7 @@ from restwise.server.errors import (
     RunStateError,
 )
 from restwise.server.runconfig import KNOWN_DATASETS, RunConfig
-from restwise.server.rundir import read_progress
+from restwise.server.rundir import read_events, read_progress
 from restwise.server.runstatus import STATUSES, TERMINAL_STATUSES
 
 API = "/api/v1"
@@ -256,9 +256,22 @@ class ProgressOut(BaseModel):
     dropped: int | None
 
 
+class RunEventOut(BaseModel):
+    """Something an operator should know about the run (its events file, server/rundir.py),
+    e.g. kind ``loss-rising``: the released training loss rises over several rounds."""
+
+    at: float | None
+    round: int
+    kind: str
+    level: str
+    message: str
+    details: dict[str, Any]
+
+
 class RunDetailOut(RunOut):
     rounds: list[RoundOut]
     progress: ProgressOut | None = None
+    events: list[RunEventOut] = []
 
 
 class WhoAmI(BaseModel):
@@ -832,6 +845,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
         run["rounds"] = ctx.runs.rounds(run_id)
         latest = read_progress(ctx.runs.run_dir(run_id), last=1)
         run["progress"] = latest[-1] if latest and run["status"] in ("pending", "running") else None
+        run["events"] = read_events(ctx.runs.run_dir(run_id))
         return run
 
     @app.post(f"{API}/runs/{{run_id}}/start", response_model=RunOut, tags=["runs"], responses=write_problems)

@@ -125,6 +125,8 @@ def _print_run(run: dict) -> None:
             f"  round {rnd['round']:>3}: sampled {rnd.get('sampled')}, survived {rnd.get('survived')}, "
             f"loss {'not collected' if loss is None else f'{loss:.4f}'}, ε against the server {'—' if eps is None else f'{eps:.4g}'}"
         )
+    for event in run.get("events", []):
+        typer.echo(f"  {event['level']} (round {event['round']}): {event['message']}")
 
 
 def register(app: typer.Typer) -> None:
