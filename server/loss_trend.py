@@ -60,7 +60,7 @@ class LossRise:
         return math.inf if self.slope_se == 0 else self.slope / self.slope_se
 
     def message(self) -> str:
-        z = "exact (no noise)" if self.slope_se == 0 else f"{self.z:.1f} standard errors"
+        z = "an exact fit (no noise)" if self.z > 1e6 else f"{self.z:.1f} standard errors"
         return (f"training loss rising over rounds {self.first_round}-{self.last_round}: fitted "
                 f"{self.start:.3g} -> {self.end:.3g} ({self.slope:+.3g} per round, {z}); "
                 f"the model may be diverging (learning rate, clip norm or noise too large)")
