@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from rich.console import Console
 
 from restwise.common.errors import ModelError
@@ -22,7 +23,8 @@ from restwise.privacy.dp_mods import DPRoundParams, privatize
 from restwise.server.app import FederatedServer
 from restwise.server.loss_trend import LOSS_RISING, LossPoint, loss_points, loss_rise
 from restwise.server.progress import ProgressReporter, RunView, outcome_line
-from restwise.server.rundir import RunFiles, model_section, open_ledger, read_events
+from restwise.server.rundir import RunFiles, append_event, model_section, open_ledger, read_events
+from restwise.server.service import Settings, create_app
 from restwise.server.runconfig import RunConfig
 
 # The pilot configuration of docs/service.md (recovery-mlp, 50 devices, q = 0.2, eps = 3 over
@@ -155,3 +157,24 @@ def test_a_run_warns_once_in_its_events_and_every_view_shows_it(tmp_path):
     files.write_state("completed", current_round=8)
     assert outcome_line(RunView.from_run_dir(run_dir)).endswith("; 1 warning: loss-rising")
     assert model_section(run_dir)["warnings"] == [event["message"]]
+
+
+def test_the_api_and_the_dashboard_run_page_show_the_warning(tmp_path):
+    app = create_app(Settings(data_dir=tmp_path / "srv"))
+    ctx = app.state.ctx
+    _, token = ctx.tokens.create("operator", "olga")
+    run = {"name": "pilot", "model": "recovery-mlp", "rounds": 4, "population": 4, "sampling": "poisson",
+           "sampling_rate": 0.5, "noise_multiplier": 1.0, "delta": 1e-5, "secagg_num_neighbours": 3,
+           "secagg_threshold": 2, "persons": 4, "force": True}
+    with TestClient(app) as client:
+        run_id = client.post("/api/v1/runs", json=run, headers={"Authorization": f"Bearer {token}"}).json()["id"]
+        message = "training loss rising over rounds 1-4: 0.6 -> 3.9 (<b>5.0</b> standard errors)"
+        append_event(ctx.runs.run_dir(run_id), LOSS_RISING, rnd=4, level="warning", message=message,
+                     details={"test": "slope"})
+        detail = client.get(f"/api/v1/runs/{run_id}", headers={"Authorization": f"Bearer {token}"}).json()
+        assert [(e["round"], e["kind"], e["level"], e["message"]) for e in detail["events"]] == \
+            [(4, LOSS_RISING, "warning", message)]
+        client.post("/login", data={"token": token}, follow_redirects=False)
+        html = client.get(f"/runs/{run_id}").text
+        assert 'id="run-events"' in html and 'data-kind="loss-rising"' in html
+        assert "training loss rising over rounds 1-4" in html and "&lt;b&gt;5.0&lt;/b&gt;" in html  # escaped

@@ -78,7 +78,9 @@ def test_operator_launches_and_watches_a_run_to_completion(completed_run):
     for api_row, file_row in zip(rounds, written):
         for key in ("sampled", "survived", "dropped", "epsilon", "noise_multiplier_effective"):
             assert api_row[key] == pytest.approx(file_row[key]), key
-        assert api_row["train_loss"] is None and file_row["train_loss"] is None  # not collected (issue 15)
+        # The survivors' mean loss, released from the loss slot of the DP vector (issue 15: no
+        # device's loss is sent), with its noise std in the run folder.
+        assert api_row["train_loss"] == pytest.approx(file_row["train_loss"]) and file_row["train_loss_std"] > 0
     assert all(r["sampled"] == 4 and r["survived"] + r["dropped"] == r["sampled"] for r in rounds)
     eps = [r["epsilon"] for r in rounds]
     assert 0 < eps[0] < eps[1] <= SMALL_RUN["target_epsilon"] + 1e-9
