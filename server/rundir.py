@@ -520,6 +520,17 @@ def _progress_count(name: str, value: Any) -> int | None:
     return value
 
 
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """One ``write`` of one short JSON line on an append-only file: readers never see half a
+    line from a live writer."""
+    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
 def append_progress(
     run_dir: str | os.PathLike,
     stage: str,
@@ -542,12 +553,7 @@ def append_progress(
         "expected": _progress_count("expected", expected), "received": _progress_count("received", received),
         "dropped": _progress_count("dropped", dropped),
     }
-    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(Path(run_dir) / PROGRESS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    _append_line(Path(run_dir) / PROGRESS_FILE, record)
     return record
 
 
@@ -625,12 +631,7 @@ def append_event(run_dir: str | os.PathLike, kind: str, *, rnd: int, level: str,
         raise ValueError(f"event level must be one of {', '.join(EVENT_LEVELS)}")
     record = {"v": EVENTS_VERSION, "at": round(time.time(), 3), "round": _progress_count("round", rnd), "kind": kind,
               "level": level, "message": str(message)[:500], "details": dict(details or {})}
-    line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(Path(run_dir) / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    _append_line(Path(run_dir) / EVENTS_FILE, record)
     return record
 
 
