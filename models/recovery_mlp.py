@@ -89,15 +89,15 @@ class RecoveryMLP:
                    training: LocalTraining, state: bytes | None) -> Contribution:
         """Train from the global shared part, keeping the person's personal part from earlier
         rounds when their stored model has this configuration; the vector is the update
-        (bounded by C sqrt(1 - beta^2)) and the loss slot. ModelError when the round names no
-        clip norm (the slot is sized by it)."""
+        (bounded by C sqrt(1 - beta^2)) and the loss slot. A round that names no clip norm is
+        not a Restwise release (Flower's own FedAvg in the deployment benchmark): the raw
+        update alone. A secure round always names C, and its vector length
+        (``contribution_size``) counts the slot: a vector without it is refused there."""
         # torch, see above
         from restwise.models.network import ModelConfig, build_model, model_from_bytes, model_to_bytes
         from restwise.models.training import federated_update
 
         network, slot = split_loss_slot(model_config)
-        if training.clip_norm is None:
-            raise ModelError("the round names no clip norm: the loss slot cannot be sized")
         cfg = ModelConfig.from_json(network)
         model = None
         if state is not None:
@@ -110,7 +110,9 @@ class RecoveryMLP:
             model = build_model(cfg)
         vector, loss = federated_update(model, shared, examples, epochs=training.epochs, lr=training.learning_rate,
                                         batch_size=training.batch_size, seed=training.seed)
-        return Contribution(slot.append(vector, loss, training.clip_norm), loss, model_to_bytes(model))
+        if training.clip_norm is not None:
+            vector = slot.append(vector, loss, training.clip_norm)
+        return Contribution(vector, loss, model_to_bytes(model))
 
     def apply_release(self, model_config: str, shared: list[np.ndarray], released: ReleasedSum) -> list[np.ndarray]:
         """FedAvg of the update part; the last value (the loss slot) is not the model's."""
