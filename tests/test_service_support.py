@@ -44,12 +44,20 @@ class LiveServer:
 
     def __init__(self, data_dir: Path, *extra: str, runner_command: tuple[str, ...] = ()):
         self.data_dir = Path(data_dir)
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
         self.log = self.data_dir / "server.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if runner_command:
             extra = (*extra, "--runner-command", shlex.join(runner_command))
+        # free_port() cannot reserve the port: another process (a parallel worker, a Flower
+        # process) may bind it before the service does. Only that case is retried, on a new port.
+        for _ in range(3):
+            if self._start(extra):
+                return
+        raise RuntimeError(f"the server could not bind a free port in 3 attempts: {self.log.read_text()[-2000:]}")
+
+    def _start(self, extra: tuple[str, ...]) -> bool:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "restwise.cli", "server", "api", "--port", str(self.port), "--data-dir", str(self.data_dir), *extra]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -61,10 +69,13 @@ class LiveServer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.log.read_text()[-2000:]}")
+                text = self.log.read_text()
+                if "address already in use" in text:
+                    return False
+                raise RuntimeError(f"the server exited: {text[-2000:]}")
             try:
                 if httpx.get(f"{self.base}/api/v1/health", timeout=1).status_code == 200:
-                    return
+                    return True
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
