@@ -59,7 +59,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from restwise.client import unlock
+from restwise.client import receipts_store, unlock
 from restwise.client.dataset import NoDataError, daily_data
 from restwise.client.store import DeviceStore
 from restwise.common.arrays import arrays_sha256
@@ -69,6 +69,7 @@ from restwise.models.registry import FEDAVG, Architecture, LocalTraining, get_ar
 from restwise.privacy import egress as E
 from restwise.privacy import wire
 from restwise.privacy.dp_mods import make_dp_mod
+from restwise.privacy.errors import PrivacyError
 from restwise.privacy.secagg.mod import make_secagg_mod
 
 _log = logging.getLogger(__name__)
@@ -225,6 +226,53 @@ def adopt_model(store: DeviceStore, architecture: Architecture, arrays: list[np.
     return None
 
 
+# -- the run's ledger and the device's own budget ----------------------------------------
+def receipt_lines(msg: Message) -> list[str]:
+    """The ledger entries a message carries (RECEIPTS_RECORD), as canonical lines."""
+    record = msg.content.config_records.get(wire.RECEIPTS_RECORD)
+    if record is None:
+        return []
+    lines = record.get(wire.RECEIPTS_ENTRIES, [])
+    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+        raise ValueError("the ledger entries are malformed")
+    return list(lines)
+
+
+def take_in_run_record(store: DeviceStore, msg: Message) -> str | None:
+    """Pin or check the run's ledger key and take in the ledger entries the message carries
+    (client/receipts_store.py). Returns why the device must not take part in the run, or None."""
+    run_id, _ = _run_record(msg)
+    record = msg.content.config_records[wire.RUN_RECORD]
+    return receipts_store.receive(store, run_id, record.get("ledger_key"), receipt_lines(msg))
+
+
+def within_budget(store: DeviceStore, msg: Message, params: ConfigRecord) -> bool:
+    """Would this round keep the device within its owner's cap? ``params``: the run record
+    (at the first message: the planned z) or the DP record (at training: the round's z at its
+    worst case). Missing parameters: no (fail closed)."""
+    run_id, round_ = _run_record(msg)
+    run = msg.content.config_records[wire.RUN_RECORD]
+    try:
+        spend = receipts_store.planned_spend(run_id, round_, int(run.get("attempt", 0)), {
+            "noise_multiplier": params["noise_multiplier"], "clip_norm": params.get("clip_norm", 1.0),
+            "delta": run["delta"], "adjacency": run["adjacency"]})
+    except (KeyError, TypeError, ValueError, PrivacyError):
+        return False
+    return receipts_store.may_spend(store, spend)
+
+
+def record_spend(store: DeviceStore, msg: Message) -> None:
+    """The round's pending spend, recorded before the masked input leaves (its DP record's z:
+    the noise at the round's worst case). Raises when it cannot be recorded: then nothing is
+    sent."""
+    run_id, round_ = _run_record(msg)
+    run = msg.content.config_records[wire.RUN_RECORD]
+    dp = msg.content.config_records[wire.DP_RECORD]
+    receipts_store.record_spend(store, receipts_store.planned_spend(run_id, round_, int(run.get("attempt", 0)), {
+        "noise_multiplier": dp["noise_multiplier"], "clip_norm": dp["clip_norm"], "delta": run["delta"],
+        "adjacency": run["adjacency"]}))
+
+
 # -- the app ----------------------------------------------------------------------------
 def _run_record(msg: Message) -> tuple[str, int]:
     record = msg.content.config_records.get(wire.RUN_RECORD)
@@ -281,12 +329,20 @@ def make_client_app(
         return E.make_egress_guard(policy_for(context), open_log)(msg, context, call_next)
 
     def take_part(msg: Message, context: Context) -> bool:
-        """The secure-aggregation mod's question at the start of a round (the run record is
-        announced there). No run record: the device cannot tell which run asks - no."""
+        """The secure-aggregation mod's question at the start of a round (the run record and
+        the ledger entries this device lacks are announced there). No run record: the device
+        cannot tell which run asks - no. Then: the run's ledger key and entries check out
+        (else a local warning naming the run), consent and enough data, and the round keeps
+        the device within its owner's epsilon cap. One answer whatever the reason."""
         run_id, _ = _run_record(msg)
-        architecture = get_architecture(str(msg.content.config_records[wire.RUN_RECORD].get("model", "")))
+        run = msg.content.config_records[wire.RUN_RECORD]
+        architecture = get_architecture(str(run.get("model", "")))
         with device_store(context) as store:
-            return participates(store, run_id, architecture)
+            refusal = take_in_run_record(store, msg)
+            if refusal is not None:
+                _log.warning("run %s: not taking part: %s", run_id, refusal)
+                return False
+            return participates(store, run_id, architecture) and within_budget(store, msg, run)
 
     dp = make_dp_mod(dp_rng_factory) if dp_rng_factory is not None else make_dp_mod()
     secagg = make_secagg_mod(take_part=take_part)
@@ -314,9 +370,25 @@ def make_client_app(
             _log.warning("a malformed model delivery was ignored")
         else:
             with device_store(context) as store:
-                why_not = adopt_model(store, architecture, arrays, record, run_id=run_id, round_=round_)
+                why_not = take_in_run_record(store, msg)
+                if why_not is None:
+                    why_not = adopt_model(store, architecture, arrays, record, run_id=run_id, round_=round_)
             if why_not:
                 _log.warning("the delivered %s model was not kept: %s", architecture.name, why_not)
+        return Message(RecordDict(), reply_to=msg)
+
+    @app.query("restwise_receipts")
+    def receipts(msg: Message, context: Context) -> Message:
+        """The run's last ledger entries, at its end. The reply is empty whatever the device
+        found (an alarm stays on the device)."""
+        try:
+            run_id, _ = _run_record(msg)
+            with device_store(context) as store:
+                why_not = take_in_run_record(store, msg)
+            if why_not:
+                _log.warning("run %s: %s", run_id, why_not)
+        except (KeyError, ValueError, TypeError):
+            _log.warning("a malformed receipts message was ignored")
         return Message(RecordDict(), reply_to=msg)
 
     @app.train()
@@ -328,12 +400,18 @@ def make_client_app(
         except (KeyError, ValueError, TypeError):
             return Message(Error(code=wire.ERROR_CODE_BAD_REQUEST, reason="malformed train message"), reply_to=msg)
         with device_store(context) as store:
-            if not store.consents(run_id):
+            private = wire.DP_RECORD in msg.content.config_records
+            # Over the owner's cap at this round's actual DP parameters: the same refusal as no
+            # consent (the secure-aggregation mod turns either into "not taking part").
+            if not store.consents(run_id) or (private and not within_budget(
+                    store, msg, msg.content.config_records[wire.DP_RECORD])):
                 return Message(Error(code=wire.ERROR_CODE_NO_CONSENT, reason="the person has not consented to this run"), reply_to=msg)
             try:
                 update, _loss = local_update(store, global_arrays, params, run_id=run_id, round_=round_)
             except NoDataError:
                 return Message(Error(code=wire.ERROR_CODE_NOT_ENOUGH_DATA, reason="not enough data to train"), reply_to=msg)
+            if private:
+                record_spend(store, msg)  # pending until its receipt; before anything leaves
         # The loss stays on the device: no per-device number travels in the clear.
         return Message(RecordDict({wire.UPDATE_RECORD: ArrayRecord({wire.UPDATE_VECTOR: Array(update)})}), reply_to=msg)
 

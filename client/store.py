@@ -66,7 +66,7 @@ from restwise.models.metrics import CHECKIN_FIELDS, METRICS
 DB_NAME = "restwise.db"
 REKEY_TMP_NAME = "restwise.db.rekey-tmp"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Kinds of training load, never added together (different units and physiology):
 # session-RPE load (Foster: CR-10 RPE x minutes, arbitrary units) and heart-rate load
@@ -167,6 +167,42 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sessions ADD COLUMN load_kind TEXT NOT NULL DEFAULT 'srpe';
     UPDATE sessions SET load_kind = 'hr' WHERE rpe IS NULL AND source IN ('fitbit', 'garmin_fit');
+    """,
+    # 2 -> 3: device receipts and the device's own privacy budget (issue 15,
+    # client/receipts_store.py): the ledger key pinned per run, the run's signed ledger entries
+    # as received, what this device spent (pending until its receipt), and tamper alarms.
+    """
+    CREATE TABLE IF NOT EXISTS run_keys (
+        run_id      TEXT PRIMARY KEY,
+        public_key  TEXT    NOT NULL,            -- raw Ed25519 public key, hex
+        pinned_at   INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS ledger_entries (
+        run_id      TEXT    NOT NULL,
+        seq         INTEGER NOT NULL,
+        kind        TEXT    NOT NULL,
+        line        TEXT    NOT NULL,            -- the canonical, signed ledger line
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE IF NOT EXISTS spends (
+        run_id      TEXT    NOT NULL,
+        round       INTEGER NOT NULL,
+        attempt     INTEGER NOT NULL,
+        noise_multiplier REAL NOT NULL,          -- z at the round's worst case
+        sensitivity REAL    NOT NULL,
+        delta       REAL    NOT NULL,
+        adjacency   TEXT    NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        receipt_seq INTEGER,                     -- NULL: pending (no receipt yet)
+        PRIMARY KEY (run_id, round, attempt)
+    );
+    CREATE TABLE IF NOT EXISTS run_alarms (
+        id          INTEGER PRIMARY KEY,
+        run_id      TEXT    NOT NULL,
+        ts          INTEGER NOT NULL,
+        reason      TEXT    NOT NULL             -- what failed (seq, kind, field): never a value
+    );
     """,
 ]
 

@@ -48,6 +48,7 @@ httpx's ``_exceptions.py``). The exit code is what a command ends with (the regi
     │   ├── KeyFileError                 1  the audit key file is missing, unreadable or unsafe
     │   ├── ReportError                  1  a report cannot be built (unknown run, bad input)
     │   ├── VerificationError            8  a report does not match its ledger or signatures
+    │   ├── ReceiptError                 8  a ledger segment or receipt file fails its checks
     │   ├── DPError                      1  the device's DP step refuses (never quotes values)
     │   │   ├── NonFiniteUpdateError     1  the update holds NaN or inf
     │   │   └── UnsafeParametersError    1  the round's DP parameters are missing or unsafe

@@ -16,6 +16,7 @@
     ├── KeyFileError                     the audit key file is missing, unreadable or unsafe
     ├── ReportError                      a report cannot be built (unknown run, bad input)
     ├── VerificationError                a report does not match its ledger or signatures
+    ├── ReceiptError                     a ledger segment or receipt file fails its checks
     ├── DPError                          the device's DP step refuses (privacy.dp_mods)
     │   ├── NonFiniteUpdateError         the update holds NaN or inf
     │   └── UnsafeParametersError        the round's DP parameters are missing or unsafe
@@ -127,6 +128,16 @@ class VerificationError(PrivacyError):
 
     def __init__(self, problems: list[str]):
         super().__init__("verification failed: " + "; ".join(problems), problems=list(problems))
+
+
+class ReceiptError(PrivacyError):
+    """A ledger segment a device received, or a receipt file an auditor checks, fails its
+    checks (signature, chain, overlap, format). ``seq``/``kind``/``field``: where."""
+
+    exit_code = ExitCode.VERIFICATION_FAILED
+
+    def __init__(self, message: str, *, seq: int | None = None, kind: str | None = None, field: str | None = None):
+        super().__init__(message, seq=seq, kind=kind, field=field)
 
 
 class DPError(PrivacyError):

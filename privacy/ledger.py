@@ -188,6 +188,20 @@ def key_fingerprint(key) -> str:
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
+def public_key_hex(key) -> str:
+    """The raw 32-byte Ed25519 public key as 64 lowercase hex digits (what a run announces
+    to its devices, who pin it)."""
+    public = key.public_key() if hasattr(key, "public_key") else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def public_key_from_hex(text: str):
+    """An Ed25519 public key from :func:`public_key_hex`'s form (KeyFileError otherwise)."""
+    if not (isinstance(text, str) and re.fullmatch(r"[0-9a-f]{64}", text)):
+        raise KeyFileError("a public key must be 64 lowercase hex digits (32 raw bytes)")
+    return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text))
+
+
 def _write_all(fd: int, data: bytes) -> None:
     """Write ``data`` fully (one write in practice; loop on short writes)."""
     view = memoryview(data)
@@ -197,7 +211,10 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 # --- parsing and verification -------------------------------------------------------------
-def _parse_line(raw: bytes, lineno: int, prev: LedgerEntry | None) -> LedgerEntry:
+def _parse_line(raw: bytes, lineno: int, prev: LedgerEntry | None,
+                after: tuple[int, str] | None = None) -> LedgerEntry:
+    """One line, checked against the entry before it (``prev``), or - for the first line of
+    a segment - against ``after`` = (seq, hash) of the entry the segment continues."""
     try:
         text = raw.decode("ascii")
         data = json.loads(text)
@@ -212,10 +229,11 @@ def _parse_line(raw: bytes, lineno: int, prev: LedgerEntry | None) -> LedgerEntr
     if canonical != text:
         raise LedgerCorruptError("not in canonical form (the bytes were altered)", line=lineno)
     seq, prev_hash, kind, payload = data["seq"], data["prev_hash"], data["kind"], data["payload"]
-    expected_seq = 1 if prev is None else prev.seq + 1
+    before_seq, before_hash = (prev.seq, prev.hash) if prev is not None else (after or (0, GENESIS_HASH))
+    expected_seq = before_seq + 1
     if seq != expected_seq or isinstance(seq, bool):
         raise LedgerCorruptError(f"seq is {seq!r}, expected {expected_seq}", line=lineno)
-    expected_prev = GENESIS_HASH if prev is None else prev.hash
+    expected_prev = before_hash
     if prev_hash != expected_prev:
         raise LedgerCorruptError("prev_hash does not match the previous entry's hash (chain broken)", line=lineno)
     if not isinstance(data["timestamp"], str) or not isinstance(kind, str) or not isinstance(payload, dict):
@@ -261,8 +279,22 @@ def parse_ledger_bytes(data: bytes) -> list[LedgerEntry]:
     return entries
 
 
-def verify_signatures(entries: list[LedgerEntry], public_key) -> None:
+def parse_ledger_segment(data: bytes, *, after_seq: int = 0, after_hash: str = GENESIS_HASH) -> list[LedgerEntry]:
+    """Parse and check the chain of consecutive entries that continue the entry
+    (``after_seq``, ``after_hash``) (the whole ledger: 0 and the genesis hash). Each line must
+    be canonical, hash-correct and linked; ``LedgerCorruptError.line`` is the entry's seq."""
+    lines, tail = _split(data)
+    if tail:
+        raise LedgerCorruptError("the last line is incomplete", line=after_seq + len(lines) + 1)
+    entries: list[LedgerEntry] = []
+    for i, raw in enumerate(lines, start=after_seq + 1):
+        entries.append(_parse_line(raw, i, entries[-1] if entries else None, (after_seq, after_hash)))
+    return entries
 
+
+def verify_signatures(entries: list[LedgerEntry], public_key) -> None:
+    """Every entry signed, and its signature valid under ``public_key`` (LedgerCorruptError
+    naming the first that is not)."""
     for entry in entries:
         if entry.signature is None:
             raise LedgerCorruptError("entry is not signed", line=entry.seq)

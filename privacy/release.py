@@ -86,7 +86,8 @@ from restwise.privacy.events import (
 from restwise.privacy.report import NOT_APPLIED_ACTION
 from restwise.privacy.secagg.config import SecAggConfig
 from restwise.privacy.secagg.errors import SecAggConfigError
-from restwise.privacy.secagg.protocol import PendingUnmask, RoundPlan
+from restwise.privacy.secagg.protocol import Announce, PendingUnmask, RoundPlan
+from restwise.privacy.secagg.records import FIRST_STAGES
 from restwise.privacy.secagg.workflow import OnStage, RoundInput, SecAggSession
 
 SAMPLING_METHODS = ("poisson", "fixed")
@@ -530,6 +531,9 @@ class Release:
     participants: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     mode: str = ""
+    # Nodes that answered the first message of their round: they received what it announced.
+    reached: frozenset[int] = frozenset()
+    declined: frozenset[int] = frozenset()  # answered "not taking part"
 
     @property
     def noise_multiplier_effective(self) -> float | None:
@@ -618,7 +622,7 @@ class ReleaseWorkflow:
         attempt: int,
         vector_length: int,
         publish: Callable[[np.ndarray, int, float], Published],
-        announce: RecordDict | None = None,
+        announce: Announce = None,
         last: bool = False,
         on_stage: OnStage | None = None,
         on_step: Callable[[str], None] | None = None,
@@ -654,8 +658,10 @@ class ReleaseWorkflow:
                                    before_unmask=write_ahead, last=last, on_stage=on_stage)
         except SecAggConfigError as exc:
             return Release(False, f"secure aggregation refused the round: {exc}")
+        reached = frozenset(n for n, sent in result.messages.items()
+                            if sent and result.dropped.get(n) not in FIRST_STAGES)
         common = dict(failure=result.failure, participants=result.participants, stage_seconds=dict(result.stage_seconds),
-                      mode=result.mode)
+                      mode=result.mode, reached=reached, declined=frozenset(result.declined))
         if "entry" not in chosen:  # ended before any unmasking share was asked for: nothing revealed
             return Release(False, f"secure aggregation aborted: {result.reason}", survivors=len(result.survivors),
                            **common)

@@ -9,13 +9,23 @@ Restwise app uses are re-exported below.
 Server -> device::
 
     query "query.restwise_hello"   RUN_RECORD     ConfigRecord run_id (str), round (int),
-                                                  model (str: the architecture's registry name)
+                                                  model (str: the architecture's registry name);
+                                                  private runs add attempt (int), ledger_key (the
+                                                  run ledger's Ed25519 public key, 64 hex: the
+                                                  device pins it), noise_multiplier (the planned
+                                                  z), adjacency (str), delta (float): what the
+                                                  device's own budget check needs
     train (secure-aggregation      RUN_RECORD     as above
       stages, privacy/secagg)      GLOBAL_RECORD  ArrayRecord: the shared arrays, keys s000, s001, ...
                                    TRAIN_RECORD   ConfigRecord: model (str), model_config (json),
                                                   local_epochs, learning_rate, batch_size, seed
                                    DP_RECORD      ConfigRecord: clip_norm, noise_multiplier,
                                                   placement, noise_divisor (privacy.dp_mods)
+      first message of a device's  RECEIPTS_RECORD ConfigRecord entries (list of str): the run's
+      round, and the model                        ledger entries this device has not received
+      delivery                                    yet, as canonical signed lines (absent: none)
+    query "query.restwise_receipts" RUN_RECORD,   the run's last entries, once at its end, to
+      (end of a run)               RECEIPTS_RECORD devices that took part and lack some
     query "query.restwise_model"   RUN_RECORD     as above (round: the release's)
       (after a run whose model     GLOBAL_RECORD  the run's released shared arrays
       is computed on the server)   MODEL_RECORD   ConfigRecord: model, model_config, model_hash
@@ -27,6 +37,7 @@ Device -> server::
 
     hello reply                    CONSENT_RECORD ConfigRecord participate (bool)
     model delivery reply           nothing (an empty message, whatever the device did with it)
+    receipts reply                 nothing (an empty message, whatever the device found)
     secure-aggregation stages      privacy/secagg/records.py CLIENT_REPLY_RECORDS (no metric:
                                                   nothing per device travels in the clear)
     plain train reply (benchmark   UPDATE_RECORD  ArrayRecord "vector" (1-D float), only for
@@ -48,6 +59,7 @@ from restwise.privacy.secagg import records as SR
 # -- message types ---------------------------------------------------------------------------
 HELLO_MESSAGE_TYPE = "query.restwise_hello"
 MODEL_MESSAGE_TYPE = "query.restwise_model"
+RECEIPTS_MESSAGE_TYPE = "query.restwise_receipts"
 TRAIN_MESSAGE_TYPE = SR.MESSAGE_TYPE  # "train": every secure-aggregation stage travels as train
 
 # -- server -> device ------------------------------------------------------------------------
@@ -56,6 +68,8 @@ GLOBAL_RECORD = "restwise.global"
 TRAIN_RECORD = "restwise.train"
 DP_RECORD = "restwise.dp"
 MODEL_RECORD = "restwise.model"
+RECEIPTS_RECORD = "restwise.receipts"
+RECEIPTS_ENTRIES = "entries"
 
 # -- device -> server ------------------------------------------------------------------------
 CONSENT_RECORD = "restwise.consent"
@@ -93,7 +107,7 @@ def arrays_from_record(record: ArrayRecord) -> list[np.ndarray]:
 
 __all__ = [
     "HELLO_MESSAGE_TYPE", "TRAIN_MESSAGE_TYPE", "MODEL_MESSAGE_TYPE", "RUN_RECORD", "GLOBAL_RECORD", "TRAIN_RECORD",
-    "DP_RECORD", "MODEL_RECORD",
+    "DP_RECORD", "MODEL_RECORD", "RECEIPTS_MESSAGE_TYPE", "RECEIPTS_RECORD", "RECEIPTS_ENTRIES",
     "CONSENT_RECORD", "UPDATE_RECORD", "UPDATE_VECTOR", "METRICS_RECORD", "DEVICE_STATE",
     "ERROR_CODE_REFUSED", "ERROR_CODE_APP_FAILED", "ERROR_CODE_NO_CONSENT", "ERROR_CODE_LOG_FAILED",
     "ERROR_CODE_NON_FINITE", "ERROR_CODE_BAD_PARAMS", "ERROR_CODE_NO_UPDATE", "ERROR_CODE_NOT_ENOUGH_DATA",

@@ -84,6 +84,8 @@ from restwise.common.fsutil import atomic_write_bytes
 from restwise.models.registry import ReleasedSum
 from restwise.privacy import wire
 from restwise.privacy.dp_mods import DPRoundParams
+from restwise.privacy.ledger import public_key_hex
+from restwise.privacy.receipts import segment_after
 from restwise.privacy.release import MIN_COHORT, ReleaseWorkflow, plan_release
 from restwise.privacy.secagg.errors import SecAggConfigError
 from restwise.privacy.secagg.workflow import SecAggSession
@@ -252,6 +254,13 @@ class FederatedServer:
         self.session: SecAggSession | None = None  # created at the first private round
         self.outcomes: list[RoundOutcome] = []
         self._progress_failed = False
+        # Device receipts (privacy/receipts.py): the run ledger's public key the devices pin,
+        # and per node the last ledger seq it is known to have received in this session
+        # (unknown: none; what it already holds comes back byte-identical and is checked).
+        signing_key = getattr(ledger, "signing_key", None) if mode == "private" else None
+        self.ledger_key = public_key_hex(signing_key) if signing_key is not None else None
+        self.delivered_seq: dict[int, int] = {}
+        self.took_part: set[int] = set()  # nodes that did not decline a round of this session
 
     # -- control --------------------------------------------------------------------------
     def should_stop(self) -> bool:
@@ -332,9 +341,12 @@ class FederatedServer:
             if not any(o.status == "released" for o in self._all_outcomes()):
                 status, reason = "failed", "no round could be released"
         delivered = self.files.read_state().get("delivered")
-        if status == "completed" and self.release is not None and self.architecture.delivers_model and ckpt.round >= 1 \
-                and not (isinstance(delivered, dict) and delivered.get("model_hash") == ckpt.model_hash()):
-            delivered = self.deliver(grid, ckpt)
+        delivering = status == "completed" and self.release is not None and self.architecture.delivers_model \
+            and ckpt.round >= 1 and not (isinstance(delivered, dict) and delivered.get("model_hash") == ckpt.model_hash())
+        if delivering:
+            delivered = self.deliver(grid, ckpt)  # carries the receipts
+        else:
+            self.send_receipts(grid, self._last_round_number())
         extra = {"delivered": delivered} if isinstance(delivered, dict) else {}
         done = ckpt.round
         # Not the outcome yet: the run has that status once its report is anchored
@@ -414,13 +426,15 @@ class FederatedServer:
             if dropped is not None:  # the stage ended (the unmask stage ends in the aggregate)
                 crash_point(f"after-stage-{stage}")
 
+        announce, sent = self.announcer(rnd, attempt)
         release = self.release.release(
-            grid, self.session, cohort, lambda params: self.train_content(rnd, ckpt, params),
+            grid, self.session, cohort, lambda params: self.train_content(rnd, ckpt, params, attempt),
             round_=rnd, attempt=attempt, vector_length=self.architecture.contribution_size(ckpt.arrays),
             publish=lambda total, survivors, noise_std: self._next_checkpoint(rnd, ckpt, total, survivors, noise_std),
-            announce=RecordDict({wire.RUN_RECORD: self.run_record(rnd)}), last=rnd == self.config.rounds,
-            on_stage=on_stage, on_step=crash_point,
+            announce=announce, last=rnd == self.config.rounds, on_stage=on_stage, on_step=crash_point,
         )
+        self.mark_delivered(release.reached, sent)
+        self.took_part |= set(release.reached) - set(release.declined)
         outcome.participants, outcome.mode = release.participants, release.mode or None
         outcome.survived = release.survivors
         outcome.dropped = len(cohort) - release.survivors
@@ -487,18 +501,24 @@ class FederatedServer:
         model_hash = ckpt.model_hash()
         entry = self.release.release_entry(model_hash) if self.release is not None else None
         nodes = sorted(int(n) for n in grid.get_node_ids())
-        content = RecordDict({
+        shared = {
             wire.RUN_RECORD: self.run_record(ckpt.round),
             wire.GLOBAL_RECORD: wire.arrays_record(ckpt.arrays),
             wire.MODEL_RECORD: ConfigRecord({
                 "model": ckpt.model, "model_config": ckpt.model_config, "model_hash": model_hash,
                 "ledger_seq": -1 if entry is None else int(entry.seq), "ledger_hash": "" if entry is None else entry.hash,
             }),
-        })
+        }
+        # The delivery carries each device's receipts (the run's last entries): one message.
+        entries = self.release.ledger.entries() if self.release is not None else []
+        contents, sent = {}, {}
+        for n in nodes:
+            receipts, sent[n] = self.receipts_for(n, entries)
+            contents[n] = RecordDict({**shared, **receipts})
         started = time.perf_counter()
         self.progress("deliver", ckpt.round, expected=len(nodes), received=0)
-        replies = exchange(grid, {n: content for n in nodes}, wire.MODEL_MESSAGE_TYPE, f"model-{ckpt.round}",
-                           self.hello_timeout_s)
+        replies = exchange(grid, contents, wire.MODEL_MESSAGE_TYPE, f"model-{ckpt.round}", self.hello_timeout_s)
+        self.mark_delivered([n for n, r in replies.items() if not r.has_error()], sent)
         answered = sum(1 for r in replies.values() if not r.has_error())
         self.progress("deliver", ckpt.round, expected=len(nodes), received=answered, dropped=len(nodes) - answered)
         _log.info("released model %s... delivered to %d of %d devices", model_hash[:12], answered, len(nodes))
@@ -516,14 +536,70 @@ class FederatedServer:
             )
         return outcome, ckpt
 
-    def run_record(self, rnd: int) -> ConfigRecord:
-        return ConfigRecord({"run_id": self.run_id, "round": int(rnd), "model": self.config.model})
+    def run_record(self, rnd: int, attempt: int = 0) -> ConfigRecord:
+        """The run record every message carries. A private run adds what a device needs for
+        its own checks: the attempt, the ledger key it pins, and the planned noise multiplier,
+        adjacency and delta its budget check reads (wire.py)."""
+        record: dict[str, Any] = {"run_id": self.run_id, "round": int(rnd), "model": self.config.model}
+        if self.release is not None:
+            record.update(attempt=int(attempt), noise_multiplier=float(self.release.plan.noise_multiplier),
+                          adjacency=self.release.plan.adjacency, delta=float(self.config.delta))
+            if self.ledger_key is not None:
+                record["ledger_key"] = self.ledger_key
+        return ConfigRecord(record)
 
-    def train_content(self, rnd: int, ckpt: Checkpoint, params: DPRoundParams | None) -> RecordDict:
+    # -- device receipts --------------------------------------------------------------------
+    def receipts_for(self, node: int, entries: list) -> tuple[dict[str, ConfigRecord], int]:
+        """The RECEIPTS_RECORD for ``node`` (the ledger entries after the last one it is known
+        to have) and the head seq it would then hold."""
+        lines = segment_after(entries, self.delivered_seq.get(node, 0))
+        head = entries[-1].seq if entries else 0
+        if not lines:
+            return {}, head
+        return {wire.RECEIPTS_RECORD: ConfigRecord({wire.RECEIPTS_ENTRIES: lines})}, head
+
+    def announcer(self, rnd: int, attempt: int) -> tuple[Callable[[int], RecordDict], dict[int, int]]:
+        """The first message's records for each node of a round (run record + its receipts),
+        and the head seq sent to each (filled as messages are built)."""
+        entries = self.release.ledger.entries() if self.release is not None else []
+        sent: dict[int, int] = {}
+
+        def announce(node: int) -> RecordDict:
+            receipts, sent[int(node)] = self.receipts_for(int(node), entries)
+            return RecordDict({wire.RUN_RECORD: self.run_record(rnd, attempt), **receipts})
+        return announce, sent
+
+    def mark_delivered(self, nodes, sent: dict[int, int]) -> None:
+        """``nodes`` answered a message that carried the entries up to ``sent[node]``."""
+        for node in nodes:
+            if int(node) in sent:
+                self.delivered_seq[int(node)] = max(self.delivered_seq.get(int(node), 0), sent[int(node)])
+
+    def send_receipts(self, grid: Grid, rnd: int) -> dict[str, int]:
+        """The run's final message: the ledger entries each device that took part in this
+        session has not received yet (one message each, an empty reply). Returns counts."""
+        if self.release is None or not self.took_part:
+            return {"devices": 0, "answered": 0}
+        entries = self.release.ledger.entries()
+        connected = {int(n) for n in grid.get_node_ids()}
+        contents, sent = {}, {}
+        for node in sorted(self.took_part):
+            receipts, sent[node] = self.receipts_for(node, entries)
+            if receipts and node in connected:
+                contents[node] = RecordDict({wire.RUN_RECORD: self.run_record(rnd), **receipts})
+        if not contents:
+            return {"devices": 0, "answered": 0}
+        replies = exchange(grid, contents, wire.RECEIPTS_MESSAGE_TYPE, f"receipts-{rnd}", self.hello_timeout_s)
+        answered = [n for n, r in replies.items() if not r.has_error()]
+        self.mark_delivered(answered, sent)
+        _log.info("run %s: the last ledger entries went to %d of %d devices", self.run_id, len(answered), len(contents))
+        return {"devices": len(contents), "answered": len(answered)}
+
+    def train_content(self, rnd: int, ckpt: Checkpoint, params: DPRoundParams | None, attempt: int = 0) -> RecordDict:
         cfg = self.config
         content = RecordDict(
             {
-                wire.RUN_RECORD: self.run_record(rnd),
+                wire.RUN_RECORD: self.run_record(rnd, attempt),
                 wire.GLOBAL_RECORD: wire.arrays_record(ckpt.arrays),
                 wire.TRAIN_RECORD: ConfigRecord(
                     {

@@ -175,9 +175,11 @@ def test_rounds_train_the_global_model_and_every_release_is_in_the_signed_ledger
         history = store.egress_history()
         model_row = store.load_model_state("recovery_model")
     kinds = [h["message_type"] for h in history]
-    # One session: a setup round (4 messages), then a fast round (2); no separate hello.
+    # One session: a setup round (4 messages), then a fast round (2); no separate hello; then
+    # the run's last ledger entries (device receipts), answered with an empty message.
     assert kinds == ["train:setup", "train:share-keys", "train:collect-masked-input", "train:unmask",
-                     "train:collect-masked-input", "train:unmask"]
+                     "train:collect-masked-input", "train:unmask", "query.restwise_receipts"]
+    assert history[-1]["records"] == [] and history[-1]["n_bytes"] < 100
     assert {h["run_id"] for h in history} == {fed.run_dir.name}
     sent = {r["name"] for h in history for r in h["records"]}
     assert "update" not in sent and "secagg.masked-input" in sent

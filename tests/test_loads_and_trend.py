@@ -80,7 +80,7 @@ def test_migration_tells_old_heart_rate_sessions_apart(tmp_path):
         s.conn.execute("ALTER TABLE sessions DROP COLUMN load_kind")
         s.conn.execute("PRAGMA user_version = 1")
     with DeviceStore.open(folder, keystore=ks) as s:
-        assert s.schema_version == 2
+        assert s.schema_version == 3
         assert [(x["source"], x["load_kind"]) for x in s.sessions()] == [
             ("fitbit", "hr"), ("garmin_fit", "hr"), ("checkin_csv", "srpe")]
 

@@ -59,6 +59,9 @@ from .fields import (
 from .graph import harary_neighbours
 
 Reply = RecordDict | Error
+# What goes with the first message of a device's round: the same records for every device, or
+# a function of the node id (e.g. the ledger entries that device has not received yet).
+Announce = RecordDict | Callable[[int], RecordDict] | None
 
 
 class RoundAborted(SecAggError):
@@ -369,7 +372,7 @@ class ServerRound:
         return RoundPlan(self.round, self.n, self.min_survivors, self.mode)
 
     # -- setup round: stage 1 -----------------------------------------------------------------
-    def setup_messages(self, announce: RecordDict | None = None) -> dict[int, RecordDict]:
+    def setup_messages(self, announce: "Announce" = None) -> dict[int, RecordDict]:
         """A new epoch over the eligible cohort: fresh indices 1..n."""
         self.new_epoch = self.s.epoch + 1
         self.setup_index = {node: i + 1 for i, node in enumerate(self.eligible)}
@@ -379,7 +382,7 @@ class ServerRound:
         for node, i in self.setup_index.items():
             rec = ConfigRecord({**self._base(R.STAGE_SETUP, self.new_epoch), "index": i, "n": n,
                                 **epoch_fields(self.config)})
-            out[node] = _with(announce, rec)
+            out[node] = _with(announced(announce, node), rec)
         return self._count(out)
 
     def receive_setup(self, replies: dict[int, list[Reply]]) -> None:
@@ -458,7 +461,7 @@ class ServerRound:
 
     # -- collect (both modes) and join (fast mode) ----------------------------------------------
     def collect_messages(self, content: RecordDict, *, clip_range: float | None = None,
-                         extras: tuple[Extra, ...] = (), announce: RecordDict | None = None,
+                         extras: tuple[Extra, ...] = (), announce: "Announce" = None,
                          last: bool = False) -> dict[int, RecordDict]:
         """``last``: the session's last round; devices deal nothing for a next round and
         forget the session once they answered the unmask."""
@@ -486,8 +489,9 @@ class ServerRound:
                 "neighbours": deal, "c_pk": [s.c_pk[j] for j in deal], "last": bool(last),
             })
             message = RecordDict(dict(content.items()))
-            if self.mode == "fast" and announce is not None:
-                for name, record in announce.items():
+            first = announced(announce, self.node(i)) if self.mode == "fast" else None
+            if first is not None:
+                for name, record in first.items():
                     message[name] = record
             message[R.SERVER_RECORD] = rec
             out[self.node(i)] = message
@@ -495,14 +499,14 @@ class ServerRound:
             self.current[i] = Material(self.current[i].round, self.current[i].s_pk, self.current[i].b_commit, {})
         return self._count(out)
 
-    def join_messages(self, announce: RecordDict | None = None) -> dict[int, RecordDict]:
+    def join_messages(self, announce: "Announce" = None) -> dict[int, RecordDict]:
         s = self.s
         out = {}
         for i in self.joiners:
             deal = self._deal_to(i, [j for j in s.graph[i] if j in s.c_pk and s.node_of[j] not in s.banned])
             rec = ConfigRecord({**self._base(R.STAGE_JOIN), "index": i, "n_index": s.n_index, "n": s.n,
                                 **epoch_fields(self.config), "neighbours": deal, "c_pk": [s.c_pk[j] for j in deal]})
-            out[self.node(i)] = _with(announce, rec)
+            out[self.node(i)] = _with(announced(announce, self.node(i)), rec)
         self.joined = [self.node(i) for i in self.joiners]
         return self._count(out)
 
@@ -807,6 +811,11 @@ class ServerRound:
         metrics = {name: total / count for name, (total, count) in extras.items() if count > 0}
         return SecureSumResult(decoded[:d], survivors, self.dropped, self.excluded, False, None, metrics=metrics,
                                total_ring=ring[:d], extras=extras, **common)
+
+
+def announced(announce: "Announce", node: int) -> RecordDict | None:
+    """The records announced to ``node``: the same for all, or per node (a callable)."""
+    return announce(node) if callable(announce) else announce
 
 
 def _with(announce: RecordDict | None, rec: ConfigRecord) -> RecordDict:

@@ -20,8 +20,8 @@ over a cohort that took part in the previous one is a fast round (two messages p
 (``plan.participants``, ``plan.min_survivors``: size DP noise shares for this many).
 ``before_unmask(pending)`` runs after every masked input is in and before any unmasking
 share is requested: the place to write a release to the ledger as spent. ``announce``
-records go to every device in the first message of its round (the run record, the signed
-receipt of the previous release) and in ``finish``.
+records go to every device in the first message of its round (the run record, the ledger
+entries it has not received yet) and in ``finish``; a callable gives each node its own.
 
 ``secure_sum`` is one round of a one-off session (a setup round): what the server's release
 path calls until it keeps a session per run.
@@ -41,7 +41,7 @@ from . import records as R
 from .config import SecAggConfig
 from .errors import SecAggConfigError
 from .fields import Extra, config, extras_of
-from .protocol import PendingUnmask, Reply, RoundAborted, RoundPlan, SecureSumResult, ServerSession
+from .protocol import Announce, PendingUnmask, Reply, RoundAborted, RoundPlan, SecureSumResult, ServerSession
 
 
 # How often, at most, a stage reports replies coming in (``on_stage``).
@@ -163,7 +163,7 @@ class SecAggSession:
         *,
         round: int,  # noqa: A002 - the name callers use
         vector_length: int | None = None,
-        announce: RecordDict | None = None,
+        announce: Announce = None,
         before_unmask: Callable[[PendingUnmask], None] | None = None,
         extras: tuple[Extra, ...] | None = None,
         fixed_cohort: bool = False,
