@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from restwise.client import coach_cli, federation_cli, join_cli, trend, unlock
+from restwise.client import coach_cli, federation_cli, join_cli, receipts_cli, trend, unlock
 from restwise.client.cli_support import (
     AllowWeakOpt,
     KeystoreOpt,
@@ -455,8 +455,8 @@ def keystore_remove(
 
 # Command groups owned by other modules add themselves to `app` (keeps this file small and
 # lets each area evolve alone): the coach (`today`, `checkin`), federated training
-# (`history`, `consent`, `join`) and the trend.
-for _commands in (coach_cli, federation_cli, join_cli, trend):
+# (`history`, `consent`, `join`), receipts (`receipts export`) and the trend.
+for _commands in (coach_cli, federation_cli, join_cli, receipts_cli, trend):
     _commands.register(app)
 
 __all__ = ["app"]

@@ -12,7 +12,7 @@ valid only for third parties who see just the released model, is printed beside 
 (``epsilon_amplified`` in JSON).
     restwise audit report RUN  (--ledger FILE --key AUDIT_KEY | --data-dir SERVER_DIR) [--out DIR]
     restwise audit report --bundle DIR|ZIP (--public-key KEY | --trust-shipped-key) [--out DIR] [RUN]
-    restwise audit verify REPORT [--ledger FILE] (--public-key KEY | --trust-shipped-key) [--json]
+    restwise audit verify REPORT [--ledger FILE] (--public-key KEY | --trust-shipped-key) [--receipts DIR] [--json]
     restwise audit fingerprint KEY [--json]
 
 ``audit verify`` fails closed: without a pinned key (--public-key, the operator's published
@@ -408,14 +408,21 @@ def verify_command(
         help="No pinned key: check against the public_key.pem shipped beside the report (proves only that the "
         "folder is self-consistent, not who signed it); warns and prints its fingerprint.",
     ),
+    receipts: Optional[Path] = typer.Option(
+        None, "--receipts",
+        help="A folder of devices' receipt files (`restwise device receipts export`): every entry they received "
+        "must be in the ledger, byte for byte. No receipt file for the run fails.",
+    ),
     as_json: bool = _JSON,
 ) -> None:
     """Check signatures and hash chain, recompute epsilon from the ledger alone, and compare with
-    the report. Exit 0 when everything matches, 8 on any mismatch or tampering, or when no key is
-    pinned (--public-key) and --trust-shipped-key was not given."""
+    the report (and, with --receipts, the ledger with the devices' receipts). Exit 0 when
+    everything matches, 8 on any mismatch or tampering, or when no key is pinned (--public-key)
+    and --trust-shipped-key was not given."""
     if public_key is not None and trust_shipped_key:
         raise typer.BadParameter("give either --public-key or --trust-shipped-key, not both", param_hint="--trust-shipped-key")
-    res = verify_report(report, ledger_path=ledger, public_key=public_key, trust_shipped_key=trust_shipped_key)
+    res = verify_report(report, ledger_path=ledger, public_key=public_key, trust_shipped_key=trust_shipped_key,
+                        receipts=receipts)
     if as_json:
         emit_json(res.to_dict())
     else:
@@ -430,6 +437,8 @@ def verify_command(
                 f"delta = {res.delta:g}, recomputed from {res.releases} release(s), matches the report"
             )
             typer.echo(f"  epsilon {AMPLIFIED_WORDS}: {_fmt_eps(res.epsilon_amplified)}")
+            if res.receipt_files is not None:
+                typer.echo(f"  receipts: {res.receipt_files} device receipt file(s) for this run agree with the ledger")
             for row in res.spent_not_applied:
                 typer.echo(f"  spent, not applied: round {row['round']} attempt {row['attempt']} "
                            f"(release at ledger seq {row['release_seq']}; counted in epsilon): {row['reason']}")

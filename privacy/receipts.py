@@ -129,7 +129,9 @@ def parse_lines(lines: Sequence[str], public_key, *, after: tuple[int, str] | No
         entries = parse_ledger_segment(data, after_seq=after[0], after_hash=after[1])
         verify_signatures(entries, public_key)
     except LedgerCorruptError as exc:
-        raise ReceiptError(f"{exc}", seq=exc.context.get("line"), field="chain or signature") from None
+        seq = exc.context.get("line")
+        what = str(exc).removeprefix(f"ledger line {seq}: ")  # for a segment, the line is the seq
+        raise ReceiptError(f"seq {seq}: {what}", seq=seq, field="chain or signature") from None
     return entries
 
 

@@ -16,7 +16,10 @@
 4. that every number of the report is what the accountant computes again from the ledger's
    release events alone: epsilon, its RDP bound, the amplified epsilon beside it, each release
    row, the epsilon curve (relative tolerance 1e-9), and the releases that were spent but not
-   applied (``release.not-applied``: counted in epsilon, no model built).
+   applied (``release.not-applied``: counted in epsilon, no model built);
+5. with ``receipts`` (a folder of devices' receipt files, ``--receipts``): that every entry the
+   devices received for this run is in the ledger, byte for byte, under the pinned key
+   (privacy/receipts.py). A ledger rewritten and re-signed with the real key fails here.
 
 It reads report schema 2 (the headline epsilon claims no amplification by sampling: it holds
 against the server, which draws each cohort; ``epsilon_amplified`` beside it) and schema 1
@@ -38,6 +41,7 @@ from typing import Any
 from restwise.privacy.errors import KeyFileError, LedgerCorruptError, LedgerError, PrivacyError, VerificationError
 from restwise.privacy.events import GaussianRoundEvent, ReportIssuedEvent
 from restwise.privacy.ledger import key_fingerprint, load_public_key, verify_ledger_file
+from restwise.privacy.receipts import compare_with_ledger
 from restwise.privacy.report import (
     HTML_FILE,
     LEDGER_FILE,
@@ -79,6 +83,7 @@ class VerificationResult:
     # drew each cohort) and the value for third parties who see only the model.
     epsilon_against_server: float | None = None
     epsilon_amplified: float | None = None
+    receipt_files: int | None = None  # receipt files checked (None: no --receipts)
 
     def raise_for_problems(self) -> "VerificationResult":
         if not self.ok:
@@ -138,15 +143,45 @@ def verify_report(
     public_key: Any = None,
     *,
     trust_shipped_key: bool = False,
+    receipts: str | os.PathLike | None = None,
 ) -> VerificationResult:
     """Verify a report; see :func:`_verify`. A report whose structure is not what this
-    verifier reads fails verification (never an exception)."""
+    verifier reads fails verification (never an exception). ``receipts``: a folder of
+    devices' receipt files to check the ledger against (module docstring, 5)."""
     try:
-        return _verify(report_path, ledger_path, public_key, trust_shipped_key)
+        res = _verify(report_path, ledger_path, public_key, trust_shipped_key)
+        if receipts is not None:
+            _check_receipts(res, Path(receipts), report_path, ledger_path, public_key, trust_shipped_key)
+        return res
     except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:
         res = VerificationResult(ok=False, run_id=None)
         res.problems.append(f"the report's structure is not valid ({type(exc).__name__}); it was altered or is not a Restwise report")
         return res
+
+
+def _check_receipts(res: VerificationResult, folder: Path, report_path, ledger_path, public_key,
+                    trust_shipped_key: bool) -> None:
+    """Compare the devices' receipt files with the ledger (failures join ``res.problems``)."""
+    report_folder = Path(report_path) if Path(report_path).is_dir() else Path(report_path).parent
+    ledger_file = Path(ledger_path) if ledger_path is not None else report_folder / LEDGER_FILE
+    try:
+        if public_key is None:
+            key = load_public_key(report_folder / PUBLIC_KEY_FILE) if trust_shipped_key else None
+        elif isinstance(public_key, (str, os.PathLike, bytes)):
+            key = load_public_key(public_key)
+        else:
+            key = public_key
+        entries = verify_ledger_file(ledger_file, key)[0] if key is not None else []
+    except (KeyFileError, LedgerError):
+        entries, key = [], None
+    if key is None or res.run_id is None:
+        res.problems.append("receipts: no ledger verified under a key to compare the receipts with")
+    elif not folder.is_dir():
+        res.problems.append(f"receipts: {folder} is not a folder")
+    else:
+        problems, res.receipt_files = compare_with_ledger(folder, res.run_id, key, entries)
+        res.problems.extend(f"receipts: {p}" for p in problems)
+    res.ok = not res.problems
 
 
 def _verify(
