@@ -92,6 +92,8 @@ def continues(lines: Sequence[str], stored: Mapping[int, str]) -> bool:
 def differing_fields(mine: LedgerEntry, theirs: LedgerEntry) -> list[str]:
     """The fields in which two entries differ (``payload.<key>`` for the payload's)."""
     a, b = mine.to_dict(), theirs.to_dict()
+    if a["kind"] != b["kind"]:
+        return [name for name in a if a[name] != b[name] and name != "payload"]  # another event altogether
     out = []
     for name in a:
         if a[name] == b[name]:
@@ -267,14 +269,20 @@ def compare_with_ledger(folder: Path, run_id: str, public_key, ledger: Sequence[
         except (ReceiptError, KeyFileError) as exc:
             problems.append(f"{name}: {exc}")
             continue
-        for entry in entries:
-            theirs = by_seq.get(entry.seq)
+        # The first entry that is missing or differs is named in full; a chain breaks from
+        # there on, so the rest are counted.
+        bad = [e for e in entries if by_seq.get(e.seq) is None or by_seq[e.seq].line() != e.line()]
+        if bad:
+            entry, theirs = bad[0], by_seq.get(bad[0].seq)
             if theirs is None:
                 problems.append(f"{name}: seq {entry.seq} ({entry.kind}) is missing from the ledger")
-            elif theirs.line() != entry.line():
+            else:
                 fields = differing_fields(entry, theirs) or ["bytes"]
                 problems.append(f"{name}: seq {entry.seq} ({entry.kind}) differs from the ledger's entry "
-                                f"(the ledger has kind {theirs.kind}; differing: {', '.join(fields)})")
+                                f"(the ledger's is {theirs.kind}; differing: {', '.join(fields)})")
+            if len(bad) > 1:
+                problems.append(f"{name}: {len(bad) - 1} later entries (seq {', '.join(str(e.seq) for e in bad[1:])}) "
+                                "are missing from the ledger or differ")
         missing_receipts = sorted(set(rf.receipts) - {e.seq for e in entries})
         if missing_receipts:
             problems.append(f"{name}: receipts name seq {missing_receipts} the file does not hold")
