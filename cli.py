@@ -94,9 +94,13 @@ def demo(
     if shown["delivered"]:
         console.print(f"The released model was delivered to {shown['delivered']['devices']} of {persons} devices.")
     console.print(shown["coach_line"], markup=False, highlight=False)
+    receipts = f" --receipts {shown['receipts_dir']}" if shown["receipts_dir"] else ""
+    if shown["receipts_dir"]:
+        console.print(f"{shown['receipt_files']} devices exported their receipts (the run's signed ledger entries "
+                      f"they received) into {shown['receipts_dir']}.")
     console.print(
-        f"An auditor checks it independently, pinning the published key: restwise audit verify "
-        f"{summary.run_dir / 'report.json'} --public-key {shown['published_key']}",
+        f"An auditor checks it independently, pinning the published key and the devices' receipts: restwise audit "
+        f"verify {summary.run_dir / 'report.json'} --public-key {shown['published_key']}{receipts}",
         soft_wrap=True,  # a command to copy: never wrapped
     )
     print_advice(console, shown["advice"], shown["note"], shown["model_status"])

@@ -9,6 +9,8 @@ Composition (outermost first)::
         query "restwise_model"  -> a run's released model (a model computed on the server from
                                    one release): checked and kept with the person's own part;
                                    the reply is empty whatever happened
+        query "restwise_receipts" -> the run's last ledger entries (end of a run): checked and
+                                   kept; the reply is empty whatever happened
 
 The secure-aggregation mod asks the same question (``participates``) at the first message
 of every round it is asked into, from the run record the server announces there; a "no" is
@@ -41,6 +43,14 @@ training (``_single_thread_torch``), i.e. only in the process that answers a col
   ``participate = false``.
 * No metric leaves the device in the clear (issue 15): a FedAvg architecture carries the
   training loss as one more value of the clipped, noised, masked vector (``models/loss_slot.py``).
+* Receipts and the device's own budget (issue 15; ``client/receipts_store.py``): the first
+  message of a round (and the model delivery, and the run's final receipts message) carries
+  the run ledger's key - pinned at the run's first message - and the ledger entries this
+  device lacks; they are checked and kept before anything else, and a failure refuses the run
+  from then on. Before the masked input leaves, the round is checked against the owner's
+  epsilon cap (at the first message with the planned z, at training with the round's DP
+  record) and recorded as a pending spend, settled later by its receipt. Every refusal is the
+  same "not taking part".
 * A delivered model (``adopt_model``) is kept only when its arrays hash to the hash the
   release's ledger entry names, the person consents to the run and the architecture accepts
   it (its feature spec); the person's own part (scale, threshold) stays as it was.

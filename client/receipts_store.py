@@ -185,17 +185,23 @@ def runs(store: DeviceStore) -> list[RunAnchor]:
         (held,) = store.conn.execute("SELECT count(*) FROM ledger_entries WHERE run_id = ?", (run_id,)).fetchone()
         out.append(RunAnchor(
             run_id, len(mine), sum(1 for s in mine if s.settled), sum(1 for s in mine if not s.settled),
-            device_epsilon(mine), int(held), None if key is None else key_fingerprint(public_key_from_hex(key)),
+            _epsilon(mine), int(held), None if key is None else key_fingerprint(public_key_from_hex(key)),
             alarms(store, run_id),
         ))
     return out
 
 
-def total_epsilon(store: DeviceStore) -> float:
+def _epsilon(items: list[Spend]) -> float:
+    """The accountant's epsilon; infinite where it refuses (e.g. a noise multiplier below its
+    supported minimum): never a number it cannot stand behind."""
     try:
-        return device_epsilon(spends(store))
+        return device_epsilon(items)
     except AccountingError:
         return math.inf
+
+
+def total_epsilon(store: DeviceStore) -> float:
+    return _epsilon(spends(store))
 
 
 def export_document(store: DeviceStore, run_id: str) -> dict | None:

@@ -15,10 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from restwise.client import receipts_store
 from restwise.client.app import SIM_KEYSTORE_DIR, DeviceLocation, device_folder_name, open_device_store
 from restwise.client.coach_cli import advise
 from restwise.models.registry import ONE_RELEASE, get_architecture
 from restwise.privacy.ledger import export_public_key, load_audit_key
+from restwise.privacy.receipts import write_receipt_file
 from restwise.server.app import RunSummary
 from restwise.server.rundir import RunFiles, needs_finishing
 from restwise.server.runstatus import TERMINAL_STATUSES
@@ -35,6 +37,9 @@ DEMO_LEARNING_RATE = 0.003
 # The demo operator's "published" audit public key, kept beside (not inside) the run folder, so
 # the verify command the demo prints pins it instead of trusting the copy shipped in the folder.
 DEMO_PUBLISHED_KEY = "audit-public-key.pem"
+# Where the demo's devices export their receipts (beside the run folders): what an auditor
+# passes to `restwise audit verify --receipts`.
+DEMO_RECEIPTS_DIR = "receipts"
 
 
 def demo_config(persons: int, rounds: int | None = None, *, seed: int = 0, model: str = DEMO_MODEL,
@@ -93,13 +98,21 @@ def publish_demo_key(run_dir: Path) -> Path:
 def demo_outcome(summary: RunSummary, person: int = 0, persons: int | None = None) -> dict[str, Any]:
     """What the demo prints: the privacy spent, on how many devices the coach used the learned
     model (each computed on that person's device from their store), and one person's coach
-    output."""
+    output. Each device exports its receipts of the run into ``receipts/`` beside the run
+    folder (``receipts_dir``; None when no device holds any)."""
     fleet = Path(summary.run_dir) / FLEET_DIR
     n = persons if persons is not None else RunFiles(Path(summary.run_dir)).read_config().population
     used, notes, shown = 0, [], None
+    receipts = Path(summary.run_dir).resolve().parent / DEMO_RECEIPTS_DIR
+    exported = 0
     for i in range(n):
         location = DeviceLocation(fleet / device_folder_name(i), fleet / SIM_KEYSTORE_DIR)
         with open_device_store(location) as store:
+            # Each device exports its copy of the run's signed ledger (`device receipts export`).
+            document = receipts_store.export_document(store, summary.run_id)
+            if document is not None:
+                write_receipt_file(receipts, document)
+                exported += 1
             advice, note, model_status = advise(store)
             if i == person:
                 shown = (advice, note, model_status, store.egress_history())
@@ -126,8 +139,10 @@ def demo_outcome(summary: RunSummary, person: int = 0, persons: int | None = Non
         "model_notes": notes,
         "delivered": summary.delivered,
         "published_key": publish_demo_key(Path(summary.run_dir)),
+        "receipts_dir": receipts if exported else None,
+        "receipt_files": exported,
     }
 
 
 __all__ = ["demo_config", "run_demo_federation", "demo_run_dir", "demo_outcome", "coach_line", "publish_demo_key",
-           "DEMO_MODEL"]
+           "DEMO_MODEL", "DEMO_RECEIPTS_DIR"]

@@ -151,10 +151,13 @@ def test_demo_command_runs_a_private_federation(tmp_path):
     assert len(releases) == 1 and releases[0]["clip_norm"] == pytest.approx(2 ** 0.5)
     state = json.loads((run_dir / "state.json").read_text())
     assert state["status"] == "completed" and state["delivered"]["devices"] == 6
-    # The verify command it prints pins the published key (kept outside the run folder) and passes.
-    command = re.search(r"restwise audit verify (\S+) --public-key (\S+)", r.stdout.replace("\n", " "))
+    # The verify command it prints pins the published key (kept outside the run folder) and the
+    # devices' receipts (exported beside the run folder), and passes.
+    command = re.search(r"restwise audit verify (\S+) --public-key (\S+) --receipts (\S+)", r.stdout.replace("\n", " "))
     assert command is not None, r.stdout
-    report, key = command.group(1), command.group(2)
+    report, key, receipts = command.group(1), command.group(2), command.group(3)
     assert run_dir.resolve() not in Path(key).resolve().parents
-    verified = run(["audit", "verify", report, "--public-key", key])
+    assert len(list(Path(receipts).glob("receipts-run-demo-*.json"))) == 6
+    verified = run(["audit", "verify", report, "--public-key", key, "--receipts", receipts])
     assert verified.returncode == 0, verified.stderr[-2000:]
+    assert "receipts: 6 device receipt file(s)" in verified.stdout
