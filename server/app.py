@@ -56,6 +56,13 @@ and ``train_loss_std`` are the survivors' mean decoded from the released sum
 released losses are tested for a rise (``server/loss_trend.py``); the first rise found is one
 ``loss-rising`` warning in the run's events (``rundir.append_event``).
 
+Device receipts (issue 15, ``privacy/receipts.py``, docs/privacy-accounting.md): every run
+record of a private run names the ledger's public key (devices pin it); the first message of
+a device's round carries the ledger entries that device is not known to have (``receipts_for``:
+per node, the last seq of a message it answered, in memory for the session); the model
+delivery carries them too, and a multi-round run ends with one ``receipts`` message
+(``send_receipts``) to the devices that took part and still lack entries (an empty reply).
+
 Privacy analysis: ``privacy/release.py`` and docs/federated.md. Sampling randomness comes from
 the OS (``secrets``), never from the run's seed. The survivor count is released (ledger, round
 metrics) and treated as public metadata.
