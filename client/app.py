@@ -79,6 +79,7 @@ from restwise.models.registry import FEDAVG, Architecture, LocalTraining, get_ar
 from restwise.privacy import egress as E
 from restwise.privacy import wire
 from restwise.privacy.dp_mods import make_dp_mod
+from restwise.privacy.device_budget import Spend
 from restwise.privacy.errors import PrivacyError
 from restwise.privacy.secagg.mod import make_secagg_mod
 
@@ -256,31 +257,26 @@ def take_in_run_record(store: DeviceStore, msg: Message) -> str | None:
     return receipts_store.receive(store, run_id, record.get("ledger_key"), receipt_lines(msg))
 
 
-def within_budget(store: DeviceStore, msg: Message, params: ConfigRecord) -> bool:
-    """Would this round keep the device within its owner's cap? ``params``: the run record
-    (at the first message: the planned z) or the DP record (at training: the round's z at its
-    worst case). Missing parameters: no (fail closed)."""
+def round_spend(msg: Message, params: ConfigRecord) -> Spend:
+    """What this round would cost the device: its run, round and attempt, ``params``' noise
+    multiplier (the run record's planned z at the first message, the DP record's z - the
+    round's worst case - at training), the run's delta and adjacency. Raises KeyError,
+    TypeError, ValueError or PrivacyError when any is missing or malformed."""
     run_id, round_ = _run_record(msg)
     run = msg.content.config_records[wire.RUN_RECORD]
+    return receipts_store.planned_spend(run_id, round_, int(run.get("attempt", 0)), {
+        "noise_multiplier": params["noise_multiplier"], "clip_norm": params.get("clip_norm", 1.0),
+        "delta": run["delta"], "adjacency": run["adjacency"]})
+
+
+def within_budget(store: DeviceStore, msg: Message, params: ConfigRecord) -> bool:
+    """Would this round keep the device within its owner's cap? Missing or malformed
+    parameters: no (fail closed)."""
     try:
-        spend = receipts_store.planned_spend(run_id, round_, int(run.get("attempt", 0)), {
-            "noise_multiplier": params["noise_multiplier"], "clip_norm": params.get("clip_norm", 1.0),
-            "delta": run["delta"], "adjacency": run["adjacency"]})
+        spend = round_spend(msg, params)
     except (KeyError, TypeError, ValueError, PrivacyError):
         return False
     return receipts_store.may_spend(store, spend)
-
-
-def record_spend(store: DeviceStore, msg: Message) -> None:
-    """The round's pending spend, recorded before the masked input leaves (its DP record's z:
-    the noise at the round's worst case). Raises when it cannot be recorded: then nothing is
-    sent."""
-    run_id, round_ = _run_record(msg)
-    run = msg.content.config_records[wire.RUN_RECORD]
-    dp = msg.content.config_records[wire.DP_RECORD]
-    receipts_store.record_spend(store, receipts_store.planned_spend(run_id, round_, int(run.get("attempt", 0)), {
-        "noise_multiplier": dp["noise_multiplier"], "clip_norm": dp["clip_norm"], "delta": run["delta"],
-        "adjacency": run["adjacency"]}))
 
 
 # -- the app ----------------------------------------------------------------------------
@@ -420,8 +416,8 @@ def make_client_app(
                 update, _loss = local_update(store, global_arrays, params, run_id=run_id, round_=round_)
             except NoDataError:
                 return Message(Error(code=wire.ERROR_CODE_NOT_ENOUGH_DATA, reason="not enough data to train"), reply_to=msg)
-            if private:
-                record_spend(store, msg)  # pending until its receipt; before anything leaves
+            if private:  # pending until its receipt; recorded before anything leaves (or nothing is sent)
+                receipts_store.record_spend(store, round_spend(msg, msg.content.config_records[wire.DP_RECORD]))
         # The loss stays on the device: no per-device number travels in the clear.
         return Message(RecordDict({wire.UPDATE_RECORD: ArrayRecord({wire.UPDATE_VECTOR: Array(update)})}), reply_to=msg)
 
@@ -434,4 +430,5 @@ app = make_client_app()
 __all__ = [
     "app", "make_client_app", "DeviceLocator", "DeviceLocation", "open_device_store", "device_folder_name",
     "local_update", "person_examples", "has_enough_data", "participates", "adopt_model", "SIM_KEYSTORE_DIR",
+    "receipt_lines", "take_in_run_record", "round_spend", "within_budget",
 ]
