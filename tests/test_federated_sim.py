@@ -78,7 +78,9 @@ def test_simulated_run_with_thirty_percent_failing_devices(tmp_path):
     assert shown["epsilon"] == pytest.approx(lines[1]["epsilon"]) and shown["delta"] == config.delta
     assert shown["advice"].band in ("green", "yellow", "red")
     assert shown["model_status"].startswith("stored (federated)")
-    assert shown["messages_sent"] == 4 + 2  # one session: a setup round (4 stages), then a fast round (2)
+    # one session: a setup round (4 stages), then a fast round (2); then the run's last ledger
+    # entries (device receipts: one message per run, its reply empty)
+    assert shown["messages_sent"] == 4 + 2 + 1
 
 
 def test_runner_command_line_runs_a_run_directory(tmp_path):
