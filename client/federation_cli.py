@@ -70,6 +70,8 @@ def register(app: typer.Typer) -> None:
         keystore: Optional[Path] = KeystoreOpt,
         run: Optional[str] = typer.Option(None, "--run", help="Only messages sent to this run."),
         as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON lines."),
+        budget_only: bool = typer.Option(False, "--budget", help="Only what was spent per run and in total (with "
+                                         "--json: one JSON object)."),
     ) -> None:
         """Everything this device sent to training runs: when, to which run and round, which
         records (names and sizes - never their values), and the SHA-256 of what was sent. Then,
@@ -81,10 +83,15 @@ def register(app: typer.Typer) -> None:
                 view = _budget_view(s)
         if run is not None:
             rows = [r for r in rows if r["run_id"] == run]
+        if budget_only:
+            if as_json:
+                typer.echo(json.dumps(view, sort_keys=True))
+            else:
+                _print_budget(view, run)
+            return
         if as_json:
             for r in rows:
                 typer.echo(json.dumps(r, sort_keys=True))
-            typer.echo(json.dumps({"budget": view}, sort_keys=True))
             return
         if not rows:
             device_cli.console.print("This device has not sent anything to a training run.")

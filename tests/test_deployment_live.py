@@ -630,7 +630,9 @@ def test_wire_capture_has_no_stored_values_and_only_allow_listed_records(deploym
     # The network's three masked updates, and the linear head's one masked statistics vector (560).
     network = [n for n in masked_lengths if n != 560]
     assert sorted(masked_lengths).count(560) == 1 and len(network) == ROUNDS and len(set(network)) == 1
-    assert empty_replies == 1  # the reply to the delivered linear head carries nothing
+    # the replies to the delivered linear head and to the network run's final receipts message
+    # (the run's last ledger entries) carry nothing
+    assert empty_replies == 2
     assert SR.INNER_UPDATE not in seen_names  # no unmasked update ever left
 
     series, checkins = stored_values(deployment["devices"][CAPTURED], deployment["keystore"])
@@ -668,9 +670,11 @@ def test_device_history_shows_what_the_persons_own_stores_sent(deployment):
         assert [r["message_type"] for r in head][0] == f"train:{SR.STAGE_SETUP}" and len(head) == 5
         assert head[-1]["message_type"] == wire.MODEL_MESSAGE_TYPE and head[-1]["records"] == []
         rows = [r for r in everything if r["run_id"] == "run"]
-        # one session: a setup round (four stages), then two messages per round, each logged
+        # one session: a setup round (four stages), then two messages per round, each logged,
+        # then the run's final receipts message (its reply: nothing)
         assert sorted({r["round"] for r in rows}) == list(range(1, ROUNDS + 1))
-        assert len(rows) == 4 + 2 * (ROUNDS - 1), [(r["round"], r["message_type"]) for r in rows]
+        assert len(rows) == 4 + 2 * (ROUNDS - 1) + 1, [(r["round"], r["message_type"]) for r in rows]
+        assert rows[-1]["message_type"] == wire.RECEIPTS_MESSAGE_TYPE and rows[-1]["records"] == []
         names = {rec["name"] for r in rows for rec in r["records"]}
         assert SR.MASKED_INPUT in names and names <= allowed, names
         assert all(len(r["sha256"]) == 64 and r["n_bytes"] > 0 for r in rows)

@@ -252,8 +252,8 @@ def test_device_receipts_export_through_the_cli_and_nothing_to_export_is_refused
     r = runner.invoke(cli_app, ["device", "history", *base])
     assert r.exit_code == 0, r.output
     assert "of your cap 10" in " ".join(r.output.split())
-    r = runner.invoke(cli_app, ["device", "history", "--json", *base])
-    budget = json.loads(r.output.splitlines()[-1])["budget"]
+    r = runner.invoke(cli_app, ["device", "history", "--budget", "--json", *base])
+    budget = json.loads(r.output)
     (row,) = budget["runs"]
     assert (row["run_id"], row["releases"], row["receipts"], row["pending"], row["alarms"]) == \
         (run["run_dir"].name, 3, 3, 0, [])
