@@ -677,7 +677,8 @@ def test_device_history_shows_what_the_persons_own_stores_sent(deployment):
         assert rows[-1]["message_type"] == wire.RECEIPTS_MESSAGE_TYPE and rows[-1]["records"] == []
         names = {rec["name"] for r in rows for rec in r["records"]}
         assert SR.MASKED_INPUT in names and names <= allowed, names
-        assert all(len(r["sha256"]) == 64 and r["n_bytes"] > 0 for r in rows)
+        assert all(len(r["sha256"]) == 64 for r in rows)
+        assert all(r["n_bytes"] > 0 for r in rows[:-1])  # the receipts reply is empty
     # the passphrase store has no keystore slot: its key was never put on disk by the join
     slots = json.loads((deployment["devices"][PASSPHRASE_DEVICE] / "keyslots.json").read_text())
     assert [s["kind"] for s in slots["slots"]] == ["passphrase"]
