@@ -225,7 +225,9 @@ def test_a_ledger_rewritten_and_resigned_with_the_real_key_fails_verify_with_rec
     # Without receipts the forgery is perfect: signed by the real key, the report reissued.
     plain = verify_report(forged, public_key=run["public"])
     assert plain.ok, plain.problems
-    assert plain.epsilon_recomputed < verify_report(run["run_dir"], public_key=run["public"]).epsilon_recomputed
+    honest = verify_report(run["run_dir"], public_key=run["public"])
+    # a lower epsilon: against the server, or (the sampling claim) the amplified one beside it
+    assert plain.epsilon_recomputed < honest.epsilon_recomputed or plain.epsilon_amplified < honest.epsilon_amplified
     r = _verify(forged, run["public"], run["receipts"])
     assert r.exit_code == 8, r.output
     lines = [line for line in r.output.splitlines() if "receipts:" in line]
