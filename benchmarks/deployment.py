@@ -71,14 +71,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # deployment_apps, beside this file
 
-from deployment_apps import RestwiseRounds, bench_config  # noqa: E402
+from deployment_apps import RestwiseRounds, bench_config, prepare_bench_fleet  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 
 from restwise.client.app import make_client_app  # noqa: E402
 from restwise.privacy.secagg.harness import InProcessGrid, ensure_task_identity  # noqa: E402
 from restwise.server import deploy as D  # noqa: E402
 from restwise.server.rundir import read_progress  # noqa: E402
-from restwise.simulation.fleet import prepare_fleet  # noqa: E402
 
 VARIANTS = {
     "plain": ("deployment_apps:plain_server", "deployment_apps:plain_client"),
@@ -164,7 +163,7 @@ class Deployment:
         self.windows: dict[str, tuple[float, float]] = {}  # variant -> wall-clock span of rounds 2..R
         t0 = time.perf_counter()
         self.fleet = root / "fleet"
-        prepare_fleet(self.fleet, bench_config(nodes, rounds), demo_days=90)
+        prepare_bench_fleet(self.fleet, bench_config(nodes, rounds), demo_days=90)
         pki = D.make_trial_pki(root / "pki")
         keys = [D.make_node_keys(root / "keys", f"node-{i}") for i in range(nodes)]
         port = D.free_port()
@@ -318,7 +317,7 @@ def in_process(root: Path, nodes: int, rounds: int) -> dict[str, list[tuple[floa
 
     ensure_task_identity()
     fleet = root / "fleet"
-    prepare_fleet(fleet, bench_config(nodes, rounds), demo_days=90)
+    prepare_bench_fleet(fleet, bench_config(nodes, rounds), demo_days=90)
     node_ids = [9000 + i for i in range(nodes)]
 
     def grid_for(app) -> InProcessGrid:
@@ -452,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'/'.join(f'{x:.1f}' for x in load_after)} on {os.cpu_count()} cores")
         fleet = deployment.fleet if deployment is not None else root / "fleet"
         if deployment is None:
-            prepare_fleet(fleet, bench_config(args.nodes, 3), demo_days=90)
+            prepare_bench_fleet(fleet, bench_config(args.nodes, 3), demo_days=90)
         if deployment is not None:
             deployment.stop()
             deployment = None

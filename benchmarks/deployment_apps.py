@@ -33,13 +33,16 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from restwise.client.app import DeviceLocator, local_update, open_device_store
+from restwise.client import receipts_store
+from restwise.client.app import SIM_KEYSTORE_DIR, DeviceLocation, DeviceLocator, device_folder_name, local_update, open_device_store
 from restwise.models.registry import ReleasedSum
 from restwise.privacy import wire
 from restwise.privacy.release import ReleaseWorkflow, plan_release
 from restwise.privacy.secagg.workflow import RoundInput, SecAggSession
 from restwise.server.app import FederatedServer, initial_checkpoint
+from restwise.server.rundir import open_ledger
 from restwise.server.runconfig import RunConfig
+from restwise.simulation.fleet import prepare_fleet
 
 RUN_ID = "deployment-benchmark"
 
@@ -56,6 +59,18 @@ def bench_config(nodes: int, rounds: int) -> RunConfig:
         # these rounds) is raised so that --rounds 6 runs too (recorded in the run's ledger)
         max_epsilon=100.0,
     )
+
+
+def prepare_bench_fleet(fleet: Path, config: RunConfig, *, demo_days: int = 90) -> int:
+    """The generated fleet, each device's own epsilon cap raised to the run's (a speed
+    measurement over many rounds, not a study: at the default cap of 10 the devices would
+    decline after about four of these rounds, and the measured rounds would abort)."""
+    n = prepare_fleet(fleet, config, demo_days=demo_days)
+    for i in range(n):
+        location = DeviceLocation(fleet / device_folder_name(i), fleet / SIM_KEYSTORE_DIR)
+        with open_device_store(location) as store:
+            receipts_store.set_max_epsilon(store, float(config.max_epsilon))
+    return n
 
 
 def _wait_for_nodes(grid: Grid, want: int, timeout_s: float) -> list[int]:
@@ -120,9 +135,13 @@ class RestwiseRounds:
     def __init__(self, config: RunConfig, nodes: list[int], run_dir: Path):
         self.config, self.nodes = config, nodes
         plan = plan_release(config.release_policy())
-        # Only the workflow's parameter step is used (no ledger: phase 2 integrates the release).
+        # Only the workflow's parameter step is used (no releases are written): the server is a
+        # private one over a throwaway ledger so that its run record carries the ledger key the
+        # devices pin (a run record without one is declined, privacy/receipts.py).
         self.release = ReleaseWorkflow(plan, ledger=None, run_id=RUN_ID)
-        self.server = FederatedServer(config, run_dir, run_id=RUN_ID, ledger=None, mode="plain")  # content only
+        server_dir = Path(run_dir) / "server"
+        server_dir.mkdir(parents=True, exist_ok=True)
+        self.server = FederatedServer(config, server_dir, run_id=RUN_ID, ledger=open_ledger(server_dir, config))
         self.architecture = config.architecture
         self.ckpt = initial_checkpoint(config)
         self.session = SecAggSession(self.release.round_parameters(len(nodes)).secagg)
@@ -136,7 +155,7 @@ class RestwiseRounds:
 
         result = self.session.round(
             grid, self.nodes, content_for, round=r, vector_length=self.architecture.contribution_size(ckpt.arrays),
-            announce=RecordDict({wire.RUN_RECORD: self.server.run_record(r)}), last=r == self.config.rounds,
+            announce=self.server.announcer(r, 0)[0], last=r == self.config.rounds,
         )
         if not result.aborted:
             released = ReleasedSum(result.total, len(result.survivors), 0.0, float(len(self.nodes)))

@@ -1002,6 +1002,25 @@ class DeviceStore:
         )
         return True
 
+    def restore_receipt_row(self, table: str, row: dict, *, conn: sqlcipher.Connection, occurrence: int = 1) -> bool:
+        """Restore one row of the device's receipts and spends (:data:`RECEIPT_TABLE_KEYS`)
+        unless the store already holds its key (alarms: ``occurrence`` as in
+        :meth:`restore_egress`)."""
+        cols = EXPORT_TABLES[table][0]
+        key = RECEIPT_TABLE_KEYS[table]
+        (have,) = conn.execute(
+            f"SELECT count(*) FROM {table} WHERE " + " AND ".join(f"{c} IS ?" for c in key),
+            tuple(row[c] for c in key),
+        ).fetchone()
+        wanted = occurrence if table == "run_alarms" else 1
+        if have >= wanted:
+            return False
+        conn.execute(
+            f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            tuple(row[c] for c in cols),
+        )
+        return True
+
     def note_restore(self, source_name: str, rows: int, *, conn: sqlcipher.Connection) -> None:
         """A restore of an export is recorded here, not in the import history (which it
         restores as it was, so a second export is byte-identical to the first)."""
@@ -1189,6 +1208,24 @@ EXPORT_TABLES: dict[str, tuple[tuple[str, ...], str]] = {
          "skipped", "summary"),
         "id",
     ),
+    # The device's receipts and its own privacy budget (client/receipts_store.py): a restored
+    # store must never forget what it spent, or its budget would under-count.
+    "run_keys": (("run_id", "public_key", "pinned_at"), "run_id"),
+    "ledger_entries": (("run_id", "seq", "kind", "line", "received_at"), "run_id, seq"),
+    "spends": (
+        ("run_id", "round", "attempt", "noise_multiplier", "sensitivity", "delta", "adjacency",
+         "recorded_at", "receipt_seq"),
+        "run_id, round, attempt",
+    ),
+    "run_alarms": (("run_id", "ts", "reason"), "id"),
+}
+#: Restored rows of these tables are added unless their key is already in the store (the
+#: store's own row wins: a pinned key, a received entry, a spend are never rewritten).
+RECEIPT_TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "run_keys": ("run_id",),
+    "ledger_entries": ("run_id", "seq"),
+    "spends": ("run_id", "round", "attempt"),
+    "run_alarms": ("run_id", "ts", "reason"),
 }
 
 

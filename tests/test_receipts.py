@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from restwise.cli import app as cli_app
 from restwise.client import receipts_store
 from restwise.client.app import DeviceLocation, DeviceLocator, SIM_KEYSTORE_DIR, device_folder_name, make_client_app, open_device_store
+from restwise.client.importers import run_import
 from restwise.client.store import DeviceStore
 from restwise.privacy.device_budget import Spend, device_epsilon, gaussian_delta, within_cap
 from restwise.privacy.events import AuditEvent, GaussianRoundEvent, ReportIssuedEvent
@@ -360,3 +361,24 @@ def test_an_older_store_gains_the_receipt_tables(tmp_path, fast_argon2):
         assert s.schema_version == 3
         assert receipts_store.runs(s) == [] and receipts_store.max_epsilon(s) == 10.0
         assert json.loads(json.dumps(receipts_store.total_epsilon(s))) == 0.0
+
+
+def test_a_restored_export_keeps_the_receipts_and_spends(run, tmp_path, fast_argon2):
+    """`device export` then an import into a new store: the pinned key, the received ledger
+    entries, the spends and their receipts come back, so the restored device's own epsilon
+    is the same (a restore that forgot its spends would under-count its budget)."""
+    with open_device_store(_location(run["fleet"], 0)) as store:
+        export = tmp_path / "device.jsonl"
+        export.write_text("\n".join(store.export_lines()) + "\n")
+        (anchor,) = receipts_store.runs(store)
+        lines, mine = receipts_store.stored_lines(store, anchor.run_id), receipts_store.spends(store)
+    assert mine and lines
+    with DeviceStore.create(tmp_path / "restored", "correct horse", argon2=fast_argon2) as restored:
+        report = run_import(restored, export)
+        assert report.inserted["spends"] == len(mine) and report.inserted["ledger_entries"] == len(lines)
+        (again,) = receipts_store.runs(restored)
+        assert receipts_store.stored_lines(restored, again.run_id) == lines
+        assert receipts_store.spends(restored) == mine
+        assert again.epsilon == pytest.approx(anchor.epsilon) and again.key_fingerprint == anchor.key_fingerprint
+        second = run_import(restored, export)  # a second restore adds nothing
+        assert second.inserted["spends"] == 0 and second.inserted["ledger_entries"] == 0

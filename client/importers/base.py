@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import io
 import os
 import queue
@@ -116,7 +117,7 @@ class HistoryRecord:
     row: dict
 
 
-HISTORY_TABLES = ("egress_log", "consent", "imports")
+HISTORY_TABLES = ("egress_log", "consent", "imports", "run_keys", "ledger_entries", "spends", "run_alarms")
 
 #: Said once when local times without an offset were read as UTC.
 UTC_ASSUMED = (
@@ -552,7 +553,9 @@ class _StoreWriter:
                     continue
                 else:  # "history": a restored export's own log rows
                     restore = {"egress_log": store.restore_egress, "consent": store.restore_consent,
-                               "imports": store.restore_import_log}[payload.table]
+                               "imports": store.restore_import_log}.get(payload.table)
+                    if restore is None:  # receipts, spends, keys, alarms
+                        restore = functools.partial(store.restore_receipt_row, payload.table)
                     identity = (payload.table, tuple(sorted(payload.row.items())))
                     history_seen[identity] += 1
                     if restore(payload.row, conn=conn, occurrence=history_seen[identity]):

@@ -19,6 +19,7 @@ check-ins and sessions are imported as new data and the other tables are skipped
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 
 from restwise.client.errors import MalformedInputError
@@ -35,7 +36,7 @@ from restwise.client.store import EXPORT_HEADER, EXPORT_TABLES, LOAD_KINDS, SRPE
 from restwise.models.metrics import CHECKIN_FIELDS
 
 DATA_TABLES = ("observations", "checkins", "sessions")
-HISTORY_TABLES = ("egress_log", "consent", "imports")
+HISTORY_TABLES = ("egress_log", "consent", "imports", "run_keys", "ledger_entries", "spends", "run_alarms")
 KNOWN_TABLES = (EXPORT_HEADER["table"], *DATA_TABLES, *HISTORY_TABLES)
 SNIFF_BYTES = 4096
 
@@ -151,6 +152,11 @@ _HISTORY_TYPES = {
     "consent": {"scope": str, "allowed": int, "updated_at": int},
     "imports": {"started_at": int, "finished_at": int, "format": str, "source_name": str,
                 "inserted": int, "duplicates": int, "skipped": int, "summary": str},
+    "run_keys": {"run_id": str, "public_key": str, "pinned_at": int},
+    "ledger_entries": {"run_id": str, "seq": int, "kind": str, "line": str, "received_at": int},
+    "spends": {"run_id": str, "round": int, "attempt": int, "noise_multiplier": float, "sensitivity": float,
+               "delta": float, "adjacency": str, "recorded_at": int, "receipt_seq": "int?"},
+    "run_alarms": {"run_id": str, "ts": int, "reason": str},
 }
 
 
@@ -166,6 +172,10 @@ def _history_row(table: str, row: dict, columns: tuple[str, ...]) -> dict:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(column)
             out[column] = value
+        elif want is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(column)
+            out[column] = float(value)
         else:
             if not isinstance(value, str):
                 raise TypeError(column)
