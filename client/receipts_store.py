@@ -27,15 +27,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from restwise.client.store import DeviceStore
+from restwise.client.store import MAX_EPSILON_KEY, DeviceStore
 from restwise.privacy.device_budget import DEFAULT_MAX_EPSILON, Spend, device_epsilon, within_cap
 from restwise.privacy.errors import AccountingError, KeyFileError, ReceiptError
 from restwise.privacy.ledger import key_fingerprint, public_key_from_hex
 from restwise.privacy.receipts import check_segment, continues, receipt_document, release_key
 
 _log = logging.getLogger(__name__)
-
-MAX_EPSILON_KEY = "device.max_epsilon"
 
 
 # -- the owner's cap --------------------------------------------------------------------------

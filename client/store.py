@@ -942,7 +942,10 @@ class DeviceStore:
         (``record_key``, hex) is kept, so importing the export back adds nothing twice."""
         with _damage_is_format_error():
             for table, (columns, order) in EXPORT_TABLES.items():
-                cur = self.conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}")
+                source = table
+                if table == "owner_settings":  # not a table: the owner's rows of meta
+                    source = f"meta WHERE key IN ({', '.join(repr(k) for k in OWNER_SETTING_KEYS)})"
+                cur = self.conn.execute(f"SELECT {', '.join(columns)} FROM {source} ORDER BY {order}")
                 for row in cur:
                     d: dict = {"table": table}
                     for k, v in sorted(zip(columns, row)):
@@ -1018,6 +1021,21 @@ class DeviceStore:
         conn.execute(
             f"INSERT INTO {table}({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
             tuple(row[c] for c in cols),
+        )
+        return True
+
+    def restore_owner_setting(self, row: dict, *, conn: sqlcipher.Connection, occurrence: int = 1) -> bool:
+        """Restore the owner's epsilon cap; when the store has its own, the tighter one wins
+        (a restore never loosens what the owner set)."""
+        if row["key"] != MAX_EPSILON_KEY:
+            raise ValueError("owner_settings: unknown setting")
+        value = float(row["value"])
+        have = conn.execute("SELECT value FROM meta WHERE key = ?", (MAX_EPSILON_KEY,)).fetchone()
+        if have is not None and float(have[0]) <= value:
+            return False
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (MAX_EPSILON_KEY, repr(value)),
         )
         return True
 
@@ -1218,7 +1236,13 @@ EXPORT_TABLES: dict[str, tuple[tuple[str, ...], str]] = {
         "run_id, round, attempt",
     ),
     "run_alarms": (("run_id", "ts", "reason"), "id"),
+    # The owner's own settings (rows of ``meta`` named in OWNER_SETTING_KEYS): a restored
+    # device keeps the cap its owner chose, never the looser default.
+    "owner_settings": (("key", "value"), "key"),
 }
+#: ``meta`` keys the owner sets and an export carries: the device's own epsilon cap.
+MAX_EPSILON_KEY = "device.max_epsilon"
+OWNER_SETTING_KEYS = (MAX_EPSILON_KEY,)
 #: Restored rows of these tables are added unless their key is already in the store (the
 #: store's own row wins: a pinned key, a received entry, a spend are never rewritten).
 RECEIPT_TABLE_KEYS: dict[str, tuple[str, ...]] = {

@@ -382,3 +382,20 @@ def test_a_restored_export_keeps_the_receipts_and_spends(run, tmp_path, fast_arg
         assert again.epsilon == pytest.approx(anchor.epsilon) and again.key_fingerprint == anchor.key_fingerprint
         second = run_import(restored, export)  # a second restore adds nothing
         assert second.inserted["spends"] == 0 and second.inserted["ledger_entries"] == 0
+
+
+def test_a_restore_keeps_the_owners_cap_and_never_loosens_one(tmp_path, fast_argon2):
+    """The owner's epsilon cap travels with the export; a store that has its own keeps the
+    tighter of the two."""
+    with DeviceStore.create(tmp_path / "a", "correct horse", argon2=fast_argon2) as a:
+        receipts_store.set_max_epsilon(a, 3.0)
+        export = tmp_path / "a.jsonl"
+        export.write_text("\n".join(a.export_lines()) + "\n")
+    with DeviceStore.create(tmp_path / "b", "correct horse", argon2=fast_argon2) as b:
+        assert receipts_store.max_epsilon(b) == 10.0
+        assert run_import(b, export).inserted["owner_settings"] == 1
+        assert receipts_store.max_epsilon(b) == 3.0
+    with DeviceStore.create(tmp_path / "c", "correct horse", argon2=fast_argon2) as c:
+        receipts_store.set_max_epsilon(c, 2.0)
+        run_import(c, export)
+        assert receipts_store.max_epsilon(c) == 2.0  # the tighter cap stays

@@ -117,7 +117,8 @@ class HistoryRecord:
     row: dict
 
 
-HISTORY_TABLES = ("egress_log", "consent", "imports", "run_keys", "ledger_entries", "spends", "run_alarms")
+HISTORY_TABLES = ("egress_log", "consent", "imports", "run_keys", "ledger_entries", "spends", "run_alarms",
+                  "owner_settings")
 
 #: Said once when local times without an offset were read as UTC.
 UTC_ASSUMED = (
@@ -553,7 +554,8 @@ class _StoreWriter:
                     continue
                 else:  # "history": a restored export's own log rows
                     restore = {"egress_log": store.restore_egress, "consent": store.restore_consent,
-                               "imports": store.restore_import_log}.get(payload.table)
+                               "imports": store.restore_import_log,
+                               "owner_settings": store.restore_owner_setting}.get(payload.table)
                     if restore is None:  # receipts, spends, keys, alarms
                         restore = functools.partial(store.restore_receipt_row, payload.table)
                     identity = (payload.table, tuple(sorted(payload.row.items())))

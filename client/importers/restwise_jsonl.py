@@ -32,11 +32,21 @@ from restwise.client.importers.base import (
     Record,
     Skip,
 )
-from restwise.client.store import EXPORT_HEADER, EXPORT_TABLES, LOAD_KINDS, SRPE_LOAD, Observation, Session, record_key
+from restwise.client.store import (
+    EXPORT_HEADER,
+    EXPORT_TABLES,
+    LOAD_KINDS,
+    OWNER_SETTING_KEYS,
+    SRPE_LOAD,
+    Observation,
+    Session,
+    record_key,
+)
 from restwise.models.metrics import CHECKIN_FIELDS
 
 DATA_TABLES = ("observations", "checkins", "sessions")
-HISTORY_TABLES = ("egress_log", "consent", "imports", "run_keys", "ledger_entries", "spends", "run_alarms")
+HISTORY_TABLES = ("egress_log", "consent", "imports", "run_keys", "ledger_entries", "spends", "run_alarms",
+                  "owner_settings")
 KNOWN_TABLES = (EXPORT_HEADER["table"], *DATA_TABLES, *HISTORY_TABLES)
 SNIFF_BYTES = 4096
 
@@ -157,11 +167,17 @@ _HISTORY_TYPES = {
     "spends": {"run_id": str, "round": int, "attempt": int, "noise_multiplier": float, "sensitivity": float,
                "delta": float, "adjacency": str, "recorded_at": int, "receipt_seq": "int?"},
     "run_alarms": {"run_id": str, "ts": int, "reason": str},
+    "owner_settings": {"key": str, "value": str},
 }
 
 
 def _history_row(table: str, row: dict, columns: tuple[str, ...]) -> dict:
-    """The row's columns with their SQL types checked (ValueError/TypeError when wrong)."""
+    """The row's columns with their SQL types checked (ValueError/TypeError when wrong); an
+    owner setting must be a known one with a positive finite value."""
+    if table == "owner_settings":
+        value = float(row["value"])
+        if row["key"] not in OWNER_SETTING_KEYS or not (math.isfinite(value) and value > 0):
+            raise ValueError("owner_settings")
     out = {}
     for column in columns:
         want = _HISTORY_TYPES[table][column]
