@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from restwise.client.errors import MalformedInputError
 from restwise.client.importers.base import (
+    HISTORY_TABLES,
     CheckinRecord,
     ExportHeader,
     HistoryRecord,
@@ -45,8 +46,6 @@ from restwise.client.store import (
 from restwise.models.metrics import CHECKIN_FIELDS
 
 DATA_TABLES = ("observations", "checkins", "sessions")
-HISTORY_TABLES = ("egress_log", "consent", "imports", "run_keys", "ledger_entries", "spends", "run_alarms",
-                  "owner_settings")
 KNOWN_TABLES = (EXPORT_HEADER["table"], *DATA_TABLES, *HISTORY_TABLES)
 SNIFF_BYTES = 4096
 
